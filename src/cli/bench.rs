@@ -1,0 +1,88 @@
+//! `gated-lm bench`: median time of full training steps on a preset, as one `RESULT {json}` line
+//! comparable with `shared/bench/torch_ref.py`.
+
+use crate::config::preset_with_gate;
+use crate::model::{Batch, Model};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::rng::Rng;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// micro, tiny, small, 1p7b (tiny/small/1p7b as in torch_ref.py)
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// none, elementwise, headwise, or any gate spec
+    #[arg(long, default_value = "none")]
+    pub gate: String,
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Worker threads (default: all cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Override batch size / sequence length of the preset
+    #[arg(long)]
+    pub batch: Option<usize>,
+    #[arg(long)]
+    pub seq: Option<usize>,
+}
+
+/// (batch, seq) of a preset, as in torch_ref.py.
+pub fn preset_shape(preset: &str) -> (usize, usize) {
+    match preset {
+        "small" => (32, 1024),
+        "1p7b" => (8, 2048),
+        "micro" => (4, 64),
+        _ => (8, 256),
+    }
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(t) = a.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("cannot set thread count")?;
+    }
+    let cfg = preset_with_gate(&a.preset, &a.gate)?;
+    let (pb, ps) = preset_shape(&a.preset);
+    let (b, t) = (a.batch.unwrap_or(pb), a.seq.unwrap_or(ps));
+    let model0: Model<f32> = Model::new(cfg.clone(), 0)?;
+    let mut model = model0;
+    let mut grads = model.zero_grads();
+    let ocfg = AdamWConfig { lr: 3e-4, weight_decay: 0.1, ..Default::default() };
+    let mut opt = AdamW::new(ocfg, &model.specs);
+    let mut rng = Rng::new(0);
+    let mut times = Vec::new();
+    let mut loss = 0.0;
+    for step in 0..a.warmup + a.steps {
+        let data: Vec<u32> = (0..b * (t + 1)).map(|_| rng.below(cfg.vocab_size as u64) as u32).collect();
+        let ids: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[..t].to_vec()).collect();
+        let tg: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[1..].to_vec()).collect();
+        let t0 = Instant::now();
+        grads.fill_zero();
+        loss = model.forward_backward(&Batch { ids: &ids, targets: &tg, batch: b, seq: t }, &mut grads, &mut crate::model::observer::NoObserver)?;
+        clip_grad_norm(&mut grads, 1.0);
+        opt.update(&mut model.params, &grads, &model.specs, 3e-4);
+        if step >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    let med = times[times.len() / 2];
+    let n_all = model.params.numel();
+    let emb = cfg.vocab_size * cfg.hidden_size;
+    let n_nonemb = n_all - emb - if cfg.tie_word_embeddings { 0 } else { emb };
+    // torch_ref.py's count: 6N (matmuls incl. LM head) + causal attention scores and values
+    let fpt = 6.0 * (n_nonemb + emb) as f64 + 6.0 * (cfg.num_layers * cfg.num_heads * cfg.head_dim * t) as f64;
+    let tok_s = (b * t) as f64 / med;
+    let res = serde_json::json!({
+        "impl": "gated-lm-cpu", "config": a.preset, "gate": a.gate, "params": n_all,
+        "tokens_per_step": b * t, "step_ms": (med * 1e5).round() / 100.0, "tokens_per_s": tok_s.round(),
+        "gflops": (fpt * tok_s / 1e9 * 10.0).round() / 10.0, "loss": (loss * 1e4).round() / 1e4,
+        "threads": rayon::current_num_threads(), "steps": a.steps,
+    });
+    println!("RESULT {res}");
+    Ok(())
+}

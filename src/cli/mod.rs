@@ -1,0 +1,49 @@
+//! Command-line interface: thin wrappers over the library.
+pub mod bench;
+pub mod dump;
+
+use crate::io::hf::{load_model, save_model, Layout};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "gated-lm", version, about = "Train, analyze and run gated-attention language models")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a model on `input_ids` and write logits, loss, per-layer outputs, attention
+    /// probabilities and gate scores (f32, fixture key names); optionally one training step.
+    Dump(dump::DumpArgs),
+    /// Convert a checkpoint between layouts (official ⇄ qwen3-next, …).
+    Convert {
+        #[arg(long)]
+        model: PathBuf,
+        /// Target layout: qwen3, official, qwen3-next, gated-lm
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Time full training steps (forward, backward, clip, AdamW) on a preset model.
+    Bench(bench::BenchArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Dump(a) => dump::run(a),
+        Command::Convert { model, to, out } => {
+            let layout = Layout::parse(&to)?;
+            let (m, from) = load_model(&model)?;
+            let converted = crate::io::hf::convert(&m, layout)?;
+            save_model(&out, &converted, Some(layout))?;
+            println!("converted {} ({from:?}) -> {} ({layout:?})", model.display(), out.display());
+            Ok(())
+        }
+        Command::Bench(a) => bench::run(a),
+    }
+}

@@ -1,0 +1,336 @@
+//! Model configuration: the single source of truth. HF config.json and our TOML/JSON map onto it
+//! in `io`.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Where the gate acts (the paper's Fig. 1 positions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatePosition {
+    /// SDPA output of each query head (the paper's best).
+    G1,
+    /// Value projection output, per KV head.
+    G2,
+    /// Key projection output, per KV head.
+    G3,
+    /// Query projection output, per query head.
+    G4,
+    /// Output of o_proj (the whole hidden vector).
+    G5,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateGranularity {
+    /// One score per element of each head.
+    Elementwise,
+    /// One score per head, broadcast over head_dim.
+    Headwise,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateCombine {
+    /// `Y · act(XWθ)`
+    Multiplicative,
+    /// `Y + act(XWθ)`
+    Additive,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateActivation {
+    Sigmoid,
+    Silu,
+    /// `0.5 + 0.5·sigmoid(x)`: scores in (0.5, 1), i.e. no sparsity.
+    NsSigmoid,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GateConfig {
+    pub position: GatePosition,
+    pub granularity: GateGranularity,
+    /// One gate shared by all heads at the position instead of one per head.
+    pub head_shared: bool,
+    pub combine: GateCombine,
+    pub activation: GateActivation,
+    /// A learned per-head vector used for every token (no dependence on X).
+    pub input_independent: bool,
+    /// Std of the normal init of the gate parameters; `None` uses the model's `init_std`.
+    #[serde(default)]
+    pub init_std: Option<f64>,
+}
+
+impl GateConfig {
+    /// The paper's recommended gate: G1, elementwise, head-specific, multiplicative sigmoid.
+    pub fn g1(granularity: GateGranularity) -> Self {
+        GateConfig {
+            position: GatePosition::G1,
+            granularity,
+            head_shared: false,
+            combine: GateCombine::Multiplicative,
+            activation: GateActivation::Sigmoid,
+            input_independent: false,
+            init_std: None,
+        }
+    }
+
+    /// Parse a gate spec: `none`, `elementwise`, `headwise`, or colon-separated options in any
+    /// order, e.g. `g2:headwise:shared:additive:silu`. Options: position `g1`..`g5`; `elementwise` |
+    /// `headwise`; `specific` | `shared`; `mul` | `add` (also `multiplicative` / `additive`);
+    /// `sigmoid` | `silu` | `ns-sigmoid`; `dynamic` | `static` (`input-independent`). Unspecified
+    /// options default to the paper's G1 elementwise multiplicative sigmoid gate.
+    pub fn parse_spec(spec: &str) -> Result<Option<GateConfig>> {
+        let s = spec.trim().to_ascii_lowercase();
+        if s == "none" || s == "baseline" {
+            return Ok(None);
+        }
+        let mut g = GateConfig::g1(GateGranularity::Elementwise);
+        for tok in s.split(':').filter(|t| !t.is_empty()) {
+            match tok {
+                "g1" => g.position = GatePosition::G1,
+                "g2" => g.position = GatePosition::G2,
+                "g3" => g.position = GatePosition::G3,
+                "g4" => g.position = GatePosition::G4,
+                "g5" => g.position = GatePosition::G5,
+                "elementwise" => g.granularity = GateGranularity::Elementwise,
+                "headwise" => g.granularity = GateGranularity::Headwise,
+                "specific" => g.head_shared = false,
+                "shared" => g.head_shared = true,
+                "mul" | "multiplicative" => g.combine = GateCombine::Multiplicative,
+                "add" | "additive" => g.combine = GateCombine::Additive,
+                "sigmoid" => g.activation = GateActivation::Sigmoid,
+                "silu" => g.activation = GateActivation::Silu,
+                "ns-sigmoid" | "nssigmoid" => g.activation = GateActivation::NsSigmoid,
+                "dynamic" => g.input_independent = false,
+                "static" | "input-independent" => g.input_independent = true,
+                other => bail!(
+                    "unknown gate option '{other}' in spec '{spec}' (see `gated-lm train --help` for the grammar)"
+                ),
+            }
+        }
+        Ok(Some(g))
+    }
+
+    /// Canonical spec string (round-trips through `parse_spec`).
+    pub fn spec(&self) -> String {
+        let pos = format!("{:?}", self.position).to_lowercase();
+        let gran = match self.granularity {
+            GateGranularity::Elementwise => "elementwise",
+            GateGranularity::Headwise => "headwise",
+        };
+        let share = if self.head_shared { "shared" } else { "specific" };
+        let comb = match self.combine {
+            GateCombine::Multiplicative => "mul",
+            GateCombine::Additive => "add",
+        };
+        let act = match self.activation {
+            GateActivation::Sigmoid => "sigmoid",
+            GateActivation::Silu => "silu",
+            GateActivation::NsSigmoid => "ns-sigmoid",
+        };
+        let dep = if self.input_independent { "static" } else { "dynamic" };
+        format!("{pos}:{gran}:{share}:{comb}:{act}:{dep}")
+    }
+
+    /// True for the gates that stock checkpoints can hold (G1, head-specific, multiplicative
+    /// sigmoid, input-dependent).
+    pub fn is_standard_g1(&self) -> bool {
+        self.position == GatePosition::G1
+            && !self.head_shared
+            && self.combine == GateCombine::Multiplicative
+            && self.activation == GateActivation::Sigmoid
+            && !self.input_independent
+    }
+}
+
+/// RMSNorm weight convention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NormStyle {
+    /// `x̂ · w`, w initialised to 1 (Qwen3).
+    Standard,
+    /// `x̂ · (1 + w)`, w initialised to 0 (Qwen3-Next).
+    ZeroCentered,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// Fraction of each head's dims that RoPE rotates (Qwen3-Next uses 0.25).
+    pub partial_rotary_factor: f64,
+    pub norm_style: NormStyle,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    pub init_std: f64,
+    /// `None`: the ungated baseline.
+    pub gate: Option<GateConfig>,
+}
+
+/// Shape of the gate at its position: `groups` heads of `width` elements are gated by
+/// `heads × per_head` scores per token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateGeometry {
+    /// Number of heads at the position (H for G1/G4, K for G2/G3, 1 for G5).
+    pub groups: usize,
+    /// Elements per head at the position (head_dim, or hidden_size for G5).
+    pub width: usize,
+    /// Distinct gate heads (1 when head-shared).
+    pub heads: usize,
+    /// Scores per gate head (1 when headwise).
+    pub per_head: usize,
+}
+
+impl GateGeometry {
+    /// Scores per token = rows of the gate projection.
+    pub fn scores(&self) -> usize {
+        self.heads * self.per_head
+    }
+}
+
+impl ModelConfig {
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    /// Rotated dims per head (even).
+    pub fn rotary_dim(&self) -> usize {
+        let r = (self.head_dim as f64 * self.partial_rotary_factor) as usize;
+        r - r % 2
+    }
+
+    pub fn gate_geometry(&self) -> Option<GateGeometry> {
+        let g = self.gate.as_ref()?;
+        let (groups, width) = match g.position {
+            GatePosition::G1 | GatePosition::G4 => (self.num_heads, self.head_dim),
+            GatePosition::G2 | GatePosition::G3 => (self.num_kv_heads, self.head_dim),
+            GatePosition::G5 => (1, self.hidden_size),
+        };
+        let heads = if g.head_shared { 1 } else { groups };
+        let per_head = match g.granularity {
+            GateGranularity::Elementwise => width,
+            GateGranularity::Headwise => 1,
+        };
+        Some(GateGeometry { groups, width, heads, per_head })
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let nz = |v: usize, what: &str| -> Result<()> {
+            if v == 0 {
+                bail!("model config: {what} must be > 0");
+            }
+            Ok(())
+        };
+        nz(self.vocab_size, "vocab_size")?;
+        nz(self.hidden_size, "hidden_size")?;
+        nz(self.num_layers, "num_hidden_layers")?;
+        nz(self.num_heads, "num_attention_heads")?;
+        nz(self.num_kv_heads, "num_key_value_heads")?;
+        nz(self.head_dim, "head_dim")?;
+        nz(self.intermediate_size, "intermediate_size")?;
+        if self.num_heads % self.num_kv_heads != 0 {
+            bail!(
+                "model config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_heads,
+                self.num_kv_heads
+            );
+        }
+        if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0) {
+            bail!("model config: partial_rotary_factor must be in (0, 1], got {}", self.partial_rotary_factor);
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            bail!("model config: rope_theta must be a finite number > 1, got {}", self.rope_theta);
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            bail!("model config: rms_norm_eps must be > 0, got {}", self.rms_norm_eps);
+        }
+        // Guard against absurd sizes from untrusted files before anything is allocated.
+        let params = self.vocab_size as u128 * self.hidden_size as u128 * 2
+            + self.num_layers as u128
+                * (self.hidden_size as u128 * (4 * self.q_dim() + 2 * self.kv_dim()) as u128
+                    + 3 * self.hidden_size as u128 * self.intermediate_size as u128);
+        if params > (1u128 << 36) {
+            bail!("model config: implausible size (~{params} parameters)");
+        }
+        Ok(())
+    }
+
+    /// A named preset. `tiny` and `small` match `shared/bench/torch_ref.py`.
+    pub fn preset(name: &str, gate: Option<GateConfig>) -> Result<Self> {
+        // (vocab, d_model, layers, heads, kv_heads, head_dim, ffn)
+        let (v, d, l, h, k, hd, f) = match name {
+            "tiny" => (8192, 256, 4, 4, 4, 64, 704),
+            "small" => (32768, 768, 12, 12, 4, 64, 2048),
+            "1p7b" => (151936, 2048, 28, 16, 8, 128, 6144),
+            "micro" => (512, 64, 2, 4, 2, 16, 128),
+            other => bail!("unknown preset '{other}' (known: micro, tiny, small, 1p7b)"),
+        };
+        Ok(ModelConfig {
+            vocab_size: v,
+            hidden_size: d,
+            num_layers: l,
+            num_heads: h,
+            num_kv_heads: k,
+            head_dim: hd,
+            intermediate_size: f,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e6,
+            partial_rotary_factor: 1.0,
+            norm_style: NormStyle::Standard,
+            tie_word_embeddings: false,
+            max_position_embeddings: 4096,
+            init_std: 0.02,
+            gate,
+        })
+    }
+}
+
+/// Parse a preset name + gate spec into a config (used by the CLI).
+pub fn preset_with_gate(preset: &str, gate: &str) -> Result<ModelConfig> {
+    let g = GateConfig::parse_spec(gate).with_context(|| format!("--gate {gate}"))?;
+    ModelConfig::preset(preset, g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_specs_round_trip_and_reject_garbage() {
+        assert_eq!(GateConfig::parse_spec("none").unwrap(), None);
+        let e = GateConfig::parse_spec("elementwise").unwrap().unwrap();
+        assert!(e.is_standard_g1() && e.granularity == GateGranularity::Elementwise);
+        let g = GateConfig::parse_spec("g3:headwise:shared:add:ns-sigmoid:static").unwrap().unwrap();
+        assert_eq!(g.position, GatePosition::G3);
+        assert!(g.head_shared && g.input_independent);
+        assert_eq!(g.combine, GateCombine::Additive);
+        assert_eq!(g.activation, GateActivation::NsSigmoid);
+        assert_eq!(GateConfig::parse_spec(&g.spec()).unwrap().unwrap(), g);
+        assert!(GateConfig::parse_spec("g7").is_err());
+    }
+
+    #[test]
+    fn geometry_per_position() {
+        let mut c = ModelConfig::preset("micro", GateConfig::parse_spec("g2:headwise").unwrap()).unwrap();
+        let g = c.gate_geometry().unwrap();
+        assert_eq!((g.groups, g.width, g.heads, g.per_head), (2, 16, 2, 1));
+        c.gate = GateConfig::parse_spec("g5").unwrap();
+        assert_eq!(c.gate_geometry().unwrap().scores(), 64);
+        c.gate = GateConfig::parse_spec("g1:shared").unwrap();
+        assert_eq!(c.gate_geometry().unwrap().scores(), 16);
+        c.validate().unwrap();
+        c.num_kv_heads = 3;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,416 @@
+//! Hugging Face checkpoint layouts. Three real-world layouts plus our own:
+//!
+//! * `Qwen3`: transformers `Qwen3ForCausalLM`, no gate.
+//! * `Official`: the paper's released code (`model_type: qwen3` + `headwise_attn_output_gate` /
+//!   `elementwise_attn_output_gate`); `q_proj` rows per KV group g are
+//!   `[q of the group's G heads (G·d) ; their gates (G or G·d)]`.
+//! * `Qwen3Next`: transformers `Qwen3NextForCausalLM` with every layer full attention and a dense
+//!   MLP; `q_proj` rows per head are `[q_h (d) ; g_h (d)]`, norms are `x̂·(1+w)`, partial RoPE.
+//! * `GatedLm`: any other gate variant: our `ModelConfig` in config.json, internal tensor names.
+//!
+//! All gate permutations live here and nowhere else.
+
+use super::st::{F32Tensor, StFile, TensorMap};
+use crate::config::{GateConfig, GateGranularity, ModelConfig, NormStyle};
+use crate::model::params::{param_specs, ParamKind, ParamStore, Tensor};
+use crate::model::Model;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Qwen3,
+    Official,
+    Qwen3Next,
+    GatedLm,
+}
+
+impl Layout {
+    pub fn parse(s: &str) -> Result<Layout> {
+        Ok(match s {
+            "qwen3" => Layout::Qwen3,
+            "official" => Layout::Official,
+            "qwen3-next" | "qwen3_next" => Layout::Qwen3Next,
+            "gated-lm" | "gated_lm" => Layout::GatedLm,
+            o => bail!("unknown layout '{o}' (qwen3, official, qwen3-next, gated-lm)"),
+        })
+    }
+    fn norm_style(self, cfg: &ModelConfig) -> NormStyle {
+        match self {
+            Layout::Qwen3 | Layout::Official => NormStyle::Standard,
+            Layout::Qwen3Next => NormStyle::ZeroCentered,
+            Layout::GatedLm => cfg.norm_style,
+        }
+    }
+
+    /// Whether `cfg` can be stored in this layout.
+    pub fn check(self, cfg: &ModelConfig) -> Result<()> {
+        let g = cfg.gate.as_ref();
+        let ok = match self {
+            Layout::GatedLm => true,
+            Layout::Qwen3 => g.is_none() && cfg.partial_rotary_factor == 1.0,
+            Layout::Official => g.is_some_and(|g| g.is_standard_g1()) && cfg.partial_rotary_factor == 1.0,
+            Layout::Qwen3Next => g.is_some_and(|g| g.is_standard_g1() && g.granularity == GateGranularity::Elementwise),
+        };
+        if !ok {
+            bail!(
+                "a model with gate '{}' and partial_rotary_factor {} cannot be stored in the {self:?} layout",
+                g.map(|g| g.spec()).unwrap_or("none".into()),
+                cfg.partial_rotary_factor
+            );
+        }
+        Ok(())
+    }
+
+    /// The layout our saved models use: stock transformers classes wherever one fits.
+    pub fn default_for(cfg: &ModelConfig) -> Layout {
+        match &cfg.gate {
+            None if cfg.partial_rotary_factor == 1.0 => Layout::Qwen3,
+            Some(g) if g.is_standard_g1() && g.granularity == GateGranularity::Elementwise => Layout::Qwen3Next,
+            Some(g) if g.is_standard_g1() && cfg.partial_rotary_factor == 1.0 => Layout::Official,
+            _ => Layout::GatedLm,
+        }
+    }
+}
+
+fn get_usize(v: &Value, key: &str, file: &str) -> Result<usize> {
+    v.get(key)
+        .with_context(|| format!("{file}: missing '{key}'"))?
+        .as_u64()
+        .filter(|&x| x > 0 && x < (1 << 32))
+        .map(|x| x as usize)
+        .with_context(|| format!("{file}: '{key}' must be a positive integer"))
+}
+
+fn opt_f64(v: &Value, key: &str, file: &str) -> Result<Option<f64>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_f64().map(Some).with_context(|| format!("{file}: '{key}' must be a number")),
+    }
+}
+
+/// Parse config.json into our config and its layout.
+pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
+    let v: Value = serde_json::from_str(text).with_context(|| format!("{file}: not valid JSON"))?;
+    if !v.is_object() {
+        bail!("{file}: expected a JSON object");
+    }
+    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+    if model_type == "gated_lm" {
+        let cfg: ModelConfig = serde_json::from_value(v.get("gated_lm").cloned().unwrap_or(Value::Null))
+            .with_context(|| format!("{file}: bad 'gated_lm' section"))?;
+        cfg.validate().with_context(|| file.to_string())?;
+        return Ok((cfg, Layout::GatedLm));
+    }
+    let layout = match model_type {
+        "qwen3" => {
+            let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+            if flag("headwise_attn_output_gate") || flag("elementwise_attn_output_gate") {
+                Layout::Official
+            } else {
+                Layout::Qwen3
+            }
+        }
+        "qwen3_next" => Layout::Qwen3Next,
+        "" => bail!("{file}: missing 'model_type'"),
+        other => bail!("{file}: model_type '{other}' is not supported (qwen3, qwen3_next, gated_lm)"),
+    };
+    let heads = get_usize(&v, "num_attention_heads", file)?;
+    let hidden = get_usize(&v, "hidden_size", file)?;
+    let layers = get_usize(&v, "num_hidden_layers", file)?;
+    let kv = if v.get("num_key_value_heads").is_some_and(|x| !x.is_null()) {
+        get_usize(&v, "num_key_value_heads", file)?
+    } else {
+        heads
+    };
+    let head_dim = if v.get("head_dim").is_some_and(|x| !x.is_null()) {
+        get_usize(&v, "head_dim", file)?
+    } else {
+        hidden / heads
+    };
+    if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
+        if act != "silu" {
+            bail!("{file}: hidden_act '{act}' is not supported (silu only)");
+        }
+    }
+    if v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false) {
+        bail!("{file}: attention_bias = true is not supported");
+    }
+    // rope: new-style rope_parameters or old top-level fields
+    let rp = v.get("rope_parameters").cloned().unwrap_or(Value::Null);
+    if let Some(t) = rp.get("rope_type").and_then(Value::as_str) {
+        if t != "default" {
+            bail!("{file}: rope_type '{t}' is not supported here (default only)");
+        }
+    }
+    let theta = opt_f64(&rp, "rope_theta", file)?.or(opt_f64(&v, "rope_theta", file)?).unwrap_or(10000.0);
+    let default_partial = if layout == Layout::Qwen3Next { 0.25 } else { 1.0 };
+    let partial = opt_f64(&rp, "partial_rotary_factor", file)?
+        .or(opt_f64(&v, "partial_rotary_factor", file)?)
+        .unwrap_or(default_partial);
+    if layout == Layout::Qwen3Next {
+        if let Some(lt) = v.get("layer_types").and_then(Value::as_array) {
+            if lt.iter().any(|t| t.as_str() != Some("full_attention")) || lt.len() != layers {
+                bail!("{file}: only Qwen3-Next models whose every layer is full_attention are supported");
+            }
+        } else {
+            bail!("{file}: Qwen3-Next config lacks 'layer_types' (its default mixes in linear attention, unsupported)");
+        }
+        let dense: Vec<u64> = v
+            .get("mlp_only_layers")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        let no_experts = v.get("num_experts").and_then(Value::as_u64) == Some(0);
+        if !no_experts && !(0..layers as u64).all(|l| dense.contains(&l)) {
+            bail!("{file}: only Qwen3-Next models with a dense MLP in every layer are supported (mlp_only_layers)");
+        }
+    }
+    let gate = match layout {
+        Layout::Qwen3 => None,
+        Layout::Qwen3Next => Some(GateConfig::g1(GateGranularity::Elementwise)),
+        Layout::Official => {
+            let hw = v.get("headwise_attn_output_gate").and_then(Value::as_bool).unwrap_or(false);
+            let ew = v.get("elementwise_attn_output_gate").and_then(Value::as_bool).unwrap_or(false);
+            if hw && ew {
+                bail!("{file}: both headwise_attn_output_gate and elementwise_attn_output_gate are set");
+            }
+            Some(GateConfig::g1(if hw { GateGranularity::Headwise } else { GateGranularity::Elementwise }))
+        }
+        Layout::GatedLm => unreachable!(),
+    };
+    let cfg = ModelConfig {
+        vocab_size: get_usize(&v, "vocab_size", file)?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        intermediate_size: get_usize(&v, "intermediate_size", file)?,
+        rms_norm_eps: opt_f64(&v, "rms_norm_eps", file)?.unwrap_or(1e-6),
+        rope_theta: theta,
+        partial_rotary_factor: partial,
+        norm_style: layout.norm_style_for_load(),
+        tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+        max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(32768) as usize,
+        init_std: opt_f64(&v, "initializer_range", file)?.unwrap_or(0.02),
+        gate,
+    };
+    cfg.validate().with_context(|| file.to_string())?;
+    Ok((cfg, layout))
+}
+
+impl Layout {
+    fn norm_style_for_load(self) -> NormStyle {
+        match self {
+            Layout::Qwen3Next => NormStyle::ZeroCentered,
+            _ => NormStyle::Standard,
+        }
+    }
+}
+
+/// config.json for `cfg` in `layout`.
+pub fn config_json(cfg: &ModelConfig, layout: Layout) -> Result<Value> {
+    layout.check(cfg)?;
+    let mut v = json!({
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "initializer_range": cfg.init_std,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "use_cache": true,
+        "dtype": "float32",
+        "layer_types": vec!["full_attention"; cfg.num_layers],
+    });
+    let o = v.as_object_mut().unwrap();
+    match layout {
+        Layout::Qwen3 => {
+            o.insert("architectures".into(), json!(["Qwen3ForCausalLM"]));
+            o.insert("model_type".into(), json!("qwen3"));
+            o.insert("rope_parameters".into(), json!({"rope_type": "default", "rope_theta": cfg.rope_theta}));
+        }
+        Layout::Official => {
+            let hw = cfg.gate.as_ref().is_some_and(|g| g.granularity == GateGranularity::Headwise);
+            o.insert("architectures".into(), json!(["Qwen3ForCausalLM"]));
+            o.insert("model_type".into(), json!("qwen3"));
+            o.insert("headwise_attn_output_gate".into(), json!(hw));
+            o.insert("elementwise_attn_output_gate".into(), json!(!hw));
+            o.insert("use_qk_norm".into(), json!(true));
+            o.insert("qkv_bias".into(), json!(false));
+            o.insert("rope_theta".into(), json!(cfg.rope_theta));
+        }
+        Layout::Qwen3Next => {
+            o.insert("architectures".into(), json!(["Qwen3NextForCausalLM"]));
+            o.insert("model_type".into(), json!("qwen3_next"));
+            o.insert(
+                "rope_parameters".into(),
+                json!({"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.partial_rotary_factor}),
+            );
+            o.insert("mlp_only_layers".into(), json!((0..cfg.num_layers).collect::<Vec<_>>()));
+            o.insert("decoder_sparse_step".into(), json!(1));
+            o.insert("num_experts".into(), json!(0));
+        }
+        Layout::GatedLm => {
+            o.insert("architectures".into(), json!(["GatedLmForCausalLM"]));
+            o.insert("model_type".into(), json!("gated_lm"));
+            o.insert("gated_lm".into(), serde_json::to_value(cfg)?);
+        }
+    }
+    Ok(v)
+}
+
+/// Row blocks of the merged `q_proj` in `layout`, as (take from q?, start row, rows) runs.
+fn q_runs(cfg: &ModelConfig, layout: Layout) -> Vec<(bool, usize, usize)> {
+    let d = cfg.head_dim;
+    let Some(geo) = cfg.gate_geometry() else { return vec![(true, 0, cfg.q_dim())] };
+    let pw = geo.per_head;
+    match layout {
+        Layout::Official => {
+            let g = cfg.num_heads / cfg.num_kv_heads;
+            (0..cfg.num_kv_heads).flat_map(|k| [(true, k * g * d, g * d), (false, k * g * pw, g * pw)]).collect()
+        }
+        Layout::Qwen3Next => (0..cfg.num_heads).flat_map(|h| [(true, h * d, d), (false, h * pw, pw)]).collect(),
+        _ => vec![(true, 0, cfg.q_dim())],
+    }
+}
+
+fn norm_shift(cfg: &ModelConfig, layout: Layout) -> f32 {
+    match (cfg.norm_style, layout.norm_style(cfg)) {
+        (NormStyle::Standard, NormStyle::ZeroCentered) => -1.0,
+        (NormStyle::ZeroCentered, NormStyle::Standard) => 1.0,
+        _ => 0.0,
+    }
+}
+
+/// Map internal tensors (weights, or with `is_grad` gradients) to `layout`'s names and rows.
+pub fn to_layout(cfg: &ModelConfig, layout: Layout, store: &ParamStore<f32>, is_grad: bool) -> Result<TensorMap> {
+    layout.check(cfg)?;
+    let (specs, index) = param_specs(cfg);
+    let shift = if is_grad { 0.0 } else { norm_shift(cfg, layout) };
+    let merge = layout == Layout::Official || layout == Layout::Qwen3Next;
+    let mut out = TensorMap::new();
+    let gate_ids: Vec<usize> = index.layers.iter().filter_map(|l| l.gate).collect();
+    for (i, (spec, t)) in specs.iter().zip(&store.tensors).enumerate() {
+        if merge && gate_ids.contains(&i) {
+            continue;
+        }
+        let mut data = t.data.clone();
+        if spec.kind == ParamKind::Norm && shift != 0.0 {
+            data.iter_mut().for_each(|x| *x += shift);
+        }
+        out.insert(spec.name.clone(), (t.shape.clone(), data));
+    }
+    if merge {
+        let dm = cfg.hidden_size;
+        for li in &index.layers {
+            let (q, g) = (&store.tensors[li.q_proj].data, &store.tensors[li.gate.unwrap()].data);
+            let mut merged = Vec::with_capacity(q.len() + g.len());
+            for (from_q, r0, rows) in q_runs(cfg, layout) {
+                let src = if from_q { q } else { g };
+                merged.extend_from_slice(&src[r0 * dm..(r0 + rows) * dm]);
+            }
+            let rows = merged.len() / dm;
+            out.insert(specs[li.q_proj].name.clone(), (vec![rows, dm], merged));
+        }
+    }
+    Ok(out)
+}
+
+/// Inverse of `to_layout` for weights read from a file (any lookup by HF name).
+pub fn from_layout(cfg: &ModelConfig, layout: Layout, get: &dyn Fn(&str) -> Result<F32Tensor>) -> Result<ParamStore<f32>> {
+    let (specs, index) = param_specs(cfg);
+    let shift = -norm_shift(cfg, layout);
+    let mut store = ParamStore::<f32>::zeros_like(&specs);
+    let merge = layout == Layout::Official || layout == Layout::Qwen3Next;
+    let gate_ids: Vec<usize> = index.layers.iter().filter_map(|l| l.gate).collect();
+    let expect = |name: &str, t: &F32Tensor, shape: &[usize]| -> Result<()> {
+        if t.shape != shape {
+            bail!("tensor '{name}' has shape {:?}, the config implies {:?}", t.shape, shape);
+        }
+        Ok(())
+    };
+    for (i, spec) in specs.iter().enumerate() {
+        if merge && (gate_ids.contains(&i) || index.layers.iter().any(|l| l.q_proj == i)) {
+            continue;
+        }
+        let t = get(&spec.name)?;
+        expect(&spec.name, &t, &spec.shape)?;
+        let mut data = t.data;
+        if spec.kind == ParamKind::Norm && shift != 0.0 {
+            data.iter_mut().for_each(|x| *x += shift);
+        }
+        store.tensors[i] = Tensor { shape: t.shape, data };
+    }
+    if merge {
+        let dm = cfg.hidden_size;
+        for li in &index.layers {
+            let gi = li.gate.expect("merged layouts are gated");
+            let name = &specs[li.q_proj].name;
+            let t = get(name)?;
+            let rows = cfg.q_dim() + specs[gi].shape[0];
+            expect(name, &t, &[rows, dm])?;
+            let mut at = 0;
+            for (to_q, r0, n) in q_runs(cfg, layout) {
+                let dst = if to_q { li.q_proj } else { gi };
+                store.tensors[dst].data[r0 * dm..(r0 + n) * dm].copy_from_slice(&t.data[at * dm..(at + n) * dm]);
+                at += n;
+            }
+        }
+    }
+    Ok(store)
+}
+
+/// Load a model directory (config.json + model.safetensors).
+pub fn load_model(dir: &Path) -> Result<(Model<f32>, Layout)> {
+    let cpath = dir.join("config.json");
+    let text = std::fs::read_to_string(&cpath).with_context(|| format!("cannot read {}", cpath.display()))?;
+    let (cfg, layout) = parse_config(&text, &cpath.display().to_string())?;
+    let wpath = dir.join("model.safetensors");
+    let st = StFile::open(&wpath)?;
+    let wname = wpath.display().to_string();
+    let store = from_layout(&cfg, layout, &|n| st.f32(n)).with_context(|| format!("{wname}: weights do not match {}", cpath.display()))?;
+    if let Some(bad) = store.tensors.iter().zip(&store.names).find(|(t, _)| t.data.iter().any(|x| !x.is_finite())) {
+        bail!("{wname}: tensor '{}' contains NaN or Inf", bad.1);
+    }
+    Ok((Model::from_params(cfg, store)?, layout))
+}
+
+/// Save a model directory in `layout` (default: the stock class that fits, see `Layout::default_for`).
+pub fn save_model(dir: &Path, model: &Model<f32>, layout: Option<Layout>) -> Result<Layout> {
+    let layout = layout.unwrap_or_else(|| Layout::default_for(&model.cfg));
+    let cfg_json = config_json(&model.cfg, layout)?;
+    let tensors = to_layout(&model.cfg, layout, &model.params, false)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    super::st::write_f32(&dir.join("model.safetensors"), &tensors)?;
+    super::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg_json)?.as_bytes())?;
+    Ok(layout)
+}
+
+/// The config a model takes on when re-stored in `layout` (norm convention of that layout).
+pub fn config_for_layout(cfg: &ModelConfig, layout: Layout) -> ModelConfig {
+    let mut c = cfg.clone();
+    c.norm_style = layout.norm_style(cfg);
+    c
+}
+
+/// Convert a model to `layout` in memory: same function, the layout's norm convention.
+pub fn convert(model: &Model<f32>, layout: Layout) -> Result<Model<f32>> {
+    layout.check(&model.cfg)?;
+    let tensors = to_layout(&model.cfg, layout, &model.params, false)?;
+    let cfg = config_for_layout(&model.cfg, layout);
+    let store = from_layout(&cfg, layout, &|n| {
+        let (s, d) = tensors.get(n).with_context(|| format!("missing {n}"))?;
+        Ok(F32Tensor { shape: s.clone(), data: d.clone() })
+    })?;
+    Model::from_params(cfg, store)
+}

@@ -1,0 +1,282 @@
+//! One pre-norm decoder block: attention (GQA, QK-norm, RoPE, causal SDPA, gate at G1–G5) and a
+//! SwiGLU MLP, as an explicit forward that saves what its backward needs.
+
+use super::observer::Observer;
+use super::ops::attention::{attention_bwd, attention_fwd, AttnShape};
+use super::ops::gate::{gate_bwd, gate_fwd, gate_scores};
+use super::ops::linear::{linear_bwd, linear_fwd};
+use super::ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
+use super::ops::rope::{rope_apply, RopeTable};
+use super::ops::swiglu::{swiglu_bwd, swiglu_fwd};
+use super::params::{LayerIndex, ParamStore};
+use crate::backend::cpu::add_assign;
+use crate::config::{GateConfig, GateGeometry, GatePosition, ModelConfig};
+use crate::real::Real;
+
+/// Shapes shared by every layer of one forward call.
+pub struct Ctx<'a, T> {
+    pub cfg: &'a ModelConfig,
+    pub rope: &'a RopeTable<T>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl<T> Ctx<'_, T> {
+    fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+    fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            batch: self.batch,
+            seq: self.seq,
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+    fn gate(&self) -> Option<(&GateConfig, GateGeometry)> {
+        Some((self.cfg.gate.as_ref()?, self.cfg.gate_geometry()?))
+    }
+    fn gate_at(&self, pos: GatePosition) -> Option<(&GateConfig, GateGeometry)> {
+        self.gate().filter(|(g, _)| g.position == pos)
+    }
+}
+
+/// Activations saved by the forward. `*_ungated` are kept only where a gate follows them.
+pub struct LayerCache<T> {
+    h1: Vec<T>,
+    rstd1: Vec<T>,
+    /// Gate logits `[rows, scores]` (broadcast rows for the input-independent gate).
+    z: Vec<T>,
+    q_ungated: Option<Vec<T>>,
+    k_ungated: Option<Vec<T>>,
+    v_ungated: Option<Vec<T>>,
+    /// q and k after any gate, before QK-norm.
+    q_pre: Vec<T>,
+    k_pre: Vec<T>,
+    rstd_q: Vec<T>,
+    rstd_k: Vec<T>,
+    /// q and k after QK-norm and RoPE; v after any gate.
+    qr: Vec<T>,
+    kr: Vec<T>,
+    v: Vec<T>,
+    o_sdpa: Vec<T>,
+    lse: Vec<T>,
+    /// SDPA output after the G1 gate (the o_proj input), if gated there.
+    o_gated: Option<Vec<T>>,
+    a_ungated: Option<Vec<T>>,
+    x1: Vec<T>,
+    rstd2: Vec<T>,
+    h2: Vec<T>,
+    mg: Vec<T>,
+    mu: Vec<T>,
+    m: Vec<T>,
+}
+
+fn zeros<T: Real>(n: usize) -> Vec<T> {
+    vec![T::ZERO; n]
+}
+
+/// Apply the gate if it sits at `pos`, keeping the ungated tensor for backward.
+fn gate_here<T: Real>(ctx: &Ctx<T>, pos: GatePosition, y: &mut [T], z: &[T]) -> Option<Vec<T>> {
+    let (g, geo) = ctx.gate_at(pos)?;
+    let keep = y.to_vec();
+    gate_fwd(g, &geo, y, z);
+    Some(keep)
+}
+
+pub fn layer_fwd<T: Real>(
+    ctx: &Ctx<T>,
+    p: &ParamStore<T>,
+    li: &LayerIndex,
+    x: &[T],
+    layer: usize,
+    obs: &mut dyn Observer<T>,
+) -> (Vec<T>, LayerCache<T>) {
+    let cfg = ctx.cfg;
+    let (n, dm, hd) = (ctx.rows(), cfg.hidden_size, cfg.head_dim);
+    let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let w = |i: usize| &p.tensors[i].data[..];
+
+    let mut h1 = zeros(n * dm);
+    let mut rstd1 = zeros(n);
+    rmsnorm_fwd(x, w(li.input_norm), cfg.norm_style, cfg.rms_norm_eps, &mut h1, &mut rstd1);
+
+    let mut q = zeros(n * qd);
+    let mut k = zeros(n * kvd);
+    let mut v = zeros(n * kvd);
+    linear_fwd(&h1, w(li.q_proj), n, dm, qd, &mut q);
+    linear_fwd(&h1, w(li.k_proj), n, dm, kvd, &mut k);
+    linear_fwd(&h1, w(li.v_proj), n, dm, kvd, &mut v);
+
+    // Gate logits come from X (the normed block input) and never pass through q_norm/RoPE.
+    let mut z = Vec::new();
+    if let (Some((g, geo)), Some(gi)) = (ctx.gate(), li.gate) {
+        let s = geo.scores();
+        if g.input_independent {
+            z = w(gi).repeat(n);
+        } else {
+            z = zeros(n * s);
+            linear_fwd(&h1, w(gi), n, dm, s, &mut z);
+        }
+        if obs.wants_gate_scores() {
+            obs.gate_scores(layer, &gate_scores(g.activation, &z), &geo);
+        }
+    }
+    let q_ungated = gate_here(ctx, GatePosition::G4, &mut q, &z);
+    let k_ungated = gate_here(ctx, GatePosition::G3, &mut k, &z);
+    let v_ungated = gate_here(ctx, GatePosition::G2, &mut v, &z);
+
+    let mut qr = zeros(n * qd);
+    let mut kr = zeros(n * kvd);
+    let mut rstd_q = zeros(n * cfg.num_heads);
+    let mut rstd_k = zeros(n * cfg.num_kv_heads);
+    rmsnorm_fwd(&q, w(li.q_norm), cfg.norm_style, cfg.rms_norm_eps, &mut qr, &mut rstd_q);
+    rmsnorm_fwd(&k, w(li.k_norm), cfg.norm_style, cfg.rms_norm_eps, &mut kr, &mut rstd_k);
+    rope_apply(ctx.rope, &mut qr, cfg.num_heads, hd, ctx.seq, 0, false);
+    rope_apply(ctx.rope, &mut kr, cfg.num_kv_heads, hd, ctx.seq, 0, false);
+
+    let sh = ctx.attn_shape();
+    let mut o = zeros(n * qd);
+    let mut lse = zeros(ctx.batch * cfg.num_heads * ctx.seq);
+    if obs.wants_attn_probs(layer) {
+        let mut probs = zeros(ctx.batch * cfg.num_heads * ctx.seq * ctx.seq);
+        attention_fwd(sh, &qr, &kr, &v, &mut o, &mut lse, Some(&mut probs));
+        obs.attn_probs(layer, &probs);
+    } else {
+        attention_fwd(sh, &qr, &kr, &v, &mut o, &mut lse, None);
+    }
+
+    let o_sdpa = o.clone();
+    let o_gated = gate_here(ctx, GatePosition::G1, &mut o, &z).map(|_| o);
+    let o_in = o_gated.as_ref().unwrap_or(&o_sdpa);
+    let mut a = zeros(n * dm);
+    linear_fwd(o_in, w(li.o_proj), n, qd, dm, &mut a);
+    let a_ungated = gate_here(ctx, GatePosition::G5, &mut a, &z);
+
+    let mut x1 = x.to_vec();
+    add_assign(&mut x1, &a);
+    let mut h2 = zeros(n * dm);
+    let mut rstd2 = zeros(n);
+    rmsnorm_fwd(&x1, w(li.post_norm), cfg.norm_style, cfg.rms_norm_eps, &mut h2, &mut rstd2);
+    let mut mg = zeros(n * ff);
+    let mut mu = zeros(n * ff);
+    linear_fwd(&h2, w(li.mlp_gate), n, dm, ff, &mut mg);
+    linear_fwd(&h2, w(li.mlp_up), n, dm, ff, &mut mu);
+    let mut m = zeros(n * ff);
+    swiglu_fwd(&mg, &mu, &mut m);
+    let mut y = zeros(n * dm);
+    linear_fwd(&m, w(li.mlp_down), n, ff, dm, &mut y);
+    let mut out = x1.clone();
+    add_assign(&mut out, &y);
+
+    let cache = LayerCache {
+        h1,
+        rstd1,
+        z,
+        q_ungated,
+        k_ungated,
+        v_ungated,
+        q_pre: q,
+        k_pre: k,
+        rstd_q,
+        rstd_k,
+        qr,
+        kr,
+        v,
+        o_sdpa,
+        lse,
+        o_gated,
+        a_ungated,
+        x1,
+        rstd2,
+        h2,
+        mg,
+        mu,
+        m,
+    };
+    (out, cache)
+}
+
+/// Backward through the gate at `pos` (if any): `dy` becomes the ungated gradient and the logit
+/// gradient is added to `dz`.
+fn gate_back<T: Real>(ctx: &Ctx<T>, pos: GatePosition, ungated: Option<&[T]>, z: &[T], dy: &mut [T], dz: &mut [T]) {
+    if let (Some((g, geo)), Some(y_pre)) = (ctx.gate_at(pos), ungated) {
+        let mut dzi = zeros(dz.len());
+        gate_bwd(g, &geo, y_pre, z, dy, &mut dzi);
+        add_assign(dz, &dzi);
+    }
+}
+
+/// Backward of one layer. `dx` holds d(loss)/d(output) on entry and d(loss)/d(input) on exit.
+/// Parameter gradients are accumulated into `grads`.
+pub fn layer_bwd<T: Real>(
+    ctx: &Ctx<T>,
+    p: &ParamStore<T>,
+    li: &LayerIndex,
+    x: &[T],
+    c: &LayerCache<T>,
+    dx: &mut [T],
+    grads: &mut ParamStore<T>,
+) {
+    let cfg = ctx.cfg;
+    let (n, dm, hd) = (ctx.rows(), cfg.hidden_size, cfg.head_dim);
+    let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let style = cfg.norm_style;
+    let w = |i: usize| &p.tensors[i].data[..];
+
+    // MLP: out = x1 + down(swiglu(gate(h2), up(h2)))
+    let mut dm_ = zeros(n * ff);
+    linear_bwd(&c.m, w(li.mlp_down), dx, n, ff, dm, Some((&mut dm_, false)), &mut grads.tensors[li.mlp_down].data);
+    let mut dg = zeros(n * ff);
+    let mut du = zeros(n * ff);
+    swiglu_bwd(&c.mg, &c.mu, &dm_, &mut dg, &mut du);
+    drop(dm_);
+    let mut dh2 = zeros(n * dm);
+    linear_bwd(&c.h2, w(li.mlp_gate), &dg, n, dm, ff, Some((&mut dh2, false)), &mut grads.tensors[li.mlp_gate].data);
+    linear_bwd(&c.h2, w(li.mlp_up), &du, n, dm, ff, Some((&mut dh2, true)), &mut grads.tensors[li.mlp_up].data);
+    // dx now plays the role of d(x1): residual path plus the norm's contribution.
+    rmsnorm_bwd(&c.x1, w(li.post_norm), style, &c.rstd2, &dh2, dx, true, &mut grads.tensors[li.post_norm].data);
+
+    // Attention: x1 = x + gate5(o_proj(gate1(sdpa(...))))
+    let mut dz = zeros(c.z.len());
+    let mut da = dx.to_vec();
+    gate_back(ctx, GatePosition::G5, c.a_ungated.as_deref(), &c.z, &mut da, &mut dz);
+    let o_in = c.o_gated.as_ref().unwrap_or(&c.o_sdpa);
+    let mut d_o = zeros(n * qd);
+    linear_bwd(o_in, w(li.o_proj), &da, n, qd, dm, Some((&mut d_o, false)), &mut grads.tensors[li.o_proj].data);
+    drop(da);
+    let g1_pre = c.o_gated.as_ref().map(|_| &c.o_sdpa[..]);
+    gate_back(ctx, GatePosition::G1, g1_pre, &c.z, &mut d_o, &mut dz);
+
+    let mut dq = zeros(n * qd);
+    let mut dk = zeros(n * kvd);
+    let mut dv = zeros(n * kvd);
+    attention_bwd(ctx.attn_shape(), &c.qr, &c.kr, &c.v, &c.o_sdpa, &c.lse, &d_o, &mut dq, &mut dk, &mut dv);
+    drop(d_o);
+    rope_apply(ctx.rope, &mut dq, cfg.num_heads, hd, ctx.seq, 0, true);
+    rope_apply(ctx.rope, &mut dk, cfg.num_kv_heads, hd, ctx.seq, 0, true);
+    let mut dq_pre = zeros(n * qd);
+    let mut dk_pre = zeros(n * kvd);
+    rmsnorm_bwd(&c.q_pre, w(li.q_norm), style, &c.rstd_q, &dq, &mut dq_pre, false, &mut grads.tensors[li.q_norm].data);
+    rmsnorm_bwd(&c.k_pre, w(li.k_norm), style, &c.rstd_k, &dk, &mut dk_pre, false, &mut grads.tensors[li.k_norm].data);
+    gate_back(ctx, GatePosition::G4, c.q_ungated.as_deref(), &c.z, &mut dq_pre, &mut dz);
+    gate_back(ctx, GatePosition::G3, c.k_ungated.as_deref(), &c.z, &mut dk_pre, &mut dz);
+    gate_back(ctx, GatePosition::G2, c.v_ungated.as_deref(), &c.z, &mut dv, &mut dz);
+
+    let mut dh1 = zeros(n * dm);
+    linear_bwd(&c.h1, w(li.q_proj), &dq_pre, n, dm, qd, Some((&mut dh1, false)), &mut grads.tensors[li.q_proj].data);
+    linear_bwd(&c.h1, w(li.k_proj), &dk_pre, n, dm, kvd, Some((&mut dh1, true)), &mut grads.tensors[li.k_proj].data);
+    linear_bwd(&c.h1, w(li.v_proj), &dv, n, dm, kvd, Some((&mut dh1, true)), &mut grads.tensors[li.v_proj].data);
+    if let (Some((g, geo)), Some(gi)) = (ctx.gate(), li.gate) {
+        if g.input_independent {
+            let gd = &mut grads.tensors[gi].data;
+            for row in dz.chunks(geo.scores()) {
+                gd.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+            }
+        } else {
+            linear_bwd(&c.h1, w(gi), &dz, n, dm, geo.scores(), Some((&mut dh1, true)), &mut grads.tensors[gi].data);
+        }
+    }
+    rmsnorm_bwd(x, w(li.input_norm), style, &c.rstd1, &dh1, dx, true, &mut grads.tensors[li.input_norm].data);
+}

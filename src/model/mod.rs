@@ -1,0 +1,167 @@
+//! The decoder-only model: embedding → layers → final norm → LM head → cross-entropy, with an
+//! explicit backward through the same ops.
+
+pub mod layer;
+pub mod observer;
+pub mod ops;
+pub mod params;
+
+use crate::config::ModelConfig;
+use crate::real::Real;
+use anyhow::{bail, Result};
+use layer::{layer_bwd, layer_fwd, Ctx};
+use observer::Observer;
+use ops::cross_entropy::{cross_entropy, IGNORE};
+use ops::embedding::{embedding_bwd, embedding_fwd};
+use ops::linear::{linear_bwd, linear_fwd};
+use ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
+use ops::rope::RopeTable;
+use params::{init_params, param_specs, ParamIndex, ParamSpec, ParamStore};
+
+/// Token ids `[batch, seq]` and next-token targets (same shape; `IGNORE` where there is none).
+pub struct Batch<'a> {
+    pub ids: &'a [u32],
+    pub targets: &'a [u32],
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// Targets for "predict the next token of the same sequence": ids shifted left, last = IGNORE.
+pub fn shifted_targets(ids: &[u32], seq: usize) -> Vec<u32> {
+    let mut t = vec![IGNORE; ids.len()];
+    for (row, trow) in ids.chunks(seq).zip(t.chunks_mut(seq)) {
+        trow[..seq - 1].copy_from_slice(&row[1..]);
+    }
+    t
+}
+
+pub struct Model<T> {
+    pub cfg: ModelConfig,
+    pub specs: Vec<ParamSpec>,
+    pub index: ParamIndex,
+    pub params: ParamStore<T>,
+    rope: RopeTable<T>,
+}
+
+/// What a forward returns.
+pub struct Forward<T> {
+    /// `[batch·seq, vocab]`
+    pub logits: Vec<T>,
+    /// Mean cross-entropy over positions with a target.
+    pub loss: f64,
+}
+
+impl<T: Real> Model<T> {
+    /// A freshly initialised model.
+    pub fn new(cfg: ModelConfig, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let (specs, _) = param_specs(&cfg);
+        let params = init_params(&specs, seed);
+        Self::from_params(cfg, params)
+    }
+
+    /// Wrap existing parameters; names and shapes must be exactly those the config implies.
+    pub fn from_params(cfg: ModelConfig, params: ParamStore<T>) -> Result<Self> {
+        cfg.validate()?;
+        let (specs, index) = param_specs(&cfg);
+        if specs.len() != params.tensors.len() {
+            bail!("expected {} parameter tensors for this config, got {}", specs.len(), params.tensors.len());
+        }
+        for (s, (n, t)) in specs.iter().zip(params.names.iter().zip(&params.tensors)) {
+            if &s.name != n || s.shape != t.shape || t.data.len() != t.shape.iter().product::<usize>() {
+                bail!("parameter {n} {:?} does not match the config's {} {:?}", t.shape, s.name, s.shape);
+            }
+        }
+        let rope = RopeTable::new(cfg.rope_theta, cfg.rotary_dim(), cfg.max_position_embeddings.clamp(1, 1 << 16));
+        Ok(Model { cfg, specs, index, params, rope })
+    }
+
+    pub fn zero_grads(&self) -> ParamStore<T> {
+        ParamStore::zeros_like(&self.specs)
+    }
+
+    fn check_batch(&self, b: &Batch) -> Result<()> {
+        let n = b.batch * b.seq;
+        if n == 0 || b.ids.len() != n || b.targets.len() != n {
+            bail!("batch shape mismatch: {} ids, {} targets for {}×{}", b.ids.len(), b.targets.len(), b.batch, b.seq);
+        }
+        let v = self.cfg.vocab_size as u32;
+        if let Some(&bad) = b.ids.iter().find(|&&i| i >= v) {
+            bail!("token id {bad} is outside the vocabulary (size {v})");
+        }
+        if let Some(&bad) = b.targets.iter().find(|&&i| i >= v && i != IGNORE) {
+            bail!("target id {bad} is outside the vocabulary (size {v})");
+        }
+        Ok(())
+    }
+
+    fn lm_head(&self) -> &[T] {
+        &self.params.tensors[self.index.lm_head.unwrap_or(self.index.embed)].data
+    }
+
+    fn run(&self, b: &Batch, obs: &mut dyn Observer<T>, grads: Option<&mut ParamStore<T>>) -> Result<Forward<T>> {
+        self.check_batch(b)?;
+        let cfg = &self.cfg;
+        let (n, dm, vocab) = (b.batch * b.seq, cfg.hidden_size, cfg.vocab_size);
+        let long_rope;
+        let rope = if b.seq <= self.rope.max_len {
+            &self.rope
+        } else {
+            long_rope = RopeTable::new(cfg.rope_theta, cfg.rotary_dim(), b.seq);
+            &long_rope
+        };
+        let ctx = Ctx { cfg, rope, batch: b.batch, seq: b.seq };
+        let p = &self.params;
+        let train = grads.is_some();
+
+        let mut x = vec![T::ZERO; n * dm];
+        embedding_fwd(&p.tensors[self.index.embed].data, dm, b.ids, &mut x);
+        let mut inputs = Vec::new();
+        let mut caches = Vec::new();
+        for (l, li) in self.index.layers.iter().enumerate() {
+            let (out, cache) = layer_fwd(&ctx, p, li, &x, l, obs);
+            obs.layer_output(l, &out);
+            let prev = std::mem::replace(&mut x, out);
+            if train {
+                inputs.push(prev);
+                caches.push(cache);
+            }
+        }
+        let mut hf = vec![T::ZERO; n * dm];
+        let mut rstd = vec![T::ZERO; n];
+        let wn = &p.tensors[self.index.norm].data;
+        rmsnorm_fwd(&x, wn, cfg.norm_style, cfg.rms_norm_eps, &mut hf, &mut rstd);
+        let mut logits = vec![T::ZERO; n * vocab];
+        linear_fwd(&hf, self.lm_head(), n, dm, vocab, &mut logits);
+
+        let Some(grads) = grads else {
+            let loss = cross_entropy(&mut logits.clone(), vocab, b.targets, false);
+            return Ok(Forward { logits, loss });
+        };
+        // Training: logits become d(loss)/d(logits) in place.
+        let loss = cross_entropy(&mut logits, vocab, b.targets, true);
+        let head = self.index.lm_head.unwrap_or(self.index.embed);
+        let mut dhf = vec![T::ZERO; n * dm];
+        linear_bwd(&hf, self.lm_head(), &logits, n, dm, vocab, Some((&mut dhf, false)), &mut grads.tensors[head].data);
+        drop(logits);
+        let mut dx = vec![T::ZERO; n * dm];
+        rmsnorm_bwd(&x, wn, cfg.norm_style, &rstd, &dhf, &mut dx, false, &mut grads.tensors[self.index.norm].data);
+        for (l, li) in self.index.layers.iter().enumerate().rev() {
+            let cache = caches.pop().expect("one cache per layer");
+            layer_bwd(&ctx, p, li, &inputs[l], &cache, &mut dx, grads);
+        }
+        embedding_bwd(&mut grads.tensors[self.index.embed].data, dm, b.ids, &dx);
+        Ok(Forward { logits: Vec::new(), loss })
+    }
+
+    /// Inference forward: logits and loss, with observers.
+    pub fn forward(&self, b: &Batch, obs: &mut dyn Observer<T>) -> Result<Forward<T>> {
+        self.run(b, obs, None)
+    }
+
+    /// Forward + backward; gradients are *added* to `grads` (so micro-batches accumulate).
+    /// Returns the loss.
+    pub fn forward_backward(&self, b: &Batch, grads: &mut ParamStore<T>, obs: &mut dyn Observer<T>) -> Result<f64> {
+        Ok(self.run(b, obs, Some(grads))?.loss)
+    }
+}

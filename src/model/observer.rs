@@ -1,0 +1,49 @@
+//! Optional observers of the forward pass. Analysis, dumps and training-time probes are observers;
+//! none of them re-implements the forward.
+
+use crate::config::GateGeometry;
+
+pub trait Observer<T> {
+    /// Whether layer `layer` should materialise its `[batch, heads, seq, seq]` probabilities.
+    fn wants_attn_probs(&self, _layer: usize) -> bool {
+        false
+    }
+    fn attn_probs(&mut self, _layer: usize, _probs: &[T]) {}
+    fn wants_gate_scores(&self) -> bool {
+        false
+    }
+    /// Gate scores `act(z)`, `[batch·seq, geo.scores()]`.
+    fn gate_scores(&mut self, _layer: usize, _scores: &[T], _geo: &GateGeometry) {}
+    /// Residual stream after layer `layer`, `[batch·seq, hidden]`.
+    fn layer_output(&mut self, _layer: usize, _x: &[T]) {}
+}
+
+/// Observes nothing.
+pub struct NoObserver;
+impl<T> Observer<T> for NoObserver {}
+
+/// Keeps everything (used by `dump` and tests; small inputs only).
+#[derive(Default)]
+pub struct Recorder<T> {
+    pub layer_out: Vec<Vec<T>>,
+    pub attn_probs: Vec<Vec<T>>,
+    pub gates: Vec<Vec<T>>,
+}
+
+impl<T: Clone> Observer<T> for Recorder<T> {
+    fn wants_attn_probs(&self, _layer: usize) -> bool {
+        true
+    }
+    fn attn_probs(&mut self, _layer: usize, probs: &[T]) {
+        self.attn_probs.push(probs.to_vec());
+    }
+    fn wants_gate_scores(&self) -> bool {
+        true
+    }
+    fn gate_scores(&mut self, _layer: usize, scores: &[T], _geo: &GateGeometry) {
+        self.gates.push(scores.to_vec());
+    }
+    fn layer_output(&mut self, _layer: usize, x: &[T]) {
+        self.layer_out.push(x.to_vec());
+    }
+}

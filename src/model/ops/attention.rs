@@ -1,0 +1,291 @@
+//! Causal scaled-dot-product attention with grouped KV heads, blocked over queries.
+//!
+//! Forward saves only the per-row log-sum-exp; backward recomputes the probabilities block by
+//! block (flash-attention style), so saved memory is O(T·d) per head, and transient memory is one
+//! `QBLK × T` score block per worker. Work is parallel over (batch, kv head): each task owns its
+//! kv head's dK/dV rows, so no reductions cross threads and results are deterministic.
+
+use crate::backend::cpu::{matmul_raw, Mat, Par, SyncPtr};
+use crate::real::Real;
+use rayon::prelude::*;
+
+/// Query rows per block.
+const QBLK: usize = 64;
+
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    fn scale<T: Real>(&self) -> T {
+        T::ONE / T::from_usize(self.head_dim).sqrt()
+    }
+    fn check<T>(&self, q: &[T], k: &[T], v: &[T]) {
+        let n = self.batch * self.seq;
+        assert_eq!(q.len(), n * self.heads * self.head_dim);
+        assert_eq!(k.len(), n * self.kv_heads * self.head_dim);
+        assert_eq!(v.len(), k.len());
+        assert_eq!(self.heads % self.kv_heads, 0);
+    }
+}
+
+/// Per-task views of (batch b, query head h, kv head kh) in the `[rows, heads·d]` buffers.
+struct Views<T> {
+    q: *const T,
+    k: *const T,
+    v: *const T,
+    ldq: usize,
+    ldk: usize,
+}
+
+impl<T> Views<T> {
+    fn q_at(&self, row: usize, h: usize, d: usize) -> Mat<T> {
+        Mat { ptr: unsafe { self.q.add(row * self.ldq + h * d) }, rs: self.ldq as isize, cs: 1 }
+    }
+    fn kt_at(&self, row: usize, kh: usize, d: usize) -> Mat<T> {
+        // Kᵀ: element (e, j) = K[row + j, e]
+        Mat { ptr: unsafe { self.k.add(row * self.ldk + kh * d) }, rs: 1, cs: self.ldk as isize }
+    }
+    fn k_at(&self, row: usize, kh: usize, d: usize) -> Mat<T> {
+        Mat { ptr: unsafe { self.k.add(row * self.ldk + kh * d) }, rs: self.ldk as isize, cs: 1 }
+    }
+    fn v_at(&self, row: usize, kh: usize, d: usize) -> Mat<T> {
+        Mat { ptr: unsafe { self.v.add(row * self.ldk + kh * d) }, rs: self.ldk as isize, cs: 1 }
+    }
+    fn vt_at(&self, row: usize, kh: usize, d: usize) -> Mat<T> {
+        Mat { ptr: unsafe { self.v.add(row * self.ldk + kh * d) }, rs: 1, cs: self.ldk as isize }
+    }
+}
+
+/// Scores of query rows `i0..i0+bq` against keys `0..nk` into `s` (`bq × nk`), scaled.
+fn scores<T: Real>(vw: &Views<T>, s: &mut [T], base: usize, i0: usize, bq: usize, nk: usize, h: usize, kh: usize, d: usize, scale: T) {
+    // SAFETY: s holds bq·nk elements; q/k views are in range for rows base..base+seq.
+    unsafe {
+        matmul_raw(bq, nk, d, s.as_mut_ptr(), nk, vw.q_at(base + i0, h, d), vw.kt_at(base, kh, d), scale, false, Par::Serial)
+    };
+}
+
+/// Forward. Writes `out` (`[rows, heads·d]`), `lse` (`[batch, heads, seq]`) and, if given, the full
+/// probabilities `probs` (`[batch, heads, seq, seq]`, zeros above the diagonal).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd<T: Real>(
+    sh: AttnShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    lse: &mut [T],
+    probs: Option<&mut [T]>,
+) {
+    sh.check(q, k, v);
+    assert_eq!(out.len(), q.len());
+    assert_eq!(lse.len(), sh.batch * sh.heads * sh.seq);
+    let (t, d, hq, kv) = (sh.seq, sh.head_dim, sh.heads, sh.kv_heads);
+    let g = hq / kv;
+    let scale: T = sh.scale();
+    let vw = Views { q: q.as_ptr(), k: k.as_ptr(), v: v.as_ptr(), ldq: hq * d, ldk: kv * d };
+    let vw = &SyncViews(vw);
+    let outp = SyncPtr(out.as_mut_ptr());
+    let lsep = SyncPtr(lse.as_mut_ptr());
+    let probp = probs.map(|p| {
+        assert_eq!(p.len(), sh.batch * hq * t * t);
+        SyncPtr(p.as_mut_ptr())
+    });
+    (0..sh.batch * kv).into_par_iter().for_each(|task| {
+        let (b, kh) = (task / kv, task % kv);
+        let base = b * t;
+        let mut s = vec![T::ZERO; QBLK.min(t) * t];
+        for h in kh * g..(kh + 1) * g {
+            for i0 in (0..t).step_by(QBLK) {
+                let bq = QBLK.min(t - i0);
+                let nk = i0 + bq;
+                scores(&vw.0, &mut s, base, i0, bq, nk, h, kh, d, scale);
+                for r in 0..bq {
+                    let row = &mut s[r * nk..(r + 1) * nk];
+                    let lim = i0 + r + 1;
+                    let m = row[..lim].iter().fold(T::NEG_INFINITY, |a, &x| a.max(x));
+                    let mut sum = T::ZERO;
+                    for x in &mut row[..lim] {
+                        *x = (*x - m).exp();
+                        sum += *x;
+                    }
+                    let inv = T::ONE / sum;
+                    row[..lim].iter_mut().for_each(|x| *x *= inv);
+                    row[lim..].fill(T::ZERO);
+                    // SAFETY: (b, h, i0 + r) is owned by this task.
+                    unsafe { *lsep.get().add((b * hq + h) * t + i0 + r) = m + sum.ln() };
+                    if let Some(pp) = probp {
+                        let dst = unsafe { std::slice::from_raw_parts_mut(pp.get().add(((b * hq + h) * t + i0 + r) * t), t) };
+                        dst[..nk].copy_from_slice(row);
+                        dst[nk..].fill(T::ZERO);
+                    }
+                }
+                // SAFETY: rows base+i0.., columns of head h are owned by this task.
+                unsafe {
+                    matmul_raw(bq, d, nk, outp.get().add((base + i0) * hq * d + h * d), hq * d, Mat { ptr: s.as_ptr(), rs: nk as isize, cs: 1 }, vw.0.v_at(base, kh, d), T::ONE, false, Par::Serial)
+                };
+            }
+        }
+    });
+}
+
+/// Backward. `out` and `lse` are the forward's; `dout` the incoming gradient. Overwrites dq, dk, dv.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd<T: Real>(
+    sh: AttnShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    sh.check(q, k, v);
+    assert_eq!(dq.len(), q.len());
+    assert_eq!(dk.len(), k.len());
+    assert_eq!(dv.len(), v.len());
+    assert_eq!(dout.len(), out.len());
+    let (t, d, hq, kv) = (sh.seq, sh.head_dim, sh.heads, sh.kv_heads);
+    let g = hq / kv;
+    let scale: T = sh.scale();
+    let vw = &SyncViews(Views { q: q.as_ptr(), k: k.as_ptr(), v: v.as_ptr(), ldq: hq * d, ldk: kv * d });
+    let dov = &SyncViews(Views { q: dout.as_ptr(), k: std::ptr::null(), v: std::ptr::null(), ldq: hq * d, ldk: 0 });
+    let (dqp, dkp, dvp) = (SyncPtr(dq.as_mut_ptr()), SyncPtr(dk.as_mut_ptr()), SyncPtr(dv.as_mut_ptr()));
+    (0..sh.batch * kv).into_par_iter().for_each(|task| {
+        let (b, kh) = (task / kv, task % kv);
+        let base = b * t;
+        let blk = QBLK.min(t);
+        let mut p = vec![T::ZERO; blk * t];
+        let mut dp = vec![T::ZERO; blk * t];
+        // SAFETY (all raw writes below): this task owns rows base..base+t of kv head kh in dk/dv
+        // and of query heads kh*g..(kh+1)*g in dq.
+        for r in 0..t {
+            unsafe {
+                std::slice::from_raw_parts_mut(dkp.get().add((base + r) * kv * d + kh * d), d).fill(T::ZERO);
+                std::slice::from_raw_parts_mut(dvp.get().add((base + r) * kv * d + kh * d), d).fill(T::ZERO);
+            }
+        }
+        for h in kh * g..(kh + 1) * g {
+            for i0 in (0..t).step_by(QBLK) {
+                let bq = QBLK.min(t - i0);
+                let nk = i0 + bq;
+                scores(&vw.0, &mut p, base, i0, bq, nk, h, kh, d, scale);
+                // dP = dO · Vᵀ
+                unsafe {
+                    matmul_raw(bq, nk, d, dp.as_mut_ptr(), nk, dov.0.q_at(base + i0, h, d), vw.0.vt_at(base, kh, d), T::ONE, false, Par::Serial)
+                };
+                for r in 0..bq {
+                    let i = i0 + r;
+                    let l = lse[(b * hq + h) * t + i];
+                    let orow = &out[(base + i) * hq * d + h * d..][..d];
+                    let dorow = &dout[(base + i) * hq * d + h * d..][..d];
+                    let di: T = orow.iter().zip(dorow).map(|(&a, &c)| a * c).sum();
+                    let (pr, dpr) = (&mut p[r * nk..(r + 1) * nk], &mut dp[r * nk..(r + 1) * nk]);
+                    for j in 0..nk {
+                        if j <= i {
+                            pr[j] = (pr[j] - l).exp();
+                            dpr[j] = pr[j] * (dpr[j] - di);
+                        } else {
+                            pr[j] = T::ZERO;
+                            dpr[j] = T::ZERO;
+                        }
+                    }
+                }
+                let dsm = Mat { ptr: dp.as_ptr(), rs: nk as isize, cs: 1 };
+                let dsmt = Mat { ptr: dp.as_ptr(), rs: 1, cs: nk as isize };
+                let pmt = Mat { ptr: p.as_ptr(), rs: 1, cs: nk as isize };
+                unsafe {
+                    // dQ = scale · dS · K
+                    matmul_raw(bq, d, nk, dqp.get().add((base + i0) * hq * d + h * d), hq * d, dsm, vw.0.k_at(base, kh, d), scale, false, Par::Serial);
+                    // dK += scale · dSᵀ · Q
+                    matmul_raw(nk, d, bq, dkp.get().add(base * kv * d + kh * d), kv * d, dsmt, vw.0.q_at(base + i0, h, d), scale, true, Par::Serial);
+                    // dV += Pᵀ · dO
+                    matmul_raw(nk, d, bq, dvp.get().add(base * kv * d + kh * d), kv * d, pmt, dov.0.q_at(base + i0, h, d), T::ONE, true, Par::Serial);
+                }
+            }
+        }
+    });
+}
+
+/// Views hold raw pointers into buffers that are only read while the tasks run.
+struct SyncViews<T>(Views<T>);
+unsafe impl<T> Sync for SyncViews<T> {}
+unsafe impl<T> Send for SyncViews<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::testutil::{check_grad, randn};
+
+    fn naive(sh: AttnShape, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let (t, d, hq, kv) = (sh.seq, sh.head_dim, sh.heads, sh.kv_heads);
+        let mut o = vec![0.0; q.len()];
+        let mut probs = vec![0.0; sh.batch * hq * t * t];
+        for b in 0..sh.batch {
+            for h in 0..hq {
+                let kh = h / (hq / kv);
+                for i in 0..t {
+                    let qi = &q[(b * t + i) * hq * d + h * d..][..d];
+                    let s: Vec<f64> = (0..=i)
+                        .map(|j| qi.iter().zip(&k[(b * t + j) * kv * d + kh * d..][..d]).map(|(a, c)| a * c).sum::<f64>() / (d as f64).sqrt())
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for j in 0..=i {
+                        let pj = (s[j] - m).exp() / z;
+                        probs[((b * hq + h) * t + i) * t + j] = pj;
+                        for e in 0..d {
+                            o[(b * t + i) * hq * d + h * d + e] += pj * v[(b * t + j) * kv * d + kh * d + e];
+                        }
+                    }
+                }
+            }
+        }
+        (o, probs)
+    }
+
+    #[test]
+    fn matches_naive_attention_across_query_blocks() {
+        // seq 150 spans three query blocks, including a partial one
+        let sh = AttnShape { batch: 2, seq: 150, heads: 4, kv_heads: 2, head_dim: 8 };
+        let n = sh.batch * sh.seq;
+        let (q, k, v) = (randn(n * 32, 1, 1.0), randn(n * 16, 2, 1.0), randn(n * 16, 3, 1.0));
+        let mut o = vec![0.0; n * 32];
+        let mut lse = vec![0.0; 2 * 4 * 150];
+        let mut p = vec![0.0; 2 * 4 * 150 * 150];
+        attention_fwd(sh, &q, &k, &v, &mut o, &mut lse, Some(&mut p));
+        let (ro, rp) = naive(sh, &q, &k, &v);
+        assert!(o.iter().zip(&ro).all(|(a, b)| (a - b).abs() < 1e-12));
+        assert!(p.iter().zip(&rp).all(|(a, b)| (a - b).abs() < 1e-12));
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let sh = AttnShape { batch: 2, seq: 70, heads: 4, kv_heads: 2, head_dim: 4 };
+        let n = sh.batch * sh.seq;
+        let (q, k, v) = (randn(n * 16, 1, 1.0), randn(n * 8, 2, 1.0), randn(n * 8, 3, 1.0));
+        let w = randn(n * 16, 4, 1.0);
+        let f = |q: &[f64], k: &[f64], v: &[f64]| {
+            let mut o = vec![0.0; n * 16];
+            let mut lse = vec![0.0; 2 * 4 * 70];
+            attention_fwd(sh, q, k, v, &mut o, &mut lse, None);
+            o.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>()
+        };
+        let mut o = vec![0.0; n * 16];
+        let mut lse = vec![0.0; 2 * 4 * 70];
+        attention_fwd(sh, &q, &k, &v, &mut o, &mut lse, None);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_bwd(sh, &q, &k, &v, &o, &lse, &w, &mut dq, &mut dk, &mut dv);
+        check_grad(&q, &dq, |x| f(x, &k, &v), 1e-7);
+        check_grad(&k, &dk, |x| f(&q, x, &v), 1e-7);
+        check_grad(&v, &dv, |x| f(&q, &k, x), 1e-7);
+    }
+}

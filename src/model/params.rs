@@ -1,0 +1,192 @@
+//! Flat, named parameter store. Names follow the HF Qwen3 names; the gate is its own tensor
+//! (`self_attn.gate_proj.weight`, or `self_attn.gate_logits` for the input-independent gate) and
+//! `io` folds it into `q_proj` for the layouts that store it there.
+
+use crate::config::{ModelConfig, NormStyle};
+use crate::real::Real;
+use crate::rng::Rng;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor<T> {
+    pub shape: Vec<usize>,
+    pub data: Vec<T>,
+}
+
+impl<T: Real> Tensor<T> {
+    pub fn zeros(shape: &[usize]) -> Self {
+        Tensor { shape: shape.to_vec(), data: vec![T::ZERO; shape.iter().product()] }
+    }
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Indices of one decoder layer's tensors in the store.
+#[derive(Clone, Debug)]
+pub struct LayerIndex {
+    pub input_norm: usize,
+    pub q_proj: usize,
+    pub k_proj: usize,
+    pub v_proj: usize,
+    pub o_proj: usize,
+    pub q_norm: usize,
+    pub k_norm: usize,
+    pub gate: Option<usize>,
+    pub post_norm: usize,
+    pub mlp_gate: usize,
+    pub mlp_up: usize,
+    pub mlp_down: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ParamIndex {
+    pub embed: usize,
+    pub layers: Vec<LayerIndex>,
+    pub norm: usize,
+    /// `None` when the LM head is tied to the embedding.
+    pub lm_head: Option<usize>,
+}
+
+/// How a tensor is initialised.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Normal(f64),
+    Const(f64),
+}
+
+/// Whether a parameter is a norm gain, an embedding, or a matrix (used by weight-decay masks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    Norm,
+    Embedding,
+    Matrix,
+    Gate,
+}
+
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+    pub kind: ParamKind,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamStore<T> {
+    pub names: Vec<String>,
+    pub tensors: Vec<Tensor<T>>,
+}
+
+impl<T: Real> ParamStore<T> {
+    pub fn zeros_like(specs: &[ParamSpec]) -> Self {
+        ParamStore {
+            names: specs.iter().map(|s| s.name.clone()).collect(),
+            tensors: specs.iter().map(|s| Tensor::zeros(&s.shape)).collect(),
+        }
+    }
+    pub fn get(&self, name: &str) -> Option<&Tensor<T>> {
+        self.names.iter().position(|n| n == name).map(|i| &self.tensors[i])
+    }
+    pub fn numel(&self) -> usize {
+        self.tensors.iter().map(|t| t.numel()).sum()
+    }
+    pub fn fill_zero(&mut self) {
+        for t in &mut self.tensors {
+            t.data.fill(T::ZERO);
+        }
+    }
+    pub fn cast<U: Real>(&self) -> ParamStore<U> {
+        ParamStore {
+            names: self.names.clone(),
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| Tensor {
+                    shape: t.shape.clone(),
+                    data: t.data.iter().map(|x| U::from_f64(x.to_f64())).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The parameter list of a config, in a fixed order, and the index into it.
+pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
+    let mut specs = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, init: Init, kind: ParamKind| {
+        specs.push(ParamSpec { name, shape, init, kind });
+        specs.len() - 1
+    };
+    let std = cfg.init_std;
+    let norm_init = match cfg.norm_style {
+        NormStyle::Standard => Init::Const(1.0),
+        NormStyle::ZeroCentered => Init::Const(0.0),
+    };
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let embed = push(
+        "model.embed_tokens.weight".into(),
+        vec![cfg.vocab_size, d],
+        Init::Normal(std),
+        ParamKind::Embedding,
+    );
+    let mut layers = Vec::new();
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}.");
+        let input_norm = push(format!("{p}input_layernorm.weight"), vec![d], norm_init, ParamKind::Norm);
+        let q_proj = push(format!("{p}self_attn.q_proj.weight"), vec![cfg.q_dim(), d], Init::Normal(std), ParamKind::Matrix);
+        let k_proj = push(format!("{p}self_attn.k_proj.weight"), vec![cfg.kv_dim(), d], Init::Normal(std), ParamKind::Matrix);
+        let v_proj = push(format!("{p}self_attn.v_proj.weight"), vec![cfg.kv_dim(), d], Init::Normal(std), ParamKind::Matrix);
+        let o_proj = push(format!("{p}self_attn.o_proj.weight"), vec![d, cfg.q_dim()], Init::Normal(std), ParamKind::Matrix);
+        let q_norm = push(format!("{p}self_attn.q_norm.weight"), vec![cfg.head_dim], norm_init, ParamKind::Norm);
+        let k_norm = push(format!("{p}self_attn.k_norm.weight"), vec![cfg.head_dim], norm_init, ParamKind::Norm);
+        let gate = match (&cfg.gate, cfg.gate_geometry()) {
+            (Some(g), Some(geo)) => {
+                let gstd = g.init_std.unwrap_or(std);
+                Some(if g.input_independent {
+                    push(format!("{p}self_attn.gate_logits"), vec![geo.scores()], Init::Normal(gstd), ParamKind::Gate)
+                } else {
+                    push(format!("{p}self_attn.gate_proj.weight"), vec![geo.scores(), d], Init::Normal(gstd), ParamKind::Gate)
+                })
+            }
+            _ => None,
+        };
+        let post_norm = push(format!("{p}post_attention_layernorm.weight"), vec![d], norm_init, ParamKind::Norm);
+        let mlp_gate = push(format!("{p}mlp.gate_proj.weight"), vec![f, d], Init::Normal(std), ParamKind::Matrix);
+        let mlp_up = push(format!("{p}mlp.up_proj.weight"), vec![f, d], Init::Normal(std), ParamKind::Matrix);
+        let mlp_down = push(format!("{p}mlp.down_proj.weight"), vec![d, f], Init::Normal(std), ParamKind::Matrix);
+        layers.push(LayerIndex {
+            input_norm,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            q_norm,
+            k_norm,
+            gate,
+            post_norm,
+            mlp_gate,
+            mlp_up,
+            mlp_down,
+        });
+    }
+    let norm = push("model.norm.weight".into(), vec![d], norm_init, ParamKind::Norm);
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else {
+        Some(push("lm_head.weight".into(), vec![cfg.vocab_size, d], Init::Normal(std), ParamKind::Matrix))
+    };
+    (specs, ParamIndex { embed, layers, norm, lm_head })
+}
+
+/// Fresh parameters drawn from `seed` (tensor by tensor, in spec order).
+pub fn init_params<T: Real>(specs: &[ParamSpec], seed: u64) -> ParamStore<T> {
+    let mut rng = Rng::new(seed);
+    let mut store = ParamStore::zeros_like(specs);
+    for (t, s) in store.tensors.iter_mut().zip(specs) {
+        match s.init {
+            Init::Normal(std) => t.data.iter_mut().for_each(|x| *x = T::from_f64(rng.normal() * std)),
+            Init::Const(c) => t.data.fill(T::from_f64(c)),
+        }
+    }
+    store
+}

@@ -1,0 +1,91 @@
+//! AdamW with torch.optim.AdamW semantics (decoupled decay, bias correction) and global-norm
+//! gradient clipping as in torch.nn.utils.clip_grad_norm_.
+
+use crate::model::params::{ParamKind, ParamSpec, ParamStore};
+use crate::real::Real;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Skip weight decay on norm gains and embeddings (torch's fixture decays everything).
+    #[serde(default)]
+    pub no_decay_norms_embeddings: bool,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, no_decay_norms_embeddings: false }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW<T> {
+    pub cfg: AdamWConfig,
+    pub step: u64,
+    pub m: ParamStore<T>,
+    pub v: ParamStore<T>,
+}
+
+/// Global L2 norm of all gradients (accumulated in f64).
+pub fn grad_norm<T: Real>(g: &ParamStore<T>) -> f64 {
+    g.tensors.iter().map(|t| crate::backend::cpu::sum_sq(&t.data)).sum::<f64>().sqrt()
+}
+
+/// Scale gradients so their global norm is at most `max_norm`; returns the norm before clipping.
+pub fn clip_grad_norm<T: Real>(g: &mut ParamStore<T>, max_norm: f64) -> f64 {
+    let norm = grad_norm(g);
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        let c = T::from_f64(coef);
+        for t in &mut g.tensors {
+            t.data.iter_mut().for_each(|x| *x *= c);
+        }
+    }
+    norm
+}
+
+impl<T: Real> AdamW<T> {
+    pub fn new(cfg: AdamWConfig, specs: &[ParamSpec]) -> Self {
+        AdamW { cfg, step: 0, m: ParamStore::zeros_like(specs), v: ParamStore::zeros_like(specs) }
+    }
+
+    /// One step at learning rate `lr` (the schedule's value).
+    pub fn update(&mut self, params: &mut ParamStore<T>, grads: &ParamStore<T>, specs: &[ParamSpec], lr: f64) {
+        self.step += 1;
+        let c = &self.cfg;
+        let (b1, b2) = (T::from_f64(c.beta1), T::from_f64(c.beta2));
+        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bc2_sqrt = T::from_f64((1.0 - c.beta2.powi(self.step as i32)).sqrt());
+        let step_size = T::from_f64(lr / bc1);
+        let eps = T::from_f64(c.eps);
+        for (i, spec) in specs.iter().enumerate() {
+            let decay = if c.no_decay_norms_embeddings && matches!(spec.kind, ParamKind::Norm | ParamKind::Embedding) {
+                0.0
+            } else {
+                c.weight_decay
+            };
+            let keep = T::from_f64(1.0 - lr * decay);
+            let (p, g) = (&mut params.tensors[i].data, &grads.tensors[i].data);
+            let (m, v) = (&mut self.m.tensors[i].data, &mut self.v.tensors[i].data);
+            use rayon::prelude::*;
+            p.par_chunks_mut(4096)
+                .zip(g.par_chunks(4096))
+                .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
+                .for_each(|((pc, gc), (mc, vc))| {
+                    for j in 0..pc.len() {
+                        let gj = gc[j];
+                        pc[j] *= keep;
+                        mc[j] = b1 * mc[j] + (T::ONE - b1) * gj;
+                        vc[j] = b2 * vc[j] + (T::ONE - b2) * gj * gj;
+                        let denom = vc[j].sqrt() / bc2_sqrt + eps;
+                        pc[j] -= step_size * mc[j] / denom;
+                    }
+                });
+        }
+    }
+}
