@@ -222,7 +222,12 @@ impl ModelConfig {
             GateGranularity::Elementwise => width,
             GateGranularity::Headwise => 1,
         };
-        Some(GateGeometry { groups, width, heads, per_head })
+        Some(GateGeometry {
+            groups,
+            width,
+            heads,
+            per_head,
+        })
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -239,7 +244,7 @@ impl ModelConfig {
         nz(self.num_kv_heads, "num_key_value_heads")?;
         nz(self.head_dim, "head_dim")?;
         nz(self.intermediate_size, "intermediate_size")?;
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "model config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_heads,
@@ -247,10 +252,16 @@ impl ModelConfig {
             );
         }
         if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0) {
-            bail!("model config: partial_rotary_factor must be in (0, 1], got {}", self.partial_rotary_factor);
+            bail!(
+                "model config: partial_rotary_factor must be in (0, 1], got {}",
+                self.partial_rotary_factor
+            );
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            bail!("model config: rope_theta must be a finite number > 1, got {}", self.rope_theta);
+            bail!(
+                "model config: rope_theta must be a finite number > 1, got {}",
+                self.rope_theta
+            );
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             bail!("model config: rms_norm_eps must be > 0, got {}", self.rms_norm_eps);
@@ -311,7 +322,9 @@ mod tests {
         assert_eq!(GateConfig::parse_spec("none").unwrap(), None);
         let e = GateConfig::parse_spec("elementwise").unwrap().unwrap();
         assert!(e.is_standard_g1() && e.granularity == GateGranularity::Elementwise);
-        let g = GateConfig::parse_spec("g3:headwise:shared:add:ns-sigmoid:static").unwrap().unwrap();
+        let g = GateConfig::parse_spec("g3:headwise:shared:add:ns-sigmoid:static")
+            .unwrap()
+            .unwrap();
         assert_eq!(g.position, GatePosition::G3);
         assert!(g.head_shared && g.input_independent);
         assert_eq!(g.combine, GateCombine::Additive);

@@ -19,7 +19,14 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, no_decay_norms_embeddings: false }
+        AdamWConfig {
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            no_decay_norms_embeddings: false,
+        }
     }
 }
 
@@ -33,7 +40,11 @@ pub struct AdamW<T> {
 
 /// Global L2 norm of all gradients (accumulated in f64).
 pub fn grad_norm<T: Real>(g: &ParamStore<T>) -> f64 {
-    g.tensors.iter().map(|t| crate::backend::cpu::sum_sq(&t.data)).sum::<f64>().sqrt()
+    g.tensors
+        .iter()
+        .map(|t| crate::backend::cpu::sum_sq(&t.data))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Scale gradients so their global norm is at most `max_norm`; returns the norm before clipping.
@@ -51,7 +62,12 @@ pub fn clip_grad_norm<T: Real>(g: &mut ParamStore<T>, max_norm: f64) -> f64 {
 
 impl<T: Real> AdamW<T> {
     pub fn new(cfg: AdamWConfig, specs: &[ParamSpec]) -> Self {
-        AdamW { cfg, step: 0, m: ParamStore::zeros_like(specs), v: ParamStore::zeros_like(specs) }
+        AdamW {
+            cfg,
+            step: 0,
+            m: ParamStore::zeros_like(specs),
+            v: ParamStore::zeros_like(specs),
+        }
     }
 
     /// One step at learning rate `lr` (the schedule's value).

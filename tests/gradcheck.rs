@@ -2,7 +2,9 @@
 //! (position × granularity × sharing × combine × activation × input dependence) and every
 //! parameter tensor, plus the identities the paper relies on.
 
-use gated_lm::config::{GateActivation, GateCombine, GateConfig, GateGranularity, GatePosition, ModelConfig, NormStyle};
+use gated_lm::config::{
+    GateActivation, GateCombine, GateConfig, GateGranularity, GatePosition, ModelConfig, NormStyle,
+};
 use gated_lm::model::observer::NoObserver;
 use gated_lm::model::params::ParamStore;
 use gated_lm::model::{shifted_targets, Batch, Model};
@@ -48,7 +50,17 @@ fn jitter_norms(m: &mut Model<f64>, seed: u64) {
 
 fn loss(m: &Model<f64>, ids: &[u32]) -> f64 {
     let tg = shifted_targets(ids, T);
-    m.forward(&Batch { ids, targets: &tg, batch: B, seq: T }, &mut NoObserver).unwrap().loss
+    m.forward(
+        &Batch {
+            ids,
+            targets: &tg,
+            batch: B,
+            seq: T,
+        },
+        &mut NoObserver,
+    )
+    .unwrap()
+    .loss
 }
 
 /// Check `coords` coordinates of every parameter tensor; returns the worst relative error.
@@ -56,7 +68,17 @@ fn fd_check(m: &mut Model<f64>, coords: usize, what: &str) -> f64 {
     let ids = ids();
     let tg = shifted_targets(&ids, T);
     let mut g = m.zero_grads();
-    m.forward_backward(&Batch { ids: &ids, targets: &tg, batch: B, seq: T }, &mut g, &mut NoObserver).unwrap();
+    m.forward_backward(
+        &Batch {
+            ids: &ids,
+            targets: &tg,
+            batch: B,
+            seq: T,
+        },
+        &mut g,
+        &mut NoObserver,
+    )
+    .unwrap();
     let h = 1e-5;
     let mut worst: f64 = 0.0;
     for ti in 0..m.params.tensors.len() {
@@ -73,7 +95,12 @@ fn fd_check(m: &mut Model<f64>, coords: usize, what: &str) -> f64 {
             m.params.tensors[ti].data[j] = orig;
             let num = (lp - lm) / (2.0 * h);
             let err = (num - g.tensors[ti].data[j]).abs() / (1e-3 * gnorm / (n as f64).sqrt()).max(num.abs()).max(1e-6);
-            assert!(err < 1e-4, "{what}: {}[{j}] numeric {num:e} analytic {:e}", m.params.names[ti], g.tensors[ti].data[j]);
+            assert!(
+                err < 1e-4,
+                "{what}: {}[{j}] numeric {num:e} analytic {:e}",
+                m.params.names[ti],
+                g.tensors[ti].data[j]
+            );
             worst = worst.max(err);
         }
     }
@@ -82,13 +109,27 @@ fn fd_check(m: &mut Model<f64>, coords: usize, what: &str) -> f64 {
 
 fn all_gates() -> Vec<GateConfig> {
     let mut v = Vec::new();
-    for position in [GatePosition::G1, GatePosition::G2, GatePosition::G3, GatePosition::G4, GatePosition::G5] {
+    for position in [
+        GatePosition::G1,
+        GatePosition::G2,
+        GatePosition::G3,
+        GatePosition::G4,
+        GatePosition::G5,
+    ] {
         for granularity in [GateGranularity::Elementwise, GateGranularity::Headwise] {
             for head_shared in [false, true] {
                 for combine in [GateCombine::Multiplicative, GateCombine::Additive] {
                     for activation in [GateActivation::Sigmoid, GateActivation::Silu, GateActivation::NsSigmoid] {
                         for input_independent in [false, true] {
-                            v.push(GateConfig { position, granularity, head_shared, combine, activation, input_independent, init_std: Some(0.5) });
+                            v.push(GateConfig {
+                                position,
+                                granularity,
+                                head_shared,
+                                combine,
+                                activation,
+                                input_independent,
+                                init_std: Some(0.5),
+                            });
                         }
                     }
                 }
@@ -114,8 +155,18 @@ fn every_gate_variant_every_parameter() {
 fn model_options_zero_centred_partial_rope_tied() {
     for (style, partial, tied, gate) in [
         (NormStyle::Standard, 1.0, false, None),
-        (NormStyle::ZeroCentered, 0.5, false, Some(GateConfig::g1(GateGranularity::Elementwise))),
-        (NormStyle::Standard, 0.5, true, Some(GateConfig::g1(GateGranularity::Headwise))),
+        (
+            NormStyle::ZeroCentered,
+            0.5,
+            false,
+            Some(GateConfig::g1(GateGranularity::Elementwise)),
+        ),
+        (
+            NormStyle::Standard,
+            0.5,
+            true,
+            Some(GateConfig::g1(GateGranularity::Headwise)),
+        ),
         (NormStyle::ZeroCentered, 1.0, true, None),
     ] {
         let mut c = tiny_cfg(gate);
@@ -142,7 +193,17 @@ fn ungated_twin(gated: &Model<f64>) -> Model<f64> {
 fn logits(m: &Model<f64>) -> Vec<f64> {
     let ids = ids();
     let tg = shifted_targets(&ids, T);
-    m.forward(&Batch { ids: &ids, targets: &tg, batch: B, seq: T }, &mut NoObserver).unwrap().logits
+    m.forward(
+        &Batch {
+            ids: &ids,
+            targets: &tg,
+            batch: B,
+            seq: T,
+        },
+        &mut NoObserver,
+    )
+    .unwrap()
+    .logits
 }
 
 #[test]
@@ -189,7 +250,12 @@ fn f32_and_f64_engines_agree_and_runs_are_deterministic() {
     let m32: Model<f32> = Model::from_params(m.cfg.clone(), m.params.cast()).unwrap();
     let ids = ids();
     let tg = shifted_targets(&ids, T);
-    let b = Batch { ids: &ids, targets: &tg, batch: B, seq: T };
+    let b = Batch {
+        ids: &ids,
+        targets: &tg,
+        batch: B,
+        seq: T,
+    };
     let run = |m: &Model<f32>| {
         let mut g: ParamStore<f32> = m.zero_grads();
         let l = m.forward_backward(&b, &mut g, &mut NoObserver).unwrap();

@@ -78,13 +78,25 @@ fn check_train_step(step_dir: &str, model_dir: &str) {
     assert!((n - gn).abs() <= 1e-4 * gn, "grad_norm {n} vs {gn}");
     let mut grads = 0;
     let mut updated = 0;
-    for key in names.iter().filter(|k| k.starts_with("grad.") || k.starts_with("updated.")) {
+    for key in names
+        .iter()
+        .filter(|k| k.starts_with("grad.") || k.starts_with("updated."))
+    {
         let gt = g.f32(key).unwrap();
         if key.starts_with("grad.") {
             let (_, d) = ours(&out, key);
-            let diff: f32 = d.iter().zip(&gt.data).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+            let diff: f32 = d
+                .iter()
+                .zip(&gt.data)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+                .sqrt();
             let norm: f32 = gt.data.iter().map(|x| x * x).sum::<f32>().sqrt();
-            assert!(diff <= 1e-4 * norm.max(1e-12), "{step_dir}: {key} rel err {}", diff / norm);
+            assert!(
+                diff <= 1e-4 * norm.max(1e-12),
+                "{step_dir}: {key} rel err {}",
+                diff / norm
+            );
             grads += 1;
         } else if key.starts_with("updated.") {
             // AdamW's first step is lr·g/(|g|+eps): where |g| is within 100·eps of zero it is
@@ -94,7 +106,11 @@ fn check_train_step(step_dir: &str, model_dir: &str) {
             let gg = g.f32(&key.replacen("updated.", "grad.", 1)).unwrap().data;
             for (i, (a, b)) in d.iter().zip(&gt.data).enumerate() {
                 let err = (a - b).abs();
-                assert!(err <= 1e-5 || gg[i].abs() < 1e-6, "{step_dir}: {key}[{i}] err {err}, grad {}", gg[i]);
+                assert!(
+                    err <= 1e-5 || gg[i].abs() < 1e-6,
+                    "{step_dir}: {key}[{i}] err {err}, grad {}",
+                    gg[i]
+                );
             }
             updated += 1;
         }

@@ -15,12 +15,20 @@ impl<T> Mat<T> {
     /// Row-major view of `s` starting at `off` with row stride `ld`.
     pub fn rows(s: &[T], off: usize, ld: usize) -> Self {
         debug_assert!(off <= s.len());
-        Mat { ptr: s[off..].as_ptr(), rs: ld as isize, cs: 1 }
+        Mat {
+            ptr: s[off..].as_ptr(),
+            rs: ld as isize,
+            cs: 1,
+        }
     }
     /// Transposed view of a row-major matrix: (r, c) reads element (c, r).
     pub fn t(s: &[T], off: usize, ld: usize) -> Self {
         debug_assert!(off <= s.len());
-        Mat { ptr: s[off..].as_ptr(), rs: 1, cs: ld as isize }
+        Mat {
+            ptr: s[off..].as_ptr(),
+            rs: 1,
+            cs: ld as isize,
+        }
     }
 }
 
@@ -92,8 +100,25 @@ pub unsafe fn matmul_raw<T: Real>(
         _ => gemm::Parallelism::None,
     };
     gemm::gemm(
-        m, n, k, dst, 1, ldd as isize, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, T::ONE, alpha,
-        false, false, false, parallelism,
+        m,
+        n,
+        k,
+        dst,
+        1,
+        ldd as isize,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        T::ONE,
+        alpha,
+        false,
+        false,
+        false,
+        parallelism,
     );
 }
 
@@ -140,3 +165,73 @@ pub fn sum_sq<T: Real>(a: &[T]) -> f64 {
     parts.iter().sum()
 }
 
+/// Lanes of the split reductions below: fixed, so results are deterministic, and wide enough for
+/// LLVM to keep them in vector registers.
+const LANES: usize = 16;
+
+/// Sum with `LANES` independent accumulators (vectorises; a plain fold cannot be reordered).
+#[inline]
+pub fn sum_lanes<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    rem.iter().fold(acc.iter().fold(T::ZERO, |a, &b| a + b), |a, &b| a + b)
+}
+
+/// Dot product with split accumulators.
+#[inline]
+pub fn dot_lanes<T: Real>(x: &[T], y: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let (cx, cy) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let (rx, ry) = (cx.remainder(), cy.remainder());
+    for (a, b) in cx.zip(cy) {
+        for i in 0..LANES {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    rx.iter()
+        .zip(ry)
+        .fold(acc.iter().fold(T::ZERO, |a, &b| a + b), |a, (&p, &q)| a + p * q)
+}
+
+/// Maximum with split accumulators (`-inf` for an empty slice).
+#[inline]
+pub fn max_lanes<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    rem.iter()
+        .fold(acc.iter().fold(T::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b))
+}
+
+/// `row ← exp(row − max)` in place; returns (max, Σ exp). The caller normalises.
+#[inline]
+pub fn exp_shifted<T: Real>(row: &mut [T]) -> (T, T) {
+    let m = max_lanes(row);
+    for v in row.iter_mut() {
+        *v = (*v - m).exp();
+    }
+    (m, sum_lanes(row))
+}
+
+/// Keep freed activation buffers in the heap instead of returning them to the OS after every
+/// step: glibc otherwise mmaps each large Vec afresh and the page faults cost more than the
+/// elementwise work. Call once at start-up.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        // M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3 (glibc malloc.h)
+        libc::mallopt(-1, 1 << 30);
+        libc::mallopt(-3, 32 << 20);
+    }
+}

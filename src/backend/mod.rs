@@ -1,3 +1,4 @@
 //! Backend kernels. `cpu` is the reference backend (gemm + rayon); ops in `model::ops` call only
 //! these kernels for their heavy lifting, which is the seam a CUDA backend plugs into.
 pub mod cpu;
+pub mod profile;

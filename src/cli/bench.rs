@@ -1,6 +1,7 @@
 //! `gated-lm bench`: median time of full training steps on a preset, as one `RESULT {json}` line
 //! comparable with `shared/bench/torch_ref.py`.
 
+use crate::backend::profile;
 use crate::config::preset_with_gate;
 use crate::model::{Batch, Model};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -29,6 +30,9 @@ pub struct BenchArgs {
     pub batch: Option<usize>,
     #[arg(long)]
     pub seq: Option<usize>,
+    /// Print the time per section (forward/backward ops, optimizer) to stderr
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// (batch, seq) of a preset, as in torch_ref.py.
@@ -43,7 +47,10 @@ pub fn preset_shape(preset: &str) -> (usize, usize) {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(t) = a.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("cannot set thread count")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("cannot set thread count")?;
     }
     let cfg = preset_with_gate(&a.preset, &a.gate)?;
     let (pb, ps) = preset_shape(&a.preset);
@@ -51,22 +58,43 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let model0: Model<f32> = Model::new(cfg.clone(), 0)?;
     let mut model = model0;
     let mut grads = model.zero_grads();
-    let ocfg = AdamWConfig { lr: 3e-4, weight_decay: 0.1, ..Default::default() };
+    let ocfg = AdamWConfig {
+        lr: 3e-4,
+        weight_decay: 0.1,
+        ..Default::default()
+    };
     let mut opt = AdamW::new(ocfg, &model.specs);
     let mut rng = Rng::new(0);
+    profile::enable(a.profile);
     let mut times = Vec::new();
     let mut loss = 0.0;
     for step in 0..a.warmup + a.steps {
-        let data: Vec<u32> = (0..b * (t + 1)).map(|_| rng.below(cfg.vocab_size as u64) as u32).collect();
+        let data: Vec<u32> = (0..b * (t + 1))
+            .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+            .collect();
         let ids: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[..t].to_vec()).collect();
         let tg: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[1..].to_vec()).collect();
         let t0 = Instant::now();
         grads.fill_zero();
-        loss = model.forward_backward(&Batch { ids: &ids, targets: &tg, batch: b, seq: t }, &mut grads, &mut crate::model::observer::NoObserver)?;
+        loss = model.forward_backward(
+            &Batch {
+                ids: &ids,
+                targets: &tg,
+                batch: b,
+                seq: t,
+            },
+            &mut grads,
+            &mut crate::model::observer::NoObserver,
+        )?;
+        let t_opt = profile::scope("optimizer");
         clip_grad_norm(&mut grads, 1.0);
         opt.update(&mut model.params, &grads, &model.specs, 3e-4);
+        drop(t_opt);
         if step >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
+        }
+        if step + 1 == a.warmup {
+            profile::reset();
         }
     }
     times.sort_by(|x, y| x.total_cmp(y));
@@ -83,6 +111,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "gflops": (fpt * tok_s / 1e9 * 10.0).round() / 10.0, "loss": (loss * 1e4).round() / 1e4,
         "threads": rayon::current_num_threads(), "steps": a.steps,
     });
+    if a.profile {
+        let total: f64 = times.iter().sum();
+        for (name, secs, calls) in profile::snapshot() {
+            eprintln!(
+                "{name:>22} {:8.1} ms/step {:5.1}%  ({calls} calls)",
+                secs * 1e3 / a.steps as f64,
+                100.0 * secs / total
+            );
+        }
+    }
     println!("RESULT {res}");
     Ok(())
 }

@@ -31,10 +31,26 @@ pub fn read_hyperparams(path: &Path) -> Result<(AdamWConfig, f64)> {
     let f = path.display().to_string();
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {f}"))?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("{f}: not valid JSON"))?;
-    let num = |k: &str| -> Result<f64> { v.get(k).and_then(Value::as_f64).with_context(|| format!("{f}: '{k}' must be a number")) };
-    let betas = v.get("betas").and_then(Value::as_array).filter(|a| a.len() == 2).with_context(|| format!("{f}: 'betas' must be [b1, b2]"))?;
-    let beta = |i: usize| betas[i].as_f64().with_context(|| format!("{f}: betas[{i}] must be a number"));
-    let clip = v.get("max_grad_norm").or(v.get("clip")).and_then(Value::as_f64).unwrap_or(0.5);
+    let num = |k: &str| -> Result<f64> {
+        v.get(k)
+            .and_then(Value::as_f64)
+            .with_context(|| format!("{f}: '{k}' must be a number"))
+    };
+    let betas = v
+        .get("betas")
+        .and_then(Value::as_array)
+        .filter(|a| a.len() == 2)
+        .with_context(|| format!("{f}: 'betas' must be [b1, b2]"))?;
+    let beta = |i: usize| {
+        betas[i]
+            .as_f64()
+            .with_context(|| format!("{f}: betas[{i}] must be a number"))
+    };
+    let clip = v
+        .get("max_grad_norm")
+        .or(v.get("clip"))
+        .and_then(Value::as_f64)
+        .unwrap_or(0.5);
     let cfg = AdamWConfig {
         lr: num("lr")?,
         beta1: beta(0)?,
@@ -59,14 +75,24 @@ pub fn dump_tensors(model_dir: &Path, input_path: &Path, train_step: Option<&Pat
     let input = StFile::open(input_path)?;
     let (shape, ids) = input.ids("input_ids")?;
     if shape.len() != 2 || shape[0] == 0 || shape[1] < 2 {
-        bail!("{}: input_ids must be [batch, seq] with seq ≥ 2, got {shape:?}", input_path.display());
+        bail!(
+            "{}: input_ids must be [batch, seq] with seq ≥ 2, got {shape:?}",
+            input_path.display()
+        );
     }
     let (b, t) = (shape[0], shape[1]);
     let targets = shifted_targets(&ids, t);
-    let batch = Batch { ids: &ids, targets: &targets, batch: b, seq: t };
+    let batch = Batch {
+        ids: &ids,
+        targets: &targets,
+        batch: b,
+        seq: t,
+    };
     let cfg = model.cfg.clone();
     let mut rec = Recorder::default();
-    let fwd = model.forward(&batch, &mut rec).with_context(|| format!("{}", input_path.display()))?;
+    let fwd = model
+        .forward(&batch, &mut rec)
+        .with_context(|| format!("{}", input_path.display()))?;
     let mut out = TensorMap::new();
     out.insert("logits".into(), (vec![b, t, cfg.vocab_size], fwd.logits));
     out.insert("loss".into(), (vec![], vec![fwd.loss as f32]));

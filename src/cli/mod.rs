@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "gated-lm", version, about = "Train, analyze and run gated-attention language models")]
+#[command(
+    name = "gated-lm",
+    version,
+    about = "Train, analyze and run gated-attention language models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -41,7 +45,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let (m, from) = load_model(&model)?;
             let converted = crate::io::hf::convert(&m, layout)?;
             save_model(&out, &converted, Some(layout))?;
-            println!("converted {} ({from:?}) -> {} ({layout:?})", model.display(), out.display());
+            println!(
+                "converted {} ({from:?}) -> {} ({layout:?})",
+                model.display(),
+                out.display()
+            );
             Ok(())
         }
         Command::Bench(a) => bench::run(a),

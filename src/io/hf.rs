@@ -86,7 +86,10 @@ fn get_usize(v: &Value, key: &str, file: &str) -> Result<usize> {
 fn opt_f64(v: &Value, key: &str, file: &str) -> Result<Option<f64>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x.as_f64().map(Some).with_context(|| format!("{file}: '{key}' must be a number")),
+        Some(x) => x
+            .as_f64()
+            .map(Some)
+            .with_context(|| format!("{file}: '{key}' must be a number")),
     }
 }
 
@@ -144,7 +147,9 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
             bail!("{file}: rope_type '{t}' is not supported here (default only)");
         }
     }
-    let theta = opt_f64(&rp, "rope_theta", file)?.or(opt_f64(&v, "rope_theta", file)?).unwrap_or(10000.0);
+    let theta = opt_f64(&rp, "rope_theta", file)?
+        .or(opt_f64(&v, "rope_theta", file)?)
+        .unwrap_or(10000.0);
     let default_partial = if layout == Layout::Qwen3Next { 0.25 } else { 1.0 };
     let partial = opt_f64(&rp, "partial_rotary_factor", file)?
         .or(opt_f64(&v, "partial_rotary_factor", file)?)
@@ -171,12 +176,22 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
         Layout::Qwen3 => None,
         Layout::Qwen3Next => Some(GateConfig::g1(GateGranularity::Elementwise)),
         Layout::Official => {
-            let hw = v.get("headwise_attn_output_gate").and_then(Value::as_bool).unwrap_or(false);
-            let ew = v.get("elementwise_attn_output_gate").and_then(Value::as_bool).unwrap_or(false);
+            let hw = v
+                .get("headwise_attn_output_gate")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let ew = v
+                .get("elementwise_attn_output_gate")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
             if hw && ew {
                 bail!("{file}: both headwise_attn_output_gate and elementwise_attn_output_gate are set");
             }
-            Some(GateConfig::g1(if hw { GateGranularity::Headwise } else { GateGranularity::Elementwise }))
+            Some(GateConfig::g1(if hw {
+                GateGranularity::Headwise
+            } else {
+                GateGranularity::Elementwise
+            }))
         }
         Layout::GatedLm => unreachable!(),
     };
@@ -193,7 +208,10 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
         partial_rotary_factor: partial,
         norm_style: layout.norm_style_for_load(),
         tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-        max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(32768) as usize,
+        max_position_embeddings: v
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .unwrap_or(32768) as usize,
         init_std: opt_f64(&v, "initializer_range", file)?.unwrap_or(0.02),
         gate,
     };
@@ -237,10 +255,16 @@ pub fn config_json(cfg: &ModelConfig, layout: Layout) -> Result<Value> {
         Layout::Qwen3 => {
             o.insert("architectures".into(), json!(["Qwen3ForCausalLM"]));
             o.insert("model_type".into(), json!("qwen3"));
-            o.insert("rope_parameters".into(), json!({"rope_type": "default", "rope_theta": cfg.rope_theta}));
+            o.insert(
+                "rope_parameters".into(),
+                json!({"rope_type": "default", "rope_theta": cfg.rope_theta}),
+            );
         }
         Layout::Official => {
-            let hw = cfg.gate.as_ref().is_some_and(|g| g.granularity == GateGranularity::Headwise);
+            let hw = cfg
+                .gate
+                .as_ref()
+                .is_some_and(|g| g.granularity == GateGranularity::Headwise);
             o.insert("architectures".into(), json!(["Qwen3ForCausalLM"]));
             o.insert("model_type".into(), json!("qwen3"));
             o.insert("headwise_attn_output_gate".into(), json!(hw));
@@ -272,14 +296,20 @@ pub fn config_json(cfg: &ModelConfig, layout: Layout) -> Result<Value> {
 /// Row blocks of the merged `q_proj` in `layout`, as (take from q?, start row, rows) runs.
 fn q_runs(cfg: &ModelConfig, layout: Layout) -> Vec<(bool, usize, usize)> {
     let d = cfg.head_dim;
-    let Some(geo) = cfg.gate_geometry() else { return vec![(true, 0, cfg.q_dim())] };
+    let Some(geo) = cfg.gate_geometry() else {
+        return vec![(true, 0, cfg.q_dim())];
+    };
     let pw = geo.per_head;
     match layout {
         Layout::Official => {
             let g = cfg.num_heads / cfg.num_kv_heads;
-            (0..cfg.num_kv_heads).flat_map(|k| [(true, k * g * d, g * d), (false, k * g * pw, g * pw)]).collect()
+            (0..cfg.num_kv_heads)
+                .flat_map(|k| [(true, k * g * d, g * d), (false, k * g * pw, g * pw)])
+                .collect()
         }
-        Layout::Qwen3Next => (0..cfg.num_heads).flat_map(|h| [(true, h * d, d), (false, h * pw, pw)]).collect(),
+        Layout::Qwen3Next => (0..cfg.num_heads)
+            .flat_map(|h| [(true, h * d, d), (false, h * pw, pw)])
+            .collect(),
         _ => vec![(true, 0, cfg.q_dim())],
     }
 }
@@ -327,7 +357,11 @@ pub fn to_layout(cfg: &ModelConfig, layout: Layout, store: &ParamStore<f32>, is_
 }
 
 /// Inverse of `to_layout` for weights read from a file (any lookup by HF name).
-pub fn from_layout(cfg: &ModelConfig, layout: Layout, get: &dyn Fn(&str) -> Result<F32Tensor>) -> Result<ParamStore<f32>> {
+pub fn from_layout(
+    cfg: &ModelConfig,
+    layout: Layout,
+    get: &dyn Fn(&str) -> Result<F32Tensor>,
+) -> Result<ParamStore<f32>> {
     let (specs, index) = param_specs(cfg);
     let shift = -norm_shift(cfg, layout);
     let mut store = ParamStore::<f32>::zeros_like(&specs);
@@ -335,7 +369,11 @@ pub fn from_layout(cfg: &ModelConfig, layout: Layout, get: &dyn Fn(&str) -> Resu
     let gate_ids: Vec<usize> = index.layers.iter().filter_map(|l| l.gate).collect();
     let expect = |name: &str, t: &F32Tensor, shape: &[usize]| -> Result<()> {
         if t.shape != shape {
-            bail!("tensor '{name}' has shape {:?}, the config implies {:?}", t.shape, shape);
+            bail!(
+                "tensor '{name}' has shape {:?}, the config implies {:?}",
+                t.shape,
+                shape
+            );
         }
         Ok(())
     };
@@ -378,8 +416,14 @@ pub fn load_model(dir: &Path) -> Result<(Model<f32>, Layout)> {
     let wpath = dir.join("model.safetensors");
     let st = StFile::open(&wpath)?;
     let wname = wpath.display().to_string();
-    let store = from_layout(&cfg, layout, &|n| st.f32(n)).with_context(|| format!("{wname}: weights do not match {}", cpath.display()))?;
-    if let Some(bad) = store.tensors.iter().zip(&store.names).find(|(t, _)| t.data.iter().any(|x| !x.is_finite())) {
+    let store = from_layout(&cfg, layout, &|n| st.f32(n))
+        .with_context(|| format!("{wname}: weights do not match {}", cpath.display()))?;
+    if let Some(bad) = store
+        .tensors
+        .iter()
+        .zip(&store.names)
+        .find(|(t, _)| t.data.iter().any(|x| !x.is_finite()))
+    {
         bail!("{wname}: tensor '{}' contains NaN or Inf", bad.1);
     }
     Ok((Model::from_params(cfg, store)?, layout))
@@ -392,7 +436,10 @@ pub fn save_model(dir: &Path, model: &Model<f32>, layout: Option<Layout>) -> Res
     let tensors = to_layout(&model.cfg, layout, &model.params, false)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     super::st::write_f32(&dir.join("model.safetensors"), &tensors)?;
-    super::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg_json)?.as_bytes())?;
+    super::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg_json)?.as_bytes(),
+    )?;
     Ok(layout)
 }
 
@@ -410,7 +457,10 @@ pub fn convert(model: &Model<f32>, layout: Layout) -> Result<Model<f32>> {
     let cfg = config_for_layout(&model.cfg, layout);
     let store = from_layout(&cfg, layout, &|n| {
         let (s, d) = tensors.get(n).with_context(|| format!("missing {n}"))?;
-        Ok(F32Tensor { shape: s.clone(), data: d.clone() })
+        Ok(F32Tensor {
+            shape: s.clone(),
+            data: d.clone(),
+        })
     })?;
     Model::from_params(cfg, store)
 }

@@ -23,7 +23,10 @@ impl StFile {
         let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: read-only mapping; we only read through it while `self` lives.
         let mmap = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let me = StFile { path: path.display().to_string(), mmap };
+        let me = StFile {
+            path: path.display().to_string(),
+            mmap,
+        };
         me.parse()?;
         Ok(me)
     }
@@ -45,29 +48,66 @@ impl StFile {
     /// Read a floating-point tensor as f32.
     pub fn f32(&self, name: &str) -> Result<F32Tensor> {
         let st = self.parse()?;
-        let t = st.tensor(name).with_context(|| format!("{}: no tensor named '{name}'", self.path))?;
+        let t = st
+            .tensor(name)
+            .with_context(|| format!("{}: no tensor named '{name}'", self.path))?;
         let b = t.data();
         let data: Vec<f32> = match t.dtype() {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            other => bail!("{}: tensor '{name}' has dtype {other:?}; expected F32, F16, BF16 or F64", self.path),
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            other => bail!(
+                "{}: tensor '{name}' has dtype {other:?}; expected F32, F16, BF16 or F64",
+                self.path
+            ),
         };
-        Ok(F32Tensor { shape: t.shape().to_vec(), data })
+        Ok(F32Tensor {
+            shape: t.shape().to_vec(),
+            data,
+        })
     }
 
     /// Read an integer tensor (token ids) as u32, rejecting negative or oversized values.
     pub fn ids(&self, name: &str) -> Result<(Vec<usize>, Vec<u32>)> {
         let st = self.parse()?;
-        let t = st.tensor(name).with_context(|| format!("{}: no tensor named '{name}'", self.path))?;
+        let t = st
+            .tensor(name)
+            .with_context(|| format!("{}: no tensor named '{name}'", self.path))?;
         let b = t.data();
         let wide: Vec<i128> = match t.dtype() {
-            Dtype::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i128).collect(),
-            Dtype::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i128).collect(),
-            Dtype::U32 => b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i128).collect(),
-            Dtype::U16 => b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as i128).collect(),
-            other => bail!("{}: tensor '{name}' has dtype {other:?}; expected an integer type", self.path),
+            Dtype::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i128)
+                .collect(),
+            Dtype::I32 => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i128)
+                .collect(),
+            Dtype::U32 => b
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i128)
+                .collect(),
+            Dtype::U16 => b
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as i128)
+                .collect(),
+            other => bail!(
+                "{}: tensor '{name}' has dtype {other:?}; expected an integer type",
+                self.path
+            ),
         };
         let ids = wide
             .iter()
@@ -82,14 +122,22 @@ impl StFile {
 pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Serialise f32 tensors to safetensors bytes (with optional metadata).
-pub fn serialize_f32(tensors: &TensorMap, metadata: Option<std::collections::HashMap<String, String>>) -> Result<Vec<u8>> {
+pub fn serialize_f32(
+    tensors: &TensorMap,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, (s, d))| (n.clone(), s.clone(), d.iter().flat_map(|x| x.to_le_bytes()).collect()))
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
-        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .map(|(n, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
     Ok(safetensors::serialize(views, metadata)?)
 }

@@ -10,6 +10,7 @@ use super::ops::rope::{rope_apply, RopeTable};
 use super::ops::swiglu::{swiglu_bwd, swiglu_fwd};
 use super::params::{LayerIndex, ParamStore};
 use crate::backend::cpu::add_assign;
+use crate::backend::profile::scope;
 use crate::config::{GateConfig, GateGeometry, GatePosition, ModelConfig};
 use crate::real::Real;
 
@@ -100,11 +101,20 @@ pub fn layer_fwd<T: Real>(
 
     let mut h1 = zeros(n * dm);
     let mut rstd1 = zeros(n);
-    rmsnorm_fwd(x, w(li.input_norm), cfg.norm_style, cfg.rms_norm_eps, &mut h1, &mut rstd1);
+    let mut _t = scope("fwd.norm");
+    rmsnorm_fwd(
+        x,
+        w(li.input_norm),
+        cfg.norm_style,
+        cfg.rms_norm_eps,
+        &mut h1,
+        &mut rstd1,
+    );
 
     let mut q = zeros(n * qd);
     let mut k = zeros(n * kvd);
     let mut v = zeros(n * kvd);
+    _t = scope("fwd.qkv");
     linear_fwd(&h1, w(li.q_proj), n, dm, qd, &mut q);
     linear_fwd(&h1, w(li.k_proj), n, dm, kvd, &mut k);
     linear_fwd(&h1, w(li.v_proj), n, dm, kvd, &mut v);
@@ -123,6 +133,7 @@ pub fn layer_fwd<T: Real>(
             obs.gate_scores(layer, &gate_scores(g.activation, &z), &geo);
         }
     }
+    _t = scope("fwd.gate");
     let q_ungated = gate_here(ctx, GatePosition::G4, &mut q, &z);
     let k_ungated = gate_here(ctx, GatePosition::G3, &mut k, &z);
     let v_ungated = gate_here(ctx, GatePosition::G2, &mut v, &z);
@@ -131,11 +142,13 @@ pub fn layer_fwd<T: Real>(
     let mut kr = zeros(n * kvd);
     let mut rstd_q = zeros(n * cfg.num_heads);
     let mut rstd_k = zeros(n * cfg.num_kv_heads);
+    _t = scope("fwd.qknorm_rope");
     rmsnorm_fwd(&q, w(li.q_norm), cfg.norm_style, cfg.rms_norm_eps, &mut qr, &mut rstd_q);
     rmsnorm_fwd(&k, w(li.k_norm), cfg.norm_style, cfg.rms_norm_eps, &mut kr, &mut rstd_k);
     rope_apply(ctx.rope, &mut qr, cfg.num_heads, hd, ctx.seq, 0, false);
     rope_apply(ctx.rope, &mut kr, cfg.num_kv_heads, hd, ctx.seq, 0, false);
 
+    _t = scope("fwd.attention");
     let sh = ctx.attn_shape();
     let mut o = zeros(n * qd);
     let mut lse = zeros(ctx.batch * cfg.num_heads * ctx.seq);
@@ -147,6 +160,7 @@ pub fn layer_fwd<T: Real>(
         attention_fwd(sh, &qr, &kr, &v, &mut o, &mut lse, None);
     }
 
+    _t = scope("fwd.o_proj");
     let o_sdpa = o.clone();
     let o_gated = gate_here(ctx, GatePosition::G1, &mut o, &z).map(|_| o);
     let o_in = o_gated.as_ref().unwrap_or(&o_sdpa);
@@ -154,18 +168,29 @@ pub fn layer_fwd<T: Real>(
     linear_fwd(o_in, w(li.o_proj), n, qd, dm, &mut a);
     let a_ungated = gate_here(ctx, GatePosition::G5, &mut a, &z);
 
+    _t = scope("fwd.norm");
     let mut x1 = x.to_vec();
     add_assign(&mut x1, &a);
     let mut h2 = zeros(n * dm);
     let mut rstd2 = zeros(n);
-    rmsnorm_fwd(&x1, w(li.post_norm), cfg.norm_style, cfg.rms_norm_eps, &mut h2, &mut rstd2);
+    rmsnorm_fwd(
+        &x1,
+        w(li.post_norm),
+        cfg.norm_style,
+        cfg.rms_norm_eps,
+        &mut h2,
+        &mut rstd2,
+    );
     let mut mg = zeros(n * ff);
     let mut mu = zeros(n * ff);
+    _t = scope("fwd.mlp");
     linear_fwd(&h2, w(li.mlp_gate), n, dm, ff, &mut mg);
     linear_fwd(&h2, w(li.mlp_up), n, dm, ff, &mut mu);
     let mut m = zeros(n * ff);
+    _t = scope("fwd.swiglu");
     swiglu_fwd(&mg, &mu, &mut m);
     let mut y = zeros(n * dm);
+    _t = scope("fwd.mlp");
     linear_fwd(&m, w(li.mlp_down), n, ff, dm, &mut y);
     let mut out = x1.clone();
     add_assign(&mut out, &y);
@@ -226,48 +251,172 @@ pub fn layer_bwd<T: Real>(
     let w = |i: usize| &p.tensors[i].data[..];
 
     // MLP: out = x1 + down(swiglu(gate(h2), up(h2)))
+    let mut _t = scope("bwd.mlp");
     let mut dm_ = zeros(n * ff);
-    linear_bwd(&c.m, w(li.mlp_down), dx, n, ff, dm, Some((&mut dm_, false)), &mut grads.tensors[li.mlp_down].data);
+    linear_bwd(
+        &c.m,
+        w(li.mlp_down),
+        dx,
+        n,
+        ff,
+        dm,
+        Some((&mut dm_, false)),
+        &mut grads.tensors[li.mlp_down].data,
+    );
     let mut dg = zeros(n * ff);
     let mut du = zeros(n * ff);
+    _t = scope("bwd.swiglu");
     swiglu_bwd(&c.mg, &c.mu, &dm_, &mut dg, &mut du);
     drop(dm_);
+    _t = scope("bwd.mlp");
     let mut dh2 = zeros(n * dm);
-    linear_bwd(&c.h2, w(li.mlp_gate), &dg, n, dm, ff, Some((&mut dh2, false)), &mut grads.tensors[li.mlp_gate].data);
-    linear_bwd(&c.h2, w(li.mlp_up), &du, n, dm, ff, Some((&mut dh2, true)), &mut grads.tensors[li.mlp_up].data);
+    linear_bwd(
+        &c.h2,
+        w(li.mlp_gate),
+        &dg,
+        n,
+        dm,
+        ff,
+        Some((&mut dh2, false)),
+        &mut grads.tensors[li.mlp_gate].data,
+    );
+    linear_bwd(
+        &c.h2,
+        w(li.mlp_up),
+        &du,
+        n,
+        dm,
+        ff,
+        Some((&mut dh2, true)),
+        &mut grads.tensors[li.mlp_up].data,
+    );
     // dx now plays the role of d(x1): residual path plus the norm's contribution.
-    rmsnorm_bwd(&c.x1, w(li.post_norm), style, &c.rstd2, &dh2, dx, true, &mut grads.tensors[li.post_norm].data);
+    _t = scope("bwd.norm");
+    rmsnorm_bwd(
+        &c.x1,
+        w(li.post_norm),
+        style,
+        &c.rstd2,
+        &dh2,
+        dx,
+        true,
+        &mut grads.tensors[li.post_norm].data,
+    );
 
     // Attention: x1 = x + gate5(o_proj(gate1(sdpa(...))))
+    _t = scope("bwd.o_proj_gate");
     let mut dz = zeros(c.z.len());
     let mut da = dx.to_vec();
     gate_back(ctx, GatePosition::G5, c.a_ungated.as_deref(), &c.z, &mut da, &mut dz);
     let o_in = c.o_gated.as_ref().unwrap_or(&c.o_sdpa);
     let mut d_o = zeros(n * qd);
-    linear_bwd(o_in, w(li.o_proj), &da, n, qd, dm, Some((&mut d_o, false)), &mut grads.tensors[li.o_proj].data);
+    linear_bwd(
+        o_in,
+        w(li.o_proj),
+        &da,
+        n,
+        qd,
+        dm,
+        Some((&mut d_o, false)),
+        &mut grads.tensors[li.o_proj].data,
+    );
     drop(da);
     let g1_pre = c.o_gated.as_ref().map(|_| &c.o_sdpa[..]);
     gate_back(ctx, GatePosition::G1, g1_pre, &c.z, &mut d_o, &mut dz);
 
+    _t = scope("bwd.attention");
     let mut dq = zeros(n * qd);
     let mut dk = zeros(n * kvd);
     let mut dv = zeros(n * kvd);
-    attention_bwd(ctx.attn_shape(), &c.qr, &c.kr, &c.v, &c.o_sdpa, &c.lse, &d_o, &mut dq, &mut dk, &mut dv);
+    attention_bwd(
+        ctx.attn_shape(),
+        &c.qr,
+        &c.kr,
+        &c.v,
+        &c.o_sdpa,
+        &c.lse,
+        &d_o,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    );
     drop(d_o);
+    _t = scope("bwd.qknorm_rope");
     rope_apply(ctx.rope, &mut dq, cfg.num_heads, hd, ctx.seq, 0, true);
     rope_apply(ctx.rope, &mut dk, cfg.num_kv_heads, hd, ctx.seq, 0, true);
     let mut dq_pre = zeros(n * qd);
     let mut dk_pre = zeros(n * kvd);
-    rmsnorm_bwd(&c.q_pre, w(li.q_norm), style, &c.rstd_q, &dq, &mut dq_pre, false, &mut grads.tensors[li.q_norm].data);
-    rmsnorm_bwd(&c.k_pre, w(li.k_norm), style, &c.rstd_k, &dk, &mut dk_pre, false, &mut grads.tensors[li.k_norm].data);
-    gate_back(ctx, GatePosition::G4, c.q_ungated.as_deref(), &c.z, &mut dq_pre, &mut dz);
-    gate_back(ctx, GatePosition::G3, c.k_ungated.as_deref(), &c.z, &mut dk_pre, &mut dz);
+    rmsnorm_bwd(
+        &c.q_pre,
+        w(li.q_norm),
+        style,
+        &c.rstd_q,
+        &dq,
+        &mut dq_pre,
+        false,
+        &mut grads.tensors[li.q_norm].data,
+    );
+    rmsnorm_bwd(
+        &c.k_pre,
+        w(li.k_norm),
+        style,
+        &c.rstd_k,
+        &dk,
+        &mut dk_pre,
+        false,
+        &mut grads.tensors[li.k_norm].data,
+    );
+    _t = scope("bwd.gate");
+    gate_back(
+        ctx,
+        GatePosition::G4,
+        c.q_ungated.as_deref(),
+        &c.z,
+        &mut dq_pre,
+        &mut dz,
+    );
+    gate_back(
+        ctx,
+        GatePosition::G3,
+        c.k_ungated.as_deref(),
+        &c.z,
+        &mut dk_pre,
+        &mut dz,
+    );
     gate_back(ctx, GatePosition::G2, c.v_ungated.as_deref(), &c.z, &mut dv, &mut dz);
 
+    _t = scope("bwd.qkv");
     let mut dh1 = zeros(n * dm);
-    linear_bwd(&c.h1, w(li.q_proj), &dq_pre, n, dm, qd, Some((&mut dh1, false)), &mut grads.tensors[li.q_proj].data);
-    linear_bwd(&c.h1, w(li.k_proj), &dk_pre, n, dm, kvd, Some((&mut dh1, true)), &mut grads.tensors[li.k_proj].data);
-    linear_bwd(&c.h1, w(li.v_proj), &dv, n, dm, kvd, Some((&mut dh1, true)), &mut grads.tensors[li.v_proj].data);
+    linear_bwd(
+        &c.h1,
+        w(li.q_proj),
+        &dq_pre,
+        n,
+        dm,
+        qd,
+        Some((&mut dh1, false)),
+        &mut grads.tensors[li.q_proj].data,
+    );
+    linear_bwd(
+        &c.h1,
+        w(li.k_proj),
+        &dk_pre,
+        n,
+        dm,
+        kvd,
+        Some((&mut dh1, true)),
+        &mut grads.tensors[li.k_proj].data,
+    );
+    linear_bwd(
+        &c.h1,
+        w(li.v_proj),
+        &dv,
+        n,
+        dm,
+        kvd,
+        Some((&mut dh1, true)),
+        &mut grads.tensors[li.v_proj].data,
+    );
     if let (Some((g, geo)), Some(gi)) = (ctx.gate(), li.gate) {
         if g.input_independent {
             let gd = &mut grads.tensors[gi].data;
@@ -275,8 +424,27 @@ pub fn layer_bwd<T: Real>(
                 gd.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
             }
         } else {
-            linear_bwd(&c.h1, w(gi), &dz, n, dm, geo.scores(), Some((&mut dh1, true)), &mut grads.tensors[gi].data);
+            linear_bwd(
+                &c.h1,
+                w(gi),
+                &dz,
+                n,
+                dm,
+                geo.scores(),
+                Some((&mut dh1, true)),
+                &mut grads.tensors[gi].data,
+            );
         }
     }
-    rmsnorm_bwd(x, w(li.input_norm), style, &c.rstd1, &dh1, dx, true, &mut grads.tensors[li.input_norm].data);
+    _t = scope("bwd.norm");
+    rmsnorm_bwd(
+        x,
+        w(li.input_norm),
+        style,
+        &c.rstd1,
+        &dh1,
+        dx,
+        true,
+        &mut grads.tensors[li.input_norm].data,
+    );
 }

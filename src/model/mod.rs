@@ -6,17 +6,21 @@ pub mod observer;
 pub mod ops;
 pub mod params;
 
+use crate::backend::profile::scope;
 use crate::config::ModelConfig;
 use crate::real::Real;
 use anyhow::{bail, Result};
 use layer::{layer_bwd, layer_fwd, Ctx};
 use observer::Observer;
-use ops::cross_entropy::{cross_entropy, IGNORE};
+use ops::cross_entropy::{cross_entropy, cross_entropy_sum, target_count, IGNORE};
 use ops::embedding::{embedding_bwd, embedding_fwd};
 use ops::linear::{linear_bwd, linear_fwd};
 use ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use ops::rope::RopeTable;
 use params::{init_params, param_specs, ParamIndex, ParamSpec, ParamStore};
+
+/// Logit elements per chunk of the fused LM-head/loss backward (16 MB of f32: fits in L3).
+const HEAD_CHUNK_ELEMS: usize = 4 << 20;
 
 /// Token ids `[batch, seq]` and next-token targets (same shape; `IGNORE` where there is none).
 pub struct Batch<'a> {
@@ -65,15 +69,34 @@ impl<T: Real> Model<T> {
         cfg.validate()?;
         let (specs, index) = param_specs(&cfg);
         if specs.len() != params.tensors.len() {
-            bail!("expected {} parameter tensors for this config, got {}", specs.len(), params.tensors.len());
+            bail!(
+                "expected {} parameter tensors for this config, got {}",
+                specs.len(),
+                params.tensors.len()
+            );
         }
         for (s, (n, t)) in specs.iter().zip(params.names.iter().zip(&params.tensors)) {
             if &s.name != n || s.shape != t.shape || t.data.len() != t.shape.iter().product::<usize>() {
-                bail!("parameter {n} {:?} does not match the config's {} {:?}", t.shape, s.name, s.shape);
+                bail!(
+                    "parameter {n} {:?} does not match the config's {} {:?}",
+                    t.shape,
+                    s.name,
+                    s.shape
+                );
             }
         }
-        let rope = RopeTable::new(cfg.rope_theta, cfg.rotary_dim(), cfg.max_position_embeddings.clamp(1, 1 << 16));
-        Ok(Model { cfg, specs, index, params, rope })
+        let rope = RopeTable::new(
+            cfg.rope_theta,
+            cfg.rotary_dim(),
+            cfg.max_position_embeddings.clamp(1, 1 << 16),
+        );
+        Ok(Model {
+            cfg,
+            specs,
+            index,
+            params,
+            rope,
+        })
     }
 
     pub fn zero_grads(&self) -> ParamStore<T> {
@@ -83,7 +106,13 @@ impl<T: Real> Model<T> {
     fn check_batch(&self, b: &Batch) -> Result<()> {
         let n = b.batch * b.seq;
         if n == 0 || b.ids.len() != n || b.targets.len() != n {
-            bail!("batch shape mismatch: {} ids, {} targets for {}×{}", b.ids.len(), b.targets.len(), b.batch, b.seq);
+            bail!(
+                "batch shape mismatch: {} ids, {} targets for {}×{}",
+                b.ids.len(),
+                b.targets.len(),
+                b.batch,
+                b.seq
+            );
         }
         let v = self.cfg.vocab_size as u32;
         if let Some(&bad) = b.ids.iter().find(|&&i| i >= v) {
@@ -110,12 +139,19 @@ impl<T: Real> Model<T> {
             long_rope = RopeTable::new(cfg.rope_theta, cfg.rotary_dim(), b.seq);
             &long_rope
         };
-        let ctx = Ctx { cfg, rope, batch: b.batch, seq: b.seq };
+        let ctx = Ctx {
+            cfg,
+            rope,
+            batch: b.batch,
+            seq: b.seq,
+        };
         let p = &self.params;
         let train = grads.is_some();
 
+        let mut _t = scope("embedding");
         let mut x = vec![T::ZERO; n * dm];
         embedding_fwd(&p.tensors[self.index.embed].data, dm, b.ids, &mut x);
+        drop(_t);
         let mut inputs = Vec::new();
         let mut caches = Vec::new();
         for (l, li) in self.index.layers.iter().enumerate() {
@@ -127,31 +163,71 @@ impl<T: Real> Model<T> {
                 caches.push(cache);
             }
         }
+        _t = scope("head.fwd");
         let mut hf = vec![T::ZERO; n * dm];
         let mut rstd = vec![T::ZERO; n];
         let wn = &p.tensors[self.index.norm].data;
         rmsnorm_fwd(&x, wn, cfg.norm_style, cfg.rms_norm_eps, &mut hf, &mut rstd);
-        let mut logits = vec![T::ZERO; n * vocab];
-        linear_fwd(&hf, self.lm_head(), n, dm, vocab, &mut logits);
-
         let Some(grads) = grads else {
-            let loss = cross_entropy(&mut logits.clone(), vocab, b.targets, false);
+            let mut logits = vec![T::ZERO; n * vocab];
+            linear_fwd(&hf, self.lm_head(), n, dm, vocab, &mut logits);
+            let loss = cross_entropy(&mut logits, vocab, b.targets, false);
             return Ok(Forward { logits, loss });
         };
-        // Training: logits become d(loss)/d(logits) in place.
-        let loss = cross_entropy(&mut logits, vocab, b.targets, true);
+        // Training: LM head, loss and their backward fused over row chunks, so each chunk of
+        // logits stays in cache instead of making four trips through memory.
+        _t = scope("head");
         let head = self.index.lm_head.unwrap_or(self.index.embed);
+        let count = target_count(b.targets);
+        let rows = (HEAD_CHUNK_ELEMS / vocab).clamp(1, n);
+        let mut chunk = vec![T::ZERO; rows * vocab];
         let mut dhf = vec![T::ZERO; n * dm];
-        linear_bwd(&hf, self.lm_head(), &logits, n, dm, vocab, Some((&mut dhf, false)), &mut grads.tensors[head].data);
-        drop(logits);
+        let mut loss_sum = 0.0;
+        for r0 in (0..n).step_by(rows) {
+            let r = rows.min(n - r0);
+            let (h, lg) = (&hf[r0 * dm..(r0 + r) * dm], &mut chunk[..r * vocab]);
+            linear_fwd(h, self.lm_head(), r, dm, vocab, lg);
+            if count > 0 {
+                loss_sum += cross_entropy_sum(lg, vocab, &b.targets[r0..r0 + r], true, count);
+            } else {
+                lg.fill(T::ZERO);
+            }
+            let dh = &mut dhf[r0 * dm..(r0 + r) * dm];
+            linear_bwd(
+                h,
+                self.lm_head(),
+                lg,
+                r,
+                dm,
+                vocab,
+                Some((dh, false)),
+                &mut grads.tensors[head].data,
+            );
+        }
+        drop(chunk);
+        let loss = if count > 0 { loss_sum / count as f64 } else { 0.0 };
         let mut dx = vec![T::ZERO; n * dm];
-        rmsnorm_bwd(&x, wn, cfg.norm_style, &rstd, &dhf, &mut dx, false, &mut grads.tensors[self.index.norm].data);
+        rmsnorm_bwd(
+            &x,
+            wn,
+            cfg.norm_style,
+            &rstd,
+            &dhf,
+            &mut dx,
+            false,
+            &mut grads.tensors[self.index.norm].data,
+        );
+        drop(_t);
         for (l, li) in self.index.layers.iter().enumerate().rev() {
             let cache = caches.pop().expect("one cache per layer");
             layer_bwd(&ctx, p, li, &inputs[l], &cache, &mut dx, grads);
         }
+        _t = scope("embedding");
         embedding_bwd(&mut grads.tensors[self.index.embed].data, dm, b.ids, &dx);
-        Ok(Forward { logits: Vec::new(), loss })
+        Ok(Forward {
+            logits: Vec::new(),
+            loss,
+        })
     }
 
     /// Inference forward: logits and loss, with observers.

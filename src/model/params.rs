@@ -14,7 +14,10 @@ pub struct Tensor<T> {
 
 impl<T: Real> Tensor<T> {
     pub fn zeros(shape: &[usize]) -> Self {
-        Tensor { shape: shape.to_vec(), data: vec![T::ZERO; shape.iter().product()] }
+        Tensor {
+            shape: shape.to_vec(),
+            data: vec![T::ZERO; shape.iter().product()],
+        }
     }
     pub fn numel(&self) -> usize {
         self.data.len()
@@ -114,7 +117,12 @@ impl<T: Real> ParamStore<T> {
 pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
     let mut specs = Vec::new();
     let mut push = |name: String, shape: Vec<usize>, init: Init, kind: ParamKind| {
-        specs.push(ParamSpec { name, shape, init, kind });
+        specs.push(ParamSpec {
+            name,
+            shape,
+            init,
+            kind,
+        });
         specs.len() - 1
     };
     let std = cfg.init_std;
@@ -132,28 +140,93 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
     let mut layers = Vec::new();
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}.");
-        let input_norm = push(format!("{p}input_layernorm.weight"), vec![d], norm_init, ParamKind::Norm);
-        let q_proj = push(format!("{p}self_attn.q_proj.weight"), vec![cfg.q_dim(), d], Init::Normal(std), ParamKind::Matrix);
-        let k_proj = push(format!("{p}self_attn.k_proj.weight"), vec![cfg.kv_dim(), d], Init::Normal(std), ParamKind::Matrix);
-        let v_proj = push(format!("{p}self_attn.v_proj.weight"), vec![cfg.kv_dim(), d], Init::Normal(std), ParamKind::Matrix);
-        let o_proj = push(format!("{p}self_attn.o_proj.weight"), vec![d, cfg.q_dim()], Init::Normal(std), ParamKind::Matrix);
-        let q_norm = push(format!("{p}self_attn.q_norm.weight"), vec![cfg.head_dim], norm_init, ParamKind::Norm);
-        let k_norm = push(format!("{p}self_attn.k_norm.weight"), vec![cfg.head_dim], norm_init, ParamKind::Norm);
+        let input_norm = push(
+            format!("{p}input_layernorm.weight"),
+            vec![d],
+            norm_init,
+            ParamKind::Norm,
+        );
+        let q_proj = push(
+            format!("{p}self_attn.q_proj.weight"),
+            vec![cfg.q_dim(), d],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        );
+        let k_proj = push(
+            format!("{p}self_attn.k_proj.weight"),
+            vec![cfg.kv_dim(), d],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        );
+        let v_proj = push(
+            format!("{p}self_attn.v_proj.weight"),
+            vec![cfg.kv_dim(), d],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        );
+        let o_proj = push(
+            format!("{p}self_attn.o_proj.weight"),
+            vec![d, cfg.q_dim()],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        );
+        let q_norm = push(
+            format!("{p}self_attn.q_norm.weight"),
+            vec![cfg.head_dim],
+            norm_init,
+            ParamKind::Norm,
+        );
+        let k_norm = push(
+            format!("{p}self_attn.k_norm.weight"),
+            vec![cfg.head_dim],
+            norm_init,
+            ParamKind::Norm,
+        );
         let gate = match (&cfg.gate, cfg.gate_geometry()) {
             (Some(g), Some(geo)) => {
                 let gstd = g.init_std.unwrap_or(std);
                 Some(if g.input_independent {
-                    push(format!("{p}self_attn.gate_logits"), vec![geo.scores()], Init::Normal(gstd), ParamKind::Gate)
+                    push(
+                        format!("{p}self_attn.gate_logits"),
+                        vec![geo.scores()],
+                        Init::Normal(gstd),
+                        ParamKind::Gate,
+                    )
                 } else {
-                    push(format!("{p}self_attn.gate_proj.weight"), vec![geo.scores(), d], Init::Normal(gstd), ParamKind::Gate)
+                    push(
+                        format!("{p}self_attn.gate_proj.weight"),
+                        vec![geo.scores(), d],
+                        Init::Normal(gstd),
+                        ParamKind::Gate,
+                    )
                 })
             }
             _ => None,
         };
-        let post_norm = push(format!("{p}post_attention_layernorm.weight"), vec![d], norm_init, ParamKind::Norm);
-        let mlp_gate = push(format!("{p}mlp.gate_proj.weight"), vec![f, d], Init::Normal(std), ParamKind::Matrix);
-        let mlp_up = push(format!("{p}mlp.up_proj.weight"), vec![f, d], Init::Normal(std), ParamKind::Matrix);
-        let mlp_down = push(format!("{p}mlp.down_proj.weight"), vec![d, f], Init::Normal(std), ParamKind::Matrix);
+        let post_norm = push(
+            format!("{p}post_attention_layernorm.weight"),
+            vec![d],
+            norm_init,
+            ParamKind::Norm,
+        );
+        let mlp_gate = push(
+            format!("{p}mlp.gate_proj.weight"),
+            vec![f, d],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        );
+        let mlp_up = push(
+            format!("{p}mlp.up_proj.weight"),
+            vec![f, d],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        );
+        let mlp_down = push(
+            format!("{p}mlp.down_proj.weight"),
+            vec![d, f],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        );
         layers.push(LayerIndex {
             input_norm,
             q_proj,
@@ -173,9 +246,22 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
-        Some(push("lm_head.weight".into(), vec![cfg.vocab_size, d], Init::Normal(std), ParamKind::Matrix))
+        Some(push(
+            "lm_head.weight".into(),
+            vec![cfg.vocab_size, d],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        ))
     };
-    (specs, ParamIndex { embed, layers, norm, lm_head })
+    (
+        specs,
+        ParamIndex {
+            embed,
+            layers,
+            norm,
+            lm_head,
+        },
+    )
 }
 
 /// Fresh parameters drawn from `seed` (tensor by tensor, in spec order).

@@ -5,7 +5,7 @@
 //! `QBLK × T` score block per worker. Work is parallel over (batch, kv head): each task owns its
 //! kv head's dK/dV rows, so no reductions cross threads and results are deterministic.
 
-use crate::backend::cpu::{matmul_raw, Mat, Par, SyncPtr};
+use crate::backend::cpu::{dot_lanes, exp_shifted, matmul_raw, Mat, Par, SyncPtr};
 use crate::real::Real;
 use rayon::prelude::*;
 
@@ -45,28 +45,71 @@ struct Views<T> {
 
 impl<T> Views<T> {
     fn q_at(&self, row: usize, h: usize, d: usize) -> Mat<T> {
-        Mat { ptr: unsafe { self.q.add(row * self.ldq + h * d) }, rs: self.ldq as isize, cs: 1 }
+        Mat {
+            ptr: unsafe { self.q.add(row * self.ldq + h * d) },
+            rs: self.ldq as isize,
+            cs: 1,
+        }
     }
     fn kt_at(&self, row: usize, kh: usize, d: usize) -> Mat<T> {
         // Kᵀ: element (e, j) = K[row + j, e]
-        Mat { ptr: unsafe { self.k.add(row * self.ldk + kh * d) }, rs: 1, cs: self.ldk as isize }
+        Mat {
+            ptr: unsafe { self.k.add(row * self.ldk + kh * d) },
+            rs: 1,
+            cs: self.ldk as isize,
+        }
     }
     fn k_at(&self, row: usize, kh: usize, d: usize) -> Mat<T> {
-        Mat { ptr: unsafe { self.k.add(row * self.ldk + kh * d) }, rs: self.ldk as isize, cs: 1 }
+        Mat {
+            ptr: unsafe { self.k.add(row * self.ldk + kh * d) },
+            rs: self.ldk as isize,
+            cs: 1,
+        }
     }
     fn v_at(&self, row: usize, kh: usize, d: usize) -> Mat<T> {
-        Mat { ptr: unsafe { self.v.add(row * self.ldk + kh * d) }, rs: self.ldk as isize, cs: 1 }
+        Mat {
+            ptr: unsafe { self.v.add(row * self.ldk + kh * d) },
+            rs: self.ldk as isize,
+            cs: 1,
+        }
     }
     fn vt_at(&self, row: usize, kh: usize, d: usize) -> Mat<T> {
-        Mat { ptr: unsafe { self.v.add(row * self.ldk + kh * d) }, rs: 1, cs: self.ldk as isize }
+        Mat {
+            ptr: unsafe { self.v.add(row * self.ldk + kh * d) },
+            rs: 1,
+            cs: self.ldk as isize,
+        }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Scores of query rows `i0..i0+bq` against keys `0..nk` into `s` (`bq × nk`), scaled.
-fn scores<T: Real>(vw: &Views<T>, s: &mut [T], base: usize, i0: usize, bq: usize, nk: usize, h: usize, kh: usize, d: usize, scale: T) {
+fn scores<T: Real>(
+    vw: &Views<T>,
+    s: &mut [T],
+    base: usize,
+    i0: usize,
+    bq: usize,
+    nk: usize,
+    h: usize,
+    kh: usize,
+    d: usize,
+    scale: T,
+) {
     // SAFETY: s holds bq·nk elements; q/k views are in range for rows base..base+seq.
     unsafe {
-        matmul_raw(bq, nk, d, s.as_mut_ptr(), nk, vw.q_at(base + i0, h, d), vw.kt_at(base, kh, d), scale, false, Par::Serial)
+        matmul_raw(
+            bq,
+            nk,
+            d,
+            s.as_mut_ptr(),
+            nk,
+            vw.q_at(base + i0, h, d),
+            vw.kt_at(base, kh, d),
+            scale,
+            false,
+            Par::Serial,
+        )
     };
 }
 
@@ -88,7 +131,13 @@ pub fn attention_fwd<T: Real>(
     let (t, d, hq, kv) = (sh.seq, sh.head_dim, sh.heads, sh.kv_heads);
     let g = hq / kv;
     let scale: T = sh.scale();
-    let vw = Views { q: q.as_ptr(), k: k.as_ptr(), v: v.as_ptr(), ldq: hq * d, ldk: kv * d };
+    let vw = Views {
+        q: q.as_ptr(),
+        k: k.as_ptr(),
+        v: v.as_ptr(),
+        ldq: hq * d,
+        ldk: kv * d,
+    };
     let vw = &SyncViews(vw);
     let outp = SyncPtr(out.as_mut_ptr());
     let lsep = SyncPtr(lse.as_mut_ptr());
@@ -108,26 +157,37 @@ pub fn attention_fwd<T: Real>(
                 for r in 0..bq {
                     let row = &mut s[r * nk..(r + 1) * nk];
                     let lim = i0 + r + 1;
-                    let m = row[..lim].iter().fold(T::NEG_INFINITY, |a, &x| a.max(x));
-                    let mut sum = T::ZERO;
-                    for x in &mut row[..lim] {
-                        *x = (*x - m).exp();
-                        sum += *x;
-                    }
+                    let (m, sum) = exp_shifted(&mut row[..lim]);
                     let inv = T::ONE / sum;
                     row[..lim].iter_mut().for_each(|x| *x *= inv);
                     row[lim..].fill(T::ZERO);
                     // SAFETY: (b, h, i0 + r) is owned by this task.
                     unsafe { *lsep.get().add((b * hq + h) * t + i0 + r) = m + sum.ln() };
                     if let Some(pp) = probp {
-                        let dst = unsafe { std::slice::from_raw_parts_mut(pp.get().add(((b * hq + h) * t + i0 + r) * t), t) };
+                        let dst =
+                            unsafe { std::slice::from_raw_parts_mut(pp.get().add(((b * hq + h) * t + i0 + r) * t), t) };
                         dst[..nk].copy_from_slice(row);
                         dst[nk..].fill(T::ZERO);
                     }
                 }
                 // SAFETY: rows base+i0.., columns of head h are owned by this task.
                 unsafe {
-                    matmul_raw(bq, d, nk, outp.get().add((base + i0) * hq * d + h * d), hq * d, Mat { ptr: s.as_ptr(), rs: nk as isize, cs: 1 }, vw.0.v_at(base, kh, d), T::ONE, false, Par::Serial)
+                    matmul_raw(
+                        bq,
+                        d,
+                        nk,
+                        outp.get().add((base + i0) * hq * d + h * d),
+                        hq * d,
+                        Mat {
+                            ptr: s.as_ptr(),
+                            rs: nk as isize,
+                            cs: 1,
+                        },
+                        vw.0.v_at(base, kh, d),
+                        T::ONE,
+                        false,
+                        Par::Serial,
+                    )
                 };
             }
         }
@@ -156,9 +216,25 @@ pub fn attention_bwd<T: Real>(
     let (t, d, hq, kv) = (sh.seq, sh.head_dim, sh.heads, sh.kv_heads);
     let g = hq / kv;
     let scale: T = sh.scale();
-    let vw = &SyncViews(Views { q: q.as_ptr(), k: k.as_ptr(), v: v.as_ptr(), ldq: hq * d, ldk: kv * d });
-    let dov = &SyncViews(Views { q: dout.as_ptr(), k: std::ptr::null(), v: std::ptr::null(), ldq: hq * d, ldk: 0 });
-    let (dqp, dkp, dvp) = (SyncPtr(dq.as_mut_ptr()), SyncPtr(dk.as_mut_ptr()), SyncPtr(dv.as_mut_ptr()));
+    let vw = &SyncViews(Views {
+        q: q.as_ptr(),
+        k: k.as_ptr(),
+        v: v.as_ptr(),
+        ldq: hq * d,
+        ldk: kv * d,
+    });
+    let dov = &SyncViews(Views {
+        q: dout.as_ptr(),
+        k: std::ptr::null(),
+        v: std::ptr::null(),
+        ldq: hq * d,
+        ldk: 0,
+    });
+    let (dqp, dkp, dvp) = (
+        SyncPtr(dq.as_mut_ptr()),
+        SyncPtr(dk.as_mut_ptr()),
+        SyncPtr(dv.as_mut_ptr()),
+    );
     (0..sh.batch * kv).into_par_iter().for_each(|task| {
         let (b, kh) = (task / kv, task % kv);
         let base = b * t;
@@ -180,35 +256,88 @@ pub fn attention_bwd<T: Real>(
                 scores(&vw.0, &mut p, base, i0, bq, nk, h, kh, d, scale);
                 // dP = dO · Vᵀ
                 unsafe {
-                    matmul_raw(bq, nk, d, dp.as_mut_ptr(), nk, dov.0.q_at(base + i0, h, d), vw.0.vt_at(base, kh, d), T::ONE, false, Par::Serial)
+                    matmul_raw(
+                        bq,
+                        nk,
+                        d,
+                        dp.as_mut_ptr(),
+                        nk,
+                        dov.0.q_at(base + i0, h, d),
+                        vw.0.vt_at(base, kh, d),
+                        T::ONE,
+                        false,
+                        Par::Serial,
+                    )
                 };
                 for r in 0..bq {
                     let i = i0 + r;
                     let l = lse[(b * hq + h) * t + i];
                     let orow = &out[(base + i) * hq * d + h * d..][..d];
                     let dorow = &dout[(base + i) * hq * d + h * d..][..d];
-                    let di: T = orow.iter().zip(dorow).map(|(&a, &c)| a * c).sum();
+                    let di = dot_lanes(orow, dorow);
                     let (pr, dpr) = (&mut p[r * nk..(r + 1) * nk], &mut dp[r * nk..(r + 1) * nk]);
-                    for j in 0..nk {
-                        if j <= i {
-                            pr[j] = (pr[j] - l).exp();
-                            dpr[j] = pr[j] * (dpr[j] - di);
-                        } else {
-                            pr[j] = T::ZERO;
-                            dpr[j] = T::ZERO;
-                        }
+                    for (pj, dpj) in pr[..=i].iter_mut().zip(&mut dpr[..=i]) {
+                        *pj = (*pj - l).exp();
+                        *dpj = *pj * (*dpj - di);
                     }
+                    pr[i + 1..].fill(T::ZERO);
+                    dpr[i + 1..].fill(T::ZERO);
                 }
-                let dsm = Mat { ptr: dp.as_ptr(), rs: nk as isize, cs: 1 };
-                let dsmt = Mat { ptr: dp.as_ptr(), rs: 1, cs: nk as isize };
-                let pmt = Mat { ptr: p.as_ptr(), rs: 1, cs: nk as isize };
+                let dsm = Mat {
+                    ptr: dp.as_ptr(),
+                    rs: nk as isize,
+                    cs: 1,
+                };
+                let dsmt = Mat {
+                    ptr: dp.as_ptr(),
+                    rs: 1,
+                    cs: nk as isize,
+                };
+                let pmt = Mat {
+                    ptr: p.as_ptr(),
+                    rs: 1,
+                    cs: nk as isize,
+                };
                 unsafe {
                     // dQ = scale · dS · K
-                    matmul_raw(bq, d, nk, dqp.get().add((base + i0) * hq * d + h * d), hq * d, dsm, vw.0.k_at(base, kh, d), scale, false, Par::Serial);
+                    matmul_raw(
+                        bq,
+                        d,
+                        nk,
+                        dqp.get().add((base + i0) * hq * d + h * d),
+                        hq * d,
+                        dsm,
+                        vw.0.k_at(base, kh, d),
+                        scale,
+                        false,
+                        Par::Serial,
+                    );
                     // dK += scale · dSᵀ · Q
-                    matmul_raw(nk, d, bq, dkp.get().add(base * kv * d + kh * d), kv * d, dsmt, vw.0.q_at(base + i0, h, d), scale, true, Par::Serial);
+                    matmul_raw(
+                        nk,
+                        d,
+                        bq,
+                        dkp.get().add(base * kv * d + kh * d),
+                        kv * d,
+                        dsmt,
+                        vw.0.q_at(base + i0, h, d),
+                        scale,
+                        true,
+                        Par::Serial,
+                    );
                     // dV += Pᵀ · dO
-                    matmul_raw(nk, d, bq, dvp.get().add(base * kv * d + kh * d), kv * d, pmt, dov.0.q_at(base + i0, h, d), T::ONE, true, Par::Serial);
+                    matmul_raw(
+                        nk,
+                        d,
+                        bq,
+                        dvp.get().add(base * kv * d + kh * d),
+                        kv * d,
+                        pmt,
+                        dov.0.q_at(base + i0, h, d),
+                        T::ONE,
+                        true,
+                        Par::Serial,
+                    );
                 }
             }
         }
@@ -235,7 +364,13 @@ mod tests {
                 for i in 0..t {
                     let qi = &q[(b * t + i) * hq * d + h * d..][..d];
                     let s: Vec<f64> = (0..=i)
-                        .map(|j| qi.iter().zip(&k[(b * t + j) * kv * d + kh * d..][..d]).map(|(a, c)| a * c).sum::<f64>() / (d as f64).sqrt())
+                        .map(|j| {
+                            qi.iter()
+                                .zip(&k[(b * t + j) * kv * d + kh * d..][..d])
+                                .map(|(a, c)| a * c)
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
                         .collect();
                     let m = s.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
@@ -255,7 +390,13 @@ mod tests {
     #[test]
     fn matches_naive_attention_across_query_blocks() {
         // seq 150 spans three query blocks, including a partial one
-        let sh = AttnShape { batch: 2, seq: 150, heads: 4, kv_heads: 2, head_dim: 8 };
+        let sh = AttnShape {
+            batch: 2,
+            seq: 150,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
         let n = sh.batch * sh.seq;
         let (q, k, v) = (randn(n * 32, 1, 1.0), randn(n * 16, 2, 1.0), randn(n * 16, 3, 1.0));
         let mut o = vec![0.0; n * 32];
@@ -269,7 +410,13 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        let sh = AttnShape { batch: 2, seq: 70, heads: 4, kv_heads: 2, head_dim: 4 };
+        let sh = AttnShape {
+            batch: 2,
+            seq: 70,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+        };
         let n = sh.batch * sh.seq;
         let (q, k, v) = (randn(n * 16, 1, 1.0), randn(n * 8, 2, 1.0), randn(n * 8, 3, 1.0));
         let w = randn(n * 16, 4, 1.0);

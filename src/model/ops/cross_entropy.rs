@@ -1,5 +1,6 @@
 //! Mean next-token cross-entropy over the positions that have a target, fused with its backward.
 
+use crate::backend::cpu::{exp_shifted, max_lanes, sum_lanes};
 use crate::real::Real;
 use rayon::prelude::*;
 
@@ -9,10 +10,21 @@ pub const IGNORE: u32 = u32::MAX;
 /// Returns the mean loss (in f64, summed deterministically). With `grad`, `logits` is overwritten by
 /// d(loss)/d(logits) = (softmax − onehot) / count.
 pub fn cross_entropy<T: Real>(logits: &mut [T], vocab: usize, targets: &[u32], grad: bool) -> f64 {
-    let count = targets.iter().filter(|&&t| t != IGNORE).count();
+    let count = target_count(targets);
     if count == 0 {
         return 0.0;
     }
+    cross_entropy_sum(logits, vocab, targets, grad, count) / count as f64
+}
+
+/// Positions that have a target.
+pub fn target_count(targets: &[u32]) -> usize {
+    targets.iter().filter(|&&t| t != IGNORE).count()
+}
+
+/// Summed (not averaged) loss over these rows; with `grad`, rows become the gradient of the mean
+/// over `count` positions (so chunks of one batch can be processed separately).
+pub fn cross_entropy_sum<T: Real>(logits: &mut [T], vocab: usize, targets: &[u32], grad: bool, count: usize) -> f64 {
     let inv = T::from_f64(1.0 / count as f64);
     let losses: Vec<f64> = logits
         .par_chunks_mut(vocab)
@@ -24,20 +36,29 @@ pub fn cross_entropy<T: Real>(logits: &mut [T], vocab: usize, targets: &[u32], g
                 }
                 return 0.0;
             }
-            let m = row.iter().fold(T::NEG_INFINITY, |a, &b| a.max(b));
-            let sum: T = row.iter().map(|&v| (v - m).exp()).sum();
-            let lse = m + sum.ln();
-            let loss = (lse - row[t as usize]).to_f64();
-            if grad {
-                for v in row.iter_mut() {
-                    *v = (*v - lse).exp() * inv;
+            let target_logit = row[t as usize];
+            if !grad {
+                // read-only: exponentiate through a small stack buffer
+                let m = max_lanes(row);
+                let mut buf = [T::ZERO; 64];
+                let mut sum = T::ZERO;
+                for c in row.chunks(64) {
+                    for (b, &v) in buf.iter_mut().zip(c) {
+                        *b = (v - m).exp();
+                    }
+                    sum += sum_lanes(&buf[..c.len()]);
                 }
-                row[t as usize] -= inv;
+                return (m + sum.ln() - target_logit).to_f64();
             }
-            loss
+            // one exp per element: softmax in place, then scale
+            let (m, sum) = exp_shifted(row);
+            let scale = inv / sum;
+            row.iter_mut().for_each(|v| *v *= scale);
+            row[t as usize] -= inv;
+            (m + sum.ln() - target_logit).to_f64()
         })
         .collect();
-    losses.iter().sum::<f64>() / count as f64
+    losses.iter().sum::<f64>()
 }
 
 #[cfg(test)]

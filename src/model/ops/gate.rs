@@ -95,7 +95,12 @@ mod tests {
                     g.position = GatePosition::G1;
                     g.activation = act;
                     g.combine = combine;
-                    let geo = GateGeometry { groups: 2, width: 4, heads, per_head };
+                    let geo = GateGeometry {
+                        groups: 2,
+                        width: 4,
+                        heads,
+                        per_head,
+                    };
                     let y = randn(rows * 8, 1, 1.0);
                     let z = randn(rows * geo.scores(), 2, 1.5);
                     let w = randn(rows * 8, 3, 1.0);

@@ -2,6 +2,7 @@
 
 use crate::backend::cpu::{matmul, Mat, Par};
 use crate::real::Real;
+use rayon::prelude::*;
 
 /// `y[n×out] = x[n×in] · wᵀ` for a weight stored row-major as `[out, in]` (nn.Linear convention).
 pub fn linear_fwd<T: Real>(x: &[T], w: &[T], n: usize, din: usize, dout: usize, y: &mut [T]) {
@@ -53,19 +54,60 @@ pub fn linear_bwd<T: Real>(
             Par::Threads,
         );
     }
-    matmul(
-        dout,
-        din,
-        n,
-        dw,
-        0,
-        din,
-        Mat::t(dy, 0, dout),
-        Mat::rows(x, 0, din),
-        T::ONE,
-        true,
-        Par::Threads,
-    );
+    weight_grad(x, dy, n, din, dout, dw);
+}
+
+/// `dw += dyᵀ · x`. gemm parallelises over the output only, which is small for weight gradients
+/// (e.g. 256×256 with k = 2048 tokens ran at half speed), so the token dimension is split into a
+/// fixed number of partial products (a function of the shape only: results stay deterministic)
+/// that run in parallel and are added in order.
+fn weight_grad<T: Real>(x: &[T], dy: &[T], n: usize, din: usize, dout: usize, dw: &mut [T]) {
+    let parts = if dout * din <= 1 << 20 {
+        (n / 512).clamp(1, 4)
+    } else {
+        1
+    };
+    if parts == 1 || rayon::current_num_threads() == 1 {
+        matmul(
+            dout,
+            din,
+            n,
+            dw,
+            0,
+            din,
+            Mat::t(dy, 0, dout),
+            Mat::rows(x, 0, din),
+            T::ONE,
+            true,
+            Par::Threads,
+        );
+        return;
+    }
+    let per = n.div_ceil(parts);
+    let partials: Vec<Vec<T>> = (0..parts)
+        .into_par_iter()
+        .map(|p| {
+            let (r0, r1) = (p * per, ((p + 1) * per).min(n));
+            let mut acc = vec![T::ZERO; dout * din];
+            matmul(
+                dout,
+                din,
+                r1 - r0,
+                &mut acc,
+                0,
+                din,
+                Mat::t(dy, r0 * dout, dout),
+                Mat::rows(x, r0 * din, din),
+                T::ONE,
+                false,
+                Par::Serial,
+            );
+            acc
+        })
+        .collect();
+    for part in partials {
+        crate::backend::cpu::add_assign(dw, &part);
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! RMSNorm over the last dim: `y = x̂·w` (standard) or `x̂·(1+w)` (zero-centred),
 //! `x̂ = x / sqrt(mean(x²) + eps)`. Used for the block norms and (per head) for QK-norm.
 
+use crate::backend::cpu::dot_lanes;
 use crate::config::NormStyle;
 use crate::real::Real;
 use rayon::prelude::*;
@@ -24,11 +25,16 @@ pub fn rmsnorm_fwd<T: Real>(x: &[T], w: &[T], style: NormStyle, eps: f64, y: &mu
         .zip(x.par_chunks(d))
         .zip(rstd.par_iter_mut())
         .for_each(|((yr, xr), r)| {
-            let ms = xr.iter().map(|&v| v * v).sum::<T>() * inv_d;
+            let ms = dot_lanes(xr, xr) * inv_d;
             let s = T::ONE / (ms + eps).sqrt();
             *r = s;
-            for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
-                *yv = xv * s * gain(wv, style);
+            match style {
+                NormStyle::Standard => yr.iter_mut().zip(xr).zip(w).for_each(|((y, &x), &w)| *y = x * s * w),
+                NormStyle::ZeroCentered => yr
+                    .iter_mut()
+                    .zip(xr)
+                    .zip(w)
+                    .for_each(|((y, &x), &w)| *y = x * s * (T::ONE + w)),
             }
         });
 }
@@ -52,6 +58,7 @@ pub fn rmsnorm_bwd<T: Real>(
     assert_eq!(x.len(), dy.len());
     assert_eq!(x.len(), dx.len());
     let inv_d = T::ONE / T::from_usize(d);
+    let gw: Vec<T> = w.iter().map(|&v| gain(v, style)).collect();
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(d * DW_CHUNK)
         .zip(x.par_chunks(d * DW_CHUNK))
@@ -59,22 +66,26 @@ pub fn rmsnorm_bwd<T: Real>(
         .zip(rstd.par_chunks(DW_CHUNK))
         .map(|(((dxc, xc), dyc), rc)| {
             let mut pdw = vec![T::ZERO; d];
+            let mut gdy = vec![T::ZERO; d];
             for (((dxr, xr), dyr), &r) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)).zip(rc) {
-                let mut dot = T::ZERO;
-                for ((&xv, &dv), &wv) in xr.iter().zip(dyr).zip(w) {
-                    dot += dv * gain(wv, style) * xv * r;
+                gdy.iter_mut().zip(dyr).zip(&gw).for_each(|((o, &dv), &g)| *o = dv * g);
+                let mean = dot_lanes(&gdy, xr) * r * inv_d;
+                let rr_mean = r * r * mean;
+                if accumulate {
+                    dxr.iter_mut()
+                        .zip(&gdy)
+                        .zip(xr)
+                        .for_each(|((o, &g), &xv)| *o += r * g - xv * rr_mean);
+                } else {
+                    dxr.iter_mut()
+                        .zip(&gdy)
+                        .zip(xr)
+                        .for_each(|((o, &g), &xv)| *o = r * g - xv * rr_mean);
                 }
-                let mean = dot * inv_d;
-                for (j, (dxv, (&xv, &dv))) in dxr.iter_mut().zip(xr.iter().zip(dyr)).enumerate() {
-                    let xh = xv * r;
-                    let g = r * (dv * gain(w[j], style) - xh * mean);
-                    if accumulate {
-                        *dxv += g;
-                    } else {
-                        *dxv = g;
-                    }
-                    pdw[j] += dv * xh;
-                }
+                pdw.iter_mut()
+                    .zip(dyr)
+                    .zip(xr)
+                    .for_each(|((o, &dv), &xv)| *o += dv * xv * r);
             }
             pdw
         })

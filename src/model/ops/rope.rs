@@ -33,7 +33,12 @@ impl<T: Real> RopeTable<T> {
                 sin.push(T::from_f64(ang.sin()));
             }
         }
-        RopeTable { rotary_dim, cos, sin, max_len }
+        RopeTable {
+            rotary_dim,
+            cos,
+            sin,
+            max_len,
+        }
     }
 }
 
