@@ -3,6 +3,7 @@
 //! Layout: `config` → `model` (ops as forward/backward pairs, layers, observers) → `backend`
 //! kernels (cpu) → `optim`, `io` (HF safetensors layouts), `cli`.
 
+pub mod analysis;
 pub mod backend;
 pub mod cli;
 pub mod config;
@@ -11,3 +12,4 @@ pub mod model;
 pub mod optim;
 pub mod real;
 pub mod rng;
+pub mod train;

@@ -89,7 +89,10 @@ fn official_and_qwen3_next_convert_both_ways_with_the_same_function() {
     assert!(d < 1e-6, "round trip changed weights by {d}");
     // partial RoPE cannot be expressed in the official layout
     let (next_fx, _) = load_model(&fx("qwen3-next-tiny")).unwrap();
-    let err = convert(&next_fx, Layout::Official).err().expect("must fail").to_string();
+    let err = convert(&next_fx, Layout::Official)
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(err.contains("partial_rotary_factor"), "{err}");
 }
 

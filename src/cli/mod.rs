@@ -1,6 +1,7 @@
 //! Command-line interface: thin wrappers over the library.
 pub mod bench;
 pub mod dump;
+pub mod train;
 
 use crate::io::hf::{load_model, save_model, Layout};
 use anyhow::Result;
@@ -33,6 +34,10 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Train a model (default: the G1-elementwise cpu-tiny model on the embedded books)
+    Train(train::TrainArgs),
+    /// Train several configurations one after another and compare them in sweep.md
+    Sweep(train::SweepArgs),
     /// Time full training steps (forward, backward, clip, AdamW) on a preset model.
     Bench(bench::BenchArgs),
 }
@@ -53,5 +58,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train::train(a),
+        Command::Sweep(a) => train::sweep(a),
     }
 }

@@ -1,0 +1,155 @@
+//! `SinkProbe`: accumulates, layer by layer as the forward streams past, everything the sink /
+//! massive-activation / gate analyses need, without keeping attention maps.
+//!
+//! Definitions (README "Metrics"):
+//! * `first_token_attn` = mean over layers, heads, batch and query positions i ≥ 1 of A[i, 0].
+//! * `sink_rate` = fraction of (layer, head) whose key-0 importance — the mean over batch and
+//!   queries i ≥ 1 of A[i, 0] — exceeds ε (Gu et al.; ε = 0.3 by default).
+//! * `m_act` = mean over layers of max |h| of the layer's output.
+//! * gate statistics over all gate scores act(z).
+
+use crate::config::GateGeometry;
+use crate::model::observer::Observer;
+use crate::real::Real;
+use serde::Serialize;
+
+/// Gate-score histogram bins over [0, 1] (scores outside are clamped into the end bins).
+pub const GATE_BINS: usize = 20;
+
+#[derive(Clone, Debug)]
+pub struct SinkProbe {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub epsilon: f64,
+    /// [layer][head] Σ A[i,0] over batch and i ≥ 1
+    first_sum: Vec<Vec<f64>>,
+    max_abs: Vec<f64>,
+    gate_sum: Vec<f64>,
+    gate_count: Vec<u64>,
+    gate_hist: Vec<u64>,
+    gate_low: u64,
+    gate_high: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SinkStats {
+    pub first_token_attn: f64,
+    pub first_token_attn_per_layer: Vec<f64>,
+    /// [layer][head]: key-0 importance
+    pub first_token_attn_per_head: Vec<Vec<f64>>,
+    pub sink_rate: f64,
+    pub sink_epsilon: f64,
+    pub m_act: f64,
+    pub m_act_per_layer: Vec<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate_mean: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gate_mean_per_layer: Vec<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gate_histogram: Vec<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate_frac_below_0_1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate_frac_above_0_9: Option<f64>,
+}
+
+impl SinkProbe {
+    pub fn new(layers: usize, heads: usize, batch: usize, seq: usize, epsilon: f64) -> Self {
+        SinkProbe {
+            batch,
+            seq,
+            heads,
+            epsilon,
+            first_sum: vec![vec![0.0; heads]; layers],
+            max_abs: vec![0.0; layers],
+            gate_sum: vec![0.0; layers],
+            gate_count: vec![0; layers],
+            gate_hist: vec![0; GATE_BINS],
+            gate_low: 0,
+            gate_high: 0,
+        }
+    }
+
+    /// Record one layer's key-0 column `col0[b][h][i] = A[i, 0]` (`[batch, heads, seq]`).
+    pub fn add_first_column(&mut self, layer: usize, col0: impl Fn(usize, usize, usize) -> f64) {
+        for b in 0..self.batch {
+            for h in 0..self.heads {
+                self.first_sum[layer][h] += (1..self.seq).map(|i| col0(b, h, i)).sum::<f64>();
+            }
+        }
+    }
+
+    pub fn stats(&self) -> SinkStats {
+        let denom = (self.batch * (self.seq.saturating_sub(1)).max(1)) as f64;
+        let per_head: Vec<Vec<f64>> = self
+            .first_sum
+            .iter()
+            .map(|l| l.iter().map(|s| s / denom).collect())
+            .collect();
+        let per_layer: Vec<f64> = per_head
+            .iter()
+            .map(|l| l.iter().sum::<f64>() / l.len() as f64)
+            .collect();
+        let all: Vec<f64> = per_head.iter().flatten().copied().collect();
+        let mean = |v: &[f64]| {
+            if v.is_empty() {
+                0.0
+            } else {
+                v.iter().sum::<f64>() / v.len() as f64
+            }
+        };
+        let gated = self.gate_count.iter().any(|&c| c > 0);
+        let total: u64 = self.gate_count.iter().sum();
+        SinkStats {
+            first_token_attn: mean(&all),
+            first_token_attn_per_layer: per_layer,
+            sink_rate: all.iter().filter(|&&x| x > self.epsilon).count() as f64 / all.len().max(1) as f64,
+            sink_epsilon: self.epsilon,
+            first_token_attn_per_head: per_head,
+            m_act: mean(&self.max_abs),
+            m_act_per_layer: self.max_abs.clone(),
+            gate_mean: gated.then(|| self.gate_sum.iter().sum::<f64>() / total as f64),
+            gate_mean_per_layer: if gated {
+                self.gate_sum
+                    .iter()
+                    .zip(&self.gate_count)
+                    .map(|(s, &c)| s / c.max(1) as f64)
+                    .collect()
+            } else {
+                vec![]
+            },
+            gate_histogram: if gated { self.gate_hist.clone() } else { vec![] },
+            gate_frac_below_0_1: gated.then(|| self.gate_low as f64 / total as f64),
+            gate_frac_above_0_9: gated.then(|| self.gate_high as f64 / total as f64),
+        }
+    }
+}
+
+impl<T: Real> Observer<T> for SinkProbe {
+    fn wants_attn_probs(&self, _layer: usize) -> bool {
+        true
+    }
+    fn attn_probs(&mut self, layer: usize, probs: &[T]) {
+        let (h, t) = (self.heads, self.seq);
+        self.add_first_column(layer, |b, hh, i| probs[((b * h + hh) * t + i) * t].to_f64());
+    }
+    fn wants_gate_scores(&self) -> bool {
+        true
+    }
+    fn gate_scores(&mut self, layer: usize, scores: &[T], _geo: &GateGeometry) {
+        for &s in scores {
+            let v = s.to_f64();
+            self.gate_sum[layer] += v;
+            let bin = ((v * GATE_BINS as f64) as isize).clamp(0, GATE_BINS as isize - 1) as usize;
+            self.gate_hist[bin] += 1;
+            self.gate_low += (v < 0.1) as u64;
+            self.gate_high += (v > 0.9) as u64;
+        }
+        self.gate_count[layer] += scores.len() as u64;
+    }
+    fn layer_output(&mut self, layer: usize, x: &[T]) {
+        let m = x.iter().fold(0.0f64, |m, v| m.max(v.to_f64().abs()));
+        self.max_abs[layer] = self.max_abs[layer].max(m);
+    }
+}

@@ -1,0 +1,234 @@
+//! Tokenizers: byte-level (ids 0..=255, EOS = 256), BPE trained on the corpus with HF
+//! `tokenizers`, or any `tokenizer.json` / GPT-2 `vocab.json` + `merges.txt`.
+//! Every run saves a `tokenizer.json` that stock HF tooling loads (the byte tokenizer as a
+//! byte-level BPE without merges).
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use tokenizers::models::bpe::{BpeTrainerBuilder, Vocab, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+pub const EOS_TEXT: &str = "<|endoftext|>";
+
+pub enum Tok {
+    /// Raw UTF-8 bytes; id 256 is end-of-document.
+    Byte,
+    Hf {
+        tok: Box<Tokenizer>,
+        eos: u32,
+    },
+}
+
+/// GPT-2's reversible byte → printable-char map (the ByteLevel pre-tokenizer's alphabet).
+pub fn bytes_to_unicode() -> Vec<char> {
+    let mut map = vec!['\0'; 256];
+    let mut extra = 0u32;
+    for b in 0..256u32 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        map[b as usize] = if printable {
+            char::from_u32(b).unwrap()
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra).unwrap()
+        };
+    }
+    map
+}
+
+fn byte_level_tokenizer(model: BPE) -> Tokenizer {
+    let mut t = Tokenizer::new(model);
+    t.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
+    t.with_decoder(Some(ByteLevel::default()));
+    t
+}
+
+impl Tok {
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tok::Byte => 257,
+            Tok::Hf { tok, .. } => tok.get_vocab_size(true),
+        }
+    }
+
+    pub fn eos(&self) -> u32 {
+        match self {
+            Tok::Byte => 256,
+            Tok::Hf { eos, .. } => *eos,
+        }
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tok::Byte => Ok(text.bytes().map(u32::from).collect()),
+            Tok::Hf { tok, .. } => {
+                let e = tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+                Ok(e.get_ids().to_vec())
+            }
+        }
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            Tok::Byte => {
+                let bytes: Vec<u8> = ids.iter().filter(|&&i| i < 256).map(|&i| i as u8).collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+            Tok::Hf { tok, .. } => tok.decode(ids, false).unwrap_or_default(),
+        }
+    }
+
+    fn from_hf(tok: Tokenizer, what: &str) -> Result<Tok> {
+        let eos = tok
+            .token_to_id(EOS_TEXT)
+            .or_else(|| tok.token_to_id("</s>"))
+            .or_else(|| tok.token_to_id("<eos>"))
+            .with_context(|| format!("{what}: no end-of-text token ({EOS_TEXT}, </s> or <eos>)"))?;
+        if tok.get_vocab_size(true) == 0 {
+            bail!("{what}: empty vocabulary");
+        }
+        Ok(Tok::Hf {
+            tok: Box::new(tok),
+            eos,
+        })
+    }
+
+    /// The byte tokenizer as an HF tokenizer (what `save` writes for it).
+    pub fn byte_as_hf() -> Result<Tokenizer> {
+        let map = bytes_to_unicode();
+        let mut vocab: Vocab = (0..256).map(|b| (map[b].to_string(), b as u32)).collect();
+        vocab.insert(EOS_TEXT.into(), 256);
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, vec![])
+            .build()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut t = byte_level_tokenizer(bpe);
+        t.add_special_tokens(&[AddedToken::from(EOS_TEXT, true)]);
+        Ok(t)
+    }
+
+    /// Load `tokenizer.json`, or a directory holding it or GPT-2 `vocab.json` + `merges.txt`.
+    pub fn load(path: &Path) -> Result<Tok> {
+        let what = path.display().to_string();
+        if path.is_dir() {
+            if path.join("tokenizer.json").exists() {
+                return Self::load(&path.join("tokenizer.json"));
+            }
+            let (v, m) = (path.join("vocab.json"), path.join("merges.txt"));
+            if v.exists() && m.exists() {
+                let bpe = BPE::from_file(&v.to_string_lossy(), &m.to_string_lossy())
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("{what}: bad vocab.json/merges.txt: {e}"))?;
+                return Self::from_hf(byte_level_tokenizer(bpe), &what);
+            }
+            bail!("{what}: no tokenizer.json, nor vocab.json + merges.txt");
+        }
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {what}"))?;
+        let tok =
+            Tokenizer::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{what}: not a valid tokenizer.json: {e}"))?;
+        Self::from_hf(tok, &what)
+    }
+
+    /// Train a byte-level BPE with `vocab_size` entries on `texts`.
+    pub fn train_bpe(texts: &[String], vocab_size: usize) -> Result<Tok> {
+        if vocab_size < 258 {
+            bail!("BPE vocab_size must be at least 258 (256 bytes + EOS + one merge), got {vocab_size}");
+        }
+        let trainer = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(vec![AddedToken::from(EOS_TEXT, true)])
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build();
+        let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+        let mut tok = byte_level_tokenizer(BPE::default());
+        tok.train(&mut trainer, texts.iter())
+            .map_err(|e| anyhow::anyhow!("BPE training failed: {e}"))?;
+        Self::from_hf(tok, "trained BPE")
+    }
+
+    /// Write `tokenizer.json` into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let json = match self {
+            Tok::Byte => Self::byte_as_hf()?.to_string(true),
+            Tok::Hf { tok, .. } => tok.to_string(true),
+        }
+        .map_err(|e| anyhow::anyhow!("cannot serialise tokenizer: {e}"))?;
+        crate::io::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "It was the best of times, it was the worst of times — naïve café 日本 \n\t end.";
+
+    #[test]
+    fn byte_tokenizer_round_trips_and_matches_its_hf_twin() {
+        let t = Tok::Byte;
+        let ids = t.encode(TEXT).unwrap();
+        assert_eq!(ids.len(), TEXT.len());
+        assert_eq!(t.decode(&ids), TEXT);
+        let dir = tempfile::tempdir().unwrap();
+        t.save(dir.path()).unwrap();
+        let hf = Tok::load(&dir.path().join("tokenizer.json")).unwrap();
+        assert_eq!(
+            hf.encode(TEXT).unwrap(),
+            ids,
+            "tokenizer.json must encode exactly like the byte tokenizer"
+        );
+        assert_eq!(hf.eos(), 256);
+        assert_eq!(hf.decode(&ids), TEXT);
+    }
+
+    #[test]
+    fn bpe_trains_compresses_and_round_trips() {
+        let texts: Vec<String> = (0..200)
+            .map(|i| format!("{TEXT} the cat sat on the mat number {i}"))
+            .collect();
+        let t = Tok::train_bpe(&texts, 400).unwrap();
+        assert!(t.vocab_size() <= 400 && t.vocab_size() > 257);
+        let ids = t.encode(&texts[3]).unwrap();
+        assert!(
+            ids.len() < texts[3].len() / 2,
+            "BPE should compress: {} ids for {} bytes",
+            ids.len(),
+            texts[3].len()
+        );
+        assert_eq!(t.decode(&ids), texts[3]);
+        let dir = tempfile::tempdir().unwrap();
+        t.save(dir.path()).unwrap();
+        let back = Tok::load(dir.path()).unwrap();
+        assert_eq!(back.encode(&texts[7]).unwrap(), t.encode(&texts[7]).unwrap());
+        assert_eq!(back.eos(), t.eos());
+    }
+
+    #[test]
+    fn gpt2_vocab_and_merges_load_and_bad_files_fail_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = bytes_to_unicode();
+        let mut vocab: serde_json::Map<String, serde_json::Value> =
+            (0..256).map(|b| (map[b].to_string(), (b as u64).into())).collect();
+        vocab.insert("th".into(), 256.into());
+        vocab.insert(EOS_TEXT.into(), 257.into());
+        std::fs::write(
+            dir.path().join("vocab.json"),
+            serde_json::Value::Object(vocab).to_string(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\nt h\n").unwrap();
+        let t = Tok::load(dir.path()).unwrap();
+        assert_eq!(t.encode("the").unwrap(), vec![256, b'e' as u32]);
+        assert_eq!(t.eos(), 257);
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\"model\": 3}").unwrap();
+        let e = format!("{:#}", Tok::load(&bad).err().unwrap());
+        assert!(
+            e.contains("bad.json") && e.contains("not a valid tokenizer.json"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! The trainer end to end: loss falls, the run directory is complete, resume is bit-identical,
+//! and divergence is detected without losing the last checkpoint.
+
+use gated_lm::io::hf::{load_model, Layout};
+use gated_lm::train::config::TrainConfig;
+use gated_lm::train::{run, RunOptions};
+use std::path::Path;
+
+/// A few hundred KB of the embedded books as a corpus file.
+fn corpus(dir: &Path) -> String {
+    let text = &gated_lm::train::data::embedded_corpus().unwrap()[0];
+    let start = text.char_indices().nth(100_000).unwrap().0;
+    let end = text.char_indices().nth(400_000).unwrap().0;
+    let p = dir.join("corpus.txt");
+    std::fs::write(&p, &text[start..end]).unwrap();
+    p.display().to_string()
+}
+
+fn micro(dir: &Path, steps: u64) -> TrainConfig {
+    let mut c = TrainConfig::preset("cpu-micro").unwrap();
+    c.data.paths = vec![corpus(dir)];
+    c.train.max_steps = steps;
+    c.train.eval_every = 10;
+    c.train.checkpoint_every = 7;
+    c.train.eval_batches = 1;
+    c.schedule.warmup_steps = 5;
+    c
+}
+
+fn rows(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn train_losses(run: &Path) -> Vec<(u64, u64)> {
+    rows(run)
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("loss")?.as_f64()?.to_bits())))
+        .collect()
+}
+
+#[test]
+fn short_run_learns_and_leaves_a_complete_run_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let s = run(micro(tmp.path(), 40), &out, &RunOptions::default()).unwrap();
+    let r = rows(&out);
+    let first = r.iter().find_map(|x| x.get("loss")?.as_f64()).unwrap();
+    assert!(first > 5.0, "byte-level loss starts near ln(257) = 5.55, got {first}");
+    assert!(
+        s.final_train_loss < first - 1.5,
+        "loss must fall clearly: {first} -> {}",
+        s.final_train_loss
+    );
+    assert!(s.final_val_loss < 4.0, "val loss {}", s.final_val_loss);
+    for key in ["step", "loss", "lr", "tokens", "grad_norm"] {
+        assert!(r[0].get(key).is_some(), "train rows need '{key}'");
+    }
+    let evals: Vec<_> = r.iter().filter(|x| x.get("val_loss").is_some()).collect();
+    assert_eq!(evals.len(), 4, "eval at 10, 20, 30, 40");
+    for key in ["first_token_attn", "m_act", "gate_mean", "sink_rate"] {
+        assert!(
+            evals[0][key].as_f64().is_some_and(f64::is_finite),
+            "eval rows need '{key}'"
+        );
+    }
+    let g = evals[3]["gate_mean"].as_f64().unwrap();
+    assert!(g > 0.0 && g < 1.0);
+    for f in [
+        "config.toml",
+        "report.md",
+        "loss.png",
+        "first_token_attn.png",
+        "m_act.png",
+        "gate_hist.png",
+        "checkpoint/state.safetensors",
+        "model/tokenizer.json",
+    ] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    // the model is saved for stock transformers: G1 elementwise → Qwen3NextForCausalLM
+    let (m, layout) = load_model(&out.join("model")).unwrap();
+    assert_eq!(layout, Layout::Qwen3Next);
+    assert_eq!(m.cfg.vocab_size, 257);
+    // the resolved config round-trips
+    let text = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    let back = TrainConfig::preset("cpu-tiny")
+        .unwrap()
+        .merge_toml(&text, "config.toml")
+        .unwrap();
+    assert_eq!(back.train.max_steps, 40);
+    // a second run into the same directory must not clobber it
+    let e = run(micro(tmp.path(), 40), &out, &RunOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--resume"), "{e}");
+}
+
+#[test]
+fn stop_and_resume_is_bit_identical_to_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    run(micro(tmp.path(), 25), &a, &RunOptions::default()).unwrap();
+    // stop after 11 steps (between checkpoints: the stop itself must checkpoint), then twice more
+    run(
+        micro(tmp.path(), 25),
+        &b,
+        &RunOptions {
+            stop_after: Some(11),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    run(
+        micro(tmp.path(), 25),
+        &b,
+        &RunOptions {
+            resume: true,
+            stop_after: Some(6),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    run(
+        micro(tmp.path(), 25),
+        &b,
+        &RunOptions {
+            resume: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (la, lb) = (train_losses(&a), train_losses(&b));
+    assert_eq!(la.len(), 25);
+    assert_eq!(la, lb, "losses must be bit-identical");
+    let (ma, _) = load_model(&a.join("model")).unwrap();
+    let (mb, _) = load_model(&b.join("model")).unwrap();
+    assert_eq!(ma.params, mb.params);
+}
+
+#[test]
+fn divergence_is_detected_and_the_last_checkpoint_survives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut c = micro(tmp.path(), 30);
+    c.optim.adamw.lr = 1e35;
+    c.optim.clip = 0.0;
+    c.schedule.warmup_steps = 0;
+    c.train.checkpoint_every = 1;
+    let s = run(c, &out, &RunOptions::default()).unwrap();
+    assert!(s.diverged && s.skipped >= 5, "{s:?}");
+    let skipped: Vec<_> = rows(&out).into_iter().filter(|r| r.get("skipped").is_some()).collect();
+    assert_eq!(skipped.len() as u64, s.skipped);
+    // the checkpoint on disk is the last finite state and loads
+    let m: gated_lm::model::Model<f32> =
+        gated_lm::model::Model::new(TrainConfig::preset("cpu-micro").unwrap().model, 0).unwrap();
+    let mut params = m.params.clone();
+    let mut opt = gated_lm::optim::AdamW::new(Default::default(), &m.specs);
+    let st = gated_lm::train::checkpoint::load(&out.join("checkpoint"), &m.specs, &mut params, &mut opt).unwrap();
+    assert!(st.step < 30);
+    assert!(params.tensors.iter().all(|t| t.data.iter().all(|x| x.is_finite())));
+}
