@@ -164,3 +164,94 @@ fn divergence_is_detected_and_the_last_checkpoint_survives() {
     assert!(st.step < 30);
     assert!(params.tensors.iter().all(|t| t.data.iter().all(|x| x.is_finite())));
 }
+
+#[test]
+fn gradient_accumulation_equals_the_full_batch() {
+    use gated_lm::model::observer::NoObserver;
+    use gated_lm::model::{Batch, Model};
+    let cfg = TrainConfig::preset("cpu-micro").unwrap().model;
+    let m: Model<f64> = Model::new(cfg, 3).unwrap();
+    let ids: Vec<u32> = (0..4 * 16).map(|i| (i * 31 % 250) as u32).collect();
+    let tg: Vec<u32> = ids.iter().map(|&x| (x + 1) % 257).collect();
+    let mut full = m.zero_grads();
+    let l_full = m
+        .forward_backward(
+            &Batch {
+                ids: &ids,
+                targets: &tg,
+                batch: 4,
+                seq: 16,
+            },
+            &mut full,
+            &mut NoObserver,
+        )
+        .unwrap();
+    let mut acc = m.zero_grads();
+    let mut l_acc = 0.0;
+    for h in 0..2 {
+        let r = h * 32..(h + 1) * 32;
+        l_acc += m
+            .forward_backward(
+                &Batch {
+                    ids: &ids[r.clone()],
+                    targets: &tg[r],
+                    batch: 2,
+                    seq: 16,
+                },
+                &mut acc,
+                &mut NoObserver,
+            )
+            .unwrap()
+            / 2.0;
+    }
+    assert!((l_full - l_acc).abs() < 1e-12);
+    for (a, f) in acc.tensors.iter().zip(&full.tensors) {
+        for (x, y) in a.data.iter().zip(&f.data) {
+            assert!((x / 2.0 - y).abs() < 1e-12, "accumulated/2 {x} vs full {y}");
+        }
+    }
+}
+
+#[test]
+fn sweep_compares_gates_in_one_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path());
+    let out = tmp.path().join("sweep");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gated-lm"))
+        .args([
+            "sweep",
+            "--gates",
+            "none,headwise",
+            "--preset",
+            "cpu-micro",
+            "--max-steps",
+            "12",
+            "--quiet",
+            "--data",
+            &corpus,
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("sweep.md")).unwrap();
+    let lines: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("| none") || l.starts_with("| headwise"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{md}");
+    assert!(lines[0].contains("| no |") && lines[1].ends_with('|'));
+    // the baseline has no gate mean, the gated run has one
+    assert!(lines[0].trim_end_matches('|').trim_end().ends_with('–'), "{}", lines[0]);
+    assert!(
+        !lines[1].trim_end_matches('|').trim_end().ends_with('–'),
+        "{}",
+        lines[1]
+    );
+    // headwise G1 runs are stored in the official layout
+    assert_eq!(
+        load_model(&out.join("headwise-lr0.003/model")).unwrap().1,
+        Layout::Official
+    );
+}
