@@ -161,8 +161,13 @@ pub fn layer_fwd<T: Real>(
     }
 
     _t = scope("fwd.o_proj");
-    let o_sdpa = o.clone();
-    let o_gated = gate_here(ctx, GatePosition::G1, &mut o, &z).map(|_| o);
+    let o_sdpa = o;
+    // G1: keep the SDPA output for attention backward and gate a copy for o_proj
+    let o_gated = ctx.gate_at(GatePosition::G1).map(|(g, geo)| {
+        let mut og = o_sdpa.clone();
+        gate_fwd(g, &geo, &mut og, &z);
+        og
+    });
     let o_in = o_gated.as_ref().unwrap_or(&o_sdpa);
     let mut a = zeros(n * dm);
     linear_fwd(o_in, w(li.o_proj), n, qd, dm, &mut a);
@@ -223,13 +228,11 @@ pub fn layer_fwd<T: Real>(
     (out, cache)
 }
 
-/// Backward through the gate at `pos` (if any): `dy` becomes the ungated gradient and the logit
-/// gradient is added to `dz`.
+/// Backward through the gate at `pos` (if any): `dy` becomes the ungated gradient and `dz` the
+/// logit gradient (a model has exactly one gate position, so nothing needs accumulating).
 fn gate_back<T: Real>(ctx: &Ctx<T>, pos: GatePosition, ungated: Option<&[T]>, z: &[T], dy: &mut [T], dz: &mut [T]) {
     if let (Some((g, geo)), Some(y_pre)) = (ctx.gate_at(pos), ungated) {
-        let mut dzi = zeros(dz.len());
-        gate_bwd(g, &geo, y_pre, z, dy, &mut dzi);
-        add_assign(dz, &dzi);
+        gate_bwd(g, &geo, y_pre, z, dy, dz);
     }
 }
 

@@ -25,28 +25,62 @@ pub fn activation<T: Real>(act: GateActivation, z: T) -> (T, T) {
 
 /// Scores `act(z)` for every logit (what analysis calls the gate score).
 pub fn gate_scores<T: Real>(act: GateActivation, z: &[T]) -> Vec<T> {
-    z.par_iter().map(|&v| activation(act, v).0).collect()
+    let mut a = vec![T::ZERO; z.len()];
+    a.par_chunks_mut(4096).zip(z.par_chunks(4096)).for_each(|(ac, zc)| activate_row(act, zc, ac, None));
+    a
 }
 
+/// `a = act(z)` (and `da = act'(z)` when given) for one row, one straight loop per activation
+/// so the compiler vectorises it.
+fn activate_row<T: Real>(act: GateActivation, z: &[T], a: &mut [T], da: Option<&mut [T]>) {
+    let half = T::from_f64(0.5);
+    match (act, da) {
+        (GateActivation::Sigmoid, None) => a.iter_mut().zip(z).for_each(|(o, &v)| *o = sigmoid(v)),
+        (GateActivation::Silu, None) => a.iter_mut().zip(z).for_each(|(o, &v)| *o = v * sigmoid(v)),
+        (GateActivation::NsSigmoid, None) => a.iter_mut().zip(z).for_each(|(o, &v)| *o = half + half * sigmoid(v)),
+        (GateActivation::Sigmoid, Some(d)) => a.iter_mut().zip(d.iter_mut()).zip(z).for_each(|((o, d), &v)| {
+            let s = sigmoid(v);
+            *o = s;
+            *d = s * (T::ONE - s);
+        }),
+        (GateActivation::Silu, Some(d)) => a.iter_mut().zip(d.iter_mut()).zip(z).for_each(|((o, d), &v)| {
+            let s = sigmoid(v);
+            *o = v * s;
+            *d = s + v * s * (T::ONE - s);
+        }),
+        (GateActivation::NsSigmoid, Some(d)) => a.iter_mut().zip(d.iter_mut()).zip(z).for_each(|((o, d), &v)| {
+            let s = sigmoid(v);
+            *o = half + half * s;
+            *d = half * s * (T::ONE - s);
+        }),
+    }
+}
+
+/// Rows per parallel task (each task reuses one activation scratch row).
+const ROWS: usize = 32;
+
+/// Scores of gate head `grp` (its `per_head` entries) within a row of activations.
 #[inline(always)]
-fn score_index(geo: &GateGeometry, group: usize, elem: usize) -> usize {
-    let h = if geo.heads == 1 { 0 } else { group };
-    let e = if geo.per_head == 1 { 0 } else { elem };
-    h * geo.per_head + e
+fn head_scores<'a, T>(geo: &GateGeometry, a: &'a [T], grp: usize) -> &'a [T] {
+    let h = if geo.heads == 1 { 0 } else { grp };
+    &a[h * geo.per_head..(h + 1) * geo.per_head]
 }
 
 /// Apply the gate in place to `y` (`[rows, groups·width]`) with logits `z` (`[rows, scores]`).
 pub fn gate_fwd<T: Real>(g: &GateConfig, geo: &GateGeometry, y: &mut [T], z: &[T]) {
     let (yw, zw) = (geo.groups * geo.width, geo.scores());
-    y.par_chunks_mut(yw).zip(z.par_chunks(zw)).for_each(|(yr, zr)| {
-        for grp in 0..geo.groups {
-            for e in 0..geo.width {
-                let (a, _) = activation(g.activation, zr[score_index(geo, grp, e)]);
-                let v = &mut yr[grp * geo.width + e];
-                *v = match g.combine {
-                    GateCombine::Multiplicative => *v * a,
-                    GateCombine::Additive => *v + a,
-                };
+    y.par_chunks_mut(yw * ROWS).zip(z.par_chunks(zw * ROWS)).for_each(|(yc, zc)| {
+        let mut a = vec![T::ZERO; zw];
+        for (yr, zr) in yc.chunks_mut(yw).zip(zc.chunks(zw)) {
+            activate_row(g.activation, zr, &mut a, None);
+            for (grp, yh) in yr.chunks_mut(geo.width).enumerate() {
+                let s = head_scores(geo, &a, grp);
+                match (g.combine, s.len()) {
+                    (GateCombine::Multiplicative, 1) => yh.iter_mut().for_each(|v| *v *= s[0]),
+                    (GateCombine::Additive, 1) => yh.iter_mut().for_each(|v| *v += s[0]),
+                    (GateCombine::Multiplicative, _) => yh.iter_mut().zip(s).for_each(|(v, &k)| *v *= k),
+                    (GateCombine::Additive, _) => yh.iter_mut().zip(s).for_each(|(v, &k)| *v += k),
+                }
             }
         }
     });
@@ -56,23 +90,35 @@ pub fn gate_fwd<T: Real>(g: &GateConfig, geo: &GateGeometry, y: &mut [T], z: &[T
 /// `dz` (`[rows, scores]`) is overwritten with d/d(logits).
 pub fn gate_bwd<T: Real>(g: &GateConfig, geo: &GateGeometry, y_pre: &[T], z: &[T], dy: &mut [T], dz: &mut [T]) {
     let (yw, zw) = (geo.groups * geo.width, geo.scores());
-    dy.par_chunks_mut(yw)
-        .zip(dz.par_chunks_mut(zw))
-        .zip(y_pre.par_chunks(yw).zip(z.par_chunks(zw)))
-        .for_each(|((dyr, dzr), (yr, zr))| {
-            dzr.fill(T::ZERO);
-            for grp in 0..geo.groups {
-                for e in 0..geo.width {
-                    let si = score_index(geo, grp, e);
-                    let (a, da) = activation(g.activation, zr[si]);
-                    let i = grp * geo.width + e;
-                    let d = dyr[i];
-                    match g.combine {
-                        GateCombine::Multiplicative => {
-                            dzr[si] += d * yr[i] * da;
-                            dyr[i] = d * a;
+    let mul = g.combine == GateCombine::Multiplicative;
+    dy.par_chunks_mut(yw * ROWS)
+        .zip(dz.par_chunks_mut(zw * ROWS))
+        .zip(y_pre.par_chunks(yw * ROWS).zip(z.par_chunks(zw * ROWS)))
+        .for_each(|((dyc, dzc), (yc, zc))| {
+            let (mut a, mut da) = (vec![T::ZERO; zw], vec![T::ZERO; zw]);
+            for ((dyr, dzr), (yr, zr)) in dyc.chunks_mut(yw).zip(dzc.chunks_mut(zw)).zip(yc.chunks(yw).zip(zc.chunks(zw))) {
+                activate_row(g.activation, zr, &mut a, Some(&mut da));
+                dzr.fill(T::ZERO);
+                for (grp, (dyh, yh)) in dyr.chunks_mut(geo.width).zip(yr.chunks(geo.width)).enumerate() {
+                    let h = if geo.heads == 1 { 0 } else { grp };
+                    let (s, ds) = (head_scores(geo, &a, grp), head_scores(geo, &da, grp));
+                    let dzh = &mut dzr[h * geo.per_head..(h + 1) * geo.per_head];
+                    if s.len() == 1 {
+                        // one score for the whole head: reduce over its elements
+                        let inner = if mul { crate::backend::cpu::dot_lanes(dyh, yh) } else { crate::backend::cpu::sum_lanes(dyh) };
+                        dzh[0] += inner * ds[0];
+                        if mul {
+                            dyh.iter_mut().for_each(|d| *d *= s[0]);
                         }
-                        GateCombine::Additive => dzr[si] += d * da,
+                    } else if mul {
+                        for (((d, &yv), (&k, &dk)), o) in dyh.iter_mut().zip(yh).zip(s.iter().zip(ds)).zip(dzh.iter_mut()) {
+                            *o += *d * yv * dk;
+                            *d *= k;
+                        }
+                    } else {
+                        for ((d, &dk), o) in dyh.iter().zip(ds).zip(dzh.iter_mut()) {
+                            *o += *d * dk;
+                        }
                     }
                 }
             }
