@@ -47,10 +47,15 @@ pub fn grad_norm<T: Real>(g: &ParamStore<T>) -> f64 {
         .sqrt()
 }
 
+/// torch's clip coefficient: gradients are scaled by this to bring their norm to `max_norm`.
+pub fn clip_coef(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
 /// Scale gradients so their global norm is at most `max_norm`; returns the norm before clipping.
 pub fn clip_grad_norm<T: Real>(g: &mut ParamStore<T>, max_norm: f64) -> f64 {
     let norm = grad_norm(g);
-    let coef = max_norm / (norm + 1e-6);
+    let coef = clip_coef(norm, max_norm);
     if coef < 1.0 {
         let c = T::from_f64(coef);
         for t in &mut g.tensors {
@@ -72,7 +77,21 @@ impl<T: Real> AdamW<T> {
 
     /// One step at learning rate `lr` (the schedule's value).
     pub fn update(&mut self, params: &mut ParamStore<T>, grads: &ParamStore<T>, specs: &[ParamSpec], lr: f64) {
+        self.update_scaled(params, grads, specs, lr, 1.0);
+    }
+
+    /// One step on `grad_scale · grads`: clipping folded into the update, saving a pass over the
+    /// gradients.
+    pub fn update_scaled(
+        &mut self,
+        params: &mut ParamStore<T>,
+        grads: &ParamStore<T>,
+        specs: &[ParamSpec],
+        lr: f64,
+        grad_scale: f64,
+    ) {
         self.step += 1;
+        let gs = T::from_f64(grad_scale);
         let c = &self.cfg;
         let (b1, b2) = (T::from_f64(c.beta1), T::from_f64(c.beta2));
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
@@ -94,7 +113,7 @@ impl<T: Real> AdamW<T> {
                 .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
                 .for_each(|((pc, gc), (mc, vc))| {
                     for j in 0..pc.len() {
-                        let gj = gc[j];
+                        let gj = gc[j] * gs;
                         pc[j] *= keep;
                         mc[j] = b1 * mc[j] + (T::ONE - b1) * gj;
                         vc[j] = b2 * vc[j] + (T::ONE - b2) * gj * gj;

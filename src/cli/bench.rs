@@ -4,7 +4,7 @@
 use crate::backend::profile;
 use crate::config::preset_with_gate;
 use crate::model::{Batch, Model};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{clip_coef, grad_norm, AdamW, AdamWConfig};
 use crate::rng::Rng;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -87,8 +87,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             &mut crate::model::observer::NoObserver,
         )?;
         let t_opt = profile::scope("optimizer");
-        clip_grad_norm(&mut grads, 1.0);
-        opt.update(&mut model.params, &grads, &model.specs, 3e-4);
+        let coef = clip_coef(grad_norm(&grads), 1.0);
+        opt.update_scaled(&mut model.params, &grads, &model.specs, 3e-4, coef);
         drop(t_opt);
         if step >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());

@@ -12,7 +12,7 @@ use crate::analysis::probes::{SinkProbe, SinkStats};
 use crate::io::hf::save_model;
 use crate::model::observer::NoObserver;
 use crate::model::{Batch, Model};
-use crate::optim::{clip_grad_norm, grad_norm, AdamW};
+use crate::optim::{clip_coef, grad_norm, AdamW};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use checkpoint::TrainState;
@@ -294,10 +294,12 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
             continue;
         }
         state.consecutive_bad = 0;
-        if cfg.optim.clip > 0.0 {
-            clip_grad_norm(&mut grads, cfg.optim.clip);
-        }
-        opt.update(&mut model.params, &grads, &model.specs, lr);
+        let scale = if cfg.optim.clip > 0.0 {
+            clip_coef(gnorm, cfg.optim.clip)
+        } else {
+            1.0
+        };
+        opt.update_scaled(&mut model.params, &grads, &model.specs, lr, scale);
         let is_spike = spike(&mut state, loss, cfg.stability.spike_window, cfg.stability.spike_margin);
         state.spikes += is_spike as u64;
         last_loss = loss;

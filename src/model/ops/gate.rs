@@ -26,7 +26,9 @@ pub fn activation<T: Real>(act: GateActivation, z: T) -> (T, T) {
 /// Scores `act(z)` for every logit (what analysis calls the gate score).
 pub fn gate_scores<T: Real>(act: GateActivation, z: &[T]) -> Vec<T> {
     let mut a = vec![T::ZERO; z.len()];
-    a.par_chunks_mut(4096).zip(z.par_chunks(4096)).for_each(|(ac, zc)| activate_row(act, zc, ac, None));
+    a.par_chunks_mut(4096)
+        .zip(z.par_chunks(4096))
+        .for_each(|(ac, zc)| activate_row(act, zc, ac, None));
     a
 }
 
@@ -69,21 +71,23 @@ fn head_scores<'a, T>(geo: &GateGeometry, a: &'a [T], grp: usize) -> &'a [T] {
 /// Apply the gate in place to `y` (`[rows, groups·width]`) with logits `z` (`[rows, scores]`).
 pub fn gate_fwd<T: Real>(g: &GateConfig, geo: &GateGeometry, y: &mut [T], z: &[T]) {
     let (yw, zw) = (geo.groups * geo.width, geo.scores());
-    y.par_chunks_mut(yw * ROWS).zip(z.par_chunks(zw * ROWS)).for_each(|(yc, zc)| {
-        let mut a = vec![T::ZERO; zw];
-        for (yr, zr) in yc.chunks_mut(yw).zip(zc.chunks(zw)) {
-            activate_row(g.activation, zr, &mut a, None);
-            for (grp, yh) in yr.chunks_mut(geo.width).enumerate() {
-                let s = head_scores(geo, &a, grp);
-                match (g.combine, s.len()) {
-                    (GateCombine::Multiplicative, 1) => yh.iter_mut().for_each(|v| *v *= s[0]),
-                    (GateCombine::Additive, 1) => yh.iter_mut().for_each(|v| *v += s[0]),
-                    (GateCombine::Multiplicative, _) => yh.iter_mut().zip(s).for_each(|(v, &k)| *v *= k),
-                    (GateCombine::Additive, _) => yh.iter_mut().zip(s).for_each(|(v, &k)| *v += k),
+    y.par_chunks_mut(yw * ROWS)
+        .zip(z.par_chunks(zw * ROWS))
+        .for_each(|(yc, zc)| {
+            let mut a = vec![T::ZERO; zw];
+            for (yr, zr) in yc.chunks_mut(yw).zip(zc.chunks(zw)) {
+                activate_row(g.activation, zr, &mut a, None);
+                for (grp, yh) in yr.chunks_mut(geo.width).enumerate() {
+                    let s = head_scores(geo, &a, grp);
+                    match (g.combine, s.len()) {
+                        (GateCombine::Multiplicative, 1) => yh.iter_mut().for_each(|v| *v *= s[0]),
+                        (GateCombine::Additive, 1) => yh.iter_mut().for_each(|v| *v += s[0]),
+                        (GateCombine::Multiplicative, _) => yh.iter_mut().zip(s).for_each(|(v, &k)| *v *= k),
+                        (GateCombine::Additive, _) => yh.iter_mut().zip(s).for_each(|(v, &k)| *v += k),
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 /// Backward. `y_pre` is the ungated input; `dy` holds d/d(output) on entry and d/d(y_pre) on exit;
@@ -96,7 +100,11 @@ pub fn gate_bwd<T: Real>(g: &GateConfig, geo: &GateGeometry, y_pre: &[T], z: &[T
         .zip(y_pre.par_chunks(yw * ROWS).zip(z.par_chunks(zw * ROWS)))
         .for_each(|((dyc, dzc), (yc, zc))| {
             let (mut a, mut da) = (vec![T::ZERO; zw], vec![T::ZERO; zw]);
-            for ((dyr, dzr), (yr, zr)) in dyc.chunks_mut(yw).zip(dzc.chunks_mut(zw)).zip(yc.chunks(yw).zip(zc.chunks(zw))) {
+            for ((dyr, dzr), (yr, zr)) in dyc
+                .chunks_mut(yw)
+                .zip(dzc.chunks_mut(zw))
+                .zip(yc.chunks(yw).zip(zc.chunks(zw)))
+            {
                 activate_row(g.activation, zr, &mut a, Some(&mut da));
                 dzr.fill(T::ZERO);
                 for (grp, (dyh, yh)) in dyr.chunks_mut(geo.width).zip(yr.chunks(geo.width)).enumerate() {
@@ -105,13 +113,19 @@ pub fn gate_bwd<T: Real>(g: &GateConfig, geo: &GateGeometry, y_pre: &[T], z: &[T
                     let dzh = &mut dzr[h * geo.per_head..(h + 1) * geo.per_head];
                     if s.len() == 1 {
                         // one score for the whole head: reduce over its elements
-                        let inner = if mul { crate::backend::cpu::dot_lanes(dyh, yh) } else { crate::backend::cpu::sum_lanes(dyh) };
+                        let inner = if mul {
+                            crate::backend::cpu::dot_lanes(dyh, yh)
+                        } else {
+                            crate::backend::cpu::sum_lanes(dyh)
+                        };
                         dzh[0] += inner * ds[0];
                         if mul {
                             dyh.iter_mut().for_each(|d| *d *= s[0]);
                         }
                     } else if mul {
-                        for (((d, &yv), (&k, &dk)), o) in dyh.iter_mut().zip(yh).zip(s.iter().zip(ds)).zip(dzh.iter_mut()) {
+                        for (((d, &yv), (&k, &dk)), o) in
+                            dyh.iter_mut().zip(yh).zip(s.iter().zip(ds)).zip(dzh.iter_mut())
+                        {
                             *o += *d * yv * dk;
                             *d *= k;
                         }
