@@ -172,8 +172,15 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub init_std: f64,
+    /// RMSNorm of q and k over head_dim before RoPE (Qwen3 has it; llama does not).
+    #[serde(default = "default_true")]
+    pub qk_norm: bool,
     /// `None`: the ungated baseline.
     pub gate: Option<GateConfig>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Shape of the gate at its position: `groups` heads of `width` elements are gated by
@@ -302,6 +309,7 @@ impl ModelConfig {
             tie_word_embeddings: false,
             max_position_embeddings: 4096,
             init_std: 0.02,
+            qk_norm: true,
             gate,
         })
     }

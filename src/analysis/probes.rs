@@ -30,6 +30,9 @@ pub struct SinkProbe {
     gate_hist: Vec<u64>,
     gate_low: u64,
     gate_high: u64,
+    sparse_1e2: u64,
+    sparse_1e3: u64,
+    attn_out_count: u64,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -52,6 +55,9 @@ pub struct SinkStats {
     pub gate_frac_below_0_1: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gate_frac_above_0_9: Option<f64>,
+    /// Fraction of attention-block outputs (o_proj inputs) with |Y'| < 1e-2 and < 1e-3.
+    pub attn_output_frac_below_1e_2: f64,
+    pub attn_output_frac_below_1e_3: f64,
 }
 
 impl SinkProbe {
@@ -68,6 +74,9 @@ impl SinkProbe {
             gate_hist: vec![0; GATE_BINS],
             gate_low: 0,
             gate_high: 0,
+            sparse_1e2: 0,
+            sparse_1e3: 0,
+            attn_out_count: 0,
         }
     }
 
@@ -122,17 +131,30 @@ impl SinkProbe {
             gate_histogram: if gated { self.gate_hist.clone() } else { vec![] },
             gate_frac_below_0_1: gated.then(|| self.gate_low as f64 / total as f64),
             gate_frac_above_0_9: gated.then(|| self.gate_high as f64 / total as f64),
+            attn_output_frac_below_1e_2: self.sparse_1e2 as f64 / self.attn_out_count.max(1) as f64,
+            attn_output_frac_below_1e_3: self.sparse_1e3 as f64 / self.attn_out_count.max(1) as f64,
         }
     }
 }
 
 impl<T: Real> Observer<T> for SinkProbe {
-    fn wants_attn_probs(&self, _layer: usize) -> bool {
+    fn wants_key0(&self, _layer: usize) -> bool {
         true
     }
-    fn attn_probs(&mut self, layer: usize, probs: &[T]) {
+    fn key0(&mut self, layer: usize, col: &[T]) {
         let (h, t) = (self.heads, self.seq);
-        self.add_first_column(layer, |b, hh, i| probs[((b * h + hh) * t + i) * t].to_f64());
+        self.add_first_column(layer, |b, hh, i| col[(b * h + hh) * t + i].to_f64());
+    }
+    fn wants_attn_output(&self) -> bool {
+        true
+    }
+    fn attn_output(&mut self, _layer: usize, o: &[T]) {
+        for &v in o {
+            let a = v.to_f64().abs();
+            self.sparse_1e2 += (a < 1e-2) as u64;
+            self.sparse_1e3 += (a < 1e-3) as u64;
+        }
+        self.attn_out_count += o.len() as u64;
     }
     fn wants_gate_scores(&self) -> bool {
         true

@@ -1,4 +1,5 @@
 //! Command-line interface: thin wrappers over the library.
+pub mod analyze;
 pub mod bench;
 pub mod dump;
 pub mod train;
@@ -38,6 +39,10 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Train several configurations one after another and compare them in sweep.md
     Sweep(train::SweepArgs),
+    /// Measure attention sinks, massive activations and gate statistics of a model
+    Analyze(analyze::AnalyzeArgs),
+    /// Compare runs and analysed models side by side (report.md + PNGs)
+    Report(analyze::ReportArgs),
     /// Time full training steps (forward, backward, clip, AdamW) on a preset model.
     Bench(bench::BenchArgs),
 }
@@ -59,6 +64,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train::train(a),
+        Command::Analyze(a) => analyze::run_analyze(a),
+        Command::Report(a) => analyze::run_report(a),
         Command::Sweep(a) => train::sweep(a),
     }
 }

@@ -213,6 +213,7 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
             .and_then(Value::as_u64)
             .unwrap_or(32768) as usize,
         init_std: opt_f64(&v, "initializer_range", file)?.unwrap_or(0.02),
+        qk_norm: true,
         gate,
     };
     cfg.validate().with_context(|| file.to_string())?;

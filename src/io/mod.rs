@@ -1,4 +1,5 @@
 //! File formats: safetensors tensors, HF checkpoint layouts (config.json + model.safetensors).
+pub mod gguf;
 pub mod hf;
 pub mod st;
 

@@ -2,7 +2,7 @@
 //! SwiGLU MLP, as an explicit forward that saves what its backward needs.
 
 use super::observer::Observer;
-use super::ops::attention::{attention_bwd, attention_fwd, AttnShape};
+use super::ops::attention::{attention_bwd, attention_fwd, AttnProbes, AttnShape};
 use super::ops::gate::{gate_bwd, gate_fwd, gate_scores};
 use super::ops::linear::{linear_bwd, linear_fwd};
 use super::ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
@@ -138,13 +138,18 @@ pub fn layer_fwd<T: Real>(
     let k_ungated = gate_here(ctx, GatePosition::G3, &mut k, &z);
     let v_ungated = gate_here(ctx, GatePosition::G2, &mut v, &z);
 
-    let mut qr = zeros(n * qd);
-    let mut kr = zeros(n * kvd);
     let mut rstd_q = zeros(n * cfg.num_heads);
     let mut rstd_k = zeros(n * cfg.num_kv_heads);
     _t = scope("fwd.qknorm_rope");
-    rmsnorm_fwd(&q, w(li.q_norm), cfg.norm_style, cfg.rms_norm_eps, &mut qr, &mut rstd_q);
-    rmsnorm_fwd(&k, w(li.k_norm), cfg.norm_style, cfg.rms_norm_eps, &mut kr, &mut rstd_k);
+    let (mut qr, mut kr) = match (li.q_norm, li.k_norm) {
+        (Some(qn), Some(kn)) => {
+            let (mut qr, mut kr) = (zeros(n * qd), zeros(n * kvd));
+            rmsnorm_fwd(&q, w(qn), cfg.norm_style, cfg.rms_norm_eps, &mut qr, &mut rstd_q);
+            rmsnorm_fwd(&k, w(kn), cfg.norm_style, cfg.rms_norm_eps, &mut kr, &mut rstd_k);
+            (qr, kr)
+        }
+        _ => (q.clone(), k.clone()),
+    };
     rope_apply(ctx.rope, &mut qr, cfg.num_heads, hd, ctx.seq, 0, false);
     rope_apply(ctx.rope, &mut kr, cfg.num_kv_heads, hd, ctx.seq, 0, false);
 
@@ -152,12 +157,22 @@ pub fn layer_fwd<T: Real>(
     let sh = ctx.attn_shape();
     let mut o = zeros(n * qd);
     let mut lse = zeros(ctx.batch * cfg.num_heads * ctx.seq);
-    if obs.wants_attn_probs(layer) {
-        let mut probs = zeros(ctx.batch * cfg.num_heads * ctx.seq * ctx.seq);
-        attention_fwd(sh, &qr, &kr, &v, &mut o, &mut lse, Some(&mut probs));
-        obs.attn_probs(layer, &probs);
-    } else {
-        attention_fwd(sh, &qr, &kr, &v, &mut o, &mut lse, None);
+    let mut probs = obs
+        .wants_attn_probs(layer)
+        .then(|| zeros(ctx.batch * cfg.num_heads * ctx.seq * ctx.seq));
+    let mut key0 = obs
+        .wants_key0(layer)
+        .then(|| zeros(ctx.batch * cfg.num_heads * ctx.seq));
+    let probes = AttnProbes {
+        probs: probs.as_deref_mut(),
+        key0: key0.as_deref_mut(),
+    };
+    attention_fwd(sh, &qr, &kr, &v, &mut o, &mut lse, probes);
+    if let Some(p) = probs {
+        obs.attn_probs(layer, &p);
+    }
+    if let Some(k) = key0 {
+        obs.key0(layer, &k);
     }
 
     _t = scope("fwd.o_proj");
@@ -169,6 +184,9 @@ pub fn layer_fwd<T: Real>(
         og
     });
     let o_in = o_gated.as_ref().unwrap_or(&o_sdpa);
+    if obs.wants_attn_output() {
+        obs.attn_output(layer, o_in);
+    }
     let mut a = zeros(n * dm);
     linear_fwd(o_in, w(li.o_proj), n, qd, dm, &mut a);
     let a_ungated = gate_here(ctx, GatePosition::G5, &mut a, &z);
@@ -347,28 +365,33 @@ pub fn layer_bwd<T: Real>(
     _t = scope("bwd.qknorm_rope");
     rope_apply(ctx.rope, &mut dq, cfg.num_heads, hd, ctx.seq, 0, true);
     rope_apply(ctx.rope, &mut dk, cfg.num_kv_heads, hd, ctx.seq, 0, true);
-    let mut dq_pre = zeros(n * qd);
-    let mut dk_pre = zeros(n * kvd);
-    rmsnorm_bwd(
-        &c.q_pre,
-        w(li.q_norm),
-        style,
-        &c.rstd_q,
-        &dq,
-        &mut dq_pre,
-        false,
-        &mut grads.tensors[li.q_norm].data,
-    );
-    rmsnorm_bwd(
-        &c.k_pre,
-        w(li.k_norm),
-        style,
-        &c.rstd_k,
-        &dk,
-        &mut dk_pre,
-        false,
-        &mut grads.tensors[li.k_norm].data,
-    );
+    let (mut dq_pre, mut dk_pre) = match (li.q_norm, li.k_norm) {
+        (Some(qn), Some(kn)) => {
+            let (mut dq_pre, mut dk_pre) = (zeros(n * qd), zeros(n * kvd));
+            rmsnorm_bwd(
+                &c.q_pre,
+                w(qn),
+                style,
+                &c.rstd_q,
+                &dq,
+                &mut dq_pre,
+                false,
+                &mut grads.tensors[qn].data,
+            );
+            rmsnorm_bwd(
+                &c.k_pre,
+                w(kn),
+                style,
+                &c.rstd_k,
+                &dk,
+                &mut dk_pre,
+                false,
+                &mut grads.tensors[kn].data,
+            );
+            (dq_pre, dk_pre)
+        }
+        _ => (dq, dk),
+    };
     _t = scope("bwd.gate");
     gate_back(
         ctx,

@@ -129,6 +129,16 @@ impl<T: Real> Model<T> {
     }
 
     fn run(&self, b: &Batch, obs: &mut dyn Observer<T>, grads: Option<&mut ParamStore<T>>) -> Result<Forward<T>> {
+        self.run_inner(b, obs, grads, true)
+    }
+
+    fn run_inner(
+        &self,
+        b: &Batch,
+        obs: &mut dyn Observer<T>,
+        grads: Option<&mut ParamStore<T>>,
+        keep_logits: bool,
+    ) -> Result<Forward<T>> {
         self.check_batch(b)?;
         let cfg = &self.cfg;
         let (n, dm, vocab) = (b.batch * b.seq, cfg.hidden_size, cfg.vocab_size);
@@ -168,18 +178,44 @@ impl<T: Real> Model<T> {
         let mut rstd = vec![T::ZERO; n];
         let wn = &p.tensors[self.index.norm].data;
         rmsnorm_fwd(&x, wn, cfg.norm_style, cfg.rms_norm_eps, &mut hf, &mut rstd);
+        let count = target_count(b.targets);
+        let rows = (HEAD_CHUNK_ELEMS / vocab).clamp(1, n);
         let Some(grads) = grads else {
-            let mut logits = vec![T::ZERO; n * vocab];
-            linear_fwd(&hf, self.lm_head(), n, dm, vocab, &mut logits);
-            let loss = cross_entropy(&mut logits, vocab, b.targets, false);
-            return Ok(Forward { logits, loss });
+            if keep_logits {
+                let mut logits = vec![T::ZERO; n * vocab];
+                linear_fwd(&hf, self.lm_head(), n, dm, vocab, &mut logits);
+                let loss = cross_entropy(&mut logits, vocab, b.targets, false);
+                return Ok(Forward { logits, loss });
+            }
+            let mut chunk = vec![T::ZERO; rows * vocab];
+            let mut sum = 0.0;
+            for r0 in (0..n).step_by(rows) {
+                let r = rows.min(n - r0);
+                linear_fwd(
+                    &hf[r0 * dm..(r0 + r) * dm],
+                    self.lm_head(),
+                    r,
+                    dm,
+                    vocab,
+                    &mut chunk[..r * vocab],
+                );
+                sum += cross_entropy_sum(
+                    &mut chunk[..r * vocab],
+                    vocab,
+                    &b.targets[r0..r0 + r],
+                    false,
+                    count.max(1),
+                );
+            }
+            return Ok(Forward {
+                logits: Vec::new(),
+                loss: sum / count.max(1) as f64,
+            });
         };
         // Training: LM head, loss and their backward fused over row chunks, so each chunk of
         // logits stays in cache instead of making four trips through memory.
         _t = scope("head");
         let head = self.index.lm_head.unwrap_or(self.index.embed);
-        let count = target_count(b.targets);
-        let rows = (HEAD_CHUNK_ELEMS / vocab).clamp(1, n);
         let mut chunk = vec![T::ZERO; rows * vocab];
         let mut dhf = vec![T::ZERO; n * dm];
         let mut loss_sum = 0.0;
@@ -233,6 +269,11 @@ impl<T: Real> Model<T> {
     /// Inference forward: logits and loss, with observers.
     pub fn forward(&self, b: &Batch, obs: &mut dyn Observer<T>) -> Result<Forward<T>> {
         self.run(b, obs, None)
+    }
+
+    /// Inference loss without materialising `[tokens, vocab]` logits (long inputs, big vocabularies).
+    pub fn forward_loss(&self, b: &Batch, obs: &mut dyn Observer<T>) -> Result<f64> {
+        Ok(self.run_inner(b, obs, None, false)?.loss)
     }
 
     /// Forward + backward; gradients are *added* to `grads` (so micro-batches accumulate).

@@ -9,6 +9,17 @@ pub trait Observer<T> {
         false
     }
     fn attn_probs(&mut self, _layer: usize, _probs: &[T]) {}
+    /// Whether layer `layer` should report attention on key 0 (`[batch, heads, seq]`): the sink
+    /// metrics need only this column, so long inputs never materialise T×T maps.
+    fn wants_key0(&self, _layer: usize) -> bool {
+        false
+    }
+    fn key0(&mut self, _layer: usize, _col: &[T]) {}
+    /// The attention block's output before o_proj (SDPA output after a G1 gate), `[batch·seq, heads·d]`.
+    fn wants_attn_output(&self) -> bool {
+        false
+    }
+    fn attn_output(&mut self, _layer: usize, _o: &[T]) {}
     fn wants_gate_scores(&self) -> bool {
         false
     }

@@ -32,8 +32,9 @@ pub struct LayerIndex {
     pub k_proj: usize,
     pub v_proj: usize,
     pub o_proj: usize,
-    pub q_norm: usize,
-    pub k_norm: usize,
+    /// `None` without QK-norm (llama).
+    pub q_norm: Option<usize>,
+    pub k_norm: Option<usize>,
     pub gate: Option<usize>,
     pub post_norm: usize,
     pub mlp_gate: usize,
@@ -170,18 +171,25 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
             Init::Normal(std),
             ParamKind::Matrix,
         );
-        let q_norm = push(
-            format!("{p}self_attn.q_norm.weight"),
-            vec![cfg.head_dim],
-            norm_init,
-            ParamKind::Norm,
-        );
-        let k_norm = push(
-            format!("{p}self_attn.k_norm.weight"),
-            vec![cfg.head_dim],
-            norm_init,
-            ParamKind::Norm,
-        );
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            let hd = vec![cfg.head_dim];
+            (
+                Some(push(
+                    format!("{p}self_attn.q_norm.weight"),
+                    hd.clone(),
+                    norm_init,
+                    ParamKind::Norm,
+                )),
+                Some(push(
+                    format!("{p}self_attn.k_norm.weight"),
+                    hd,
+                    norm_init,
+                    ParamKind::Norm,
+                )),
+            )
+        } else {
+            (None, None)
+        };
         let gate = match (&cfg.gate, cfg.gate_geometry()) {
             (Some(g), Some(geo)) => {
                 let gstd = g.init_std.unwrap_or(std);

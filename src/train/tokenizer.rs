@@ -130,6 +130,30 @@ impl Tok {
         Self::from_hf(tok, &what)
     }
 
+    /// A byte-level BPE from a vocabulary (id = position) and merges ("a b"), e.g. from GGUF.
+    pub fn from_vocab_merges(tokens: Vec<String>, merges: Vec<String>, eos: u32) -> Result<Tok> {
+        if eos as usize >= tokens.len() {
+            bail!("eos id {eos} is outside the vocabulary ({})", tokens.len());
+        }
+        let vocab: Vocab = tokens.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
+        let merges = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .with_context(|| format!("bad merge '{m}'"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| anyhow::anyhow!("bad BPE vocabulary: {e}"))?;
+        Ok(Tok::Hf {
+            tok: Box::new(byte_level_tokenizer(bpe)),
+            eos,
+        })
+    }
+
     /// Train a byte-level BPE with `vocab_size` entries on `texts`.
     pub fn train_bpe(texts: &[String], vocab_size: usize) -> Result<Tok> {
         if vocab_size < 258 {

@@ -113,8 +113,16 @@ fn scores<T: Real>(
     };
 }
 
-/// Forward. Writes `out` (`[rows, heads·d]`), `lse` (`[batch, heads, seq]`) and, if given, the full
-/// probabilities `probs` (`[batch, heads, seq, seq]`, zeros above the diagonal).
+/// What the forward may report besides its output.
+#[derive(Default)]
+pub struct AttnProbes<'a, T> {
+    /// Full probabilities `[batch, heads, seq, seq]` (zeros above the diagonal).
+    pub probs: Option<&'a mut [T]>,
+    /// Attention on key 0, `[batch, heads, seq]`.
+    pub key0: Option<&'a mut [T]>,
+}
+
+/// Forward. Writes `out` (`[rows, heads·d]`), `lse` (`[batch, heads, seq]`) and the requested probes.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd<T: Real>(
     sh: AttnShape,
@@ -123,7 +131,7 @@ pub fn attention_fwd<T: Real>(
     v: &[T],
     out: &mut [T],
     lse: &mut [T],
-    probs: Option<&mut [T]>,
+    probes: AttnProbes<T>,
 ) {
     sh.check(q, k, v);
     assert_eq!(out.len(), q.len());
@@ -141,8 +149,12 @@ pub fn attention_fwd<T: Real>(
     let vw = &SyncViews(vw);
     let outp = SyncPtr(out.as_mut_ptr());
     let lsep = SyncPtr(lse.as_mut_ptr());
-    let probp = probs.map(|p| {
+    let probp = probes.probs.map(|p| {
         assert_eq!(p.len(), sh.batch * hq * t * t);
+        SyncPtr(p.as_mut_ptr())
+    });
+    let key0p = probes.key0.map(|p| {
+        assert_eq!(p.len(), sh.batch * hq * t);
         SyncPtr(p.as_mut_ptr())
     });
     (0..sh.batch * kv).into_par_iter().for_each(|task| {
@@ -163,6 +175,10 @@ pub fn attention_fwd<T: Real>(
                     row[lim..].fill(T::ZERO);
                     // SAFETY: (b, h, i0 + r) is owned by this task.
                     unsafe { *lsep.get().add((b * hq + h) * t + i0 + r) = m + sum.ln() };
+                    if let Some(kp) = key0p {
+                        // SAFETY: (b, h, i0 + r) is owned by this task.
+                        unsafe { *kp.get().add((b * hq + h) * t + i0 + r) = row[0] };
+                    }
                     if let Some(pp) = probp {
                         let dst =
                             unsafe { std::slice::from_raw_parts_mut(pp.get().add(((b * hq + h) * t + i0 + r) * t), t) };
@@ -402,10 +418,26 @@ mod tests {
         let mut o = vec![0.0; n * 32];
         let mut lse = vec![0.0; 2 * 4 * 150];
         let mut p = vec![0.0; 2 * 4 * 150 * 150];
-        attention_fwd(sh, &q, &k, &v, &mut o, &mut lse, Some(&mut p));
+        let mut k0 = vec![0.0; 2 * 4 * 150];
+        attention_fwd(
+            sh,
+            &q,
+            &k,
+            &v,
+            &mut o,
+            &mut lse,
+            AttnProbes {
+                probs: Some(&mut p),
+                key0: Some(&mut k0),
+            },
+        );
         let (ro, rp) = naive(sh, &q, &k, &v);
         assert!(o.iter().zip(&ro).all(|(a, b)| (a - b).abs() < 1e-12));
         assert!(p.iter().zip(&rp).all(|(a, b)| (a - b).abs() < 1e-12));
+        assert!(
+            k0.iter().enumerate().all(|(i, &x)| x == p[i * 150]),
+            "key-0 column equals the maps' column 0"
+        );
     }
 
     #[test]
@@ -423,12 +455,12 @@ mod tests {
         let f = |q: &[f64], k: &[f64], v: &[f64]| {
             let mut o = vec![0.0; n * 16];
             let mut lse = vec![0.0; 2 * 4 * 70];
-            attention_fwd(sh, q, k, v, &mut o, &mut lse, None);
+            attention_fwd(sh, q, k, v, &mut o, &mut lse, AttnProbes::default());
             o.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>()
         };
         let mut o = vec![0.0; n * 16];
         let mut lse = vec![0.0; 2 * 4 * 70];
-        attention_fwd(sh, &q, &k, &v, &mut o, &mut lse, None);
+        attention_fwd(sh, &q, &k, &v, &mut o, &mut lse, AttnProbes::default());
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         attention_bwd(sh, &q, &k, &v, &o, &lse, &w, &mut dq, &mut dk, &mut dv);
         check_grad(&q, &dq, |x| f(x, &k, &v), 1e-7);

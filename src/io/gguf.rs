@@ -1,0 +1,617 @@
+//! llama.cpp GGUF files: a bounds-checked reader (no allocation sized by an unchecked header
+//! field), dequantisation of F32/F16/BF16/Q8_0/Q4_0/Q4_1, a writer with the reference quantisers
+//! (for tests and export), and loading of `llama` / `qwen3` models with their tokenizer.
+
+use crate::config::{ModelConfig, NormStyle};
+use crate::model::params::{param_specs, ParamStore, Tensor};
+use crate::model::Model;
+use crate::train::tokenizer::Tok;
+use anyhow::{bail, Context, Result};
+use half::{bf16, f16};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    Arr(Vec<Value>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(x) => Some(x as u64),
+            Value::U16(x) => Some(x as u64),
+            Value::U32(x) => Some(x as u64),
+            Value::U64(x) => Some(x),
+            Value::I8(x) if x >= 0 => Some(x as u64),
+            Value::I16(x) if x >= 0 => Some(x as u64),
+            Value::I32(x) if x >= 0 => Some(x as u64),
+            Value::I64(x) if x >= 0 => Some(x as u64),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(x) => Some(x as f64),
+            Value::F64(x) => Some(x),
+            _ => self.as_u64().map(|x| x as f64),
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// ggml tensor types we read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgmlType {
+    F32 = 0,
+    F16 = 1,
+    Q4_0 = 2,
+    Q4_1 = 3,
+    Q8_0 = 8,
+    BF16 = 30,
+}
+
+impl GgmlType {
+    fn from_u32(t: u32) -> Option<GgmlType> {
+        Some(match t {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+    /// (elements per block, bytes per block)
+    fn block(self) -> (u64, u64) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q8_0 => (32, 34),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: dims[0] is the fastest-varying (columns).
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+pub struct Gguf {
+    pub path: String,
+    data: memmap2::Mmap,
+    pub version: u32,
+    pub meta: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: usize,
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+    what: &'a str,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: u64) -> Result<&'a [u8]> {
+        let n = usize::try_from(n).ok().filter(|&n| n <= self.b.len() - self.pos);
+        let n = n.with_context(|| {
+            format!(
+                "{}: truncated at byte {} (header points past the end)",
+                self.what, self.pos
+            )
+        })?;
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn str(&mut self) -> Result<String> {
+        let n = self.u64()?;
+        let bytes = self.take(n)?;
+        String::from_utf8(bytes.to_vec())
+            .with_context(|| format!("{}: string at byte {} is not UTF-8", self.what, self.pos))
+    }
+    fn remaining(&self) -> u64 {
+        (self.b.len() - self.pos) as u64
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
+        Ok(match ty {
+            0 => Value::U8(self.take(1)?[0]),
+            1 => Value::I8(self.take(1)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.take(2)?.try_into().unwrap())),
+            3 => Value::I16(i16::from_le_bytes(self.take(2)?.try_into().unwrap())),
+            4 => Value::U32(self.u32()?),
+            5 => Value::I32(self.u32()? as i32),
+            6 => Value::F32(f32::from_le_bytes(self.take(4)?.try_into().unwrap())),
+            7 => Value::Bool(self.take(1)?[0] != 0),
+            8 => Value::Str(self.str()?),
+            9 => {
+                if depth > 4 {
+                    bail!("{}: arrays nested too deeply", self.what);
+                }
+                let ety = self.u32()?;
+                let n = self.u64()?;
+                // every element takes at least one byte: bound the count before allocating
+                if n > self.remaining() {
+                    bail!(
+                        "{}: array of {n} elements cannot fit in the remaining {} bytes",
+                        self.what,
+                        self.remaining()
+                    );
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    v.push(self.value(ety, depth + 1)?);
+                }
+                Value::Arr(v)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(self.u64()? as i64),
+            12 => Value::F64(f64::from_le_bytes(self.take(8)?.try_into().unwrap())),
+            t => bail!("{}: unknown metadata value type {t}", self.what),
+        })
+    }
+}
+
+impl Gguf {
+    pub fn open(path: &Path) -> Result<Gguf> {
+        let what = path.display().to_string();
+        let f = std::fs::File::open(path).with_context(|| format!("cannot open {what}"))?;
+        // SAFETY: read-only mapping, every access below is bounds-checked.
+        let data = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {what}"))?;
+        let mut c = Cursor {
+            b: &data,
+            pos: 0,
+            what: &what,
+        };
+        if c.take(4).ok() != Some(b"GGUF".as_slice()) {
+            bail!("{what}: not a GGUF file (bad magic)");
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            bail!("{what}: GGUF version {version} is not supported (2 or 3)");
+        }
+        let n_tensors = c.u64()?;
+        let n_kv = c.u64()?;
+        if n_tensors > c.remaining() / 24 || n_kv > c.remaining() / 12 {
+            bail!("{what}: header claims {n_tensors} tensors and {n_kv} metadata entries, more than the file can hold");
+        }
+        let mut meta = BTreeMap::new();
+        for _ in 0..n_kv {
+            let k = c.str()?;
+            let ty = c.u32()?;
+            let v = c.value(ty, 0)?;
+            meta.insert(k, v);
+        }
+        let mut infos = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = c.str()?;
+            let nd = c.u32()?;
+            if nd == 0 || nd > 4 {
+                bail!("{what}: tensor '{name}' has {nd} dimensions (1 to 4 supported)");
+            }
+            let dims = (0..nd).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
+            let tyn = c.u32()?;
+            let ty = GgmlType::from_u32(tyn).with_context(|| {
+                format!("{what}: tensor '{name}' has ggml type {tyn} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+            })?;
+            let offset = c.u64()?;
+            let numel = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d).filter(|_| d > 0))
+                .with_context(|| format!("{what}: tensor '{name}' has absurd dimensions {dims:?}"))?;
+            let (be, bb) = ty.block();
+            if dims[0] % be != 0 {
+                bail!(
+                    "{what}: tensor '{name}' row length {} is not a multiple of the {ty:?} block ({be})",
+                    dims[0]
+                );
+            }
+            let bytes = (numel / be)
+                .checked_mul(bb)
+                .with_context(|| format!("{what}: tensor '{name}' too large"))?;
+            infos.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                offset,
+                bytes,
+            });
+        }
+        let align = meta
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1);
+        let data_start = (c.pos as u64).div_ceil(align) * align;
+        let data_len = (data.len() as u64).saturating_sub(data_start);
+        for t in &infos {
+            if t.offset.checked_add(t.bytes).is_none_or(|end| end > data_len) {
+                bail!(
+                    "{what}: tensor '{}' (offset {}, {} bytes) lies past the end of the file",
+                    t.name,
+                    t.offset,
+                    t.bytes
+                );
+            }
+        }
+        Ok(Gguf {
+            path: what,
+            data_start: data_start as usize,
+            data,
+            version,
+            meta,
+            tensors: infos,
+        })
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Dequantised data (row-major, `dims` reversed = PyTorch shape).
+    pub fn f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let t = self
+            .info(name)
+            .with_context(|| format!("{}: no tensor '{name}'", self.path))?;
+        let start = self.data_start + t.offset as usize;
+        let b = &self.data[start..start + t.bytes as usize];
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        Ok((shape, dequantize(t.ty, b)))
+    }
+
+    pub fn get(&self, key: &str) -> Result<&Value> {
+        self.meta
+            .get(key)
+            .with_context(|| format!("{}: missing metadata '{key}'", self.path))
+    }
+}
+
+pub fn dequantize(ty: GgmlType, b: &[u8]) -> Vec<f32> {
+    let h = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    match ty {
+        GgmlType::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        GgmlType::F16 => b
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        GgmlType::BF16 => b
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        GgmlType::Q8_0 => b
+            .chunks_exact(34)
+            .enumerate()
+            .flat_map(|(k, c)| {
+                let d = h(k * 34);
+                c[2..].iter().map(move |&q| q as i8 as f32 * d)
+            })
+            .collect(),
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let bb = ty.block().1 as usize;
+            let mut out = Vec::with_capacity(b.len() / bb * 32);
+            for c in b.chunks_exact(bb) {
+                let d = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                let (m, qs) = if ty == GgmlType::Q4_1 {
+                    (f16::from_le_bytes([c[2], c[3]]).to_f32(), &c[4..])
+                } else {
+                    (-8.0 * d, &c[2..])
+                };
+                out.extend(qs.iter().map(|&q| (q & 0xF) as f32 * d + m));
+                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
+            }
+            out
+        }
+    }
+}
+
+/// Quantise `x` (length a multiple of 32 for block types) as llama.cpp's reference quantisers do.
+pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match ty {
+        GgmlType::F32 => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        GgmlType::F16 => x.iter().for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
+        GgmlType::BF16 => x.iter().for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
+        GgmlType::Q8_0 => {
+            for blk in x.chunks(32) {
+                let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(blk.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for blk in x.chunks(32) {
+                let max = blk.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                out.extend((0..16).map(|j| q(blk[j]) | (q(blk[j + 16]) << 4)));
+            }
+        }
+        GgmlType::Q4_1 => {
+            for blk in x.chunks(32) {
+                let (mn, mx) = blk.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                let d = (mx - mn) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(f16::from_f32(mn).to_le_bytes());
+                let q = |v: f32| (((v - mn) * id + 0.5) as i32).clamp(0, 15) as u8;
+                out.extend((0..16).map(|j| q(blk[j]) | (q(blk[j + 16]) << 4)));
+            }
+        }
+    }
+    out
+}
+
+fn write_value(out: &mut Vec<u8>, v: &Value) {
+    let ty: u32 = match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::Str(_) => 8,
+        Value::Arr(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    };
+    out.extend(ty.to_le_bytes());
+    write_payload(out, v);
+}
+
+fn write_payload(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.push(*x as u8),
+        Value::U16(x) => out.extend(x.to_le_bytes()),
+        Value::I16(x) => out.extend(x.to_le_bytes()),
+        Value::U32(x) => out.extend(x.to_le_bytes()),
+        Value::I32(x) => out.extend(x.to_le_bytes()),
+        Value::F32(x) => out.extend(x.to_le_bytes()),
+        Value::Bool(x) => out.push(*x as u8),
+        Value::Str(s) => {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+        }
+        Value::Arr(a) => {
+            let mut probe = Vec::new();
+            write_value(&mut probe, a.first().unwrap_or(&Value::U8(0)));
+            out.extend(&probe[..4]);
+            out.extend((a.len() as u64).to_le_bytes());
+            a.iter().for_each(|x| write_payload(out, x));
+        }
+        Value::U64(x) => out.extend(x.to_le_bytes()),
+        Value::I64(x) => out.extend(x.to_le_bytes()),
+        Value::F64(x) => out.extend(x.to_le_bytes()),
+    }
+}
+
+/// Write a GGUF v3 file. Tensors: (name, PyTorch shape, type, f32 data to quantise).
+pub fn write(path: &Path, meta: &[(&str, Value)], tensors: &[(String, Vec<usize>, GgmlType, Vec<f32>)]) -> Result<()> {
+    let mut out = Vec::new();
+    out.extend(b"GGUF");
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        write_payload(&mut out, &Value::Str(k.to_string()));
+        write_value(&mut out, v);
+    }
+    let blobs: Vec<Vec<u8>> = tensors.iter().map(|(_, _, ty, d)| quantize(*ty, d)).collect();
+    let mut offset = 0u64;
+    for ((name, shape, ty, _), blob) in tensors.iter().zip(&blobs) {
+        write_payload(&mut out, &Value::Str(name.clone()));
+        out.extend((shape.len() as u32).to_le_bytes());
+        shape.iter().rev().for_each(|&d| out.extend((d as u64).to_le_bytes()));
+        out.extend((*ty as u32).to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset += (blob.len() as u64).div_ceil(32) * 32;
+    }
+    out.resize(out.len().div_ceil(32) * 32, 0);
+    for blob in &blobs {
+        out.extend(blob);
+        out.resize(out.len().div_ceil(32) * 32, 0);
+    }
+    crate::io::write_atomic(path, &out)
+}
+
+/// Undo llama.cpp's q/k row permutation (HF rotate-half → interleaved RoPE): within each head,
+/// GGUF row 2j + t holds HF row t·d/2 + j.
+pub fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let rows = w.len() / cols;
+    let d = rows / heads;
+    let mut out = vec![0.0; w.len()];
+    for h in 0..heads {
+        for j in 0..d / 2 {
+            for t in 0..2 {
+                let (src, dst) = (h * d + 2 * j + t, h * d + t * (d / 2) + j);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// HF tensor name → GGUF tensor name.
+fn gguf_name(hf: &str) -> String {
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        let (i, tail) = rest.split_once('.').unwrap();
+        let t = match tail {
+            "input_layernorm.weight" => "attn_norm",
+            "self_attn.q_proj.weight" => "attn_q",
+            "self_attn.k_proj.weight" => "attn_k",
+            "self_attn.v_proj.weight" => "attn_v",
+            "self_attn.o_proj.weight" => "attn_output",
+            "self_attn.q_norm.weight" => "attn_q_norm",
+            "self_attn.k_norm.weight" => "attn_k_norm",
+            "post_attention_layernorm.weight" => "ffn_norm",
+            "mlp.gate_proj.weight" => "ffn_gate",
+            "mlp.up_proj.weight" => "ffn_up",
+            "mlp.down_proj.weight" => "ffn_down",
+            other => other,
+        };
+        return format!("blk.{i}.{t}.weight");
+    }
+    match hf {
+        "model.embed_tokens.weight" => "token_embd.weight".into(),
+        "model.norm.weight" => "output_norm.weight".into(),
+        "lm_head.weight" => "output.weight".into(),
+        o => o.into(),
+    }
+}
+
+/// The model config a llama/qwen3 GGUF describes.
+pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
+    let arch = g.get("general.architecture")?.as_str().unwrap_or("").to_string();
+    if arch != "llama" && arch != "qwen3" {
+        bail!("{}: architecture '{arch}' is not supported (llama, qwen3)", g.path);
+    }
+    let u = |k: &str| -> Result<usize> {
+        let key = format!("{arch}.{k}");
+        g.get(&key)?
+            .as_u64()
+            .filter(|&x| x > 0 && x < 1 << 32)
+            .map(|x| x as usize)
+            .with_context(|| format!("{}: '{key}' must be a positive integer", g.path))
+    };
+    let hidden = u("embedding_length")?;
+    let heads = u("attention.head_count")?;
+    let kv = u("attention.head_count_kv").unwrap_or(heads);
+    let head_dim = u("attention.key_length").unwrap_or(hidden / heads);
+    let vocab = g
+        .info("token_embd.weight")
+        .with_context(|| format!("{}: no token_embd.weight", g.path))?
+        .dims[1] as usize;
+    let cfg = ModelConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        num_layers: u("block_count")?,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        intermediate_size: u("feed_forward_length")?,
+        rms_norm_eps: g
+            .meta
+            .get(&format!("{arch}.attention.layer_norm_rms_epsilon"))
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-5),
+        rope_theta: g
+            .meta
+            .get(&format!("{arch}.rope.freq_base"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0),
+        partial_rotary_factor: 1.0,
+        norm_style: NormStyle::Standard,
+        tie_word_embeddings: g.info("output.weight").is_none(),
+        max_position_embeddings: u("context_length").unwrap_or(4096).min(1 << 16),
+        init_std: 0.02,
+        qk_norm: arch == "qwen3",
+        gate: None,
+    };
+    cfg.validate().with_context(|| g.path.clone())?;
+    Ok(cfg)
+}
+
+/// The tokenizer embedded in a GGUF (`gpt2`-style byte-level BPE).
+pub fn tokenizer(g: &Gguf) -> Result<Tok> {
+    let model = g.get("tokenizer.ggml.model")?.as_str().unwrap_or("");
+    if model != "gpt2" {
+        bail!(
+            "{}: tokenizer model '{model}' is not supported (gpt2-style BPE); pass --tokens instead",
+            g.path
+        );
+    }
+    let strings = |k: &str| -> Result<Vec<String>> {
+        match g.get(k)? {
+            Value::Arr(a) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .with_context(|| format!("{}: '{k}' must hold strings", g.path))
+                })
+                .collect(),
+            _ => bail!("{}: '{k}' must be an array", g.path),
+        }
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let eos = g
+        .get("tokenizer.ggml.eos_token_id")?
+        .as_u64()
+        .map(|x| x as u32)
+        .with_context(|| format!("{}: bad eos_token_id", g.path))?;
+    Tok::from_vocab_merges(tokens, merges, eos).with_context(|| g.path.clone())
+}
+
+/// Load a llama/qwen3 GGUF as a model (weights dequantised to f32) with its tokenizer.
+pub fn load_gguf_model(path: &Path) -> Result<(Model<f32>, Tok)> {
+    let g = Gguf::open(path)?;
+    let cfg = model_config(&g)?;
+    let permuted = g.get("general.architecture")?.as_str() == Some("llama");
+    let (specs, _) = param_specs(&cfg);
+    let mut store = ParamStore::<f32>::zeros_like(&specs);
+    for (i, s) in specs.iter().enumerate() {
+        let name = gguf_name(&s.name);
+        let (shape, mut data) = g.f32(&name)?;
+        if shape != s.shape {
+            bail!(
+                "{}: tensor '{name}' has shape {shape:?}, the metadata implies {:?}",
+                g.path,
+                s.shape
+            );
+        }
+        if permuted && name.ends_with("attn_q.weight") {
+            data = unpermute_rows(&data, cfg.num_heads, cfg.hidden_size);
+        } else if permuted && name.ends_with("attn_k.weight") {
+            data = unpermute_rows(&data, cfg.num_kv_heads, cfg.hidden_size);
+        }
+        if data.iter().any(|x| !x.is_finite()) {
+            bail!("{}: tensor '{name}' contains NaN or Inf", g.path);
+        }
+        store.tensors[i] = Tensor { shape, data };
+    }
+    let tok = tokenizer(&g)?;
+    Ok((Model::from_params(cfg, store)?, tok))
+}
