@@ -172,11 +172,60 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub init_std: f64,
+    /// Context extension: `None` = plain RoPE at `rope_theta` (raise the theta for a base change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     /// RMSNorm of q and k over head_dim before RoPE (Qwen3 has it; llama does not).
     #[serde(default = "default_true")]
     pub qk_norm: bool,
     /// `None`: the ungated baseline.
     pub gate: Option<GateConfig>,
+}
+
+/// RoPE scaling for context extension (transformers' `rope_parameters` semantics).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    /// "yarn" or "linear" (position interpolation)
+    pub kind: String,
+    pub factor: f64,
+    /// The context length the model was trained at.
+    pub original_max_position_embeddings: usize,
+    #[serde(default = "default_beta_fast")]
+    pub beta_fast: f64,
+    #[serde(default = "default_beta_slow")]
+    pub beta_slow: f64,
+    /// YaRN attention temperature; `None` = 0.1·ln(factor) + 1.
+    #[serde(default)]
+    pub attention_factor: Option<f64>,
+}
+
+fn default_beta_fast() -> f64 {
+    32.0
+}
+fn default_beta_slow() -> f64 {
+    1.0
+}
+
+impl RopeScaling {
+    pub fn yarn(factor: f64, original: usize) -> Self {
+        RopeScaling {
+            kind: "yarn".into(),
+            factor,
+            original_max_position_embeddings: original,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attention_factor: None,
+        }
+    }
+    pub fn validate(&self) -> Result<()> {
+        if !["yarn", "linear"].contains(&self.kind.as_str()) {
+            bail!("rope_scaling: kind must be yarn or linear, got '{}'", self.kind);
+        }
+        if !(self.factor.is_finite() && self.factor >= 1.0) || self.original_max_position_embeddings == 0 {
+            bail!("rope_scaling: factor must be ≥ 1 and original_max_position_embeddings > 0");
+        }
+        Ok(())
+    }
 }
 
 fn default_true() -> bool {
@@ -270,6 +319,9 @@ impl ModelConfig {
                 self.rope_theta
             );
         }
+        if let Some(r) = &self.rope_scaling {
+            r.validate()?;
+        }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             bail!("model config: rms_norm_eps must be > 0, got {}", self.rms_norm_eps);
         }
@@ -309,6 +361,7 @@ impl ModelConfig {
             tie_word_embeddings: false,
             max_position_embeddings: 4096,
             init_std: 0.02,
+            rope_scaling: None,
             qk_norm: true,
             gate,
         })

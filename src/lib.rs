@@ -7,6 +7,7 @@ pub mod analysis;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod infer;
 pub mod io;
 pub mod model;
 pub mod optim;

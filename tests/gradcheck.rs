@@ -29,6 +29,7 @@ fn tiny_cfg(gate: Option<GateConfig>) -> ModelConfig {
         tie_word_embeddings: false,
         max_position_embeddings: 64,
         init_std: 0.4,
+        rope_scaling: None,
         qk_norm: true,
         gate,
     }

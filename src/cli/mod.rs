@@ -2,6 +2,7 @@
 pub mod analyze;
 pub mod bench;
 pub mod dump;
+pub mod infer;
 pub mod train;
 
 use crate::io::hf::{load_model, save_model, Layout};
@@ -43,6 +44,12 @@ pub enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Compare runs and analysed models side by side (report.md + PNGs)
     Report(analyze::ReportArgs),
+    /// Generate text with a KV cache, streaming tokens as they are produced
+    Generate(infer::GenerateArgs),
+    /// Perplexity of a text (sliding windows, or streaming with --window/--sink-tokens)
+    Eval(infer::EvalArgs),
+    /// RULER-style long-context tasks: accuracy by length
+    Ruler(infer::RulerArgs),
     /// Time full training steps (forward, backward, clip, AdamW) on a preset model.
     Bench(bench::BenchArgs),
 }
@@ -65,6 +72,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train::train(a),
         Command::Analyze(a) => analyze::run_analyze(a),
+        Command::Generate(a) => infer::run_generate(a),
+        Command::Eval(a) => infer::run_eval(a),
+        Command::Ruler(a) => infer::run_ruler(a),
         Command::Report(a) => analyze::run_report(a),
         Command::Sweep(a) => train::sweep(a),
     }

@@ -546,6 +546,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
         tie_word_embeddings: g.info("output.weight").is_none(),
         max_position_embeddings: u("context_length").unwrap_or(4096).min(1 << 16),
         init_std: 0.02,
+        rope_scaling: None,
         qk_norm: arch == "qwen3",
         gate: None,
     };

@@ -142,11 +142,34 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
     }
     // rope: new-style rope_parameters or old top-level fields
     let rp = v.get("rope_parameters").cloned().unwrap_or(Value::Null);
-    if let Some(t) = rp.get("rope_type").and_then(Value::as_str) {
-        if t != "default" {
-            bail!("{file}: rope_type '{t}' is not supported here (default only)");
+    let old = v.get("rope_scaling").cloned().unwrap_or(Value::Null);
+    let scaling_src = if old.is_object() { &old } else { &rp };
+    let rope_type = scaling_src
+        .get("rope_type")
+        .or(scaling_src.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let rope_scaling = match rope_type {
+        "default" => None,
+        "yarn" | "linear" => {
+            let factor = opt_f64(scaling_src, "factor", file)?
+                .with_context(|| format!("{file}: rope scaling needs 'factor'"))?;
+            let orig = scaling_src
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_u64)
+                .or(v.get("max_position_embeddings").and_then(Value::as_u64))
+                .unwrap_or(4096) as usize;
+            Some(crate::config::RopeScaling {
+                kind: rope_type.to_string(),
+                factor,
+                original_max_position_embeddings: orig,
+                beta_fast: opt_f64(scaling_src, "beta_fast", file)?.unwrap_or(32.0),
+                beta_slow: opt_f64(scaling_src, "beta_slow", file)?.unwrap_or(1.0),
+                attention_factor: opt_f64(scaling_src, "attention_factor", file)?,
+            })
         }
-    }
+        t => bail!("{file}: rope_type '{t}' is not supported (default, yarn, linear)"),
+    };
     let theta = opt_f64(&rp, "rope_theta", file)?
         .or(opt_f64(&v, "rope_theta", file)?)
         .unwrap_or(10000.0);
@@ -213,6 +236,7 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
             .and_then(Value::as_u64)
             .unwrap_or(32768) as usize,
         init_std: opt_f64(&v, "initializer_range", file)?.unwrap_or(0.02),
+        rope_scaling,
         qk_norm: true,
         gate,
     };
@@ -251,15 +275,21 @@ pub fn config_json(cfg: &ModelConfig, layout: Layout) -> Result<Value> {
         "dtype": "float32",
         "layer_types": vec!["full_attention"; cfg.num_layers],
     });
+    let mut rope = json!({"rope_type": "default", "rope_theta": cfg.rope_theta});
+    if let Some(r) = &cfg.rope_scaling {
+        rope = json!({"rope_type": r.kind, "rope_theta": cfg.rope_theta, "factor": r.factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings,
+            "beta_fast": r.beta_fast, "beta_slow": r.beta_slow});
+        if let Some(a) = r.attention_factor {
+            rope["attention_factor"] = json!(a);
+        }
+    }
     let o = v.as_object_mut().unwrap();
     match layout {
         Layout::Qwen3 => {
             o.insert("architectures".into(), json!(["Qwen3ForCausalLM"]));
             o.insert("model_type".into(), json!("qwen3"));
-            o.insert(
-                "rope_parameters".into(),
-                json!({"rope_type": "default", "rope_theta": cfg.rope_theta}),
-            );
+            o.insert("rope_parameters".into(), rope.clone());
         }
         Layout::Official => {
             let hw = cfg
@@ -273,14 +303,17 @@ pub fn config_json(cfg: &ModelConfig, layout: Layout) -> Result<Value> {
             o.insert("use_qk_norm".into(), json!(true));
             o.insert("qkv_bias".into(), json!(false));
             o.insert("rope_theta".into(), json!(cfg.rope_theta));
+            if cfg.rope_scaling.is_some() {
+                let mut sc = rope.clone();
+                sc.as_object_mut().unwrap().remove("rope_theta");
+                o.insert("rope_scaling".into(), sc);
+            }
         }
         Layout::Qwen3Next => {
             o.insert("architectures".into(), json!(["Qwen3NextForCausalLM"]));
             o.insert("model_type".into(), json!("qwen3_next"));
-            o.insert(
-                "rope_parameters".into(),
-                json!({"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.partial_rotary_factor}),
-            );
+            rope["partial_rotary_factor"] = json!(cfg.partial_rotary_factor);
+            o.insert("rope_parameters".into(), rope.clone());
             o.insert("mlp_only_layers".into(), json!((0..cfg.num_layers).collect::<Vec<_>>()));
             o.insert("decoder_sparse_step".into(), json!(1));
             o.insert("num_experts".into(), json!(0));

@@ -1,6 +1,7 @@
 //! One pre-norm decoder block: attention (GQA, QK-norm, RoPE, causal SDPA, gate at G1–G5) and a
 //! SwiGLU MLP, as an explicit forward that saves what its backward needs.
 
+use super::decode::{attention_cached, LayerKv};
 use super::observer::Observer;
 use super::ops::attention::{attention_bwd, attention_fwd, AttnProbes, AttnShape};
 use super::ops::gate::{gate_bwd, gate_fwd, gate_scores};
@@ -20,6 +21,8 @@ pub struct Ctx<'a, T> {
     pub rope: &'a RopeTable<T>,
     pub batch: usize,
     pub seq: usize,
+    /// RoPE position of the first token (non-zero when decoding after a KV cache).
+    pub pos0: usize,
 }
 
 impl<T> Ctx<'_, T> {
@@ -93,6 +96,7 @@ pub fn layer_fwd<T: Real>(
     x: &[T],
     layer: usize,
     obs: &mut dyn Observer<T>,
+    mut kv: Option<&mut LayerKv<T>>,
 ) -> (Vec<T>, LayerCache<T>) {
     let cfg = ctx.cfg;
     let (n, dm, hd) = (ctx.rows(), cfg.hidden_size, cfg.head_dim);
@@ -150,8 +154,12 @@ pub fn layer_fwd<T: Real>(
         }
         _ => (q.clone(), k.clone()),
     };
-    rope_apply(ctx.rope, &mut qr, cfg.num_heads, hd, ctx.seq, 0, false);
-    rope_apply(ctx.rope, &mut kr, cfg.num_kv_heads, hd, ctx.seq, 0, false);
+    if let Some(c) = kv.as_deref_mut() {
+        // the cache keeps un-rotated keys so a sliding window can re-index positions
+        c.k_raw.extend_from_slice(&kr);
+    }
+    rope_apply(ctx.rope, &mut qr, cfg.num_heads, hd, ctx.seq, ctx.pos0, false);
+    rope_apply(ctx.rope, &mut kr, cfg.num_kv_heads, hd, ctx.seq, ctx.pos0, false);
 
     _t = scope("fwd.attention");
     let sh = ctx.attn_shape();
@@ -163,11 +171,17 @@ pub fn layer_fwd<T: Real>(
     let mut key0 = obs
         .wants_key0(layer)
         .then(|| zeros(ctx.batch * cfg.num_heads * ctx.seq));
-    let probes = AttnProbes {
-        probs: probs.as_deref_mut(),
-        key0: key0.as_deref_mut(),
-    };
-    attention_fwd(sh, &qr, &kr, &v, &mut o, &mut lse, probes);
+    if let Some(c) = kv {
+        c.k_rot.extend_from_slice(&kr);
+        c.v.extend_from_slice(&v);
+        attention_cached(&qr, c, ctx.pos0, cfg.num_heads, cfg.num_kv_heads, hd, &mut o);
+    } else {
+        let probes = AttnProbes {
+            probs: probs.as_deref_mut(),
+            key0: key0.as_deref_mut(),
+        };
+        attention_fwd(sh, &qr, &kr, &v, &mut o, &mut lse, probes);
+    }
     if let Some(p) = probs {
         obs.attn_probs(layer, &p);
     }
@@ -363,8 +377,8 @@ pub fn layer_bwd<T: Real>(
     );
     drop(d_o);
     _t = scope("bwd.qknorm_rope");
-    rope_apply(ctx.rope, &mut dq, cfg.num_heads, hd, ctx.seq, 0, true);
-    rope_apply(ctx.rope, &mut dk, cfg.num_kv_heads, hd, ctx.seq, 0, true);
+    rope_apply(ctx.rope, &mut dq, cfg.num_heads, hd, ctx.seq, ctx.pos0, true);
+    rope_apply(ctx.rope, &mut dk, cfg.num_kv_heads, hd, ctx.seq, ctx.pos0, true);
     let (mut dq_pre, mut dk_pre) = match (li.q_norm, li.k_norm) {
         (Some(qn), Some(kn)) => {
             let (mut dq_pre, mut dk_pre) = (zeros(n * qd), zeros(n * kvd));

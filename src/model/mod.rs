@@ -1,6 +1,7 @@
 //! The decoder-only model: embedding → layers → final norm → LM head → cross-entropy, with an
 //! explicit backward through the same ops.
 
+pub mod decode;
 pub mod layer;
 pub mod observer;
 pub mod ops;
@@ -85,11 +86,7 @@ impl<T: Real> Model<T> {
                 );
             }
         }
-        let rope = RopeTable::new(
-            cfg.rope_theta,
-            cfg.rotary_dim(),
-            cfg.max_position_embeddings.clamp(1, 1 << 16),
-        );
+        let rope = RopeTable::for_config(&cfg, cfg.max_position_embeddings.clamp(1, 1 << 16));
         Ok(Model {
             cfg,
             specs,
@@ -146,7 +143,7 @@ impl<T: Real> Model<T> {
         let rope = if b.seq <= self.rope.max_len {
             &self.rope
         } else {
-            long_rope = RopeTable::new(cfg.rope_theta, cfg.rotary_dim(), b.seq);
+            long_rope = RopeTable::for_config(cfg, b.seq);
             &long_rope
         };
         let ctx = Ctx {
@@ -154,6 +151,7 @@ impl<T: Real> Model<T> {
             rope,
             batch: b.batch,
             seq: b.seq,
+            pos0: 0,
         };
         let p = &self.params;
         let train = grads.is_some();
@@ -165,7 +163,7 @@ impl<T: Real> Model<T> {
         let mut inputs = Vec::new();
         let mut caches = Vec::new();
         for (l, li) in self.index.layers.iter().enumerate() {
-            let (out, cache) = layer_fwd(&ctx, p, li, &x, l, obs);
+            let (out, cache) = layer_fwd(&ctx, p, li, &x, l, obs, None);
             obs.layer_output(l, &out);
             let prev = std::mem::replace(&mut x, out);
             if train {

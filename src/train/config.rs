@@ -88,6 +88,7 @@ fn dense(
         tie_word_embeddings: false,
         max_position_embeddings: 4096,
         init_std: 0.02,
+        rope_scaling: None,
         qk_norm: true,
         gate,
     }

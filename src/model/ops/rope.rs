@@ -17,10 +17,30 @@ impl<T: Real> RopeTable<T> {
     /// `inv_freq[i] = theta^(-2i/rotary_dim)`; angles are formed in f64 then rounded.
     pub fn new(theta: f64, rotary_dim: usize, max_len: usize) -> Self {
         let inv_freq = default_inv_freq(theta, rotary_dim);
-        Self::from_inv_freq(&inv_freq, rotary_dim, max_len)
+        Self::from_inv_freq(&inv_freq, rotary_dim, max_len, 1.0)
     }
 
-    pub fn from_inv_freq(inv_freq: &[f64], rotary_dim: usize, max_len: usize) -> Self {
+    /// The table a config implies: plain, YaRN or linear scaling.
+    pub fn for_config(cfg: &crate::config::ModelConfig, max_len: usize) -> Self {
+        let rd = cfg.rotary_dim();
+        match &cfg.rope_scaling {
+            None => Self::new(cfg.rope_theta, rd, max_len),
+            Some(r) if r.kind == "linear" => {
+                let f: Vec<f64> = default_inv_freq(cfg.rope_theta, rd)
+                    .iter()
+                    .map(|x| x / r.factor)
+                    .collect();
+                Self::from_inv_freq(&f, rd, max_len, 1.0)
+            }
+            Some(r) => {
+                let (f, m) = yarn_inv_freq(cfg.rope_theta, rd, r);
+                Self::from_inv_freq(&f, rd, max_len, m)
+            }
+        }
+    }
+
+    /// `attention_scaling` multiplies cos and sin (YaRN's temperature, as transformers applies it).
+    pub fn from_inv_freq(inv_freq: &[f64], rotary_dim: usize, max_len: usize, attention_scaling: f64) -> Self {
         let half = rotary_dim / 2;
         assert_eq!(inv_freq.len(), half);
         let mut cos = Vec::with_capacity(max_len * half);
@@ -29,8 +49,8 @@ impl<T: Real> RopeTable<T> {
             for &f in inv_freq {
                 // transformers forms the angle in f32: match it so long positions agree too.
                 let ang = (p as f32 * f as f32) as f64;
-                cos.push(T::from_f64(ang.cos()));
-                sin.push(T::from_f64(ang.sin()));
+                cos.push(T::from_f64(ang.cos() * attention_scaling));
+                sin.push(T::from_f64(ang.sin() * attention_scaling));
             }
         }
         RopeTable {
@@ -50,6 +70,33 @@ pub fn default_inv_freq(theta: f64, rotary_dim: usize) -> Vec<f64> {
             (1.0f32 / (theta as f32).powf(e)) as f64
         })
         .collect()
+}
+
+/// YaRN (Peng et al. 2023) frequencies and attention factor, as transformers computes them:
+/// dims rotating fewer than `beta_slow` times over the original context are interpolated by
+/// `factor`, those rotating more than `beta_fast` times are kept, with a linear ramp between.
+pub fn yarn_inv_freq(theta: f64, dim: usize, r: &crate::config::RopeScaling) -> (Vec<f64>, f64) {
+    let orig = r.original_max_position_embeddings as f64;
+    let corr = |rot: f64| (dim as f64 * (orig / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * theta.ln());
+    let low = corr(r.beta_fast).floor().max(0.0);
+    let mut high = corr(r.beta_slow).ceil().min(dim as f64 - 1.0);
+    if low == high {
+        high += 0.001;
+    }
+    let freqs = (0..dim / 2)
+        .map(|j| {
+            let pos = theta.powf((2 * j) as f64 / dim as f64);
+            let ramp = ((j as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let extrapolate = 1.0 - ramp;
+            (1.0 / (r.factor * pos)) * (1.0 - extrapolate) + (1.0 / pos) * extrapolate
+        })
+        .collect();
+    let attn = r.attention_factor.unwrap_or(if r.factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * r.factor.ln() + 1.0
+    });
+    (freqs, attn)
 }
 
 /// Rotate in place. `x` is `[rows, heads·head_dim]`; the position of row r is `pos0 + r % seq`.
@@ -105,6 +152,42 @@ mod tests {
         for (a, b) in x.iter().zip(&x0) {
             assert!((a - b).abs() < 1e-12);
         }
+    }
+
+    #[test]
+    fn yarn_matches_the_reference_formula() {
+        // values from transformers' _compute_yarn_parameters (base 1e4, dim 32, factor 4, original 256)
+        let r = crate::config::RopeScaling::yarn(4.0, 256);
+        let (f, m) = yarn_inv_freq(10000.0, 32, &r);
+        let want = [
+            1.0,
+            5.0209046892e-01,
+            2.4846467330e-01,
+            1.2066895997e-01,
+            5.7142857143e-02,
+            2.6108704384e-02,
+            1.1293848786e-02,
+            4.4456985251e-03,
+            2.5e-03,
+            1.4058533130e-03,
+            7.9056941504e-04,
+            4.4456985251e-04,
+            2.5e-04,
+            1.4058533130e-04,
+            7.9056941504e-05,
+            4.4456985251e-05,
+        ];
+        for (a, b) in f.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-9 * b, "{a} vs {b}");
+        }
+        assert!((m - 1.138629436111989).abs() < 1e-12);
+        // the table scales cos/sin by the attention factor
+        let mut cfg = crate::config::ModelConfig::preset("micro", None).unwrap();
+        cfg.head_dim = 32;
+        cfg.rope_theta = 10000.0;
+        cfg.rope_scaling = Some(r);
+        let t: RopeTable<f64> = RopeTable::for_config(&cfg, 8);
+        assert!((t.cos[0] - m).abs() < 1e-12);
     }
 
     #[test]

@@ -1,0 +1,237 @@
+//! `gated-lm generate`, `gated-lm eval`, `gated-lm ruler`.
+
+use crate::analysis::analyze::{load_any, Loaded};
+use crate::config::RopeScaling;
+use crate::infer::{generate, perplexity_sliding, perplexity_streaming, ruler, SampleOptions};
+use crate::model::decode::KvCache;
+use crate::model::Model;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Model, RoPE scaling at load time, and the KV window.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Run directory, HF model directory or llama/qwen3 .gguf
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Replace the RoPE base (the paper's context extension raises 10k → 1M)
+    #[arg(long)]
+    pub rope_theta: Option<f64>,
+    /// YaRN scaling factor (e.g. 4 for 4× the trained context)
+    #[arg(long)]
+    pub yarn_factor: Option<f64>,
+    /// The context length the model was trained at (YaRN); default: the config's max positions
+    #[arg(long)]
+    pub yarn_original: Option<usize>,
+    #[arg(long, default_value_t = 32.0)]
+    pub yarn_beta_fast: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub yarn_beta_slow: f64,
+    /// YaRN attention temperature (default 0.1·ln(factor) + 1)
+    #[arg(long)]
+    pub yarn_attention_factor: Option<f64>,
+    /// Keep at most this many tokens in the KV cache (sliding window)
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// With --window: tokens at the start that are never evicted (StreamingLLM "sinks")
+    #[arg(long, default_value_t = 0)]
+    pub sink_tokens: usize,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Loaded> {
+        let mut l = load_any(&self.model)?;
+        let mut cfg = l.model.cfg.clone();
+        if let Some(t) = self.rope_theta {
+            cfg.rope_theta = t;
+        }
+        if let Some(f) = self.yarn_factor {
+            cfg.rope_scaling = Some(RopeScaling {
+                kind: "yarn".into(),
+                factor: f,
+                original_max_position_embeddings: self.yarn_original.unwrap_or(cfg.max_position_embeddings),
+                beta_fast: self.yarn_beta_fast,
+                beta_slow: self.yarn_beta_slow,
+                attention_factor: self.yarn_attention_factor,
+            });
+            cfg.max_position_embeddings = (cfg.max_position_embeddings as f64 * f) as usize;
+        }
+        if cfg != l.model.cfg {
+            let params = std::mem::replace(
+                &mut l.model.params,
+                crate::model::params::ParamStore {
+                    names: vec![],
+                    tensors: vec![],
+                },
+            );
+            l.model = Model::from_params(cfg, params)?;
+        }
+        Ok(l)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 100)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let l = a.m.load()?;
+    let tok = l
+        .tok
+        .as_ref()
+        .with_context(|| format!("{}: no tokenizer found", l.source))?;
+    let ids = tok.encode(&a.prompt)?;
+    let mut cache = KvCache::new(&l.model, a.m.window, a.m.sink_tokens)?;
+    let o = SampleOptions {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+    };
+    print!("{}", a.prompt);
+    let mut out_ids = Vec::new();
+    let mut shown = String::new();
+    let t0 = Instant::now();
+    let mut t_first = None;
+    let mut stdout = std::io::stdout();
+    let gen = generate(
+        &l.model,
+        &mut cache,
+        &ids,
+        a.max_new_tokens,
+        &o,
+        a.seed,
+        Some(tok.eos()),
+        |t| {
+            t_first.get_or_insert_with(Instant::now);
+            out_ids.push(t);
+            // print the newly decodable suffix (byte-level tokens may split UTF-8 characters)
+            let text = tok.decode(&out_ids);
+            if text.len() > shown.len() && text.is_char_boundary(shown.len()) && !text.ends_with('\u{FFFD}') {
+                print!("{}", &text[shown.len()..]);
+                let _ = stdout.flush();
+                shown = text;
+            }
+        },
+    )?;
+    println!();
+    let total = t0.elapsed().as_secs_f64();
+    let decode_s = t_first.map(|t| t.elapsed().as_secs_f64()).unwrap_or(total);
+    eprintln!(
+        "{} prompt tokens, {} generated; decode {:.1} tok/s (prefill + first token {:.3}s)",
+        ids.len(),
+        gen.len(),
+        (gen.len().saturating_sub(1)) as f64 / decode_s.max(1e-9),
+        total - decode_s
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// Text to score (default: the embedded books' validation split)
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    pub context: usize,
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Score at most this many tokens
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: usize,
+}
+
+pub fn run_eval(a: EvalArgs) -> Result<()> {
+    let l = a.m.load()?;
+    let tok = l
+        .tok
+        .as_ref()
+        .with_context(|| format!("{}: no tokenizer found", l.source))?;
+    let text = match &a.text {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {} as UTF-8 text", p.display()))?,
+        None => {
+            let b = &crate::train::data::embedded_corpus()?[0];
+            b[b.len() - b.len() / 20..].to_string()
+        }
+    };
+    let mut ids = tok.encode(&text)?;
+    ids.truncate(a.max_tokens);
+    let (nll, n, how) = if let Some(w) = a.m.window {
+        let (nll, n) = perplexity_streaming(&l.model, &ids, Some(w), a.m.sink_tokens)?;
+        (
+            nll,
+            n,
+            format!("streaming, window {w} with {} sink tokens", a.m.sink_tokens),
+        )
+    } else {
+        let stride = a.stride.unwrap_or(a.context / 2).max(1);
+        let (nll, n) = perplexity_sliding(&l.model, &ids, a.context, stride)?;
+        (nll, n, format!("sliding window, context {} stride {stride}", a.context))
+    };
+    println!(
+        "{}: {n} tokens, loss {nll:.4}, perplexity {:.3} ({how})",
+        l.source,
+        nll.exp()
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct RulerArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// Comma-separated prompt lengths in tokens
+    #[arg(long, default_value = "256,512,1024,2048")]
+    pub lengths: String,
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    /// Comma-separated subset of tasks (default: all)
+    #[arg(long)]
+    pub tasks: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run_ruler(a: RulerArgs) -> Result<()> {
+    let l = a.m.load()?;
+    let tok = l
+        .tok
+        .as_ref()
+        .with_context(|| format!("{}: no tokenizer found", l.source))?;
+    let lengths: Vec<usize> = a
+        .lengths
+        .split(',')
+        .map(|x| x.trim().parse().with_context(|| format!("--lengths: '{x}'")))
+        .collect::<Result<_>>()?;
+    let tasks: Vec<&str> = match &a.tasks {
+        Some(t) => t.split(',').map(str::trim).collect(),
+        None => ruler::TASKS.to_vec(),
+    };
+    let r = ruler::run(&l.model, tok, &lengths, a.samples, a.seed, &tasks)?;
+    println!("{}", r.table());
+    if let Some(j) = &a.json {
+        crate::io::write_atomic(j, serde_json::to_string_pretty(&r)?.as_bytes())?;
+    }
+    Ok(())
+}

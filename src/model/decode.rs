@@ -1,0 +1,195 @@
+//! Incremental decoding with a KV cache, optionally a sliding window that keeps the first
+//! `sinks` tokens (StreamingLLM). Gates need no cache: they come from the current token's X.
+//!
+//! The cache keeps keys after QK-norm but before RoPE, plus their rotated copies. RoPE positions
+//! are cache slots: without eviction a slot is the absolute position; after an eviction the kept
+//! tokens are re-indexed 0..len and their keys re-rotated, as StreamingLLM does.
+
+use super::layer::{layer_fwd, Ctx};
+use super::observer::NoObserver;
+use super::ops::embedding::embedding_fwd;
+use super::ops::linear::linear_fwd;
+use super::ops::rmsnorm::rmsnorm_fwd;
+use super::ops::rope::{rope_apply, RopeTable};
+use super::Model;
+use crate::backend::cpu::{exp_shifted, matmul, Mat, Par};
+use crate::real::Real;
+use anyhow::{bail, Result};
+
+/// One layer's cached keys and values, `[slots, kv_heads·head_dim]`.
+#[derive(Clone, Debug, Default)]
+pub struct LayerKv<T> {
+    pub k_raw: Vec<T>,
+    pub k_rot: Vec<T>,
+    pub v: Vec<T>,
+}
+
+#[derive(Clone, Debug)]
+pub struct KvCache<T> {
+    pub layers: Vec<LayerKv<T>>,
+    /// Tokens currently cached.
+    pub len: usize,
+    /// Tokens fed so far (including evicted ones).
+    pub seen: usize,
+    /// Keep at most this many tokens (`None`: unbounded).
+    pub window: Option<usize>,
+    /// Tokens at the start that are never evicted.
+    pub sinks: usize,
+    rope: RopeTable<T>,
+}
+
+impl<T: Real> KvCache<T> {
+    pub fn new(model: &Model<T>, window: Option<usize>, sinks: usize) -> Result<Self> {
+        if let Some(w) = window {
+            if w <= sinks {
+                bail!("the KV window ({w}) must be larger than the number of sink tokens ({sinks})");
+            }
+        }
+        Ok(KvCache {
+            layers: vec![LayerKv::default(); model.cfg.num_layers],
+            len: 0,
+            seen: 0,
+            window,
+            sinks,
+            rope: RopeTable::for_config(&model.cfg, model.cfg.max_position_embeddings.clamp(16, 1 << 16)),
+        })
+    }
+
+    /// Evict so that `m` more tokens fit in the window.
+    fn make_room(&mut self, m: usize, kvd: usize, heads: usize, head_dim: usize) {
+        let Some(w) = self.window else { return };
+        if self.len + m <= w {
+            return;
+        }
+        let keep_tail = w.saturating_sub(m).saturating_sub(self.sinks);
+        let sinks = self.sinks.min(self.len);
+        let cut = (sinks..self.len - keep_tail.min(self.len - sinks)).len();
+        for l in &mut self.layers {
+            for buf in [&mut l.k_raw, &mut l.v] {
+                buf.drain(sinks * kvd..(sinks + cut) * kvd);
+            }
+            l.k_rot = l.k_raw.clone();
+        }
+        self.len -= cut;
+        let n = self.len;
+        for l in &mut self.layers {
+            rope_apply(&self.rope, &mut l.k_rot, heads, head_dim, n.max(1), 0, false);
+        }
+    }
+
+    fn ensure_rope(&mut self, cfg: &crate::config::ModelConfig, upto: usize) {
+        if upto > self.rope.max_len {
+            self.rope = RopeTable::for_config(cfg, (upto * 2).min(1 << 20));
+        }
+    }
+}
+
+/// Causal attention of `m` new queries (slots `p0..p0+m`, already rotated) over the cache.
+pub fn attention_cached<T: Real>(
+    q: &[T],
+    kv: &LayerKv<T>,
+    p0: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    out: &mut [T],
+) {
+    let m = q.len() / (heads * d);
+    let (ldq, ldk) = (heads * d, kv_heads * d);
+    let slots = kv.k_rot.len() / ldk;
+    let scale = T::ONE / T::from_usize(d).sqrt();
+    let mut s = vec![T::ZERO; m * slots];
+    for h in 0..heads {
+        let kh = h / (heads / kv_heads);
+        matmul(
+            m,
+            slots,
+            d,
+            &mut s,
+            0,
+            slots,
+            Mat::rows(q, h * d, ldq),
+            Mat::t(&kv.k_rot, kh * d, ldk),
+            scale,
+            false,
+            Par::Serial,
+        );
+        for (i, row) in s.chunks_mut(slots).enumerate() {
+            let lim = (p0 + i + 1).min(slots);
+            let (_, sum) = exp_shifted(&mut row[..lim]);
+            let inv = T::ONE / sum;
+            row[..lim].iter_mut().for_each(|x| *x *= inv);
+            row[lim..].fill(T::ZERO);
+        }
+        matmul(
+            m,
+            d,
+            slots,
+            out,
+            h * d,
+            ldq,
+            Mat::rows(&s, 0, slots),
+            Mat::rows(&kv.v, kh * d, ldk),
+            T::ONE,
+            false,
+            Par::Serial,
+        );
+    }
+}
+
+impl<T: Real> Model<T> {
+    /// Feed `ids` (one sequence) through the cache; returns their logits `[ids.len(), vocab]`.
+    pub fn decode(&self, cache: &mut KvCache<T>, ids: &[u32]) -> Result<Vec<T>> {
+        let cfg = &self.cfg;
+        let m = ids.len();
+        if m == 0 {
+            return Ok(vec![]);
+        }
+        if let Some(w) = cache.window {
+            if m + cache.sinks >= w {
+                bail!(
+                    "feed at most {} tokens at a time with a window of {w} and {} sinks",
+                    w - cache.sinks - 1,
+                    cache.sinks
+                );
+            }
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
+        }
+        cache.make_room(m, cfg.kv_dim(), cfg.num_kv_heads, cfg.head_dim);
+        cache.ensure_rope(cfg, cache.len + m);
+        let (dm, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let mut x = vec![T::ZERO; m * dm];
+        embedding_fwd(&self.params.tensors[self.index.embed].data, dm, ids, &mut x);
+        let ctx = Ctx {
+            cfg,
+            rope: &cache.rope,
+            batch: 1,
+            seq: m,
+            pos0: cache.len,
+        };
+        let mut layers = std::mem::take(&mut cache.layers);
+        for (l, li) in self.index.layers.iter().enumerate() {
+            let (out, _) = layer_fwd(&ctx, &self.params, li, &x, l, &mut NoObserver, Some(&mut layers[l]));
+            x = out;
+        }
+        cache.layers = layers;
+        cache.len += m;
+        cache.seen += m;
+        let mut hf = vec![T::ZERO; m * dm];
+        let mut rstd = vec![T::ZERO; m];
+        rmsnorm_fwd(
+            &x,
+            &self.params.tensors[self.index.norm].data,
+            cfg.norm_style,
+            cfg.rms_norm_eps,
+            &mut hf,
+            &mut rstd,
+        );
+        let mut logits = vec![T::ZERO; m * vocab];
+        let head = self.index.lm_head.unwrap_or(self.index.embed);
+        linear_fwd(&hf, &self.params.tensors[head].data, m, dm, vocab, &mut logits);
+        Ok(logits)
+    }
+}
