@@ -316,3 +316,54 @@ fn yarn_and_base_change_at_load_time_via_the_cli() {
         y.cfg.rope_scaling
     );
 }
+
+#[test]
+fn continued_training_at_a_longer_context_with_yarn() {
+    let bin = env!("CARGO_BIN_EXE_gated-lm");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = &gated_lm::train::data::embedded_corpus().unwrap()[0];
+    let corpus = tmp.path().join("c.txt");
+    std::fs::write(&corpus, &text[..text.char_indices().nth(300_000).unwrap().0]).unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let train = |extra: &[&str], out: &std::path::Path| {
+        let o = std::process::Command::new(bin)
+            .args([
+                "train",
+                "--preset",
+                "cpu-micro",
+                "--quiet",
+                "--max-steps",
+                "40",
+                "--data",
+            ])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    train(&[], &a);
+    train(
+        &["--init", a.to_str().unwrap(), "--seq-len", "128", "--yarn-factor", "2"],
+        &b,
+    );
+    let first = |run: &std::path::Path| {
+        let t = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(t.lines().next().unwrap()).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    assert!(first(&a) > 5.0);
+    assert!(
+        first(&b) < first(&a) - 1.5,
+        "continued training starts from the trained weights: {} vs {}",
+        first(&b),
+        first(&a)
+    );
+    let (m, _) = gated_lm::io::hf::load_model(&b.join("model")).unwrap();
+    assert_eq!(m.cfg.rope_scaling.as_ref().unwrap().factor, 2.0);
+    assert!(std::fs::read_to_string(b.join("config.toml"))
+        .unwrap()
+        .contains("seq_len = 128"));
+}

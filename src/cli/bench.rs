@@ -33,6 +33,57 @@ pub struct BenchArgs {
     /// Print the time per section (forward/backward ops, optimizer) to stderr
     #[arg(long)]
     pub profile: bool,
+    /// Instead of training steps: decode this many tokens with a KV cache, alternating the gated
+    /// model with its ungated twin, and report ms/token and the gate's overhead
+    #[arg(long)]
+    pub decode: Option<usize>,
+}
+
+/// Median ms/token of `n`-token greedy decodes, gated vs ungated twin, interleaved over rounds.
+fn bench_decode(a: &BenchArgs, n: usize) -> Result<()> {
+    use crate::model::decode::KvCache;
+    let gated_cfg = preset_with_gate(&a.preset, &a.gate)?;
+    let mut base_cfg = gated_cfg.clone();
+    base_cfg.gate = None;
+    let gated: Model<f32> = Model::new(gated_cfg, 0)?;
+    let mut base: Model<f32> = Model::new(base_cfg, 0)?;
+    // the twin shares every non-gate weight
+    for (i, name) in base.params.names.clone().iter().enumerate() {
+        base.params.tensors[i] = gated.params.get(name).unwrap().clone();
+    }
+    let run = |m: &Model<f32>| -> Result<f64> {
+        let mut cache = KvCache::new(m, None, 0)?;
+        let mut t = 1u32;
+        let t0 = Instant::now();
+        for _ in 0..n {
+            let l = m.decode(&mut cache, &[t])?;
+            t = crate::infer::sample(&l, &Default::default(), &mut Rng::new(0));
+        }
+        Ok(t0.elapsed().as_secs_f64() * 1e3 / n as f64)
+    };
+    let (mut tg, mut tb) = (vec![], vec![]);
+    for r in 0..a.warmup + a.steps {
+        let (g, b) = if r % 2 == 0 {
+            (run(&gated)?, run(&base)?)
+        } else {
+            let b = run(&base)?;
+            (run(&gated)?, b)
+        };
+        if r >= a.warmup {
+            tg.push(g);
+            tb.push(b);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (g, b) = (med(&mut tg), med(&mut tb));
+    let res = serde_json::json!({"impl": "gated-lm-cpu-decode", "config": a.preset, "gate": a.gate, "tokens": n,
+        "ms_per_token_gated": (g * 1e4).round() / 1e4, "ms_per_token_ungated": (b * 1e4).round() / 1e4,
+        "gate_overhead_pct": ((g / b - 1.0) * 1e4).round() / 1e2, "threads": rayon::current_num_threads()});
+    println!("RESULT {res}");
+    Ok(())
 }
 
 /// (batch, seq) of a preset, as in torch_ref.py.
@@ -51,6 +102,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .num_threads(t)
             .build_global()
             .context("cannot set thread count")?;
+    }
+    if let Some(n) = a.decode {
+        return bench_decode(&a, n);
     }
     let cfg = preset_with_gate(&a.preset, &a.gate)?;
     let (pb, ps) = preset_shape(&a.preset);

@@ -42,6 +42,19 @@ pub struct TrainArgs {
     /// Continue the run in --out from its checkpoint
     #[arg(long)]
     pub resume: bool,
+    /// Start from this model's weights and architecture (a run or model directory): continued
+    /// training, e.g. at a longer --seq-len with --yarn-factor or --rope-theta
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Sequence length
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// RoPE base (a base change for context extension)
+    #[arg(long)]
+    pub rope_theta: Option<f64>,
+    /// YaRN factor over the current max_position_embeddings (context extension)
+    #[arg(long)]
+    pub yarn_factor: Option<f64>,
     /// Worker threads (default: all cores)
     #[arg(long)]
     pub threads: Option<usize>,
@@ -53,6 +66,20 @@ pub struct TrainArgs {
 /// Preset → config file → flags.
 pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
     let mut cfg = TrainConfig::preset(a.preset.as_deref().unwrap_or("cpu-tiny"))?;
+    if let Some(init) = &a.init {
+        let dir = if init.join("model").join("config.json").exists() {
+            init.join("model")
+        } else {
+            init.clone()
+        };
+        let (m, _) = crate::io::hf::load_model(&dir)?;
+        cfg.model = m.cfg;
+        cfg.train.init = Some(dir.display().to_string());
+        // keep the model's tokenizer
+        if dir.join("tokenizer.json").exists() {
+            cfg.data.tokenizer = dir.join("tokenizer.json").display().to_string();
+        }
+    }
     if let Some(p) = &a.config {
         let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
         cfg = cfg.merge_toml(&text, &p.display().to_string())?;
@@ -80,6 +107,17 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(s) = a.seed {
         cfg.train.seed = s;
+    }
+    if let Some(t) = a.seq_len {
+        cfg.train.seq_len = t;
+    }
+    if let Some(t) = a.rope_theta {
+        cfg.model.rope_theta = t;
+    }
+    if let Some(f) = a.yarn_factor {
+        let orig = cfg.model.max_position_embeddings;
+        cfg.model.rope_scaling = Some(crate::config::RopeScaling::yarn(f, orig));
+        cfg.model.max_position_embeddings = (orig as f64 * f) as usize;
     }
     cfg.validate()?;
     Ok(cfg)

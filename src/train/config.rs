@@ -34,6 +34,9 @@ pub struct TrainSection {
     pub checkpoint_every: u64,
     /// Threshold ε of the sink rate.
     pub sink_epsilon: f64,
+    /// Start from this model directory's weights (continued training, e.g. at a longer context).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -125,6 +128,7 @@ impl TrainConfig {
                 eval_batches: 4,
                 checkpoint_every: (steps / 4).max(1),
                 sink_epsilon: 0.3,
+                init: None,
             },
             optim: OptimSection {
                 adamw: AdamWConfig {

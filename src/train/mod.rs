@@ -223,6 +223,20 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         loss_window: vec![],
         elapsed_s: 0.0,
     };
+    if let (Some(init), false) = (&cfg.train.init, opts.resume) {
+        let (src, _) = crate::io::hf::load_model(Path::new(init)).with_context(|| format!("train.init = {init}"))?;
+        if src.params.names != model.params.names
+            || src
+                .params
+                .tensors
+                .iter()
+                .zip(&model.params.tensors)
+                .any(|(a, b)| a.shape != b.shape)
+        {
+            bail!("train.init = {init}: its architecture differs from the run's model config");
+        }
+        model.params = src.params;
+    }
     if opts.resume {
         let specs = model.specs.clone();
         state = checkpoint::load(&ckpt_dir, &specs, &mut model.params, &mut opt)?;
