@@ -70,7 +70,8 @@ struct Data {
 /// Tokenize the corpus once into `out/data/` (reused on resume).
 fn prepare_data(cfg: &mut TrainConfig, out: &Path) -> Result<(Tok, Data)> {
     let dir = out.join("data");
-    let docs = if dir.join("train.tokens").exists() && out.join("model").join("tokenizer.json").exists() {
+    let have_shards = dir.join("train.tokens").exists() && dir.join("val.tokens").exists();
+    let docs = if have_shards && out.join("model").join("tokenizer.json").exists() {
         vec![]
     } else if cfg.data.paths.is_empty() {
         data::embedded_corpus()?
@@ -85,7 +86,7 @@ fn prepare_data(cfg: &mut TrainConfig, out: &Path) -> Result<(Tok, Data)> {
     std::fs::create_dir_all(out.join("model"))?;
     tok.save(&out.join("model"))?;
     let min_len = cfg.train.seq_len + 2;
-    if !dir.join("train.tokens").exists() {
+    if !have_shards {
         let (tr, va) = build_shards(&docs, &tok, cfg.data.val_fraction, min_len, &dir)?;
         eprintln!("tokenized corpus: {tr} train tokens, {va} validation tokens");
     }
@@ -192,7 +193,7 @@ fn eval_row(step: u64, val_loss: f64, s: &SinkStats) -> serde_json::Value {
 /// checkpoint/, report.md and PNG plots.
 pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSummary> {
     let ckpt_dir = out.join("checkpoint");
-    if opts.resume {
+    if opts.resume && out.join("config.toml").exists() {
         let text = std::fs::read_to_string(out.join("config.toml"))
             .with_context(|| format!("--resume: cannot read {}/config.toml", out.display()))?;
         // the run's own resolved config wins; --max-steps/--max-seconds may extend it
@@ -200,7 +201,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         cfg = TrainConfig::preset("cpu-tiny")?.merge_toml(&text, "config.toml")?;
         cfg.train.max_steps = cfg.train.max_steps.max(steps);
         cfg.train.max_seconds = secs;
-    } else if out.join("checkpoint").exists() || out.join("metrics.jsonl").exists() {
+    } else if !opts.resume && (out.join("checkpoint").exists() || out.join("metrics.jsonl").exists()) {
         bail!(
             "{} already holds a run: pass --resume to continue it, or choose another --out",
             out.display()
@@ -223,7 +224,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         loss_window: vec![],
         elapsed_s: 0.0,
     };
-    if let (Some(init), false) = (&cfg.train.init, opts.resume) {
+    if let (Some(init), false) = (&cfg.train.init, opts.resume && ckpt_dir.join(checkpoint::FILE).exists()) {
         let (src, _) = crate::io::hf::load_model(Path::new(init)).with_context(|| format!("train.init = {init}"))?;
         if src.params.names != model.params.names
             || src
@@ -237,12 +238,14 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         }
         model.params = src.params;
     }
-    if opts.resume {
+    // a run killed before its first checkpoint resumes from the start
+    let resuming = opts.resume && ckpt_dir.join(checkpoint::FILE).exists();
+    if resuming {
         let specs = model.specs.clone();
         state = checkpoint::load(&ckpt_dir, &specs, &mut model.params, &mut opt)?;
         eprintln!("resuming {} at step {}", out.display(), state.step);
     }
-    let metrics = Metrics::open(out.join("metrics.jsonl"), opts.resume.then_some(state.step))?;
+    let metrics = Metrics::open(out.join("metrics.jsonl"), resuming.then_some(state.step))?;
     let (b, t, accum) = (cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum);
     let total = cfg.train.max_steps;
     let bar = progress_bar(opts.progress, total, state.step);
