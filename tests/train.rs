@@ -155,6 +155,9 @@ fn divergence_is_detected_and_the_last_checkpoint_survives() {
     assert!(s.diverged && s.skipped >= 5, "{s:?}");
     let skipped: Vec<_> = rows(&out).into_iter().filter(|r| r.get("skipped").is_some()).collect();
     assert_eq!(skipped.len() as u64, s.skipped);
+    for r in &skipped {
+        assert!(r["reason"].as_str().is_some_and(|w| w.contains("non-finite")), "{r}");
+    }
     // the checkpoint on disk is the last finite state and loads
     let m: gated_lm::model::Model<f32> =
         gated_lm::model::Model::new(TrainConfig::preset("cpu-micro").unwrap().model, 0).unwrap();
@@ -254,4 +257,37 @@ fn sweep_compares_gates_in_one_table() {
         load_model(&out.join("headwise-lr0.003/model")).unwrap().1,
         Layout::Official
     );
+}
+
+#[test]
+fn debug_mode_reports_where_nan_first_appears() {
+    use gated_lm::model::observer::NoObserver;
+    use gated_lm::model::{Batch, Model, NonFinite};
+    let cfg = TrainConfig::preset("cpu-micro").unwrap().model;
+    let ids: Vec<u32> = (0..32).map(|i| (i * 7 % 250) as u32).collect();
+    let tg: Vec<u32> = ids.iter().map(|&x| (x + 1) % 257).collect();
+    for (param, layer, op) in [
+        ("model.layers.0.self_attn.v_proj.weight", 0, "v_proj"),
+        ("model.layers.1.mlp.up_proj.weight", 1, "mlp gate/up + swiglu"),
+        ("model.layers.1.self_attn.o_proj.weight", 1, "o_proj (after any gate)"),
+    ] {
+        let mut m: Model<f32> = Model::new(cfg.clone(), 1).unwrap();
+        let i = m.params.names.iter().position(|n| n == param).unwrap();
+        m.params.tensors[i].data[3] = f32::NAN;
+        let b = Batch {
+            ids: &ids,
+            targets: &tg,
+            batch: 2,
+            seq: 16,
+        };
+        // without the check: silently NaN
+        assert!(m.forward(&b, &mut NoObserver).unwrap().loss.is_nan());
+        m.check_finite = true;
+        let e = m.forward(&b, &mut NoObserver).err().unwrap();
+        assert_eq!(
+            e.downcast_ref::<NonFinite>(),
+            Some(&NonFinite { layer, op }),
+            "{param}: {e}"
+        );
+    }
 }

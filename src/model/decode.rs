@@ -168,6 +168,8 @@ impl<T: Real> Model<T> {
             batch: 1,
             seq: m,
             pos0: cache.len,
+            check_finite: false,
+            first_bad: Default::default(),
         };
         let mut layers = std::mem::take(&mut cache.layers);
         for (l, li) in self.index.layers.iter().enumerate() {

@@ -23,6 +23,18 @@ pub struct Ctx<'a, T> {
     pub seq: usize,
     /// RoPE position of the first token (non-zero when decoding after a KV cache).
     pub pos0: usize,
+    /// Debug mode: record the first (layer, op) whose output holds NaN or Inf.
+    pub check_finite: bool,
+    pub first_bad: std::cell::Cell<Option<(usize, &'static str)>>,
+}
+
+impl<T: Real> Ctx<'_, T> {
+    /// In debug mode, remember the first op whose output is not finite.
+    fn check(&self, layer: usize, op: &'static str, buf: &[T]) {
+        if self.check_finite && self.first_bad.get().is_none() && buf.iter().any(|x| !x.is_finite()) {
+            self.first_bad.set(Some((layer, op)));
+        }
+    }
 }
 
 impl<T> Ctx<'_, T> {
@@ -141,6 +153,10 @@ pub fn layer_fwd<T: Real>(
     let q_ungated = gate_here(ctx, GatePosition::G4, &mut q, &z);
     let k_ungated = gate_here(ctx, GatePosition::G3, &mut k, &z);
     let v_ungated = gate_here(ctx, GatePosition::G2, &mut v, &z);
+    ctx.check(layer, "q_proj", &q);
+    ctx.check(layer, "k_proj", &k);
+    ctx.check(layer, "v_proj", &v);
+    ctx.check(layer, "gate_proj", &z);
 
     let mut rstd_q = zeros(n * cfg.num_heads);
     let mut rstd_k = zeros(n * cfg.num_kv_heads);
@@ -191,6 +207,7 @@ pub fn layer_fwd<T: Real>(
 
     _t = scope("fwd.o_proj");
     let o_sdpa = o;
+    ctx.check(layer, "attention (SDPA)", &o_sdpa);
     // G1: keep the SDPA output for attention backward and gate a copy for o_proj
     let o_gated = ctx.gate_at(GatePosition::G1).map(|(g, geo)| {
         let mut og = o_sdpa.clone();
@@ -204,6 +221,7 @@ pub fn layer_fwd<T: Real>(
     let mut a = zeros(n * dm);
     linear_fwd(o_in, w(li.o_proj), n, qd, dm, &mut a);
     let a_ungated = gate_here(ctx, GatePosition::G5, &mut a, &z);
+    ctx.check(layer, "o_proj (after any gate)", &a);
 
     _t = scope("fwd.norm");
     let mut x1 = x.to_vec();
@@ -226,10 +244,12 @@ pub fn layer_fwd<T: Real>(
     let mut m = zeros(n * ff);
     _t = scope("fwd.swiglu");
     swiglu_fwd(&mg, &mu, &mut m);
+    ctx.check(layer, "mlp gate/up + swiglu", &m);
     let mut y = zeros(n * dm);
     _t = scope("fwd.mlp");
     linear_fwd(&m, w(li.mlp_down), n, ff, dm, &mut y);
     let mut out = x1.clone();
+    ctx.check(layer, "mlp down_proj", &y);
     add_assign(&mut out, &y);
 
     let cache = LayerCache {

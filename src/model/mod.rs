@@ -20,6 +20,14 @@ use ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use ops::rope::RopeTable;
 use params::{init_params, param_specs, ParamIndex, ParamSpec, ParamStore};
 
+/// Debug-mode report of where NaN/Inf first appeared in a forward.
+#[derive(thiserror::Error, Debug, Clone, PartialEq)]
+#[error("non-finite values (NaN/Inf) first appeared in layer {layer}, op {op}")]
+pub struct NonFinite {
+    pub layer: usize,
+    pub op: &'static str,
+}
+
 /// Logit elements per chunk of the fused LM-head/loss backward (16 MB of f32: fits in L3).
 const HEAD_CHUNK_ELEMS: usize = 4 << 20;
 
@@ -46,6 +54,8 @@ pub struct Model<T> {
     pub index: ParamIndex,
     pub params: ParamStore<T>,
     rope: RopeTable<T>,
+    /// Debug mode: check every op's output for NaN/Inf and report where it first appears.
+    pub check_finite: bool,
 }
 
 /// What a forward returns.
@@ -93,6 +103,7 @@ impl<T: Real> Model<T> {
             index,
             params,
             rope,
+            check_finite: false,
         })
     }
 
@@ -152,6 +163,8 @@ impl<T: Real> Model<T> {
             batch: b.batch,
             seq: b.seq,
             pos0: 0,
+            check_finite: self.check_finite,
+            first_bad: Default::default(),
         };
         let p = &self.params;
         let train = grads.is_some();
@@ -164,6 +177,9 @@ impl<T: Real> Model<T> {
         let mut caches = Vec::new();
         for (l, li) in self.index.layers.iter().enumerate() {
             let (out, cache) = layer_fwd(&ctx, p, li, &x, l, obs, None);
+            if let Some((layer, op)) = ctx.first_bad.get() {
+                return Err(NonFinite { layer, op }.into());
+            }
             obs.layer_output(l, &out);
             let prev = std::mem::replace(&mut x, out);
             if train {

@@ -65,6 +65,9 @@ pub struct StabilitySection {
     pub spike_margin: f64,
     /// Consecutive non-finite steps that stop the run.
     pub max_bad_steps: u64,
+    /// Check every op's output for NaN/Inf and report where it first appears (slower).
+    #[serde(default)]
+    pub check_finite: bool,
 }
 
 fn dense(
@@ -155,6 +158,7 @@ impl TrainConfig {
                 spike_window: 50,
                 spike_margin: 0.2,
                 max_bad_steps: 5,
+                check_finite: false,
             },
         })
     }

@@ -213,6 +213,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
     crate::io::write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
 
     let mut model: Model<f32> = Model::new(cfg.model.clone(), cfg.train.seed)?;
+    model.check_finite = cfg.stability.check_finite;
     let mut opt = AdamW::new(cfg.optim.adamw.clone(), &model.specs);
     let mut state = TrainState {
         step: 0,
@@ -266,6 +267,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         let lr = cfg.schedule.lr_at(step, total, cfg.optim.adamw.lr);
         grads.fill_zero();
         let mut loss = 0.0;
+        let mut bad_where: Option<String> = None;
         for _ in 0..accum {
             ids.clear();
             tg.clear();
@@ -273,7 +275,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
                 let start = state.sampler.below((data.train.len() - t - 1) as u64) as usize;
                 data.train.window(start, t, &mut ids, &mut tg);
             }
-            loss += model.forward_backward(
+            match model.forward_backward(
                 &Batch {
                     ids: &ids,
                     targets: &tg,
@@ -282,7 +284,16 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
                 },
                 &mut grads,
                 &mut NoObserver,
-            )?;
+            ) {
+                Ok(l) => loss += l,
+                Err(e) => match e.downcast_ref::<crate::model::NonFinite>() {
+                    Some(nf) => {
+                        bad_where = Some(nf.to_string());
+                        loss = f64::NAN;
+                    }
+                    None => return Err(e),
+                },
+            }
         }
         loss /= accum as f64;
         if accum > 1 {
@@ -299,7 +310,23 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
             // skip: no update, report, stop after too many in a row (last checkpoint stays valid)
             state.skipped += 1;
             state.consecutive_bad += 1;
-            metrics.row(json!({"step": state.step, "skipped": true, "loss": loss.to_string(), "grad_norm": gnorm.to_string(), "lr": lr}))?;
+            let bad: Vec<&str> = grads
+                .names
+                .iter()
+                .zip(&grads.tensors)
+                .filter(|(_, g)| g.data.iter().any(|x| !x.is_finite()))
+                .map(|(n, _)| n.as_str())
+                .take(8)
+                .collect();
+            let why = bad_where.unwrap_or_else(|| {
+                if loss.is_finite() {
+                    format!("non-finite gradients in {}", bad.join(", "))
+                } else {
+                    "non-finite loss".into()
+                }
+            });
+            eprintln!("step {} skipped: {why}", state.step);
+            metrics.row(json!({"step": state.step, "skipped": true, "loss": loss.to_string(), "grad_norm": gnorm.to_string(), "lr": lr, "reason": why, "non_finite_grads": bad}))?;
             if state.consecutive_bad >= cfg.stability.max_bad_steps {
                 diverged = true;
                 eprintln!(
