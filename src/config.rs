@@ -346,14 +346,30 @@ impl ModelConfig {
             "micro" => (512, 64, 2, 4, 2, 16, 128),
             other => bail!("unknown preset '{other}' (known: micro, tiny, small, 1p7b)"),
         };
-        Ok(ModelConfig {
-            vocab_size: v,
+        Ok(ModelConfig::dense(v, d, l, h, k, hd, f, gate))
+    }
+
+    /// A dense Qwen3-style decoder with the engine's defaults (RMSNorm eps 1e-6, RoPE θ 1e6, full
+    /// rotary, standard norms, untied head, QK-norm, init std 0.02).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dense(
+        vocab: usize,
+        d: usize,
+        layers: usize,
+        heads: usize,
+        kv: usize,
+        head_dim: usize,
+        ffn: usize,
+        gate: Option<GateConfig>,
+    ) -> Self {
+        ModelConfig {
+            vocab_size: vocab,
             hidden_size: d,
-            num_layers: l,
-            num_heads: h,
-            num_kv_heads: k,
-            head_dim: hd,
-            intermediate_size: f,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim,
+            intermediate_size: ffn,
             rms_norm_eps: 1e-6,
             rope_theta: 1e6,
             partial_rotary_factor: 1.0,
@@ -364,7 +380,7 @@ impl ModelConfig {
             rope_scaling: None,
             qk_norm: true,
             gate,
-        })
+        }
     }
 }
 

@@ -104,7 +104,7 @@ pub struct TensorInfo {
 
 pub struct Gguf {
     pub path: String,
-    data: memmap2::Mmap,
+    data: crate::io::st::Bytes,
     pub version: u32,
     pub meta: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
@@ -186,10 +186,12 @@ impl<'a> Cursor<'a> {
 
 impl Gguf {
     pub fn open(path: &Path) -> Result<Gguf> {
-        let what = path.display().to_string();
-        let f = std::fs::File::open(path).with_context(|| format!("cannot open {what}"))?;
-        // SAFETY: read-only mapping, every access below is bounds-checked.
-        let data = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {what}"))?;
+        Self::from_bytes(&path.display().to_string(), crate::io::st::map_file(path)?)
+    }
+
+    /// Parse GGUF bytes (`name` is used in errors).
+    pub fn from_bytes(name: &str, data: crate::io::st::Bytes) -> Result<Gguf> {
+        let what = name.to_string();
         let mut c = Cursor {
             b: &data,
             pos: 0,

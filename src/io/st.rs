@@ -12,20 +12,46 @@ pub struct F32Tensor {
     pub data: Vec<f32>,
 }
 
+/// The bytes behind a reader: a read-only file mapping, or a buffer (tests, fuzzing).
+pub enum Bytes {
+    Map(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// Map a file read-only.
+pub fn map_file(path: &Path) -> Result<Bytes> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: read-only mapping; every reader validates lengths before reading through it.
+    let m = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
+    Ok(Bytes::Map(m))
+}
+
 /// An open safetensors file.
 pub struct StFile {
     path: String,
-    mmap: memmap2::Mmap,
+    mmap: Bytes,
 }
 
 impl StFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: read-only mapping; we only read through it while `self` lives.
-        let mmap = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
+        Self::from_bytes(&path.display().to_string(), map_file(path)?)
+    }
+
+    /// Validate and wrap bytes (`name` is used in errors).
+    pub fn from_bytes(name: &str, bytes: Bytes) -> Result<Self> {
         let me = StFile {
-            path: path.display().to_string(),
-            mmap,
+            path: name.to_string(),
+            mmap: bytes,
         };
         me.parse()?;
         Ok(me)

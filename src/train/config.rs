@@ -70,6 +70,7 @@ pub struct StabilitySection {
     pub check_finite: bool,
 }
 
+/// Training presets' models: RoPE θ 1e4 (short byte-level contexts), head_dim = d / heads.
 fn dense(
     layers: usize,
     d: usize,
@@ -80,23 +81,8 @@ fn dense(
     gate: Option<GateConfig>,
 ) -> ModelConfig {
     ModelConfig {
-        vocab_size: vocab,
-        hidden_size: d,
-        num_layers: layers,
-        num_heads: heads,
-        num_kv_heads: kv,
-        head_dim: d / heads,
-        intermediate_size: ffn,
-        rms_norm_eps: 1e-6,
         rope_theta: 10000.0,
-        partial_rotary_factor: 1.0,
-        norm_style: crate::config::NormStyle::Standard,
-        tie_word_embeddings: false,
-        max_position_embeddings: 4096,
-        init_std: 0.02,
-        rope_scaling: None,
-        qk_norm: true,
-        gate,
+        ..ModelConfig::dense(vocab, d, layers, heads, kv, d / heads, ffn, gate)
     }
 }
 
