@@ -125,9 +125,23 @@ impl Tok {
             bail!("{what}: no tokenizer.json, nor vocab.json + merges.txt");
         }
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {what}"))?;
-        let tok =
-            Tokenizer::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{what}: not a valid tokenizer.json: {e}"))?;
-        Self::from_hf(tok, &what)
+        Self::from_json(&bytes, &what)
+    }
+
+    /// Parse tokenizer.json bytes (`what` names them in errors).
+    pub fn from_json(bytes: &[u8], what: &str) -> Result<Tok> {
+        // The tokenizers crate panics (`expect`) on some malformed decoder/normalizer sections
+        // (found by fuzzing): contain that, silently, and report it as the bad file it is.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes));
+        std::panic::set_hook(hook);
+        let tok = match parsed {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => bail!("{what}: not a valid tokenizer.json: {e}"),
+            Err(_) => bail!("{what}: not a valid tokenizer.json (malformed component section)"),
+        };
+        Self::from_hf(tok, what)
     }
 
     /// A byte-level BPE from a vocabulary (id = position) and merges ("a b"), e.g. from GGUF.
@@ -247,6 +261,14 @@ mod tests {
         let t = Tok::load(dir.path()).unwrap();
         assert_eq!(t.encode("the").unwrap(), vec![256, b'e' as u32]);
         assert_eq!(t.eos(), 257);
+        // a file the fuzzer found to make the tokenizers crate panic: now a clean error
+        let fz =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/tokenizer-decoder-panic.json");
+        let e = format!("{:#}", Tok::load(&fz).err().unwrap());
+        assert!(
+            e.contains("tokenizer-decoder-panic.json") && e.contains("not a valid tokenizer.json"),
+            "{e}"
+        );
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{\"model\": 3}").unwrap();
         let e = format!("{:#}", Tok::load(&bad).err().unwrap());
