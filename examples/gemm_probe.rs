@@ -1,3 +1,6 @@
+//! GFLOP/s of `gemm` on the matrix shapes of the tiny preset (2048 tokens, d 256, FFN 704), one
+//! thread vs all: the ceiling the training step's matmuls can reach on this machine.
+//! `cargo run --release --example gemm_probe`
 use gated_lm::backend::cpu::{matmul, Mat, Par};
 use std::time::Instant;
 fn main() {
