@@ -367,3 +367,10 @@ fn continued_training_at_a_longer_context_with_yarn() {
         .unwrap()
         .contains("seq_len = 128"));
 }
+
+#[test]
+fn streaming_perplexity_rejects_too_short_input() {
+    let m = model("none", |_| {});
+    assert!(perplexity_streaming(&m, &[5], Some(8), 0).is_err());
+    assert!(perplexity_streaming(&m, &[], None, 0).is_err());
+}

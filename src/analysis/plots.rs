@@ -82,7 +82,7 @@ pub fn per_layer(path: &Path, title: &str, values: &[f64]) -> Result<()> {
 }
 
 /// Gate-score histogram from bin counts over [0, 1].
-pub fn gate_histogram(path: &Path, counts: &[u64]) -> Result<()> {
+pub fn gate_histogram(path: &Path, title: &str, counts: &[u64]) -> Result<()> {
     let total: u64 = counts.iter().sum::<u64>().max(1);
     let n = counts.len();
     let labels: Vec<String> = (0..n)
@@ -95,5 +95,5 @@ pub fn gate_histogram(path: &Path, counts: &[u64]) -> Result<()> {
         })
         .collect();
     let frac: Vec<f64> = counts.iter().map(|&c| c as f64 / total as f64).collect();
-    bar_chart(path, "Gate scores", "score", &labels, &frac)
+    bar_chart(path, title, "score", &labels, &frac)
 }

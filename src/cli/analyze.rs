@@ -119,7 +119,7 @@ pub fn run_analyze(a: AnalyzeArgs) -> Result<()> {
             &res.stats.m_act_per_layer,
         )?;
         if !res.stats.gate_histogram.is_empty() {
-            gate_histogram(&out.join("gate_hist.png"), &res.stats.gate_histogram)?;
+            gate_histogram(&out.join("gate_hist.png"), "Gate scores", &res.stats.gate_histogram)?;
         }
         println!("pictures: {}", out.display());
     }

@@ -5,7 +5,7 @@ pub mod ruler;
 
 use crate::model::decode::KvCache;
 use crate::model::observer::NoObserver;
-use crate::model::ops::cross_entropy::IGNORE;
+use crate::model::ops::cross_entropy::{cross_entropy, IGNORE};
 use crate::model::{Batch, Model};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
@@ -169,15 +169,15 @@ pub fn perplexity_streaming(
     window: Option<usize>,
     sinks: usize,
 ) -> Result<(f64, usize)> {
+    if ids.len() < 2 {
+        bail!("need at least 2 tokens");
+    }
     let mut cache = KvCache::new(model, window, sinks)?;
     let vocab = model.cfg.vocab_size;
     let mut nll = 0.0;
     for i in 0..ids.len() - 1 {
-        let l = model.decode(&mut cache, &ids[i..i + 1])?;
-        let m = l.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
-        let lse = m + l.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-        nll += lse - l[ids[i + 1] as usize] as f64;
-        debug_assert_eq!(l.len(), vocab);
+        let mut l = model.decode(&mut cache, &ids[i..i + 1])?;
+        nll += cross_entropy(&mut l, vocab, &ids[i + 1..i + 2], false);
     }
     Ok((nll / (ids.len() - 1) as f64, ids.len() - 1))
 }

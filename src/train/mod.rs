@@ -225,7 +225,9 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         loss_window: vec![],
         elapsed_s: 0.0,
     };
-    if let (Some(init), false) = (&cfg.train.init, opts.resume && ckpt_dir.join(checkpoint::FILE).exists()) {
+    // a run killed before its first checkpoint resumes from the start
+    let resuming = opts.resume && ckpt_dir.join(checkpoint::FILE).exists();
+    if let (Some(init), false) = (&cfg.train.init, resuming) {
         let (src, _) = crate::io::hf::load_model(Path::new(init)).with_context(|| format!("train.init = {init}"))?;
         if src.params.names != model.params.names
             || src
@@ -239,8 +241,6 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         }
         model.params = src.params;
     }
-    // a run killed before its first checkpoint resumes from the start
-    let resuming = opts.resume && ckpt_dir.join(checkpoint::FILE).exists();
     if resuming {
         let specs = model.specs.clone();
         state = checkpoint::load(&ckpt_dir, &specs, &mut model.params, &mut opt)?;

@@ -198,29 +198,10 @@ pub fn write(out: &Path, cfg: &TrainConfig, s: &RunSummary) -> Result<()> {
             &[("gate_mean", &gm)],
             false,
         )?;
-        let bins = s.stats.gate_histogram.len();
-        let labels: Vec<String> = (0..bins)
-            .map(|i| {
-                if i % 4 == 0 {
-                    format!("{:.1}", i as f64 / bins as f64)
-                } else {
-                    String::new()
-                }
-            })
-            .collect();
-        let total: u64 = s.stats.gate_histogram.iter().sum();
-        let frac: Vec<f64> = s
-            .stats
-            .gate_histogram
-            .iter()
-            .map(|&c| c as f64 / total.max(1) as f64)
-            .collect();
-        bar_chart(
+        crate::analysis::plots::gate_histogram(
             &out.join("gate_hist.png"),
             "Gate scores (final evaluation)",
-            "score",
-            &labels,
-            &frac,
+            &s.stats.gate_histogram,
         )?;
     }
     let gate = cfg
