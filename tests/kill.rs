@@ -5,7 +5,9 @@
 use gated_lm::model::Model;
 use gated_lm::rng::Rng;
 use gated_lm::train::config::TrainConfig;
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -18,40 +20,44 @@ fn losses(run: &Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
-#[test]
-fn killed_twenty_times_and_resumed_equals_an_uninterrupted_run() {
-    let bin = env!("CARGO_BIN_EXE_gated-lm");
+/// `gated-lm train` on the micro preset, output silenced.
+fn train_cmd(cfg: &Path, corpus: &Path, out: &Path, steps: u32) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gated-lm"));
+    c.args([
+        "train",
+        "--preset",
+        "cpu-micro",
+        "--quiet",
+        "--max-steps",
+        &steps.to_string(),
+        "--config",
+    ])
+    .arg(cfg)
+    .arg("--data")
+    .arg(corpus)
+    .arg("--out")
+    .arg(out)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    c
+}
+
+/// A temp dir with a small corpus and a run config.
+fn setup(toml: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let text = &gated_lm::train::data::embedded_corpus().unwrap()[0];
     let corpus = tmp.path().join("c.txt");
     std::fs::write(&corpus, &text[..text.char_indices().nth(200_000).unwrap().0]).unwrap();
-    // a checkpoint every step, so kills often land inside checkpoint writes
     let cfg = tmp.path().join("k.toml");
-    std::fs::write(
-        &cfg,
-        "[train]\ncheckpoint_every = 1\neval_every = 25\neval_batches = 1\n",
-    )
-    .unwrap();
-    let args = |out: &Path| {
-        let mut c = Command::new(bin);
-        c.args([
-            "train",
-            "--preset",
-            "cpu-micro",
-            "--max-steps",
-            "80",
-            "--quiet",
-            "--config",
-        ])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(&corpus)
-        .arg("--out")
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        c
-    };
+    std::fs::write(&cfg, toml).unwrap();
+    (tmp, corpus, cfg)
+}
+
+#[test]
+fn killed_twenty_times_and_resumed_equals_an_uninterrupted_run() {
+    // a checkpoint every step, so kills often land inside checkpoint writes
+    let (tmp, corpus, cfg) = setup("[train]\ncheckpoint_every = 1\neval_every = 25\neval_batches = 1\n");
+    let args = |out: &Path| train_cmd(&cfg, &corpus, out, 80);
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     assert!(args(&a).status().unwrap().success());
 
@@ -93,4 +99,129 @@ fn killed_twenty_times_and_resumed_equals_an_uninterrupted_run() {
     let (la, lb) = (losses(&a), losses(&b));
     assert_eq!(la.len(), 80);
     assert_eq!(la, lb, "losses after {kills} kills must equal the uninterrupted run");
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chmod_tree(p: &Path, mode: u32) {
+    chmod(p, mode);
+    if p.is_dir() {
+        for e in std::fs::read_dir(p).unwrap() {
+            chmod_tree(&e.unwrap().path(), mode);
+        }
+    }
+}
+
+/// Run `c` and return its stderr; it must fail.
+fn fails(mut c: Command) -> String {
+    let out = c.stderr(Stdio::piped()).output().unwrap();
+    assert!(!out.status.success(), "the run should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The checkpoint's bytes, which a failed write must leave untouched, and no temp files beside it.
+fn checkpoint_bytes(run: &Path) -> Vec<u8> {
+    let dir = run.join("checkpoint");
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [gated_lm::train::checkpoint::FILE],
+        "stray files in {}",
+        dir.display()
+    );
+    std::fs::read(dir.join(gated_lm::train::checkpoint::FILE)).unwrap()
+}
+
+const CK2: &str = "[train]\ncheckpoint_every = 2\neval_every = 100\neval_batches = 1\n";
+
+#[test]
+fn read_only_directories_give_clear_errors_and_keep_the_last_checkpoint() {
+    let (tmp, corpus, cfg) = setup(CK2);
+    // root ignores permission bits: the failing runs drop to an unprivileged user
+    let as_user = |mut c: Command| {
+        if unsafe { libc::geteuid() } == 0 {
+            c.uid(65534).gid(65534);
+        }
+        c
+    };
+    chmod(tmp.path(), 0o777);
+    let ro = tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    chmod(&ro, 0o555);
+    let e = fails(as_user(train_cmd(&cfg, &corpus, &ro.join("run"), 8)));
+    assert!(
+        e.contains("cannot create") && e.contains("ro/run") && e.contains("ermission denied"),
+        "{e}"
+    );
+
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    assert!(train_cmd(&cfg, &corpus, &a, 8).status().unwrap().success());
+    assert!(train_cmd(&cfg, &corpus, &b, 8)
+        .args(["--stop-after", "4"])
+        .status()
+        .unwrap()
+        .success());
+    let before = checkpoint_bytes(&b);
+    chmod_tree(&b, 0o777);
+    chmod(&b.join("checkpoint"), 0o555);
+    let mut c = as_user(train_cmd(&cfg, &corpus, &b, 8));
+    c.arg("--resume");
+    let e = fails(c);
+    assert!(e.contains("checkpoint/") && e.contains("ermission denied"), "{e}");
+    assert_eq!(checkpoint_bytes(&b), before, "the last checkpoint must survive");
+    // once writable again the run resumes from that checkpoint as if nothing happened
+    chmod(&b.join("checkpoint"), 0o755);
+    assert!(train_cmd(&cfg, &corpus, &b, 8)
+        .arg("--resume")
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(losses(&a), losses(&b));
+}
+
+#[test]
+fn a_full_disk_fails_clearly_and_keeps_the_last_checkpoint() {
+    let (tmp, corpus, cfg) = setup(CK2);
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    assert!(train_cmd(&cfg, &corpus, &a, 8).status().unwrap().success());
+    assert!(train_cmd(&cfg, &corpus, &b, 8)
+        .args(["--stop-after", "4"])
+        .status()
+        .unwrap()
+        .success());
+    let before = checkpoint_bytes(&b);
+    // a file-size limit makes the next checkpoint write fail part-way, as a full disk would
+    let limit = before.len() as u64 / 2;
+    let mut c = train_cmd(&cfg, &corpus, &b, 8);
+    c.arg("--resume");
+    unsafe {
+        c.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let e = fails(c);
+    assert!(
+        e.contains("cannot write") && e.contains("state.safetensors") && e.contains("too large"),
+        "{e}"
+    );
+    assert_eq!(checkpoint_bytes(&b), before, "the last checkpoint must survive");
+    assert!(train_cmd(&cfg, &corpus, &b, 8)
+        .arg("--resume")
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(losses(&a), losses(&b));
 }

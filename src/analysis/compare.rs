@@ -1,7 +1,8 @@
 //! `gated-lm report RUN...`: runs (their final evaluation) and analysed models (`analyze --json`
 //! files) side by side, with the paper's reference numbers.
 
-use crate::train::report::{bar_chart, line_chart, series, PAPER_REFERENCE};
+use crate::train::metrics::{read_rows, series};
+use crate::train::report::{bar_chart, line_chart, PAPER_REFERENCE};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -38,15 +39,15 @@ pub fn read_entry(path: &Path) -> Result<Entry> {
         .unwrap_or(what.clone());
     let metrics = path.join("metrics.jsonl");
     let (v, loss, curve) = if metrics.exists() {
-        let text = std::fs::read_to_string(&metrics).with_context(|| format!("cannot read {}", metrics.display()))?;
-        let last_eval = text
-            .lines()
+        let rows = read_rows(&metrics)?;
+        let last_eval = rows
+            .iter()
             .rev()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .find(|v| v.get("val_loss").is_some())
+            .cloned()
             .with_context(|| format!("{}: no evaluation rows", metrics.display()))?;
         let vl = f(&last_eval, "val_loss");
-        (last_eval, vl, series(&metrics, "loss")?)
+        (last_eval, vl, series(&rows, "loss"))
     } else if path.is_file() {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {what}"))?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("{what}: not valid JSON"))?;

@@ -42,6 +42,10 @@ pub struct TrainArgs {
     /// Continue the run in --out from its checkpoint
     #[arg(long)]
     pub resume: bool,
+    /// Stop cleanly after this many steps of this invocation (the schedule still spans
+    /// --max-steps; continue with --resume), e.g. for preemptible jobs
+    #[arg(long)]
+    pub stop_after: Option<u64>,
     /// Start from this model's weights and architecture (a run or model directory): continued
     /// training, e.g. at a longer --seq-len with --yarn-factor or --rope-theta
     #[arg(long)]
@@ -196,7 +200,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         &out,
         &RunOptions {
             resume: a.resume,
-            stop_after: None,
+            stop_after: a.stop_after,
             progress: !a.quiet,
         },
     )?;

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod metrics;
 pub mod report;
 pub mod schedule;
 pub mod tokenizer;
@@ -18,8 +19,8 @@ use anyhow::{bail, Context, Result};
 use checkpoint::TrainState;
 use config::TrainConfig;
 use data::{build_shards, eval_starts, read_documents, Shard};
+use metrics::Metrics;
 use serde_json::json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -83,7 +84,7 @@ fn prepare_data(cfg: &mut TrainConfig, out: &Path) -> Result<(Tok, Data)> {
         // the tokenizer decides the vocabulary
         cfg.model.vocab_size = tok.vocab_size();
     }
-    std::fs::create_dir_all(out.join("model"))?;
+    std::fs::create_dir_all(out.join("model")).with_context(|| format!("cannot create {}/model", out.display()))?;
     tok.save(&out.join("model"))?;
     let min_len = cfg.train.seq_len + 2;
     if !have_shards {
@@ -139,42 +140,6 @@ fn spike(state: &mut TrainState, loss: f64, window: usize, margin: f64) -> bool 
         state.loss_window.remove(0);
     }
     is_spike
-}
-
-struct Metrics {
-    path: PathBuf,
-}
-
-impl Metrics {
-    /// On resume, drop rows after the checkpoint's step (they belong to the lost tail).
-    fn open(path: PathBuf, keep_up_to: Option<u64>) -> Result<Metrics> {
-        match keep_up_to {
-            Some(step) if path.exists() => {
-                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                let kept: String = text
-                    .lines()
-                    .filter(|l| {
-                        serde_json::from_str::<serde_json::Value>(l)
-                            .ok()
-                            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                            .is_some_and(|s| s <= step)
-                    })
-                    .map(|l| format!("{l}\n"))
-                    .collect();
-                crate::io::write_atomic(&path, kept.as_bytes())?;
-            }
-            _ => crate::io::write_atomic(&path, b"")?,
-        }
-        Ok(Metrics { path })
-    }
-
-    fn row(&self, v: serde_json::Value) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .with_context(|| format!("cannot append to {}", self.path.display()))?;
-        writeln!(f, "{v}").with_context(|| format!("cannot write {}", self.path.display()))
-    }
 }
 
 fn eval_row(step: u64, val_loss: f64, s: &SinkStats) -> serde_json::Value {

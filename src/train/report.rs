@@ -1,6 +1,7 @@
 //! `report.md` and PNG plots of a run, drawn from its metrics.jsonl.
 
 use super::config::TrainConfig;
+use super::metrics::{read_rows, series};
 use super::RunSummary;
 use anyhow::{Context, Result};
 use plotters::prelude::*;
@@ -26,23 +27,6 @@ pub const PAPER_REFERENCE: [(&str, f64, f64, Option<f64>); 3] = [
     ("paper G1 elementwise", 0.048, 94.0, Some(0.116)),
     ("paper G1 headwise", 0.073, 98.0, Some(0.172)),
 ];
-
-/// (step, value) series of `key` in metrics.jsonl.
-pub fn series(metrics: &Path, key: &str) -> Result<Vec<(f64, f64)>> {
-    let text = std::fs::read_to_string(metrics).with_context(|| format!("cannot read {}", metrics.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: not valid JSON", metrics.display(), i + 1))?;
-        if let (Some(s), Some(x)) = (
-            v.get("step").and_then(|s| s.as_f64()),
-            v.get(key).and_then(|x| x.as_f64()),
-        ) {
-            out.push((s, x));
-        }
-    }
-    Ok(out)
-}
 
 /// A line chart of several named series into `path`.
 pub fn line_chart(path: &Path, title: &str, y_label: &str, lines: &[(&str, &[(f64, f64)])], log_y: bool) -> Result<()> {
@@ -165,8 +149,8 @@ fn fmt(x: f64) -> String {
 }
 
 pub fn write(out: &Path, cfg: &TrainConfig, s: &RunSummary) -> Result<()> {
-    let m = out.join("metrics.jsonl");
-    let (train, val) = (series(&m, "loss")?, series(&m, "val_loss")?);
+    let rows = read_rows(&out.join("metrics.jsonl"))?;
+    let (train, val) = (series(&rows, "loss"), series(&rows, "val_loss"));
     line_chart(
         &out.join("loss.png"),
         "Loss",
@@ -174,7 +158,7 @@ pub fn write(out: &Path, cfg: &TrainConfig, s: &RunSummary) -> Result<()> {
         &[("train", &train), ("validation", &val)],
         false,
     )?;
-    let (fa, ma) = (series(&m, "first_token_attn")?, series(&m, "m_act")?);
+    let (fa, ma) = (series(&rows, "first_token_attn"), series(&rows, "m_act"));
     line_chart(
         &out.join("first_token_attn.png"),
         "Attention on the first token (F-Attn)",
@@ -189,7 +173,7 @@ pub fn write(out: &Path, cfg: &TrainConfig, s: &RunSummary) -> Result<()> {
         &[("m_act", &ma)],
         false,
     )?;
-    let gm = series(&m, "gate_mean")?;
+    let gm = series(&rows, "gate_mean");
     if !gm.is_empty() {
         line_chart(
             &out.join("gate_mean.png"),
