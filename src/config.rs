@@ -180,6 +180,136 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// `None`: the ungated baseline.
     pub gate: Option<GateConfig>,
+    /// Mixture-of-Experts FFN (`None`: a dense SwiGLU MLP in every layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
+}
+
+/// Mixture-of-Experts FFN, transformers' Qwen3-MoE / Qwen3-Next field names and semantics: a
+/// linear router → softmax over experts → top-k (optionally renormalised), SwiGLU experts, an
+/// optional always-on shared expert scaled by `sigmoid(x·w)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub moe_intermediate_size: usize,
+    /// Renormalise the top-k routing weights to sum to 1.
+    #[serde(default = "default_true")]
+    pub norm_topk_prob: bool,
+    /// Width of the shared expert; 0 = none.
+    #[serde(default)]
+    pub shared_expert_intermediate_size: usize,
+    /// Coefficient of the load-balancing loss `E·Σ_e f_e·P_e` (1 when perfectly balanced).
+    #[serde(default = "default_aux_coef")]
+    pub router_aux_loss_coef: f64,
+    /// Coefficient of the router z-loss `mean_t logsumexp(router logits)²`.
+    #[serde(default)]
+    pub router_z_loss_coef: f64,
+    /// Expert capacity = ceil(factor · tokens · k / E); assignments beyond it are dropped, in
+    /// token order. `None`: dropless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_factor: Option<f64>,
+    /// Layers that keep a dense MLP (transformers' `mlp_only_layers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mlp_only_layers: Vec<usize>,
+    /// Every `decoder_sparse_step`-th layer is MoE (transformers semantics: layer l is MoE when
+    /// (l + 1) % step == 0).
+    #[serde(default = "default_one")]
+    pub decoder_sparse_step: usize,
+}
+
+fn default_aux_coef() -> f64 {
+    0.001
+}
+fn default_one() -> usize {
+    1
+}
+
+impl MoeConfig {
+    /// E experts, top-k, expert width `ff`; dropless, renormalised, no shared expert.
+    pub fn new(experts: usize, top_k: usize, ff: usize) -> Self {
+        MoeConfig {
+            num_experts: experts,
+            num_experts_per_tok: top_k,
+            moe_intermediate_size: ff,
+            norm_topk_prob: true,
+            shared_expert_intermediate_size: 0,
+            router_aux_loss_coef: default_aux_coef(),
+            router_z_loss_coef: 0.0,
+            capacity_factor: None,
+            mlp_only_layers: vec![],
+            decoder_sparse_step: 1,
+        }
+    }
+
+    /// Parse `E:k:ff` with optional `:shared=F`, `:cap=C`, `:aux=A`, `:z=Z`, `:no-norm`
+    /// (`none` for a dense MLP).
+    pub fn parse_spec(spec: &str) -> Result<Option<MoeConfig>> {
+        let s = spec.trim().to_ascii_lowercase();
+        if s == "none" || s == "dense" {
+            return Ok(None);
+        }
+        let parts: Vec<&str> = s.split(':').collect();
+        let num = |t: &str, what: &str| -> Result<usize> {
+            t.parse::<usize>()
+                .ok()
+                .filter(|&x| x > 0)
+                .with_context(|| format!("moe spec '{spec}': {what} must be a positive integer, got '{t}'"))
+        };
+        if parts.len() < 3 {
+            bail!("moe spec '{spec}': expected EXPERTS:TOP_K:EXPERT_FFN[:shared=F][:cap=C][:aux=A][:z=Z][:no-norm]");
+        }
+        let mut m = MoeConfig::new(
+            num(parts[0], "experts")?,
+            num(parts[1], "top_k")?,
+            num(parts[2], "expert ffn")?,
+        );
+        for opt in &parts[3..] {
+            let f = |v: &str| -> Result<f64> {
+                v.parse::<f64>()
+                    .with_context(|| format!("moe spec '{spec}': '{opt}' needs a number"))
+            };
+            match opt.split_once('=') {
+                Some(("shared", v)) => m.shared_expert_intermediate_size = num(v, "shared")?,
+                Some(("cap", v)) => m.capacity_factor = Some(f(v)?),
+                Some(("aux", v)) => m.router_aux_loss_coef = f(v)?,
+                Some(("z", v)) => m.router_z_loss_coef = f(v)?,
+                None if *opt == "no-norm" => m.norm_topk_prob = false,
+                _ => bail!("moe spec '{spec}': unknown option '{opt}'"),
+            }
+        }
+        Ok(Some(m))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let (e, k) = (self.num_experts, self.num_experts_per_tok);
+        if e == 0 || k == 0 || k > e {
+            bail!("moe config: need 1 ≤ num_experts_per_tok ({k}) ≤ num_experts ({e})");
+        }
+        if e > 1 << 16 {
+            bail!("moe config: implausible num_experts {e}");
+        }
+        if self.moe_intermediate_size == 0 {
+            bail!("moe config: moe_intermediate_size must be > 0");
+        }
+        if self.decoder_sparse_step == 0 {
+            bail!("moe config: decoder_sparse_step must be > 0");
+        }
+        for (c, what) in [
+            (self.router_aux_loss_coef, "router_aux_loss_coef"),
+            (self.router_z_loss_coef, "router_z_loss_coef"),
+        ] {
+            if !(c.is_finite() && c >= 0.0) {
+                bail!("moe config: {what} must be a finite number ≥ 0, got {c}");
+            }
+        }
+        if let Some(cf) = self.capacity_factor {
+            if !(cf.is_finite() && cf > 0.0) {
+                bail!("moe config: capacity_factor must be > 0, got {cf}");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// RoPE scaling for context extension (transformers' `rope_parameters` semantics).
@@ -266,6 +396,23 @@ impl ModelConfig {
         r - r % 2
     }
 
+    /// The dense model with the same attention and the same active FFN width (k · expert width
+    /// + shared width), for MoE-vs-dense comparisons at equal active parameters.
+    pub fn dense_counterpart(&self) -> ModelConfig {
+        let mut c = self.clone();
+        if let Some(m) = c.moe.take() {
+            c.intermediate_size = m.num_experts_per_tok * m.moe_intermediate_size + m.shared_expert_intermediate_size;
+        }
+        c
+    }
+
+    /// The MoE config if layer `l` has a MoE FFN (transformers' placement rule).
+    pub fn moe_at(&self, l: usize) -> Option<&MoeConfig> {
+        self.moe
+            .as_ref()
+            .filter(|m| !m.mlp_only_layers.contains(&l) && (l + 1).is_multiple_of(m.decoder_sparse_step))
+    }
+
     pub fn gate_geometry(&self) -> Option<GateGeometry> {
         let g = self.gate.as_ref()?;
         let (groups, width) = match g.position {
@@ -325,11 +472,18 @@ impl ModelConfig {
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             bail!("model config: rms_norm_eps must be > 0, got {}", self.rms_norm_eps);
         }
+        if let Some(m) = &self.moe {
+            m.validate()?;
+        }
         // Guard against absurd sizes from untrusted files before anything is allocated.
+        let ffn = match &self.moe {
+            Some(m) => m.num_experts * (m.moe_intermediate_size + 1) + m.shared_expert_intermediate_size,
+            None => self.intermediate_size,
+        } as u128;
         let params = self.vocab_size as u128 * self.hidden_size as u128 * 2
             + self.num_layers as u128
                 * (self.hidden_size as u128 * (4 * self.q_dim() + 2 * self.kv_dim()) as u128
-                    + 3 * self.hidden_size as u128 * self.intermediate_size as u128);
+                    + 3 * self.hidden_size as u128 * ffn);
         if params > (1u128 << 36) {
             bail!("model config: implausible size (~{params} parameters)");
         }
@@ -344,9 +498,19 @@ impl ModelConfig {
             "small" => (32768, 768, 12, 12, 4, 64, 2048),
             "1p7b" => (151936, 2048, 28, 16, 8, 128, 6144),
             "micro" => (512, 64, 2, 4, 2, 16, 128),
-            other => bail!("unknown preset '{other}' (known: micro, tiny, small, 1p7b)"),
+            // MoE presets with the paper's 15B-A2.5B ratios scaled down: top-8 of many
+            // fine-grained experts → here 1/16 of the experts active, GQA 8:1
+            "moe-micro" => (512, 64, 2, 4, 2, 16, 128),
+            "moe-tiny" => (8192, 256, 4, 8, 1, 32, 704),
+            other => bail!("unknown preset '{other}' (known: micro, tiny, small, 1p7b, moe-micro, moe-tiny)"),
         };
-        Ok(ModelConfig::dense(v, d, l, h, k, hd, f, gate))
+        let mut c = ModelConfig::dense(v, d, l, h, k, hd, f, gate);
+        c.moe = match name {
+            "moe-micro" => Some(MoeConfig::new(8, 2, 32)),
+            "moe-tiny" => Some(MoeConfig::new(64, 4, 176)),
+            _ => None,
+        };
+        Ok(c)
     }
 
     /// A dense Qwen3-style decoder with the engine's defaults (RMSNorm eps 1e-6, RoPE θ 1e6, full
@@ -380,6 +544,7 @@ impl ModelConfig {
             rope_scaling: None,
             qk_norm: true,
             gate,
+            moe: None,
         }
     }
 }

@@ -268,7 +268,7 @@ fn debug_mode_reports_where_nan_first_appears() {
     let tg: Vec<u32> = ids.iter().map(|&x| (x + 1) % 257).collect();
     for (param, layer, op) in [
         ("model.layers.0.self_attn.v_proj.weight", 0, "v_proj"),
-        ("model.layers.1.mlp.up_proj.weight", 1, "mlp gate/up + swiglu"),
+        ("model.layers.1.mlp.up_proj.weight", 1, "mlp (ffn output)"),
         ("model.layers.1.self_attn.o_proj.weight", 1, "o_proj (after any gate)"),
     ] {
         let mut m: Model<f32> = Model::new(cfg.clone(), 1).unwrap();

@@ -551,6 +551,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
         rope_scaling: None,
         qk_norm: arch == "qwen3",
         gate: None,
+        moe: None,
     };
     cfg.validate().with_context(|| g.path.clone())?;
     Ok(cfg)

@@ -11,7 +11,7 @@
 //! All gate permutations live here and nowhere else.
 
 use super::st::{F32Tensor, StFile, TensorMap};
-use crate::config::{GateConfig, GateGranularity, ModelConfig, NormStyle};
+use crate::config::{GateConfig, GateGranularity, ModelConfig, MoeConfig, NormStyle};
 use crate::model::params::{param_specs, ParamKind, ParamStore, Tensor};
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
@@ -47,17 +47,29 @@ impl Layout {
     /// Whether `cfg` can be stored in this layout.
     pub fn check(self, cfg: &ModelConfig) -> Result<()> {
         let g = cfg.gate.as_ref();
+        // Qwen3-MoE has no shared expert; Qwen3-Next's MoE block always has one
+        let shared = cfg.moe.as_ref().map(|m| m.shared_expert_intermediate_size > 0);
         let ok = match self {
             Layout::GatedLm => true,
-            Layout::Qwen3 => g.is_none() && cfg.partial_rotary_factor == 1.0,
-            Layout::Official => g.is_some_and(|g| g.is_standard_g1()) && cfg.partial_rotary_factor == 1.0,
-            Layout::Qwen3Next => g.is_some_and(|g| g.is_standard_g1() && g.granularity == GateGranularity::Elementwise),
+            Layout::Qwen3 => g.is_none() && cfg.partial_rotary_factor == 1.0 && shared != Some(true),
+            Layout::Official => {
+                g.is_some_and(|g| g.is_standard_g1()) && cfg.partial_rotary_factor == 1.0 && shared.is_none()
+            }
+            Layout::Qwen3Next => {
+                g.is_some_and(|g| g.is_standard_g1() && g.granularity == GateGranularity::Elementwise)
+                    && shared != Some(false)
+            }
         };
         if !ok {
             bail!(
-                "a model with gate '{}' and partial_rotary_factor {} cannot be stored in the {self:?} layout",
+                "a model with gate '{}', partial_rotary_factor {} and {} cannot be stored in the {self:?} layout",
                 g.map(|g| g.spec()).unwrap_or("none".into()),
-                cfg.partial_rotary_factor
+                cfg.partial_rotary_factor,
+                match shared {
+                    None => "a dense MLP",
+                    Some(true) => "MoE with a shared expert",
+                    Some(false) => "MoE without a shared expert",
+                }
             );
         }
         Ok(())
@@ -65,12 +77,10 @@ impl Layout {
 
     /// The layout our saved models use: stock transformers classes wherever one fits.
     pub fn default_for(cfg: &ModelConfig) -> Layout {
-        match &cfg.gate {
-            None if cfg.partial_rotary_factor == 1.0 => Layout::Qwen3,
-            Some(g) if g.is_standard_g1() && g.granularity == GateGranularity::Elementwise => Layout::Qwen3Next,
-            Some(g) if g.is_standard_g1() && cfg.partial_rotary_factor == 1.0 => Layout::Official,
-            _ => Layout::GatedLm,
-        }
+        [Layout::Qwen3, Layout::Qwen3Next, Layout::Official]
+            .into_iter()
+            .find(|l| l.check(cfg).is_ok())
+            .unwrap_or(Layout::GatedLm)
     }
 }
 
@@ -115,9 +125,10 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
                 Layout::Qwen3
             }
         }
+        "qwen3_moe" => Layout::Qwen3,
         "qwen3_next" => Layout::Qwen3Next,
         "" => bail!("{file}: missing 'model_type'"),
-        other => bail!("{file}: model_type '{other}' is not supported (qwen3, qwen3_next, gated_lm)"),
+        other => bail!("{file}: model_type '{other}' is not supported (qwen3, qwen3_moe, qwen3_next, gated_lm)"),
     };
     let heads = get_usize(&v, "num_attention_heads", file)?;
     let hidden = get_usize(&v, "hidden_size", file)?;
@@ -185,16 +196,8 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
         } else {
             bail!("{file}: Qwen3-Next config lacks 'layer_types' (its default mixes in linear attention, unsupported)");
         }
-        let dense: Vec<u64> = v
-            .get("mlp_only_layers")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default();
-        let no_experts = v.get("num_experts").and_then(Value::as_u64) == Some(0);
-        if !no_experts && !(0..layers as u64).all(|l| dense.contains(&l)) {
-            bail!("{file}: only Qwen3-Next models with a dense MLP in every layer are supported (mlp_only_layers)");
-        }
     }
+    let moe = parse_moe(&v, file, layers, model_type)?;
     let gate = match layout {
         Layout::Qwen3 => None,
         Layout::Qwen3Next => Some(GateConfig::g1(GateGranularity::Elementwise)),
@@ -239,9 +242,85 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
         rope_scaling,
         qk_norm: true,
         gate,
+        moe,
     };
     cfg.validate().with_context(|| file.to_string())?;
     Ok((cfg, layout))
+}
+
+/// The MoE fields of a qwen3_moe / qwen3_next config; `None` when every layer is dense.
+fn parse_moe(v: &Value, file: &str, layers: usize, model_type: &str) -> Result<Option<MoeConfig>> {
+    let experts = v.get("num_experts").and_then(Value::as_u64).unwrap_or(0);
+    if model_type == "qwen3" || experts == 0 {
+        if model_type == "qwen3_moe" {
+            bail!("{file}: a qwen3_moe config needs 'num_experts' > 0");
+        }
+        return Ok(None);
+    }
+    let mlp_only: Vec<usize> = match v.get("mlp_only_layers") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_u64().map(|x| x as usize))
+            .collect::<Option<_>>()
+            .with_context(|| format!("{file}: 'mlp_only_layers' must list layer indices"))?,
+        Some(_) => bail!("{file}: 'mlp_only_layers' must be a list"),
+    };
+    let step = match v.get("decoder_sparse_step") {
+        None | Some(Value::Null) => 1,
+        Some(_) => get_usize(v, "decoder_sparse_step", file)?,
+    };
+    let mut m = MoeConfig::new(
+        get_usize(v, "num_experts", file)?,
+        get_usize(v, "num_experts_per_tok", file)?,
+        get_usize(v, "moe_intermediate_size", file)?,
+    );
+    m.norm_topk_prob = v
+        .get("norm_topk_prob")
+        .and_then(Value::as_bool)
+        .unwrap_or(model_type == "qwen3_next");
+    m.router_aux_loss_coef = opt_f64(v, "router_aux_loss_coef", file)?.unwrap_or(0.001);
+    m.router_z_loss_coef = opt_f64(v, "router_z_loss_coef", file)?.unwrap_or(0.0);
+    m.capacity_factor = opt_f64(v, "capacity_factor", file)?;
+    m.decoder_sparse_step = step;
+    m.mlp_only_layers = mlp_only.into_iter().filter(|&l| l < layers).collect();
+    if model_type == "qwen3_next" {
+        m.shared_expert_intermediate_size = get_usize(v, "shared_expert_intermediate_size", file)?;
+    }
+    let any_moe = (0..layers).any(|l| !m.mlp_only_layers.contains(&l) && (l + 1) % step == 0);
+    Ok(any_moe.then_some(m))
+}
+
+/// transformers' MoE fields for `cfg.moe` (dense everywhere when there is none).
+fn moe_json(cfg: &ModelConfig, o: &mut serde_json::Map<String, Value>) {
+    match &cfg.moe {
+        None => {
+            o.insert("num_experts".into(), json!(0));
+            o.insert("mlp_only_layers".into(), json!((0..cfg.num_layers).collect::<Vec<_>>()));
+            o.insert("decoder_sparse_step".into(), json!(1));
+        }
+        Some(m) => {
+            o.insert("num_experts".into(), json!(m.num_experts));
+            o.insert("num_experts_per_tok".into(), json!(m.num_experts_per_tok));
+            o.insert("moe_intermediate_size".into(), json!(m.moe_intermediate_size));
+            o.insert("norm_topk_prob".into(), json!(m.norm_topk_prob));
+            o.insert("router_aux_loss_coef".into(), json!(m.router_aux_loss_coef));
+            o.insert("mlp_only_layers".into(), json!(m.mlp_only_layers));
+            o.insert("decoder_sparse_step".into(), json!(m.decoder_sparse_step));
+            o.insert("output_router_logits".into(), json!(false));
+            if m.shared_expert_intermediate_size > 0 {
+                o.insert(
+                    "shared_expert_intermediate_size".into(),
+                    json!(m.shared_expert_intermediate_size),
+                );
+            }
+            // ours (transformers ignores them)
+            o.insert("router_z_loss_coef".into(), json!(m.router_z_loss_coef));
+            if let Some(c) = m.capacity_factor {
+                o.insert("capacity_factor".into(), json!(c));
+            }
+        }
+    }
 }
 
 impl Layout {
@@ -286,6 +365,12 @@ pub fn config_json(cfg: &ModelConfig, layout: Layout) -> Result<Value> {
     }
     let o = v.as_object_mut().unwrap();
     match layout {
+        Layout::Qwen3 if cfg.moe.is_some() => {
+            o.insert("architectures".into(), json!(["Qwen3MoeForCausalLM"]));
+            o.insert("model_type".into(), json!("qwen3_moe"));
+            o.insert("rope_parameters".into(), rope.clone());
+            moe_json(cfg, o);
+        }
         Layout::Qwen3 => {
             o.insert("architectures".into(), json!(["Qwen3ForCausalLM"]));
             o.insert("model_type".into(), json!("qwen3"));
@@ -314,9 +399,7 @@ pub fn config_json(cfg: &ModelConfig, layout: Layout) -> Result<Value> {
             o.insert("model_type".into(), json!("qwen3_next"));
             rope["partial_rotary_factor"] = json!(cfg.partial_rotary_factor);
             o.insert("rope_parameters".into(), rope.clone());
-            o.insert("mlp_only_layers".into(), json!((0..cfg.num_layers).collect::<Vec<_>>()));
-            o.insert("decoder_sparse_step".into(), json!(1));
-            o.insert("num_experts".into(), json!(0));
+            moe_json(cfg, o);
         }
         Layout::GatedLm => {
             o.insert("architectures".into(), json!(["GatedLmForCausalLM"]));

@@ -2,13 +2,13 @@
 //! SwiGLU MLP, as an explicit forward that saves what its backward needs.
 
 use super::decode::{attention_cached, LayerKv};
+use super::ffn::{ffn_bwd, ffn_fwd, router_stats, FfnCache};
 use super::observer::Observer;
 use super::ops::attention::{attention_bwd, attention_fwd, AttnProbes, AttnShape};
 use super::ops::gate::{gate_bwd, gate_fwd, gate_scores};
 use super::ops::linear::{linear_bwd, linear_fwd};
 use super::ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use super::ops::rope::{rope_apply, RopeTable};
-use super::ops::swiglu::{swiglu_bwd, swiglu_fwd};
 use super::params::{LayerIndex, ParamStore};
 use crate::backend::cpu::add_assign;
 use crate::backend::profile::scope;
@@ -53,6 +53,13 @@ impl<T> Ctx<'_, T> {
     fn gate(&self) -> Option<(&GateConfig, GateGeometry)> {
         Some((self.cfg.gate.as_ref()?, self.cfg.gate_geometry()?))
     }
+    /// Weight of one layer's auxiliary MoE losses: they are averaged over the MoE layers.
+    fn aux_scale(&self) -> f64 {
+        let moe_layers = (0..self.cfg.num_layers)
+            .filter(|&l| self.cfg.moe_at(l).is_some())
+            .count();
+        1.0 / moe_layers.max(1) as f64
+    }
     fn gate_at(&self, pos: GatePosition) -> Option<(&GateConfig, GateGeometry)> {
         self.gate().filter(|(g, _)| g.position == pos)
     }
@@ -84,9 +91,7 @@ pub struct LayerCache<T> {
     x1: Vec<T>,
     rstd2: Vec<T>,
     h2: Vec<T>,
-    mg: Vec<T>,
-    mu: Vec<T>,
-    m: Vec<T>,
+    ffn: FfnCache<T>,
 }
 
 fn zeros<T: Real>(n: usize) -> Vec<T> {
@@ -112,7 +117,7 @@ pub fn layer_fwd<T: Real>(
 ) -> (Vec<T>, LayerCache<T>) {
     let cfg = ctx.cfg;
     let (n, dm, hd) = (ctx.rows(), cfg.hidden_size, cfg.head_dim);
-    let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let w = |i: usize| &p.tensors[i].data[..];
 
     let mut h1 = zeros(n * dm);
@@ -236,20 +241,13 @@ pub fn layer_fwd<T: Real>(
         &mut h2,
         &mut rstd2,
     );
-    let mut mg = zeros(n * ff);
-    let mut mu = zeros(n * ff);
     _t = scope("fwd.mlp");
-    linear_fwd(&h2, w(li.mlp_gate), n, dm, ff, &mut mg);
-    linear_fwd(&h2, w(li.mlp_up), n, dm, ff, &mut mu);
-    let mut m = zeros(n * ff);
-    _t = scope("fwd.swiglu");
-    swiglu_fwd(&mg, &mu, &mut m);
-    ctx.check(layer, "mlp gate/up + swiglu", &m);
-    let mut y = zeros(n * dm);
-    _t = scope("fwd.mlp");
-    linear_fwd(&m, w(li.mlp_down), n, ff, dm, &mut y);
+    let (y, ffn) = ffn_fwd(p, &li.ffn, cfg.moe.as_ref(), &h2, n, dm);
+    if let Some(st) = router_stats(&ffn) {
+        obs.router(layer, st);
+    }
+    ctx.check(layer, "mlp (ffn output)", &y);
     let mut out = x1.clone();
-    ctx.check(layer, "mlp down_proj", &y);
     add_assign(&mut out, &y);
 
     let cache = LayerCache {
@@ -273,9 +271,7 @@ pub fn layer_fwd<T: Real>(
         x1,
         rstd2,
         h2,
-        mg,
-        mu,
-        m,
+        ffn,
     };
     (out, cache)
 }
@@ -301,52 +297,28 @@ pub fn layer_bwd<T: Real>(
 ) {
     let cfg = ctx.cfg;
     let (n, dm, hd) = (ctx.rows(), cfg.hidden_size, cfg.head_dim);
-    let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let style = cfg.norm_style;
     let w = |i: usize| &p.tensors[i].data[..];
 
-    // MLP: out = x1 + down(swiglu(gate(h2), up(h2)))
-    let mut _t = scope("bwd.mlp");
-    let mut dm_ = zeros(n * ff);
-    linear_bwd(
-        &c.m,
-        w(li.mlp_down),
+    // FFN: out = x1 + ffn(h2)
+    let _t = scope("bwd.mlp");
+    let mut dh2 = zeros(n * dm);
+    ffn_bwd(
+        p,
+        &li.ffn,
+        cfg.moe.as_ref(),
+        &c.ffn,
+        &c.h2,
         dx,
         n,
-        ff,
         dm,
-        Some((&mut dm_, false)),
-        &mut grads.tensors[li.mlp_down].data,
-    );
-    let mut dg = zeros(n * ff);
-    let mut du = zeros(n * ff);
-    _t = scope("bwd.swiglu");
-    swiglu_bwd(&c.mg, &c.mu, &dm_, &mut dg, &mut du);
-    drop(dm_);
-    _t = scope("bwd.mlp");
-    let mut dh2 = zeros(n * dm);
-    linear_bwd(
-        &c.h2,
-        w(li.mlp_gate),
-        &dg,
-        n,
-        dm,
-        ff,
-        Some((&mut dh2, false)),
-        &mut grads.tensors[li.mlp_gate].data,
-    );
-    linear_bwd(
-        &c.h2,
-        w(li.mlp_up),
-        &du,
-        n,
-        dm,
-        ff,
-        Some((&mut dh2, true)),
-        &mut grads.tensors[li.mlp_up].data,
+        &mut dh2,
+        grads,
+        ctx.aux_scale(),
     );
     // dx now plays the role of d(x1): residual path plus the norm's contribution.
-    _t = scope("bwd.norm");
+    let mut _t = scope("bwd.norm");
     rmsnorm_bwd(
         &c.x1,
         w(li.post_norm),

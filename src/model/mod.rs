@@ -2,6 +2,7 @@
 //! explicit backward through the same ops.
 
 pub mod decode;
+pub mod ffn;
 pub mod layer;
 pub mod observer;
 pub mod ops;

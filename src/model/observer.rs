@@ -1,6 +1,7 @@
 //! Optional observers of the forward pass. Analysis, dumps and training-time probes are observers;
 //! none of them re-implements the forward.
 
+use super::ops::router::RouterStats;
 use crate::config::GateGeometry;
 
 pub trait Observer<T> {
@@ -27,6 +28,8 @@ pub trait Observer<T> {
     fn gate_scores(&mut self, _layer: usize, _scores: &[T], _geo: &GateGeometry) {}
     /// Residual stream after layer `layer`, `[batch·seq, hidden]`.
     fn layer_output(&mut self, _layer: usize, _x: &[T]) {}
+    /// What a MoE layer's router did (load per expert, drops, auxiliary losses).
+    fn router(&mut self, _layer: usize, _stats: &RouterStats) {}
 }
 
 /// Observes nothing.
@@ -39,6 +42,8 @@ pub struct Recorder<T> {
     pub layer_out: Vec<Vec<T>>,
     pub attn_probs: Vec<Vec<T>>,
     pub gates: Vec<Vec<T>>,
+    /// (layer, stats) of every MoE layer.
+    pub routers: Vec<(usize, RouterStats)>,
 }
 
 impl<T: Clone> Observer<T> for Recorder<T> {
@@ -56,5 +61,20 @@ impl<T: Clone> Observer<T> for Recorder<T> {
     }
     fn layer_output(&mut self, _layer: usize, x: &[T]) {
         self.layer_out.push(x.to_vec());
+    }
+    fn router(&mut self, layer: usize, stats: &RouterStats) {
+        self.routers.push((layer, stats.clone()));
+    }
+}
+
+/// Collects the router statistics of every MoE layer (training metrics, analysis).
+#[derive(Default)]
+pub struct RouterLog {
+    pub stats: Vec<RouterStats>,
+}
+
+impl<T> Observer<T> for RouterLog {
+    fn router(&mut self, _layer: usize, stats: &RouterStats) {
+        self.stats.push(stats.clone());
     }
 }

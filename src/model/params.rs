@@ -37,9 +37,30 @@ pub struct LayerIndex {
     pub k_norm: Option<usize>,
     pub gate: Option<usize>,
     pub post_norm: usize,
-    pub mlp_gate: usize,
-    pub mlp_up: usize,
-    pub mlp_down: usize,
+    pub ffn: FfnIndex,
+}
+
+/// The three matrices of a SwiGLU MLP.
+#[derive(Clone, Copy, Debug)]
+pub struct SwigluIndex {
+    pub gate: usize,
+    pub up: usize,
+    pub down: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum FfnIndex {
+    Dense(SwigluIndex),
+    Moe(MoeIndex),
+}
+
+#[derive(Clone, Debug)]
+pub struct MoeIndex {
+    /// `mlp.gate.weight` `[E, d]`
+    pub router: usize,
+    pub experts: Vec<SwigluIndex>,
+    /// The shared expert and its `[1, d]` sigmoid gate.
+    pub shared: Option<(SwigluIndex, usize)>,
 }
 
 #[derive(Clone, Debug)]
@@ -217,24 +238,49 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
             norm_init,
             ParamKind::Norm,
         );
-        let mlp_gate = push(
-            format!("{p}mlp.gate_proj.weight"),
-            vec![f, d],
-            Init::Normal(std),
-            ParamKind::Matrix,
-        );
-        let mlp_up = push(
-            format!("{p}mlp.up_proj.weight"),
-            vec![f, d],
-            Init::Normal(std),
-            ParamKind::Matrix,
-        );
-        let mlp_down = push(
-            format!("{p}mlp.down_proj.weight"),
-            vec![d, f],
-            Init::Normal(std),
-            ParamKind::Matrix,
-        );
+        let ffn = match cfg.moe_at(i) {
+            None => FfnIndex::Dense(swiglu_specs(&mut push, &format!("{p}mlp."), f, d, std)),
+            Some(m) => {
+                let router = push(
+                    format!("{p}mlp.gate.weight"),
+                    vec![m.num_experts, d],
+                    Init::Normal(std),
+                    ParamKind::Matrix,
+                );
+                let experts = (0..m.num_experts)
+                    .map(|e| {
+                        swiglu_specs(
+                            &mut push,
+                            &format!("{p}mlp.experts.{e}."),
+                            m.moe_intermediate_size,
+                            d,
+                            std,
+                        )
+                    })
+                    .collect();
+                let shared = (m.shared_expert_intermediate_size > 0).then(|| {
+                    let sw = swiglu_specs(
+                        &mut push,
+                        &format!("{p}mlp.shared_expert."),
+                        m.shared_expert_intermediate_size,
+                        d,
+                        std,
+                    );
+                    let g = push(
+                        format!("{p}mlp.shared_expert_gate.weight"),
+                        vec![1, d],
+                        Init::Normal(std),
+                        ParamKind::Matrix,
+                    );
+                    (sw, g)
+                });
+                FfnIndex::Moe(MoeIndex {
+                    router,
+                    experts,
+                    shared,
+                })
+            }
+        };
         layers.push(LayerIndex {
             input_norm,
             q_proj,
@@ -245,9 +291,7 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
             k_norm,
             gate,
             post_norm,
-            mlp_gate,
-            mlp_up,
-            mlp_down,
+            ffn,
         });
     }
     let norm = push("model.norm.weight".into(), vec![d], norm_init, ParamKind::Norm);
@@ -270,6 +314,36 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
             lm_head,
         },
     )
+}
+
+/// gate/up/down of a SwiGLU MLP of width `f` named `{prefix}gate_proj.weight` etc.
+fn swiglu_specs(
+    push: &mut impl FnMut(String, Vec<usize>, Init, ParamKind) -> usize,
+    prefix: &str,
+    f: usize,
+    d: usize,
+    std: f64,
+) -> SwigluIndex {
+    SwigluIndex {
+        gate: push(
+            format!("{prefix}gate_proj.weight"),
+            vec![f, d],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        ),
+        up: push(
+            format!("{prefix}up_proj.weight"),
+            vec![f, d],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        ),
+        down: push(
+            format!("{prefix}down_proj.weight"),
+            vec![d, f],
+            Init::Normal(std),
+            ParamKind::Matrix,
+        ),
+    }
 }
 
 /// Fresh parameters drawn from `seed` (tensor by tensor, in spec order).

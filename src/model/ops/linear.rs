@@ -6,6 +6,12 @@ use rayon::prelude::*;
 
 /// `y[n×out] = x[n×in] · wᵀ` for a weight stored row-major as `[out, in]` (nn.Linear convention).
 pub fn linear_fwd<T: Real>(x: &[T], w: &[T], n: usize, din: usize, dout: usize, y: &mut [T]) {
+    linear_fwd_par(x, w, n, din, dout, y, Par::Threads)
+}
+
+/// `linear_fwd` with a choice of threading (`Serial` inside tasks that already run in parallel,
+/// such as one MoE expert each).
+pub fn linear_fwd_par<T: Real>(x: &[T], w: &[T], n: usize, din: usize, dout: usize, y: &mut [T], par: Par) {
     assert_eq!(x.len(), n * din);
     assert_eq!(w.len(), dout * din);
     assert_eq!(y.len(), n * dout);
@@ -20,7 +26,7 @@ pub fn linear_fwd<T: Real>(x: &[T], w: &[T], n: usize, din: usize, dout: usize, 
         Mat::t(w, 0, din),
         T::ONE,
         false,
-        Par::Threads,
+        par,
     );
 }
 
@@ -35,6 +41,22 @@ pub fn linear_bwd<T: Real>(
     dout: usize,
     dx: Option<(&mut [T], bool)>,
     dw: &mut [T],
+) {
+    linear_bwd_par(x, w, dy, n, din, dout, dx, dw, Par::Threads)
+}
+
+/// `linear_bwd` with a choice of threading (see `linear_fwd_par`).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_par<T: Real>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    n: usize,
+    din: usize,
+    dout: usize,
+    dx: Option<(&mut [T], bool)>,
+    dw: &mut [T],
+    par: Par,
 ) {
     assert_eq!(dy.len(), n * dout);
     assert_eq!(dw.len(), dout * din);
@@ -51,18 +73,20 @@ pub fn linear_bwd<T: Real>(
             Mat::rows(w, 0, din),
             T::ONE,
             acc,
-            Par::Threads,
+            par,
         );
     }
-    weight_grad(x, dy, n, din, dout, dw);
+    weight_grad(x, dy, n, din, dout, dw, par);
 }
 
 /// `dw += dyᵀ · x`. gemm parallelises over the output only, which is small for weight gradients
 /// (e.g. 256×256 with k = 2048 tokens ran at half speed), so the token dimension is split into a
 /// fixed number of partial products (a function of the shape only: results stay deterministic)
 /// that run in parallel and are added in order.
-fn weight_grad<T: Real>(x: &[T], dy: &[T], n: usize, din: usize, dout: usize, dw: &mut [T]) {
-    let parts = if dout * din <= 1 << 20 {
+fn weight_grad<T: Real>(x: &[T], dy: &[T], n: usize, din: usize, dout: usize, dw: &mut [T], par: Par) {
+    let parts = if matches!(par, Par::Serial) {
+        1
+    } else if dout * din <= 1 << 20 {
         (n / 512).clamp(1, 4)
     } else {
         1
@@ -79,7 +103,7 @@ fn weight_grad<T: Real>(x: &[T], dy: &[T], n: usize, din: usize, dout: usize, dw
             Mat::rows(x, 0, din),
             T::ONE,
             true,
-            Par::Threads,
+            par,
         );
         return;
     }

@@ -6,6 +6,7 @@ pub mod gate;
 pub mod linear;
 pub mod rmsnorm;
 pub mod rope;
+pub mod router;
 pub mod swiglu;
 
 #[cfg(test)]
