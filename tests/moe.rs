@@ -142,3 +142,278 @@ fn one_expert_top_one_is_the_dense_mlp_bit_for_bit() {
         assert_eq!(a, c, "{gate}");
     }
 }
+
+fn logits32(m: &Model<f32>) -> Vec<f32> {
+    let ids: Vec<u32> = (0..32).map(|i| (i * 37 % m.cfg.vocab_size) as u32).collect();
+    let tg = shifted_targets(&ids, 16);
+    let b = Batch {
+        ids: &ids,
+        targets: &tg,
+        batch: 2,
+        seq: 16,
+    };
+    m.forward(&b, &mut NoObserver).unwrap().logits
+}
+
+fn read_json(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn moe_checkpoints_use_qwen3_moe_and_qwen3_next_layouts_and_load_back() {
+    use gated_lm::io::hf::{load_model, save_model, Layout};
+    let cases = [
+        ("none", 0, Layout::Qwen3, "Qwen3MoeForCausalLM", "qwen3_moe"),
+        (
+            "elementwise",
+            24,
+            Layout::Qwen3Next,
+            "Qwen3NextForCausalLM",
+            "qwen3_next",
+        ),
+        ("headwise", 0, Layout::GatedLm, "GatedLmForCausalLM", "gated_lm"),
+        ("none", 24, Layout::GatedLm, "GatedLmForCausalLM", "gated_lm"),
+    ];
+    for (gate, shared, layout, arch, model_type) in cases {
+        let mut cfg = ModelConfig::preset("moe-micro", GateConfig::parse_spec(gate).unwrap()).unwrap();
+        let moe = cfg.moe.as_mut().unwrap();
+        moe.shared_expert_intermediate_size = shared;
+        moe.router_z_loss_coef = 0.01;
+        moe.mlp_only_layers = vec![1];
+        let m: Model<f32> = Model::new(cfg, 3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(save_model(dir.path(), &m, None).unwrap(), layout, "{gate} {shared}");
+        let j = read_json(dir.path());
+        assert_eq!(
+            (j["architectures"][0].as_str(), j["model_type"].as_str()),
+            (Some(arch), Some(model_type))
+        );
+        if layout != Layout::GatedLm {
+            assert_eq!(j["num_experts"], 8);
+            assert_eq!(j["num_experts_per_tok"], 2);
+            assert_eq!(j["moe_intermediate_size"], 32);
+            assert_eq!(j["mlp_only_layers"], serde_json::json!([1]));
+        }
+        let names = gated_lm::io::st::StFile::open(&dir.path().join("model.safetensors"))
+            .unwrap()
+            .names()
+            .unwrap();
+        for want in [
+            "model.layers.0.mlp.gate.weight",
+            "model.layers.0.mlp.experts.7.down_proj.weight",
+            "model.layers.1.mlp.up_proj.weight",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{gate}: {want} missing");
+        }
+        let (back, _) = load_model(dir.path()).unwrap();
+        assert_eq!(back.cfg.moe, m.cfg.moe, "{gate} {shared}");
+        let (a, b) = (logits32(&m), logits32(&back));
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "{gate} {shared}");
+    }
+}
+
+/// transformers ≥ 5 fuses each layer's experts into `gate_up_proj` / `down_proj`; such files load
+/// into the same weights as the per-expert names.
+#[test]
+fn fused_expert_tensors_load_like_per_expert_ones() {
+    use gated_lm::io::hf::{load_model, save_model};
+    use gated_lm::io::st::{write_f32, StFile, TensorMap};
+    let cfg = ModelConfig::preset("moe-micro", None).unwrap();
+    let m: Model<f32> = Model::new(cfg, 4).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_model(dir.path(), &m, None).unwrap();
+    let path = dir.path().join("model.safetensors");
+    let st = StFile::open(&path).unwrap();
+    let mut out = TensorMap::new();
+    for n in st.names().unwrap() {
+        if !n.contains("mlp.experts.") {
+            let t = st.f32(&n).unwrap();
+            out.insert(n, (t.shape, t.data));
+        }
+    }
+    let (e, f, d) = (8, 32, 64);
+    for l in 0..2 {
+        let (mut gu, mut down) = (Vec::new(), Vec::new());
+        for x in 0..e {
+            for part in ["gate_proj", "up_proj"] {
+                gu.extend(
+                    st.f32(&format!("model.layers.{l}.mlp.experts.{x}.{part}.weight"))
+                        .unwrap()
+                        .data,
+                );
+            }
+            down.extend(
+                st.f32(&format!("model.layers.{l}.mlp.experts.{x}.down_proj.weight"))
+                    .unwrap()
+                    .data,
+            );
+        }
+        out.insert(
+            format!("model.layers.{l}.mlp.experts.gate_up_proj"),
+            (vec![e, 2 * f, d], gu),
+        );
+        out.insert(format!("model.layers.{l}.mlp.experts.down_proj"), (vec![e, d, f], down));
+    }
+    drop(st);
+    write_f32(&path, &out).unwrap();
+    let (back, _) = load_model(dir.path()).unwrap();
+    assert_eq!(back.params, m.params);
+    // a fused tensor of the wrong rank is named in the error
+    let (s, dta) = out.remove("model.layers.1.mlp.experts.down_proj").unwrap();
+    out.insert(
+        "model.layers.1.mlp.experts.down_proj".into(),
+        (vec![s[0] * s[1], s[2]], dta),
+    );
+    write_f32(&path, &out).unwrap();
+    let e = format!("{:#}", load_model(dir.path()).err().unwrap());
+    assert!(
+        e.contains("model.layers.1.mlp.experts.down_proj") && e.contains("3-D"),
+        "{e}"
+    );
+}
+
+#[test]
+fn malformed_moe_configs_are_rejected_with_the_key() {
+    use gated_lm::io::hf::parse_config;
+    let base = r#"{"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "intermediate_size": 32,
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8}"#;
+    let (c, _) = parse_config(base, "c.json").unwrap();
+    assert_eq!(
+        c.moe.as_ref().map(|m| (m.num_experts, m.num_experts_per_tok)),
+        Some((4, 2))
+    );
+    for (from, to, want) in [
+        (
+            "\"num_experts_per_tok\": 2",
+            "\"num_experts_per_tok\": 5",
+            "num_experts_per_tok (5) ≤ num_experts (4)",
+        ),
+        (
+            "\"moe_intermediate_size\": 8",
+            "\"moe_intermediate_size\": -1",
+            "'moe_intermediate_size' must be a positive integer",
+        ),
+        ("\"num_experts\": 4", "\"num_experts\": 0", "needs 'num_experts' > 0"),
+        (
+            "\"intermediate_size\": 32",
+            "\"intermediate_size\": 32, \"mlp_only_layers\": \"x\"",
+            "'mlp_only_layers' must be a list",
+        ),
+    ] {
+        let e = format!("{:#}", parse_config(&base.replace(from, to), "c.json").unwrap_err());
+        assert!(e.contains("c.json") && e.contains(want), "{e}");
+    }
+}
+
+/// Our per-expert tensors of `m` fused the way transformers ≥ 5 holds them.
+fn fuse_experts(m: gated_lm::io::st::TensorMap, layers: usize, experts: usize) -> gated_lm::io::st::TensorMap {
+    let mut out = gated_lm::io::st::TensorMap::new();
+    let mut fused: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> = Default::default();
+    for l in 0..layers {
+        let p = format!("model.layers.{l}.mlp.experts.");
+        if !m.contains_key(&format!("{p}0.gate_proj.weight")) {
+            continue;
+        }
+        let (mut gu, mut down) = (Vec::new(), Vec::new());
+        let (f, d) = (
+            m[&format!("{p}0.gate_proj.weight")].0[0],
+            m[&format!("{p}0.gate_proj.weight")].0[1],
+        );
+        for e in 0..experts {
+            gu.extend_from_slice(&m[&format!("{p}{e}.gate_proj.weight")].1);
+            gu.extend_from_slice(&m[&format!("{p}{e}.up_proj.weight")].1);
+            down.extend_from_slice(&m[&format!("{p}{e}.down_proj.weight")].1);
+        }
+        fused.insert(format!("{p}gate_up_proj"), (vec![experts, 2 * f, d], gu));
+        fused.insert(format!("{p}down_proj"), (vec![experts, d, f], down));
+    }
+    for (k, v) in m {
+        if !k.contains("mlp.experts.") {
+            out.insert(k, v);
+        }
+    }
+    out.extend(fused);
+    out
+}
+
+/// Forward (logits, loss, every layer's output) and the loss gradient of every parameter against
+/// transformers' own Qwen3-MoE / Qwen3-Next MoE models (tests/fixtures/gen_moe.py), loading the
+/// fused expert tensors transformers 5 writes.
+fn check_transformers_parity(dir: &str) {
+    use gated_lm::io::hf::{load_model, to_layout};
+    use gated_lm::io::st::StFile;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(dir);
+    let (mut m, layout) = load_model(&root).unwrap();
+    let g = StFile::open(&root.join("golden.safetensors")).unwrap();
+    let (shape, ids) = g.ids("input_ids").unwrap();
+    let (b, t) = (shape[0], shape[1]);
+    let tg = shifted_targets(&ids, t);
+    let batch = Batch {
+        ids: &ids,
+        targets: &tg,
+        batch: b,
+        seq: t,
+    };
+    let mut rec = gated_lm::model::observer::Recorder::default();
+    let fwd = m.forward(&batch, &mut rec).unwrap();
+    let close = |what: &str, ours: &[f32], want: &[f32]| {
+        assert_eq!(ours.len(), want.len(), "{dir}: {what}");
+        let scale = want.iter().fold(1.0f32, |a, x| a.max(x.abs()));
+        let err = ours.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(err <= 1e-4 * scale, "{dir}: {what} max err {err} (scale {scale})");
+    };
+    close("logits", &fwd.logits, &g.f32("logits").unwrap().data);
+    assert!(
+        (fwd.loss - g.f32("loss").unwrap().data[0] as f64).abs() < 1e-5,
+        "{dir}: loss"
+    );
+    for (i, x) in rec.layer_out.iter().enumerate() {
+        close(
+            &format!("layer_out.{i}"),
+            x,
+            &g.f32(&format!("layer_out.{i}")).unwrap().data,
+        );
+    }
+    assert_eq!(
+        rec.routers.len(),
+        (0..m.cfg.num_layers).filter(|&l| m.cfg.moe_at(l).is_some()).count()
+    );
+
+    // transformers adds no router loss unless output_router_logits: neither do we here
+    let moe = m.cfg.moe.as_mut().unwrap();
+    (moe.router_aux_loss_coef, moe.router_z_loss_coef) = (0.0, 0.0);
+    let mut grads = m.zero_grads();
+    m.forward_backward(&batch, &mut grads, &mut NoObserver).unwrap();
+    let experts = m.cfg.moe.as_ref().unwrap().num_experts;
+    let ours = fuse_experts(
+        to_layout(&m.cfg, layout, &grads, true).unwrap(),
+        m.cfg.num_layers,
+        experts,
+    );
+    let mut checked = 0;
+    for key in g.names().unwrap().iter().filter(|k| k.starts_with("grad.")) {
+        let want = g.f32(key).unwrap().data;
+        let name = &key["grad.".len()..];
+        let (_, d) = ours
+            .get(name)
+            .unwrap_or_else(|| panic!("{dir}: no gradient for {name}"));
+        let diff = d.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+        let norm = want.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(diff <= 1e-4 * norm.max(1e-12), "{dir}: {key} rel err {}", diff / norm);
+        checked += 1;
+    }
+    assert_eq!(checked, ours.len(), "{dir}: every parameter compared");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers_forward_and_gradients() {
+    check_transformers_parity("qwen3-moe-tiny");
+}
+
+#[test]
+fn qwen3_next_moe_matches_transformers_forward_and_gradients() {
+    check_transformers_parity("qwen3-next-moe-tiny");
+}

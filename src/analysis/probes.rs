@@ -10,6 +10,7 @@
 
 use crate::config::GateGeometry;
 use crate::model::observer::Observer;
+use crate::model::ops::router::RouterStats;
 use crate::real::Real;
 use serde::Serialize;
 
@@ -33,6 +34,48 @@ pub struct SinkProbe {
     sparse_1e2: u64,
     sparse_1e3: u64,
     attn_out_count: u64,
+    /// Per MoE layer: router statistics summed over the forwards seen, and how many.
+    routers: Vec<Option<(RouterStats, usize)>>,
+}
+
+/// Router statistics of a MoE model (README "Metrics").
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct MoeStats {
+    /// Mean over MoE layers of the load-balancing loss E·Σ f_e·P_e (1 = balanced).
+    pub lb_loss: f64,
+    /// Mean over MoE layers of mean logsumexp(router logits)².
+    pub z_loss: f64,
+    /// Mean over MoE layers of (busiest expert's load) / (mean load).
+    pub expert_imbalance: f64,
+    /// Share of routed assignments dropped by the capacity limit.
+    pub dropped_frac: f64,
+    /// [MoE layer][expert]: share of the layer's routed assignments.
+    pub expert_load: Vec<Vec<f64>>,
+    /// Model layer index of each row of `expert_load`.
+    pub moe_layers: Vec<usize>,
+}
+
+/// Summary of per-layer router statistics.
+pub fn moe_stats(layers: &[(usize, &RouterStats)]) -> Option<MoeStats> {
+    if layers.is_empty() {
+        return None;
+    }
+    let n = layers.len() as f64;
+    let total: usize = layers.iter().map(|(_, s)| s.load.iter().sum::<usize>()).sum();
+    Some(MoeStats {
+        lb_loss: layers.iter().map(|(_, s)| s.lb_loss).sum::<f64>() / n,
+        z_loss: layers.iter().map(|(_, s)| s.z_loss).sum::<f64>() / n,
+        expert_imbalance: layers.iter().map(|(_, s)| s.imbalance()).sum::<f64>() / n,
+        dropped_frac: layers.iter().map(|(_, s)| s.dropped).sum::<usize>() as f64 / total.max(1) as f64,
+        expert_load: layers
+            .iter()
+            .map(|(_, s)| {
+                let t = s.load.iter().sum::<usize>().max(1) as f64;
+                s.load.iter().map(|&c| c as f64 / t).collect()
+            })
+            .collect(),
+        moe_layers: layers.iter().map(|(l, _)| *l).collect(),
+    })
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -58,6 +101,8 @@ pub struct SinkStats {
     /// Fraction of attention-block outputs (o_proj inputs) with |Y'| < 1e-2 and < 1e-3.
     pub attn_output_frac_below_1e_2: f64,
     pub attn_output_frac_below_1e_3: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeStats>,
 }
 
 impl SinkProbe {
@@ -77,6 +122,7 @@ impl SinkProbe {
             sparse_1e2: 0,
             sparse_1e3: 0,
             attn_out_count: 0,
+            routers: vec![None; layers],
         }
     }
 
@@ -133,6 +179,22 @@ impl SinkProbe {
             gate_frac_above_0_9: gated.then(|| self.gate_high as f64 / total as f64),
             attn_output_frac_below_1e_2: self.sparse_1e2 as f64 / self.attn_out_count.max(1) as f64,
             attn_output_frac_below_1e_3: self.sparse_1e3 as f64 / self.attn_out_count.max(1) as f64,
+            moe: {
+                // per layer: loads and drops summed, the losses averaged over forwards
+                let avg: Vec<(usize, RouterStats)> = self
+                    .routers
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(l, r)| {
+                        let (s, calls) = r.as_ref()?;
+                        let mut s = s.clone();
+                        s.lb_loss /= *calls as f64;
+                        s.z_loss /= *calls as f64;
+                        Some((l, s))
+                    })
+                    .collect();
+                moe_stats(&avg.iter().map(|(l, s)| (*l, s)).collect::<Vec<_>>())
+            },
         }
     }
 }
@@ -173,5 +235,18 @@ impl<T: Real> Observer<T> for SinkProbe {
     fn layer_output(&mut self, layer: usize, x: &[T]) {
         let m = x.iter().fold(0.0f64, |m, v| m.max(v.to_f64().abs()));
         self.max_abs[layer] = self.max_abs[layer].max(m);
+    }
+    fn router(&mut self, layer: usize, st: &RouterStats) {
+        match &mut self.routers[layer] {
+            Some((acc, calls)) => {
+                acc.tokens += st.tokens;
+                acc.load.iter_mut().zip(&st.load).for_each(|(a, b)| *a += b);
+                acc.dropped += st.dropped;
+                acc.lb_loss += st.lb_loss;
+                acc.z_loss += st.z_loss;
+                *calls += 1;
+            }
+            slot => *slot = Some((st.clone(), 1)),
+        }
     }
 }

@@ -14,9 +14,14 @@ pub struct TrainArgs {
     /// `g2:headwise:shared:add:silu:static` (see README, "Gate specs")
     #[arg(long)]
     pub gate: Option<String>,
-    /// cpu-tiny (default), cpu-micro, dense28, dense48, dense28-hilr, dense48-hilr
+    /// cpu-tiny (default), cpu-micro, dense28, dense48, dense28-hilr, dense48-hilr, cpu-moe,
+    /// cpu-moe-micro
     #[arg(long)]
     pub preset: Option<String>,
+    /// MoE FFN `EXPERTS:TOP_K:EXPERT_FFN[:shared=F][:cap=C][:aux=A][:z=Z][:no-norm]`, or
+    /// `none` for a dense MLP (see README, "Mixture of Experts")
+    #[arg(long)]
+    pub moe: Option<String>,
     /// TOML file overlaid on the preset (only the keys it names change)
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -91,6 +96,9 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(g) = &a.gate {
         cfg.model.gate = GateConfig::parse_spec(g).with_context(|| format!("--gate {g}"))?;
     }
+    if let Some(m) = &a.moe {
+        cfg.model.moe = crate::config::MoeConfig::parse_spec(m).with_context(|| format!("--moe {m}"))?;
+    }
     if !a.data.is_empty() {
         cfg.data.paths = a.data.iter().map(|p| p.display().to_string()).collect();
     }
@@ -158,7 +166,7 @@ pub fn install_ctrlc() {
 
 fn print_summary(out: &Path, s: &RunSummary) {
     println!(
-        "run {}: {} steps, train loss {:.4}, val loss {:.4}, first_token_attn {:.4}, m_act {:.1}{}, spikes {}, skipped {}{}",
+        "run {}: {} steps, train loss {:.4}, val loss {:.4}, first_token_attn {:.4}, m_act {:.1}{}{}, spikes {}, skipped {}{}",
         out.display(),
         s.steps,
         s.final_train_loss,
@@ -166,6 +174,14 @@ fn print_summary(out: &Path, s: &RunSummary) {
         s.stats.first_token_attn,
         s.stats.m_act,
         s.stats.gate_mean.map(|g| format!(", gate_mean {g:.3}")).unwrap_or_default(),
+        s.stats
+            .moe
+            .as_ref()
+            .map(|m| format!(
+                ", expert imbalance {:.2}, lb {:.3}, dropped {:.3}",
+                m.expert_imbalance, m.lb_loss, m.dropped_frac
+            ))
+            .unwrap_or_default(),
         s.spikes,
         s.skipped,
         if s.diverged { ", DIVERGED" } else { "" }

@@ -250,7 +250,13 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
 
 /// The MoE fields of a qwen3_moe / qwen3_next config; `None` when every layer is dense.
 fn parse_moe(v: &Value, file: &str, layers: usize, model_type: &str) -> Result<Option<MoeConfig>> {
-    let experts = v.get("num_experts").and_then(Value::as_u64).unwrap_or(0);
+    // transformers 5 calls Qwen3-MoE's expert count num_local_experts
+    let experts_key = if v.get("num_experts").is_some() {
+        "num_experts"
+    } else {
+        "num_local_experts"
+    };
+    let experts = v.get(experts_key).and_then(Value::as_u64).unwrap_or(0);
     if model_type == "qwen3" || experts == 0 {
         if model_type == "qwen3_moe" {
             bail!("{file}: a qwen3_moe config needs 'num_experts' > 0");
@@ -271,7 +277,7 @@ fn parse_moe(v: &Value, file: &str, layers: usize, model_type: &str) -> Result<O
         Some(_) => get_usize(v, "decoder_sparse_step", file)?,
     };
     let mut m = MoeConfig::new(
-        get_usize(v, "num_experts", file)?,
+        get_usize(v, experts_key, file)?,
         get_usize(v, "num_experts_per_tok", file)?,
         get_usize(v, "moe_intermediate_size", file)?,
     );
@@ -533,7 +539,18 @@ pub fn load_model(dir: &Path) -> Result<(Model<f32>, Layout)> {
     let wpath = dir.join("model.safetensors");
     let st = StFile::open(&wpath)?;
     let wname = wpath.display().to_string();
-    let store = from_layout(&cfg, layout, &|n| st.f32(n))
+    let fused = std::cell::RefCell::new(std::collections::HashMap::new());
+    let get = |n: &str| match fused_expert_source(n) {
+        Some((fused_name, e, part)) if !st.has(n) && st.has(&fused_name) => {
+            let mut cache = fused.borrow_mut();
+            if !cache.contains_key(&fused_name) {
+                cache.insert(fused_name.clone(), st.f32(&fused_name)?);
+            }
+            expert_slice(&cache[&fused_name], &fused_name, e, part)
+        }
+        _ => st.f32(n),
+    };
+    let store = from_layout(&cfg, layout, &get)
         .with_context(|| format!("{wname}: weights do not match {}", cpath.display()))?;
     if let Some(bad) = store
         .tensors
@@ -544,6 +561,46 @@ pub fn load_model(dir: &Path) -> Result<(Model<f32>, Layout)> {
         bail!("{wname}: tensor '{}' contains NaN or Inf", bad.1);
     }
     Ok((Model::from_params(cfg, store)?, layout))
+}
+
+/// transformers ≥ 5 may hold a MoE layer's experts fused: `mlp.experts.gate_up_proj` `[E, 2F, d]`
+/// (gate rows, then up rows) and `mlp.experts.down_proj` `[E, d, F]`. For a per-expert name,
+/// the fused tensor that holds it, the expert and which part (0 gate, 1 up, 2 down).
+fn fused_expert_source(name: &str) -> Option<(String, usize, usize)> {
+    let (prefix, rest) = name.split_once("mlp.experts.")?;
+    let (e, proj) = rest.split_once('.')?;
+    let e: usize = e.parse().ok()?;
+    let (fused, part) = match proj {
+        "gate_proj.weight" => ("gate_up_proj", 0),
+        "up_proj.weight" => ("gate_up_proj", 1),
+        "down_proj.weight" => ("down_proj", 2),
+        _ => return None,
+    };
+    Some((format!("{prefix}mlp.experts.{fused}"), e, part))
+}
+
+fn expert_slice(t: &F32Tensor, name: &str, e: usize, part: usize) -> Result<F32Tensor> {
+    let &[experts, rows, cols] = &t.shape[..] else {
+        bail!("fused expert tensor '{name}' must be 3-D, has shape {:?}", t.shape);
+    };
+    if e >= experts || (part < 2 && rows % 2 != 0) {
+        bail!("fused expert tensor '{name}' {:?} has no expert {e}", t.shape);
+    }
+    let per = rows * cols;
+    let block = &t.data[e * per..(e + 1) * per];
+    Ok(match part {
+        0 | 1 => {
+            let half = rows / 2 * cols;
+            F32Tensor {
+                shape: vec![rows / 2, cols],
+                data: block[part * half..(part + 1) * half].to_vec(),
+            }
+        }
+        _ => F32Tensor {
+            shape: vec![rows, cols],
+            data: block.to_vec(),
+        },
+    })
 }
 
 /// Save a model directory in `layout` (default: the stock class that fits, see `Layout::default_for`).

@@ -1,7 +1,7 @@
 //! The training run's full configuration (written resolved to `config.toml` in every run).
 
 use super::schedule::Schedule;
-use crate::config::{GateConfig, GateGranularity, ModelConfig};
+use crate::config::{GateConfig, GateGranularity, ModelConfig, MoeConfig};
 use crate::optim::AdamWConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,13 @@ fn dense(
     }
 }
 
+fn with_moe(mut c: ModelConfig, experts: usize, top_k: usize, ff: usize) -> ModelConfig {
+    let mut m = MoeConfig::new(experts, top_k, ff);
+    m.router_z_loss_coef = 1e-3;
+    c.moe = Some(m);
+    c
+}
+
 impl TrainConfig {
     /// Named presets. `cpu-tiny` is the default main job: a G1-elementwise byte-level model whose
     /// loss falls clearly within ~10 minutes on 2 CPU cores. `dense28` / `dense48` mirror the
@@ -98,8 +105,12 @@ impl TrainConfig {
             "cpu-micro" => (dense(2, 64, 4, 2, 128, 257, g1), 8, 64, 200, 3e-3, 20),
             "dense28" | "dense28-hilr" => (dense(7, 128, 4, 2, 384, 257, g1), 16, 128, 3000, 4e-3, 150),
             "dense48" | "dense48-hilr" => (dense(12, 128, 4, 2, 384, 257, g1), 16, 128, 3000, 4e-3, 150),
+            // cpu-tiny with MoE FFNs at the paper's 15B-A2.5B ratios (top-k = E/16, z-loss):
+            // the same active FFN width (2 × 176 = 352) as cpu-tiny
+            "cpu-moe" => (with_moe(dense(4, 128, 4, 2, 352, 257, g1), 32, 2, 176), 16, 128, 2000, 3e-3, 100),
+            "cpu-moe-micro" => (with_moe(dense(2, 64, 4, 2, 128, 257, g1), 8, 2, 32), 8, 64, 200, 3e-3, 20),
             other => bail!(
-                "unknown training preset '{other}' (cpu-tiny, cpu-micro, dense28, dense48, dense28-hilr, dense48-hilr)"
+                "unknown training preset '{other}' (cpu-tiny, cpu-micro, dense28, dense48, dense28-hilr, dense48-hilr, cpu-moe, cpu-moe-micro)"
             ),
         };
         let lr = if name.ends_with("-hilr") { lr * 2.0 } else { lr };

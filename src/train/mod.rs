@@ -11,7 +11,7 @@ pub mod tokenizer;
 
 use crate::analysis::probes::{SinkProbe, SinkStats};
 use crate::io::hf::save_model;
-use crate::model::observer::NoObserver;
+use crate::model::observer::{NoObserver, RouterLog};
 use crate::model::{Batch, Model};
 use crate::optim::{clip_coef, grad_norm, AdamW};
 use crate::rng::Rng;
@@ -142,6 +142,21 @@ fn spike(state: &mut TrainState, loss: f64, window: usize, margin: f64) -> bool 
     is_spike
 }
 
+/// MoE training metrics of one step (its micro-batches together): the auxiliary objective
+/// added to the cross-entropy, and the router statistics behind it.
+fn moe_row(row: &mut serde_json::Value, cfg: &crate::config::ModelConfig, log: &RouterLog) {
+    // the mean over micro-batches and layers, as the gradient sees it
+    let aux = crate::model::ffn::aux_objective(cfg, &log.stats);
+    let layers: Vec<(usize, &crate::model::ops::router::RouterStats)> = log.stats.iter().map(|s| (0, s)).collect();
+    if let Some(m) = crate::analysis::probes::moe_stats(&layers) {
+        row["aux_loss"] = json!(aux);
+        row["lb_loss"] = json!(m.lb_loss);
+        row["z_loss"] = json!(m.z_loss);
+        row["expert_imbalance"] = json!(m.expert_imbalance);
+        row["dropped_frac"] = json!(m.dropped_frac);
+    }
+}
+
 fn eval_row(step: u64, val_loss: f64, s: &SinkStats) -> serde_json::Value {
     let mut v = json!({
         "step": step, "val_loss": val_loss, "first_token_attn": s.first_token_attn,
@@ -150,6 +165,9 @@ fn eval_row(step: u64, val_loss: f64, s: &SinkStats) -> serde_json::Value {
     });
     if let Some(g) = s.gate_mean {
         v["gate_mean"] = json!(g);
+    }
+    if let Some(m) = &s.moe {
+        v["moe"] = json!(m);
     }
     v
 }
@@ -233,6 +251,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         grads.fill_zero();
         let mut loss = 0.0;
         let mut bad_where: Option<String> = None;
+        let mut routers = RouterLog::default();
         for _ in 0..accum {
             ids.clear();
             tg.clear();
@@ -248,7 +267,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
                     seq: t,
                 },
                 &mut grads,
-                &mut NoObserver,
+                &mut routers,
             ) {
                 Ok(l) => loss += l,
                 Err(e) => match e.downcast_ref::<crate::model::NonFinite>() {
@@ -317,6 +336,9 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         let mut row = json!({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens, "grad_norm": gnorm, "tokens_per_s": tok_s.round()});
         if is_spike {
             row["spike"] = json!(true);
+        }
+        if !routers.stats.is_empty() {
+            moe_row(&mut row, &model.cfg, &routers);
         }
         metrics.row(row)?;
         if let Some(bar) = &bar {
