@@ -417,3 +417,74 @@ fn qwen3_moe_matches_transformers_forward_and_gradients() {
 fn qwen3_next_moe_matches_transformers_forward_and_gradients() {
     check_transformers_parity("qwen3-next-moe-tiny");
 }
+
+#[test]
+fn moe_runs_train_analyze_and_generate_end_to_end() {
+    use gated_lm::train::metrics::read_rows;
+    use std::process::Command;
+    let bin = env!("CARGO_BIN_EXE_gated-lm");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = &gated_lm::train::data::embedded_corpus().unwrap()[0];
+    let corpus = tmp.path().join("c.txt");
+    std::fs::write(&corpus, &text[..text.char_indices().nth(100_000).unwrap().0]).unwrap();
+    let run = tmp.path().join("run");
+    let ok = |c: &mut Command| {
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // capacity 0.5: at most half of the assignments fit, the rest are dropped
+    ok(Command::new(bin)
+        .args([
+            "train",
+            "--preset",
+            "cpu-moe-micro",
+            "--moe",
+            "8:2:32:cap=0.5:aux=0.01",
+            "--max-steps",
+            "6",
+        ])
+        .args(["--quiet", "--data"])
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&run));
+    let rows = read_rows(&run.join("metrics.jsonl")).unwrap();
+    let train: Vec<_> = rows.iter().filter(|r| r.get("loss").is_some()).collect();
+    assert_eq!(train.len(), 6);
+    for r in &train {
+        let (lb, aux, drop) = (
+            r["lb_loss"].as_f64().unwrap(),
+            r["aux_loss"].as_f64().unwrap(),
+            r["dropped_frac"].as_f64().unwrap(),
+        );
+        assert!((aux - 0.01 * lb).abs() < 1e-12, "aux = coef · lb (no z-loss): {r}");
+        assert!(
+            drop >= 0.5 - 1e-9 && r["expert_imbalance"].as_f64().unwrap() >= 1.0,
+            "{r}"
+        );
+    }
+    let eval = rows.iter().rev().find(|r| r.get("val_loss").is_some()).unwrap();
+    for load in eval["moe"]["expert_load"].as_array().unwrap() {
+        let s: f64 = load.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).sum();
+        assert!((s - 1.0).abs() < 1e-9);
+    }
+    let cfg = read_json(&run.join("model"));
+    assert_eq!(cfg["architectures"][0], "GatedLmForCausalLM"); // a capacity-limited G1 model without shared expert
+    let json = tmp.path().join("a.json");
+    let out = ok(Command::new(bin)
+        .args(["analyze", "--model"])
+        .arg(&run)
+        .arg("--json")
+        .arg(&json)
+        .args(["--max-tokens", "200"]));
+    assert!(out.contains("expert imbalance"), "{out}");
+    let a: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(a["moe"]["dropped_frac"].as_f64().unwrap() >= 0.5 - 1e-9, "{}", a["moe"]);
+    let out = ok(Command::new(bin).args(["generate", "--model"]).arg(&run).args([
+        "--prompt",
+        "The ",
+        "--max-new-tokens",
+        "8",
+    ]));
+    assert!(!out.is_empty());
+}

@@ -81,6 +81,20 @@ pub fn per_layer(path: &Path, title: &str, values: &[f64]) -> Result<()> {
     bar_chart(path, title, "layer", &labels, values)
 }
 
+/// Share of a MoE layer's routed assignments per expert (uniform = 1/E).
+pub fn expert_load(path: &Path, title: &str, load: &[f64]) -> Result<()> {
+    let labels: Vec<String> = (0..load.len())
+        .map(|i| {
+            if load.len() <= 16 || i % 4 == 0 {
+                i.to_string()
+            } else {
+                String::new()
+            }
+        })
+        .collect();
+    bar_chart(path, title, "expert", &labels, load)
+}
+
 /// Gate-score histogram from bin counts over [0, 1].
 pub fn gate_histogram(path: &Path, title: &str, counts: &[u64]) -> Result<()> {
     let total: u64 = counts.iter().sum::<u64>().max(1);

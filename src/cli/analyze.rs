@@ -2,7 +2,7 @@
 
 use crate::analysis::analyze::{analyze, attention_maps, input_ids, load_any};
 use crate::analysis::compare::write_report;
-use crate::analysis::plots::{gate_histogram, heatmap, per_layer};
+use crate::analysis::plots::{expert_load, gate_histogram, heatmap, per_layer};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -73,7 +73,7 @@ pub fn run_analyze(a: AnalyzeArgs) -> Result<()> {
     let res = analyze(&loaded, &ids, a.epsilon)?;
     let json = serde_json::to_string_pretty(&res)?;
     println!(
-        "{}: {} tokens, perplexity {:.3}, first_token_attn {:.4}, sink_rate {:.3}, m_act {:.2}{}",
+        "{}: {} tokens, perplexity {:.3}, first_token_attn {:.4}, sink_rate {:.3}, m_act {:.2}{}{}",
         res.model,
         res.tokens,
         res.perplexity,
@@ -83,6 +83,14 @@ pub fn run_analyze(a: AnalyzeArgs) -> Result<()> {
         res.stats
             .gate_mean
             .map(|g| format!(", gate_mean {g:.3}"))
+            .unwrap_or_default(),
+        res.stats
+            .moe
+            .as_ref()
+            .map(|m| format!(
+                ", expert imbalance {:.2} (1 = balanced), lb {:.3}, z {:.2}, dropped {:.3}",
+                m.expert_imbalance, m.lb_loss, m.z_loss, m.dropped_frac
+            ))
             .unwrap_or_default()
     );
     if let Some(j) = &a.json {
@@ -120,6 +128,15 @@ pub fn run_analyze(a: AnalyzeArgs) -> Result<()> {
         )?;
         if !res.stats.gate_histogram.is_empty() {
             gate_histogram(&out.join("gate_hist.png"), "Gate scores", &res.stats.gate_histogram)?;
+        }
+        if let Some(m) = &res.stats.moe {
+            for (l, load) in m.moe_layers.iter().zip(&m.expert_load) {
+                expert_load(
+                    &out.join(format!("expert_load_l{l}.png")),
+                    &format!("Expert load, layer {l}"),
+                    load,
+                )?;
+            }
         }
         println!("pictures: {}", out.display());
     }

@@ -2,7 +2,8 @@
 //! comparable with `shared/bench/torch_ref.py`.
 
 use crate::backend::profile;
-use crate::config::preset_with_gate;
+use crate::config::{preset_with_gate, ModelConfig};
+use crate::model::params::ParamStore;
 use crate::model::{Batch, Model};
 use crate::optim::{clip_coef, grad_norm, AdamW, AdamWConfig};
 use crate::rng::Rng;
@@ -12,7 +13,7 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// micro, tiny, small, 1p7b (tiny/small/1p7b as in torch_ref.py)
+    /// micro, tiny, small, 1p7b (tiny/small/1p7b as in torch_ref.py), moe-micro, moe-tiny
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// none, elementwise, headwise, or any gate spec
@@ -37,6 +38,10 @@ pub struct BenchArgs {
     /// model with its ungated twin, and report ms/token and the gate's overhead
     #[arg(long)]
     pub decode: Option<usize>,
+    /// MoE FFN spec (as `train --moe`); MoE presets (moe-micro, moe-tiny) have one. A MoE
+    /// model is also timed against its dense counterpart with equal active parameters.
+    #[arg(long)]
+    pub moe: Option<String>,
 }
 
 /// Median ms/token of `n`-token greedy decodes, gated vs ungated twin, interleaved over rounds.
@@ -91,7 +96,7 @@ pub fn preset_shape(preset: &str) -> (usize, usize) {
     match preset {
         "small" => (32, 1024),
         "1p7b" => (8, 2048),
-        "micro" => (4, 64),
+        "micro" | "moe-micro" => (4, 64),
         _ => (8, 256),
     }
 }
@@ -106,67 +111,33 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(n) = a.decode {
         return bench_decode(&a, n);
     }
-    let cfg = preset_with_gate(&a.preset, &a.gate)?;
+    let mut cfg = preset_with_gate(&a.preset, &a.gate)?;
+    if let Some(m) = &a.moe {
+        cfg.moe = crate::config::MoeConfig::parse_spec(m).with_context(|| format!("--moe {m}"))?;
+    }
     let (pb, ps) = preset_shape(&a.preset);
     let (b, t) = (a.batch.unwrap_or(pb), a.seq.unwrap_or(ps));
-    let model0: Model<f32> = Model::new(cfg.clone(), 0)?;
-    let mut model = model0;
-    let mut grads = model.zero_grads();
-    let ocfg = AdamWConfig {
-        lr: 3e-4,
-        weight_decay: 0.1,
-        ..Default::default()
+    let mut main = Stepper::new(&cfg, b, t)?;
+    // a MoE model is timed against its dense counterpart (same attention, same active FFN
+    // width), steps interleaved so both see the same machine conditions
+    let mut dense = match cfg.moe {
+        Some(_) => Some(Stepper::new(&cfg.dense_counterpart(), b, t)?),
+        None => None,
     };
-    let mut opt = AdamW::new(ocfg, &model.specs);
-    let mut rng = Rng::new(0);
-    profile::enable(a.profile);
-    let mut times = Vec::new();
-    let mut loss = 0.0;
     for step in 0..a.warmup + a.steps {
-        let data: Vec<u32> = (0..b * (t + 1))
-            .map(|_| rng.below(cfg.vocab_size as u64) as u32)
-            .collect();
-        let ids: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[..t].to_vec()).collect();
-        let tg: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[1..].to_vec()).collect();
-        let t0 = Instant::now();
-        grads.fill_zero();
-        loss = model.forward_backward(
-            &Batch {
-                ids: &ids,
-                targets: &tg,
-                batch: b,
-                seq: t,
-            },
-            &mut grads,
-            &mut crate::model::observer::NoObserver,
-        )?;
-        let t_opt = profile::scope("optimizer");
-        let coef = clip_coef(grad_norm(&grads), 1.0);
-        opt.update_scaled(&mut model.params, &grads, &model.specs, 3e-4, coef);
-        drop(t_opt);
-        if step >= a.warmup {
-            times.push(t0.elapsed().as_secs_f64());
+        profile::enable(a.profile);
+        main.step(step >= a.warmup)?;
+        profile::enable(false);
+        if let Some(d) = &mut dense {
+            d.step(step >= a.warmup)?;
         }
         if step + 1 == a.warmup {
             profile::reset();
         }
     }
-    times.sort_by(|x, y| x.total_cmp(y));
-    let med = times[times.len() / 2];
-    let n_all = model.params.numel();
-    let emb = cfg.vocab_size * cfg.hidden_size;
-    let n_nonemb = n_all - emb - if cfg.tie_word_embeddings { 0 } else { emb };
-    // torch_ref.py's count: 6N (matmuls incl. LM head) + causal attention scores and values
-    let fpt = 6.0 * (n_nonemb + emb) as f64 + 6.0 * (cfg.num_layers * cfg.num_heads * cfg.head_dim * t) as f64;
-    let tok_s = (b * t) as f64 / med;
-    let res = serde_json::json!({
-        "impl": "gated-lm-cpu", "config": a.preset, "gate": a.gate, "params": n_all,
-        "tokens_per_step": b * t, "step_ms": (med * 1e5).round() / 100.0, "tokens_per_s": tok_s.round(),
-        "gflops": (fpt * tok_s / 1e9 * 10.0).round() / 10.0, "loss": (loss * 1e4).round() / 1e4,
-        "threads": rayon::current_num_threads(), "steps": a.steps,
-    });
+    let r = main.result(&a);
     if a.profile {
-        let total: f64 = times.iter().sum();
+        let total: f64 = main.times.iter().sum();
         for (name, secs, calls) in profile::snapshot() {
             eprintln!(
                 "{name:>22} {:8.1} ms/step {:5.1}%  ({calls} calls)",
@@ -175,6 +146,120 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
     }
-    println!("RESULT {res}");
+    println!("RESULT {r}");
+    if let Some(d) = &mut dense {
+        let rd = d.result(&a);
+        println!("RESULT {rd}");
+        let cmp = serde_json::json!({"impl": "gated-lm-cpu-moe-vs-dense", "config": a.preset,
+            "moe_tokens_per_s": r["tokens_per_s"], "dense_tokens_per_s": rd["tokens_per_s"],
+            "moe_over_dense": ((r["tokens_per_s"].as_f64().unwrap_or(0.0) / rd["tokens_per_s"].as_f64().unwrap_or(1.0)) * 1e3).round() / 1e3,
+            "moe_active_params": r["active_params"], "dense_params": rd["params"], "moe_total_params": r["params"]});
+        println!("RESULT {cmp}");
+    }
     Ok(())
+}
+
+/// One model's training steps on random tokens (forward, backward, clip, AdamW), timed.
+struct Stepper {
+    cfg: ModelConfig,
+    model: Model<f32>,
+    grads: ParamStore<f32>,
+    opt: AdamW<f32>,
+    rng: Rng,
+    batch: usize,
+    seq: usize,
+    times: Vec<f64>,
+    loss: f64,
+}
+
+impl Stepper {
+    fn new(cfg: &ModelConfig, batch: usize, seq: usize) -> Result<Stepper> {
+        let model: Model<f32> = Model::new(cfg.clone(), 0)?;
+        let ocfg = AdamWConfig {
+            lr: 3e-4,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        Ok(Stepper {
+            cfg: cfg.clone(),
+            grads: model.zero_grads(),
+            opt: AdamW::new(ocfg, &model.specs),
+            model,
+            rng: Rng::new(0),
+            batch,
+            seq,
+            times: vec![],
+            loss: 0.0,
+        })
+    }
+
+    fn step(&mut self, timed: bool) -> Result<()> {
+        let (b, t) = (self.batch, self.seq);
+        let data: Vec<u32> = (0..b * (t + 1))
+            .map(|_| self.rng.below(self.cfg.vocab_size as u64) as u32)
+            .collect();
+        let ids: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[..t].to_vec()).collect();
+        let tg: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[1..].to_vec()).collect();
+        let t0 = Instant::now();
+        self.grads.fill_zero();
+        let batch = Batch {
+            ids: &ids,
+            targets: &tg,
+            batch: b,
+            seq: t,
+        };
+        self.loss = self
+            .model
+            .forward_backward(&batch, &mut self.grads, &mut crate::model::observer::NoObserver)?;
+        let t_opt = profile::scope("optimizer");
+        let coef = clip_coef(grad_norm(&self.grads), 1.0);
+        self.opt
+            .update_scaled(&mut self.model.params, &self.grads, &self.model.specs, 3e-4, coef);
+        drop(t_opt);
+        if timed {
+            self.times.push(t0.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// Parameters a token passes through: experts count k/E of theirs.
+    fn active_params(&self) -> usize {
+        let total = self.model.params.numel();
+        let Some(m) = &self.cfg.moe else { return total };
+        let expert: usize = self
+            .model
+            .params
+            .names
+            .iter()
+            .zip(&self.model.params.tensors)
+            .filter(|(n, _)| n.contains("mlp.experts."))
+            .map(|(_, t)| t.numel())
+            .sum();
+        total - expert + expert * m.num_experts_per_tok / m.num_experts
+    }
+
+    fn result(&mut self, a: &BenchArgs) -> serde_json::Value {
+        let (cfg, t) = (&self.cfg, self.seq);
+        self.times.sort_by(|x, y| x.total_cmp(y));
+        let med = self.times[self.times.len() / 2];
+        let n_all = self.model.params.numel();
+        let active = self.active_params();
+        let emb = cfg.vocab_size * cfg.hidden_size;
+        let n_nonemb = active - emb - if cfg.tie_word_embeddings { 0 } else { emb };
+        // torch_ref.py's count: 6N (matmuls incl. LM head) + causal attention scores and values
+        let fpt = 6.0 * (n_nonemb + emb) as f64 + 6.0 * (cfg.num_layers * cfg.num_heads * cfg.head_dim * t) as f64;
+        let tok_s = (self.batch * t) as f64 / med;
+        let moe = cfg.moe.as_ref().map(|m| {
+            format!(
+                "{}:{}:{}",
+                m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size
+            )
+        });
+        serde_json::json!({
+            "impl": "gated-lm-cpu", "config": a.preset, "gate": a.gate, "moe": moe, "params": n_all,
+            "active_params": active, "tokens_per_step": self.batch * t, "step_ms": (med * 1e5).round() / 100.0,
+            "tokens_per_s": tok_s.round(), "gflops": (fpt * tok_s / 1e9 * 10.0).round() / 10.0,
+            "loss": (self.loss * 1e4).round() / 1e4, "threads": rayon::current_num_threads(), "steps": a.steps,
+        })
+    }
 }
