@@ -62,6 +62,11 @@ fn kv_cache_decoding_equals_full_recomputation() {
             "g5:add:ns-sigmoid",
             Box::new(|c| c.rope_scaling = Some(RopeScaling::yarn(4.0, 16))),
         ),
+        // dropless MoE routes each token on its own: cached decoding must not change it
+        (
+            "elementwise",
+            Box::new(|c| c.moe = gated_lm::config::MoeConfig::parse_spec("6:2:24:shared=16").unwrap()),
+        ),
     ];
     let x = ids(50);
     for (spec, tweak) in variants {
