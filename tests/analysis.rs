@@ -391,3 +391,58 @@ fn analyze_and_report_end_to_end() {
         .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no tokenizer"));
 }
+
+/// llama.cpp's tokenizer test cases beside a vocab file: texts (`.inp`, each ended by a separator
+/// line) and the expected ids (`.out`, one line per text).
+fn vocab_cases(gguf: &Path) -> (Vec<String>, Vec<Vec<u32>>) {
+    let inp = std::fs::read_to_string(gguf.with_extension("gguf.inp")).unwrap();
+    let out = std::fs::read_to_string(gguf.with_extension("gguf.out")).unwrap();
+    let mut texts: Vec<String> = inp.split("\n__ggml_vocab_test__\n").map(String::from).collect();
+    assert_eq!(texts.pop().as_deref(), Some("")); // the last text ends with the separator too
+    let want: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert!(
+        texts.len() >= 30 && texts.len() == want.len(),
+        "{} texts, {} outputs",
+        texts.len(),
+        want.len()
+    );
+    (texts, want)
+}
+
+/// Real GGUF files from a registry package: llama.cpp's vocab test files (shipped in the
+/// llama-cpp-python 0.3.36 sdist on PyPI, MIT). The embedded gpt-2 BPE tokenizer must reproduce
+/// llama.cpp's own tokenisations of its test strings; a SentencePiece one is refused clearly.
+#[test]
+fn real_llama_cpp_vocab_ggufs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-real");
+    let g = Gguf::open(&dir.join("ggml-vocab-gpt-2.gguf")).unwrap();
+    assert_eq!(g.get("general.architecture").unwrap().as_str(), Some("gpt2"));
+    let tok = gated_lm::io::gguf::tokenizer(&g).unwrap();
+    let (texts, want) = vocab_cases(&dir.join("ggml-vocab-gpt-2.gguf"));
+    for (t, w) in texts.iter().zip(&want) {
+        assert_eq!(&tok.encode(t).unwrap(), w, "{t:?}");
+        assert_eq!(tok.decode(w), **t);
+    }
+    let spm = Gguf::open(&dir.join("ggml-vocab-llama-spm.gguf")).unwrap();
+    let e = format!("{:#}", gated_lm::io::gguf::tokenizer(&spm).err().unwrap());
+    assert!(
+        e.contains("ggml-vocab-llama-spm.gguf") && e.contains("'llama'") && e.contains("--tokens"),
+        "{e}"
+    );
+}
+
+/// llama.cpp's real Qwen2 vocab GGUF (pre-tokenizer `qwen2`) against its own expected tokens.
+#[test]
+fn real_qwen2_vocab_gguf() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-real");
+    let g = Gguf::open(&dir.join("ggml-vocab-qwen2.gguf")).unwrap();
+    assert_eq!(g.get("tokenizer.ggml.pre").unwrap().as_str(), Some("qwen2"));
+    let tok = gated_lm::io::gguf::tokenizer(&g).unwrap();
+    let (texts, want) = vocab_cases(&dir.join("ggml-vocab-qwen2.gguf"));
+    for (t, w) in texts.iter().zip(&want) {
+        assert_eq!(&tok.encode(t).unwrap(), w, "{t:?}");
+    }
+}

@@ -557,7 +557,13 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// The tokenizer embedded in a GGUF (`gpt2`-style byte-level BPE).
+/// Qwen2's pre-tokenizer (llama.cpp `qwen2`, the Split regex of Qwen2/Qwen3 tokenizer.json):
+/// unlike GPT-2's, single digits and case-insensitive contractions.
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The tokenizer embedded in a GGUF (`gpt2`-style byte-level BPE with the GPT-2 or Qwen2
+/// pre-tokenizer).
 pub fn tokenizer(g: &Gguf) -> Result<Tok> {
     let model = g.get("tokenizer.ggml.model")?.as_str().unwrap_or("");
     if model != "gpt2" {
@@ -586,7 +592,20 @@ pub fn tokenizer(g: &Gguf) -> Result<Tok> {
         .as_u64()
         .map(|x| x as u32)
         .with_context(|| format!("{}: bad eos_token_id", g.path))?;
-    Tok::from_vocab_merges(tokens, merges, eos).with_context(|| g.path.clone())
+    // llama.cpp names the pre-tokenizer; a wrong one would tokenise silently differently
+    let pre = match g.meta.get("tokenizer.ggml.pre") {
+        None => "default",
+        Some(v) => v.as_str().unwrap_or("?"),
+    };
+    let split = match pre {
+        "default" | "gpt-2" | "gpt2" => None,
+        "qwen2" => Some(QWEN2_SPLIT),
+        other => bail!(
+            "{}: pre-tokenizer '{other}' is not supported (gpt-2, qwen2); pass --tokens instead",
+            g.path
+        ),
+    };
+    Tok::from_vocab_merges_split(tokens, merges, eos, split).with_context(|| g.path.clone())
 }
 
 /// Load a llama/qwen3 GGUF as a model (weights dequantised to f32) with its tokenizer.

@@ -8,6 +8,9 @@ use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, Vocab, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer};
 
 pub const EOS_TEXT: &str = "<|endoftext|>";
@@ -39,7 +42,9 @@ pub fn bytes_to_unicode() -> Vec<char> {
 
 fn byte_level_tokenizer(model: BPE) -> Tokenizer {
     let mut t = Tokenizer::new(model);
-    t.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
+    // (add_prefix_space, trim_offsets, use_regex): the GPT-2 split regex, as every byte-level
+    // BPE (GPT-2, llama.cpp gpt2 vocabularies) is defined with
+    t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     t.with_decoder(Some(ByteLevel::default()));
     t
 }
@@ -146,6 +151,17 @@ impl Tok {
 
     /// A byte-level BPE from a vocabulary (id = position) and merges ("a b"), e.g. from GGUF.
     pub fn from_vocab_merges(tokens: Vec<String>, merges: Vec<String>, eos: u32) -> Result<Tok> {
+        Self::from_vocab_merges_split(tokens, merges, eos, None)
+    }
+
+    /// As `from_vocab_merges`, pre-tokenizing with `split` (a regex, e.g. Qwen2's) instead of the
+    /// GPT-2 regex.
+    pub fn from_vocab_merges_split(
+        tokens: Vec<String>,
+        merges: Vec<String>,
+        eos: u32,
+        split: Option<&str>,
+    ) -> Result<Tok> {
         if eos as usize >= tokens.len() {
             bail!("eos id {eos} is outside the vocabulary ({})", tokens.len());
         }
@@ -162,8 +178,21 @@ impl Tok {
             .vocab_and_merges(vocab, merges)
             .build()
             .map_err(|e| anyhow::anyhow!("bad BPE vocabulary: {e}"))?;
+        let mut tok = byte_level_tokenizer(bpe);
+        if let Some(pattern) = split {
+            let split = Split::new(
+                SplitPattern::Regex(pattern.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| anyhow::anyhow!("bad pre-tokenizer regex: {e}"))?;
+            tok.with_pre_tokenizer(Some(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])));
+        }
         Ok(Tok::Hf {
-            tok: Box::new(byte_level_tokenizer(bpe)),
+            tok: Box::new(tok),
             eos,
         })
     }
