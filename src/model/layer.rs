@@ -302,7 +302,7 @@ pub fn layer_bwd<T: Real>(
     let w = |i: usize| &p.tensors[i].data[..];
 
     // FFN: out = x1 + ffn(h2)
-    let _t = scope("bwd.mlp");
+    let mut _t = scope("bwd.mlp");
     let mut dh2 = zeros(n * dm);
     ffn_bwd(
         p,
@@ -318,7 +318,7 @@ pub fn layer_bwd<T: Real>(
         ctx.aux_scale(),
     );
     // dx now plays the role of d(x1): residual path plus the norm's contribution.
-    let mut _t = scope("bwd.norm");
+    _t = scope("bwd.norm");
     rmsnorm_bwd(
         &c.x1,
         w(li.post_norm),
