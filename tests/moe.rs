@@ -488,3 +488,38 @@ fn moe_runs_train_analyze_and_generate_end_to_end() {
     ]));
     assert!(!out.is_empty());
 }
+
+#[test]
+fn moe_checkpoints_with_missing_or_misshapen_experts_are_rejected() {
+    use gated_lm::io::hf::{load_model, save_model};
+    use gated_lm::io::st::{write_f32, StFile, TensorMap};
+    let m: Model<f32> = Model::new(ModelConfig::preset("moe-micro", None).unwrap(), 5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_model(dir.path(), &m, None).unwrap();
+    let path = dir.path().join("model.safetensors");
+    let st = StFile::open(&path).unwrap();
+    let all: TensorMap = st
+        .names()
+        .unwrap()
+        .into_iter()
+        .map(|n| {
+            let t = st.f32(&n).unwrap();
+            (n, (t.shape, t.data))
+        })
+        .collect();
+    drop(st);
+    let victim = "model.layers.1.mlp.experts.5.up_proj.weight";
+    let mut missing = all.clone();
+    missing.remove(victim);
+    write_f32(&path, &missing).unwrap();
+    let e = format!("{:#}", load_model(dir.path()).err().unwrap());
+    assert!(e.contains(victim) && e.contains("model.safetensors"), "{e}");
+    let mut wrong = all.clone();
+    wrong.insert(victim.into(), (vec![16, 64], vec![0.0; 16 * 64]));
+    write_f32(&path, &wrong).unwrap();
+    let e = format!("{:#}", load_model(dir.path()).err().unwrap());
+    assert!(
+        e.contains(victim) && e.contains("[16, 64]") && e.contains("[32, 64]"),
+        "{e}"
+    );
+}
