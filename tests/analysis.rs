@@ -412,6 +412,16 @@ fn vocab_cases(gguf: &Path) -> (Vec<String>, Vec<Vec<u32>>) {
     (texts, want)
 }
 
+/// The GGUF's embedded tokenizer encodes every test text to llama.cpp's ids, and decodes back.
+fn check_vocab(g: &Gguf, path: &Path) {
+    let tok = gated_lm::io::gguf::tokenizer(g).unwrap();
+    let (texts, want) = vocab_cases(path);
+    for (t, w) in texts.iter().zip(&want) {
+        assert_eq!(&tok.encode(t).unwrap(), w, "{t:?}");
+        assert_eq!(tok.decode(w), **t);
+    }
+}
+
 /// Real GGUF files from a registry package: llama.cpp's vocab test files (shipped in the
 /// llama-cpp-python 0.3.36 sdist on PyPI, MIT). The embedded gpt-2 BPE tokenizer must reproduce
 /// llama.cpp's own tokenisations of its test strings; a SentencePiece one is refused clearly.
@@ -420,12 +430,7 @@ fn real_llama_cpp_vocab_ggufs() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-real");
     let g = Gguf::open(&dir.join("ggml-vocab-gpt-2.gguf")).unwrap();
     assert_eq!(g.get("general.architecture").unwrap().as_str(), Some("gpt2"));
-    let tok = gated_lm::io::gguf::tokenizer(&g).unwrap();
-    let (texts, want) = vocab_cases(&dir.join("ggml-vocab-gpt-2.gguf"));
-    for (t, w) in texts.iter().zip(&want) {
-        assert_eq!(&tok.encode(t).unwrap(), w, "{t:?}");
-        assert_eq!(tok.decode(w), **t);
-    }
+    check_vocab(&g, &dir.join("ggml-vocab-gpt-2.gguf"));
     let spm = Gguf::open(&dir.join("ggml-vocab-llama-spm.gguf")).unwrap();
     let e = format!("{:#}", gated_lm::io::gguf::tokenizer(&spm).err().unwrap());
     assert!(
@@ -440,9 +445,5 @@ fn real_qwen2_vocab_gguf() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-real");
     let g = Gguf::open(&dir.join("ggml-vocab-qwen2.gguf")).unwrap();
     assert_eq!(g.get("tokenizer.ggml.pre").unwrap().as_str(), Some("qwen2"));
-    let tok = gated_lm::io::gguf::tokenizer(&g).unwrap();
-    let (texts, want) = vocab_cases(&dir.join("ggml-vocab-qwen2.gguf"));
-    for (t, w) in texts.iter().zip(&want) {
-        assert_eq!(&tok.encode(t).unwrap(), w, "{t:?}");
-    }
+    check_vocab(&g, &dir.join("ggml-vocab-qwen2.gguf"));
 }

@@ -137,6 +137,20 @@ fn checkpoint_bytes(run: &Path) -> Vec<u8> {
     std::fs::read(dir.join(gated_lm::train::checkpoint::FILE)).unwrap()
 }
 
+/// An uninterrupted 8-step run `a` and a run `b` stopped after 4 of its 8 steps; `b`'s
+/// checkpoint bytes.
+fn reference_and_half_run(tmp: &Path, cfg: &Path, corpus: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    assert!(train_cmd(cfg, corpus, &a, 8).status().unwrap().success());
+    assert!(train_cmd(cfg, corpus, &b, 8)
+        .args(["--stop-after", "4"])
+        .status()
+        .unwrap()
+        .success());
+    let before = checkpoint_bytes(&b);
+    (a, b, before)
+}
+
 const CK2: &str = "[train]\ncheckpoint_every = 2\neval_every = 100\neval_batches = 1\n";
 
 #[test]
@@ -159,14 +173,7 @@ fn read_only_directories_give_clear_errors_and_keep_the_last_checkpoint() {
         "{e}"
     );
 
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    assert!(train_cmd(&cfg, &corpus, &a, 8).status().unwrap().success());
-    assert!(train_cmd(&cfg, &corpus, &b, 8)
-        .args(["--stop-after", "4"])
-        .status()
-        .unwrap()
-        .success());
-    let before = checkpoint_bytes(&b);
+    let (a, b, before) = reference_and_half_run(tmp.path(), &cfg, &corpus);
     chmod_tree(&b, 0o777);
     chmod(&b.join("checkpoint"), 0o555);
     let mut c = as_user(train_cmd(&cfg, &corpus, &b, 8));
@@ -187,14 +194,7 @@ fn read_only_directories_give_clear_errors_and_keep_the_last_checkpoint() {
 #[test]
 fn a_full_disk_fails_clearly_and_keeps_the_last_checkpoint() {
     let (tmp, corpus, cfg) = setup(CK2);
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    assert!(train_cmd(&cfg, &corpus, &a, 8).status().unwrap().success());
-    assert!(train_cmd(&cfg, &corpus, &b, 8)
-        .args(["--stop-after", "4"])
-        .status()
-        .unwrap()
-        .success());
-    let before = checkpoint_bytes(&b);
+    let (a, b, before) = reference_and_half_run(tmp.path(), &cfg, &corpus);
     // a file-size limit makes the next checkpoint write fail part-way, as a full disk would
     let limit = before.len() as u64 / 2;
     let mut c = train_cmd(&cfg, &corpus, &b, 8);

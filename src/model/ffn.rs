@@ -263,16 +263,21 @@ pub fn ffn_bwd<T: Real>(
     match (ix, c, moe) {
         (FfnIndex::Dense(sw), FfnCache::Dense(mc), _) => {
             let [dwg, dwu, dwd] = three_mut(grads, *sw);
-            let w = [
-                &p.tensors[sw.gate].data[..],
-                &p.tensors[sw.up].data,
-                &p.tensors[sw.down].data,
-            ];
+            let w = weights3(p, *sw);
             mlp_bwd(w, mc, h, dy, n, d, (dh, false), [dwg, dwu, dwd], Par::Threads);
         }
         (FfnIndex::Moe(mi), FfnCache::Moe(mc), Some(cfg)) => moe_bwd(p, mi, cfg, mc, h, dy, n, d, dh, grads, aux_scale),
         _ => unreachable!("the cache comes from the same layer's forward"),
     }
+}
+
+/// The three matrices of one MLP.
+fn weights3<T>(p: &ParamStore<T>, sw: SwigluIndex) -> [&[T]; 3] {
+    [
+        &p.tensors[sw.gate].data,
+        &p.tensors[sw.up].data,
+        &p.tensors[sw.down].data,
+    ]
 }
 
 /// Disjoint mutable gradient slices of one MLP's three matrices.
@@ -329,11 +334,7 @@ fn moe_bwd<T: Real>(
         }
         let run = |(i, sw, dx, dw): (usize, SwigluIndex, &mut [T], [&mut [T]; 3]), par: Par| {
             let (r0, r1) = (c.offsets[i], c.offsets[i + 1]);
-            let w = [
-                &p.tensors[sw.gate].data[..],
-                &p.tensors[sw.up].data,
-                &p.tensors[sw.down].data,
-            ];
+            let w = weights3(p, sw);
             let (x, g) = (&c.xs[r0 * d..r1 * d], &dys[r0 * d..r1 * d]);
             mlp_bwd(w, &c.experts[i], x, g, r1 - r0, d, (dx, false), dw, par);
         };
@@ -389,13 +390,8 @@ fn moe_bwd<T: Real>(
                 *dg = dot * g * (T::ONE - g);
                 ds.iter_mut().zip(dyt).for_each(|(o, &x)| *o = g * x);
             });
-        let w = [
-            &p.tensors[sw.gate].data[..],
-            &p.tensors[sw.up].data,
-            &p.tensors[sw.down].data,
-        ];
         let dw = three_mut(grads, sw);
-        mlp_bwd(w, sc, h, &dysh, n, d, (&mut *dh, true), dw, Par::Threads);
+        mlp_bwd(weights3(p, sw), sc, h, &dysh, n, d, (&mut *dh, true), dw, Par::Threads);
         linear_bwd(
             h,
             &p.tensors[gi].data,
