@@ -424,19 +424,22 @@ fn check_vocab(g: &Gguf, path: &Path) {
 
 /// Real GGUF files from a registry package: llama.cpp's vocab test files (shipped in the
 /// llama-cpp-python 0.3.36 sdist on PyPI, MIT). The embedded gpt-2 BPE tokenizer must reproduce
-/// llama.cpp's own tokenisations of its test strings; a SentencePiece one is refused clearly.
+/// llama.cpp's own tokenisations of its test strings.
 #[test]
 fn real_llama_cpp_vocab_ggufs() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-real");
     let g = Gguf::open(&dir.join("ggml-vocab-gpt-2.gguf")).unwrap();
     assert_eq!(g.get("general.architecture").unwrap().as_str(), Some("gpt2"));
     check_vocab(&g, &dir.join("ggml-vocab-gpt-2.gguf"));
-    let spm = Gguf::open(&dir.join("ggml-vocab-llama-spm.gguf")).unwrap();
-    let e = format!("{:#}", gated_lm::io::gguf::tokenizer(&spm).err().unwrap());
-    assert!(
-        e.contains("ggml-vocab-llama-spm.gguf") && e.contains("'llama'") && e.contains("--tokens"),
-        "{e}"
-    );
+}
+
+/// llama.cpp's real SentencePiece (llama 1/2) vocab GGUF: dummy prefix, "▁" spaces, byte fallback.
+#[test]
+fn real_llama_spm_vocab_gguf() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-real");
+    let g = Gguf::open(&dir.join("ggml-vocab-llama-spm.gguf")).unwrap();
+    assert_eq!(g.get("tokenizer.ggml.model").unwrap().as_str(), Some("llama"));
+    check_vocab(&g, &dir.join("ggml-vocab-llama-spm.gguf"));
 }
 
 /// llama.cpp's real Qwen2 vocab GGUF (pre-tokenizer `qwen2`) against its own expected tokens.

@@ -566,9 +566,9 @@ const QWEN2_SPLIT: &str =
 /// pre-tokenizer).
 pub fn tokenizer(g: &Gguf) -> Result<Tok> {
     let model = g.get("tokenizer.ggml.model")?.as_str().unwrap_or("");
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         bail!(
-            "{}: tokenizer model '{model}' is not supported (gpt2-style BPE); pass --tokens instead",
+            "{}: tokenizer model '{model}' is not supported (gpt2 BPE, llama SentencePiece); pass --tokens instead",
             g.path
         );
     }
@@ -586,12 +586,38 @@ pub fn tokenizer(g: &Gguf) -> Result<Tok> {
         }
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
+    let id = |k: &str| -> Result<u32> {
+        g.get(k)?
+            .as_u64()
+            .map(|x| x as u32)
+            .with_context(|| format!("{}: '{k}' must be a token id", g.path))
+    };
+    let eos = id("tokenizer.ggml.eos_token_id")?;
+    if model == "llama" {
+        let numbers = |k: &str| -> Result<Vec<f64>> {
+            match g.get(k)? {
+                Value::Arr(a) => a
+                    .iter()
+                    .map(|v| {
+                        v.as_f64()
+                            .with_context(|| format!("{}: '{k}' must hold numbers", g.path))
+                    })
+                    .collect(),
+                _ => bail!("{}: '{k}' must be an array", g.path),
+            }
+        };
+        let scores: Vec<f32> = numbers("tokenizer.ggml.scores")?
+            .into_iter()
+            .map(|x| x as f32)
+            .collect();
+        let types: Vec<i32> = numbers("tokenizer.ggml.token_type")?
+            .into_iter()
+            .map(|x| x as i32)
+            .collect();
+        let unk = id("tokenizer.ggml.unknown_token_id").unwrap_or(0);
+        return Tok::from_sentencepiece(tokens, &scores, &types, unk, eos).with_context(|| g.path.clone());
+    }
     let merges = strings("tokenizer.ggml.merges")?;
-    let eos = g
-        .get("tokenizer.ggml.eos_token_id")?
-        .as_u64()
-        .map(|x| x as u32)
-        .with_context(|| format!("{}: bad eos_token_id", g.path))?;
     // llama.cpp names the pre-tokenizer; a wrong one would tokenise silently differently
     let pre = match g.meta.get("tokenizer.ggml.pre") {
         None => "default",

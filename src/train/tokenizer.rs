@@ -5,8 +5,13 @@
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{BpeTrainerBuilder, Vocab, BPE};
 use tokenizers::models::TrainerWrapper;
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -195,6 +200,56 @@ impl Tok {
             tok: Box::new(tok),
             eos,
         })
+    }
+
+    /// A SentencePiece BPE vocabulary (llama.cpp's `llama` tokenizer model: pieces, scores,
+    /// token types), as transformers' Llama converter builds it: merges derived from the
+    /// vocabulary (every split of a normal piece into two pieces, ranked by the piece's score),
+    /// "▁" for spaces and a dummy prefix, byte fallback `<0xXX>` for anything else.
+    pub fn from_sentencepiece(tokens: Vec<String>, scores: &[f32], types: &[i32], unk: u32, eos: u32) -> Result<Tok> {
+        const NORMAL: i32 = 1;
+        let n = tokens.len();
+        if scores.len() != n || types.len() != n {
+            bail!("{n} pieces but {} scores and {} token types", scores.len(), types.len());
+        }
+        if unk as usize >= n || eos as usize >= n {
+            bail!("unk id {unk} / eos id {eos} outside the vocabulary ({n})");
+        }
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let mut merges: Vec<(f32, u32, u32, String, String)> = Vec::new();
+        for (piece, (&score, &ty)) in tokens.iter().zip(scores.iter().zip(types)) {
+            if ty != NORMAL {
+                continue;
+            }
+            for (cut, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(cut);
+                if let (Some(&a), Some(&b)) = (vocab.get(l), vocab.get(r)) {
+                    merges.push((score, a, b, l.to_string(), r.to_string()));
+                }
+            }
+        }
+        // best score first; a piece's own splits by the ids of their parts (transformers' order)
+        merges.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges.into_iter().map(|m| (m.3, m.4)).collect())
+            .unk_token(tokens[unk as usize].clone())
+            .fuse_unk(true)
+            .byte_fallback(true)
+            .build()
+            .map_err(|e| anyhow::anyhow!("bad SentencePiece vocabulary: {e}"))?;
+        let mut t = Tokenizer::new(bpe);
+        let replace = |a: &str, b: &str| Replace::new(a, b).map_err(|e| anyhow::anyhow!("{e}"));
+        t.with_normalizer(Some(NormSequence::new(vec![
+            Prepend::new("▁".into()).into(),
+            replace(" ", "▁")?.into(),
+        ])));
+        t.with_decoder(Some(DecoderSequence::new(vec![
+            replace("▁", " ")?.into(),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+            Strip::new(' ', 1, 0).into(),
+        ])));
+        Ok(Tok::Hf { tok: Box::new(t), eos })
     }
 
     /// Train a byte-level BPE with `vocab_size` entries on `texts`.
