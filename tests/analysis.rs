@@ -440,6 +440,9 @@ fn real_llama_spm_vocab_gguf() {
     let g = Gguf::open(&dir.join("ggml-vocab-llama-spm.gguf")).unwrap();
     assert_eq!(g.get("tokenizer.ggml.model").unwrap().as_str(), Some("llama"));
     check_vocab(&g, &dir.join("ggml-vocab-llama-spm.gguf"));
+    // prompts and analysed text start with <s>, as the file's add_bos_token asks
+    let tok = gated_lm::io::gguf::tokenizer(&g).unwrap();
+    assert_eq!(tok.encode_for_model("Hello world").unwrap(), [1, 15043, 3186]);
 }
 
 /// llama.cpp's real Qwen2 vocab GGUF (pre-tokenizer `qwen2`) against its own expected tokens.

@@ -159,7 +159,7 @@ pub fn input_ids(
                 .take(max * 8)
                 .collect(),
         };
-        tok.encode(&s)?
+        tok.encode_for_model(&s)?
     };
     ids.truncate(max);
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= l.model.cfg.vocab_size) {

@@ -98,7 +98,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         .tok
         .as_ref()
         .with_context(|| format!("{}: no tokenizer found", l.source))?;
-    let ids = tok.encode(&a.prompt)?;
+    let ids = tok.encode_for_model(&a.prompt)?;
     let mut cache = KvCache::new(&l.model, a.m.window, a.m.sink_tokens)?;
     let o = SampleOptions {
         temperature: a.temperature,
@@ -173,7 +173,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             b[b.len() - b.len() / 20..].to_string()
         }
     };
-    let mut ids = tok.encode(&text)?;
+    let mut ids = tok.encode_for_model(&text)?;
     ids.truncate(a.max_tokens);
     let (nll, n, how) = if let Some(w) = a.m.window {
         let (nll, n) = perplexity_streaming(&l.model, &ids, Some(w), a.m.sink_tokens)?;

@@ -615,7 +615,8 @@ pub fn tokenizer(g: &Gguf) -> Result<Tok> {
             .map(|x| x as i32)
             .collect();
         let unk = id("tokenizer.ggml.unknown_token_id").unwrap_or(0);
-        return Tok::from_sentencepiece(tokens, &scores, &types, unk, eos).with_context(|| g.path.clone());
+        let tok = Tok::from_sentencepiece(tokens, &scores, &types, unk, eos).with_context(|| g.path.clone())?;
+        return add_bos(g, tok, true);
     }
     let merges = strings("tokenizer.ggml.merges")?;
     // llama.cpp names the pre-tokenizer; a wrong one would tokenise silently differently
@@ -631,7 +632,24 @@ pub fn tokenizer(g: &Gguf) -> Result<Tok> {
             g.path
         ),
     };
-    Tok::from_vocab_merges_split(tokens, merges, eos, split).with_context(|| g.path.clone())
+    let tok = Tok::from_vocab_merges_split(tokens, merges, eos, split).with_context(|| g.path.clone())?;
+    add_bos(g, tok, false)
+}
+
+/// Prompts get the BOS token where the file asks for it (llama.cpp's default: SentencePiece yes,
+/// BPE no).
+fn add_bos(g: &Gguf, tok: Tok, default: bool) -> Result<Tok> {
+    let wanted = match g.meta.get("tokenizer.ggml.add_bos_token") {
+        Some(Value::Bool(b)) => *b,
+        _ => default,
+    };
+    match (
+        wanted,
+        g.meta.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64),
+    ) {
+        (true, Some(bos)) => tok.with_bos(bos as u32).with_context(|| g.path.clone()),
+        _ => Ok(tok),
+    }
 }
 
 /// Load a llama/qwen3 GGUF as a model (weights dequantised to f32) with its tokenizer.

@@ -15,6 +15,7 @@ use tokenizers::normalizers::{Prepend, Replace, Sequence as NormSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -77,6 +78,36 @@ impl Tok {
                 Ok(e.get_ids().to_vec())
             }
         }
+    }
+
+    /// `encode` plus the special tokens the model expects around a text (e.g. llama's BOS), for
+    /// prompts and analysed texts (training data uses plain `encode` and EOS separators).
+    pub fn encode_for_model(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tok::Byte => self.encode(text),
+            Tok::Hf { tok, .. } => {
+                let e = tok.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+                Ok(e.get_ids().to_vec())
+            }
+        }
+    }
+
+    /// Prefix every `encode_for_model` with token `bos`.
+    pub fn with_bos(self, bos: u32) -> Result<Tok> {
+        let Tok::Hf { mut tok, eos } = self else {
+            bail!("the byte tokenizer has no BOS token");
+        };
+        let name = tok
+            .id_to_token(bos)
+            .with_context(|| format!("bos id {bos} is outside the vocabulary"))?;
+        let post = TemplateProcessing::builder()
+            .try_single(format!("{name}:0 $A:0"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .special_tokens(vec![(name, bos)])
+            .build()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tok.with_post_processor(Some(post));
+        Ok(Tok::Hf { tok, eos })
     }
 
     pub fn decode(&self, ids: &[u32]) -> String {
