@@ -33,6 +33,32 @@ pub fn swiglu_bwd<T: Real>(g: &[T], u: &[T], dm: &[T], dg: &mut [T], du: &mut [T
         });
 }
 
+/// `swiglu_fwd` on the fused projection `gu` `[rows, 2f]` (gate in the first `f` columns of each
+/// row, up in the last): `m` `[rows, f]`.
+pub fn swiglu_fwd_fused<T: Real>(gu: &[T], f: usize, m: &mut [T]) {
+    m.par_chunks_mut(f).zip(gu.par_chunks(2 * f)).for_each(|(mr, r)| {
+        let (g, u) = r.split_at(f);
+        for ((mv, &gv), &uv) in mr.iter_mut().zip(g).zip(u) {
+            *mv = gv * sigmoid(gv) * uv;
+        }
+    });
+}
+
+/// `swiglu_bwd` on the fused layout: `dgu` `[rows, 2f]` from `gu` and `dm` `[rows, f]`.
+pub fn swiglu_bwd_fused<T: Real>(gu: &[T], f: usize, dm: &[T], dgu: &mut [T]) {
+    dgu.par_chunks_mut(2 * f)
+        .zip(gu.par_chunks(2 * f).zip(dm.par_chunks(f)))
+        .for_each(|(dr, (r, dmr))| {
+            let (g, u) = r.split_at(f);
+            let (dg, du) = dr.split_at_mut(f);
+            for i in 0..f {
+                let s = sigmoid(g[i]);
+                du[i] = dmr[i] * g[i] * s;
+                dg[i] = dmr[i] * u[i] * s * (T::ONE + g[i] * (T::ONE - s));
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +77,35 @@ mod tests {
         swiglu_bwd(&g, &u, &dm, &mut dg, &mut du);
         check_grad(&g, &dg, |x| f(x, &u), 1e-7);
         check_grad(&u, &du, |x| f(&g, x), 1e-7);
+    }
+
+    #[test]
+    fn fused_layout_equals_separate_gate_and_up() {
+        let (rows, f) = (5, 7);
+        let (g, u, dm) = (
+            randn(rows * f, 4, 2.0),
+            randn(rows * f, 5, 1.0),
+            randn(rows * f, 6, 1.0),
+        );
+        let gu: Vec<f64> = (0..rows)
+            .flat_map(|r| {
+                g[r * f..(r + 1) * f]
+                    .iter()
+                    .chain(&u[r * f..(r + 1) * f])
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let (mut m, mut mf) = (vec![0.0; rows * f], vec![0.0; rows * f]);
+        swiglu_fwd(&g, &u, &mut m);
+        swiglu_fwd_fused(&gu, f, &mut mf);
+        assert_eq!(m, mf);
+        let (mut dg, mut du, mut dgu) = (vec![0.0; rows * f], vec![0.0; rows * f], vec![0.0; rows * 2 * f]);
+        swiglu_bwd(&g, &u, &dm, &mut dg, &mut du);
+        swiglu_bwd_fused(&gu, f, &dm, &mut dgu);
+        for r in 0..rows {
+            assert_eq!(&dgu[r * 2 * f..r * 2 * f + f], &dg[r * f..(r + 1) * f]);
+            assert_eq!(&dgu[r * 2 * f + f..(r + 1) * 2 * f], &du[r * f..(r + 1) * f]);
+        }
     }
 }
