@@ -1,4 +1,5 @@
-//! Seed corpora for the fuzzers: a small llama GGUF and a tokenizer.json.
+//! Seed corpora for the fuzzers: small llama GGUFs (byte-level BPE and SentencePiece
+//! vocabularies) and a tokenizer.json.
 use gated_lm::io::gguf::{write, GgmlType, Value};
 use std::path::Path;
 
@@ -43,6 +44,39 @@ fn main() {
     ];
     std::fs::create_dir_all(out.join("gguf")).unwrap();
     write(&out.join("gguf/seed.gguf"), &meta, &tensors).unwrap();
+    // the same model with a SentencePiece vocabulary: byte pieces, two merged pieces, BOS
+    let mut pieces = vec![
+        Value::Str("<unk>".into()),
+        Value::Str("<s>".into()),
+        Value::Str("</s>".into()),
+    ];
+    pieces.extend((0..=255u8).map(|b| Value::Str(format!("<0x{b:02X}>"))));
+    pieces.extend(["▁", "a", "b", "▁a", "ab"].map(|p| Value::Str(p.into())));
+    let n = pieces.len();
+    let types = (0..n).map(|i| {
+        Value::I32(if i < 3 {
+            3
+        } else if i < 259 {
+            6
+        } else {
+            1
+        })
+    });
+    let scores = (0..n).map(|i| Value::F32(-(i as f32)));
+    let mut spm = meta[..6].to_vec();
+    spm.extend([
+        ("tokenizer.ggml.model", Value::Str("llama".into())),
+        ("tokenizer.ggml.tokens", Value::Arr(pieces)),
+        ("tokenizer.ggml.scores", Value::Arr(scores.collect())),
+        ("tokenizer.ggml.token_type", Value::Arr(types.collect())),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+    ]);
+    let mut spm_tensors = tensors.clone();
+    spm_tensors[0].1 = vec![n, 32];
+    spm_tensors[0].3 = vec![0.25f32; n * 32];
+    write(&out.join("gguf/seed-spm.gguf"), &spm, &spm_tensors).unwrap();
     std::fs::create_dir_all(out.join("tokenizer")).unwrap();
     gated_lm::train::tokenizer::Tok::Byte
         .save(&out.join("tokenizer"))

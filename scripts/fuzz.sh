@@ -9,7 +9,7 @@ export RUSTC_BOOTSTRAP=1
 mkdir -p fuzz/corpus/{safetensors,gguf,config,tokenizer}
 i=0; for f in tests/fixtures/*/model.safetensors; do cp "$f" "fuzz/corpus/safetensors/m$i"; i=$((i+1)); done
 i=0; for f in tests/fixtures/*/config.json; do cp "$f" "fuzz/corpus/config/c$i.json"; i=$((i+1)); done
-[ -f fuzz/corpus/gguf/seed.gguf ] || cargo run --release --quiet --example make_fuzz_seeds -- fuzz/corpus
+[ -f fuzz/corpus/gguf/seed-spm.gguf ] || cargo run --release --quiet --example make_fuzz_seeds -- fuzz/corpus
 cargo fuzz build -s none --release
 run() {
   local rc=0

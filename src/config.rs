@@ -477,9 +477,12 @@ impl ModelConfig {
         }
         // Guard against absurd sizes from untrusted files before anything is allocated.
         let ffn = match &self.moe {
-            Some(m) => m.num_experts * (m.moe_intermediate_size + 1) + m.shared_expert_intermediate_size,
-            None => self.intermediate_size,
-        } as u128;
+            Some(m) => {
+                m.num_experts as u128 * (m.moe_intermediate_size as u128 + 1)
+                    + m.shared_expert_intermediate_size as u128
+            }
+            None => self.intermediate_size as u128,
+        };
         let params = self.vocab_size as u128 * self.hidden_size as u128 * 2
             + self.num_layers as u128
                 * (self.hidden_size as u128 * (4 * self.q_dim() + 2 * self.kv_dim()) as u128
