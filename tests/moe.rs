@@ -469,7 +469,17 @@ fn moe_runs_train_analyze_and_generate_end_to_end() {
         assert!((s - 1.0).abs() < 1e-9);
     }
     let cfg = read_json(&run.join("model"));
-    assert_eq!(cfg["architectures"][0], "GatedLmForCausalLM"); // a capacity-limited G1 model without shared expert
+    // a capacity-limited model: transformers would route it dropless, so only our layout holds it
+    assert_eq!(cfg["architectures"][0], "GatedLmForCausalLM");
+    let e = Command::new(bin)
+        .args(["convert", "--model"])
+        .arg(&run.join("model"))
+        .args(["--to", "qwen3", "--out"])
+        .arg(tmp.path().join("conv"))
+        .output()
+        .unwrap();
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("capacity"));
     let json = tmp.path().join("a.json");
     let out = ok(Command::new(bin)
         .args(["analyze", "--model"])

@@ -47,8 +47,12 @@ impl Layout {
     /// Whether `cfg` can be stored in this layout.
     pub fn check(self, cfg: &ModelConfig) -> Result<()> {
         let g = cfg.gate.as_ref();
-        // Qwen3-MoE has no shared expert; Qwen3-Next's MoE block always has one
+        // Qwen3-MoE has no shared expert; Qwen3-Next's MoE block always has one; transformers
+        // routes dropless, so a capacity-limited model would compute something else there
         let shared = cfg.moe.as_ref().map(|m| m.shared_expert_intermediate_size > 0);
+        if self != Layout::GatedLm && cfg.moe.as_ref().is_some_and(|m| m.capacity_factor.is_some()) {
+            bail!("a MoE model with an expert capacity can only be stored in the gated-lm layout (transformers routes dropless)");
+        }
         let ok = match self {
             Layout::GatedLm => true,
             Layout::Qwen3 => g.is_none() && cfg.partial_rotary_factor == 1.0 && shared != Some(true),
