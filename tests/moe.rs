@@ -533,3 +533,151 @@ fn moe_checkpoints_with_missing_or_misshapen_experts_are_rejected() {
         "{e}"
     );
 }
+
+/// A llama.cpp `qwen3moe` GGUF of `m` (experts stacked into `blk.N.ffn_*_exps` 3-D tensors,
+/// matrices in `ty`, norms F32), with a byte-level vocabulary.
+fn write_qwen3moe(m: &Model<f32>, ty: gated_lm::io::gguf::GgmlType, path: &std::path::Path) {
+    use gated_lm::io::gguf::{write, GgmlType, Value};
+    let c = &m.cfg;
+    let moe = c.moe.as_ref().unwrap();
+    let map = gated_lm::train::tokenizer::bytes_to_unicode();
+    let mut tokens: Vec<Value> = (0..256).map(|b| Value::Str(map[b].to_string())).collect();
+    while tokens.len() < c.vocab_size {
+        tokens.push(Value::Str(format!("<pad{}>", tokens.len())));
+    }
+    let a = |k: &str| format!("qwen3moe.{k}");
+    let meta = vec![
+        ("general.architecture".to_string(), Value::Str("qwen3moe".into())),
+        (a("block_count"), Value::U32(c.num_layers as u32)),
+        (a("embedding_length"), Value::U32(c.hidden_size as u32)),
+        (a("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
+        (
+            a("expert_feed_forward_length"),
+            Value::U32(moe.moe_intermediate_size as u32),
+        ),
+        (a("expert_count"), Value::U32(moe.num_experts as u32)),
+        (a("expert_used_count"), Value::U32(moe.num_experts_per_tok as u32)),
+        (a("attention.head_count"), Value::U32(c.num_heads as u32)),
+        (a("attention.head_count_kv"), Value::U32(c.num_kv_heads as u32)),
+        (a("attention.key_length"), Value::U32(c.head_dim as u32)),
+        (a("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
+        (a("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        (a("context_length"), Value::U32(c.max_position_embeddings as u32)),
+        ("tokenizer.ggml.model".into(), Value::Str("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Arr(tokens)),
+        ("tokenizer.ggml.merges".into(), Value::Arr(vec![])),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
+    ];
+    let meta: Vec<(&str, Value)> = meta.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let short = |tail: &str| match tail {
+        "input_layernorm.weight" => "attn_norm",
+        "self_attn.q_proj.weight" => "attn_q",
+        "self_attn.k_proj.weight" => "attn_k",
+        "self_attn.v_proj.weight" => "attn_v",
+        "self_attn.o_proj.weight" => "attn_output",
+        "self_attn.q_norm.weight" => "attn_q_norm",
+        "self_attn.k_norm.weight" => "attn_k_norm",
+        "post_attention_layernorm.weight" => "ffn_norm",
+        "mlp.gate.weight" => "ffn_gate_inp",
+        o => panic!("{o}"),
+    };
+    let p = |n: &str| m.params.get(n).unwrap().clone();
+    let mut tensors = vec![];
+    let kind = |sh: &[usize]| if sh.len() == 1 { GgmlType::F32 } else { ty };
+    for n in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] {
+        let t = p(n);
+        let g = n
+            .replace("model.embed_tokens", "token_embd")
+            .replace("model.norm", "output_norm")
+            .replace("lm_head", "output");
+        tensors.push((g, t.shape.clone(), kind(&t.shape), t.data));
+    }
+    for l in 0..c.num_layers {
+        let pre = format!("model.layers.{l}.");
+        for (n, t) in m.params.names.iter().zip(&m.params.tensors) {
+            if let Some(tail) = n.strip_prefix(&pre).filter(|t| !t.starts_with("mlp.experts.")) {
+                tensors.push((
+                    format!("blk.{l}.{}.weight", short(tail)),
+                    t.shape.clone(),
+                    kind(&t.shape),
+                    t.data.clone(),
+                ));
+            }
+        }
+        for proj in ["gate", "up", "down"] {
+            let mut data = vec![];
+            let mut shape = vec![moe.num_experts];
+            for e in 0..moe.num_experts {
+                let t = p(&format!("{pre}mlp.experts.{e}.{proj}_proj.weight"));
+                if e == 0 {
+                    shape.extend(&t.shape);
+                }
+                data.extend(t.data);
+            }
+            tensors.push((
+                format!("blk.{l}.ffn_{proj}_exps.weight"),
+                shape.clone(),
+                kind(&shape),
+                data,
+            ));
+        }
+    }
+    write(path, &meta, &tensors).unwrap();
+}
+
+/// llama.cpp's MoE GGUF layout (qwen3moe) loads into the same model, exactly in F32 and within
+/// Q8_0 precision otherwise; `analyze` runs on it and reports the router.
+#[test]
+fn qwen3moe_gguf_files_load_and_analyze() {
+    use gated_lm::io::gguf::{load_gguf_model, GgmlType};
+    let mut cfg = ModelConfig::preset("moe-micro", None).unwrap();
+    cfg.max_position_embeddings = 256;
+    cfg.init_std = 0.2;
+    let m: Model<f32> = Model::new(cfg, 12).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let want = logits32(&m);
+    let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+    for (ty, tol) in [(GgmlType::F32, 0.0), (GgmlType::Q8_0, 0.05)] {
+        let path = dir.path().join(format!("m-{ty:?}.gguf"));
+        write_qwen3moe(&m, ty, &path);
+        let (back, _) = load_gguf_model(&path).unwrap();
+        assert_eq!(back.cfg.moe, m.cfg.moe);
+        if tol == 0.0 {
+            assert_eq!(back.params, m.params);
+            assert_eq!(logits32(&back), want);
+            continue;
+        }
+        // Q8_0: every weight within its block's quantisation step (Q8_0 rounds to 1/127 of the
+        // block's largest magnitude)...
+        for ((n, a), b) in m.params.names.iter().zip(&m.params.tensors).zip(&back.params.tensors) {
+            let top = a.data.iter().fold(0f32, |x, v| x.max(v.abs()));
+            let err = a
+                .data
+                .iter()
+                .zip(&b.data)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(err <= top / 127.0 * 0.51 + 1e-6, "{n}: off by {err} (max {top})");
+        }
+        // ...and the logits close wherever quantisation did not flip a top-k choice: most tokens
+        let rows: Vec<f32> = want
+            .chunks(m.cfg.vocab_size)
+            .zip(logits32(&back).chunks(m.cfg.vocab_size))
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max))
+            .collect();
+        let close = rows.iter().filter(|&&e| e <= tol * scale).count();
+        assert!(
+            close * 4 >= rows.len() * 3,
+            "{ty:?}: only {close} of {} token rows close: {rows:?}",
+            rows.len()
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gated-lm"))
+        .args(["analyze", "--model"])
+        .arg(dir.path().join("m-Q8_0.gguf"))
+        .args(["--prompt", "a few words to route through the experts"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("expert imbalance"));
+}

@@ -491,6 +491,7 @@ fn gguf_name(hf: &str) -> String {
             "mlp.gate_proj.weight" => "ffn_gate",
             "mlp.up_proj.weight" => "ffn_up",
             "mlp.down_proj.weight" => "ffn_down",
+            "mlp.gate.weight" => "ffn_gate_inp",
             other => other,
         };
         return format!("blk.{i}.{t}.weight");
@@ -503,11 +504,24 @@ fn gguf_name(hf: &str) -> String {
     }
 }
 
-/// The model config a llama/qwen3 GGUF describes.
+/// For a per-expert tensor name, llama.cpp's 3-D tensor holding every expert's matrix
+/// (`blk.N.ffn_{gate,up,down}_exps.weight`, `[E, rows, cols]`) and the expert.
+fn expert_source(hf: &str) -> Option<(String, usize)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (i, tail) = rest.split_once(".mlp.experts.")?;
+    let (e, proj) = tail.split_once('.')?;
+    let kind = proj.strip_suffix("_proj.weight")?;
+    Some((format!("blk.{i}.ffn_{kind}_exps.weight"), e.parse().ok()?))
+}
+
+/// The model config a llama/qwen3/qwen3moe GGUF describes.
 pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
     let arch = g.get("general.architecture")?.as_str().unwrap_or("").to_string();
-    if arch != "llama" && arch != "qwen3" {
-        bail!("{}: architecture '{arch}' is not supported (llama, qwen3)", g.path);
+    if !["llama", "qwen3", "qwen3moe"].contains(&arch.as_str()) {
+        bail!(
+            "{}: architecture '{arch}' is not supported (llama, qwen3, qwen3moe)",
+            g.path
+        );
     }
     let u = |k: &str| -> Result<usize> {
         let key = format!("{arch}.{k}");
@@ -525,6 +539,20 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
         .info("token_embd.weight")
         .with_context(|| format!("{}: no token_embd.weight", g.path))?
         .dims[1] as usize;
+    // llama.cpp's qwen3moe: every layer MoE, softmax top-k renormalised, no shared expert
+    let moe = if arch == "qwen3moe" {
+        Some(crate::config::MoeConfig::new(
+            u("expert_count")?,
+            u("expert_used_count")?,
+            u("expert_feed_forward_length")?,
+        ))
+    } else {
+        None
+    };
+    let ffn = match &moe {
+        Some(m) => u("feed_forward_length").unwrap_or(m.moe_intermediate_size),
+        None => u("feed_forward_length")?,
+    };
     let cfg = ModelConfig {
         vocab_size: vocab,
         hidden_size: hidden,
@@ -532,7 +560,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
         num_heads: heads,
         num_kv_heads: kv,
         head_dim,
-        intermediate_size: u("feed_forward_length")?,
+        intermediate_size: ffn,
         rms_norm_eps: g
             .meta
             .get(&format!("{arch}.attention.layer_norm_rms_epsilon"))
@@ -549,9 +577,9 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
         max_position_embeddings: u("context_length").unwrap_or(4096).min(1 << 16),
         init_std: 0.02,
         rope_scaling: None,
-        qk_norm: arch == "qwen3",
+        qk_norm: arch != "llama",
         gate: None,
-        moe: None,
+        moe,
     };
     cfg.validate().with_context(|| g.path.clone())?;
     Ok(cfg)
@@ -652,16 +680,40 @@ fn add_bos(g: &Gguf, tok: Tok, default: bool) -> Result<Tok> {
     }
 }
 
-/// Load a llama/qwen3 GGUF as a model (weights dequantised to f32) with its tokenizer.
+/// Load a llama/qwen3/qwen3moe GGUF as a model (weights dequantised to f32) with its tokenizer.
 pub fn load_gguf_model(path: &Path) -> Result<(Model<f32>, Tok)> {
     let g = Gguf::open(path)?;
     let cfg = model_config(&g)?;
     let permuted = g.get("general.architecture")?.as_str() == Some("llama");
     let (specs, _) = param_specs(&cfg);
     let mut store = ParamStore::<f32>::zeros_like(&specs);
+    // a layer's experts share one 3-D tensor: dequantise it once
+    let mut stacked: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     for (i, s) in specs.iter().enumerate() {
-        let name = gguf_name(&s.name);
-        let (shape, mut data) = g.f32(&name)?;
+        let (name, (shape, mut data)) = match expert_source(&s.name) {
+            Some((src, e)) => {
+                if !stacked.contains_key(&src) {
+                    // keep only the current layer's three stacks
+                    let layer = &src[..src.find(".ffn_").unwrap_or(0)];
+                    stacked.retain(|k, _| k.starts_with(layer) && k.as_bytes().get(layer.len()) == Some(&b'.'));
+                    stacked.insert(src.clone(), g.f32(&src)?);
+                }
+                let (sh, all) = &stacked[&src];
+                if sh.len() != 3 || e >= sh[0] {
+                    bail!(
+                        "{}: tensor '{src}' has shape {sh:?}, expected [experts, rows, cols]",
+                        g.path
+                    );
+                }
+                let per = sh[1] * sh[2];
+                (src.clone(), (sh[1..].to_vec(), all[e * per..(e + 1) * per].to_vec()))
+            }
+            None => {
+                let name = gguf_name(&s.name);
+                let t = g.f32(&name)?;
+                (name, t)
+            }
+        };
         if shape != s.shape {
             bail!(
                 "{}: tensor '{name}' has shape {shape:?}, the metadata implies {:?}",
