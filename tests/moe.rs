@@ -473,7 +473,7 @@ fn moe_runs_train_analyze_and_generate_end_to_end() {
     assert_eq!(cfg["architectures"][0], "GatedLmForCausalLM");
     let e = Command::new(bin)
         .args(["convert", "--model"])
-        .arg(&run.join("model"))
+        .arg(run.join("model"))
         .args(["--to", "qwen3", "--out"])
         .arg(tmp.path().join("conv"))
         .output()
