@@ -1,0 +1,89 @@
+// Row-wise ops: one block per row, a block-wide reduction through shared memory.
+// Same math as src/model/ops/{rmsnorm,cross_entropy}.rs.
+
+__device__ float block_sum(float x, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    x = threadIdx.x < warps ? shared[threadIdx.x] : 0.0f;
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    if (threadIdx.x == 0) shared[0] = x;
+    __syncthreads();
+    return shared[0];
+}
+
+__device__ float block_max(float x, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    x = threadIdx.x < warps ? shared[threadIdx.x] : -__int_as_float(0x7f800000);
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    if (threadIdx.x == 0) shared[0] = x;
+    __syncthreads();
+    return shared[0];
+}
+
+// y = x / rms(x) · (w or 1 + w); rstd saved for backward.
+extern "C" __global__ void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, int d, float eps,
+                                       int zero_centered) {
+    __shared__ float shared[32];
+    const float* xr = x + (long)blockIdx.x * d;
+    float* yr = y + (long)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) ss += xr[j] * xr[j];
+    float r = rsqrtf(block_sum(ss, shared) / d + eps);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = xr[j] * r * (zero_centered ? 1.0f + w[j] : w[j]);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+}
+
+// dx = r·(dy·g − x̂·mean(dy·g·x̂)), g the effective gain; dw accumulated per row with atomics.
+extern "C" __global__ void rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
+                                       float* dw, int d, int zero_centered, int accumulate) {
+    __shared__ float shared[32];
+    long off = (long)blockIdx.x * d;
+    float r = rstd[blockIdx.x];
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float gain = zero_centered ? 1.0f + w[j] : w[j];
+        dot += dy[off + j] * gain * x[off + j] * r;
+    }
+    float mean = block_sum(dot, shared) / d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float gain = zero_centered ? 1.0f + w[j] : w[j];
+        float xh = x[off + j] * r;
+        float g = r * (dy[off + j] * gain - xh * mean);
+        dx[off + j] = accumulate ? dx[off + j] + g : g;
+        atomicAdd(&dw[j], dy[off + j] * xh);
+    }
+}
+
+// Cross-entropy over one row of logits: writes the row's loss and replaces the logits by
+// d(loss_sum)/d(logits)·scale (softmax − onehot), so full-vocabulary logits are touched twice,
+// not four times. target < 0: no loss, zero gradient.
+extern "C" __global__ void cross_entropy_fwd_bwd(float* logits, const int* targets, float* loss, int vocab,
+                                                 float scale) {
+    __shared__ float shared[32];
+    float* row = logits + (long)blockIdx.x * vocab;
+    int t = targets[blockIdx.x];
+    float mx = -__int_as_float(0x7f800000);
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, row[j]);
+    mx = block_max(mx, shared);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += __expf(row[j] - mx);
+    s = block_sum(s, shared);
+    float lse = mx + logf(s);
+    if (threadIdx.x == 0) loss[blockIdx.x] = t >= 0 ? lse - row[t] : 0.0f;
+    __syncthreads();
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float p = __expf(row[j] - lse);
+        row[j] = t >= 0 ? (p - (j == t ? 1.0f : 0.0f)) * scale : 0.0f;
+    }
+}

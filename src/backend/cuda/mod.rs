@@ -1,0 +1,54 @@
+//! CUDA backend (feature `cuda`), first part: the kernels as CUDA C++ sources compiled at run
+//! time by NVRTC for the device's architecture. cudarc loads libnvrtc/libcuda dynamically, so the
+//! binary builds on machines without CUDA; what is missing is reported when it is first needed.
+//!
+//! Not yet here: device buffers, cuBLASLt GEMMs and the model forward/backward on the GPU.
+
+use anyhow::{anyhow, Result};
+
+/// Kernel sources and the entry points each must define.
+pub const SOURCES: &[(&str, &str, &[&str])] = &[
+    (
+        "elementwise",
+        include_str!("kernels/elementwise.cu"),
+        &[
+            "swiglu_fwd",
+            "swiglu_bwd",
+            "gate_sigmoid_mul_fwd",
+            "gate_sigmoid_mul_bwd",
+            "adamw",
+        ],
+    ),
+    (
+        "rows",
+        include_str!("kernels/rows.cu"),
+        &["rmsnorm_fwd", "rmsnorm_bwd", "cross_entropy_fwd_bwd"],
+    ),
+];
+
+/// How to get NVRTC when it is missing.
+const NVRTC_HINT: &str = "NVRTC (libnvrtc.so) was not found: install the CUDA toolkit, or \
+`pip install nvidia-cuda-nvrtc-cu12` and add its `nvidia/cuda_nvrtc/lib` directory to LD_LIBRARY_PATH";
+
+/// Compile every kernel source to PTX for `arch` (e.g. `sm_90` for an H100/H200).
+/// Returns (source name, PTX text).
+pub fn compile_all(arch: &'static str) -> Result<Vec<(&'static str, String)>> {
+    // cudarc panics on first use when the library is missing: check first, with a hint
+    // SAFETY: only tries to dlopen the candidate library names
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(anyhow!("{NVRTC_HINT}"));
+    }
+    SOURCES
+        .iter()
+        .map(|&(name, src, _)| {
+            let opts = cudarc::nvrtc::CompileOptions {
+                arch: Some(arch),
+                name: Some(format!("{name}.cu")),
+                ..Default::default()
+            };
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts)
+                .map_err(|e| anyhow!("NVRTC could not compile kernels/{name}.cu for {arch}: {e:?}"))?;
+            Ok((name, ptx.to_src()))
+        })
+        .collect()
+}
