@@ -2,7 +2,10 @@
 //! time by NVRTC for the device's architecture. cudarc loads libnvrtc/libcuda dynamically, so the
 //! binary builds on machines without CUDA; what is missing is reported when it is first needed.
 //!
-//! Not yet here: device buffers, cuBLASLt GEMMs and the model forward/backward on the GPU.
+//! `device::Gpu` opens a device, loads the kernels and wraps launches for the GPU-vs-CPU op
+//! tests. Not yet here: device-resident buffers, cuBLASLt GEMMs and the model on the GPU.
+
+pub mod device;
 
 use anyhow::{anyhow, Result};
 
