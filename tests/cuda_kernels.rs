@@ -77,4 +77,47 @@ fn gpu_ops_match_the_cpu_ops() {
         close("rmsnorm_fwd y", &gy, &y, 1e-5);
         close("rmsnorm_fwd rstd", &grstd, &rstd, 1e-5);
     }
+
+    // G1 elementwise gate
+    let cfg = gated_lm::config::ModelConfig::preset(
+        "micro",
+        gated_lm::config::GateConfig::parse_spec("elementwise").unwrap(),
+    )
+    .unwrap();
+    let (gc, geo) = (cfg.gate.clone().unwrap(), cfg.gate_geometry().unwrap());
+    let n = 24 * cfg.q_dim();
+    let (o, z, dy) = (randn(n, 6, 1.0), randn(n, 7, 2.0), randn(n, 8, 1.0));
+    let mut y = o.clone();
+    gated_lm::model::ops::gate::gate_fwd(&gc, &geo, &mut y, &z);
+    close("gate fwd", &gpu.gate_fwd(&o, &z).unwrap(), &y, 1e-5);
+    let (mut dyc, mut dz) = (dy.clone(), vec![0.0; n]);
+    gated_lm::model::ops::gate::gate_bwd(&gc, &geo, &o, &z, &mut dyc, &mut dz);
+    let (gdy, gdz) = gpu.gate_bwd(&o, &z, &dy).unwrap();
+    close("gate bwd dy", &gdy, &dyc, 1e-5);
+    close("gate bwd dz", &gdz, &dz, 1e-5);
+
+    // cross-entropy with an ignored row
+    let (r, vocab) = (9, 5000);
+    let logits = randn(r * vocab, 9, 3.0);
+    let mut targets: Vec<u32> = (0..r as u32).map(|i| i * 541 % vocab as u32).collect();
+    targets[4] = gated_lm::model::ops::cross_entropy::IGNORE;
+    let mut grad = logits.clone();
+    let mean = gated_lm::model::ops::cross_entropy::cross_entropy(&mut grad, vocab, &targets, true);
+    let t32: Vec<i32> = targets
+        .iter()
+        .map(|&t| {
+            if t == gated_lm::model::ops::cross_entropy::IGNORE {
+                -1
+            } else {
+                t as i32
+            }
+        })
+        .collect();
+    let (loss, ggrad) = gpu.cross_entropy(&logits, &t32, vocab, 1.0 / 8.0).unwrap();
+    assert!(
+        (loss.iter().sum::<f32>() as f64 / 8.0 - mean).abs() < 1e-4 * mean.abs().max(1.0),
+        "{loss:?} vs {mean}"
+    );
+    assert_eq!(loss[4], 0.0);
+    close("cross-entropy gradient", &ggrad, &grad, 1e-5);
 }

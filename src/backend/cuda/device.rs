@@ -144,4 +144,55 @@ impl Gpu {
         unsafe { b.launch(rows(r)) }.map_err(|e| anyhow!("rmsnorm_fwd: {e:?}"))?;
         Ok((self.down(&y)?, self.down(&rstd)?))
     }
+
+    /// G1 elementwise sigmoid gate: `y · sigmoid(z)`.
+    pub fn gate_fwd(&self, y: &[f32], z: &[f32]) -> Result<Vec<f32>> {
+        let n = y.len();
+        let (mut dy, dz) = (self.up(y)?, self.up(z)?);
+        let f = self.func("gate_sigmoid_mul_fwd")?;
+        let mut b = self.stream.launch_builder(&f);
+        let nn = n as i64;
+        b.arg(&mut dy).arg(&dz).arg(&nn);
+        // SAFETY: as above
+        unsafe { b.launch(elems(n)) }.map_err(|e| anyhow!("gate fwd: {e:?}"))?;
+        self.down(&dy)
+    }
+
+    /// Its backward: `(d(ungated), dz)` from the ungated input `o`, `z` and `dy`.
+    pub fn gate_bwd(&self, o: &[f32], z: &[f32], dy: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = o.len();
+        let (a, c, mut g) = (self.up(o)?, self.up(z)?, self.up(dy)?);
+        let mut dz = self.up(&vec![0.0; n])?;
+        let f = self.func("gate_sigmoid_mul_bwd")?;
+        let mut b = self.stream.launch_builder(&f);
+        let nn = n as i64;
+        b.arg(&a).arg(&c).arg(&mut g).arg(&mut dz).arg(&nn);
+        // SAFETY: as above
+        unsafe { b.launch(elems(n)) }.map_err(|e| anyhow!("gate bwd: {e:?}"))?;
+        Ok((self.down(&g)?, self.down(&dz)?))
+    }
+
+    /// Cross-entropy rows: per-row losses and the logits' gradient times `scale` (targets < 0:
+    /// ignored rows).
+    pub fn cross_entropy(
+        &self,
+        logits: &[f32],
+        targets: &[i32],
+        vocab: usize,
+        scale: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let r = targets.len();
+        let (mut l, t) = (
+            self.up(logits)?,
+            self.stream.clone_htod(targets).map_err(|e| anyhow!("{e:?}"))?,
+        );
+        let mut loss = self.up(&vec![0.0; r])?;
+        let f = self.func("cross_entropy_fwd_bwd")?;
+        let mut b = self.stream.launch_builder(&f);
+        let v = vocab as i32;
+        b.arg(&mut l).arg(&t).arg(&mut loss).arg(&v).arg(&scale);
+        // SAFETY: as above
+        unsafe { b.launch(rows(r)) }.map_err(|e| anyhow!("cross_entropy: {e:?}"))?;
+        Ok((self.down(&loss)?, self.down(&l)?))
+    }
 }
