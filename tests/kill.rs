@@ -183,10 +183,24 @@ const CK2: &str = "[train]\ncheckpoint_every = 2\neval_every = 100\neval_batches
 #[test]
 fn read_only_directories_give_clear_errors_and_keep_the_last_checkpoint() {
     let (tmp, corpus, cfg) = setup(CK2);
-    // root ignores permission bits: the failing runs drop to an unprivileged user
+    // root ignores permission bits: the failing runs lose the capabilities that let it (dropped
+    // from the bounding set, so they stay dropped across exec); the files stay reachable as
+    // their owner wherever the checkout lives
     let as_user = |mut c: Command| {
         if unsafe { libc::geteuid() } == 0 {
-            c.uid(65534).gid(65534);
+            const CAP_DAC_OVERRIDE: libc::c_ulong = 1;
+            const CAP_DAC_READ_SEARCH: libc::c_ulong = 2;
+            // SAFETY: prctl in the forked child before exec, no allocation
+            unsafe {
+                c.pre_exec(|| {
+                    for cap in [CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH] {
+                        if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
         c
     };
