@@ -17,6 +17,8 @@ fn zeros<T: Real>(n: usize) -> Vec<T> {
 
 /// Saved activations of one SwiGLU MLP on `rows` inputs.
 pub struct MlpCache<T> {
+    /// `[gate; up]` weights stacked `[2f, d]` (built once in forward, reused in backward)
+    wgu: Vec<T>,
     /// gate and up projections side by side, `[rows, 2f]`
     gu: Vec<T>,
     m: Vec<T>,
@@ -47,13 +49,14 @@ fn mlp_fwd<T: Real>(
     linear_fwd_par(x, &wgu, rows, d, 2 * f, &mut gu, par);
     swiglu_fwd_fused(&gu, f, &mut m);
     linear_fwd_par(&m, &p.tensors[ix.down].data, rows, f, d, y, par);
-    MlpCache { gu, m }
+    MlpCache { wgu, gu, m }
 }
 
-/// Backward of `mlp_fwd`: `dx (+)= …` (added when `acc`), weight gradients into `dwg/dwu/dwd`.
+/// Backward of `mlp_fwd` (`wd` the down projection; gate/up come stacked in the cache):
+/// `dx (+)= …` (added when `acc`), weight gradients into `dw = [gate, up, down]`.
 #[allow(clippy::too_many_arguments)]
 fn mlp_bwd<T: Real>(
-    w: [&[T]; 3],
+    wd: &[T],
     c: &MlpCache<T>,
     x: &[T],
     dy: &[T],
@@ -63,8 +66,7 @@ fn mlp_bwd<T: Real>(
     dw: [&mut [T]; 3],
     par: Par,
 ) {
-    let f = w[0].len() / d;
-    let [wg, wu, wd] = w;
+    let f = wd.len() / d;
     let [dwg, dwu, dwd] = dw;
     let mut dm = zeros(rows * f);
     linear_bwd_par(&c.m, wd, dy, rows, f, d, Some((&mut dm, false)), dwd, par);
@@ -72,7 +74,7 @@ fn mlp_bwd<T: Real>(
     swiglu_bwd_fused(&c.gu, f, &dm, &mut dgu);
     drop(dm);
     let mut dwgu = zeros(2 * f * d);
-    linear_bwd_par(x, &stacked(wg, wu), &dgu, rows, d, 2 * f, Some(dx), &mut dwgu, par);
+    linear_bwd_par(x, &c.wgu, &dgu, rows, d, 2 * f, Some(dx), &mut dwgu, par);
     add_assign(dwg, &dwgu[..f * d]);
     add_assign(dwu, &dwgu[f * d..]);
 }
@@ -272,22 +274,12 @@ pub fn ffn_bwd<T: Real>(
 ) {
     match (ix, c, moe) {
         (FfnIndex::Dense(sw), FfnCache::Dense(mc), _) => {
-            let [dwg, dwu, dwd] = three_mut(grads, *sw);
-            let w = weights3(p, *sw);
-            mlp_bwd(w, mc, h, dy, n, d, (dh, false), [dwg, dwu, dwd], Par::Threads);
+            let dw = three_mut(grads, *sw);
+            mlp_bwd(&p.tensors[sw.down].data, mc, h, dy, n, d, (dh, false), dw, Par::Threads);
         }
         (FfnIndex::Moe(mi), FfnCache::Moe(mc), Some(cfg)) => moe_bwd(p, mi, cfg, mc, h, dy, n, d, dh, grads, aux_scale),
         _ => unreachable!("the cache comes from the same layer's forward"),
     }
-}
-
-/// The three matrices of one MLP.
-fn weights3<T>(p: &ParamStore<T>, sw: SwigluIndex) -> [&[T]; 3] {
-    [
-        &p.tensors[sw.gate].data,
-        &p.tensors[sw.up].data,
-        &p.tensors[sw.down].data,
-    ]
 }
 
 /// Disjoint mutable gradient slices of one MLP's three matrices.
@@ -344,9 +336,9 @@ fn moe_bwd<T: Real>(
         }
         let run = |(i, sw, dx, dw): (usize, SwigluIndex, &mut [T], [&mut [T]; 3]), par: Par| {
             let (r0, r1) = (c.offsets[i], c.offsets[i + 1]);
-            let w = weights3(p, sw);
+            let wd = &p.tensors[sw.down].data;
             let (x, g) = (&c.xs[r0 * d..r1 * d], &dys[r0 * d..r1 * d]);
-            mlp_bwd(w, &c.experts[i], x, g, r1 - r0, d, (dx, false), dw, par);
+            mlp_bwd(wd, &c.experts[i], x, g, r1 - r0, d, (dx, false), dw, par);
         };
         if expert_par(e) {
             jobs.into_par_iter().for_each(|j| run(j, Par::Serial));
@@ -401,7 +393,17 @@ fn moe_bwd<T: Real>(
                 ds.iter_mut().zip(dyt).for_each(|(o, &x)| *o = g * x);
             });
         let dw = three_mut(grads, sw);
-        mlp_bwd(weights3(p, sw), sc, h, &dysh, n, d, (&mut *dh, true), dw, Par::Threads);
+        mlp_bwd(
+            &p.tensors[sw.down].data,
+            sc,
+            h,
+            &dysh,
+            n,
+            d,
+            (&mut *dh, true),
+            dw,
+            Par::Threads,
+        );
         linear_bwd(
             h,
             &p.tensors[gi].data,
