@@ -699,14 +699,8 @@ pub fn load_gguf_model(path: &Path) -> Result<(Model<f32>, Tok)> {
                     stacked.insert(src.clone(), g.f32(&src)?);
                 }
                 let (sh, all) = &stacked[&src];
-                if sh.len() != 3 || e >= sh[0] {
-                    bail!(
-                        "{}: tensor '{src}' has shape {sh:?}, expected [experts, rows, cols]",
-                        g.path
-                    );
-                }
-                let per = sh[1] * sh[2];
-                (src.clone(), (sh[1..].to_vec(), all[e * per..(e + 1) * per].to_vec()))
+                let t = super::expert_block(&src, sh, all, e, None).with_context(|| g.path.clone())?;
+                (src.clone(), (t.shape, t.data))
             }
             None => {
                 let name = gguf_name(&s.name);

@@ -550,7 +550,8 @@ pub fn load_model(dir: &Path) -> Result<(Model<f32>, Layout)> {
             if !cache.contains_key(&fused_name) {
                 cache.insert(fused_name.clone(), st.f32(&fused_name)?);
             }
-            expert_slice(&cache[&fused_name], &fused_name, e, part)
+            let t = &cache[&fused_name];
+            super::expert_block(&fused_name, &t.shape, &t.data, e, (part < 2).then_some(part))
         }
         _ => st.f32(n),
     };
@@ -581,30 +582,6 @@ fn fused_expert_source(name: &str) -> Option<(String, usize, usize)> {
         _ => return None,
     };
     Some((format!("{prefix}mlp.experts.{fused}"), e, part))
-}
-
-fn expert_slice(t: &F32Tensor, name: &str, e: usize, part: usize) -> Result<F32Tensor> {
-    let &[experts, rows, cols] = &t.shape[..] else {
-        bail!("fused expert tensor '{name}' must be 3-D, has shape {:?}", t.shape);
-    };
-    if e >= experts || (part < 2 && rows % 2 != 0) {
-        bail!("fused expert tensor '{name}' {:?} has no expert {e}", t.shape);
-    }
-    let per = rows * cols;
-    let block = &t.data[e * per..(e + 1) * per];
-    Ok(match part {
-        0 | 1 => {
-            let half = rows / 2 * cols;
-            F32Tensor {
-                shape: vec![rows / 2, cols],
-                data: block[part * half..(part + 1) * half].to_vec(),
-            }
-        }
-        _ => F32Tensor {
-            shape: vec![rows, cols],
-            data: block.to_vec(),
-        },
-    })
 }
 
 /// Save a model directory in `layout` (default: the stock class that fits, see `Layout::default_for`).
