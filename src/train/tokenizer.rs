@@ -71,10 +71,16 @@ impl Tok {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, special_tokens: bool) -> Result<Vec<u32>> {
         match self {
             Tok::Byte => Ok(text.bytes().map(u32::from).collect()),
             Tok::Hf { tok, .. } => {
-                let e = tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+                let e = tok
+                    .encode(text, special_tokens)
+                    .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
                 Ok(e.get_ids().to_vec())
             }
         }
@@ -83,13 +89,7 @@ impl Tok {
     /// `encode` plus the special tokens the model expects around a text (e.g. llama's BOS), for
     /// prompts and analysed texts (training data uses plain `encode` and EOS separators).
     pub fn encode_for_model(&self, text: &str) -> Result<Vec<u32>> {
-        match self {
-            Tok::Byte => self.encode(text),
-            Tok::Hf { tok, .. } => {
-                let e = tok.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-                Ok(e.get_ids().to_vec())
-            }
-        }
+        self.encode_with(text, true)
     }
 
     /// Prefix every `encode_for_model` with token `bos`.
