@@ -8,7 +8,7 @@ use gated_lm::model::params::ParamStore;
 use gated_lm::model::{shifted_targets, Batch, Model};
 
 mod common;
-use common::{fd_check, ids, jitter_norms, tiny_cfg, B, T};
+use common::{fd_check, ids, jitter_norms, logits, tiny_cfg, B, T};
 
 fn all_gates() -> Vec<GateConfig> {
     let mut v = Vec::new();
@@ -91,22 +91,6 @@ fn ungated_twin(gated: &Model<f64>) -> Model<f64> {
         base.params.tensors[i] = gated.params.get(n).unwrap().clone();
     }
     base
-}
-
-fn logits(m: &Model<f64>) -> Vec<f64> {
-    let ids = ids();
-    let tg = shifted_targets(&ids, T);
-    m.forward(
-        &Batch {
-            ids: &ids,
-            targets: &tg,
-            batch: B,
-            seq: T,
-        },
-        &mut NoObserver,
-    )
-    .unwrap()
-    .logits
 }
 
 #[test]

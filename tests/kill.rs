@@ -178,6 +178,12 @@ fn reference_and_half_run(tmp: &Path, cfg: &Path, corpus: &Path) -> (PathBuf, Pa
     (a, b, before)
 }
 
+/// Resuming `b` to the end gives the uninterrupted run `a`'s losses bit for bit.
+fn resume_matches_reference(cfg: &Path, corpus: &Path, a: &Path, b: &Path) {
+    assert!(train_cmd(cfg, corpus, b, 8).arg("--resume").status().unwrap().success());
+    assert_eq!(losses(a), losses(b));
+}
+
 const CK2: &str = "[train]\ncheckpoint_every = 2\neval_every = 100\neval_batches = 1\n";
 
 #[test]
@@ -224,12 +230,7 @@ fn read_only_directories_give_clear_errors_and_keep_the_last_checkpoint() {
     assert_eq!(checkpoint_bytes(&b), before, "the last checkpoint must survive");
     // once writable again the run resumes from that checkpoint as if nothing happened
     chmod(&b.join("checkpoint"), 0o755);
-    assert!(train_cmd(&cfg, &corpus, &b, 8)
-        .arg("--resume")
-        .status()
-        .unwrap()
-        .success());
-    assert_eq!(losses(&a), losses(&b));
+    resume_matches_reference(&cfg, &corpus, &a, &b);
 }
 
 #[test]
@@ -259,10 +260,5 @@ fn a_full_disk_fails_clearly_and_keeps_the_last_checkpoint() {
         "{e}"
     );
     assert_eq!(checkpoint_bytes(&b), before, "the last checkpoint must survive");
-    assert!(train_cmd(&cfg, &corpus, &b, 8)
-        .arg("--resume")
-        .status()
-        .unwrap()
-        .success());
-    assert_eq!(losses(&a), losses(&b));
+    resume_matches_reference(&cfg, &corpus, &a, &b);
 }

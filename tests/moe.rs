@@ -3,7 +3,7 @@
 //! the dense SwiGLU model.
 
 mod common;
-use common::{fd_check, ids, jitter_norms, tiny_cfg, B, T};
+use common::{fd_check, ids, jitter_norms, logits, tiny_cfg, B, T};
 use gated_lm::config::{GateConfig, ModelConfig, MoeConfig};
 use gated_lm::model::observer::{NoObserver, RouterLog};
 use gated_lm::model::{shifted_targets, Batch, Model};
@@ -127,19 +127,7 @@ fn one_expert_top_one_is_the_dense_mlp_bit_for_bit() {
                 }
             }
         }
-        let ids = ids();
-        let tg = shifted_targets(&ids, T);
-        let b = Batch {
-            ids: &ids,
-            targets: &tg,
-            batch: B,
-            seq: T,
-        };
-        let (a, c) = (
-            dense.forward(&b, &mut NoObserver).unwrap().logits,
-            moe.forward(&b, &mut NoObserver).unwrap().logits,
-        );
-        assert_eq!(a, c, "{gate}");
+        assert_eq!(logits(&dense), logits(&moe), "{gate}");
     }
 }
 

@@ -110,3 +110,18 @@ pub fn fd_check(m: &mut Model<f64>, coords: usize, what: &str) -> f64 {
     }
     worst
 }
+
+/// Logits of `m` on the shared batch.
+pub fn logits(m: &Model<f64>) -> Vec<f64> {
+    let ids = ids();
+    let tg = shifted_targets(&ids, T);
+    let b = Batch {
+        ids: &ids,
+        targets: &tg,
+        batch: B,
+        seq: T,
+    };
+    m.forward(&b, &mut gated_lm::model::observer::NoObserver)
+        .unwrap()
+        .logits
+}
