@@ -85,16 +85,15 @@ pub fn route<T: Real>(logits: &[T], n: usize, spec: RouteSpec) -> Routing<T> {
             let inv = T::ONE / sum;
             p.iter_mut().for_each(|x| *x *= inv);
             *l = max + sum.ln();
-            // top-k by repeated argmax: k is small; ties go to the lower index
-            let mut taken = vec![false; e];
+            // top-k by repeated argmax (k is small, so the chosen ones are looked up in `ex`
+            // rather than marked in a per-token buffer); ties go to the lower index
             for s in 0..k {
                 let mut best = usize::MAX;
                 for j in 0..e {
-                    if !taken[j] && (best == usize::MAX || p[j] > p[best]) {
+                    if !ex[..s].contains(&(j as u32)) && (best == usize::MAX || p[j] > p[best]) {
                         best = j;
                     }
                 }
-                taken[best] = true;
                 ex[s] = best as u32;
                 w[s] = p[best];
             }
