@@ -41,26 +41,30 @@ impl Metrics {
 /// unterminated last line (a write cut short) may be unreadable, and it is dropped.
 pub fn read_rows(path: &Path) -> Result<Vec<Value>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let text = String::from_utf8_lossy(&bytes);
     let torn_tail = !bytes.is_empty() && !bytes.ends_with(b"\n");
-    let lines: Vec<&str> = text.split_terminator('\n').collect();
+    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    if !torn_tail {
+        lines.pop(); // after the final newline (or of an empty file)
+    }
     let mut rows = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (i, raw) in lines.iter().enumerate() {
         let last = i + 1 == lines.len();
-        let parsed = serde_json::from_str::<Value>(line)
-            .map_err(|e| e.to_string())
-            .and_then(|v| match v.get("step").and_then(|s| s.as_f64()) {
-                Some(_) if v.is_object() => Ok(v),
-                _ => Err("a row without a numeric \"step\"".into()),
+        let parsed = std::str::from_utf8(raw)
+            .map_err(|_| "not valid UTF-8".to_string())
+            .and_then(|line| {
+                if line.trim().is_empty() {
+                    return Ok(None);
+                }
+                let v = serde_json::from_str::<Value>(line).map_err(|e| format!("not a metrics row: {e}"))?;
+                match v.get("step").and_then(|s| s.as_f64()) {
+                    Some(_) if v.is_object() => Ok(Some(v)),
+                    _ => Err("not a metrics row: a row without a numeric \"step\"".into()),
+                }
             });
         match parsed {
-            Ok(v) if !line.contains('\u{FFFD}') => rows.push(v),
-            Ok(_) => bail!("{}:{}: not valid UTF-8", path.display(), i + 1),
+            Ok(v) => rows.extend(v),
             Err(_) if last && torn_tail => {} // the write was cut short
-            Err(e) => bail!("{}:{}: not a metrics row: {e}", path.display(), i + 1),
+            Err(e) => bail!("{}:{}: {e}", path.display(), i + 1),
         }
     }
     Ok(rows)
