@@ -1,5 +1,6 @@
-//! CUDA kernel sources compile with NVRTC (no GPU needed): catches syntax and type errors on
-//! CPU-only machines. Skips, saying why, where NVRTC itself is not installed.
+//! The CUDA kernels: compiled to PTX by NVRTC (no GPU needed; skips, saying why, where NVRTC
+//! is not installed), and every op run against the CPU op on the CPU emulator (always: it
+//! needs only g++) and on a GPU when there is one.
 #![cfg(feature = "cuda")]
 
 #[test]
@@ -24,14 +25,18 @@ fn every_kernel_compiles_to_ptx_for_hopper() {
     }
 }
 
-fn gpu() -> Option<gated_lm::backend::cuda::device::Gpu> {
+use gated_lm::backend::cuda::ops;
+use gated_lm::backend::cuda::runtime::{down_f32, up_f32, up_i32, zeros_f32, Device};
+
+/// The emulator, and the GPU when one is present.
+fn devices() -> Vec<Box<dyn Device>> {
+    let emu = gated_lm::backend::cuda::emu::Emu::open().expect("the CUDA emulator needs a C++20 compiler (g++)");
+    let mut v: Vec<Box<dyn Device>> = vec![Box::new(emu)];
     match gated_lm::backend::cuda::device::Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            eprintln!("SKIPPED (GPU tests): {e:#}");
-            None
-        }
+        Ok(g) => v.push(Box::new(g)),
+        Err(e) => eprintln!("SKIPPED (GPU runs; the emulator still runs every op): {e:#}"),
     }
+    v
 }
 
 fn randn(n: usize, seed: u64, std: f64) -> Vec<f32> {
@@ -39,85 +44,199 @@ fn randn(n: usize, seed: u64, std: f64) -> Vec<f32> {
     (0..n).map(|_| (r.normal() * std) as f32).collect()
 }
 
-fn close(what: &str, gpu: &[f32], cpu: &[f32], rel: f32) {
-    assert_eq!(gpu.len(), cpu.len(), "{what}");
+fn close(what: &str, got: &[f32], cpu: &[f32], rel: f32) {
+    assert_eq!(got.len(), cpu.len(), "{what}");
     let scale = cpu.iter().fold(1e-6f32, |a, x| a.max(x.abs()));
-    let err = gpu.iter().zip(cpu).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let (i, err) = got
+        .iter()
+        .zip(cpu)
+        .map(|(a, b)| (a - b).abs())
+        .enumerate()
+        .fold((0, 0f32), |m, (i, e)| if e > m.1 || e.is_nan() { (i, e) } else { m });
     assert!(
         err <= rel * scale,
-        "{what}: GPU and CPU differ by {err} (scale {scale})"
+        "{what}: device and CPU differ by {err} at {i} ({} vs {}; scale {scale})",
+        got[i],
+        cpu[i]
     );
 }
 
-/// Each CUDA op against the CPU op on random inputs (f32: 1e-5 relative to the largest value).
 #[test]
-fn gpu_ops_match_the_cpu_ops() {
-    use gated_lm::config::NormStyle;
-    use gated_lm::model::ops::{rmsnorm, swiglu};
-    let Some(gpu) = gpu() else { return };
-    eprintln!("GPU: {} ({})", gpu.name, gpu.arch);
-    let n = 3 * 1000 + 7;
-    let (g, u, dm) = (randn(n, 1, 2.0), randn(n, 2, 1.0), randn(n, 3, 1.0));
-    let mut m = vec![0.0; n];
-    swiglu::swiglu_fwd(&g, &u, &mut m);
-    close("swiglu_fwd", &gpu.swiglu_fwd(&g, &u).unwrap(), &m, 1e-5);
-    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
-    swiglu::swiglu_bwd(&g, &u, &dm, &mut dg, &mut du);
-    let (gdg, gdu) = gpu.swiglu_bwd(&g, &u, &dm).unwrap();
-    close("swiglu_bwd dg", &gdg, &dg, 1e-5);
-    close("swiglu_bwd du", &gdu, &du, 1e-5);
-    let (rows, d) = (37, 300);
-    let (x, w) = (randn(rows * d, 4, 3.0), randn(d, 5, 0.5));
-    for style in [NormStyle::Standard, NormStyle::ZeroCentered] {
-        let (mut y, mut rstd) = (vec![0.0; rows * d], vec![0.0; rows]);
-        rmsnorm::rmsnorm_fwd(&x, &w, style, 1e-6, &mut y, &mut rstd);
-        let (gy, grstd) = gpu
-            .rmsnorm_fwd(&x, &w, d, 1e-6, style == NormStyle::ZeroCentered)
-            .unwrap();
-        close("rmsnorm_fwd y", &gy, &y, 1e-5);
-        close("rmsnorm_fwd rstd", &grstd, &rstd, 1e-5);
+fn elementwise_ops_match_the_cpu_ops() {
+    use gated_lm::model::ops::swiglu;
+    for dev in devices() {
+        let dev = dev.as_ref();
+        eprintln!("device: {}", dev.describe());
+        let n = 3 * 1000 + 7;
+        let (g, u, dm) = (randn(n, 1, 2.0), randn(n, 2, 1.0), randn(n, 3, 1.0));
+        let (gb, ub, dmb) = (
+            up_f32(dev, &g).unwrap(),
+            up_f32(dev, &u).unwrap(),
+            up_f32(dev, &dm).unwrap(),
+        );
+        let mut m = vec![0.0; n];
+        swiglu::swiglu_fwd(&g, &u, &mut m);
+        let mb = zeros_f32(dev, n).unwrap();
+        ops::swiglu_fwd(dev, &gb, &ub, &mb, n).unwrap();
+        close("swiglu_fwd", &down_f32(dev, &mb).unwrap(), &m, 1e-5);
+        let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+        swiglu::swiglu_bwd(&g, &u, &dm, &mut dg, &mut du);
+        let (dgb, dub) = (zeros_f32(dev, n).unwrap(), zeros_f32(dev, n).unwrap());
+        ops::swiglu_bwd(dev, &gb, &ub, &dmb, &dgb, &dub, n).unwrap();
+        close("swiglu_bwd dg", &down_f32(dev, &dgb).unwrap(), &dg, 1e-5);
+        close("swiglu_bwd du", &down_f32(dev, &dub).unwrap(), &du, 1e-5);
+
+        // G1 elementwise gate, with the CPU op's own layout
+        let cfg = gated_lm::config::ModelConfig::preset(
+            "micro",
+            gated_lm::config::GateConfig::parse_spec("elementwise").unwrap(),
+        )
+        .unwrap();
+        let (gc, geo) = (cfg.gate.clone().unwrap(), cfg.gate_geometry().unwrap());
+        let n = 24 * cfg.q_dim();
+        let (o, z, dy) = (randn(n, 6, 1.0), randn(n, 7, 2.0), randn(n, 8, 1.0));
+        let mut y = o.clone();
+        gated_lm::model::ops::gate::gate_fwd(&gc, &geo, &mut y, &z);
+        let (yb, zb) = (up_f32(dev, &o).unwrap(), up_f32(dev, &z).unwrap());
+        ops::gate_fwd(dev, &yb, &zb, n).unwrap();
+        close("gate fwd", &down_f32(dev, &yb).unwrap(), &y, 1e-5);
+        let (mut dyc, mut dz) = (dy.clone(), vec![0.0; n]);
+        gated_lm::model::ops::gate::gate_bwd(&gc, &geo, &o, &z, &mut dyc, &mut dz);
+        let (ob, dyb, dzb) = (
+            up_f32(dev, &o).unwrap(),
+            up_f32(dev, &dy).unwrap(),
+            zeros_f32(dev, n).unwrap(),
+        );
+        ops::gate_bwd(dev, &ob, &zb, &dyb, &dzb, n).unwrap();
+        close("gate bwd dy", &down_f32(dev, &dyb).unwrap(), &dyc, 1e-5);
+        close("gate bwd dz", &down_f32(dev, &dzb).unwrap(), &dz, 1e-5);
     }
+}
 
-    // G1 elementwise gate
-    let cfg = gated_lm::config::ModelConfig::preset(
-        "micro",
-        gated_lm::config::GateConfig::parse_spec("elementwise").unwrap(),
-    )
-    .unwrap();
-    let (gc, geo) = (cfg.gate.clone().unwrap(), cfg.gate_geometry().unwrap());
-    let n = 24 * cfg.q_dim();
-    let (o, z, dy) = (randn(n, 6, 1.0), randn(n, 7, 2.0), randn(n, 8, 1.0));
-    let mut y = o.clone();
-    gated_lm::model::ops::gate::gate_fwd(&gc, &geo, &mut y, &z);
-    close("gate fwd", &gpu.gate_fwd(&o, &z).unwrap(), &y, 1e-5);
-    let (mut dyc, mut dz) = (dy.clone(), vec![0.0; n]);
-    gated_lm::model::ops::gate::gate_bwd(&gc, &geo, &o, &z, &mut dyc, &mut dz);
-    let (gdy, gdz) = gpu.gate_bwd(&o, &z, &dy).unwrap();
-    close("gate bwd dy", &gdy, &dyc, 1e-5);
-    close("gate bwd dz", &gdz, &dz, 1e-5);
+#[test]
+fn row_ops_match_the_cpu_ops() {
+    use gated_lm::config::NormStyle;
+    use gated_lm::model::ops::{cross_entropy as ce, rmsnorm};
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let (rows, d) = (37, 300);
+        let (x, w, dy) = (randn(rows * d, 4, 3.0), randn(d, 5, 0.5), randn(rows * d, 10, 1.0));
+        let (xb, wb, dyb) = (
+            up_f32(dev, &x).unwrap(),
+            up_f32(dev, &w).unwrap(),
+            up_f32(dev, &dy).unwrap(),
+        );
+        for style in [NormStyle::Standard, NormStyle::ZeroCentered] {
+            let zc = style == NormStyle::ZeroCentered;
+            let (mut y, mut rstd) = (vec![0.0; rows * d], vec![0.0; rows]);
+            rmsnorm::rmsnorm_fwd(&x, &w, style, 1e-6, &mut y, &mut rstd);
+            let (yb, rb) = (zeros_f32(dev, rows * d).unwrap(), zeros_f32(dev, rows).unwrap());
+            ops::rmsnorm_fwd(dev, &xb, &wb, &yb, &rb, rows, d, 1e-6, zc).unwrap();
+            close("rmsnorm_fwd y", &down_f32(dev, &yb).unwrap(), &y, 1e-5);
+            close("rmsnorm_fwd rstd", &down_f32(dev, &rb).unwrap(), &rstd, 1e-5);
+            let (mut dx, mut dw) = (vec![0.0; rows * d], vec![0.0; d]);
+            rmsnorm::rmsnorm_bwd(&x, &w, style, &rstd, &dy, &mut dx, false, &mut dw);
+            let (dxb, dwb) = (zeros_f32(dev, rows * d).unwrap(), zeros_f32(dev, d).unwrap());
+            ops::rmsnorm_bwd(dev, &xb, &wb, &rb, &dyb, &dxb, &dwb, rows, d, zc, false).unwrap();
+            close("rmsnorm_bwd dx", &down_f32(dev, &dxb).unwrap(), &dx, 1e-5);
+            close("rmsnorm_bwd dw", &down_f32(dev, &dwb).unwrap(), &dw, 1e-5);
+        }
 
-    // cross-entropy with an ignored row
-    let (r, vocab) = (9, 5000);
-    let logits = randn(r * vocab, 9, 3.0);
-    let mut targets: Vec<u32> = (0..r as u32).map(|i| i * 541 % vocab as u32).collect();
-    targets[4] = gated_lm::model::ops::cross_entropy::IGNORE;
-    let mut grad = logits.clone();
-    let mean = gated_lm::model::ops::cross_entropy::cross_entropy(&mut grad, vocab, &targets, true);
-    let t32: Vec<i32> = targets
-        .iter()
-        .map(|&t| {
-            if t == gated_lm::model::ops::cross_entropy::IGNORE {
-                -1
-            } else {
-                t as i32
-            }
-        })
-        .collect();
-    let (loss, ggrad) = gpu.cross_entropy(&logits, &t32, vocab, 1.0 / 8.0).unwrap();
+        // cross-entropy with an ignored row
+        let (r, vocab) = (9, 5000);
+        let logits = randn(r * vocab, 9, 3.0);
+        let mut targets: Vec<u32> = (0..r as u32).map(|i| i * 541 % vocab as u32).collect();
+        targets[4] = ce::IGNORE;
+        let mut grad = logits.clone();
+        let mean = ce::cross_entropy(&mut grad, vocab, &targets, true);
+        let t32: Vec<i32> = targets
+            .iter()
+            .map(|&t| if t == ce::IGNORE { -1 } else { t as i32 })
+            .collect();
+        let (lb, tb, lossb) = (
+            up_f32(dev, &logits).unwrap(),
+            up_i32(dev, &t32).unwrap(),
+            zeros_f32(dev, r).unwrap(),
+        );
+        ops::cross_entropy(dev, &lb, &tb, &lossb, r, vocab, 1.0 / 8.0).unwrap();
+        let loss = down_f32(dev, &lossb).unwrap();
+        assert!(
+            (loss.iter().sum::<f32>() as f64 / 8.0 - mean).abs() < 1e-4 * mean.abs().max(1.0),
+            "{loss:?} vs {mean}"
+        );
+        assert_eq!(loss[4], 0.0);
+        close("cross-entropy gradient", &down_f32(dev, &lb).unwrap(), &grad, 1e-5);
+    }
+}
+
+#[test]
+fn adamw_matches_the_cpu_optimizer() {
+    use gated_lm::model::params::ParamStore;
+    use gated_lm::optim::{AdamW, AdamWConfig};
+    let cfg = gated_lm::config::ModelConfig::preset("micro", None).unwrap();
+    let (specs, _) = gated_lm::model::params::param_specs(&cfg);
+    let spec = &specs[..1];
+    let n: usize = spec[0].shape.iter().product();
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let hp = AdamWConfig::default();
+        let mut opt: AdamW<f32> = AdamW::new(hp.clone(), spec);
+        let mut p: ParamStore<f32> = ParamStore::zeros_like(spec);
+        p.tensors[0].data = randn(n, 11, 0.02);
+        let (pb, mb, vb) = (
+            up_f32(dev, &p.tensors[0].data).unwrap(),
+            zeros_f32(dev, n).unwrap(),
+            zeros_f32(dev, n).unwrap(),
+        );
+        for step in 1..=3 {
+            let mut g: ParamStore<f32> = ParamStore::zeros_like(spec);
+            g.tensors[0].data = randn(n, 20 + step as u64, 1e-2);
+            let gb = up_f32(dev, &g.tensors[0].data).unwrap();
+            opt.update_scaled(&mut p, &g, spec, 1e-3, 0.5);
+            let st = ops::AdamStep {
+                lr: 1e-3,
+                beta1: hp.beta1 as f32,
+                beta2: hp.beta2 as f32,
+                eps: hp.eps as f32,
+                weight_decay: hp.weight_decay as f32,
+                step,
+                scale: 0.5,
+            };
+            ops::adamw(dev, &pb, &gb, &mb, &vb, n, &st).unwrap();
+            close(
+                &format!("adamw step {step}"),
+                &down_f32(dev, &pb).unwrap(),
+                &p.tensors[0].data,
+                1e-5,
+            );
+        }
+    }
+}
+
+/// Wrong argument counts or widths are refused before a kernel runs (on the emulator; a GPU
+/// would read garbage), and short buffers before any launch.
+#[test]
+fn bad_launches_are_errors() {
+    use gated_lm::backend::cuda::runtime::{Arg, Launch};
+    let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let b = zeros_f32(&emu, 8).unwrap();
+    let e = emu
+        .launch("swiglu_fwd", Launch::linear(1, 32), &[b.arg(), b.arg(), b.arg()])
+        .unwrap_err();
+    assert!(format!("{e}").contains("3 arguments for 4 parameters"), "{e}");
+    let e = emu
+        .launch(
+            "swiglu_fwd",
+            Launch::linear(1, 32),
+            &[b.arg(), b.arg(), b.arg(), Arg::I32(8)],
+        )
+        .unwrap_err();
     assert!(
-        (loss.iter().sum::<f32>() as f64 / 8.0 - mean).abs() < 1e-4 * mean.abs().max(1.0),
-        "{loss:?} vs {mean}"
+        format!("{e}").contains("argument 3 has 4 bytes, the parameter 8"),
+        "{e}"
     );
-    assert_eq!(loss[4], 0.0);
-    close("cross-entropy gradient", &ggrad, &grad, 1e-5);
+    let e = emu.launch("no_such", Launch::linear(1, 32), &[]).unwrap_err();
+    assert!(format!("{e}").contains("no kernel no_such"), "{e}");
+    let e = ops::swiglu_fwd(&emu, &b, &b, &b, 9).unwrap_err();
+    assert!(format!("{e}").contains("buffer of 32 bytes"), "{e}");
 }

@@ -2,12 +2,20 @@
 //! time by NVRTC for the device's architecture. cudarc loads libnvrtc/libcuda dynamically, so the
 //! binary builds on machines without CUDA; what is missing is reported when it is first needed.
 //!
-//! `device::Gpu` opens a device, loads the kernels and wraps launches for the GPU-vs-CPU op
-//! tests. Not yet here: device-resident buffers, cuBLASLt GEMMs and the model on the GPU.
+//! `ops` drives the kernels through the [`runtime::Device`] interface, implemented by
+//! `device::Gpu` (a real GPU through cudarc) and by `emu::Emu`, a CPU emulator of the CUDA
+//! execution model that runs the same sources so every kernel is tested against the CPU ops on
+//! machines without a GPU. Not yet here: cuBLASLt GEMMs and the model on the GPU.
 
 pub mod device;
+pub mod emu;
+pub mod ops;
+pub mod runtime;
 
 use anyhow::{anyhow, Result};
+
+/// Prepended to every source: bf16 bits, block reductions, shared-memory macro.
+pub const COMMON: &str = include_str!("kernels/common.cuh");
 
 /// Kernel sources and the entry points each must define.
 pub const SOURCES: &[(&str, &str, &[&str])] = &[
@@ -49,6 +57,7 @@ pub fn compile_all(arch: &'static str) -> Result<Vec<(&'static str, String)>> {
                 name: Some(format!("{name}.cu")),
                 ..Default::default()
             };
+            let src = format!("{COMMON}\n#line 1 \"{name}.cu\"\n{src}");
             let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts)
                 .map_err(|e| anyhow!("NVRTC could not compile kernels/{name}.cu for {arch}: {e:?}"))?;
             Ok((name, ptx.to_src()))

@@ -3,7 +3,7 @@
 
 extern "C" __global__ void swiglu_fwd(const float* g, const float* u, float* m, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float s = 1.0f / (1.0f + __expf(-g[i]));
+        float s = sigmoidf(g[i]);
         m[i] = g[i] * s * u[i];
     }
 }
@@ -11,7 +11,7 @@ extern "C" __global__ void swiglu_fwd(const float* g, const float* u, float* m, 
 // dg = dm·u·silu'(g), du = dm·silu(g); silu'(g) = s·(1 + g·(1 − s))
 extern "C" __global__ void swiglu_bwd(const float* g, const float* u, const float* dm, float* dg, float* du, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float s = 1.0f / (1.0f + __expf(-g[i]));
+        float s = sigmoidf(g[i]);
         du[i] = dm[i] * g[i] * s;
         dg[i] = dm[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
     }
@@ -20,14 +20,14 @@ extern "C" __global__ void swiglu_bwd(const float* g, const float* u, const floa
 // The paper's G1 gate, elementwise multiplicative sigmoid: y = o · sigmoid(z), in place.
 extern "C" __global__ void gate_sigmoid_mul_fwd(float* y, const float* z, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        y[i] = y[i] / (1.0f + __expf(-z[i]));
+        y[i] = y[i] * sigmoidf(z[i]);
     }
 }
 
 // Backward: dz = dy·o·s·(1 − s) and dy ← dy·s (the ungated gradient), o the ungated input.
 extern "C" __global__ void gate_sigmoid_mul_bwd(const float* o, const float* z, float* dy, float* dz, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float s = 1.0f / (1.0f + __expf(-z[i]));
+        float s = sigmoidf(z[i]);
         dz[i] = dy[i] * o[i] * s * (1.0f - s);
         dy[i] = dy[i] * s;
     }

@@ -1,35 +1,5 @@
 // Row-wise ops: one block per row, a block-wide reduction through shared memory.
-// Same math as src/model/ops/{rmsnorm,cross_entropy}.rs.
-
-__device__ float block_sum(float x, float* shared) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) shared[warp] = x;
-    __syncthreads();
-    int warps = (blockDim.x + 31) >> 5;
-    x = threadIdx.x < warps ? shared[threadIdx.x] : 0.0f;
-    if (warp == 0)
-        for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    if (threadIdx.x == 0) shared[0] = x;
-    __syncthreads();
-    return shared[0];
-}
-
-__device__ float block_max(float x, float* shared) {
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) shared[warp] = x;
-    __syncthreads();
-    int warps = (blockDim.x + 31) >> 5;
-    x = threadIdx.x < warps ? shared[threadIdx.x] : -__int_as_float(0x7f800000);
-    if (warp == 0)
-        for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    if (threadIdx.x == 0) shared[0] = x;
-    __syncthreads();
-    return shared[0];
-}
+// Same math as src/model/ops/{rmsnorm,cross_entropy}.rs; block_sum/block_max in common.cuh.
 
 // y = x / rms(x) · (w or 1 + w); rstd saved for backward.
 extern "C" __global__ void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, int d, float eps,

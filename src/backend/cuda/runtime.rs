@@ -1,0 +1,103 @@
+//! What the CUDA ops need from a device, so the same host code drives a real GPU
+//! ([`super::device::Gpu`]) and the CPU emulator ([`super::emu::Emu`]) that lets CI run every
+//! kernel without one: buffers addressed by raw device pointers, and launches by kernel name
+//! with cuLaunchKernel-style arguments.
+
+use anyhow::{bail, Result};
+use std::any::Any;
+
+/// A kernel argument, passed by value as the kernel's parameter of the same width.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+impl Arg {
+    pub fn size(&self) -> usize {
+        match self {
+            Arg::I32(_) | Arg::F32(_) => 4,
+            Arg::Ptr(_) | Arg::I64(_) => 8,
+        }
+    }
+}
+
+/// Device memory: its address and size, and whatever keeps it alive.
+pub struct DBuf {
+    pub ptr: u64,
+    pub bytes: usize,
+    pub(crate) _keep: Box<dyn Any>,
+}
+
+impl DBuf {
+    pub fn arg(&self) -> Arg {
+        Arg::Ptr(self.ptr)
+    }
+}
+
+/// Grid and block dimensions and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug)]
+pub struct Launch {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub smem: u32,
+}
+
+impl Launch {
+    /// A 1-d grid of `blocks` blocks of `threads` threads.
+    pub fn linear(blocks: usize, threads: u32) -> Launch {
+        Launch {
+            grid: [blocks.max(1) as u32, 1, 1],
+            block: [threads, 1, 1],
+            smem: 0,
+        }
+    }
+}
+
+pub trait Device {
+    /// What this device is, for messages.
+    fn describe(&self) -> String;
+    fn upload(&self, bytes: &[u8]) -> Result<DBuf>;
+    /// `bytes` zero bytes.
+    fn zeros(&self, bytes: usize) -> Result<DBuf>;
+    fn download(&self, buf: &DBuf) -> Result<Vec<u8>>;
+    /// Launch `kernel` on the device's stream (in order; errors of the asynchronous execution
+    /// surface at the next download).
+    fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()>;
+}
+
+pub fn up_f32(dev: &dyn Device, x: &[f32]) -> Result<DBuf> {
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    dev.upload(&bytes)
+}
+
+pub fn up_i32(dev: &dyn Device, x: &[i32]) -> Result<DBuf> {
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    dev.upload(&bytes)
+}
+
+pub fn zeros_f32(dev: &dyn Device, n: usize) -> Result<DBuf> {
+    dev.zeros(n * 4)
+}
+
+pub fn down_f32(dev: &dyn Device, buf: &DBuf) -> Result<Vec<f32>> {
+    let b = dev.download(buf)?;
+    if b.len() % 4 != 0 {
+        bail!("device buffer of {} bytes is not f32", b.len());
+    }
+    Ok(b.chunks_exact(4)
+        .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+pub fn down_u16(dev: &dyn Device, buf: &DBuf) -> Result<Vec<u16>> {
+    let b = dev.download(buf)?;
+    Ok(b.chunks_exact(2).map(|c| u16::from_ne_bytes([c[0], c[1]])).collect())
+}
+
+pub fn up_u16(dev: &dyn Device, x: &[u16]) -> Result<DBuf> {
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    dev.upload(&bytes)
+}
