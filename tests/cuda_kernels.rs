@@ -240,3 +240,90 @@ fn bad_launches_are_errors() {
     let e = ops::swiglu_fwd(&emu, &b, &b, &b, 9).unwrap_err();
     assert!(format!("{e}").contains("buffer of 32 bytes"), "{e}");
 }
+
+/// Fused causal attention (GQA, several query blocks and partial tiles) with the G1 gate in
+/// its epilogue, forward and backward, against the CPU attention and gate ops.
+#[test]
+fn attention_with_fused_gate_matches_the_cpu_ops() {
+    use gated_lm::backend::cuda::ops::{AttnDims, AttnScratch, FusedGate};
+    use gated_lm::config::{GateConfig, ModelConfig};
+    use gated_lm::model::ops::{attention as att, gate};
+    for dev in devices() {
+        let dev = dev.as_ref();
+        for (batch, seq, heads, kv_heads, head_dim) in [(2, 70, 4, 2, 16), (1, 20, 2, 1, 64)] {
+            for fused in [FusedGate::None, FusedGate::Elementwise, FusedGate::Headwise] {
+                let what = format!("attention b{batch} t{seq} h{heads}/{kv_heads} d{head_dim} {fused:?}");
+                let d = AttnDims {
+                    batch,
+                    seq,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                };
+                let sh = att::AttnShape {
+                    batch,
+                    seq,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                };
+                let (nq, nk) = (batch * seq * heads * head_dim, batch * seq * kv_heads * head_dim);
+                let (q, k, v) = (randn(nq, 30, 1.0), randn(nk, 31, 1.0), randn(nk, 32, 1.0));
+                let dy = randn(nq, 33, 1.0);
+                let (mut o, mut lse) = (vec![0.0; nq], vec![0.0; batch * heads * seq]);
+                att::attention_fwd(sh, &q, &k, &v, &mut o, &mut lse, Default::default());
+                let mut y = o.clone();
+                let mut dout = dy.clone();
+                let spec = match fused {
+                    FusedGate::None => None,
+                    FusedGate::Elementwise => Some("elementwise"),
+                    FusedGate::Headwise => Some("headwise"),
+                };
+                let mut cfg =
+                    ModelConfig::preset("micro", spec.and_then(|s| GateConfig::parse_spec(s).unwrap())).unwrap();
+                (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (heads, kv_heads, head_dim);
+                let z = match (&cfg.gate, cfg.gate_geometry()) {
+                    (Some(gc), Some(geo)) => {
+                        let z = randn(batch * seq * geo.heads * geo.per_head, 34, 2.0);
+                        gate::gate_fwd(gc, &geo, &mut y, &z);
+                        let mut dz = vec![0.0; z.len()];
+                        gate::gate_bwd(gc, &geo, &o, &z, &mut dout, &mut dz);
+                        Some((z, dz))
+                    }
+                    _ => None,
+                };
+                let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+                att::attention_bwd(sh, &q, &k, &v, &o, &lse, &dout, &mut dq, &mut dk, &mut dv);
+
+                let up = |x: &[f32]| up_f32(dev, x).unwrap();
+                let (qb, kb, vb, dyb) = (up(&q), up(&k), up(&v), up(&dy));
+                let zb = z.as_ref().map(|(z, _)| up(z));
+                let dzb = z.as_ref().map(|(z, _)| zeros_f32(dev, z.len()).unwrap());
+                let (ob, yb, lb) = (up(&vec![0.0; nq]), up(&vec![0.0; nq]), up(&vec![0.0; lse.len()]));
+                ops::attention_fwd(dev, &d, fused, &qb, &kb, &vb, zb.as_ref(), &ob, &yb, &lb).unwrap();
+                let tol = 2e-5;
+                close(&format!("{what}: o"), &down_f32(dev, &ob).unwrap(), &o, tol);
+                close(&format!("{what}: y"), &down_f32(dev, &yb).unwrap(), &y, tol);
+                close(&format!("{what}: lse"), &down_f32(dev, &lb).unwrap(), &lse, tol);
+                let scratch = AttnScratch::new(dev, &d).unwrap();
+                let (dqb, dkb, dvb) = (up(&vec![0.0; nq]), up(&vec![0.0; nk]), up(&vec![0.0; nk]));
+                ops::attention_bwd(
+                    dev,
+                    &d,
+                    fused,
+                    (&qb, &kb, &vb, zb.as_ref()),
+                    (&ob, &lb, &dyb),
+                    &scratch,
+                    (&dqb, &dkb, &dvb, dzb.as_ref()),
+                )
+                .unwrap();
+                close(&format!("{what}: dq"), &down_f32(dev, &dqb).unwrap(), &dq, tol);
+                close(&format!("{what}: dk"), &down_f32(dev, &dkb).unwrap(), &dk, tol);
+                close(&format!("{what}: dv"), &down_f32(dev, &dvb).unwrap(), &dv, tol);
+                if let (Some((_, dz)), Some(dzb)) = (&z, &dzb) {
+                    close(&format!("{what}: dz"), &down_f32(dev, dzb).unwrap(), dz, tol);
+                }
+            }
+        }
+    }
+}

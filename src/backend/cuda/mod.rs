@@ -35,6 +35,25 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         include_str!("kernels/rows.cu"),
         &["rmsnorm_fwd", "rmsnorm_bwd", "cross_entropy_fwd_bwd"],
     ),
+    (
+        "attention",
+        include_str!("kernels/attention.cu"),
+        &[
+            "attn_bwd_pre",
+            "attn_fwd_hd16",
+            "attn_bwd_dkdv_hd16",
+            "attn_bwd_dq_hd16",
+            "attn_fwd_hd32",
+            "attn_bwd_dkdv_hd32",
+            "attn_bwd_dq_hd32",
+            "attn_fwd_hd64",
+            "attn_bwd_dkdv_hd64",
+            "attn_bwd_dq_hd64",
+            "attn_fwd_hd128",
+            "attn_bwd_dkdv_hd128",
+            "attn_bwd_dq_hd128",
+        ],
+    ),
 ];
 
 /// How to get NVRTC when it is missing.

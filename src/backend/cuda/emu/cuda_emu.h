@@ -166,6 +166,9 @@ void trampoline() {
 #define __shared__ static
 #define DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(emu::dyn.data())
 
+using std::max;
+using std::min;
+
 inline void __syncthreads() { emu::wait(emu::block_bar); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::warps[emu::linear_tid() / 32].bar); }
 template <class T>
