@@ -8,4 +8,4 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 for d in /usr/local/cuda/lib64 "$(python3 -c 'import nvidia.cuda_nvrtc, os; print(os.path.dirname(nvidia.cuda_nvrtc.__file__) + "/lib")' 2>/dev/null)"; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
-cargo test --release --features cuda --test cuda_kernels -- --nocapture
+cargo test --release --features cuda --test cuda_kernels --test cuda_model -- --nocapture

@@ -99,6 +99,20 @@ impl Device for Gpu {
         Ok(v)
     }
 
+    fn write(&self, buf: &mut DBuf, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > buf.bytes {
+            bail!("writing {} bytes into a buffer of {}", bytes.len(), buf.bytes);
+        }
+        let s = buf
+            ._keep
+            .downcast_mut::<CudaSlice<u8>>()
+            .context("not a buffer of this GPU")?;
+        let mut view = s.slice_mut(..bytes.len());
+        self.stream
+            .memcpy_htod(bytes, &mut view)
+            .map_err(|e| anyhow!("host→device copy: {e:?}"))
+    }
+
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
         let f = self.func(kernel)?;
         let mut b = self.stream.launch_builder(&f);

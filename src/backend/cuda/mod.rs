@@ -9,6 +9,7 @@
 
 pub mod device;
 pub mod emu;
+pub mod model;
 pub mod ops;
 pub mod runtime;
 
@@ -52,6 +53,22 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "attn_fwd_hd128",
             "attn_bwd_dkdv_hd128",
             "attn_bwd_dq_hd128",
+        ],
+    ),
+    ("gemm", include_str!("kernels/gemm.cu"), &["gemm_f32"]),
+    (
+        "model",
+        include_str!("kernels/model.cu"),
+        &[
+            "embed_fwd",
+            "embed_bwd",
+            "add_f32",
+            "colsum",
+            "qknorm_rope_fwd",
+            "qknorm_rope_bwd",
+            "sumsq_multi",
+            "adamw_multi",
+            "fill_f32",
         ],
     ),
 ];

@@ -63,6 +63,8 @@ pub trait Device {
     /// `bytes` zero bytes.
     fn zeros(&self, bytes: usize) -> Result<DBuf>;
     fn download(&self, buf: &DBuf) -> Result<Vec<u8>>;
+    /// Overwrite the start of `buf` with `bytes`.
+    fn write(&self, buf: &mut DBuf, bytes: &[u8]) -> Result<()>;
     /// Launch `kernel` on the device's stream (in order; errors of the asynchronous execution
     /// surface at the next download).
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()>;

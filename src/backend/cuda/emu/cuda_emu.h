@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #define GATED_CUDA_EMU 1
@@ -25,10 +26,13 @@ struct dim3 {
 };
 
 namespace emu {
+// A fiber enters its stack once (a stack switch on x86-64, setcontext elsewhere); afterwards
+// switches are _setjmp/_longjmp, which unlike swapcontext make no signal-mask system call.
 struct Fiber {
     ucontext_t ctx;
+    jmp_buf jb;
     dim3 tid;
-    bool done = false;
+    bool started = false, done = false;
     char* stack = nullptr;
 };
 struct Barrier {
@@ -46,7 +50,7 @@ inline std::vector<Warp> warps;
 inline Barrier block_bar;
 inline int cur = -1, finished = 0;
 inline unsigned long progress = 0;  // barrier arrivals, releases and exits: deadlock detection
-inline ucontext_t sched;
+inline jmp_buf sched;
 inline dim3 bid, bdim, gdim;
 inline std::vector<unsigned char> dyn;  // dynamic shared memory of the current block
 inline void (*body)() = nullptr;
@@ -56,7 +60,32 @@ inline int linear_tid() {
     const dim3& t = fibers[cur].tid;
     return (int)(t.x + t.y * bdim.x + t.z * bdim.x * bdim.y);
 }
-inline void yield() { swapcontext(&fibers[cur].ctx, &sched); }
+inline void yield() {
+    if (!_setjmp(fibers[cur].jb)) _longjmp(sched, 1);
+}
+inline void fiber_main() {
+    body();
+    fibers[cur].done = true;
+    ++finished;
+    ++progress;
+    _longjmp(sched, 1);  // never returns: the context has no successor
+}
+inline void resume(int i) {
+    if (!_setjmp(sched)) {
+        if (!fibers[i].started) {
+            fibers[i].started = true;
+#if defined(__x86_64__)
+            // enter the fiber's stack directly (setcontext would cost a system call per thread)
+            char* top = (char*)((uintptr_t)(fibers[i].stack + STACK) & ~(uintptr_t)15);
+            asm volatile("movq %0, %%rsp\n\tcallq *%1" ::"r"(top), "r"(&fiber_main) : "memory");
+            __builtin_unreachable();
+#else
+            setcontext(&fibers[i].ctx);
+#endif
+        }
+        _longjmp(fibers[i].jb, 1);
+    }
+}
 inline void wait(Barrier& b) {
     unsigned long g = b.gen;
     ++progress;
@@ -66,12 +95,6 @@ inline void wait(Barrier& b) {
     } else {
         while (b.gen == g) yield();
     }
-}
-inline void fiber_main() {
-    body();
-    fibers[cur].done = true;
-    ++finished;
-    ++progress;
 }
 template <class T>
 T shfl(T v, int src_lane) {
@@ -110,19 +133,25 @@ inline bool launch(void (*k)(), dim3 g, dim3 b, unsigned smem) {
                 finished = 0;
                 for (int i = 0; i < n; ++i) {
                     Fiber& f = fibers[i];
-                    if (!f.stack) f.stack = (char*)std::malloc(STACK);
-                    getcontext(&f.ctx);
+                    if (!f.stack) {
+                        f.stack = (char*)std::malloc(STACK);
+#if !defined(__x86_64__)
+                        getcontext(&f.ctx);  // once: makecontext below re-arms it per block
+#endif
+                    }
+#if !defined(__x86_64__)
                     f.ctx.uc_stack.ss_sp = f.stack;
                     f.ctx.uc_stack.ss_size = STACK;
-                    f.ctx.uc_link = &sched;
+                    f.ctx.uc_link = nullptr;
                     makecontext(&f.ctx, fiber_main, 0);
+#endif
                     f.tid = dim3{(unsigned)i % b.x, (unsigned)i / b.x % b.y, (unsigned)i / (b.x * b.y)};
-                    f.done = false;
+                    f.started = f.done = false;
                 }
                 while (finished < n) {
                     unsigned long before = progress;
                     for (cur = 0; cur < n; ++cur)
-                        if (!fibers[cur].done) swapcontext(&sched, &fibers[cur].ctx);
+                        if (!fibers[cur].done) resume(cur);
                     if (progress == before && finished < n) {
                         error = "deadlock: threads wait at a barrier that others never reach (block " +
                                 std::to_string(bx) + "," + std::to_string(by) + "," + std::to_string(bz) + ")";

@@ -1,0 +1,48 @@
+// f32 GEMM with arbitrary strides: C[m, n] = alpha·Σ_k A(m, k)·B(k, n) + beta·C[m, n], where
+// A(m, k) = A[m·sam + k·sak], B(k, n) = B[k·sbk + n·sbn] and C is row-major with ldc. The
+// strides express every transpose the linear layers need (x·Wᵀ, dy·W, dyᵀ·x) with one kernel.
+// It is the portable path (the emulator, or a GPU without cuBLASLt): 64×64 output tiles, 256
+// threads of 4×4 outputs, K in steps of 16 through shared memory; deterministic (each output
+// summed by one thread in k order). beta = 0 never reads C.
+
+#define GM 64
+#define GN 64
+#define GK 16
+
+extern "C" __global__ void gemm_f32(const float* A, const float* B, float* C, int M, int N, int K, long sam, long sak,
+                                    long sbk, long sbn, long ldc, float alpha, float beta) {
+    __shared__ float as[GK][GM];
+    __shared__ float bs[GK][GN];
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int m0 = blockIdx.y * GM, n0 = blockIdx.x * GN;
+    float acc[4][4];
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += GK) {
+        for (int idx = threadIdx.x; idx < GM * GK; idx += blockDim.x) {
+            int mm = idx / GK, kk = idx % GK, m = m0 + mm, k = k0 + kk;
+            as[kk][mm] = m < M && k < K ? A[m * sam + k * sak] : 0.0f;
+        }
+        for (int idx = threadIdx.x; idx < GN * GK; idx += blockDim.x) {
+            int kk = idx / GN, nn = idx % GN, n = n0 + nn, k = k0 + kk;
+            bs[kk][nn] = n < N && k < K ? B[k * sbk + n * sbn] : 0.0f;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < GK; ++kk) {
+            float a[4], b[4];
+            for (int i = 0; i < 4; ++i) a[i] = as[kk][ty + 16 * i];
+            for (int j = 0; j < 4; ++j) b[j] = bs[kk][tx + 16 * j];
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+            int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+            if (m < M && n < N) {
+                float* c = C + m * ldc + n;
+                *c = beta == 0.0f ? alpha * acc[i][j] : alpha * acc[i][j] + beta * *c;
+            }
+        }
+}

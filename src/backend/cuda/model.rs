@@ -1,0 +1,461 @@
+//! The dense decoder resident on a CUDA device (or the emulator): parameters, gradients and
+//! AdamW state live there; forward and backward run through the CUDA ops in f32. It covers what
+//! the fused kernels do: dense SwiGLU MLPs, no gate or the paper's G1 gate (multiplicative
+//! sigmoid, head-specific, elementwise or headwise), QK-norm or none, partial RoPE, both norm
+//! styles, tied or untied head. Other configurations are refused with the reason.
+
+use super::ops::{self, AdamStep, AttnDims, AttnScratch, DeviceRope, FusedGate, HeadRows, TensorTable};
+use super::runtime::{down_f32, up_f32, up_i32, DBuf, Device};
+use crate::config::{GateActivation, GateCombine, GateGranularity, GatePosition, ModelConfig, NormStyle};
+use crate::model::ops::cross_entropy::IGNORE;
+use crate::model::ops::rope::RopeTable;
+use crate::model::params::{FfnIndex, LayerIndex, ParamIndex, ParamKind, ParamSpec, ParamStore};
+use crate::model::Model;
+use crate::optim::{clip_coef, AdamWConfig};
+use anyhow::{bail, Result};
+
+pub struct DeviceModel<'d> {
+    dev: &'d dyn Device,
+    pub cfg: ModelConfig,
+    specs: Vec<ParamSpec>,
+    index: ParamIndex,
+    params: Vec<DBuf>,
+    grads: Vec<DBuf>,
+    /// AdamW moments, allocated with the tensor table at the first step.
+    moments: Vec<(DBuf, DBuf)>,
+    table: Option<TensorTable>,
+    rope: DeviceRope,
+    gate: FusedGate,
+    pub step: u64,
+}
+
+/// What one layer's backward needs from its forward.
+struct LayerCache {
+    x: DBuf,
+    h1: DBuf,
+    rstd1: DBuf,
+    q: DBuf,
+    k: DBuf,
+    rstd_q: DBuf,
+    rstd_k: DBuf,
+    qr: DBuf,
+    kr: DBuf,
+    v: DBuf,
+    z: Option<DBuf>,
+    o: DBuf,
+    lse: DBuf,
+    y: DBuf,
+    x1: DBuf,
+    h2: DBuf,
+    rstd2: DBuf,
+    g: DBuf,
+    u: DBuf,
+    m: DBuf,
+}
+
+/// Why a configuration cannot run on the device yet (`None`: it can).
+pub fn unsupported(cfg: &ModelConfig) -> Option<String> {
+    if cfg.moe.is_some() {
+        return Some("Mixture-of-Experts layers are CPU-only".into());
+    }
+    if !matches!(cfg.head_dim, 16 | 32 | 64 | 128) {
+        return Some(format!(
+            "head_dim {} (CUDA attention has 16, 32, 64, 128)",
+            cfg.head_dim
+        ));
+    }
+    match &cfg.gate {
+        Some(g)
+            if g.position != GatePosition::G1
+                || g.combine != GateCombine::Multiplicative
+                || g.activation != GateActivation::Sigmoid
+                || g.head_shared
+                || g.input_independent =>
+        {
+            Some("only the G1 multiplicative sigmoid head-specific gate is fused on the device".into())
+        }
+        _ => None,
+    }
+}
+
+impl<'d> DeviceModel<'d> {
+    /// Upload a CPU model's parameters.
+    pub fn new(dev: &'d dyn Device, model: &Model<f32>) -> Result<Self> {
+        let cfg = model.cfg.clone();
+        if let Some(why) = unsupported(&cfg) {
+            bail!("this model cannot run on {}: {why}", dev.describe());
+        }
+        let gate = match cfg.gate.as_ref().map(|g| g.granularity) {
+            None => FusedGate::None,
+            Some(GateGranularity::Elementwise) => FusedGate::Elementwise,
+            Some(GateGranularity::Headwise) => FusedGate::Headwise,
+        };
+        let params = model
+            .params
+            .tensors
+            .iter()
+            .map(|t| up_f32(dev, &t.data))
+            .collect::<Result<Vec<_>>>()?;
+        let grads = model
+            .params
+            .tensors
+            .iter()
+            .map(|t| dev.zeros(t.data.len() * 4))
+            .collect::<Result<Vec<_>>>()?;
+        let table = RopeTable::<f32>::for_config(&cfg, cfg.max_position_embeddings.clamp(1, 1 << 16));
+        Ok(DeviceModel {
+            dev,
+            rope: DeviceRope::upload(dev, &table)?,
+            cfg,
+            specs: model.specs.clone(),
+            index: model.index.clone(),
+            params,
+            grads,
+            moments: Vec::new(),
+            table: None,
+            gate,
+            step: 0,
+        })
+    }
+
+    fn zc(&self) -> bool {
+        self.cfg.norm_style == NormStyle::ZeroCentered
+    }
+
+    fn zeros(&self, n: usize) -> Result<DBuf> {
+        self.dev.zeros(n * 4)
+    }
+
+    fn head(&self) -> usize {
+        self.index.lm_head.unwrap_or(self.index.embed)
+    }
+
+    fn heads(&self, rows: usize, seq: usize, heads: usize, norm: Option<usize>) -> HeadRows<'_> {
+        HeadRows {
+            rows,
+            heads,
+            head_dim: self.cfg.head_dim,
+            seq,
+            norm: norm.map(|i| &self.params[i]),
+            zero_centered: self.zc(),
+        }
+    }
+
+    /// Forward and backward of one batch (`ids`, `targets` `[batch, seq]`, `IGNORE` = no
+    /// target); gradients are added to the device's. Returns the mean loss.
+    pub fn forward_backward(&mut self, ids: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<f64> {
+        let (dev, cfg) = (self.dev, &self.cfg);
+        let (n, dm, vocab) = (batch * seq, cfg.hidden_size, cfg.vocab_size);
+        if n == 0 || ids.len() != n || targets.len() != n {
+            bail!(
+                "batch shape mismatch: {} ids, {} targets for {batch}×{seq}",
+                ids.len(),
+                targets.len()
+            );
+        }
+        if seq > self.rope.max_len {
+            bail!("sequence of {seq} beyond the model's {} positions", self.rope.max_len);
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            bail!("token id {bad} outside the vocabulary of {vocab}");
+        }
+        let ids_d = up_i32(dev, &ids.iter().map(|&i| i as i32).collect::<Vec<_>>())?;
+        let t32: Vec<i32> = targets
+            .iter()
+            .map(|&t| if t == IGNORE { -1 } else { t as i32 })
+            .collect();
+        let count = t32.iter().filter(|&&t| t >= 0).count();
+        let tgt = up_i32(dev, &t32)?;
+
+        let mut x = self.zeros(n * dm)?;
+        ops::embed_fwd(dev, &ids_d, &self.params[self.index.embed], &x, n, dm)?;
+        let mut caches = Vec::with_capacity(self.index.layers.len());
+        for li in &self.index.layers {
+            let (out, c) = self.layer_fwd(li, x, batch, seq)?;
+            caches.push(c);
+            x = out;
+        }
+        let (eps, zc) = (cfg.rms_norm_eps as f32, self.zc());
+        let (hf, rstd) = (self.zeros(n * dm)?, self.zeros(n)?);
+        ops::rmsnorm_fwd(dev, &x, &self.params[self.index.norm], &hf, &rstd, n, dm, eps, zc)?;
+        let head = self.head();
+        let logits = self.zeros(n * vocab)?;
+        ops::linear_fwd(dev, &hf, &self.params[head], &logits, n, dm, vocab)?;
+        let loss_rows = self.zeros(n)?;
+        let scale = if count > 0 { 1.0 / count as f32 } else { 0.0 };
+        ops::cross_entropy(dev, &logits, &tgt, &loss_rows, n, vocab, scale)?;
+        // logits now hold d(mean loss)/d(logits)
+        let dhf = self.zeros(n * dm)?;
+        ops::linear_bwd_dx(dev, &logits, &self.params[head], &dhf, n, dm, vocab, false)?;
+        ops::linear_bwd_dw(dev, &hf, &logits, &self.grads[head], n, dm, vocab)?;
+        drop(logits);
+        let mut dx = self.zeros(n * dm)?;
+        let norm = self.index.norm;
+        ops::rmsnorm_bwd(
+            dev,
+            &x,
+            &self.params[norm],
+            &rstd,
+            &dhf,
+            &dx,
+            &self.grads[norm],
+            n,
+            dm,
+            zc,
+            false,
+        )?;
+        for (li, c) in self.index.layers.iter().zip(caches).rev() {
+            dx = self.layer_bwd(li, c, dx, batch, seq)?;
+        }
+        ops::embed_bwd(dev, &ids_d, &dx, &self.grads[self.index.embed], n, dm)?;
+        let losses = down_f32(dev, &loss_rows)?;
+        Ok(if count > 0 {
+            losses.iter().map(|&l| l as f64).sum::<f64>() / count as f64
+        } else {
+            0.0
+        })
+    }
+
+    fn layer_fwd(&self, li: &LayerIndex, x: DBuf, batch: usize, seq: usize) -> Result<(DBuf, LayerCache)> {
+        let (dev, cfg, p) = (self.dev, &self.cfg, &self.params);
+        let FfnIndex::Dense(mlp) = li.ffn else {
+            bail!("MoE layer on the device")
+        };
+        let n = batch * seq;
+        let (dm, qd, kvd, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let (eps, zc) = (cfg.rms_norm_eps as f32, self.zc());
+        let (h1, rstd1) = (self.zeros(n * dm)?, self.zeros(n)?);
+        ops::rmsnorm_fwd(dev, &x, &p[li.input_norm], &h1, &rstd1, n, dm, eps, zc)?;
+        let (q, k, v) = (self.zeros(n * qd)?, self.zeros(n * kvd)?, self.zeros(n * kvd)?);
+        ops::linear_fwd(dev, &h1, &p[li.q_proj], &q, n, dm, qd)?;
+        ops::linear_fwd(dev, &h1, &p[li.k_proj], &k, n, dm, kvd)?;
+        ops::linear_fwd(dev, &h1, &p[li.v_proj], &v, n, dm, kvd)?;
+        let z = match (li.gate, cfg.gate_geometry()) {
+            (Some(gi), Some(geo)) => {
+                let z = self.zeros(n * geo.scores())?;
+                ops::linear_fwd(dev, &h1, &p[gi], &z, n, dm, geo.scores())?;
+                Some(z)
+            }
+            _ => None,
+        };
+        let (qr, kr) = (self.zeros(n * qd)?, self.zeros(n * kvd)?);
+        let (rstd_q, rstd_k) = (self.zeros(n * cfg.num_heads)?, self.zeros(n * cfg.num_kv_heads)?);
+        let hq = self.heads(n, seq, cfg.num_heads, li.q_norm);
+        ops::qknorm_rope_fwd(dev, &hq, &self.rope, &q, &qr, &rstd_q, eps)?;
+        let hk = self.heads(n, seq, cfg.num_kv_heads, li.k_norm);
+        ops::qknorm_rope_fwd(dev, &hk, &self.rope, &k, &kr, &rstd_k, eps)?;
+        let d = self.attn_dims(batch, seq);
+        let (o, y, lse) = (self.zeros(n * qd)?, self.zeros(n * qd)?, self.zeros(n * cfg.num_heads)?);
+        ops::attention_fwd(dev, &d, self.gate, &qr, &kr, &v, z.as_ref(), &o, &y, &lse)?;
+        let a = self.zeros(n * dm)?;
+        ops::linear_fwd(dev, &y, &p[li.o_proj], &a, n, qd, dm)?;
+        let x1 = self.zeros(n * dm)?;
+        ops::add(dev, &x, &a, &x1, n * dm)?;
+        let (h2, rstd2) = (self.zeros(n * dm)?, self.zeros(n)?);
+        ops::rmsnorm_fwd(dev, &x1, &p[li.post_norm], &h2, &rstd2, n, dm, eps, zc)?;
+        let (g, u, m) = (self.zeros(n * ff)?, self.zeros(n * ff)?, self.zeros(n * ff)?);
+        ops::linear_fwd(dev, &h2, &p[mlp.gate], &g, n, dm, ff)?;
+        ops::linear_fwd(dev, &h2, &p[mlp.up], &u, n, dm, ff)?;
+        ops::swiglu_fwd(dev, &g, &u, &m, n * ff)?;
+        let out = self.zeros(n * dm)?;
+        ops::linear_fwd(dev, &m, &p[mlp.down], &out, n, ff, dm)?;
+        ops::add(dev, &x1, &out, &out, n * dm)?;
+        let c = LayerCache {
+            x,
+            h1,
+            rstd1,
+            q,
+            k,
+            rstd_q,
+            rstd_k,
+            qr,
+            kr,
+            v,
+            z,
+            o,
+            lse,
+            y,
+            x1,
+            h2,
+            rstd2,
+            g,
+            u,
+            m,
+        };
+        Ok((out, c))
+    }
+
+    fn attn_dims(&self, batch: usize, seq: usize) -> AttnDims {
+        AttnDims {
+            batch,
+            seq,
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// `dx`: d(loss)/d(layer output) in, d(loss)/d(layer input) out.
+    fn layer_bwd(&self, li: &LayerIndex, c: LayerCache, dx: DBuf, batch: usize, seq: usize) -> Result<DBuf> {
+        let (dev, cfg, p, gr) = (self.dev, &self.cfg, &self.params, &self.grads);
+        let FfnIndex::Dense(mlp) = li.ffn else {
+            bail!("MoE layer on the device")
+        };
+        let n = batch * seq;
+        let (dm, qd, kvd, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let zc = self.zc();
+
+        // MLP: out = x1 + down(swiglu(gate·h2, up·h2))
+        let dm_ = self.zeros(n * ff)?;
+        ops::linear_bwd_dx(dev, &dx, &p[mlp.down], &dm_, n, ff, dm, false)?;
+        ops::linear_bwd_dw(dev, &c.m, &dx, &gr[mlp.down], n, ff, dm)?;
+        let (dg, du) = (self.zeros(n * ff)?, self.zeros(n * ff)?);
+        ops::swiglu_bwd(dev, &c.g, &c.u, &dm_, &dg, &du, n * ff)?;
+        let dh2 = self.zeros(n * dm)?;
+        ops::linear_bwd_dx(dev, &dg, &p[mlp.gate], &dh2, n, dm, ff, false)?;
+        ops::linear_bwd_dx(dev, &du, &p[mlp.up], &dh2, n, dm, ff, true)?;
+        ops::linear_bwd_dw(dev, &c.h2, &dg, &gr[mlp.gate], n, dm, ff)?;
+        ops::linear_bwd_dw(dev, &c.h2, &du, &gr[mlp.up], n, dm, ff)?;
+        let pn = li.post_norm;
+        // dx becomes d(x1): the residual plus the post-norm's input gradient
+        ops::rmsnorm_bwd(dev, &c.x1, &p[pn], &c.rstd2, &dh2, &dx, &gr[pn], n, dm, zc, true)?;
+
+        // attention: x1 = x + o_proj(gated SDPA)
+        let dy = self.zeros(n * qd)?;
+        ops::linear_bwd_dx(dev, &dx, &p[li.o_proj], &dy, n, qd, dm, false)?;
+        ops::linear_bwd_dw(dev, &c.y, &dx, &gr[li.o_proj], n, qd, dm)?;
+        let d = self.attn_dims(batch, seq);
+        let scratch = AttnScratch::new(dev, &d)?;
+        let (dqr, dkr, dv) = (self.zeros(n * qd)?, self.zeros(n * kvd)?, self.zeros(n * kvd)?);
+        let dz = match &c.z {
+            Some(z) => Some(self.dev.zeros(z.bytes)?),
+            None => None,
+        };
+        ops::attention_bwd(
+            dev,
+            &d,
+            self.gate,
+            (&c.qr, &c.kr, &c.v, c.z.as_ref()),
+            (&c.o, &c.lse, &dy),
+            &scratch,
+            (&dqr, &dkr, &dv, dz.as_ref()),
+        )?;
+        let (dq, dk) = (self.zeros(n * qd)?, self.zeros(n * kvd)?);
+        let dwp = self.zeros(n * qd)?;
+        let hq = self.heads(n, seq, cfg.num_heads, li.q_norm);
+        let gq = li.q_norm.map(|i| &gr[i]);
+        ops::qknorm_rope_bwd(dev, &hq, &self.rope, (&c.q, &c.rstd_q, &dqr), &dq, &dwp, gq)?;
+        let hk = self.heads(n, seq, cfg.num_kv_heads, li.k_norm);
+        let gk = li.k_norm.map(|i| &gr[i]);
+        ops::qknorm_rope_bwd(dev, &hk, &self.rope, (&c.k, &c.rstd_k, &dkr), &dk, &dwp, gk)?;
+        let dh1 = self.zeros(n * dm)?;
+        let mut projections = vec![(li.q_proj, &dq, qd), (li.k_proj, &dk, kvd), (li.v_proj, &dv, kvd)];
+        if let (Some(gi), Some(dz), Some(geo)) = (li.gate, dz.as_ref(), cfg.gate_geometry()) {
+            projections.push((gi, dz, geo.scores()));
+        }
+        for (i, (w, dout, width)) in projections.into_iter().enumerate() {
+            ops::linear_bwd_dx(dev, dout, &p[w], &dh1, n, dm, width, i > 0)?;
+            ops::linear_bwd_dw(dev, &c.h1, dout, &gr[w], n, dm, width)?;
+        }
+        let inorm = li.input_norm;
+        ops::rmsnorm_bwd(dev, &c.x, &p[inorm], &c.rstd1, &dh1, &dx, &gr[inorm], n, dm, zc, true)?;
+        Ok(dx)
+    }
+
+    /// Set every gradient to zero (before accumulating a new step's micro-batches).
+    pub fn zero_grads(&self) -> Result<()> {
+        for g in &self.grads {
+            ops::fill(self.dev, g, 0.0, g.bytes / 4)?;
+        }
+        Ok(())
+    }
+
+    fn table(&mut self, opt: &AdamWConfig) -> Result<&TensorTable> {
+        if self.table.is_none() {
+            self.moments = self
+                .params
+                .iter()
+                .map(|p| Ok((self.dev.zeros(p.bytes)?, self.dev.zeros(p.bytes)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let entries: Vec<_> = (0..self.params.len())
+                .map(|i| {
+                    let skip = opt.no_decay_norms_embeddings
+                        && matches!(self.specs[i].kind, ParamKind::Norm | ParamKind::Embedding);
+                    let wd = if skip { 0.0 } else { opt.weight_decay as f32 };
+                    (
+                        &self.params[i],
+                        &self.grads[i],
+                        &self.moments[i].0,
+                        &self.moments[i].1,
+                        wd,
+                    )
+                })
+                .collect();
+            self.table = Some(TensorTable::new(self.dev, &entries)?);
+        }
+        Ok(self.table.as_ref().expect("built above"))
+    }
+
+    /// Clip the gradients to global norm `max_norm` (folded into the update) and take one AdamW
+    /// step at `lr`. Returns the norm before clipping.
+    pub fn step(&mut self, opt: &AdamWConfig, lr: f64, max_norm: f64) -> Result<f64> {
+        let dev = self.dev;
+        let step = (self.step + 1) as i32;
+        let table = self.table(opt)?;
+        let norm = table.grad_sumsq(dev)?.sqrt();
+        if !norm.is_finite() {
+            bail!("gradient norm is {norm}: not stepping");
+        }
+        let hp = AdamStep {
+            lr: lr as f32,
+            beta1: opt.beta1 as f32,
+            beta2: opt.beta2 as f32,
+            eps: opt.eps as f32,
+            weight_decay: opt.weight_decay as f32,
+            step,
+            scale: clip_coef(norm, max_norm) as f32,
+        };
+        table.adamw(dev, &hp)?;
+        self.step += 1;
+        Ok(norm)
+    }
+
+    fn download(&self, bufs: &[DBuf]) -> Result<ParamStore<f32>> {
+        let mut s = ParamStore::zeros_like(&self.specs);
+        for (t, b) in s.tensors.iter_mut().zip(bufs) {
+            t.data = down_f32(self.dev, b)?;
+        }
+        Ok(s)
+    }
+
+    /// Replace the device's gradients (e.g. to step on gradients computed elsewhere).
+    pub fn set_grads(&mut self, g: &ParamStore<f32>) -> Result<()> {
+        if g.tensors.len() != self.grads.len() {
+            bail!(
+                "{} gradient tensors for a model of {}",
+                g.tensors.len(),
+                self.grads.len()
+            );
+        }
+        for (buf, t) in self.grads.iter_mut().zip(&g.tensors) {
+            if t.data.len() * 4 != buf.bytes {
+                bail!(
+                    "gradient of {} elements for a tensor of {}",
+                    t.data.len(),
+                    buf.bytes / 4
+                );
+            }
+            let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            self.dev.write(buf, &bytes)?;
+        }
+        Ok(())
+    }
+
+    pub fn params(&self) -> Result<ParamStore<f32>> {
+        self.download(&self.params)
+    }
+
+    pub fn grads(&self) -> Result<ParamStore<f32>> {
+        self.download(&self.grads)
+    }
+}

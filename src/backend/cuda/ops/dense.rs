@@ -1,0 +1,353 @@
+//! The decoder's other device ops: GEMMs for the linear layers, embedding, residual adds,
+//! QK-norm fused with RoPE, column sums, and the optimizer over all tensors in one launch
+//! (kernels/{gemm,model}.cu).
+
+use super::{elems, f32s, need, AdamStep, THREADS};
+use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
+use anyhow::{bail, Result};
+
+/// A strided operand: element (r, c) at `buf[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub buf: &'a DBuf,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+fn span(what: &str, s: Strided, rows: usize, cols: usize) -> Result<()> {
+    if rows > 0 && cols > 0 {
+        need(what, s.buf, (rows - 1) * s.rs + (cols - 1) * s.cs + 1, 4)?;
+    }
+    Ok(())
+}
+
+/// `C[m, n] = alpha·A·B + beta·C` with `A` m×k and `B` k×n strided, `C` row-major (`ldc`).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    dev: &dyn Device,
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    c: &DBuf,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    span("gemm A", a, m, k)?;
+    span("gemm B", b, k, n)?;
+    span("gemm C", Strided { buf: c, rs: ldc, cs: 1 }, m, n)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let l = |x: usize| Arg::I64(x as i64);
+    let args = [
+        a.buf.arg(),
+        b.buf.arg(),
+        c.arg(),
+        Arg::I32(m as i32),
+        Arg::I32(n as i32),
+        Arg::I32(k as i32),
+        l(a.rs),
+        l(a.cs),
+        l(b.rs),
+        l(b.cs),
+        l(ldc),
+        Arg::F32(alpha),
+        Arg::F32(beta),
+    ];
+    let cfg = Launch {
+        grid: [n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1],
+        block: [256, 1, 1],
+        smem: 0,
+    };
+    dev.launch("gemm_f32", cfg, &args)
+}
+
+/// `y = x·Wᵀ`, `x` `[rows, din]`, `W` `[dout, din]` (the CPU layout).
+pub fn linear_fwd(dev: &dyn Device, x: &DBuf, w: &DBuf, y: &DBuf, rows: usize, din: usize, dout: usize) -> Result<()> {
+    let a = Strided { buf: x, rs: din, cs: 1 };
+    let b = Strided { buf: w, rs: 1, cs: din };
+    gemm(dev, (rows, dout, din), a, b, y, dout, 1.0, 0.0)
+}
+
+/// `dx (+)= dy·W`
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_dx(
+    dev: &dyn Device,
+    dy: &DBuf,
+    w: &DBuf,
+    dx: &DBuf,
+    rows: usize,
+    din: usize,
+    dout: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let a = Strided {
+        buf: dy,
+        rs: dout,
+        cs: 1,
+    };
+    let b = Strided { buf: w, rs: din, cs: 1 };
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    gemm(dev, (rows, din, dout), a, b, dx, din, 1.0, beta)
+}
+
+/// `dW += dyᵀ·x`
+pub fn linear_bwd_dw(
+    dev: &dyn Device,
+    x: &DBuf,
+    dy: &DBuf,
+    dw: &DBuf,
+    rows: usize,
+    din: usize,
+    dout: usize,
+) -> Result<()> {
+    let a = Strided {
+        buf: dy,
+        rs: 1,
+        cs: dout,
+    };
+    let b = Strided { buf: x, rs: din, cs: 1 };
+    gemm(dev, (dout, din, rows), a, b, dw, din, 1.0, 1.0)
+}
+
+/// Rows of `table` (`[vocab, d]`) for i32 `ids`.
+pub fn embed_fwd(dev: &dyn Device, ids: &DBuf, table: &DBuf, out: &DBuf, rows: usize, d: usize) -> Result<()> {
+    need("embed_fwd", ids, rows, 4)?;
+    f32s("embed_fwd", &[out], rows * d)?;
+    let args = [
+        ids.arg(),
+        table.arg(),
+        out.arg(),
+        Arg::I32(rows as i32),
+        Arg::I32(d as i32),
+    ];
+    dev.launch("embed_fwd", elems(rows * d), &args)
+}
+
+/// `dtable[ids[r]] += dout[r]`
+pub fn embed_bwd(dev: &dyn Device, ids: &DBuf, dout: &DBuf, dtable: &DBuf, rows: usize, d: usize) -> Result<()> {
+    need("embed_bwd", ids, rows, 4)?;
+    f32s("embed_bwd", &[dout], rows * d)?;
+    let args = [
+        ids.arg(),
+        dout.arg(),
+        dtable.arg(),
+        Arg::I32(rows as i32),
+        Arg::I32(d as i32),
+    ];
+    dev.launch("embed_bwd", Launch::linear(d.div_ceil(128), 128), &args)
+}
+
+/// Every element of `x` (`n` f32) set to `v`.
+pub fn fill(dev: &dyn Device, x: &DBuf, v: f32, n: usize) -> Result<()> {
+    f32s("fill", &[x], n)?;
+    dev.launch("fill_f32", elems(n), &[x.arg(), Arg::F32(v), Arg::I64(n as i64)])
+}
+
+/// `out = a + b` (`out` may be `a`)
+pub fn add(dev: &dyn Device, a: &DBuf, b: &DBuf, out: &DBuf, n: usize) -> Result<()> {
+    f32s("add", &[a, b, out], n)?;
+    dev.launch("add_f32", elems(n), &[a.arg(), b.arg(), out.arg(), Arg::I64(n as i64)])
+}
+
+/// `out[c] (+)= Σ_r x[r, c]`
+pub fn colsum(dev: &dyn Device, x: &DBuf, out: &DBuf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
+    f32s("colsum", &[x], rows * cols)?;
+    f32s("colsum", &[out], cols)?;
+    let args = [
+        x.arg(),
+        out.arg(),
+        Arg::I32(rows as i32),
+        Arg::I32(cols as i32),
+        Arg::I32(accumulate as i32),
+    ];
+    dev.launch("colsum", Launch::linear(cols.div_ceil(128), 128), &args)
+}
+
+/// A RoPE table on the device: `cos`/`sin` `[max_len, half]`.
+pub struct DeviceRope {
+    pub cos: DBuf,
+    pub sin: DBuf,
+    pub half: usize,
+    pub max_len: usize,
+}
+
+impl DeviceRope {
+    pub fn upload(dev: &dyn Device, t: &crate::model::ops::rope::RopeTable<f32>) -> Result<DeviceRope> {
+        Ok(DeviceRope {
+            cos: up_f32(dev, &t.cos)?,
+            sin: up_f32(dev, &t.sin)?,
+            half: t.rotary_dim / 2,
+            max_len: t.max_len,
+        })
+    }
+}
+
+/// Shapes of one QK-norm + RoPE call: `x` is `[rows, heads·head_dim]`, row r at position
+/// `r % seq`; `norm` the gain (`None`: no QK-norm) and whether it is zero-centred.
+#[derive(Clone, Copy)]
+pub struct HeadRows<'a> {
+    pub rows: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub seq: usize,
+    pub norm: Option<&'a DBuf>,
+    pub zero_centered: bool,
+}
+
+impl HeadRows<'_> {
+    fn check(&self, what: &str, rope: &DeviceRope, bufs: &[&DBuf]) -> Result<()> {
+        if self.seq > rope.max_len || 2 * rope.half > self.head_dim {
+            bail!(
+                "{what}: sequence {} / head_dim {} beyond the RoPE table ({} positions, {} dims)",
+                self.seq,
+                self.head_dim,
+                rope.max_len,
+                2 * rope.half
+            );
+        }
+        f32s(what, bufs, self.rows * self.heads * self.head_dim)?;
+        if let Some(w) = self.norm {
+            f32s(what, &[w], self.head_dim)?;
+        }
+        Ok(())
+    }
+    fn launch(&self) -> Launch {
+        // one warp per (row, head), 4 warps per block
+        Launch::linear((self.rows * self.heads).div_ceil(4), 128)
+    }
+    fn dims(&self, rope: &DeviceRope) -> [Arg; 6] {
+        [
+            Arg::I32(self.rows as i32),
+            Arg::I32(self.heads as i32),
+            Arg::I32(self.head_dim as i32),
+            Arg::I32(rope.half as i32),
+            Arg::I32(self.seq as i32),
+            Arg::I32(0),
+        ]
+    }
+}
+
+/// `y = rope(rmsnorm_head(x))`, `rstd` `[rows, heads]`.
+pub fn qknorm_rope_fwd(
+    dev: &dyn Device,
+    h: &HeadRows,
+    rope: &DeviceRope,
+    x: &DBuf,
+    y: &DBuf,
+    rstd: &DBuf,
+    eps: f32,
+) -> Result<()> {
+    h.check("qknorm_rope_fwd", rope, &[x, y])?;
+    f32s("qknorm_rope_fwd", &[rstd], h.rows * h.heads)?;
+    let mut args = vec![
+        x.arg(),
+        h.norm.map_or(Arg::Ptr(0), |w| w.arg()),
+        rope.cos.arg(),
+        rope.sin.arg(),
+        y.arg(),
+        rstd.arg(),
+    ];
+    args.extend(h.dims(rope));
+    args.extend([
+        Arg::F32(eps),
+        Arg::I32(h.zero_centered as i32),
+        Arg::I32(h.norm.is_some() as i32),
+    ]);
+    dev.launch("qknorm_rope_fwd", h.launch(), &args)
+}
+
+/// Its backward: `dx` overwritten; with a norm, its gain's gradient is added to `dw` (through
+/// the `[rows·heads, head_dim]` scratch `dwp`).
+#[allow(clippy::too_many_arguments)]
+pub fn qknorm_rope_bwd(
+    dev: &dyn Device,
+    h: &HeadRows,
+    rope: &DeviceRope,
+    (x, rstd, dy): (&DBuf, &DBuf, &DBuf),
+    dx: &DBuf,
+    dwp: &DBuf,
+    dw: Option<&DBuf>,
+) -> Result<()> {
+    h.check("qknorm_rope_bwd", rope, &[x, dy, dx, dwp])?;
+    let mut args = vec![
+        x.arg(),
+        h.norm.map_or(Arg::Ptr(0), |w| w.arg()),
+        rstd.arg(),
+        rope.cos.arg(),
+        rope.sin.arg(),
+        dy.arg(),
+        dx.arg(),
+        dwp.arg(),
+    ];
+    args.extend(h.dims(rope));
+    args.extend([Arg::I32(h.zero_centered as i32), Arg::I32(h.norm.is_some() as i32)]);
+    dev.launch("qknorm_rope_bwd", h.launch(), &args)?;
+    match (h.norm, dw) {
+        (Some(_), Some(dw)) => colsum(dev, dwp, dw, h.rows * h.heads, h.head_dim, true),
+        (Some(_), None) => bail!("qknorm_rope_bwd: a normed call needs the gain's gradient buffer"),
+        _ => Ok(()),
+    }
+}
+
+/// The optimizer's view of every tensor: (param, grad, m, v, weight decay), uploaded once.
+pub struct TensorTable {
+    buf: DBuf,
+    count: usize,
+    max_len: usize,
+}
+
+/// Longs per tensor in the table (kernels/model.cu `TSTRIDE`).
+const TSTRIDE: usize = 6;
+
+impl TensorTable {
+    pub fn new(dev: &dyn Device, entries: &[(&DBuf, &DBuf, &DBuf, &DBuf, f32)]) -> Result<TensorTable> {
+        let mut t: Vec<u8> = Vec::with_capacity(entries.len() * TSTRIDE * 8);
+        let mut max_len = 0;
+        for &(p, g, m, v, wd) in entries {
+            let n = p.bytes / 4;
+            f32s("tensor table", &[g, m, v], n)?;
+            max_len = max_len.max(n);
+            for x in [p.ptr, g.ptr, m.ptr, v.ptr, n as u64, wd.to_bits() as u64] {
+                t.extend(x.to_ne_bytes());
+            }
+        }
+        if entries.is_empty() || entries.len() > 65535 {
+            bail!("tensor table: {} tensors (1 to 65535)", entries.len());
+        }
+        Ok(TensorTable {
+            buf: dev.upload(&t)?,
+            count: entries.len(),
+            max_len,
+        })
+    }
+
+    fn launch(&self) -> Launch {
+        // the grid is sized by the largest tensor; 64 blocks of it keep every SM busy once
+        // there are a few dozen tensors
+        let blocks = self.max_len.div_ceil(THREADS as usize).clamp(1, 64);
+        Launch {
+            grid: [blocks as u32, self.count as u32, 1],
+            block: [THREADS, 1, 1],
+            smem: 0,
+        }
+    }
+
+    /// Σ grad² over every tensor (partials per block on the device, summed here in f64).
+    pub fn grad_sumsq(&self, dev: &dyn Device) -> Result<f64> {
+        let cfg = self.launch();
+        let partials = dev.zeros(cfg.grid[0] as usize * self.count * 4)?;
+        dev.launch("sumsq_multi", cfg, &[self.buf.arg(), partials.arg()])?;
+        let p = crate::backend::cuda::runtime::down_f32(dev, &partials)?;
+        Ok(p.iter().map(|&x| x as f64).sum())
+    }
+
+    /// AdamW on every tensor (the weight decay of each from the table).
+    pub fn adamw(&self, dev: &dyn Device, hp: &AdamStep) -> Result<()> {
+        let a = hp.args();
+        // the table kernel takes the per-tensor decay from the table, not hp.weight_decay
+        let args = [self.buf.arg(), a[0], a[1], a[2], a[3], a[5], a[6], a[7]];
+        dev.launch("adamw_multi", self.launch(), &args)
+    }
+}

@@ -1,0 +1,146 @@
+//! The dense decoder resident on a CUDA device against the CPU model: loss, every parameter's
+//! gradient and the AdamW step, for the ungated, G1-elementwise and G1-headwise models and the
+//! Qwen3-Next style (zero-centred norms, partial RoPE, tied head) and llama style (no QK-norm).
+//! Runs on the CPU emulator always and on a GPU when there is one.
+#![cfg(feature = "cuda")]
+
+use gated_lm::backend::cuda::model::DeviceModel;
+use gated_lm::backend::cuda::runtime::Device;
+use gated_lm::config::{GateConfig, ModelConfig, NormStyle};
+use gated_lm::model::observer::NoObserver;
+use gated_lm::model::{shifted_targets, Batch, Model};
+use gated_lm::optim::{clip_coef, grad_norm, AdamW, AdamWConfig};
+use gated_lm::rng::Rng;
+
+fn devices() -> Vec<Box<dyn Device>> {
+    let emu = gated_lm::backend::cuda::emu::Emu::open().expect("the CUDA emulator needs a C++20 compiler (g++)");
+    let mut v: Vec<Box<dyn Device>> = vec![Box::new(emu)];
+    match gated_lm::backend::cuda::device::Gpu::open(0) {
+        Ok(g) => v.push(Box::new(g)),
+        Err(e) => eprintln!("SKIPPED (GPU run; the emulator still runs): {e:#}"),
+    }
+    v
+}
+
+/// max |a − b| ≤ rel · max |b| over one tensor
+fn close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
+    let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err <= rel * scale, "{what}: differs by {err} (scale {scale})");
+}
+
+fn variants() -> Vec<(&'static str, ModelConfig)> {
+    let gate = |s: &str| GateConfig::parse_spec(s).unwrap();
+    let micro = |g| ModelConfig::preset("micro", g).unwrap();
+    let mut next = micro(gate("elementwise"));
+    (next.norm_style, next.partial_rotary_factor, next.tie_word_embeddings) = (NormStyle::ZeroCentered, 0.5, true);
+    let mut llama = micro(None);
+    llama.qk_norm = false;
+    vec![
+        ("baseline", micro(None)),
+        ("G1 elementwise", micro(gate("elementwise"))),
+        ("G1 headwise", micro(gate("headwise"))),
+        ("qwen3-next style", next),
+        ("llama style", llama),
+    ]
+}
+
+#[test]
+fn device_training_step_matches_the_cpu_model() {
+    let (batch, seq) = (2, 24);
+    let mut r = Rng::new(5);
+    for dev in devices() {
+        let dev = dev.as_ref();
+        for (name, cfg) in variants() {
+            let what = format!("{name} on {}", dev.describe());
+            let mut model: Model<f32> = Model::new(cfg.clone(), 7).unwrap();
+            // gains away from their init so both norm styles' paths matter
+            for (i, s) in model.specs.clone().iter().enumerate() {
+                if s.name.contains("norm") {
+                    model.params.tensors[i]
+                        .data
+                        .iter_mut()
+                        .for_each(|x| *x += (0.3 * r.normal()) as f32);
+                }
+            }
+            let ids: Vec<u32> = (0..batch * seq)
+                .map(|_| r.below(cfg.vocab_size as u64) as u32)
+                .collect();
+            let mut targets = shifted_targets(&ids, seq);
+            targets[3] = gated_lm::model::ops::cross_entropy::IGNORE;
+            let b = Batch {
+                ids: &ids,
+                targets: &targets,
+                batch,
+                seq,
+            };
+            let mut dm = DeviceModel::new(dev, &model).unwrap();
+
+            let mut grads = model.zero_grads();
+            let loss = model.forward_backward(&b, &mut grads, &mut NoObserver).unwrap();
+            let dloss = dm.forward_backward(&ids, &targets, batch, seq).unwrap();
+            assert!((loss - dloss).abs() < 1e-5 * loss, "{what}: loss {dloss} vs CPU {loss}");
+            let dgrads = dm.grads().unwrap();
+            for (i, n) in model.params.names.iter().enumerate() {
+                let (g, c) = (&dgrads.tensors[i].data, &grads.tensors[i].data);
+                close(&format!("{what}: grad {n}"), g, c, 1e-4);
+            }
+
+            // one clipped AdamW step (clipping active: max norm below the gradient norm) on the
+            // same gradients: Adam's first step is sign-like, so tiny gradient differences would
+            // move tiny-gradient weights by up to lr
+            dm.set_grads(&grads).unwrap();
+            let before = model.params.clone();
+            let opt = AdamWConfig::default();
+            let norm = grad_norm(&grads);
+            let max_norm = norm * 0.5;
+            let mut adam = AdamW::new(opt.clone(), &model.specs);
+            adam.update_scaled(&mut model.params, &grads, &model.specs, 1e-3, clip_coef(norm, max_norm));
+            let dnorm = dm.step(&opt, 1e-3, max_norm).unwrap();
+            assert!(
+                (norm - dnorm).abs() < 1e-6 * norm,
+                "{what}: grad norm {dnorm} vs {norm}"
+            );
+            let dparams = dm.params().unwrap();
+            for (i, n) in model.params.names.iter().enumerate() {
+                let p0 = &before.tensors[i].data;
+                let delta = |p: &[f32]| p.iter().zip(p0).map(|(a, b)| a - b).collect::<Vec<f32>>();
+                let (p, c) = (&dparams.tensors[i].data, &model.params.tensors[i].data);
+                close(&format!("{what}: update of {n}"), &delta(p), &delta(c), 1e-4);
+            }
+
+            // the next step starts from zeroed gradients and the updated weights
+            dm.zero_grads().unwrap();
+            let mut grads = model.zero_grads();
+            let loss2 = model.forward_backward(&b, &mut grads, &mut NoObserver).unwrap();
+            let dloss2 = dm.forward_backward(&ids, &targets, batch, seq).unwrap();
+            assert!(
+                (loss2 - dloss2).abs() < 1e-5 * loss2,
+                "{what}: second loss {dloss2} vs {loss2}"
+            );
+            assert!(
+                loss2 < loss,
+                "{what}: a step on the batch lowers its loss ({loss} → {loss2})"
+            );
+        }
+    }
+}
+
+#[test]
+fn unsupported_models_are_refused_with_the_reason() {
+    let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let moe: Model<f32> = Model::new(ModelConfig::preset("moe-micro", None).unwrap(), 1).unwrap();
+    let e = DeviceModel::new(&emu, &moe).err().unwrap();
+    assert!(format!("{e}").contains("Mixture-of-Experts"), "{e}");
+    let g2 = ModelConfig::preset("micro", GateConfig::parse_spec("g2").unwrap()).unwrap();
+    let e = DeviceModel::new(&emu, &Model::new(g2, 1).unwrap()).err().unwrap();
+    assert!(format!("{e}").contains("only the G1"), "{e}");
+    let m: Model<f32> = Model::new(ModelConfig::preset("micro", None).unwrap(), 1).unwrap();
+    let mut dm = DeviceModel::new(&emu, &m).unwrap();
+    let e = dm.forward_backward(&[600, 1], &[1, 2], 1, 2).unwrap_err();
+    assert!(
+        format!("{e}").contains("token id 600 outside the vocabulary of 512"),
+        "{e}"
+    );
+}
