@@ -1,12 +1,14 @@
 //! A CUDA device with the kernels loaded, as a [`Device`]: buffers are cudarc allocations
 //! addressed by raw device pointers, launches go by kernel name on one stream.
 
-use super::runtime::{Arg, DBuf, Device, Launch};
+use super::runtime::{Arg, DBuf, Device, Launch, Strided};
 use super::{compile_all, SOURCES};
 use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
+use std::cell::RefCell;
 use std::sync::Arc;
 
 pub struct Gpu {
@@ -14,7 +16,14 @@ pub struct Gpu {
     pub arch: &'static str,
     stream: Arc<CudaStream>,
     modules: Vec<(&'static str, Arc<CudaModule>)>,
+    /// cuBLASLt when its library is present and `use_blas` is on (f32 GEMMs then run in TF32,
+    /// as torch's with allow_tf32); otherwise the portable GEMM kernel.
+    blas: Option<CudaBlasLT>,
+    pub use_blas: bool,
 }
+
+/// GPU buffers: a cudarc allocation, mutably borrowed only by writes and cuBLASLt outputs.
+type Slice = RefCell<CudaSlice<u8>>;
 
 impl Gpu {
     /// Device `ordinal`, kernels compiled for its architecture. Errors say what is missing: the
@@ -41,11 +50,20 @@ impl Gpu {
                 .map_err(|e| anyhow!("loading kernels/{src}.cu on {name}: {e:?}"))?;
             modules.push((src, m));
         }
+        let stream = ctx.default_stream();
+        // SAFETY: only tries to dlopen the candidate library names
+        let blas = if unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            Some(CudaBlasLT::new(stream.clone()).map_err(|e| anyhow!("cuBLASLt on {name}: {e:?}"))?)
+        } else {
+            None
+        };
         Ok(Gpu {
             name,
             arch,
-            stream: ctx.default_stream(),
+            stream,
             modules,
+            use_blas: blas.is_some(),
+            blas,
         })
     }
 
@@ -67,7 +85,12 @@ impl Gpu {
 
 impl Device for Gpu {
     fn describe(&self) -> String {
-        format!("{} ({})", self.name, self.arch)
+        let gemm = match (&self.blas, self.use_blas) {
+            (Some(_), true) => "cuBLASLt TF32 GEMMs",
+            (Some(_), false) => "portable GEMM kernel",
+            (None, _) => "portable GEMM kernel: libcublasLt not found",
+        };
+        format!("{} ({}, {gemm})", self.name, self.arch)
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<DBuf> {
@@ -87,13 +110,10 @@ impl Device for Gpu {
     }
 
     fn download(&self, buf: &DBuf) -> Result<Vec<u8>> {
-        let s = buf
-            ._keep
-            .downcast_ref::<CudaSlice<u8>>()
-            .context("not a buffer of this GPU")?;
+        let s = slice(buf)?.borrow();
         let mut v = self
             .stream
-            .clone_dtoh(s)
+            .clone_dtoh(&*s)
             .map_err(|e| anyhow!("device→host copy: {e:?}"))?;
         v.truncate(buf.bytes);
         Ok(v)
@@ -103,14 +123,66 @@ impl Device for Gpu {
         if bytes.len() > buf.bytes {
             bail!("writing {} bytes into a buffer of {}", bytes.len(), buf.bytes);
         }
-        let s = buf
-            ._keep
-            .downcast_mut::<CudaSlice<u8>>()
-            .context("not a buffer of this GPU")?;
+        let mut s = slice(buf)?.borrow_mut();
         let mut view = s.slice_mut(..bytes.len());
         self.stream
             .memcpy_htod(bytes, &mut view)
             .map_err(|e| anyhow!("host→device copy: {e:?}"))
+    }
+
+    fn vendor_gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        a: Strided,
+        b: Strided,
+        c: &DBuf,
+        ldc: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Option<Result<()>> {
+        let blas = self.blas.as_ref().filter(|_| self.use_blas)?;
+        // Row-major C (m×n) is column-major Cᵀ (n×m, ld = ldc) = Bᵀ·Aᵀ: B is cuBLAS's first
+        // operand and A its second; each must have one unit stride.
+        let (transa, lda) = match (b.cs, b.rs) {
+            (1, ld) => (false, ld),
+            (ld, 1) => (true, ld),
+            _ => return None,
+        };
+        let (transb, ldb) = match (a.cs, a.rs) {
+            (1, ld) => (false, ld),
+            (ld, 1) => (true, ld),
+            _ => return None,
+        };
+        let cfg = MatmulConfig {
+            transa,
+            transb,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha,
+            lda: lda as i64,
+            ldb: ldb as i64,
+            beta,
+            ldc: ldc as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        Some((|| {
+            let (sa, sb, sc) = (slice(a.buf)?.borrow(), slice(b.buf)?.borrow(), slice(c)?);
+            let mut sc = sc.try_borrow_mut().context("GEMM output aliases an input")?;
+            // SAFETY: lengths are the buffers' own; the caller checked the strided spans fit
+            unsafe {
+                let av = sa.transmute::<f32>(a.buf.bytes / 4).context("A view")?;
+                let bv = sb.transmute::<f32>(b.buf.bytes / 4).context("B view")?;
+                let mut cv = sc.transmute_mut::<f32>(c.bytes / 4).context("C view")?;
+                blas.matmul(cfg, &bv, &av, &mut cv, None, None)
+                    .map_err(|e| anyhow!("cuBLASLt GEMM {m}×{n}×{k}: {e:?}"))
+            }
+        })())
     }
 
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
@@ -136,6 +208,10 @@ impl Device for Gpu {
     }
 }
 
+fn slice(buf: &DBuf) -> Result<&Slice> {
+    buf._keep.downcast_ref::<Slice>().context("not a buffer of this GPU")
+}
+
 impl Gpu {
     fn wrap(&self, s: CudaSlice<u8>, bytes: usize) -> DBuf {
         let ptr = {
@@ -145,7 +221,7 @@ impl Gpu {
         DBuf {
             ptr,
             bytes,
-            _keep: Box::new(s),
+            _keep: Box::new(RefCell::new(s)),
         }
     }
 }

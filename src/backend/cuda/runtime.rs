@@ -56,6 +56,14 @@ impl Launch {
     }
 }
 
+/// A strided f32 matrix operand: element (r, c) at `buf[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub buf: &'a DBuf,
+    pub rs: usize,
+    pub cs: usize,
+}
+
 pub trait Device {
     /// What this device is, for messages.
     fn describe(&self) -> String;
@@ -68,6 +76,21 @@ pub trait Device {
     /// Launch `kernel` on the device's stream (in order; errors of the asynchronous execution
     /// surface at the next download).
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()>;
+    /// `C = alpha·A·B + beta·C` (row-major C) through a vendor library, when the device has one
+    /// and the layout suits it; `None` leaves it to the portable GEMM kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn vendor_gemm(
+        &self,
+        _mnk: (usize, usize, usize),
+        _a: Strided,
+        _b: Strided,
+        _c: &DBuf,
+        _ldc: usize,
+        _alpha: f32,
+        _beta: f32,
+    ) -> Option<Result<()>> {
+        None
+    }
 }
 
 pub fn up_f32(dev: &dyn Device, x: &[f32]) -> Result<DBuf> {

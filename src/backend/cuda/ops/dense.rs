@@ -3,16 +3,9 @@
 //! (kernels/{gemm,model}.cu).
 
 use super::{elems, f32s, need, AdamStep, THREADS};
+pub use crate::backend::cuda::runtime::Strided;
 use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
-
-/// A strided operand: element (r, c) at `buf[r·rs + c·cs]`.
-#[derive(Clone, Copy)]
-pub struct Strided<'a> {
-    pub buf: &'a DBuf,
-    pub rs: usize,
-    pub cs: usize,
-}
 
 fn span(what: &str, s: Strided, rows: usize, cols: usize) -> Result<()> {
     if rows > 0 && cols > 0 {
@@ -38,6 +31,9 @@ pub fn gemm(
     span("gemm C", Strided { buf: c, rs: ldc, cs: 1 }, m, n)?;
     if m == 0 || n == 0 {
         return Ok(());
+    }
+    if let Some(r) = dev.vendor_gemm((m, n, k), a, b, c, ldc, alpha, beta) {
+        return r;
     }
     let l = |x: usize| Arg::I64(x as i64);
     let args = [
