@@ -1,11 +1,48 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (the device tool): build with CUDA, run the GPU op tests against
-# the CPU ops, and print the device. Grows with the CUDA backend (benches come with the GPU model).
+# One call on the GPU machine (the device tool), < 8 minutes: the GPU op and model tests against
+# the CPU, then `gated-lm bench --device cuda` for baseline / elementwise / headwise beside
+# torch_ref.py --compile on the same configs, as a ratio table.
+#   GATED_LM_BIN=dir   prebuilt, stripped binaries (gated-lm, cuda_kernels-*, cuda_model-*) instead
+#                      of cargo: `cargo test --release --features cuda --test cuda_kernels --test
+#                      cuda_model --no-run` and `cargo build --release --features cuda`
+#   PRESET=small       bench preset (torch_ref.py --config of the same name)
+#   STEPS=10           timed steps per bench
 # NVRTC: the toolkit's, or `pip install nvidia-cuda-nvrtc-cu12` (its lib dir on LD_LIBRARY_PATH).
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
+preset=${PRESET:-small}
+steps=${STEPS:-10}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-for d in /usr/local/cuda/lib64 "$(python3 -c 'import nvidia.cuda_nvrtc, os; print(os.path.dirname(nvidia.cuda_nvrtc.__file__) + "/lib")' 2>/dev/null)"; do
-  [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+for d in /usr/local/cuda/lib64 "$(python3 -c 'import nvidia.cuda_nvrtc, os; print(os.path.dirname(nvidia.cuda_nvrtc.__file__) + "/lib")' 2>/dev/null)" \
+  "$(python3 -c 'import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__) + "/lib")' 2>/dev/null)"; do
+  [ -n "$d" ] && [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
-cargo test --release --features cuda --test cuda_kernels --test cuda_model -- --nocapture
+
+echo "== GPU tests (ops and model against the CPU)"
+if [ -n "${GATED_LM_BIN:-}" ]; then
+  bin="$GATED_LM_BIN/gated-lm"
+  export GATED_LM_EXE="$bin"
+  for t in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_model-*; do
+    timeout 180 "$t" --nocapture 2>&1 | grep -vE "^\s*$" | tail -25
+  done
+else
+  timeout 300 cargo test --release --features cuda --test cuda_kernels --test cuda_model -- --nocapture 2>&1 | tail -40
+  cargo build --release --features cuda -q
+  bin=target/release/gated-lm
+fi
+
+torch_ref=""
+for p in ../shared/bench/torch_ref.py shared/bench/torch_ref.py; do [ -f "$p" ] && torch_ref=$p && break; done
+echo "== bench: $preset, $steps steps (gated-lm f32 + cuBLASLt TF32; torch bf16 autocast, compiled)"
+printf "%-12s %14s %14s %8s\n" gate gated-lm torch ratio
+for gate in none elementwise headwise; do
+  ours=$(timeout 120 "$bin" bench --device cuda --preset "$preset" --gate "$gate" --steps "$steps" --warmup 2 2>&1 |
+    sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
+  theirs=nan
+  if [ -n "$torch_ref" ]; then
+    theirs=$(timeout 150 python3 "$torch_ref" --config "$preset" --gate "$gate" --compile --steps "$steps" 2>&1 |
+      sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
+  fi
+  ratio=$(python3 -c "a,b=float('$ours'),float('$theirs'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')")
+  printf "%-12s %14s %14s %8s\n" "$gate" "$ours" "$theirs" "$ratio"
+done

@@ -156,3 +156,32 @@ fn unsupported_models_are_refused_with_the_reason() {
         "{e}"
     );
 }
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    // GATED_LM_EXE: the binary when the tests run away from their build tree (scripts/gpu-check.sh)
+    let exe = std::env::var("GATED_LM_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_gated-lm").into());
+    let out = std::process::Command::new(exe)
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let line = text.lines().find(|l| l.starts_with("RESULT ")).expect("a RESULT line");
+    serde_json::from_str(&line[7..]).unwrap()
+}
+
+/// `bench --device emu` runs the device path end to end: same model, same batch, same first
+/// loss as the CPU bench.
+#[test]
+fn device_bench_reports_the_cpu_loss() {
+    let common = [
+        "--preset", "micro", "--gate", "headwise", "--steps", "1", "--warmup", "0", "--batch", "1", "--seq", "16",
+    ];
+    let cpu = bench(&common);
+    let emu = bench(&[&common[..], &["--device", "emu"]].concat());
+    assert_eq!(emu["impl"], "gated-lm-emu");
+    let (l1, l2) = (cpu["loss"].as_f64().unwrap(), emu["loss"].as_f64().unwrap());
+    assert!((l1 - l2).abs() <= 2e-4, "cpu loss {l1}, device loss {l2}");
+    assert!(emu["tokens_per_s"].as_f64().unwrap() > 0.0);
+}

@@ -291,3 +291,16 @@ fn debug_mode_reports_where_nan_first_appears() {
         );
     }
 }
+
+/// A build without the `cuda` feature says how to get the GPU path instead of failing obscurely.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn bench_on_cuda_without_the_feature_says_how_to_build() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gated-lm"))
+        .args(["bench", "--device", "cuda", "--preset", "micro"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("rebuild with `--features cuda`"), "{err}");
+}

@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// model is also timed against its dense counterpart with equal active parameters.
     #[arg(long)]
     pub moe: Option<String>,
+    /// cpu; cuda (GPU 0; needs a build with `--features cuda`); emu (the CUDA kernels on the
+    /// CPU emulator: a correctness check of the device path, far slower than either)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Median ms/token of `n`-token greedy decodes, gated vs ungated twin, interleaved over rounds.
@@ -117,6 +121,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let (pb, ps) = preset_shape(&a.preset);
     let (b, t) = (a.batch.unwrap_or(pb), a.seq.unwrap_or(ps));
+    match a.device.as_str() {
+        "cpu" => {}
+        #[cfg(feature = "cuda")]
+        "cuda" | "emu" => return super::bench_cuda::run(&a, &cfg, b, t),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" | "emu" => anyhow::bail!(
+            "--device {}: this build has no CUDA backend (rebuild with `--features cuda`)",
+            a.device
+        ),
+        other => anyhow::bail!("--device {other}: expected cpu, cuda or emu"),
+    }
     let mut main = Stepper::new(&cfg, b, t)?;
     // a MoE model is timed against its dense counterpart (same attention, same active FFN
     // width), steps interleaved so both see the same machine conditions
@@ -159,6 +174,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Training FLOPs per token as torch_ref.py counts them: 6N (matmuls incl. the LM head, not
+/// the embedding lookup) + causal attention scores and values. `active`: parameters a token uses.
+pub fn flops_per_token(cfg: &ModelConfig, active: usize, seq: usize) -> f64 {
+    let emb = cfg.vocab_size * cfg.hidden_size;
+    let n_nonemb = active - emb - if cfg.tie_word_embeddings { 0 } else { emb };
+    6.0 * (n_nonemb + emb) as f64 + 6.0 * (cfg.num_layers * cfg.num_heads * cfg.head_dim * seq) as f64
+}
+
+/// Random token rows `[batch, seq + 1]` split into inputs and next-token targets.
+pub fn random_batch(rng: &mut Rng, vocab: usize, batch: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
+    let data: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(vocab as u64) as u32).collect();
+    let ids = data.chunks(seq + 1).flat_map(|r| r[..seq].to_vec()).collect();
+    let tg = data.chunks(seq + 1).flat_map(|r| r[1..].to_vec()).collect();
+    (ids, tg)
+}
+
 /// One model's training steps on random tokens (forward, backward, clip, AdamW), timed.
 struct Stepper {
     cfg: ModelConfig,
@@ -195,11 +226,7 @@ impl Stepper {
 
     fn step(&mut self, timed: bool) -> Result<()> {
         let (b, t) = (self.batch, self.seq);
-        let data: Vec<u32> = (0..b * (t + 1))
-            .map(|_| self.rng.below(self.cfg.vocab_size as u64) as u32)
-            .collect();
-        let ids: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[..t].to_vec()).collect();
-        let tg: Vec<u32> = data.chunks(t + 1).flat_map(|r| r[1..].to_vec()).collect();
+        let (ids, tg) = random_batch(&mut self.rng, self.cfg.vocab_size, b, t);
         let t0 = Instant::now();
         self.grads.fill_zero();
         let batch = Batch {
@@ -244,10 +271,7 @@ impl Stepper {
         let med = self.times[self.times.len() / 2];
         let n_all = self.model.params.numel();
         let active = self.active_params();
-        let emb = cfg.vocab_size * cfg.hidden_size;
-        let n_nonemb = active - emb - if cfg.tie_word_embeddings { 0 } else { emb };
-        // torch_ref.py's count: 6N (matmuls incl. LM head) + causal attention scores and values
-        let fpt = 6.0 * (n_nonemb + emb) as f64 + 6.0 * (cfg.num_layers * cfg.num_heads * cfg.head_dim * t) as f64;
+        let fpt = flops_per_token(cfg, active, t);
         let tok_s = (self.batch * t) as f64 / med;
         let moe = cfg.moe.as_ref().map(|m| {
             format!(
