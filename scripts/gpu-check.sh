@@ -33,10 +33,10 @@ fi
 
 torch_ref=""
 for p in ../shared/bench/torch_ref.py shared/bench/torch_ref.py; do [ -f "$p" ] && torch_ref=$p && break; done
-echo "== bench: $preset, $steps steps (gated-lm f32 + cuBLASLt TF32; torch bf16 autocast, compiled)"
+echo "== bench: $preset, $steps steps (both bf16 mixed precision; torch compiled)"
 printf "%-12s %14s %14s %8s\n" gate gated-lm torch ratio
 for gate in none elementwise headwise; do
-  ours=$(timeout 120 "$bin" bench --device cuda --preset "$preset" --gate "$gate" --steps "$steps" --warmup 2 2>&1 |
+  ours=$(timeout 120 "$bin" bench --device cuda --precision bf16 --preset "$preset" --gate "$gate" --steps "$steps" --warmup 2 2>&1 |
     sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
   theirs=nan
   if [ -n "$torch_ref" ]; then

@@ -28,12 +28,19 @@ fn every_kernel_compiles_to_ptx_for_hopper() {
 use gated_lm::backend::cuda::ops;
 use gated_lm::backend::cuda::runtime::{down_f32, up_f32, up_i32, zeros_f32, Device};
 
-/// The emulator, and the GPU when one is present.
+/// The emulator, and the GPU when one is present (once per GEMM path).
 fn devices() -> Vec<Box<dyn Device>> {
     let emu = gated_lm::backend::cuda::emu::Emu::open().expect("the CUDA emulator needs a C++20 compiler (g++)");
     let mut v: Vec<Box<dyn Device>> = vec![Box::new(emu)];
     match gated_lm::backend::cuda::device::Gpu::open(0) {
-        Ok(g) => v.push(Box::new(g)),
+        Ok(mut g) => {
+            // GEMMs: the portable kernel, and cuBLASLt where present
+            if g.use_blas {
+                v.push(Box::new(gated_lm::backend::cuda::device::Gpu::open(0).unwrap()));
+            }
+            g.use_blas = false;
+            v.push(Box::new(g));
+        }
         Err(e) => eprintln!("SKIPPED (GPU runs; the emulator still runs every op): {e:#}"),
     }
     v
@@ -324,6 +331,117 @@ fn attention_with_fused_gate_matches_the_cpu_ops() {
                     close(&format!("{what}: dz"), &down_f32(dev, dzb).unwrap(), dz, tol);
                 }
             }
+        }
+    }
+}
+
+/// The GEMM in the three layouts of a linear layer (x·Wᵀ, dy·W, dyᵀ·x), with and without
+/// accumulation, f32 and bf16 operands, against a plain f64 reference on the same (rounded)
+/// inputs; and the bf16 casts against the `half` crate's rounding.
+#[test]
+fn gemm_and_casts_match_references() {
+    use gated_lm::backend::cuda::ops::{self as o, DType, Operand};
+    use gated_lm::backend::cuda::runtime::{down_u16, up_u16};
+    let (rows, din, dout) = (70, 40, 130); // not multiples of the 64×64×16 tiles
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let x = randn(rows * din, 40, 1.0);
+        let w = randn(dout * din, 41, 0.5);
+        let dy = randn(rows * dout, 42, 1.0);
+        let acc0 = randn(rows.max(dout) * din.max(dout), 43, 1.0);
+        // bf16 copies, and the f32 values they stand for
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect() };
+        let bits = |v: &[f32]| -> Vec<u16> { v.iter().map(|&a| half::bf16::from_f32(a).to_bits()).collect() };
+        for dtype in [DType::F32, DType::Bf16] {
+            let (xr, wr, dyr) = match dtype {
+                DType::F32 => (x.clone(), w.clone(), dy.clone()),
+                DType::Bf16 => (round(&x), round(&w), round(&dy)),
+            };
+            let up = |v: &[f32]| match dtype {
+                DType::F32 => up_f32(dev, v).unwrap(),
+                DType::Bf16 => up_u16(dev, &bits(v)).unwrap(),
+            };
+            let (xb, wb, dyb) = (up(&x), up(&w), up(&dy));
+            let op = |b| Operand { buf: b, dtype };
+            // y = x·Wᵀ
+            let mut want = vec![0f32; rows * dout];
+            for r in 0..rows {
+                for c in 0..dout {
+                    want[r * dout + c] = (0..din)
+                        .map(|k| xr[r * din + k] as f64 * wr[c * din + k] as f64)
+                        .sum::<f64>() as f32;
+                }
+            }
+            let y = zeros_f32(dev, rows * dout).unwrap();
+            o::linear_fwd(dev, op(&xb), op(&wb), &y, rows, din, dout).unwrap();
+            close(&format!("{dtype:?} x·Wᵀ"), &down_f32(dev, &y).unwrap(), &want, 1e-5);
+            // dx = acc + dy·W
+            let mut want: Vec<f32> = acc0[..rows * din].to_vec();
+            for r in 0..rows {
+                for c in 0..din {
+                    want[r * din + c] += (0..dout)
+                        .map(|k| dyr[r * dout + k] as f64 * wr[k * din + c] as f64)
+                        .sum::<f64>() as f32;
+                }
+            }
+            let dx = up_f32(dev, &acc0[..rows * din]).unwrap();
+            o::linear_bwd_dx(dev, op(&dyb), op(&wb), &dx, rows, din, dout, true).unwrap();
+            close(&format!("{dtype:?} dy·W"), &down_f32(dev, &dx).unwrap(), &want, 1e-5);
+            // dW = acc + dyᵀ·x
+            let mut want: Vec<f32> = acc0[..dout * din].to_vec();
+            for r in 0..dout {
+                for c in 0..din {
+                    want[r * din + c] += (0..rows)
+                        .map(|k| dyr[k * dout + r] as f64 * xr[k * din + c] as f64)
+                        .sum::<f64>() as f32;
+                }
+            }
+            let dw = up_f32(dev, &acc0[..dout * din]).unwrap();
+            o::linear_bwd_dw(dev, op(&xb), op(&dyb), &dw, rows, din, dout).unwrap();
+            close(&format!("{dtype:?} dyᵀ·x"), &down_f32(dev, &dw).unwrap(), &want, 1e-5);
+        }
+        // mixed operand types are refused
+        let (a, b) = (up_f32(dev, &x).unwrap(), up_u16(dev, &bits(&w)).unwrap());
+        let y = zeros_f32(dev, rows * dout).unwrap();
+        let e = o::linear_fwd(dev, (&a).into(), Operand::bf16(&b), &y, rows, din, dout).unwrap_err();
+        assert!(format!("{e}").contains("mixed types"), "{e}");
+
+        // casts: ties, subnormals, infinities and NaN included
+        let mut vals = randn(1000, 44, 3.0);
+        vals.extend([
+            0.0,
+            -0.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            1e-40,
+            -3e38,
+            f32::INFINITY,
+            f32::NAN,
+            65504.0,
+        ]);
+        let n = vals.len();
+        let (src, dst) = (up_f32(dev, &vals).unwrap(), dev.zeros(n * 2).unwrap());
+        o::cast_to_bf16(dev, &src, &dst, n).unwrap();
+        let got = down_u16(dev, &dst).unwrap();
+        for (i, (&g, &v)) in got.iter().zip(&vals).enumerate() {
+            let want = half::bf16::from_f32(v);
+            if v.is_nan() {
+                assert!(half::bf16::from_bits(g).is_nan(), "NaN cast to {g:#x}");
+            } else {
+                assert_eq!(
+                    g,
+                    want.to_bits(),
+                    "element {i}: {v} → {g:#x}, half says {:#x}",
+                    want.to_bits()
+                );
+            }
+        }
+        let back = zeros_f32(dev, n).unwrap();
+        o::cast_to_f32(dev, &dst, &back, n).unwrap();
+        let back = down_f32(dev, &back).unwrap();
+        for (&b, &g) in back.iter().zip(&got) {
+            let want = half::bf16::from_bits(g).to_f32();
+            assert!(b == want || (b.is_nan() && want.is_nan()), "{b} vs {want}");
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// CPU emulator: a correctness check of the device path, far slower than either)
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// f32, or bf16 (mixed precision: bf16 GEMM operands, f32 accumulation, master weights,
+    /// norms and loss; cuda and emu only)
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
 }
 
 /// Median ms/token of `n`-token greedy decodes, gated vs ungated twin, interleaved over rounds.
@@ -122,6 +126,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let (pb, ps) = preset_shape(&a.preset);
     let (b, t) = (a.batch.unwrap_or(pb), a.seq.unwrap_or(ps));
     match a.device.as_str() {
+        "cpu" if a.precision != "f32" => anyhow::bail!("--precision {}: the CPU engine computes in f32", a.precision),
         "cpu" => {}
         #[cfg(feature = "cuda")]
         "cuda" | "emu" => return super::bench_cuda::run(&a, &cfg, b, t),

@@ -2,7 +2,7 @@
 //! AdamW) on the device-resident model, one `RESULT {json}` line like the CPU bench's.
 
 use super::bench::{flops_per_token, random_batch, BenchArgs};
-use crate::backend::cuda::model::DeviceModel;
+use crate::backend::cuda::model::{DeviceModel, Precision};
 use crate::backend::cuda::runtime::Device;
 use crate::config::ModelConfig;
 use crate::model::Model;
@@ -18,7 +18,12 @@ pub fn run(a: &BenchArgs, cfg: &ModelConfig, batch: usize, seq: usize) -> Result
     };
     let model: Model<f32> = Model::new(cfg.clone(), 0)?;
     let params = model.params.numel();
-    let mut dm = DeviceModel::new(dev.as_ref(), &model)?;
+    let precision = match a.precision.as_str() {
+        "f32" => Precision::F32,
+        "bf16" => Precision::Bf16,
+        other => anyhow::bail!("--precision {other}: expected f32 or bf16"),
+    };
+    let mut dm = DeviceModel::new(dev.as_ref(), &model, precision)?;
     drop(model);
     let opt = AdamWConfig {
         lr: 3e-4,
@@ -46,7 +51,7 @@ pub fn run(a: &BenchArgs, cfg: &ModelConfig, batch: usize, seq: usize) -> Result
         "impl": format!("gated-lm-{}", a.device), "device": dev.describe(), "config": a.preset, "gate": a.gate,
         "params": params, "tokens_per_step": batch * seq, "step_ms": (med * 1e5).round() / 100.0,
         "tokens_per_s": tok_s.round(), "gflops": (fpt * tok_s / 1e9 * 10.0).round() / 10.0,
-        "loss": (loss * 1e4).round() / 1e4, "steps": a.steps, "precision": "f32",
+        "loss": (loss * 1e4).round() / 1e4, "steps": a.steps, "precision": a.precision,
     });
     println!("RESULT {r}");
     Ok(())

@@ -1,10 +1,10 @@
 //! A CUDA device with the kernels loaded, as a [`Device`]: buffers are cudarc allocations
 //! addressed by raw device pointers, launches go by kernel name on one stream.
 
+use super::blas::{Blas, ColMajor};
 use super::runtime::{Arg, DBuf, Device, Launch, Strided};
 use super::{compile_all, SOURCES};
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
@@ -16,9 +16,9 @@ pub struct Gpu {
     pub arch: &'static str,
     stream: Arc<CudaStream>,
     modules: Vec<(&'static str, Arc<CudaModule>)>,
-    /// cuBLASLt when its library is present and `use_blas` is on (f32 GEMMs then run in TF32,
-    /// as torch's with allow_tf32); otherwise the portable GEMM kernel.
-    blas: Option<CudaBlasLT>,
+    /// cuBLASLt when its library is present and `use_blas` is on; otherwise the portable GEMM
+    /// kernel.
+    blas: Option<Blas>,
     pub use_blas: bool,
 }
 
@@ -53,7 +53,7 @@ impl Gpu {
         let stream = ctx.default_stream();
         // SAFETY: only tries to dlopen the candidate library names
         let blas = if unsafe { cudarc::cublaslt::sys::is_culib_present() } {
-            Some(CudaBlasLT::new(stream.clone()).map_err(|e| anyhow!("cuBLASLt on {name}: {e:?}"))?)
+            Some(Blas::new(stream.clone()).with_context(|| format!("on {name}"))?)
         } else {
             None
         };
@@ -86,7 +86,7 @@ impl Gpu {
 impl Device for Gpu {
     fn describe(&self) -> String {
         let gemm = match (&self.blas, self.use_blas) {
-            (Some(_), true) => "cuBLASLt TF32 GEMMs",
+            (Some(_), true) => "cuBLASLt GEMMs",
             (Some(_), false) => "portable GEMM kernel",
             (None, _) => "portable GEMM kernel: libcublasLt not found",
         };
@@ -153,36 +153,24 @@ impl Device for Gpu {
             (ld, 1) => (true, ld),
             _ => return None,
         };
-        let cfg = MatmulConfig {
+        let g = ColMajor {
+            dtype: a.dtype,
             transa,
             transb,
-            transc: false,
-            m: n as u64,
-            n: m as u64,
-            k: k as u64,
+            m: n,
+            n: m,
+            k,
+            a: b.buf.ptr,
+            lda,
+            b: a.buf.ptr,
+            ldb,
+            c: c.ptr,
+            ldc,
             alpha,
-            lda: lda as i64,
-            ldb: ldb as i64,
             beta,
-            ldc: ldc as i64,
-            stride_a: None,
-            stride_b: None,
-            stride_c: None,
-            stride_bias: None,
-            batch_size: None,
         };
-        Some((|| {
-            let (sa, sb, sc) = (slice(a.buf)?.borrow(), slice(b.buf)?.borrow(), slice(c)?);
-            let mut sc = sc.try_borrow_mut().context("GEMM output aliases an input")?;
-            // SAFETY: lengths are the buffers' own; the caller checked the strided spans fit
-            unsafe {
-                let av = sa.transmute::<f32>(a.buf.bytes / 4).context("A view")?;
-                let bv = sb.transmute::<f32>(b.buf.bytes / 4).context("B view")?;
-                let mut cv = sc.transmute_mut::<f32>(c.bytes / 4).context("C view")?;
-                blas.matmul(cfg, &bv, &av, &mut cv, None, None)
-                    .map_err(|e| anyhow!("cuBLASLt GEMM {m}×{n}×{k}: {e:?}"))
-            }
-        })())
+        // SAFETY: ops::gemm checked that the strided spans fit in their buffers
+        Some(unsafe { blas.matmul(&g) }.with_context(|| format!("GEMM {m}×{n}×{k} on {}", self.name)))
     }
 
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {

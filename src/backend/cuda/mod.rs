@@ -7,6 +7,7 @@
 //! execution model that runs the same sources so every kernel is tested against the CPU ops on
 //! machines without a GPU. Not yet here: cuBLASLt GEMMs and the model on the GPU.
 
+pub mod blas;
 pub mod device;
 pub mod emu;
 pub mod model;
@@ -29,6 +30,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "gate_sigmoid_mul_fwd",
             "gate_sigmoid_mul_bwd",
             "adamw",
+            "cast_f32_bf16",
+            "cast_bf16_f32",
         ],
     ),
     (
@@ -55,7 +58,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "attn_bwd_dq_hd128",
         ],
     ),
-    ("gemm", include_str!("kernels/gemm.cu"), &["gemm_f32"]),
+    ("gemm", include_str!("kernels/gemm.cu"), &["gemm_f32", "gemm_bf16"]),
     (
         "model",
         include_str!("kernels/model.cu"),

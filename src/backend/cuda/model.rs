@@ -4,7 +4,7 @@
 //! sigmoid, head-specific, elementwise or headwise), QK-norm or none, partial RoPE, both norm
 //! styles, tied or untied head. Other configurations are refused with the reason.
 
-use super::ops::{self, AdamStep, AttnDims, AttnScratch, DeviceRope, FusedGate, HeadRows, TensorTable};
+use super::ops::{self, AdamStep, AttnDims, AttnScratch, DeviceRope, FusedGate, HeadRows, Operand, TensorTable};
 use super::runtime::{down_f32, up_f32, up_i32, DBuf, Device};
 use crate::config::{GateActivation, GateCombine, GateGranularity, GatePosition, ModelConfig, NormStyle};
 use crate::model::ops::cross_entropy::IGNORE;
@@ -27,6 +27,33 @@ pub struct DeviceModel<'d> {
     rope: DeviceRope,
     gate: FusedGate,
     pub step: u64,
+    precision: Precision,
+    /// bf16 copies of the GEMM weights (mixed precision), made for the weights of step
+    /// `bf16_of_step`.
+    bf16_weights: Vec<Option<DBuf>>,
+    bf16_of_step: Option<u64>,
+}
+
+/// Arithmetic of the device model: f32 throughout, or mixed precision (f32 master weights,
+/// optimizer state, norms, softmax and loss; bf16 GEMM operands with f32 accumulation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+enum Act<'a> {
+    F32(&'a DBuf),
+    Bf16(DBuf),
+}
+
+impl Act<'_> {
+    fn op(&self) -> Operand<'_> {
+        match self {
+            Act::F32(b) => (*b).into(),
+            Act::Bf16(b) => Operand::bf16(b),
+        }
+    }
 }
 
 /// What one layer's backward needs from its forward.
@@ -80,7 +107,7 @@ pub fn unsupported(cfg: &ModelConfig) -> Option<String> {
 
 impl<'d> DeviceModel<'d> {
     /// Upload a CPU model's parameters.
-    pub fn new(dev: &'d dyn Device, model: &Model<f32>) -> Result<Self> {
+    pub fn new(dev: &'d dyn Device, model: &Model<f32>, precision: Precision) -> Result<Self> {
         let cfg = model.cfg.clone();
         if let Some(why) = unsupported(&cfg) {
             bail!("this model cannot run on {}: {why}", dev.describe());
@@ -115,6 +142,9 @@ impl<'d> DeviceModel<'d> {
             table: None,
             gate,
             step: 0,
+            precision,
+            bf16_weights: (0..model.specs.len()).map(|_| None).collect(),
+            bf16_of_step: None,
         })
     }
 
@@ -144,6 +174,7 @@ impl<'d> DeviceModel<'d> {
     /// Forward and backward of one batch (`ids`, `targets` `[batch, seq]`, `IGNORE` = no
     /// target); gradients are added to the device's. Returns the mean loss.
     pub fn forward_backward(&mut self, ids: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<f64> {
+        self.refresh_bf16()?;
         let (dev, cfg) = (self.dev, &self.cfg);
         let (n, dm, vocab) = (batch * seq, cfg.hidden_size, cfg.vocab_size);
         if n == 0 || ids.len() != n || targets.len() != n {
@@ -180,14 +211,14 @@ impl<'d> DeviceModel<'d> {
         ops::rmsnorm_fwd(dev, &x, &self.params[self.index.norm], &hf, &rstd, n, dm, eps, zc)?;
         let head = self.head();
         let logits = self.zeros(n * vocab)?;
-        ops::linear_fwd(dev, &hf, &self.params[head], &logits, n, dm, vocab)?;
+        self.lin_fwd(&hf, head, &logits, n, dm, vocab)?;
         let loss_rows = self.zeros(n)?;
         let scale = if count > 0 { 1.0 / count as f32 } else { 0.0 };
         ops::cross_entropy(dev, &logits, &tgt, &loss_rows, n, vocab, scale)?;
         // logits now hold d(mean loss)/d(logits)
         let dhf = self.zeros(n * dm)?;
-        ops::linear_bwd_dx(dev, &logits, &self.params[head], &dhf, n, dm, vocab, false)?;
-        ops::linear_bwd_dw(dev, &hf, &logits, &self.grads[head], n, dm, vocab)?;
+        self.lin_bwd_dx(&logits, head, &dhf, n, dm, vocab, false)?;
+        self.lin_bwd_dw(&hf, &logits, head, n, dm, vocab)?;
         drop(logits);
         let mut dx = self.zeros(n * dm)?;
         let norm = self.index.norm;
@@ -227,13 +258,13 @@ impl<'d> DeviceModel<'d> {
         let (h1, rstd1) = (self.zeros(n * dm)?, self.zeros(n)?);
         ops::rmsnorm_fwd(dev, &x, &p[li.input_norm], &h1, &rstd1, n, dm, eps, zc)?;
         let (q, k, v) = (self.zeros(n * qd)?, self.zeros(n * kvd)?, self.zeros(n * kvd)?);
-        ops::linear_fwd(dev, &h1, &p[li.q_proj], &q, n, dm, qd)?;
-        ops::linear_fwd(dev, &h1, &p[li.k_proj], &k, n, dm, kvd)?;
-        ops::linear_fwd(dev, &h1, &p[li.v_proj], &v, n, dm, kvd)?;
+        self.lin_fwd(&h1, li.q_proj, &q, n, dm, qd)?;
+        self.lin_fwd(&h1, li.k_proj, &k, n, dm, kvd)?;
+        self.lin_fwd(&h1, li.v_proj, &v, n, dm, kvd)?;
         let z = match (li.gate, cfg.gate_geometry()) {
             (Some(gi), Some(geo)) => {
                 let z = self.zeros(n * geo.scores())?;
-                ops::linear_fwd(dev, &h1, &p[gi], &z, n, dm, geo.scores())?;
+                self.lin_fwd(&h1, gi, &z, n, dm, geo.scores())?;
                 Some(z)
             }
             _ => None,
@@ -248,17 +279,17 @@ impl<'d> DeviceModel<'d> {
         let (o, y, lse) = (self.zeros(n * qd)?, self.zeros(n * qd)?, self.zeros(n * cfg.num_heads)?);
         ops::attention_fwd(dev, &d, self.gate, &qr, &kr, &v, z.as_ref(), &o, &y, &lse)?;
         let a = self.zeros(n * dm)?;
-        ops::linear_fwd(dev, &y, &p[li.o_proj], &a, n, qd, dm)?;
+        self.lin_fwd(&y, li.o_proj, &a, n, qd, dm)?;
         let x1 = self.zeros(n * dm)?;
         ops::add(dev, &x, &a, &x1, n * dm)?;
         let (h2, rstd2) = (self.zeros(n * dm)?, self.zeros(n)?);
         ops::rmsnorm_fwd(dev, &x1, &p[li.post_norm], &h2, &rstd2, n, dm, eps, zc)?;
         let (g, u, m) = (self.zeros(n * ff)?, self.zeros(n * ff)?, self.zeros(n * ff)?);
-        ops::linear_fwd(dev, &h2, &p[mlp.gate], &g, n, dm, ff)?;
-        ops::linear_fwd(dev, &h2, &p[mlp.up], &u, n, dm, ff)?;
+        self.lin_fwd(&h2, mlp.gate, &g, n, dm, ff)?;
+        self.lin_fwd(&h2, mlp.up, &u, n, dm, ff)?;
         ops::swiglu_fwd(dev, &g, &u, &m, n * ff)?;
         let out = self.zeros(n * dm)?;
-        ops::linear_fwd(dev, &m, &p[mlp.down], &out, n, ff, dm)?;
+        self.lin_fwd(&m, mlp.down, &out, n, ff, dm)?;
         ops::add(dev, &x1, &out, &out, n * dm)?;
         let c = LayerCache {
             x,
@@ -307,23 +338,23 @@ impl<'d> DeviceModel<'d> {
 
         // MLP: out = x1 + down(swiglu(gate·h2, up·h2))
         let dm_ = self.zeros(n * ff)?;
-        ops::linear_bwd_dx(dev, &dx, &p[mlp.down], &dm_, n, ff, dm, false)?;
-        ops::linear_bwd_dw(dev, &c.m, &dx, &gr[mlp.down], n, ff, dm)?;
+        self.lin_bwd_dx(&dx, mlp.down, &dm_, n, ff, dm, false)?;
+        self.lin_bwd_dw(&c.m, &dx, mlp.down, n, ff, dm)?;
         let (dg, du) = (self.zeros(n * ff)?, self.zeros(n * ff)?);
         ops::swiglu_bwd(dev, &c.g, &c.u, &dm_, &dg, &du, n * ff)?;
         let dh2 = self.zeros(n * dm)?;
-        ops::linear_bwd_dx(dev, &dg, &p[mlp.gate], &dh2, n, dm, ff, false)?;
-        ops::linear_bwd_dx(dev, &du, &p[mlp.up], &dh2, n, dm, ff, true)?;
-        ops::linear_bwd_dw(dev, &c.h2, &dg, &gr[mlp.gate], n, dm, ff)?;
-        ops::linear_bwd_dw(dev, &c.h2, &du, &gr[mlp.up], n, dm, ff)?;
+        self.lin_bwd_dx(&dg, mlp.gate, &dh2, n, dm, ff, false)?;
+        self.lin_bwd_dx(&du, mlp.up, &dh2, n, dm, ff, true)?;
+        self.lin_bwd_dw(&c.h2, &dg, mlp.gate, n, dm, ff)?;
+        self.lin_bwd_dw(&c.h2, &du, mlp.up, n, dm, ff)?;
         let pn = li.post_norm;
         // dx becomes d(x1): the residual plus the post-norm's input gradient
         ops::rmsnorm_bwd(dev, &c.x1, &p[pn], &c.rstd2, &dh2, &dx, &gr[pn], n, dm, zc, true)?;
 
         // attention: x1 = x + o_proj(gated SDPA)
         let dy = self.zeros(n * qd)?;
-        ops::linear_bwd_dx(dev, &dx, &p[li.o_proj], &dy, n, qd, dm, false)?;
-        ops::linear_bwd_dw(dev, &c.y, &dx, &gr[li.o_proj], n, qd, dm)?;
+        self.lin_bwd_dx(&dx, li.o_proj, &dy, n, qd, dm, false)?;
+        self.lin_bwd_dw(&c.y, &dx, li.o_proj, n, qd, dm)?;
         let d = self.attn_dims(batch, seq);
         let scratch = AttnScratch::new(dev, &d)?;
         let (dqr, dkr, dv) = (self.zeros(n * qd)?, self.zeros(n * kvd)?, self.zeros(n * kvd)?);
@@ -354,12 +385,84 @@ impl<'d> DeviceModel<'d> {
             projections.push((gi, dz, geo.scores()));
         }
         for (i, (w, dout, width)) in projections.into_iter().enumerate() {
-            ops::linear_bwd_dx(dev, dout, &p[w], &dh1, n, dm, width, i > 0)?;
-            ops::linear_bwd_dw(dev, &c.h1, dout, &gr[w], n, dm, width)?;
+            self.lin_bwd_dx(dout, w, &dh1, n, dm, width, i > 0)?;
+            self.lin_bwd_dw(&c.h1, dout, w, n, dm, width)?;
         }
         let inorm = li.input_norm;
         ops::rmsnorm_bwd(dev, &c.x, &p[inorm], &c.rstd1, &dh1, &dx, &gr[inorm], n, dm, zc, true)?;
         Ok(dx)
+    }
+
+    /// An activation as a GEMM operand: itself, or in mixed precision a bf16 copy.
+    fn act<'a>(&self, x: &'a DBuf) -> Result<Act<'a>> {
+        match self.precision {
+            Precision::F32 => Ok(Act::F32(x)),
+            Precision::Bf16 => {
+                let n = x.bytes / 4;
+                let b = self.dev.zeros(n * 2)?;
+                ops::cast_to_bf16(self.dev, x, &b, n)?;
+                Ok(Act::Bf16(b))
+            }
+        }
+    }
+
+    /// Weight `i` as a GEMM operand (its bf16 copy in mixed precision).
+    fn weight(&self, i: usize) -> Operand<'_> {
+        match &self.bf16_weights[i] {
+            Some(b) if self.precision == Precision::Bf16 => Operand::bf16(b),
+            _ => (&self.params[i]).into(),
+        }
+    }
+
+    /// `y = x·W_iᵀ`
+    fn lin_fwd(&self, x: &DBuf, w: usize, y: &DBuf, rows: usize, din: usize, dout: usize) -> Result<()> {
+        let xa = self.act(x)?;
+        ops::linear_fwd(self.dev, xa.op(), self.weight(w), y, rows, din, dout)
+    }
+
+    /// `dx (+)= dy·W_i`
+    #[allow(clippy::too_many_arguments)]
+    fn lin_bwd_dx(
+        &self,
+        dy: &DBuf,
+        w: usize,
+        dx: &DBuf,
+        rows: usize,
+        din: usize,
+        dout: usize,
+        acc: bool,
+    ) -> Result<()> {
+        let da = self.act(dy)?;
+        ops::linear_bwd_dx(self.dev, da.op(), self.weight(w), dx, rows, din, dout, acc)
+    }
+
+    /// `dW_i += dyᵀ·x`
+    fn lin_bwd_dw(&self, x: &DBuf, dy: &DBuf, w: usize, rows: usize, din: usize, dout: usize) -> Result<()> {
+        let (xa, da) = (self.act(x)?, self.act(dy)?);
+        ops::linear_bwd_dw(self.dev, xa.op(), da.op(), &self.grads[w], rows, din, dout)
+    }
+
+    /// Refresh the bf16 copies of the GEMM weights after the master weights changed.
+    fn refresh_bf16(&mut self) -> Result<()> {
+        if self.precision != Precision::Bf16 || self.bf16_of_step == Some(self.step) {
+            return Ok(());
+        }
+        for (i, slot) in self.bf16_weights.iter_mut().enumerate() {
+            if matches!(
+                self.specs[i].kind,
+                ParamKind::Matrix | ParamKind::Gate | ParamKind::Embedding
+            ) {
+                let n = self.params[i].bytes / 4;
+                let b = match slot.take() {
+                    Some(b) => b,
+                    None => self.dev.zeros(n * 2)?,
+                };
+                ops::cast_to_bf16(self.dev, &self.params[i], &b, n)?;
+                *slot = Some(b);
+            }
+        }
+        self.bf16_of_step = Some(self.step);
+        Ok(())
     }
 
     /// Set every gradient to zero (before accumulating a new step's micro-batches).

@@ -56,10 +56,27 @@ impl Launch {
     }
 }
 
-/// A strided f32 matrix operand: element (r, c) at `buf[r·rs + c·cs]`.
+/// Element type of a GEMM operand (outputs are always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    Bf16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+}
+
+/// A strided matrix operand: element (r, c) at `buf[r·rs + c·cs]`, of type `dtype`.
 #[derive(Clone, Copy)]
 pub struct Strided<'a> {
     pub buf: &'a DBuf,
+    pub dtype: DType,
     pub rs: usize,
     pub cs: usize,
 }

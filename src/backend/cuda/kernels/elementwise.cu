@@ -45,3 +45,14 @@ extern "C" __global__ void adamw(float* p, const float* grad, float* m, float* v
         p[i] = p[i] * (1.0f - lr * wd) - lr * mh / (sqrtf(vh) + eps);
     }
 }
+
+// Mixed precision: bf16 copies of f32 tensors (round to nearest even) and back.
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = f32_to_bf16(x[i]);
+}
+
+extern "C" __global__ void cast_bf16_f32(const bf16* x, float* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = bf16_to_f32(x[i]);
+}

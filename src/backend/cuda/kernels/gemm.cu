@@ -3,14 +3,19 @@
 // strides express every transpose the linear layers need (x·Wᵀ, dy·W, dyᵀ·x) with one kernel.
 // It is the portable path (the emulator, or a GPU without cuBLASLt): 64×64 output tiles, 256
 // threads of 4×4 outputs, K in steps of 16 through shared memory; deterministic (each output
-// summed by one thread in k order). beta = 0 never reads C.
+// summed by one thread in k order). beta = 0 never reads C. gemm_bf16 reads bf16 A and B (the
+// mixed-precision matmul: bf16 operands, f32 accumulation and output).
 
 #define GM 64
 #define GN 64
 #define GK 16
 
-extern "C" __global__ void gemm_f32(const float* A, const float* B, float* C, int M, int N, int K, long sam, long sak,
-                                    long sbk, long sbn, long ldc, float alpha, float beta) {
+__device__ __forceinline__ float load_f(const float* p) { return *p; }
+__device__ __forceinline__ float load_f(const bf16* p) { return bf16_to_f32(*p); }
+
+template <class T>
+__device__ void gemm_impl(const T* A, const T* B, float* C, int M, int N, int K, long sam, long sak, long sbk,
+                          long sbn, long ldc, float alpha, float beta) {
     __shared__ float as[GK][GM];
     __shared__ float bs[GK][GN];
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -21,11 +26,11 @@ extern "C" __global__ void gemm_f32(const float* A, const float* B, float* C, in
     for (int k0 = 0; k0 < K; k0 += GK) {
         for (int idx = threadIdx.x; idx < GM * GK; idx += blockDim.x) {
             int mm = idx / GK, kk = idx % GK, m = m0 + mm, k = k0 + kk;
-            as[kk][mm] = m < M && k < K ? A[m * sam + k * sak] : 0.0f;
+            as[kk][mm] = m < M && k < K ? load_f(A + m * sam + k * sak) : 0.0f;
         }
         for (int idx = threadIdx.x; idx < GN * GK; idx += blockDim.x) {
             int kk = idx / GN, nn = idx % GN, n = n0 + nn, k = k0 + kk;
-            bs[kk][nn] = n < N && k < K ? B[k * sbk + n * sbn] : 0.0f;
+            bs[kk][nn] = n < N && k < K ? load_f(B + k * sbk + n * sbn) : 0.0f;
         }
         __syncthreads();
         for (int kk = 0; kk < GK; ++kk) {
@@ -45,4 +50,14 @@ extern "C" __global__ void gemm_f32(const float* A, const float* B, float* C, in
                 *c = beta == 0.0f ? alpha * acc[i][j] : alpha * acc[i][j] + beta * *c;
             }
         }
+}
+
+extern "C" __global__ void gemm_f32(const float* A, const float* B, float* C, int M, int N, int K, long sam, long sak,
+                                    long sbk, long sbn, long ldc, float alpha, float beta) {
+    gemm_impl(A, B, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
+}
+
+extern "C" __global__ void gemm_bf16(const bf16* A, const bf16* B, float* C, int M, int N, int K, long sam, long sak,
+                                     long sbk, long sbn, long ldc, float alpha, float beta) {
+    gemm_impl(A, B, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
 }

@@ -3,15 +3,46 @@
 //! (kernels/{gemm,model}.cu).
 
 use super::{elems, f32s, need, AdamStep, THREADS};
+pub use crate::backend::cuda::runtime::DType;
 pub use crate::backend::cuda::runtime::Strided;
 use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
 fn span(what: &str, s: Strided, rows: usize, cols: usize) -> Result<()> {
     if rows > 0 && cols > 0 {
-        need(what, s.buf, (rows - 1) * s.rs + (cols - 1) * s.cs + 1, 4)?;
+        need(what, s.buf, (rows - 1) * s.rs + (cols - 1) * s.cs + 1, s.dtype.size())?;
     }
     Ok(())
+}
+
+/// A matrix of a linear layer: its buffer and element type.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub buf: &'a DBuf,
+    pub dtype: DType,
+}
+
+impl<'a> From<&'a DBuf> for Operand<'a> {
+    fn from(buf: &'a DBuf) -> Self {
+        Operand { buf, dtype: DType::F32 }
+    }
+}
+
+impl<'a> Operand<'a> {
+    pub fn bf16(buf: &'a DBuf) -> Self {
+        Operand {
+            buf,
+            dtype: DType::Bf16,
+        }
+    }
+    fn at(self, rs: usize, cs: usize) -> Strided<'a> {
+        Strided {
+            buf: self.buf,
+            dtype: self.dtype,
+            rs,
+            cs,
+        }
+    }
 }
 
 /// `C[m, n] = alpha·A·B + beta·C` with `A` m×k and `B` k×n strided, `C` row-major (`ldc`).
@@ -28,7 +59,10 @@ pub fn gemm(
 ) -> Result<()> {
     span("gemm A", a, m, k)?;
     span("gemm B", b, k, n)?;
-    span("gemm C", Strided { buf: c, rs: ldc, cs: 1 }, m, n)?;
+    if a.dtype != b.dtype {
+        bail!("gemm: operands of mixed types {:?} and {:?}", a.dtype, b.dtype);
+    }
+    span("gemm C", Operand::from(c).at(ldc, 1), m, n)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -56,55 +90,67 @@ pub fn gemm(
         block: [256, 1, 1],
         smem: 0,
     };
-    dev.launch("gemm_f32", cfg, &args)
+    let kernel = match a.dtype {
+        DType::F32 => "gemm_f32",
+        DType::Bf16 => "gemm_bf16",
+    };
+    dev.launch(kernel, cfg, &args)
 }
 
 /// `y = x·Wᵀ`, `x` `[rows, din]`, `W` `[dout, din]` (the CPU layout).
-pub fn linear_fwd(dev: &dyn Device, x: &DBuf, w: &DBuf, y: &DBuf, rows: usize, din: usize, dout: usize) -> Result<()> {
-    let a = Strided { buf: x, rs: din, cs: 1 };
-    let b = Strided { buf: w, rs: 1, cs: din };
-    gemm(dev, (rows, dout, din), a, b, y, dout, 1.0, 0.0)
+pub fn linear_fwd(
+    dev: &dyn Device,
+    x: Operand,
+    w: Operand,
+    y: &DBuf,
+    rows: usize,
+    din: usize,
+    dout: usize,
+) -> Result<()> {
+    gemm(dev, (rows, dout, din), x.at(din, 1), w.at(1, din), y, dout, 1.0, 0.0)
 }
 
 /// `dx (+)= dy·W`
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bwd_dx(
     dev: &dyn Device,
-    dy: &DBuf,
-    w: &DBuf,
+    dy: Operand,
+    w: Operand,
     dx: &DBuf,
     rows: usize,
     din: usize,
     dout: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let a = Strided {
-        buf: dy,
-        rs: dout,
-        cs: 1,
-    };
-    let b = Strided { buf: w, rs: din, cs: 1 };
     let beta = if accumulate { 1.0 } else { 0.0 };
-    gemm(dev, (rows, din, dout), a, b, dx, din, 1.0, beta)
+    gemm(dev, (rows, din, dout), dy.at(dout, 1), w.at(din, 1), dx, din, 1.0, beta)
 }
 
 /// `dW += dyᵀ·x`
 pub fn linear_bwd_dw(
     dev: &dyn Device,
-    x: &DBuf,
-    dy: &DBuf,
+    x: Operand,
+    dy: Operand,
     dw: &DBuf,
     rows: usize,
     din: usize,
     dout: usize,
 ) -> Result<()> {
-    let a = Strided {
-        buf: dy,
-        rs: 1,
-        cs: dout,
-    };
-    let b = Strided { buf: x, rs: din, cs: 1 };
-    gemm(dev, (dout, din, rows), a, b, dw, din, 1.0, 1.0)
+    gemm(dev, (dout, din, rows), dy.at(1, dout), x.at(din, 1), dw, din, 1.0, 1.0)
+}
+
+/// bf16 copy of `n` f32 values (round to nearest even).
+pub fn cast_to_bf16(dev: &dyn Device, x: &DBuf, y: &DBuf, n: usize) -> Result<()> {
+    f32s("cast_to_bf16", &[x], n)?;
+    need("cast_to_bf16", y, n, 2)?;
+    dev.launch("cast_f32_bf16", elems(n), &[x.arg(), y.arg(), Arg::I64(n as i64)])
+}
+
+/// f32 copy of `n` bf16 values (exact).
+pub fn cast_to_f32(dev: &dyn Device, x: &DBuf, y: &DBuf, n: usize) -> Result<()> {
+    need("cast_to_f32", x, n, 2)?;
+    f32s("cast_to_f32", &[y], n)?;
+    dev.launch("cast_bf16_f32", elems(n), &[x.arg(), y.arg(), Arg::I64(n as i64)])
 }
 
 /// Rows of `table` (`[vocab, d]`) for i32 `ids`.
