@@ -70,6 +70,20 @@ pub struct TrainArgs {
     /// No progress bar
     #[arg(long)]
     pub quiet: bool,
+    /// cpu; cuda (GPU 0; a build with `--features cuda`); emu (the CUDA kernels on the CPU
+    /// emulator: checks the device path, slowly). Dense models with no gate or the G1 gate.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, or bf16 mixed precision on a device (bf16 GEMM operands, f32 everything else)
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+}
+
+fn device_choice(a: &TrainArgs) -> crate::train::engine::DeviceChoice {
+    crate::train::engine::DeviceChoice {
+        device: a.device.clone(),
+        precision: a.precision.clone(),
+    }
 }
 
 /// Preset → config file → flags.
@@ -218,6 +232,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             resume: a.resume,
             stop_after: a.stop_after,
             progress: !a.quiet,
+            device: device_choice(&a),
         },
     )?;
     print_summary(&out, &s);
@@ -304,6 +319,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
                 resume,
                 stop_after: None,
                 progress: !a.common.quiet,
+                device: device_choice(&a.common),
             },
         )?;
         print_summary(&dir, &s);

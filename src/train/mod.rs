@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod metrics;
 pub mod report;
 pub mod schedule;
@@ -13,12 +14,13 @@ use crate::analysis::probes::{SinkProbe, SinkStats};
 use crate::io::hf::save_model;
 use crate::model::observer::{NoObserver, RouterLog};
 use crate::model::{Batch, Model};
-use crate::optim::{clip_coef, grad_norm, AdamW};
+use crate::optim::{clip_coef, AdamW};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use checkpoint::TrainState;
 use config::TrainConfig;
 use data::{build_shards, eval_starts, read_documents, Shard};
+use engine::Engine;
 use metrics::Metrics;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,8 @@ pub struct RunOptions {
     /// Stop after this many completed steps this session (as Ctrl-C would); used by tests.
     pub stop_after: Option<u64>,
     pub progress: bool,
+    /// cpu (default), cuda or emu, and the precision there
+    pub device: engine::DeviceChoice,
 }
 
 /// How a run ended.
@@ -229,13 +233,22 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         state = checkpoint::load(&ckpt_dir, &specs, &mut model.params, &mut opt)?;
         eprintln!("resuming {} at step {}", out.display(), state.step);
     }
+    opts.device.check()?;
+    #[cfg(feature = "cuda")]
+    let dev = opts.device.open()?;
+    #[cfg(feature = "cuda")]
+    let mut engine = match &dev {
+        Some(d) => Engine::device(d.as_ref(), &model, &opt, &opts.device.precision)?,
+        None => Engine::cpu(&model),
+    };
+    #[cfg(not(feature = "cuda"))]
+    let mut engine = Engine::cpu(&model);
     let metrics = Metrics::open(out.join("metrics.jsonl"), resuming.then_some(state.step))?;
     let (b, t, accum) = (cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum);
     let total = cfg.train.max_steps;
     let bar = progress_bar(opts.progress, total, state.step);
     let t0 = Instant::now();
     let elapsed0 = state.elapsed_s;
-    let mut grads = model.zero_grads();
     let (mut last_loss, mut last_eval_step) = (f64::NAN, None);
     let mut last_val = (f64::NAN, None::<SinkStats>);
     let (mut ids, mut tg) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
@@ -248,7 +261,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         }
         let step = state.step;
         let lr = cfg.schedule.lr_at(step, total, cfg.optim.adamw.lr);
-        grads.fill_zero();
+        engine.zero_grads()?;
         let mut loss = 0.0;
         let mut bad_where: Option<String> = None;
         let mut routers = RouterLog::default();
@@ -259,16 +272,13 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
                 let start = state.sampler.below((data.train.len() - t - 1) as u64) as usize;
                 data.train.window(start, t, &mut ids, &mut tg);
             }
-            match model.forward_backward(
-                &Batch {
-                    ids: &ids,
-                    targets: &tg,
-                    batch: b,
-                    seq: t,
-                },
-                &mut grads,
-                &mut routers,
-            ) {
+            let batch = Batch {
+                ids: &ids,
+                targets: &tg,
+                batch: b,
+                seq: t,
+            };
+            match engine.micro_batch(&model, &batch, &mut routers) {
                 Ok(l) => loss += l,
                 Err(e) => match e.downcast_ref::<crate::model::NonFinite>() {
                     Some(nf) => {
@@ -280,28 +290,17 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
             }
         }
         loss /= accum as f64;
-        if accum > 1 {
-            let s = 1.0 / accum as f32;
-            grads
-                .tensors
-                .iter_mut()
-                .for_each(|g| g.data.iter_mut().for_each(|x| *x *= s));
-        }
+        // the mean over micro-batches: applied to the CPU's gradients, folded into the
+        // device's norm and update
+        let pending = engine.scale_grads(1.0 / accum as f32);
         state.step += 1;
         state.tokens += (b * t * accum) as u64;
-        let gnorm = grad_norm(&grads);
+        let gnorm = engine.grad_norm(pending)?;
         if !loss.is_finite() || !gnorm.is_finite() {
             // skip: no update, report, stop after too many in a row (last checkpoint stays valid)
             state.skipped += 1;
             state.consecutive_bad += 1;
-            let bad: Vec<&str> = grads
-                .names
-                .iter()
-                .zip(&grads.tensors)
-                .filter(|(_, g)| g.data.iter().any(|x| !x.is_finite()))
-                .map(|(n, _)| n.as_str())
-                .take(8)
-                .collect();
+            let bad = engine.bad_tensors(&model.params.names)?;
             let why = bad_where.unwrap_or_else(|| {
                 if loss.is_finite() {
                     format!("non-finite gradients in {}", bad.join(", "))
@@ -327,7 +326,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         } else {
             1.0
         };
-        opt.update_scaled(&mut model.params, &grads, &model.specs, lr, scale);
+        engine.update(&mut model, &mut opt, lr, scale * pending as f64)?;
         let is_spike = spike(&mut state, loss, cfg.stability.spike_window, cfg.stability.spike_margin);
         state.spikes += is_spike as u64;
         last_loss = loss;
@@ -345,6 +344,9 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
             bar.set_position(state.step);
             bar.set_message(format!("loss {loss:.4}  {tok_s:.0} tok/s"));
         }
+        if state.step.is_multiple_of(cfg.train.eval_every) || state.step.is_multiple_of(cfg.train.checkpoint_every) {
+            engine.sync(&mut model, &mut opt)?;
+        }
         if state.step.is_multiple_of(cfg.train.eval_every) {
             let (vl, st) = evaluate(&model, &data.val, &cfg)?;
             metrics.row(eval_row(state.step, vl, &st))?;
@@ -360,6 +362,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         bar.finish_and_clear();
     }
     // Always end with an evaluation, a checkpoint, the model and the report.
+    engine.sync(&mut model, &mut opt)?;
     if last_eval_step != Some(state.step) {
         let (vl, st) = evaluate(&model, &data.val, &cfg)?;
         metrics.row(eval_row(state.step, vl, &st))?;

@@ -11,7 +11,7 @@ use crate::model::ops::cross_entropy::IGNORE;
 use crate::model::ops::rope::RopeTable;
 use crate::model::params::{FfnIndex, LayerIndex, ParamIndex, ParamKind, ParamSpec, ParamStore};
 use crate::model::Model;
-use crate::optim::{clip_coef, AdamWConfig};
+use crate::optim::{clip_coef, AdamW, AdamWConfig};
 use anyhow::{bail, Result};
 
 pub struct DeviceModel<'d> {
@@ -499,16 +499,25 @@ impl<'d> DeviceModel<'d> {
         Ok(self.table.as_ref().expect("built above"))
     }
 
-    /// Clip the gradients to global norm `max_norm` (folded into the update) and take one AdamW
-    /// step at `lr`. Returns the norm before clipping.
-    pub fn step(&mut self, opt: &AdamWConfig, lr: f64, max_norm: f64) -> Result<f64> {
+    /// Global L2 norm of the accumulated gradients (per-block partials summed in f64).
+    pub fn grad_norm(&mut self) -> Result<f64> {
         let dev = self.dev;
-        let step = (self.step + 1) as i32;
-        let table = self.table(opt)?;
-        let norm = table.grad_sumsq(dev)?.sqrt();
-        if !norm.is_finite() {
-            bail!("gradient norm is {norm}: not stepping");
+        match &self.table {
+            Some(t) => Ok(t.grad_sumsq(dev)?.sqrt()),
+            // before the first update: a table just for the norm (the update builds its own
+            // with the run's weight decays)
+            None => {
+                let entries: Vec<_> = (0..self.grads.len())
+                    .map(|i| (&self.grads[i], &self.grads[i], &self.grads[i], &self.grads[i], 0.0))
+                    .collect();
+                Ok(TensorTable::new(dev, &entries)?.grad_sumsq(dev)?.sqrt())
+            }
         }
+    }
+
+    /// One AdamW step at `lr` on `scale · grads` (the clip coefficient and any averaging).
+    pub fn update(&mut self, opt: &AdamWConfig, lr: f64, scale: f32) -> Result<()> {
+        let step = (self.step + 1) as i32;
         let hp = AdamStep {
             lr: lr as f32,
             beta1: opt.beta1 as f32,
@@ -516,11 +525,49 @@ impl<'d> DeviceModel<'d> {
             eps: opt.eps as f32,
             weight_decay: opt.weight_decay as f32,
             step,
-            scale: clip_coef(norm, max_norm) as f32,
+            scale,
         };
-        table.adamw(dev, &hp)?;
+        let dev = self.dev;
+        self.table(opt)?.adamw(dev, &hp)?;
         self.step += 1;
+        Ok(())
+    }
+
+    /// Clip the gradients to global norm `max_norm` (folded into the update) and take one AdamW
+    /// step at `lr`. Returns the norm before clipping.
+    pub fn step(&mut self, opt: &AdamWConfig, lr: f64, max_norm: f64) -> Result<f64> {
+        let norm = self.grad_norm()?;
+        if !norm.is_finite() {
+            bail!("gradient norm is {norm}: not stepping");
+        }
+        self.update(opt, lr, clip_coef(norm, max_norm) as f32)?;
         Ok(norm)
+    }
+
+    /// Continue from a host optimizer's state (its moments and step count).
+    pub fn set_optimizer(&mut self, opt: &AdamW<f32>) -> Result<()> {
+        if opt.step == 0 {
+            return Ok(());
+        }
+        self.table(&opt.cfg)?;
+        for (i, (m, v)) in self.moments.iter_mut().enumerate() {
+            for (buf, src) in [(m, &opt.m.tensors[i].data), (v, &opt.v.tensors[i].data)] {
+                let bytes: Vec<u8> = src.iter().flat_map(|x| x.to_ne_bytes()).collect();
+                self.dev.write(buf, &bytes)?;
+            }
+        }
+        self.step = opt.step;
+        Ok(())
+    }
+
+    /// Copy the optimizer state back to a host optimizer.
+    pub fn optimizer_into(&self, opt: &mut AdamW<f32>) -> Result<()> {
+        opt.step = self.step;
+        for (i, (m, v)) in self.moments.iter().enumerate() {
+            opt.m.tensors[i].data = down_f32(self.dev, m)?;
+            opt.v.tensors[i].data = down_f32(self.dev, v)?;
+        }
+        Ok(())
     }
 
     fn download(&self, bufs: &[DBuf]) -> Result<ParamStore<f32>> {
