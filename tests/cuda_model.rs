@@ -275,6 +275,7 @@ fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
     let emu = DeviceChoice {
         device: "emu".into(),
         precision: "f32".into(),
+        ordinal: 0,
     };
     let losses = |dir: &std::path::Path| -> Vec<f64> {
         std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -322,4 +323,133 @@ fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
         ld.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
         "resumed device run {lr:?} vs uninterrupted {ld:?}"
     );
+}
+
+/// Data parallelism: two ranks (threads, each on its own emulator device, gradients summed
+/// through host memory) with one micro-batch each train like one process with two micro-batches
+/// per step, report the same global losses, and end with bit-identical weights.
+#[test]
+fn two_data_parallel_ranks_train_like_one_process_with_twice_the_micro_batches() {
+    use gated_lm::backend::cuda::dist::HostAllReduce;
+    use gated_lm::train::config::TrainConfig;
+    use gated_lm::train::engine::{DeviceChoice, Dist};
+    use gated_lm::train::{run, RunOptions};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let text = &gated_lm::train::data::embedded_corpus().unwrap()[0];
+    let corpus = tmp.path().join("corpus.txt");
+    std::fs::write(&corpus, &text[..text.char_indices().nth(200_000).unwrap().0]).unwrap();
+    let cfg = move |accum: usize| {
+        let mut c = TrainConfig::preset("cpu-micro").unwrap();
+        c.data.paths = vec![corpus.display().to_string()];
+        (c.train.max_steps, c.train.batch_size, c.train.seq_len) = (4, 2, 32);
+        (c.train.grad_accum, c.train.eval_every, c.train.eval_batches) = (accum, 100, 1);
+        c
+    };
+    let emu = || DeviceChoice {
+        device: "emu".into(),
+        precision: "f32".into(),
+        ordinal: 0,
+    };
+    let losses = |dir: &std::path::Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r.get("loss").is_some() && r.get("val_loss").is_none())
+            .map(|r| r["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let single = tmp.path().join("single");
+    let opts = RunOptions {
+        device: emu(),
+        ..Default::default()
+    };
+    run(cfg(2), &single, &opts).unwrap();
+    let dp = tmp.path().join("dp");
+    let handles: Vec<_> = HostAllReduce::group(2)
+        .into_iter()
+        .map(|comm| {
+            let rank = comm.rank_index();
+            let out = if rank == 0 { dp.clone() } else { dp.join("rank1") };
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let opts = RunOptions {
+                    device: emu(),
+                    dist: Some(Dist(Arc::new(comm))),
+                    ..Default::default()
+                };
+                run(cfg(1), &out, &opts).unwrap();
+                out
+            })
+        })
+        .collect();
+    let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let (ls, l0, l1) = (losses(&single), losses(&outs[0]), losses(&outs[1]));
+    assert_eq!(ls.len(), 4);
+    assert_eq!(l0, l1, "both ranks report the global loss");
+    for (i, (a, b)) in ls.iter().zip(&l0).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-5 * a,
+            "step {}: one process {a}, data-parallel {b}",
+            i + 1
+        );
+    }
+    let (m0, _) = gated_lm::io::hf::load_model(&outs[0].join("model")).unwrap();
+    let (m1, _) = gated_lm::io::hf::load_model(&outs[1].join("model")).unwrap();
+    assert!(m0.params == m1.params, "ranks' weights diverged");
+}
+
+/// NCCL on one GPU (the single-device case of the multi-GPU path): a world of one leaves the
+/// gradients as they are. Skips without a GPU or libnccl.
+#[test]
+fn nccl_world_of_one_is_the_identity() {
+    use gated_lm::backend::cuda::dist::{DistEnv, GradAllReduce, Nccl};
+    use gated_lm::backend::cuda::runtime::{down_f32, up_f32};
+    let gpu = match gated_lm::backend::cuda::device::Gpu::open(0) {
+        Ok(g) => g,
+        Err(e) => return eprintln!("SKIPPED: {e:#}"),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let env = DistEnv {
+        rank: 0,
+        world: 1,
+        local_rank: 0,
+        id_file: tmp.path().join("id"),
+    };
+    let comm = match Nccl::init(&gpu, &env, std::time::Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(e) if format!("{e}").contains("was not found") => return eprintln!("SKIPPED: {e:#}"),
+        Err(e) => panic!("{e:#}"),
+    };
+    let x: Vec<f32> = (0..1000).map(|i| (i as f32).sin()).collect();
+    let mut bufs = vec![up_f32(&gpu, &x).unwrap(), up_f32(&gpu, &x[..10]).unwrap()];
+    comm.all_reduce_sum(&gpu, &mut bufs).unwrap();
+    assert_eq!(down_f32(&gpu, &bufs[0]).unwrap(), x);
+    assert_eq!(down_f32(&gpu, &bufs[1]).unwrap(), &x[..10]);
+    assert_eq!(
+        std::fs::read(&env.id_file).unwrap().len(),
+        128,
+        "rank 0 publishes the NCCL id"
+    );
+}
+
+#[test]
+fn data_parallel_environment_is_read_like_torchrun() {
+    use gated_lm::backend::cuda::dist::DistEnv;
+    // one test owns these variables (tests of this binary do not read them otherwise)
+    std::env::remove_var("WORLD_SIZE");
+    assert_eq!(DistEnv::from_env().unwrap(), None);
+    std::env::set_var("WORLD_SIZE", "4");
+    std::env::set_var("RANK", "2");
+    let e = DistEnv::from_env().unwrap_err();
+    assert!(format!("{e}").contains("GATED_LM_NCCL_ID"), "{e}");
+    std::env::set_var("GATED_LM_NCCL_ID", "/shared/id");
+    let d = DistEnv::from_env().unwrap().unwrap();
+    assert_eq!((d.rank, d.world, d.local_rank), (2, 4, 2));
+    std::env::set_var("RANK", "4");
+    assert!(format!("{}", DistEnv::from_env().unwrap_err()).contains("not below WORLD_SIZE"));
+    for k in ["WORLD_SIZE", "RANK", "GATED_LM_NCCL_ID"] {
+        std::env::remove_var(k);
+    }
 }

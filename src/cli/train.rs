@@ -83,6 +83,7 @@ fn device_choice(a: &TrainArgs) -> crate::train::engine::DeviceChoice {
     crate::train::engine::DeviceChoice {
         device: a.device.clone(),
         precision: a.precision.clone(),
+        ordinal: 0,
     }
 }
 
@@ -224,6 +225,27 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
     };
     install_ctrlc();
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut device = device_choice(&a);
+    #[cfg(feature = "cuda")]
+    let (out, dist) = match crate::backend::cuda::dist::DistEnv::from_env()? {
+        None => (out, None),
+        Some(env) => {
+            if a.device != "cuda" {
+                anyhow::bail!("WORLD_SIZE={} asks for data parallelism: use --device cuda", env.world);
+            }
+            device.ordinal = env.local_rank;
+            let gpu = crate::backend::cuda::device::Gpu::open(env.local_rank)?;
+            let comm = crate::backend::cuda::dist::Nccl::init(&gpu, &env, std::time::Duration::from_secs(600))?;
+            // every rank is a complete run; rank 0 owns --out, the others live beside it
+            let out = if env.rank == 0 {
+                out
+            } else {
+                out.join(format!("rank{}", env.rank))
+            };
+            (out, Some(crate::train::engine::Dist(std::sync::Arc::new(comm))))
+        }
+    };
     eprintln!("training into {}", out.display());
     let s = run(
         cfg,
@@ -232,7 +254,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
             resume: a.resume,
             stop_after: a.stop_after,
             progress: !a.quiet,
-            device: device_choice(&a),
+            device,
+            #[cfg(feature = "cuda")]
+            dist,
         },
     )?;
     print_summary(&out, &s);
@@ -320,6 +344,8 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
                 stop_after: None,
                 progress: !a.common.quiet,
                 device: device_choice(&a.common),
+                #[cfg(feature = "cuda")]
+                dist: None,
             },
         )?;
         print_summary(&dir, &s);

@@ -10,6 +10,18 @@ use crate::model::{Batch, Model};
 use crate::optim::{grad_norm, AdamW};
 use anyhow::Result;
 
+/// A data-parallel group handle for [`crate::train::RunOptions`].
+#[cfg(feature = "cuda")]
+#[derive(Clone)]
+pub struct Dist(pub std::sync::Arc<dyn crate::backend::cuda::dist::GradAllReduce>);
+
+#[cfg(feature = "cuda")]
+impl std::fmt::Debug for Dist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank {} of {}", self.0.rank(), self.0.world())
+    }
+}
+
 /// `--device` and `--precision` of a run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceChoice {
@@ -17,6 +29,8 @@ pub struct DeviceChoice {
     pub device: String,
     /// f32 or bf16 (devices only)
     pub precision: String,
+    /// which GPU (cuda)
+    pub ordinal: usize,
 }
 
 impl Default for DeviceChoice {
@@ -24,6 +38,7 @@ impl Default for DeviceChoice {
         DeviceChoice {
             device: "cpu".into(),
             precision: "f32".into(),
+            ordinal: 0,
         }
     }
 }
@@ -52,7 +67,7 @@ impl DeviceChoice {
         self.check()?;
         Ok(match self.device.as_str() {
             "emu" => Some(Box::new(crate::backend::cuda::emu::Emu::open()?)),
-            "cuda" => Some(Box::new(crate::backend::cuda::device::Gpu::open(0)?)),
+            "cuda" => Some(Box::new(crate::backend::cuda::device::Gpu::open(self.ordinal)?)),
             _ => None,
         })
     }
@@ -173,6 +188,21 @@ impl<'d> Engine<'d> {
             Engine::_Unused(_) => unreachable!(),
         }
         Ok(())
+    }
+
+    /// Data parallelism: sum the gradients and `loss` over the ranks; returns the summed loss.
+    #[cfg(feature = "cuda")]
+    pub fn all_reduce(&mut self, comm: &dyn crate::backend::cuda::dist::GradAllReduce, loss: f64) -> Result<f64> {
+        match self {
+            Engine::Device(dm) => {
+                dm.all_reduce_grads(comm)?;
+                let dev = dm.device();
+                let mut l = vec![crate::backend::cuda::runtime::up_f32(dev, &[loss as f32])?];
+                comm.all_reduce_sum(dev, &mut l)?;
+                Ok(crate::backend::cuda::runtime::down_f32(dev, &l[0])?[0] as f64)
+            }
+            _ => anyhow::bail!("data-parallel training runs on devices (--device cuda or emu)"),
+        }
     }
 
     /// Bring the host's model and optimizer up to date (before eval, checkpoints, saving).

@@ -40,6 +40,11 @@ pub struct RunOptions {
     pub progress: bool,
     /// cpu (default), cuda or emu, and the precision there
     pub device: engine::DeviceChoice,
+    /// Data parallelism: this run is one rank of a group. Every rank is a complete run in its
+    /// own directory (same config, same data sampling, identical weights after every step);
+    /// rank r computes the micro-batches j with j mod world = r of each step.
+    #[cfg(feature = "cuda")]
+    pub dist: Option<engine::Dist>,
 }
 
 /// How a run ended.
@@ -245,6 +250,10 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
     let mut engine = Engine::cpu(&model);
     let metrics = Metrics::open(out.join("metrics.jsonl"), resuming.then_some(state.step))?;
     let (b, t, accum) = (cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum);
+    #[cfg(feature = "cuda")]
+    let (rank, world) = opts.dist.as_ref().map_or((0, 1), |d| (d.0.rank(), d.0.world()));
+    #[cfg(not(feature = "cuda"))]
+    let (rank, world) = (0, 1);
     let total = cfg.train.max_steps;
     let bar = progress_bar(opts.progress, total, state.step);
     let t0 = Instant::now();
@@ -265,12 +274,16 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         let mut loss = 0.0;
         let mut bad_where: Option<String> = None;
         let mut routers = RouterLog::default();
-        for _ in 0..accum {
+        for j in 0..accum * world {
             ids.clear();
             tg.clear();
+            // every rank draws every window (the sampler stays in step); it runs its own
             for _ in 0..b {
                 let start = state.sampler.below((data.train.len() - t - 1) as u64) as usize;
                 data.train.window(start, t, &mut ids, &mut tg);
+            }
+            if j % world != rank {
+                continue;
             }
             let batch = Batch {
                 ids: &ids,
@@ -289,12 +302,17 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
                 },
             }
         }
-        loss /= accum as f64;
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &opts.dist {
+            loss = engine.all_reduce(d.0.as_ref(), loss)?;
+        }
+        let micro = (accum * world) as f64;
+        loss /= micro;
         // the mean over micro-batches: applied to the CPU's gradients, folded into the
         // device's norm and update
-        let pending = engine.scale_grads(1.0 / accum as f32);
+        let pending = engine.scale_grads((1.0 / micro) as f32);
         state.step += 1;
-        state.tokens += (b * t * accum) as u64;
+        state.tokens += (b * t * accum * world) as u64;
         let gnorm = engine.grad_norm(pending)?;
         if !loss.is_finite() || !gnorm.is_finite() {
             // skip: no update, report, stop after too many in a row (last checkpoint stays valid)
@@ -331,7 +349,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         state.spikes += is_spike as u64;
         last_loss = loss;
         let secs = t0.elapsed().as_secs_f64();
-        let tok_s = ((state.step - start_step) * (b * t * accum) as u64) as f64 / secs.max(1e-9);
+        let tok_s = ((state.step - start_step) * (b * t * accum * world) as u64) as f64 / secs.max(1e-9);
         let mut row = json!({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens, "grad_norm": gnorm, "tokens_per_s": tok_s.round()});
         if is_spike {
             row["spike"] = json!(true);
@@ -383,7 +401,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         skipped: state.skipped,
         diverged,
         stats: last_val.1.unwrap(),
-        tokens_per_s: (done * (b * t * accum) as u64) as f64 / run_secs.max(1e-9),
+        tokens_per_s: (done * (b * t * accum * world) as u64) as f64 / run_secs.max(1e-9),
     };
     report::write(out, &cfg, &summary)?;
     Ok(summary)

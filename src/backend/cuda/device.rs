@@ -196,6 +196,13 @@ impl Device for Gpu {
     }
 }
 
+impl Gpu {
+    /// The stream every launch and copy of this device goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
 fn slice(buf: &DBuf) -> Result<&Slice> {
     buf._keep.downcast_ref::<Slice>().context("not a buffer of this GPU")
 }

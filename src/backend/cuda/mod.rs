@@ -9,6 +9,7 @@
 
 pub mod blas;
 pub mod device;
+pub mod dist;
 pub mod emu;
 pub mod model;
 pub mod ops;

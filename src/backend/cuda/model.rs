@@ -148,6 +148,10 @@ impl<'d> DeviceModel<'d> {
         })
     }
 
+    pub fn device(&self) -> &'d dyn Device {
+        self.dev
+    }
+
     fn zc(&self) -> bool {
         self.cfg.norm_style == NormStyle::ZeroCentered
     }
@@ -576,6 +580,11 @@ impl<'d> DeviceModel<'d> {
             t.data = down_f32(self.dev, b)?;
         }
         Ok(s)
+    }
+
+    /// Sum the gradients over the data-parallel ranks (each rank then takes the same step).
+    pub fn all_reduce_grads(&mut self, comm: &dyn super::dist::GradAllReduce) -> Result<()> {
+        comm.all_reduce_sum(self.dev, &mut self.grads)
     }
 
     /// Replace the device's gradients (e.g. to step on gradients computed elsewhere).
