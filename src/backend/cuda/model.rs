@@ -242,7 +242,7 @@ impl<'d> DeviceModel<'d> {
         for (li, c) in self.index.layers.iter().zip(caches).rev() {
             dx = self.layer_bwd(li, c, dx, batch, seq)?;
         }
-        ops::embed_bwd(dev, &ids_d, &dx, &self.grads[self.index.embed], n, dm)?;
+        ops::embed_bwd(dev, ids, &dx, &self.grads[self.index.embed], dm)?;
         let losses = down_f32(dev, &loss_rows)?;
         Ok(if count > 0 {
             losses.iter().map(|&l| l as f64).sum::<f64>() / count as f64

@@ -7,10 +7,19 @@ extern "C" __global__ void embed_fwd(const int* ids, const float* table, float* 
         out[i] = table[(long)ids[i / d] * d + i % d];
 }
 
-// dtable[ids[r]] += dout[r]: one thread per column, rows in order (deterministic, no atomics).
-extern "C" __global__ void embed_bwd(const int* ids, const float* dout, float* dtable, int rows, int d) {
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < d; c += gridDim.x * blockDim.x)
-        for (int r = 0; r < rows; ++r) dtable[(long)ids[r] * d + c] += dout[(long)r * d + c];
+// dtable[id] += Σ dout[r] over the rows r holding id, deterministically without atomics: the
+// host groups rows by id (CSR: uniq[u] and its rows order[start[u]..start[u+1]] in row order);
+// block u sums its id's rows column by column in that order.
+extern "C" __global__ void embed_bwd(const int* uniq, const int* start, const int* order, const float* dout,
+                                     float* dtable, int d) {
+    const int u = blockIdx.x;
+    const int s0 = start[u], s1 = start[u + 1];
+    float* row = dtable + (long)uniq[u] * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float s = 0.0f;
+        for (int i = s0; i < s1; ++i) s += dout[(long)order[i] * d + c];
+        row[c] += s;
+    }
 }
 
 // out = a + b (out may be a)
@@ -19,11 +28,22 @@ extern "C" __global__ void add_f32(const float* a, const float* b, float* out, l
         out[i] = a[i] + b[i];
 }
 
-// out[c] (+)= Σ_r x[r, c], rows in order: one thread per column.
-extern "C" __global__ void colsum(const float* x, float* out, int rows, int cols, int accumulate) {
+// Column sums in two deterministic stages: colsum_partial sums chunks of CHUNK rows per column
+// (grid: column blocks × chunks) into part [chunks, cols]; colsum_final adds the chunks in order.
+#define CHUNK 256
+extern "C" __global__ void colsum_partial(const float* x, float* part, int rows, int cols) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, k = blockIdx.y;
+    if (c >= cols) return;
+    const int r1 = min(rows, (k + 1) * CHUNK);
+    float s = 0.0f;
+    for (int r = k * CHUNK; r < r1; ++r) s += x[(long)r * cols + c];
+    part[(long)k * cols + c] = s;
+}
+
+extern "C" __global__ void colsum_final(const float* part, float* out, int chunks, int cols, int accumulate) {
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
         float s = 0.0f;
-        for (int r = 0; r < rows; ++r) s += x[(long)r * cols + c];
+        for (int k = 0; k < chunks; ++k) s += part[(long)k * cols + c];
         out[c] = accumulate ? out[c] + s : s;
     }
 }

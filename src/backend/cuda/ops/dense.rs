@@ -5,7 +5,7 @@
 use super::{elems, f32s, need, AdamStep, THREADS};
 pub use crate::backend::cuda::runtime::DType;
 pub use crate::backend::cuda::runtime::Strided;
-use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
+use crate::backend::cuda::runtime::{up_f32, up_i32, Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
 fn span(what: &str, s: Strided, rows: usize, cols: usize) -> Result<()> {
@@ -167,18 +167,28 @@ pub fn embed_fwd(dev: &dyn Device, ids: &DBuf, table: &DBuf, out: &DBuf, rows: u
     dev.launch("embed_fwd", elems(rows * d), &args)
 }
 
-/// `dtable[ids[r]] += dout[r]`
-pub fn embed_bwd(dev: &dyn Device, ids: &DBuf, dout: &DBuf, dtable: &DBuf, rows: usize, d: usize) -> Result<()> {
-    need("embed_bwd", ids, rows, 4)?;
+/// `dtable[ids[r]] += dout[r]`, summed per id in row order (deterministic): the rows are
+/// grouped by id here on the host, one block per distinct id on the device.
+pub fn embed_bwd(dev: &dyn Device, ids: &[u32], dout: &DBuf, dtable: &DBuf, d: usize) -> Result<()> {
+    let rows = ids.len();
     f32s("embed_bwd", &[dout], rows * d)?;
-    let args = [
-        ids.arg(),
-        dout.arg(),
-        dtable.arg(),
-        Arg::I32(rows as i32),
-        Arg::I32(d as i32),
-    ];
-    dev.launch("embed_bwd", Launch::linear(d.div_ceil(128), 128), &args)
+    let mut order: Vec<i32> = (0..rows as i32).collect();
+    order.sort_by_key(|&r| ids[r as usize]); // stable: rows of one id stay in order
+    let (mut uniq, mut start) = (Vec::new(), Vec::new());
+    for (i, &r) in order.iter().enumerate() {
+        let id = ids[r as usize] as i32;
+        if uniq.last() != Some(&id) {
+            uniq.push(id);
+            start.push(i as i32);
+        }
+    }
+    start.push(rows as i32);
+    if let Some(&max) = uniq.last() {
+        f32s("embed_bwd (table)", &[dtable], (max as usize + 1) * d)?;
+    }
+    let (u, s, o) = (up_i32(dev, &uniq)?, up_i32(dev, &start)?, up_i32(dev, &order)?);
+    let args = [u.arg(), s.arg(), o.arg(), dout.arg(), dtable.arg(), Arg::I32(d as i32)];
+    dev.launch("embed_bwd", Launch::linear(uniq.len(), 128), &args)
 }
 
 /// Every element of `x` (`n` f32) set to `v`.
@@ -193,18 +203,31 @@ pub fn add(dev: &dyn Device, a: &DBuf, b: &DBuf, out: &DBuf, n: usize) -> Result
     dev.launch("add_f32", elems(n), &[a.arg(), b.arg(), out.arg(), Arg::I64(n as i64)])
 }
 
-/// `out[c] (+)= Σ_r x[r, c]`
+/// `out[c] (+)= Σ_r x[r, c]`, in two deterministic stages (chunks of rows, then the chunks).
 pub fn colsum(dev: &dyn Device, x: &DBuf, out: &DBuf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
     f32s("colsum", &[x], rows * cols)?;
     f32s("colsum", &[out], cols)?;
+    const CHUNK: usize = 256; // kernels/model.cu
+    let chunks = rows.div_ceil(CHUNK).max(1);
+    if chunks > 65535 {
+        bail!("colsum: {rows} rows (at most {} per call)", 65535 * CHUNK);
+    }
+    let part = dev.zeros(chunks * cols * 4)?;
+    let cfg = Launch {
+        grid: [cols.div_ceil(128) as u32, chunks as u32, 1],
+        block: [128, 1, 1],
+        smem: 0,
+    };
+    let (r, c) = (Arg::I32(rows as i32), Arg::I32(cols as i32));
+    dev.launch("colsum_partial", cfg, &[x.arg(), part.arg(), r, c])?;
     let args = [
-        x.arg(),
+        part.arg(),
         out.arg(),
-        Arg::I32(rows as i32),
-        Arg::I32(cols as i32),
+        Arg::I32(chunks as i32),
+        c,
         Arg::I32(accumulate as i32),
     ];
-    dev.launch("colsum", Launch::linear(cols.div_ceil(128), 128), &args)
+    dev.launch("colsum_final", Launch::linear(cols.div_ceil(128), 128), &args)
 }
 
 /// A RoPE table on the device: `cos`/`sin` `[max_len, half]`.
