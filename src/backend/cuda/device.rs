@@ -51,6 +51,18 @@ impl Gpu {
             modules.push((src, m));
         }
         let stream = ctx.default_stream();
+        // every step allocates its activations anew (stream-ordered); keep freed memory in the
+        // pool instead of returning it to the driver at each synchronisation (as torch's
+        // caching allocator does). Without async allocation support this is moot.
+        // SAFETY: the device is valid; the attribute takes a u64
+        unsafe {
+            use cudarc::driver::{result, sys};
+            if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
+                let mut keep = u64::MAX;
+                let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+                let _ = result::mem_pool::set_attribute(pool, attr, &mut keep as *mut u64 as *mut _);
+            }
+        }
         // SAFETY: only tries to dlopen the candidate library names
         let blas = if unsafe { cudarc::cublaslt::sys::is_culib_present() } {
             Some(Blas::new(stream.clone()).with_context(|| format!("on {name}"))?)
