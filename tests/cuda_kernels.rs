@@ -335,6 +335,22 @@ fn attention_with_fused_gate_matches_the_cpu_ops() {
     }
 }
 
+/// `acc + A·B` (m×n, row-major) in f64 from element accessors.
+fn reference(
+    (m, n, k): (usize, usize, usize),
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize, usize) -> f32,
+    acc: Option<&[f32]>,
+) -> Vec<f32> {
+    (0..m * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            let s: f64 = (0..k).map(|j| a(r, j) as f64 * b(j, c) as f64).sum();
+            (s + acc.map_or(0.0, |v| v[i] as f64)) as f32
+        })
+        .collect()
+}
+
 /// The GEMM in the three layouts of a linear layer (x·Wᵀ, dy·W, dyᵀ·x), with and without
 /// accumulation, f32 and bf16 operands, against a plain f64 reference on the same (rounded)
 /// inputs; and the bf16 casts against the `half` crate's rounding.
@@ -364,38 +380,19 @@ fn gemm_and_casts_match_references() {
             let (xb, wb, dyb) = (up(&x), up(&w), up(&dy));
             let op = |b| Operand { buf: b, dtype };
             // y = x·Wᵀ
-            let mut want = vec![0f32; rows * dout];
-            for r in 0..rows {
-                for c in 0..dout {
-                    want[r * dout + c] = (0..din)
-                        .map(|k| xr[r * din + k] as f64 * wr[c * din + k] as f64)
-                        .sum::<f64>() as f32;
-                }
-            }
+            let want = reference((rows, dout, din), |r, k| xr[r * din + k], |k, c| wr[c * din + k], None);
             let y = zeros_f32(dev, rows * dout).unwrap();
             o::linear_fwd(dev, op(&xb), op(&wb), &y, rows, din, dout).unwrap();
             close(&format!("{dtype:?} x·Wᵀ"), &down_f32(dev, &y).unwrap(), &want, 1e-5);
             // dx = acc + dy·W
-            let mut want: Vec<f32> = acc0[..rows * din].to_vec();
-            for r in 0..rows {
-                for c in 0..din {
-                    want[r * din + c] += (0..dout)
-                        .map(|k| dyr[r * dout + k] as f64 * wr[k * din + c] as f64)
-                        .sum::<f64>() as f32;
-                }
-            }
+            let acc = Some(&acc0[..rows * din]);
+            let want = reference((rows, din, dout), |r, k| dyr[r * dout + k], |k, c| wr[k * din + c], acc);
             let dx = up_f32(dev, &acc0[..rows * din]).unwrap();
             o::linear_bwd_dx(dev, op(&dyb), op(&wb), &dx, rows, din, dout, true).unwrap();
             close(&format!("{dtype:?} dy·W"), &down_f32(dev, &dx).unwrap(), &want, 1e-5);
             // dW = acc + dyᵀ·x
-            let mut want: Vec<f32> = acc0[..dout * din].to_vec();
-            for r in 0..dout {
-                for c in 0..din {
-                    want[r * din + c] += (0..rows)
-                        .map(|k| dyr[k * dout + r] as f64 * xr[k * din + c] as f64)
-                        .sum::<f64>() as f32;
-                }
-            }
+            let acc = Some(&acc0[..dout * din]);
+            let want = reference((dout, din, rows), |r, k| dyr[k * dout + r], |k, c| xr[k * din + c], acc);
             let dw = up_f32(dev, &acc0[..dout * din]).unwrap();
             o::linear_bwd_dw(dev, op(&xb), op(&dyb), &dw, rows, din, dout).unwrap();
             close(&format!("{dtype:?} dyᵀ·x"), &down_f32(dev, &dw).unwrap(), &want, 1e-5);

@@ -243,25 +243,54 @@ fn device_bench_reports_the_cpu_loss() {
     assert!(emu["tokens_per_s"].as_f64().unwrap() > 0.0);
 }
 
-/// `train --device emu`: the run's losses follow the CPU run's (same data, same init), the run
-/// directory is complete, and a stopped-and-resumed device run is bit-identical to an
-/// uninterrupted one (the checkpoint carries the device's weights and moments exactly).
-#[test]
-fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
-    use gated_lm::train::config::TrainConfig;
-    use gated_lm::train::engine::DeviceChoice;
-    use gated_lm::train::{run, RunOptions};
-    let tmp = tempfile::tempdir().unwrap();
+/// 200k characters of the embedded books as a corpus file in `dir`.
+fn corpus_file(dir: &std::path::Path) -> std::path::PathBuf {
     let text = &gated_lm::train::data::embedded_corpus().unwrap()[0];
     let (s, e) = (
         text.char_indices().nth(100_000).unwrap().0,
         text.char_indices().nth(300_000).unwrap().0,
     );
-    let corpus = tmp.path().join("corpus.txt");
-    std::fs::write(&corpus, &text[s..e]).unwrap();
+    let p = dir.join("corpus.txt");
+    std::fs::write(&p, &text[s..e]).unwrap();
+    p
+}
+
+/// The cpu-micro recipe on `corpus`.
+fn micro_run(corpus: &std::path::Path) -> gated_lm::train::config::TrainConfig {
+    let mut c = gated_lm::train::config::TrainConfig::preset("cpu-micro").unwrap();
+    c.data.paths = vec![corpus.display().to_string()];
+    c
+}
+
+fn emu_choice() -> gated_lm::train::engine::DeviceChoice {
+    gated_lm::train::engine::DeviceChoice {
+        device: "emu".into(),
+        precision: "f32".into(),
+        ordinal: 0,
+    }
+}
+
+/// Training losses of a run directory, by step.
+fn train_losses(dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("loss").is_some() && r.get("val_loss").is_none())
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// `train --device emu`: the run's losses follow the CPU run's (same data, same init), the run
+/// directory is complete, and a stopped-and-resumed device run is bit-identical to an
+/// uninterrupted one (the checkpoint carries the device's weights and moments exactly).
+#[test]
+fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
+    use gated_lm::train::{run, RunOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus_file(tmp.path());
     let cfg = || {
-        let mut c = TrainConfig::preset("cpu-micro").unwrap();
-        c.data.paths = vec![corpus.display().to_string()];
+        let mut c = micro_run(&corpus);
         (
             c.train.max_steps,
             c.train.batch_size,
@@ -272,20 +301,8 @@ fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
         c.schedule.warmup_steps = 2;
         c
     };
-    let emu = DeviceChoice {
-        device: "emu".into(),
-        precision: "f32".into(),
-        ordinal: 0,
-    };
-    let losses = |dir: &std::path::Path| -> Vec<f64> {
-        std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|r| r.get("loss").is_some() && r.get("val_loss").is_none())
-            .map(|r| r["loss"].as_f64().unwrap())
-            .collect()
-    };
+    let emu = emu_choice();
+    let losses = train_losses;
     let (c, d, r) = (
         tmp.path().join("cpu"),
         tmp.path().join("dev"),
@@ -331,35 +348,18 @@ fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
 #[test]
 fn two_data_parallel_ranks_train_like_one_process_with_twice_the_micro_batches() {
     use gated_lm::backend::cuda::dist::HostAllReduce;
-    use gated_lm::train::config::TrainConfig;
-    use gated_lm::train::engine::{DeviceChoice, Dist};
+    use gated_lm::train::engine::Dist;
     use gated_lm::train::{run, RunOptions};
     use std::sync::Arc;
     let tmp = tempfile::tempdir().unwrap();
-    let text = &gated_lm::train::data::embedded_corpus().unwrap()[0];
-    let corpus = tmp.path().join("corpus.txt");
-    std::fs::write(&corpus, &text[..text.char_indices().nth(200_000).unwrap().0]).unwrap();
+    let corpus = corpus_file(tmp.path());
     let cfg = move |accum: usize| {
-        let mut c = TrainConfig::preset("cpu-micro").unwrap();
-        c.data.paths = vec![corpus.display().to_string()];
+        let mut c = micro_run(&corpus);
         (c.train.max_steps, c.train.batch_size, c.train.seq_len) = (4, 2, 32);
         (c.train.grad_accum, c.train.eval_every, c.train.eval_batches) = (accum, 100, 1);
         c
     };
-    let emu = || DeviceChoice {
-        device: "emu".into(),
-        precision: "f32".into(),
-        ordinal: 0,
-    };
-    let losses = |dir: &std::path::Path| -> Vec<f64> {
-        std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|r| r.get("loss").is_some() && r.get("val_loss").is_none())
-            .map(|r| r["loss"].as_f64().unwrap())
-            .collect()
-    };
+    let (emu, losses) = (emu_choice, train_losses);
     let single = tmp.path().join("single");
     let opts = RunOptions {
         device: emu(),

@@ -13,6 +13,18 @@
 #define BR 64  // rows per block = threads per block
 #define BC 32  // rows per shared-memory tile
 
+// Rows j0..j0+BC of kv head kh (batch b) of K and V into the shared tiles, zeros past T.
+template <int HD>
+__device__ void stage_kv(const float* k, const float* v, float* ks, float* vs, int b, int kh, int j0, int T,
+                         long ldk) {
+    for (int idx = threadIdx.x; idx < BC * HD; idx += blockDim.x) {
+        int j = j0 + idx / HD;
+        long off = ((long)b * T + j) * ldk + kh * HD + idx % HD;
+        ks[idx] = j < T ? k[off] : 0.0f;
+        vs[idx] = j < T ? v[off] : 0.0f;
+    }
+}
+
 template <int HD>
 __device__ void attn_fwd_impl(const float* q, const float* k, const float* v, const float* z, float* o, float* y,
                               float* lse, int T, int H, int KV, float scale, int gate_mode) {
@@ -31,12 +43,7 @@ __device__ void attn_fwd_impl(const float* q, const float* k, const float* v, co
     float m = -__int_as_float(0x7f800000), l = 0.0f;
     const int last = min(T - 1, (int)blockIdx.x * BR + BR - 1);  // the block's last query row
     for (int j0 = 0; j0 <= last; j0 += BC) {
-        for (int idx = threadIdx.x; idx < BC * HD; idx += blockDim.x) {
-            int j = j0 + idx / HD;
-            long off = ((long)b * T + j) * ldk + kh * HD + idx % HD;
-            ks[idx] = j < T ? k[off] : 0.0f;
-            vs[idx] = j < T ? v[off] : 0.0f;
-        }
+        stage_kv<HD>(k, v, ks, vs, b, kh, j0, T, ldk);
         __syncthreads();
         const int jn = active ? min(BC, i - j0 + 1) : 0;  // keys up to i only
         for (int r = 0; r < jn; ++r) {
@@ -180,12 +187,7 @@ __device__ void attn_bwd_dq_impl(const float* q, const float* k, const float* v,
     const float lsei = lse[li], di = delta[li];
     const int last = min(T - 1, (int)blockIdx.x * BR + BR - 1);
     for (int j0 = 0; j0 <= last; j0 += BC) {
-        for (int idx = threadIdx.x; idx < BC * HD; idx += blockDim.x) {
-            int j = j0 + idx / HD;
-            long off = ((long)b * T + j) * ldk + kh * HD + idx % HD;
-            ks[idx] = j < T ? k[off] : 0.0f;
-            vs[idx] = j < T ? v[off] : 0.0f;
-        }
+        stage_kv<HD>(k, v, ks, vs, b, kh, j0, T, ldk);
         __syncthreads();
         const int jn = active ? min(BC, i - j0 + 1) : 0;
         for (int r = 0; r < jn; ++r) {
