@@ -88,11 +88,20 @@ fn device_training_step_matches_the_cpu_model() {
 
             let mut grads = model.zero_grads();
             let loss = model.forward_backward(&b, &mut grads, &mut NoObserver).unwrap();
-            let dloss = dm.forward_backward(&ids, &targets, batch, seq).unwrap();
+            // forward only: the same loss, gradients untouched
+            let floss = dm.loss(&ids, &targets, batch, seq).unwrap();
             assert!(
-                (loss - dloss).abs() < 1e-5 * tol as f64 * loss,
-                "{what}: loss {dloss} vs CPU {loss}"
+                (loss - floss).abs() < 1e-5 * tol as f64 * loss,
+                "{what}: loss {floss} vs CPU {loss}"
             );
+            assert!(dm
+                .grads()
+                .unwrap()
+                .tensors
+                .iter()
+                .all(|t| t.data.iter().all(|&g| g == 0.0)));
+            let dloss = dm.forward_backward(&ids, &targets, batch, seq).unwrap();
+            assert_eq!(dloss, floss, "{what}");
             let dgrads = dm.grads().unwrap();
             for (i, n) in model.params.names.iter().enumerate() {
                 let (g, c) = (&dgrads.tensors[i].data, &grads.tensors[i].data);
@@ -297,7 +306,8 @@ fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
             c.train.seq_len,
             c.train.grad_accum,
         ) = (6, 2, 32, 2);
-        (c.train.eval_every, c.train.checkpoint_every, c.train.eval_batches) = (3, 4, 1);
+        // two eval batches: the first (probes) on the host, the second on the device
+        (c.train.eval_every, c.train.checkpoint_every, c.train.eval_batches) = (3, 4, 2);
         c.schedule.warmup_steps = 2;
         c
     };

@@ -127,6 +127,17 @@ impl<'d> Engine<'d> {
         }
     }
 
+    /// Forward-only loss of a batch (evaluation), on the engine's own copy of the weights.
+    pub fn eval_loss(&mut self, model: &Model<f32>, b: &Batch) -> Result<f64> {
+        match self {
+            Engine::Cpu(_) => Ok(model.forward(b, &mut crate::model::observer::NoObserver)?.loss),
+            #[cfg(feature = "cuda")]
+            Engine::Device(dm) => dm.loss(b.ids, b.targets, b.batch, b.seq),
+            #[cfg(not(feature = "cuda"))]
+            Engine::_Unused(_) => unreachable!(),
+        }
+    }
+
     /// Multiply the accumulated gradients by `s` (the mean over micro-batches). The device
     /// folds it into the norm and the update instead; returns the factor still to apply there.
     pub fn scale_grads(&mut self, s: f32) -> f32 {

@@ -12,7 +12,7 @@ pub mod tokenizer;
 
 use crate::analysis::probes::{SinkProbe, SinkStats};
 use crate::io::hf::save_model;
-use crate::model::observer::{NoObserver, RouterLog};
+use crate::model::observer::RouterLog;
 use crate::model::{Batch, Model};
 use crate::optim::{clip_coef, AdamW};
 use crate::rng::Rng;
@@ -110,8 +110,9 @@ fn prepare_data(cfg: &mut TrainConfig, out: &Path) -> Result<(Tok, Data)> {
     ))
 }
 
-/// Validation loss and probes on fixed windows.
-pub fn evaluate(model: &Model<f32>, shard: &Shard, cfg: &TrainConfig) -> Result<(f64, SinkStats)> {
+/// Validation loss and probes on fixed windows: the probes (and that batch's loss) from the
+/// host model, the other batches' losses from the engine (the device's forward on a GPU run).
+pub fn evaluate(model: &Model<f32>, engine: &mut Engine, shard: &Shard, cfg: &TrainConfig) -> Result<(f64, SinkStats)> {
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let starts = eval_starts(shard.len(), t, cfg.train.eval_batches * b);
     let mut total = 0.0;
@@ -131,7 +132,7 @@ pub fn evaluate(model: &Model<f32>, shard: &Shard, cfg: &TrainConfig) -> Result<
         let loss = if k == 0 && chunk.len() == b {
             model.forward(&batch, &mut probe)?.loss
         } else {
-            model.forward(&batch, &mut NoObserver)?.loss
+            engine.eval_loss(model, &batch)?
         };
         total += loss * chunk.len() as f64;
     }
@@ -366,7 +367,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
             engine.sync(&mut model, &mut opt)?;
         }
         if state.step.is_multiple_of(cfg.train.eval_every) {
-            let (vl, st) = evaluate(&model, &data.val, &cfg)?;
+            let (vl, st) = evaluate(&model, &mut engine, &data.val, &cfg)?;
             metrics.row(eval_row(state.step, vl, &st))?;
             last_val = (vl, Some(st));
             last_eval_step = Some(state.step);
@@ -382,7 +383,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
     // Always end with an evaluation, a checkpoint, the model and the report.
     engine.sync(&mut model, &mut opt)?;
     if last_eval_step != Some(state.step) {
-        let (vl, st) = evaluate(&model, &data.val, &cfg)?;
+        let (vl, st) = evaluate(&model, &mut engine, &data.val, &cfg)?;
         metrics.row(eval_row(state.step, vl, &st))?;
         last_val = (vl, Some(st));
     }

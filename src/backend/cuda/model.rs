@@ -178,6 +178,15 @@ impl<'d> DeviceModel<'d> {
     /// Forward and backward of one batch (`ids`, `targets` `[batch, seq]`, `IGNORE` = no
     /// target); gradients are added to the device's. Returns the mean loss.
     pub fn forward_backward(&mut self, ids: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<f64> {
+        self.run(ids, targets, batch, seq, true)
+    }
+
+    /// The mean loss of a batch, forward only (gradients untouched).
+    pub fn loss(&mut self, ids: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<f64> {
+        self.run(ids, targets, batch, seq, false)
+    }
+
+    fn run(&mut self, ids: &[u32], targets: &[u32], batch: usize, seq: usize, backward: bool) -> Result<f64> {
         self.refresh_bf16()?;
         let (dev, cfg) = (self.dev, &self.cfg);
         let (n, dm, vocab) = (batch * seq, cfg.hidden_size, cfg.vocab_size);
@@ -219,6 +228,17 @@ impl<'d> DeviceModel<'d> {
         let loss_rows = self.zeros(n)?;
         let scale = if count > 0 { 1.0 / count as f32 } else { 0.0 };
         ops::cross_entropy(dev, &logits, &tgt, &loss_rows, n, vocab, scale)?;
+        let mean_loss = || -> Result<f64> {
+            let losses = down_f32(dev, &loss_rows)?;
+            Ok(if count > 0 {
+                losses.iter().map(|&l| l as f64).sum::<f64>() / count as f64
+            } else {
+                0.0
+            })
+        };
+        if !backward {
+            return mean_loss();
+        }
         // logits now hold d(mean loss)/d(logits)
         let dhf = self.zeros(n * dm)?;
         self.lin_bwd_dx(&logits, head, &dhf, n, dm, vocab, false)?;
@@ -243,12 +263,7 @@ impl<'d> DeviceModel<'d> {
             dx = self.layer_bwd(li, c, dx, batch, seq)?;
         }
         ops::embed_bwd(dev, ids, &dx, &self.grads[self.index.embed], dm)?;
-        let losses = down_f32(dev, &loss_rows)?;
-        Ok(if count > 0 {
-            losses.iter().map(|&l| l as f64).sum::<f64>() / count as f64
-        } else {
-            0.0
-        })
+        mean_loss()
     }
 
     fn layer_fwd(&self, li: &LayerIndex, x: DBuf, batch: usize, seq: usize) -> Result<(DBuf, LayerCache)> {
