@@ -28,23 +28,8 @@ fn every_kernel_compiles_to_ptx_for_hopper() {
 use gated_lm::backend::cuda::ops;
 use gated_lm::backend::cuda::runtime::{down_f32, up_f32, up_i32, zeros_f32, Device};
 
-/// The emulator, and the GPU when one is present (once per GEMM path).
-fn devices() -> Vec<Box<dyn Device>> {
-    let emu = gated_lm::backend::cuda::emu::Emu::open().expect("the CUDA emulator needs a C++20 compiler (g++)");
-    let mut v: Vec<Box<dyn Device>> = vec![Box::new(emu)];
-    match gated_lm::backend::cuda::device::Gpu::open(0) {
-        Ok(mut g) => {
-            // GEMMs: the portable kernel, and cuBLASLt where present
-            if g.use_blas {
-                v.push(Box::new(gated_lm::backend::cuda::device::Gpu::open(0).unwrap()));
-            }
-            g.use_blas = false;
-            v.push(Box::new(g));
-        }
-        Err(e) => eprintln!("SKIPPED (GPU runs; the emulator still runs every op): {e:#}"),
-    }
-    v
-}
+mod common;
+use common::cuda_devices as devices;
 
 fn randn(n: usize, seed: u64, std: f64) -> Vec<f32> {
     let mut r = gated_lm::rng::Rng::new(seed);

@@ -125,3 +125,29 @@ pub fn logits(m: &Model<f64>) -> Vec<f64> {
         .unwrap()
         .logits
 }
+
+/// Devices for the CUDA tests: the CPU emulator (needs g++; required where there is no GPU,
+/// so CI cannot silently test nothing), and a GPU when present, once per GEMM path (the
+/// portable kernel, and cuBLASLt where its library is found).
+#[cfg(feature = "cuda")]
+pub fn cuda_devices() -> Vec<Box<dyn gated_lm::backend::cuda::runtime::Device>> {
+    use gated_lm::backend::cuda::{device::Gpu, emu::Emu, runtime::Device};
+    let mut v: Vec<Box<dyn Device>> = Vec::new();
+    let gpu = Gpu::open(0);
+    match Emu::open() {
+        Ok(e) => v.push(Box::new(e)),
+        Err(e) if gpu.is_ok() => eprintln!("SKIPPED (emulator runs; the GPU still runs): {e:#}"),
+        Err(e) => panic!("the CUDA emulator needs a C++20 compiler (g++): {e:#}"),
+    }
+    match gpu {
+        Ok(mut g) => {
+            if g.use_blas {
+                v.push(Box::new(Gpu::open(0).unwrap()));
+            }
+            g.use_blas = false;
+            v.push(Box::new(g));
+        }
+        Err(e) => eprintln!("SKIPPED (GPU runs; the emulator still runs): {e:#}"),
+    }
+    v
+}
