@@ -134,7 +134,13 @@ pub fn cuda_devices() -> Vec<Box<dyn gated_lm::backend::cuda::runtime::Device>> 
     use gated_lm::backend::cuda::{device::Gpu, emu::Emu, runtime::Device};
     let mut v: Vec<Box<dyn Device>> = Vec::new();
     let gpu = Gpu::open(0);
-    match Emu::open() {
+    // GATED_LM_SKIP_EMU: on a GPU machine, spend the (scarce) time on the GPU only
+    let skip_emu = gpu.is_ok() && std::env::var_os("GATED_LM_SKIP_EMU").is_some();
+    match if skip_emu {
+        Err(anyhow::anyhow!("GATED_LM_SKIP_EMU is set"))
+    } else {
+        Emu::open()
+    } {
         Ok(e) => v.push(Box::new(e)),
         Err(e) if gpu.is_ok() => eprintln!("SKIPPED (emulator runs; the GPU still runs): {e:#}"),
         Err(e) => panic!("the CUDA emulator needs a C++20 compiler (g++): {e:#}"),
