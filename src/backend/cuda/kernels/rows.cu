@@ -14,9 +14,10 @@ extern "C" __global__ void rmsnorm_fwd(const float* x, const float* w, float* y,
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
 }
 
-// dx = r·(dy·g − x̂·mean(dy·g·x̂)), g the effective gain; dw accumulated per row with atomics.
+// dx = r·(dy·g − x̂·mean(dy·g·x̂)), g the effective gain; the gain's gradient per row goes to
+// dwp [rows, d] (the host sums its columns in order: deterministic, no atomics).
 extern "C" __global__ void rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
-                                       float* dw, int d, int zero_centered, int accumulate) {
+                                       float* dwp, int d, int zero_centered, int accumulate) {
     __shared__ float shared[32];
     long off = (long)blockIdx.x * d;
     float r = rstd[blockIdx.x];
@@ -31,7 +32,7 @@ extern "C" __global__ void rmsnorm_bwd(const float* x, const float* w, const flo
         float xh = x[off + j] * r;
         float g = r * (dy[off + j] * gain - xh * mean);
         dx[off + j] = accumulate ? dx[off + j] + g : g;
-        atomicAdd(&dw[j], dy[off + j] * xh);
+        dwp[off + j] = dy[off + j] * xh;
     }
 }
 

@@ -125,7 +125,8 @@ pub fn rmsnorm_fwd(
     dev.launch("rmsnorm_fwd", Launch::linear(rows, THREADS), &args)
 }
 
-/// Its backward: `dx` (overwritten, or added to with `accumulate`), `dw` accumulated.
+/// Its backward: `dx` (overwritten, or added to with `accumulate`), `dw` accumulated (through
+/// per-row contributions and an in-order column sum: deterministic).
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd(
     dev: &dyn Device,
@@ -143,18 +144,20 @@ pub fn rmsnorm_bwd(
     f32s("rmsnorm_bwd", &[x, dy, dx], rows * d)?;
     f32s("rmsnorm_bwd", &[w, dw], d)?;
     f32s("rmsnorm_bwd", &[rstd], rows)?;
+    let dwp = dev.zeros(rows * d * 4)?;
     let args = [
         x.arg(),
         w.arg(),
         rstd.arg(),
         dy.arg(),
         dx.arg(),
-        dw.arg(),
+        dwp.arg(),
         Arg::I32(d as i32),
         Arg::I32(zero_centered as i32),
         Arg::I32(accumulate as i32),
     ];
-    dev.launch("rmsnorm_bwd", Launch::linear(rows, THREADS), &args)
+    dev.launch("rmsnorm_bwd", Launch::linear(rows, THREADS), &args)?;
+    colsum(dev, &dwp, dw, rows, d, true)
 }
 
 /// Cross-entropy of `rows` rows of `vocab` logits against i32 `targets` (< 0: ignored): per-row
