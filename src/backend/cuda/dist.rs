@@ -6,7 +6,7 @@
 //! tensor in a group); `HostAllReduce` sums through host memory across threads (the emulator's
 //! ranks in tests, and a reference for NCCL). Launching: see README "Multi-GPU".
 
-use super::runtime::{down_f32, DBuf, Device};
+use super::runtime::{down_f32, write_f32, DBuf, Device};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier, Mutex};
@@ -119,8 +119,7 @@ impl GradAllReduce for HostAllReduce {
             s.iter().map(|t| t.iter().map(|&x| x as f32).collect()).collect()
         };
         for (b, t) in bufs.iter_mut().zip(&total) {
-            let bytes: Vec<u8> = t.iter().flat_map(|x| x.to_ne_bytes()).collect();
-            dev.write(b, &bytes)?;
+            write_f32(dev, b, t)?;
         }
         // everyone has read the sums before the next call may reset them
         if barrier.wait().is_leader() {

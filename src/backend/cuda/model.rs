@@ -5,7 +5,7 @@
 //! styles, tied or untied head. Other configurations are refused with the reason.
 
 use super::ops::{self, AdamStep, AttnDims, AttnScratch, DeviceRope, FusedGate, HeadRows, Operand, TensorTable};
-use super::runtime::{down_f32, up_f32, up_i32, DBuf, Device};
+use super::runtime::{down_f32, up_f32, up_i32, write_f32, DBuf, Device};
 use crate::config::{GateActivation, GateCombine, GateGranularity, GatePosition, ModelConfig, NormStyle};
 use crate::model::ops::cross_entropy::IGNORE;
 use crate::model::ops::rope::RopeTable;
@@ -21,9 +21,9 @@ pub struct DeviceModel<'d> {
     index: ParamIndex,
     params: Vec<DBuf>,
     grads: Vec<DBuf>,
-    /// AdamW moments, allocated with the tensor table at the first step.
+    /// AdamW moments, and every tensor's (param, grad, m, v) for the multi-tensor kernels
     moments: Vec<(DBuf, DBuf)>,
-    table: Option<TensorTable>,
+    table: TensorTable,
     rope: DeviceRope,
     gate: FusedGate,
     pub step: u64,
@@ -129,17 +129,28 @@ impl<'d> DeviceModel<'d> {
             .iter()
             .map(|t| dev.zeros(t.data.len() * 4))
             .collect::<Result<Vec<_>>>()?;
-        let table = RopeTable::<f32>::for_config(&cfg, cfg.max_position_embeddings.clamp(1, 1 << 16));
+        let moments = params
+            .iter()
+            .map(|p| Ok((dev.zeros(p.bytes)?, dev.zeros(p.bytes)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let entries: Vec<_> = (0..params.len())
+            .map(|i| {
+                let exempt = matches!(model.specs[i].kind, ParamKind::Norm | ParamKind::Embedding);
+                (&params[i], &grads[i], &moments[i].0, &moments[i].1, exempt)
+            })
+            .collect();
+        let table = TensorTable::new(dev, &entries)?;
+        let rope = RopeTable::<f32>::for_config(&cfg, cfg.max_position_embeddings.clamp(1, 1 << 16));
         Ok(DeviceModel {
             dev,
-            rope: DeviceRope::upload(dev, &table)?,
+            rope: DeviceRope::upload(dev, &rope)?,
             cfg,
             specs: model.specs.clone(),
             index: model.index.clone(),
             params,
             grads,
-            moments: Vec::new(),
-            table: None,
+            moments,
+            table,
             gate,
             step: 0,
             precision,
@@ -492,46 +503,9 @@ impl<'d> DeviceModel<'d> {
         Ok(())
     }
 
-    fn table(&mut self, opt: &AdamWConfig) -> Result<&TensorTable> {
-        if self.table.is_none() {
-            self.moments = self
-                .params
-                .iter()
-                .map(|p| Ok((self.dev.zeros(p.bytes)?, self.dev.zeros(p.bytes)?)))
-                .collect::<Result<Vec<_>>>()?;
-            let entries: Vec<_> = (0..self.params.len())
-                .map(|i| {
-                    let skip = opt.no_decay_norms_embeddings
-                        && matches!(self.specs[i].kind, ParamKind::Norm | ParamKind::Embedding);
-                    let wd = if skip { 0.0 } else { opt.weight_decay as f32 };
-                    (
-                        &self.params[i],
-                        &self.grads[i],
-                        &self.moments[i].0,
-                        &self.moments[i].1,
-                        wd,
-                    )
-                })
-                .collect();
-            self.table = Some(TensorTable::new(self.dev, &entries)?);
-        }
-        Ok(self.table.as_ref().expect("built above"))
-    }
-
     /// Global L2 norm of the accumulated gradients (per-block partials summed in f64).
-    pub fn grad_norm(&mut self) -> Result<f64> {
-        let dev = self.dev;
-        match &self.table {
-            Some(t) => Ok(t.grad_sumsq(dev)?.sqrt()),
-            // before the first update: a table just for the norm (the update builds its own
-            // with the run's weight decays)
-            None => {
-                let entries: Vec<_> = (0..self.grads.len())
-                    .map(|i| (&self.grads[i], &self.grads[i], &self.grads[i], &self.grads[i], 0.0))
-                    .collect();
-                Ok(TensorTable::new(dev, &entries)?.grad_sumsq(dev)?.sqrt())
-            }
-        }
+    pub fn grad_norm(&self) -> Result<f64> {
+        Ok(self.table.grad_sumsq(self.dev)?.sqrt())
     }
 
     /// One AdamW step at `lr` on `scale · grads` (the clip coefficient and any averaging).
@@ -546,8 +520,12 @@ impl<'d> DeviceModel<'d> {
             step,
             scale,
         };
-        let dev = self.dev;
-        self.table(opt)?.adamw(dev, &hp)?;
+        let exempt = if opt.no_decay_norms_embeddings {
+            0.0
+        } else {
+            hp.weight_decay
+        };
+        self.table.adamw(self.dev, &hp, exempt)?;
         self.step += 1;
         Ok(())
     }
@@ -568,12 +546,9 @@ impl<'d> DeviceModel<'d> {
         if opt.step == 0 {
             return Ok(());
         }
-        self.table(&opt.cfg)?;
         for (i, (m, v)) in self.moments.iter_mut().enumerate() {
-            for (buf, src) in [(m, &opt.m.tensors[i].data), (v, &opt.v.tensors[i].data)] {
-                let bytes: Vec<u8> = src.iter().flat_map(|x| x.to_ne_bytes()).collect();
-                self.dev.write(buf, &bytes)?;
-            }
+            write_f32(self.dev, m, &opt.m.tensors[i].data)?;
+            write_f32(self.dev, v, &opt.v.tensors[i].data)?;
         }
         self.step = opt.step;
         Ok(())
@@ -619,8 +594,7 @@ impl<'d> DeviceModel<'d> {
                     buf.bytes / 4
                 );
             }
-            let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_ne_bytes()).collect();
-            self.dev.write(buf, &bytes)?;
+            write_f32(self.dev, buf, &t.data)?;
         }
         Ok(())
     }

@@ -111,13 +111,21 @@ pub trait Device {
 }
 
 pub fn up_f32(dev: &dyn Device, x: &[f32]) -> Result<DBuf> {
-    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    dev.upload(&bytes)
+    dev.upload(&f32_bytes(x))
 }
 
 pub fn up_i32(dev: &dyn Device, x: &[i32]) -> Result<DBuf> {
     let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_ne_bytes()).collect();
     dev.upload(&bytes)
+}
+
+/// Overwrite `buf` with the f32 values `x`.
+pub fn write_f32(dev: &dyn Device, buf: &mut DBuf, x: &[f32]) -> Result<()> {
+    dev.write(buf, &f32_bytes(x))
+}
+
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_ne_bytes()).collect()
 }
 
 pub fn zeros_f32(dev: &dyn Device, n: usize) -> Result<DBuf> {

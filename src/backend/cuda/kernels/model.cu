@@ -108,7 +108,8 @@ extern "C" __global__ void qknorm_rope_bwd(const float* x, const float* w, const
 }
 
 // Multi-tensor optimizer kernels. `table` holds TSTRIDE longs per tensor: param, grad, m, v
-// (device pointers), element count, and the weight decay as float bits. blockIdx.y = tensor.
+// (device pointers), element count, and 1 where the tensor may be exempt from weight decay
+// (norm gains, embeddings). blockIdx.y = tensor.
 #define TSTRIDE 6
 
 // Per-block partial sums of squared gradients, partials[tensor·gridDim.x + block]; the host
@@ -126,16 +127,16 @@ extern "C" __global__ void sumsq_multi(const long* table, float* partials) {
 }
 
 // AdamW (torch semantics) over every tensor in one launch; `scale` multiplies the gradients
-// (clipping), bc1/bc2 are 1 − β^t.
-extern "C" __global__ void adamw_multi(const long* table, float lr, float b1, float b2, float eps, float bc1,
-                                       float bc2, float scale) {
+// (clipping), bc1/bc2 are 1 − β^t; exempt tensors decay by wd_exempt instead of wd.
+extern "C" __global__ void adamw_multi(const long* table, float lr, float b1, float b2, float eps, float wd_all,
+                                       float bc1, float bc2, float scale, float wd_exempt) {
     const long* t = table + (long)blockIdx.y * TSTRIDE;
     float* p = (float*)t[0];
     const float* grad = (const float*)t[1];
     float* m = (float*)t[2];
     float* v = (float*)t[3];
     const long n = t[4];
-    const float wd = __int_as_float((int)t[5]);
+    const float wd = t[5] ? wd_exempt : wd_all;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float g = grad[i] * scale;
         m[i] = b1 * m[i] + (1.0f - b1) * g;

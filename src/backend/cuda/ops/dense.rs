@@ -356,7 +356,8 @@ pub fn qknorm_rope_bwd(
     }
 }
 
-/// The optimizer's view of every tensor: (param, grad, m, v, weight decay), uploaded once.
+/// The optimizer's view of every tensor: (param, grad, m, v, exempt from weight decay when
+/// the run says so), uploaded once.
 pub struct TensorTable {
     buf: DBuf,
     count: usize,
@@ -367,14 +368,14 @@ pub struct TensorTable {
 const TSTRIDE: usize = 6;
 
 impl TensorTable {
-    pub fn new(dev: &dyn Device, entries: &[(&DBuf, &DBuf, &DBuf, &DBuf, f32)]) -> Result<TensorTable> {
+    pub fn new(dev: &dyn Device, entries: &[(&DBuf, &DBuf, &DBuf, &DBuf, bool)]) -> Result<TensorTable> {
         let mut t: Vec<u8> = Vec::with_capacity(entries.len() * TSTRIDE * 8);
         let mut max_len = 0;
-        for &(p, g, m, v, wd) in entries {
+        for &(p, g, m, v, exempt) in entries {
             let n = p.bytes / 4;
             f32s("tensor table", &[g, m, v], n)?;
             max_len = max_len.max(n);
-            for x in [p.ptr, g.ptr, m.ptr, v.ptr, n as u64, wd.to_bits() as u64] {
+            for x in [p.ptr, g.ptr, m.ptr, v.ptr, n as u64, exempt as u64] {
                 t.extend(x.to_ne_bytes());
             }
         }
@@ -408,11 +409,11 @@ impl TensorTable {
         Ok(p.iter().map(|&x| x as f64).sum())
     }
 
-    /// AdamW on every tensor (the weight decay of each from the table).
-    pub fn adamw(&self, dev: &dyn Device, hp: &AdamStep) -> Result<()> {
-        let a = hp.args();
-        // the table kernel takes the per-tensor decay from the table, not hp.weight_decay
-        let args = [self.buf.arg(), a[0], a[1], a[2], a[3], a[5], a[6], a[7]];
+    /// AdamW on every tensor: `hp.weight_decay`, or `exempt_decay` for the exempt tensors.
+    pub fn adamw(&self, dev: &dyn Device, hp: &AdamStep, exempt_decay: f32) -> Result<()> {
+        let mut args = vec![self.buf.arg()];
+        args.extend(hp.args());
+        args.push(Arg::F32(exempt_decay));
         dev.launch("adamw_multi", self.launch(), &args)
     }
 }
