@@ -125,17 +125,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let (pb, ps) = preset_shape(&a.preset);
     let (b, t) = (a.batch.unwrap_or(pb), a.seq.unwrap_or(ps));
-    match a.device.as_str() {
-        "cpu" if a.precision != "f32" => anyhow::bail!("--precision {}: the CPU engine computes in f32", a.precision),
-        "cpu" => {}
-        #[cfg(feature = "cuda")]
-        "cuda" | "emu" => return super::bench_cuda::run(&a, &cfg, b, t),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" | "emu" => anyhow::bail!(
-            "--device {}: this build has no CUDA backend (rebuild with `--features cuda`)",
-            a.device
-        ),
-        other => anyhow::bail!("--device {other}: expected cpu, cuda or emu"),
+    let device = crate::train::engine::DeviceChoice {
+        device: a.device.clone(),
+        precision: a.precision.clone(),
+        ordinal: 0,
+    };
+    device.check()?;
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = device.open()? {
+        return super::bench_cuda::run(&a, dev.as_ref(), device.precision_kind(), &cfg, b, t);
     }
     let mut main = Stepper::new(&cfg, b, t)?;
     // a MoE model is timed against its dense counterpart (same attention, same active FFN

@@ -11,19 +11,17 @@ use crate::rng::Rng;
 use anyhow::Result;
 use std::time::Instant;
 
-pub fn run(a: &BenchArgs, cfg: &ModelConfig, batch: usize, seq: usize) -> Result<()> {
-    let dev: Box<dyn Device> = match a.device.as_str() {
-        "emu" => Box::new(crate::backend::cuda::emu::Emu::open()?),
-        _ => Box::new(crate::backend::cuda::device::Gpu::open(0)?),
-    };
+pub fn run(
+    a: &BenchArgs,
+    dev: &dyn Device,
+    precision: Precision,
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+) -> Result<()> {
     let model: Model<f32> = Model::new(cfg.clone(), 0)?;
     let params = model.params.numel();
-    let precision = match a.precision.as_str() {
-        "f32" => Precision::F32,
-        "bf16" => Precision::Bf16,
-        other => anyhow::bail!("--precision {other}: expected f32 or bf16"),
-    };
-    let mut dm = DeviceModel::new(dev.as_ref(), &model, precision)?;
+    let mut dm = DeviceModel::new(dev, &model, precision)?;
     drop(model);
     let opt = AdamWConfig {
         lr: 3e-4,

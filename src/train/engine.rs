@@ -61,6 +61,17 @@ impl DeviceChoice {
         }
     }
 
+    /// The device arithmetic (after `check`).
+    #[cfg(feature = "cuda")]
+    pub fn precision_kind(&self) -> crate::backend::cuda::model::Precision {
+        use crate::backend::cuda::model::Precision;
+        if self.precision == "bf16" {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+
     /// The device to run on (`None`: the CPU engine).
     #[cfg(feature = "cuda")]
     pub fn open(&self) -> Result<Option<Box<dyn crate::backend::cuda::runtime::Device>>> {
@@ -92,15 +103,9 @@ impl<'d> Engine<'d> {
         dev: &'d dyn crate::backend::cuda::runtime::Device,
         model: &Model<f32>,
         opt: &AdamW<f32>,
-        precision: &str,
+        precision: crate::backend::cuda::model::Precision,
     ) -> Result<Engine<'d>> {
-        use crate::backend::cuda::model::{DeviceModel, Precision};
-        let p = if precision == "bf16" {
-            Precision::Bf16
-        } else {
-            Precision::F32
-        };
-        let mut dm = DeviceModel::new(dev, model, p)?;
+        let mut dm = crate::backend::cuda::model::DeviceModel::new(dev, model, precision)?;
         dm.set_optimizer(opt)?;
         Ok(Engine::Device(Box::new(dm)))
     }
@@ -158,10 +163,9 @@ impl<'d> Engine<'d> {
     }
 
     /// Global gradient norm of `pending · grads`.
-    pub fn grad_norm(&mut self, pending: f32) -> Result<f64> {
-        let _ = pending; // the CPU's gradients are already scaled
+    pub fn grad_norm(&self, pending: f32) -> Result<f64> {
         match self {
-            Engine::Cpu(g) => Ok(grad_norm(g)),
+            Engine::Cpu(g) => Ok(grad_norm(g) * pending as f64),
             #[cfg(feature = "cuda")]
             Engine::Device(dm) => Ok(dm.grad_norm()? * pending as f64),
             #[cfg(not(feature = "cuda"))]

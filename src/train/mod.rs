@@ -244,7 +244,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
     let dev = opts.device.open()?;
     #[cfg(feature = "cuda")]
     let mut engine = match &dev {
-        Some(d) => Engine::device(d.as_ref(), &model, &opt, &opts.device.precision)?,
+        Some(d) => Engine::device(d.as_ref(), &model, &opt, opts.device.precision_kind())?,
         None => Engine::cpu(&model),
     };
     #[cfg(not(feature = "cuda"))]
@@ -255,6 +255,9 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
     let (rank, world) = opts.dist.as_ref().map_or((0, 1), |d| (d.0.rank(), d.0.world()));
     #[cfg(not(feature = "cuda"))]
     let (rank, world) = (0, 1);
+    // micro-batches and tokens per optimizer step, over all ranks
+    let micro = accum * world;
+    let step_tokens = (b * t * micro) as u64;
     let total = cfg.train.max_steps;
     let bar = progress_bar(opts.progress, total, state.step);
     let t0 = Instant::now();
@@ -275,7 +278,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         let mut loss = 0.0;
         let mut bad_where: Option<String> = None;
         let mut routers = RouterLog::default();
-        for j in 0..accum * world {
+        for j in 0..micro {
             ids.clear();
             tg.clear();
             // every rank draws every window (the sampler stays in step); it runs its own
@@ -307,13 +310,12 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         if let Some(d) = &opts.dist {
             loss = engine.all_reduce(d.0.as_ref(), loss)?;
         }
-        let micro = (accum * world) as f64;
-        loss /= micro;
+        loss /= micro as f64;
         // the mean over micro-batches: applied to the CPU's gradients, folded into the
         // device's norm and update
-        let pending = engine.scale_grads((1.0 / micro) as f32);
+        let pending = engine.scale_grads((1.0 / micro as f64) as f32);
         state.step += 1;
-        state.tokens += (b * t * accum * world) as u64;
+        state.tokens += step_tokens;
         let gnorm = engine.grad_norm(pending)?;
         if !loss.is_finite() || !gnorm.is_finite() {
             // skip: no update, report, stop after too many in a row (last checkpoint stays valid)
@@ -350,7 +352,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         state.spikes += is_spike as u64;
         last_loss = loss;
         let secs = t0.elapsed().as_secs_f64();
-        let tok_s = ((state.step - start_step) * (b * t * accum * world) as u64) as f64 / secs.max(1e-9);
+        let tok_s = ((state.step - start_step) * step_tokens) as f64 / secs.max(1e-9);
         let mut row = json!({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens, "grad_norm": gnorm, "tokens_per_s": tok_s.round()});
         if is_spike {
             row["spike"] = json!(true);
@@ -402,7 +404,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         skipped: state.skipped,
         diverged,
         stats: last_val.1.unwrap(),
-        tokens_per_s: (done * (b * t * accum * world) as u64) as f64 / run_secs.max(1e-9),
+        tokens_per_s: (done * step_tokens) as f64 / run_secs.max(1e-9),
     };
     report::write(out, &cfg, &summary)?;
     Ok(summary)
