@@ -235,7 +235,8 @@ impl<'d> DeviceModel<'d> {
         ops::rmsnorm_fwd(dev, &x, &self.params[self.index.norm], &hf, &rstd, n, dm, eps, zc)?;
         let head = self.head();
         let logits = self.zeros(n * vocab)?;
-        self.lin_fwd(&hf, head, &logits, n, dm, vocab)?;
+        let hfa = self.act(&hf)?;
+        self.lin_fwd(&hfa, head, &logits, n, dm, vocab)?;
         let loss_rows = self.zeros(n)?;
         let scale = if count > 0 { 1.0 / count as f32 } else { 0.0 };
         ops::cross_entropy(dev, &logits, &tgt, &loss_rows, n, vocab, scale)?;
@@ -252,8 +253,10 @@ impl<'d> DeviceModel<'d> {
         }
         // logits now hold d(mean loss)/d(logits)
         let dhf = self.zeros(n * dm)?;
-        self.lin_bwd_dx(&logits, head, &dhf, n, dm, vocab, false)?;
-        self.lin_bwd_dw(&hf, &logits, head, n, dm, vocab)?;
+        let dla = self.act(&logits)?;
+        self.lin_bwd_dx(&dla, head, &dhf, n, dm, vocab, false)?;
+        self.lin_bwd_dw(&hfa, &dla, head, n, dm, vocab)?;
+        drop(dla);
         drop(logits);
         let mut dx = self.zeros(n * dm)?;
         let norm = self.index.norm;
@@ -288,13 +291,14 @@ impl<'d> DeviceModel<'d> {
         let (h1, rstd1) = (self.zeros(n * dm)?, self.zeros(n)?);
         ops::rmsnorm_fwd(dev, &x, &p[li.input_norm], &h1, &rstd1, n, dm, eps, zc)?;
         let (q, k, v) = (self.zeros(n * qd)?, self.zeros(n * kvd)?, self.zeros(n * kvd)?);
-        self.lin_fwd(&h1, li.q_proj, &q, n, dm, qd)?;
-        self.lin_fwd(&h1, li.k_proj, &k, n, dm, kvd)?;
-        self.lin_fwd(&h1, li.v_proj, &v, n, dm, kvd)?;
+        let h1a = self.act(&h1)?;
+        self.lin_fwd(&h1a, li.q_proj, &q, n, dm, qd)?;
+        self.lin_fwd(&h1a, li.k_proj, &k, n, dm, kvd)?;
+        self.lin_fwd(&h1a, li.v_proj, &v, n, dm, kvd)?;
         let z = match (li.gate, cfg.gate_geometry()) {
             (Some(gi), Some(geo)) => {
                 let z = self.zeros(n * geo.scores())?;
-                self.lin_fwd(&h1, gi, &z, n, dm, geo.scores())?;
+                self.lin_fwd(&h1a, gi, &z, n, dm, geo.scores())?;
                 Some(z)
             }
             _ => None,
@@ -309,17 +313,18 @@ impl<'d> DeviceModel<'d> {
         let (o, y, lse) = (self.zeros(n * qd)?, self.zeros(n * qd)?, self.zeros(n * cfg.num_heads)?);
         ops::attention_fwd(dev, &d, self.gate, &qr, &kr, &v, z.as_ref(), &o, &y, &lse)?;
         let a = self.zeros(n * dm)?;
-        self.lin_fwd(&y, li.o_proj, &a, n, qd, dm)?;
+        self.lin_fwd(&self.act(&y)?, li.o_proj, &a, n, qd, dm)?;
         let x1 = self.zeros(n * dm)?;
         ops::add(dev, &x, &a, &x1, n * dm)?;
         let (h2, rstd2) = (self.zeros(n * dm)?, self.zeros(n)?);
         ops::rmsnorm_fwd(dev, &x1, &p[li.post_norm], &h2, &rstd2, n, dm, eps, zc)?;
         let (g, u, m) = (self.zeros(n * ff)?, self.zeros(n * ff)?, self.zeros(n * ff)?);
-        self.lin_fwd(&h2, mlp.gate, &g, n, dm, ff)?;
-        self.lin_fwd(&h2, mlp.up, &u, n, dm, ff)?;
+        let h2a = self.act(&h2)?;
+        self.lin_fwd(&h2a, mlp.gate, &g, n, dm, ff)?;
+        self.lin_fwd(&h2a, mlp.up, &u, n, dm, ff)?;
         ops::swiglu_fwd(dev, &g, &u, &m, n * ff)?;
         let out = self.zeros(n * dm)?;
-        self.lin_fwd(&m, mlp.down, &out, n, ff, dm)?;
+        self.lin_fwd(&self.act(&m)?, mlp.down, &out, n, ff, dm)?;
         ops::add(dev, &x1, &out, &out, n * dm)?;
         let c = LayerCache {
             x,
@@ -368,23 +373,29 @@ impl<'d> DeviceModel<'d> {
 
         // MLP: out = x1 + down(swiglu(gate·h2, up·h2))
         let dm_ = self.zeros(n * ff)?;
-        self.lin_bwd_dx(&dx, mlp.down, &dm_, n, ff, dm, false)?;
-        self.lin_bwd_dw(&c.m, &dx, mlp.down, n, ff, dm)?;
+        let dxa = self.act(&dx)?;
+        self.lin_bwd_dx(&dxa, mlp.down, &dm_, n, ff, dm, false)?;
+        self.lin_bwd_dw(&self.act(&c.m)?, &dxa, mlp.down, n, ff, dm)?;
+        drop(dxa); // dx changes below
         let (dg, du) = (self.zeros(n * ff)?, self.zeros(n * ff)?);
         ops::swiglu_bwd(dev, &c.g, &c.u, &dm_, &dg, &du, n * ff)?;
         let dh2 = self.zeros(n * dm)?;
-        self.lin_bwd_dx(&dg, mlp.gate, &dh2, n, dm, ff, false)?;
-        self.lin_bwd_dx(&du, mlp.up, &dh2, n, dm, ff, true)?;
-        self.lin_bwd_dw(&c.h2, &dg, mlp.gate, n, dm, ff)?;
-        self.lin_bwd_dw(&c.h2, &du, mlp.up, n, dm, ff)?;
+        let (dga, dua, h2a) = (self.act(&dg)?, self.act(&du)?, self.act(&c.h2)?);
+        self.lin_bwd_dx(&dga, mlp.gate, &dh2, n, dm, ff, false)?;
+        self.lin_bwd_dx(&dua, mlp.up, &dh2, n, dm, ff, true)?;
+        self.lin_bwd_dw(&h2a, &dga, mlp.gate, n, dm, ff)?;
+        self.lin_bwd_dw(&h2a, &dua, mlp.up, n, dm, ff)?;
+        drop((dga, dua, h2a));
         let pn = li.post_norm;
         // dx becomes d(x1): the residual plus the post-norm's input gradient
         ops::rmsnorm_bwd(dev, &c.x1, &p[pn], &c.rstd2, &dh2, &dx, &gr[pn], n, dm, zc, true)?;
 
         // attention: x1 = x + o_proj(gated SDPA)
         let dy = self.zeros(n * qd)?;
-        self.lin_bwd_dx(&dx, li.o_proj, &dy, n, qd, dm, false)?;
-        self.lin_bwd_dw(&c.y, &dx, li.o_proj, n, qd, dm)?;
+        let dxa = self.act(&dx)?;
+        self.lin_bwd_dx(&dxa, li.o_proj, &dy, n, qd, dm, false)?;
+        self.lin_bwd_dw(&self.act(&c.y)?, &dxa, li.o_proj, n, qd, dm)?;
+        drop(dxa);
         let d = self.attn_dims(batch, seq);
         let scratch = AttnScratch::new(dev, &d)?;
         let (dqr, dkr, dv) = (self.zeros(n * qd)?, self.zeros(n * kvd)?, self.zeros(n * kvd)?);
@@ -414,9 +425,11 @@ impl<'d> DeviceModel<'d> {
         if let (Some(gi), Some(dz), Some(geo)) = (li.gate, dz.as_ref(), cfg.gate_geometry()) {
             projections.push((gi, dz, geo.scores()));
         }
+        let h1a = self.act(&c.h1)?;
         for (i, (w, dout, width)) in projections.into_iter().enumerate() {
-            self.lin_bwd_dx(dout, w, &dh1, n, dm, width, i > 0)?;
-            self.lin_bwd_dw(&c.h1, dout, w, n, dm, width)?;
+            let da = self.act(dout)?;
+            self.lin_bwd_dx(&da, w, &dh1, n, dm, width, i > 0)?;
+            self.lin_bwd_dw(&h1a, &da, w, n, dm, width)?;
         }
         let inorm = li.input_norm;
         ops::rmsnorm_bwd(dev, &c.x, &p[inorm], &c.rstd1, &dh1, &dx, &gr[inorm], n, dm, zc, true)?;
@@ -444,32 +457,20 @@ impl<'d> DeviceModel<'d> {
         }
     }
 
-    /// `y = x·W_iᵀ`
-    fn lin_fwd(&self, x: &DBuf, w: usize, y: &DBuf, rows: usize, din: usize, dout: usize) -> Result<()> {
-        let xa = self.act(x)?;
-        ops::linear_fwd(self.dev, xa.op(), self.weight(w), y, rows, din, dout)
+    /// `y = x·W_iᵀ` (activations as `act` makes them, once per tensor however many GEMMs read it)
+    fn lin_fwd(&self, x: &Act, w: usize, y: &DBuf, rows: usize, din: usize, dout: usize) -> Result<()> {
+        ops::linear_fwd(self.dev, x.op(), self.weight(w), y, rows, din, dout)
     }
 
     /// `dx (+)= dy·W_i`
     #[allow(clippy::too_many_arguments)]
-    fn lin_bwd_dx(
-        &self,
-        dy: &DBuf,
-        w: usize,
-        dx: &DBuf,
-        rows: usize,
-        din: usize,
-        dout: usize,
-        acc: bool,
-    ) -> Result<()> {
-        let da = self.act(dy)?;
-        ops::linear_bwd_dx(self.dev, da.op(), self.weight(w), dx, rows, din, dout, acc)
+    fn lin_bwd_dx(&self, dy: &Act, w: usize, dx: &DBuf, rows: usize, din: usize, dout: usize, acc: bool) -> Result<()> {
+        ops::linear_bwd_dx(self.dev, dy.op(), self.weight(w), dx, rows, din, dout, acc)
     }
 
     /// `dW_i += dyᵀ·x`
-    fn lin_bwd_dw(&self, x: &DBuf, dy: &DBuf, w: usize, rows: usize, din: usize, dout: usize) -> Result<()> {
-        let (xa, da) = (self.act(x)?, self.act(dy)?);
-        ops::linear_bwd_dw(self.dev, xa.op(), da.op(), &self.grads[w], rows, din, dout)
+    fn lin_bwd_dw(&self, x: &Act, dy: &Act, w: usize, rows: usize, din: usize, dout: usize) -> Result<()> {
+        ops::linear_bwd_dw(self.dev, x.op(), dy.op(), &self.grads[w], rows, din, dout)
     }
 
     /// Refresh the bf16 copies of the GEMM weights after the master weights changed.
