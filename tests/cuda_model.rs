@@ -341,7 +341,7 @@ fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
 /// per step, report the same global losses, and end with bit-identical weights.
 #[test]
 fn two_data_parallel_ranks_train_like_one_process_with_twice_the_micro_batches() {
-    use gated_lm::backend::cuda::dist::HostAllReduce;
+    use gated_lm::backend::cuda::dist::{GradAllReduce, HostAllReduce};
     use gated_lm::train::engine::Dist;
     use gated_lm::train::{run, RunOptions};
     use std::sync::Arc;
@@ -364,7 +364,7 @@ fn two_data_parallel_ranks_train_like_one_process_with_twice_the_micro_batches()
     let handles: Vec<_> = HostAllReduce::group(2)
         .into_iter()
         .map(|comm| {
-            let rank = comm.rank_index();
+            let rank = comm.rank();
             let out = if rank == 0 { dp.clone() } else { dp.join("rank1") };
             let cfg = cfg.clone();
             std::thread::spawn(move || {

@@ -8,7 +8,7 @@
 
 use super::runtime::{down_f32, write_f32, DBuf, Device};
 use anyhow::{anyhow, bail, Context, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Barrier, Mutex};
 
 pub trait GradAllReduce: Send + Sync {
@@ -73,11 +73,6 @@ pub struct HostAllReduce {
 }
 
 impl HostAllReduce {
-    /// This handle's rank (also through the trait).
-    pub fn rank_index(&self) -> usize {
-        self.rank
-    }
-
     /// One handle per rank of a `world`-thread group.
     pub fn group(world: usize) -> Vec<HostAllReduce> {
         let shared = Arc::new((Mutex::new(Vec::new()), Barrier::new(world)));
@@ -230,9 +225,4 @@ impl Drop for Nccl {
         // SAFETY: created in init, destroyed once
         let _ = unsafe { cudarc::nccl::result::comm_destroy(self.comm) };
     }
-}
-
-/// Where a run's data-parallel id file goes by default: beside its output.
-pub fn default_id_file(out: &Path) -> PathBuf {
-    out.join(".nccl-id")
 }
