@@ -304,3 +304,36 @@ fn bench_on_cuda_without_the_feature_says_how_to_build() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("rebuild with `--features cuda`"), "{err}");
 }
+
+/// Device and precision flags are checked before any work (no run directory is made), with
+/// what is expected.
+#[test]
+fn bad_device_or_precision_flags_are_refused_clearly() {
+    for (args, want) in [
+        (&["bench", "--precision", "bf16"][..], "the CPU engine computes in f32"),
+        (&["bench", "--device", "tpu"][..], "expected cpu, cuda or emu"),
+        (
+            &["train", "--device", "tpu", "--max-steps", "1"][..],
+            "expected cpu, cuda or emu",
+        ),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_gated-lm"))
+            .args(args)
+            .args(["--preset", "micro"].iter().filter(|_| args[0] == "bench"))
+            .args(
+                ["--out".as_ref(), tmp.path().join("run").as_os_str()]
+                    .iter()
+                    .filter(|_| args[0] == "train"),
+            )
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(
+            !tmp.path().join("run").exists(),
+            "{args:?}: a refused run left a directory"
+        );
+    }
+}

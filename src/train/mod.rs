@@ -185,6 +185,7 @@ fn eval_row(step: u64, val_loss: f64, s: &SinkStats) -> serde_json::Value {
 /// Train per `cfg` into `out`. The run directory gets config.toml, metrics.jsonl, model/,
 /// checkpoint/, report.md and PNG plots.
 pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSummary> {
+    opts.device.check()?;
     let ckpt_dir = out.join("checkpoint");
     if opts.resume && out.join("config.toml").exists() {
         let text = std::fs::read_to_string(out.join("config.toml"))
@@ -239,7 +240,6 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         state = checkpoint::load(&ckpt_dir, &specs, &mut model.params, &mut opt)?;
         eprintln!("resuming {} at step {}", out.display(), state.step);
     }
-    opts.device.check()?;
     #[cfg(feature = "cuda")]
     let dev = opts.device.open()?;
     #[cfg(feature = "cuda")]
