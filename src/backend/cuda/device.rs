@@ -9,13 +9,16 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 pub struct Gpu {
     pub name: String,
     pub arch: &'static str,
     stream: Arc<CudaStream>,
-    modules: Vec<(&'static str, Arc<CudaModule>)>,
+    /// Every kernel, looked up once at open (a driver call per launch otherwise), so a kernel
+    /// missing from its module fails `open`, not a run.
+    functions: HashMap<&'static str, CudaFunction>,
     /// cuBLASLt when its library is present and `use_blas` is on; otherwise the portable GEMM
     /// kernel.
     blas: Option<Blas>,
@@ -43,12 +46,17 @@ impl Gpu {
             .map_err(|e| anyhow!("CUDA device {ordinal}: {e:?}"))?;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
-        let mut modules = Vec::new();
-        for (src, ptx) in compile_all(arch)? {
-            let m = ctx
+        let mut functions = HashMap::new();
+        for ((src, ptx), (_, _, entries)) in compile_all(arch)?.into_iter().zip(SOURCES) {
+            let m: Arc<CudaModule> = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
                 .map_err(|e| anyhow!("loading kernels/{src}.cu on {name}: {e:?}"))?;
-            modules.push((src, m));
+            for &entry in *entries {
+                let f = m
+                    .load_function(entry)
+                    .map_err(|e| anyhow!("kernel {entry} in kernels/{src}.cu on {name}: {e:?}"))?;
+                functions.insert(entry, f);
+            }
         }
         let stream = ctx.default_stream();
         // every step allocates its activations anew (stream-ordered); keep freed memory in the
@@ -73,25 +81,14 @@ impl Gpu {
             name,
             arch,
             stream,
-            modules,
+            functions,
             use_blas: blas.is_some(),
             blas,
         })
     }
 
-    fn func(&self, entry: &str) -> Result<CudaFunction> {
-        let src = SOURCES
-            .iter()
-            .find(|(_, _, e)| e.contains(&entry))
-            .map(|(s, _, _)| *s)
-            .with_context(|| format!("no kernel {entry}"))?;
-        let m = &self
-            .modules
-            .iter()
-            .find(|(s, _)| *s == src)
-            .expect("every source is loaded")
-            .1;
-        m.load_function(entry).map_err(|e| anyhow!("kernel {entry}: {e:?}"))
+    fn func(&self, entry: &str) -> Result<&CudaFunction> {
+        self.functions.get(entry).with_context(|| format!("no kernel {entry}"))
     }
 }
 
@@ -187,7 +184,7 @@ impl Device for Gpu {
 
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
         let f = self.func(kernel)?;
-        let mut b = self.stream.launch_builder(&f);
+        let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
                 Arg::Ptr(p) => b.arg(p),
