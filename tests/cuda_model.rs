@@ -411,7 +411,7 @@ fn nccl_world_of_one_is_the_identity() {
         local_rank: 0,
         id_file: tmp.path().join("id"),
     };
-    let comm = match Nccl::init(&gpu, &env, std::time::Duration::from_secs(10)) {
+    let comm = match Nccl::init(&env, std::time::Duration::from_secs(10)) {
         Ok(c) => c,
         Err(e) if format!("{e}").contains("was not found") => return eprintln!("SKIPPED: {e:#}"),
         Err(e) => panic!("{e:#}"),

@@ -235,8 +235,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 anyhow::bail!("WORLD_SIZE={} asks for data parallelism: use --device cuda", env.world);
             }
             device.ordinal = env.local_rank;
-            let gpu = crate::backend::cuda::device::Gpu::open(env.local_rank)?;
-            let comm = crate::backend::cuda::dist::Nccl::init(&gpu, &env, std::time::Duration::from_secs(600))?;
+            let comm = crate::backend::cuda::dist::Nccl::init(&env, std::time::Duration::from_secs(600))?;
             // every rank is a complete run; rank 0 owns --out, the others live beside it
             let out = if env.rank == 0 {
                 out

@@ -28,19 +28,28 @@ pub struct Gpu {
 /// GPU buffers: a cudarc allocation, mutably borrowed only by writes and cuBLASLt outputs.
 type Slice = RefCell<CudaSlice<u8>>;
 
+/// The stream every `Gpu` on device `ordinal` works on: the default stream of the device's
+/// primary context. NCCL joins it through this too, without compiling the kernels a second time.
+/// Errors say what is missing: the driver library or the device.
+pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    // SAFETY: only tries to dlopen the candidate library names
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!("the CUDA driver (libcuda.so) was not found: no NVIDIA driver on this machine");
+    }
+    let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA driver: {e:?}"))?;
+    if ordinal as i32 >= count {
+        bail!("no CUDA device {ordinal} ({count} found)");
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open CUDA device {ordinal}: {e:?}"))?;
+    Ok(ctx.default_stream())
+}
+
 impl Gpu {
     /// Device `ordinal`, kernels compiled for its architecture. Errors say what is missing: the
     /// driver library, a device, or NVRTC.
     pub fn open(ordinal: usize) -> Result<Gpu> {
-        // SAFETY: only tries to dlopen the candidate library names
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            bail!("the CUDA driver (libcuda.so) was not found: no NVIDIA driver on this machine");
-        }
-        let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA driver: {e:?}"))?;
-        if ordinal as i32 >= count {
-            bail!("no CUDA device {ordinal} ({count} found)");
-        }
-        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open CUDA device {ordinal}: {e:?}"))?;
+        let stream = default_stream(ordinal)?;
+        let ctx = stream.context().clone();
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| anyhow!("CUDA device {ordinal}: {e:?}"))?;
@@ -58,7 +67,6 @@ impl Gpu {
                 functions.insert(entry, f);
             }
         }
-        let stream = ctx.default_stream();
         // every step allocates its activations anew (stream-ordered); keep freed memory in the
         // pool instead of returning it to the driver at each synchronisation (as torch's
         // caching allocator does). Without async allocation support this is moot.
@@ -202,13 +210,6 @@ impl Device for Gpu {
         // checks the same calls' counts and widths in CI
         unsafe { b.launch(lc) }.map_err(|e| anyhow!("{kernel} on {}: {e:?}", self.name))?;
         Ok(())
-    }
-}
-
-impl Gpu {
-    /// The stream every launch and copy of this device goes to.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
     }
 }
 

@@ -138,10 +138,11 @@ unsafe impl Send for Nccl {}
 unsafe impl Sync for Nccl {}
 
 impl Nccl {
-    /// Join the group: rank 0 creates the unique id and publishes it atomically at `id_file`;
-    /// the others wait up to `wait` for it.
-    pub fn init(gpu: &super::device::Gpu, env: &DistEnv, wait: std::time::Duration) -> Result<Nccl> {
+    /// Join the group on GPU `env.local_rank` (the stream its `Gpu` works on): rank 0 creates
+    /// the unique id and publishes it atomically at `id_file`; the others wait up to `wait` for it.
+    pub fn init(env: &DistEnv, wait: std::time::Duration) -> Result<Nccl> {
         use cudarc::nccl::{result, sys};
+        let stream = super::device::default_stream(env.local_rank)?;
         // SAFETY: only tries to dlopen the candidate library names
         if !unsafe { sys::is_culib_present() } {
             bail!(
@@ -183,7 +184,7 @@ impl Nccl {
         };
         Ok(Nccl {
             comm,
-            stream: gpu.stream().clone(),
+            stream,
             rank: env.rank,
             world: env.world,
         })
