@@ -47,7 +47,9 @@ pub enum GateActivation {
     NsSigmoid,
 }
 
+/// In config files every field may be left out: it then takes the paper's G1 elementwise value.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GateConfig {
     pub position: GatePosition,
     pub granularity: GateGranularity,
@@ -58,8 +60,58 @@ pub struct GateConfig {
     /// A learned per-head vector used for every token (no dependence on X).
     pub input_independent: bool,
     /// Std of the normal init of the gate parameters; `None` uses the model's `init_std`.
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub init_std: Option<f64>,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig::g1(GateGranularity::Elementwise)
+    }
+}
+
+/// `model.gate` in TOML/JSON: a table of [`GateConfig`] fields, or a spec string (`"none"`,
+/// `"headwise"`, `"g2:shared"`, …). The baseline is written as `"none"`, so a resolved config
+/// says what it trains even to a reader who overlays it on a gated preset.
+mod gate_field {
+    use super::GateConfig;
+    use serde::de::{self, Deserializer, MapAccess, Visitor};
+    use serde::{Deserialize, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(g: &Option<GateConfig>, s: S) -> Result<S::Ok, S::Error> {
+        match g {
+            None => s.serialize_str("none"),
+            Some(g) => g.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<GateConfig>, D::Error> {
+        struct GateVisitor;
+        impl<'de> Visitor<'de> for GateVisitor {
+            type Value = Option<GateConfig>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a gate spec string (\"none\", \"elementwise\", \"g2:headwise\", …) or a table of gate fields",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                GateConfig::parse_spec(v).map_err(|e| E::custom(format!("{e:#}")))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(GateVisitor)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                GateConfig::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
+            }
+        }
+        d.deserialize_any(GateVisitor)
+    }
 }
 
 impl GateConfig {
@@ -178,7 +230,8 @@ pub struct ModelConfig {
     /// RMSNorm of q and k over head_dim before RoPE (Qwen3 has it; llama does not).
     #[serde(default = "default_true")]
     pub qk_norm: bool,
-    /// `None`: the ungated baseline.
+    /// `None`: the ungated baseline (written `gate = "none"`).
+    #[serde(default, with = "gate_field")]
     pub gate: Option<GateConfig>,
     /// Mixture-of-Experts FFN (`None`: a dense SwiGLU MLP in every layer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -549,6 +602,16 @@ impl ModelConfig {
             gate,
             moe: None,
         }
+    }
+}
+
+/// (batch, seq) a model preset is benchmarked and trained at, as in torch_ref.py.
+pub fn preset_shape(preset: &str) -> (usize, usize) {
+    match preset {
+        "small" => (32, 1024),
+        "1p7b" => (8, 2048),
+        "micro" | "moe-micro" => (4, 64),
+        _ => (8, 256),
     }
 }
 

@@ -2,7 +2,7 @@
 //! files) side by side, with the paper's reference numbers.
 
 use crate::train::metrics::{read_rows, series};
-use crate::train::report::{bar_chart, line_chart, PAPER_REFERENCE};
+use crate::train::report::{bar_chart, line_chart, XAxis, PAPER_REFERENCE};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -18,6 +18,8 @@ pub struct Entry {
     pub gate_mean: Option<f64>,
     pub fa_per_layer: Vec<f64>,
     pub train_curve: Vec<(f64, f64)>,
+    /// Tokens per sequence the metrics were measured over (F-Attn depends on it).
+    pub length: Option<usize>,
 }
 
 fn f(v: &Value, k: &str) -> Option<f64> {
@@ -47,7 +49,16 @@ pub fn read_entry(path: &Path) -> Result<Entry> {
             .cloned()
             .with_context(|| format!("{}: no evaluation rows", metrics.display()))?;
         let vl = f(&last_eval, "val_loss");
-        (last_eval, vl, series(&rows, "loss"))
+        let mut v = last_eval;
+        // a run's evaluations use its training seq_len
+        let seq = std::fs::read_to_string(path.join("config.toml"))
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .and_then(|t| t.get("train")?.get("seq_len")?.as_integer());
+        if let Some(n) = seq {
+            v["tokens"] = serde_json::json!(n);
+        }
+        (v, vl, series(&rows, "loss"))
     } else if path.is_file() {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {what}"))?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("{what}: not valid JSON"))?;
@@ -65,6 +76,7 @@ pub fn read_entry(path: &Path) -> Result<Entry> {
         gate_mean: f(&v, "gate_mean"),
         fa_per_layer: floats(&v, "first_token_attn_per_layer"),
         train_curve: curve,
+        length: v.get("tokens").and_then(Value::as_u64).map(|n| n as usize),
     })
 }
 
@@ -76,35 +88,36 @@ pub fn write_report(inputs: &[std::path::PathBuf], out: &Path) -> Result<Vec<Ent
     let entries = inputs.iter().map(|p| read_entry(p)).collect::<Result<Vec<_>>>()?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut md = String::from(
-        "# Comparison\n\n| model | loss | F-Attn | sink rate | M-Act | mean gate |\n|---|---|---|---|---|---|\n",
+        "# Comparison\n\n| model | length | loss | F-Attn | sink rate | M-Act | mean gate |\n|---|---|---|---|---|---|---|\n",
     );
     for e in &entries {
         md += &format!(
-            "| {} | {} | {:.4} | {} | {:.1} | {} |\n",
+            "| {} | {} | {} | {:.4} | {} | {} | {} |\n",
             e.name,
+            e.length.map_or("–".into(), |n| n.to_string()),
             opt(e.loss, 4),
             e.first_token_attn,
             opt(e.sink_rate, 3),
-            e.m_act,
+            crate::analysis::fmt_magnitude(e.m_act),
             opt(e.gate_mean, 3)
         );
     }
     for (name, fa, ma, g) in PAPER_REFERENCE {
-        md += &format!("| {name} (Tab. 4) | – | {fa} | – | {ma} | {} |\n", opt(g, 3));
+        md += &format!("| {name} (Tab. 4) | – | – | {fa} | – | {ma} | {} |\n", opt(g, 3));
     }
-    md += "\nLoss: final validation loss for runs, loss on the analysed text for models. Paper rows for orientation only.\n\n";
+    md += "\nLoss: final validation loss for runs, loss on the analysed text for models. Length: tokens per sequence the metrics were measured over (a run's training seq_len; F-Attn falls as sequences grow, so compare like with like). Paper rows for orientation only.\n\n";
     let names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
     bar_chart(
         &out.join("first_token_attn.png"),
         "First-token attention (F-Attn)",
-        "model",
+        ("model", "mean A[i,0]"),
         &names,
         &entries.iter().map(|e| e.first_token_attn).collect::<Vec<_>>(),
     )?;
     bar_chart(
         &out.join("m_act.png"),
         "Massive activations (M-Act)",
-        "model",
+        ("model", "mean over layers of max |h|"),
         &names,
         &entries.iter().map(|e| e.m_act).collect::<Vec<_>>(),
     )?;
@@ -123,8 +136,8 @@ pub fn write_report(inputs: &[std::path::PathBuf], out: &Path) -> Result<Vec<Ent
         let refs: Vec<(&str, &[(f64, f64)])> = layer_lines.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
         line_chart(
             &out.join("first_token_attn_per_layer.png"),
-            "F-Attn per layer (x: layer)",
-            "mean A[i,0]",
+            "F-Attn per layer",
+            (XAxis::Layer, "mean A[i,0]"),
             &refs,
             false,
         )?;
@@ -139,7 +152,7 @@ pub fn write_report(inputs: &[std::path::PathBuf], out: &Path) -> Result<Vec<Ent
         line_chart(
             &out.join("loss_curves.png"),
             "Training loss",
-            "cross-entropy",
+            (XAxis::Step, "cross-entropy"),
             &curves,
             false,
         )?;

@@ -12,7 +12,7 @@ use crate::config::GateGeometry;
 use crate::model::observer::Observer;
 use crate::model::ops::router::RouterStats;
 use crate::real::Real;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Gate-score histogram bins over [0, 1] (scores outside are clamped into the end bins).
 pub const GATE_BINS: usize = 20;
@@ -39,7 +39,8 @@ pub struct SinkProbe {
 }
 
 /// Router statistics of a MoE model (README "Metrics").
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct MoeStats {
     /// Mean over MoE layers of the load-balancing loss E·Σ f_e·P_e (1 = balanced).
     pub lb_loss: f64,
@@ -78,7 +79,10 @@ pub fn moe_stats(layers: &[(usize, &RouterStats)]) -> Option<MoeStats> {
     })
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+/// Deserialisable (missing fields default) so a finished run's summary can be read back from
+/// its metrics.jsonl eval rows.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct SinkStats {
     pub first_token_attn: f64,
     pub first_token_attn_per_layer: Vec<f64>,

@@ -8,6 +8,7 @@ use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct AnalyzeArgs {
     /// Run directory, HF model directory, or llama/qwen3 .gguf file
     #[arg(long)]
@@ -21,9 +22,10 @@ pub struct AnalyzeArgs {
     /// safetensors file with `input_ids` (first row is used)
     #[arg(long)]
     pub tokens: Option<PathBuf>,
-    /// Analyse at most this many tokens (default input: the embedded books)
-    #[arg(long, default_value_t = 1024)]
-    pub max_tokens: usize,
+    /// Analyse at most this many tokens (default: the model's training context for a run
+    /// directory, else 1024; default input: the embedded books)
+    #[arg(long, value_parser = crate::cli::num::count)]
+    pub max_tokens: Option<usize>,
     /// Write all metrics as JSON here
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -37,49 +39,68 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     pub heads: Option<String>,
     /// Tokens shown in attention maps
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::cli::num::count)]
     pub map_tokens: usize,
     /// Logarithmic colour scale for attention maps
     #[arg(long)]
     pub log_color: bool,
-    /// Sink-rate threshold ε
-    #[arg(long, default_value_t = 0.3)]
+    /// Sink-rate threshold ε, in (0, 1]
+    #[arg(long, default_value_t = 0.3, value_parser = crate::cli::num::fraction)]
     pub epsilon: f64,
 }
 
-fn list(s: &Option<String>, default: Vec<usize>, what: &str) -> Result<Vec<usize>> {
+/// A comma-separated list of indices below `limit` (the model has that many layers or heads).
+fn list(s: &Option<String>, default: Vec<usize>, what: &str, limit: usize) -> Result<Vec<usize>> {
     match s {
         None => Ok(default),
         Some(s) => s
             .split(',')
-            .map(|x| {
-                x.trim()
-                    .parse::<usize>()
-                    .with_context(|| format!("--{what}: '{x}' is not a number"))
+            .map(|x| match x.trim().parse::<usize>() {
+                Ok(i) if i < limit => Ok(i),
+                Ok(i) => anyhow::bail!(
+                    "--{what}: {i} is out of range: the model has {limit} {what} (0..{})",
+                    limit - 1
+                ),
+                Err(_) => anyhow::bail!("--{what}: '{x}' is not a number"),
             })
             .collect(),
     }
 }
 
 pub fn run_analyze(a: AnalyzeArgs) -> Result<()> {
+    // output paths are checked before the analysis runs, not after
+    if let Some(j) = &a.json {
+        crate::cli::check_writable(j)?;
+    }
+    if let Some(out) = &a.out {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    }
     let loaded = load_any(&a.model)?;
+    let cfg = &loaded.model.cfg;
+    let layers = list(&a.layers, (0..cfg.num_layers).collect(), "layers", cfg.num_layers)?;
+    let heads = list(&a.heads, (0..cfg.num_heads.min(4)).collect(), "heads", cfg.num_heads)?;
+    let max_tokens = a.max_tokens.or(loaded.train_seq_len).unwrap_or(1024);
+    crate::model::memory::ensure_fits(
+        &format!("analysing {max_tokens} tokens"),
+        &crate::model::memory::prefill(cfg, max_tokens),
+    )?;
     let ids = input_ids(
         &loaded,
         a.tokens.as_deref(),
         a.text.as_deref(),
         a.prompt.as_deref(),
-        a.max_tokens,
+        max_tokens,
     )?;
     let res = analyze(&loaded, &ids, a.epsilon)?;
     let json = serde_json::to_string_pretty(&res)?;
     println!(
-        "{}: {} tokens, perplexity {:.3}, first_token_attn {:.4}, sink_rate {:.3}, m_act {:.2}{}{}",
+        "{}: {} tokens (one sequence; F-Attn depends on its length), perplexity {:.3}, first_token_attn {:.4}, sink_rate {:.3}, m_act {}{}{}",
         res.model,
         res.tokens,
         res.perplexity,
         res.stats.first_token_attn,
         res.stats.sink_rate,
-        res.stats.m_act,
+        crate::analysis::fmt_magnitude(res.stats.m_act),
         res.stats
             .gate_mean
             .map(|g| format!(", gate_mean {g:.3}"))
@@ -97,11 +118,7 @@ pub fn run_analyze(a: AnalyzeArgs) -> Result<()> {
         crate::io::write_atomic(j, json.as_bytes())?;
     }
     if let Some(out) = &a.out {
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         crate::io::write_atomic(&out.join("analysis.json"), json.as_bytes())?;
-        let cfg = &loaded.model.cfg;
-        let layers = list(&a.layers, (0..cfg.num_layers).collect(), "layers")?;
-        let heads = list(&a.heads, (0..cfg.num_heads.min(4)).collect(), "heads")?;
         let want: Vec<(usize, usize)> = layers
             .iter()
             .flat_map(|&l| heads.iter().map(move |&h| (l, h)))
@@ -119,11 +136,13 @@ pub fn run_analyze(a: AnalyzeArgs) -> Result<()> {
         per_layer(
             &out.join("first_token_attn_per_layer.png"),
             "F-Attn per layer",
+            "mean A[i,0]",
             &res.stats.first_token_attn_per_layer,
         )?;
         per_layer(
             &out.join("m_act_per_layer.png"),
             "M-Act per layer",
+            "max |h|",
             &res.stats.m_act_per_layer,
         )?;
         if !res.stats.gate_histogram.is_empty() {
@@ -144,10 +163,12 @@ pub fn run_analyze(a: AnalyzeArgs) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct ReportArgs {
     /// Run directories and/or `analyze --json` files
     #[arg(required = true)]
     pub runs: Vec<PathBuf>,
+    /// Directory for report.md and its PNGs
     #[arg(long, default_value = "report")]
     pub out: PathBuf,
 }

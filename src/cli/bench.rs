@@ -12,25 +12,29 @@ use clap::Args;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct BenchArgs {
-    /// micro, tiny, small, 1p7b (tiny/small/1p7b as in torch_ref.py), moe-micro, moe-tiny
+    /// Model preset: micro, tiny, small, 1p7b (tiny/small/1p7b as in torch_ref.py), moe-micro,
+    /// moe-tiny; or a training preset (cpu-tiny, cpu-micro, …: its model, batch and sequence)
     #[arg(long, default_value = "tiny")]
     pub preset: String,
-    /// none, elementwise, headwise, or any gate spec
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value = "elementwise", help = crate::cli::train::GATE_HELP)]
     pub gate: String,
-    #[arg(long, default_value_t = 10)]
+    /// Timed steps (≥ 1); the median is reported
+    #[arg(long, default_value_t = 10, value_parser = crate::cli::num::count)]
     pub steps: usize,
+    /// Untimed steps first
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// Worker threads (default: all cores)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::num::count)]
     pub threads: Option<usize>,
-    /// Override batch size / sequence length of the preset
-    #[arg(long)]
-    pub batch: Option<usize>,
-    #[arg(long)]
-    pub seq: Option<usize>,
+    /// Sequences per step (default: the preset's)
+    #[arg(long, alias = "batch", value_parser = crate::cli::num::count)]
+    pub batch_size: Option<usize>,
+    /// Sequence length in tokens (default: the preset's)
+    #[arg(long, alias = "seq", value_parser = crate::cli::num::count)]
+    pub seq_len: Option<usize>,
     /// Print the time per section (forward/backward ops, optimizer) to stderr
     #[arg(long)]
     pub profile: bool,
@@ -55,7 +59,7 @@ pub struct BenchArgs {
 /// Median ms/token of `n`-token greedy decodes, gated vs ungated twin, interleaved over rounds.
 fn bench_decode(a: &BenchArgs, n: usize) -> Result<()> {
     use crate::model::decode::KvCache;
-    let gated_cfg = preset_with_gate(&a.preset, &a.gate)?;
+    let (gated_cfg, _, _) = bench_shape(a)?;
     let mut base_cfg = gated_cfg.clone();
     base_cfg.gate = None;
     let gated: Model<f32> = Model::new(gated_cfg, 0)?;
@@ -99,14 +103,23 @@ fn bench_decode(a: &BenchArgs, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// (batch, seq) of a preset, as in torch_ref.py.
-pub fn preset_shape(preset: &str) -> (usize, usize) {
-    match preset {
-        "small" => (32, 1024),
-        "1p7b" => (8, 2048),
-        "micro" | "moe-micro" => (4, 64),
-        _ => (8, 256),
-    }
+/// The model and (batch, seq) of a model preset, or of a training preset.
+fn bench_shape(a: &BenchArgs) -> Result<(ModelConfig, usize, usize)> {
+    let (cfg, b, t) = match preset_with_gate(&a.preset, &a.gate) {
+        Ok(cfg) => {
+            let (b, t) = crate::config::preset_shape(&a.preset);
+            (cfg, b, t)
+        }
+        Err(e) => match crate::train::config::TrainConfig::preset(&a.preset) {
+            Ok(mut tc) => {
+                tc.model.gate =
+                    crate::config::GateConfig::parse_spec(&a.gate).with_context(|| format!("--gate {}", a.gate))?;
+                (tc.model, tc.train.batch_size, tc.train.seq_len)
+            }
+            Err(_) => return Err(e),
+        },
+    };
+    Ok((cfg, a.batch_size.unwrap_or(b), a.seq_len.unwrap_or(t)))
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -119,12 +132,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(n) = a.decode {
         return bench_decode(&a, n);
     }
-    let mut cfg = preset_with_gate(&a.preset, &a.gate)?;
+    let (mut cfg, b, t) = bench_shape(&a)?;
     if let Some(m) = &a.moe {
         cfg.moe = crate::config::MoeConfig::parse_spec(m).with_context(|| format!("--moe {m}"))?;
     }
-    let (pb, ps) = preset_shape(&a.preset);
-    let (b, t) = (a.batch.unwrap_or(pb), a.seq.unwrap_or(ps));
+    if t > cfg.max_position_embeddings {
+        anyhow::bail!(
+            "--seq-len {t} exceeds the model's max_position_embeddings {}",
+            cfg.max_position_embeddings
+        );
+    }
+    crate::model::memory::ensure_fits("this benchmark", &crate::model::memory::training(&cfg, b, t))?;
     let device = crate::train::engine::DeviceChoice {
         device: a.device.clone(),
         precision: a.precision.clone(),

@@ -11,13 +11,15 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct DumpArgs {
-    /// Model directory (config.json + model.safetensors)
+    /// Run directory or model directory (config.json + model.safetensors)
     #[arg(long)]
     pub model: PathBuf,
     /// safetensors file holding `input_ids` [batch, seq]
     #[arg(long)]
     pub input: PathBuf,
+    /// safetensors file to write the outputs to
     #[arg(long)]
     pub out: PathBuf,
     /// hyperparams.json (lr, betas, eps, weight_decay; max clip norm from `clip`/`max_grad_norm`
@@ -63,7 +65,8 @@ pub fn read_hyperparams(path: &Path) -> Result<(AdamWConfig, f64)> {
 }
 
 pub fn run(a: DumpArgs) -> Result<()> {
-    let out = dump_tensors(&a.model, &a.input, a.train_step.as_deref())?;
+    crate::cli::check_writable(&a.out)?;
+    let out = dump_tensors(&crate::cli::model_dir(&a.model), &a.input, a.train_step.as_deref())?;
     write_f32(&a.out, &out)?;
     eprintln!("wrote {} tensors to {}", out.len(), a.out.display());
     Ok(())

@@ -13,31 +13,34 @@ use std::time::Instant;
 
 /// Model, RoPE scaling at load time, and the KV window.
 #[derive(Args, Debug, Clone)]
+#[command(allow_negative_numbers = true)]
 pub struct ModelArgs {
     /// Run directory, HF model directory or llama/qwen3 .gguf
     #[arg(long)]
     pub model: PathBuf,
     /// Replace the RoPE base (the paper's context extension raises 10k → 1M)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::num::positive)]
     pub rope_theta: Option<f64>,
     /// YaRN scaling factor (e.g. 4 for 4× the trained context)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::num::positive)]
     pub yarn_factor: Option<f64>,
     /// The context length the model was trained at (YaRN); default: the config's max positions
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::num::count)]
     pub yarn_original: Option<usize>,
-    #[arg(long, default_value_t = 32.0)]
+    /// YaRN's high-frequency boundary β (rotations per context)
+    #[arg(long, default_value_t = 32.0, value_parser = crate::cli::num::positive)]
     pub yarn_beta_fast: f64,
-    #[arg(long, default_value_t = 1.0)]
+    /// YaRN's low-frequency boundary α (rotations per context)
+    #[arg(long, default_value_t = 1.0, value_parser = crate::cli::num::positive)]
     pub yarn_beta_slow: f64,
     /// YaRN attention temperature (default 0.1·ln(factor) + 1)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::num::positive)]
     pub yarn_attention_factor: Option<f64>,
     /// Keep at most this many tokens in the KV cache (sliding window)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::num::count)]
     pub window: Option<usize>,
     /// With --window: tokens at the start that are never evicted (StreamingLLM "sinks")
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, requires = "window")]
     pub sink_tokens: usize,
 }
 
@@ -74,20 +77,26 @@ impl ModelArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub m: ModelArgs,
+    /// Text to continue
     #[arg(long)]
     pub prompt: String,
+    /// Tokens to generate at most (stops early at the end-of-text token)
     #[arg(long, default_value_t = 100)]
     pub max_new_tokens: usize,
-    /// 0 = greedy
-    #[arg(long, default_value_t = 0.8)]
+    /// Sampling temperature ≥ 0; 0 = greedy
+    #[arg(long, default_value_t = 0.8, value_parser = crate::cli::num::non_negative)]
     pub temperature: f64,
-    #[arg(long, default_value_t = 0.95)]
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1]
+    #[arg(long, default_value_t = 0.95, value_parser = crate::cli::num::fraction)]
     pub top_p: f64,
+    /// Keep only the k most likely tokens; 0 = no limit
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Sampling seed
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -99,6 +108,10 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         .as_ref()
         .with_context(|| format!("{}: no tokenizer found", l.source))?;
     let ids = tok.encode_for_model(&a.prompt)?;
+    crate::model::memory::ensure_fits(
+        "this generation",
+        &crate::model::memory::prefill(&l.model.cfg, ids.len() + a.max_new_tokens),
+    )?;
     let mut cache = KvCache::new(&l.model, a.m.window, a.m.sink_tokens)?;
     let o = SampleOptions {
         temperature: a.temperature,
@@ -145,18 +158,22 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub m: ModelArgs,
     /// Text to score (default: the embedded books' validation split)
     #[arg(long)]
     pub text: Option<PathBuf>,
-    #[arg(long, default_value_t = 256)]
-    pub context: usize,
-    #[arg(long)]
+    /// Tokens per scoring window (default: the model's training context for a run directory,
+    /// else 256)
+    #[arg(long, value_parser = crate::cli::num::count)]
+    pub context: Option<usize>,
+    /// Tokens the window advances by, ≥ 1 (default: half the context)
+    #[arg(long, value_parser = crate::cli::num::count)]
     pub stride: Option<usize>,
     /// Score at most this many tokens
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::cli::num::count)]
     pub max_tokens: usize,
 }
 
@@ -175,6 +192,14 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     };
     let mut ids = tok.encode_for_model(&text)?;
     ids.truncate(a.max_tokens);
+    let context = a.context.or(l.train_seq_len).unwrap_or(256);
+    if context < 2 {
+        anyhow::bail!("--context must be ≥ 2 tokens");
+    }
+    crate::model::memory::ensure_fits(
+        "this evaluation",
+        &crate::model::memory::prefill(&l.model.cfg, a.m.window.unwrap_or(context).min(ids.len().max(1))),
+    )?;
     let (nll, n, how) = if let Some(w) = a.m.window {
         let (nll, n) = perplexity_streaming(&l.model, &ids, Some(w), a.m.sink_tokens)?;
         (
@@ -183,9 +208,9 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             format!("streaming, window {w} with {} sink tokens", a.m.sink_tokens),
         )
     } else {
-        let stride = a.stride.unwrap_or(a.context / 2).max(1);
-        let (nll, n) = perplexity_sliding(&l.model, &ids, a.context, stride)?;
-        (nll, n, format!("sliding window, context {} stride {stride}", a.context))
+        let stride = a.stride.unwrap_or(context / 2).max(1);
+        let (nll, n) = perplexity_sliding(&l.model, &ids, context, stride)?;
+        (nll, n, format!("sliding window, context {context} stride {stride}"))
     };
     println!(
         "{}: {n} tokens, loss {nll:.4}, perplexity {:.3} ({how})",
@@ -196,19 +221,23 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct RulerArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    /// Comma-separated prompt lengths in tokens
+    /// Comma-separated prompt lengths in tokens (each ≥ 64)
     #[arg(long, default_value = "256,512,1024,2048")]
     pub lengths: String,
-    #[arg(long, default_value_t = 10)]
+    /// Samples per task and length (≥ 1)
+    #[arg(long, default_value_t = 10, value_parser = crate::cli::num::count)]
     pub samples: usize,
     /// Comma-separated subset of tasks (default: all)
     #[arg(long)]
     pub tasks: Option<String>,
+    /// Seed of the generated haystacks and needles
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also write the results as JSON to this file
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -222,8 +251,23 @@ pub fn run_ruler(a: RulerArgs) -> Result<()> {
     let lengths: Vec<usize> = a
         .lengths
         .split(',')
-        .map(|x| x.trim().parse().with_context(|| format!("--lengths: '{x}'")))
+        .map(|x| match x.trim().parse::<usize>() {
+            Ok(n) if n >= ruler::MIN_LENGTH => Ok(n),
+            Ok(n) => anyhow::bail!(
+                "--lengths: {n} is too short (each length must be ≥ {})",
+                ruler::MIN_LENGTH
+            ),
+            Err(_) => anyhow::bail!("--lengths: '{x}' is not a whole number"),
+        })
         .collect::<Result<_>>()?;
+    if let Some(j) = &a.json {
+        crate::cli::check_writable(j)?;
+    }
+    let longest = lengths.iter().copied().max().unwrap_or(0);
+    crate::model::memory::ensure_fits(
+        &format!("ruler at {longest} tokens"),
+        &crate::model::memory::prefill(&l.model.cfg, longest + 64),
+    )?;
     let tasks: Vec<&str> = match &a.tasks {
         Some(t) => t.split(',').map(str::trim).collect(),
         None => ruler::TASKS.to_vec(),

@@ -1,28 +1,36 @@
 //! `gated-lm train` and `gated-lm sweep`.
 
+use crate::cli::{ExitStatus, EXIT_DIVERGED, EXIT_INTERRUPTED};
 use crate::config::GateConfig;
 use crate::train::config::TrainConfig;
 use crate::train::{run, RunOptions, RunSummary, STOP};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+/// The `--gate` grammar, shown by `--help` and named by `--gate` errors.
+pub const GATE_HELP: &str = "Gate: none | elementwise | headwise (the paper's G1 variants), or \
+colon-separated options in any order, the rest defaulting to G1 elementwise: position g1..g5; \
+elementwise | headwise; specific | shared; mul | add; sigmoid | silu | ns-sigmoid; dynamic | \
+static. Example: g2:headwise:shared:add:silu. Default: the preset's gate (elementwise)";
+
 #[derive(Args, Debug, Clone, Default)]
+#[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
-    /// Gate: none | elementwise | headwise (the paper's G1 variants), or a spec such as
-    /// `g2:headwise:shared:add:silu:static` (see README, "Gate specs")
-    #[arg(long)]
+    #[arg(long, help = GATE_HELP)]
     pub gate: Option<String>,
-    /// cpu-tiny (default), cpu-micro, dense28, dense48, dense28-hilr, dense48-hilr, cpu-moe,
-    /// cpu-moe-micro
+    /// Training preset: cpu-tiny (default), cpu-micro, dense28, dense48, dense28-hilr,
+    /// dense48-hilr, cpu-moe, cpu-moe-micro; or a model preset (micro, tiny, small, 1p7b,
+    /// moe-micro, moe-tiny) with cpu-tiny's schedule and bench's batch shape
     #[arg(long)]
     pub preset: Option<String>,
     /// MoE FFN `EXPERTS:TOP_K:EXPERT_FFN[:shared=F][:cap=C][:aux=A][:z=Z][:no-norm]`, or
     /// `none` for a dense MLP (see README, "Mixture of Experts")
     #[arg(long)]
     pub moe: Option<String>,
-    /// TOML file overlaid on the preset (only the keys it names change)
+    /// TOML file overlaid on the preset (only the keys it names change; `preset = "…"` in it
+    /// picks the preset)
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Training text: files, directories, .jsonl (field `text`), .gz (default: embedded books)
@@ -31,14 +39,18 @@ pub struct TrainArgs {
     /// byte | bpe | path to tokenizer.json or a vocab.json+merges.txt directory
     #[arg(long)]
     pub tokenizer: Option<String>,
-    #[arg(long)]
+    /// Optimizer steps of the whole run (the schedule spans them); ≥ 1. With --resume it may
+    /// extend a run
+    #[arg(long, value_parser = crate::cli::num::steps)]
     pub max_steps: Option<u64>,
-    /// Stop cleanly (eval, checkpoint, model, report) after this many seconds
-    #[arg(long)]
+    /// Stop cleanly (eval, checkpoint, model, report) after this many seconds of this
+    /// invocation; 0 = no limit
+    #[arg(long, value_parser = crate::cli::num::non_negative)]
     pub max_seconds: Option<f64>,
-    /// Peak learning rate
-    #[arg(long)]
+    /// Peak learning rate (> 0)
+    #[arg(long, value_parser = crate::cli::num::positive)]
     pub lr: Option<f64>,
+    /// Seed of the weights' init and the data sampler (default 0)
     #[arg(long)]
     pub seed: Option<u64>,
     /// Run directory (default: runs/<preset>-<gate>-s<seed>)
@@ -48,24 +60,27 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Stop cleanly after this many steps of this invocation (the schedule still spans
-    /// --max-steps; continue with --resume), e.g. for preemptible jobs
-    #[arg(long)]
+    /// --max-steps; continue with --resume), e.g. for preemptible jobs; ≥ 1
+    #[arg(long, value_parser = crate::cli::num::steps)]
     pub stop_after: Option<u64>,
     /// Start from this model's weights and architecture (a run or model directory): continued
     /// training, e.g. at a longer --seq-len with --yarn-factor or --rope-theta
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// Sequence length
-    #[arg(long)]
+    /// Sequence length in tokens (≥ 2)
+    #[arg(long, alias = "seq", value_parser = crate::cli::num::count)]
     pub seq_len: Option<usize>,
+    /// Sequences per micro-batch
+    #[arg(long, alias = "batch", value_parser = crate::cli::num::count)]
+    pub batch_size: Option<usize>,
     /// RoPE base (a base change for context extension)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::num::positive)]
     pub rope_theta: Option<f64>,
     /// YaRN factor over the current max_position_embeddings (context extension)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::num::positive)]
     pub yarn_factor: Option<f64>,
     /// Worker threads (default: all cores)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::num::count)]
     pub threads: Option<usize>,
     /// No progress bar
     #[arg(long)]
@@ -87,15 +102,32 @@ fn device_choice(a: &TrainArgs) -> crate::train::engine::DeviceChoice {
     }
 }
 
-/// Preset → config file → flags.
+/// Preset → config file → flags. A `preset = "…"` in the config file picks the preset (it must
+/// agree with --preset when both are given).
 pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
-    let mut cfg = TrainConfig::preset(a.preset.as_deref().unwrap_or("cpu-tiny"))?;
+    let file = match &a.config {
+        Some(p) => Some((
+            p.display().to_string(),
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let named = match &file {
+        Some((name, text)) => TrainConfig::preset_named_in(text, name)?,
+        None => None,
+    };
+    let preset = match (&a.preset, named) {
+        (Some(flag), Some(inner)) if *flag != inner => bail!(
+            "--preset {flag} and `preset = \"{inner}\"` in {} disagree: give one of them",
+            file.as_ref().map_or("", |f| f.0.as_str())
+        ),
+        (Some(flag), _) => flag.clone(),
+        (None, Some(inner)) => inner,
+        (None, None) => "cpu-tiny".into(),
+    };
+    let mut cfg = TrainConfig::preset(&preset)?;
     if let Some(init) = &a.init {
-        let dir = if init.join("model").join("config.json").exists() {
-            init.join("model")
-        } else {
-            init.clone()
-        };
+        let dir = crate::cli::model_dir(init);
         let (m, _) = crate::io::hf::load_model(&dir)?;
         cfg.model = m.cfg;
         cfg.train.init = Some(dir.display().to_string());
@@ -104,10 +136,47 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
             cfg.data.tokenizer = dir.join("tokenizer.json").display().to_string();
         }
     }
-    if let Some(p) = &a.config {
-        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-        cfg = cfg.merge_toml(&text, &p.display().to_string())?;
+    if let Some((name, text)) = &file {
+        cfg = cfg.merge_toml(text, name)?;
     }
+    apply_flags(&mut cfg, a, false)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The config `train --resume` asks for: the run's own config.toml with the flags applied (the
+/// trainer then accepts only safe changes; see `TrainConfig::resume_with`).
+pub fn resolve_resume(a: &TrainArgs, out: &Path) -> Result<TrainConfig> {
+    let path = out.join("config.toml");
+    if !path.exists() {
+        bail!("--resume: {} holds no run to resume (no config.toml)", out.display());
+    }
+    if a.init.is_some() {
+        bail!("--init starts a new run from a model; it cannot be combined with --resume");
+    }
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {file}"))?;
+    let mut cfg = TrainConfig::from_resolved_toml(&text, &file)?;
+    if let Some(p) = &a.preset {
+        if *p != cfg.preset {
+            bail!(
+                "--preset {p}: the run in {} was made from preset {}; a resumed run keeps its config",
+                out.display(),
+                cfg.preset
+            );
+        }
+    }
+    if let Some(c) = &a.config {
+        let t = std::fs::read_to_string(c).with_context(|| format!("cannot read {}", c.display()))?;
+        cfg = cfg.merge_toml(&t, &c.display().to_string())?;
+    }
+    apply_flags(&mut cfg, a, true)?;
+    Ok(cfg)
+}
+
+/// The flags' part of the config. On resume --max-steps sets only max_steps: the cadence and
+/// warm-up it would otherwise clamp belong to the run.
+fn apply_flags(cfg: &mut TrainConfig, a: &TrainArgs, resuming: bool) -> Result<()> {
     if let Some(g) = &a.gate {
         cfg.model.gate = GateConfig::parse_spec(g).with_context(|| format!("--gate {g}"))?;
     }
@@ -122,9 +191,11 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(n) = a.max_steps {
         cfg.train.max_steps = n;
-        cfg.train.eval_every = cfg.train.eval_every.min(n.max(1));
-        cfg.train.checkpoint_every = cfg.train.checkpoint_every.min(n.max(1));
-        cfg.schedule.warmup_steps = cfg.schedule.warmup_steps.min(n / 5);
+        if !resuming {
+            cfg.train.eval_every = cfg.train.eval_every.min(n);
+            cfg.train.checkpoint_every = cfg.train.checkpoint_every.min(n);
+            cfg.schedule.warmup_steps = cfg.schedule.warmup_steps.min(n / 5);
+        }
     }
     if let Some(s) = a.max_seconds {
         cfg.train.max_seconds = s;
@@ -138,6 +209,9 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(t) = a.seq_len {
         cfg.train.seq_len = t;
     }
+    if let Some(b) = a.batch_size {
+        cfg.train.batch_size = b;
+    }
     if let Some(t) = a.rope_theta {
         cfg.model.rope_theta = t;
     }
@@ -146,8 +220,7 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
         cfg.model.rope_scaling = Some(crate::config::RopeScaling::yarn(f, orig));
         cfg.model.max_position_embeddings = (orig as f64 * f) as usize;
     }
-    cfg.validate()?;
-    Ok(cfg)
+    Ok(())
 }
 
 fn gate_name(cfg: &TrainConfig) -> String {
@@ -181,13 +254,14 @@ pub fn install_ctrlc() {
 
 fn print_summary(out: &Path, s: &RunSummary) {
     println!(
-        "run {}: {} steps, train loss {:.4}, val loss {:.4}, first_token_attn {:.4}, m_act {:.1}{}{}, spikes {}, skipped {}{}",
+        "run {}{}: {} steps, train loss {:.4}, val loss {:.4}, first_token_attn {:.4}, m_act {}{}{}, spikes {}, skipped {}{}",
         out.display(),
+        if s.already_finished { " (already finished)" } else { "" },
         s.steps,
         s.final_train_loss,
         s.final_val_loss,
         s.stats.first_token_attn,
-        s.stats.m_act,
+        crate::analysis::fmt_magnitude(s.stats.m_act),
         s.stats.gate_mean.map(|g| format!(", gate_mean {g:.3}")).unwrap_or_default(),
         s.stats
             .moe
@@ -216,13 +290,20 @@ pub fn set_threads(t: Option<usize>) -> Result<()> {
 
 pub fn train(a: TrainArgs) -> Result<()> {
     set_threads(a.threads)?;
-    let cfg = resolve_config(&a)?;
     let out = match (&a.out, a.resume) {
         (Some(o), _) => o.clone(),
-        (None, true) => anyhow::bail!("--resume needs --out RUN_DIR"),
-        (None, false) => {
-            fresh_dir(PathBuf::from("runs").join(format!("{}-{}-s{}", cfg.preset, gate_name(&cfg), cfg.train.seed)))
-        }
+        (None, true) => bail!("--resume needs --out RUN_DIR"),
+        (None, false) => PathBuf::new(),
+    };
+    let cfg = if a.resume {
+        resolve_resume(&a, &out)?
+    } else {
+        resolve_config(&a)?
+    };
+    let out = if a.out.is_none() {
+        fresh_dir(PathBuf::from("runs").join(format!("{}-{}-s{}", cfg.preset, gate_name(&cfg), cfg.train.seed)))
+    } else {
+        out
     };
     install_ctrlc();
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
@@ -259,61 +340,77 @@ pub fn train(a: TrainArgs) -> Result<()> {
         },
     )?;
     print_summary(&out, &s);
+    run_outcome(&out, &s)
+}
+
+/// The exit status a run's end deserves: divergence and Ctrl-C are not success.
+fn run_outcome(out: &Path, s: &RunSummary) -> Result<()> {
     if s.diverged {
-        anyhow::bail!(
-            "training diverged (non-finite loss); the last good checkpoint is in {}/checkpoint",
-            out.display()
-        );
+        let where_ = if s.checkpoint {
+            format!(
+                "the last good checkpoint is in {}/checkpoint (resume it with a lower --lr in a new run, or --resume to retry)",
+                out.display()
+            )
+        } else {
+            "no checkpoint was written before it diverged, so there is nothing to resume; start again with a lower --lr"
+                .into()
+        };
+        return Err(ExitStatus {
+            code: EXIT_DIVERGED,
+            message: format!("training diverged (non-finite loss) at step {}; {where_}", s.steps),
+        }
+        .into());
+    }
+    if s.interrupted {
+        return Err(ExitStatus {
+            code: EXIT_INTERRUPTED,
+            message: format!(
+                "interrupted at step {}: the run is saved; continue it with `gated-lm train --resume --out {}`",
+                s.steps,
+                out.display()
+            ),
+        }
+        .into());
     }
     Ok(())
 }
 
 #[derive(Args, Debug)]
+#[command(
+    allow_negative_numbers = true,
+    // train's flags, less those a sweep decides itself (it refuses them if given)
+    mut_arg("gate", |a| a.hide(true)),
+    mut_arg("resume", |a| a.hide(true)),
+    mut_arg("stop_after", |a| a.hide(true)),
+    mut_arg("out", |a| a.help("Directory of the sweep: one run directory per arm, and sweep.md (default: runs/sweep)"))
+)]
 pub struct SweepArgs {
-    /// Comma-separated gates to compare (each as --gate)
+    /// Comma-separated gates to compare, each as `train --gate` takes it
     #[arg(long, default_value = "none,elementwise")]
     pub gates: String,
-    /// Comma-separated peak learning rates
+    /// Comma-separated peak learning rates (each > 0)
     #[arg(long)]
     pub lrs: Option<String>,
     /// Config files to run as they are (instead of gates × lrs)
     #[arg(long, num_args = 1..)]
     pub configs: Vec<PathBuf>,
-    #[arg(long, default_value = "runs/sweep")]
-    pub out: PathBuf,
     #[command(flatten)]
     pub common: TrainArgs,
 }
 
-pub fn sweep(a: SweepArgs) -> Result<()> {
-    set_threads(a.common.threads)?;
-    install_ctrlc();
+/// The sweep's arms: (name, config), gates × lrs or one per config file.
+fn sweep_plans(a: &SweepArgs) -> Result<Vec<(String, TrainConfig)>> {
+    if a.common.gate.is_some() {
+        bail!("sweep takes --gates (a comma-separated list), not --gate");
+    }
+    if a.common.resume {
+        bail!("sweep resumes the arms it finds in --out by itself; drop --resume");
+    }
+    if a.common.stop_after.is_some() {
+        bail!("sweep runs every arm to its --max-steps; --stop-after is for train");
+    }
     let mut plans: Vec<(String, TrainConfig)> = Vec::new();
-    if a.configs.is_empty() {
-        let lrs: Vec<Option<f64>> = match &a.lrs {
-            Some(s) => s
-                .split(',')
-                .map(|x| {
-                    x.trim()
-                        .parse()
-                        .map(Some)
-                        .with_context(|| format!("--lrs: '{x}' is not a number"))
-                })
-                .collect::<Result<_>>()?,
-            None => vec![None],
-        };
-        for g in a.gates.split(',').map(str::trim) {
-            for lr in &lrs {
-                let args = TrainArgs {
-                    gate: Some(g.to_string()),
-                    lr: *lr,
-                    ..a.common.clone()
-                };
-                let cfg = resolve_config(&args)?;
-                plans.push((format!("{}-lr{}", gate_name(&cfg), cfg.optim.adamw.lr), cfg));
-            }
-        }
-    } else {
+    if !a.configs.is_empty() {
         for c in &a.configs {
             let args = TrainArgs {
                 config: Some(c.clone()),
@@ -325,17 +422,65 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
                 .unwrap_or_default();
             plans.push((name, resolve_config(&args)?));
         }
+        return Ok(plans);
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
-    let mut rows = Vec::new();
-    for (name, cfg) in plans {
+    let lrs: Vec<Option<f64>> = match &a.lrs {
+        Some(s) => s
+            .split(',')
+            .map(|x| {
+                crate::cli::num::positive(x)
+                    .map(Some)
+                    .map_err(|e| anyhow::anyhow!("--lrs: {e}"))
+            })
+            .collect::<Result<_>>()?,
+        None => vec![None],
+    };
+    let gates: Vec<&str> = a.gates.split(',').map(str::trim).collect();
+    if gates.iter().any(|g| g.is_empty()) {
+        bail!(
+            "--gates '{}': an empty entry (give e.g. --gates none,elementwise)",
+            a.gates
+        );
+    }
+    for g in gates {
+        for lr in &lrs {
+            let args = TrainArgs {
+                gate: Some(g.to_string()),
+                lr: *lr,
+                ..a.common.clone()
+            };
+            let cfg = resolve_config(&args).with_context(|| format!("--gates: '{g}'"))?;
+            plans.push((format!("{}-lr{}", gate_name(&cfg), cfg.optim.adamw.lr), cfg));
+        }
+    }
+    Ok(plans)
+}
+
+pub fn sweep(a: SweepArgs) -> Result<()> {
+    set_threads(a.common.threads)?;
+    let plans = sweep_plans(&a)?;
+    let out = a.common.out.clone().unwrap_or_else(|| PathBuf::from("runs/sweep"));
+    install_ctrlc();
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut rows: Vec<(String, Result<RunSummary>)> = Vec::new();
+    let n = plans.len();
+    for (i, (name, cfg)) in plans.into_iter().enumerate() {
         if STOP.load(Ordering::Relaxed) {
             break;
         }
-        let dir = a.out.join(&name);
-        eprintln!("sweep: {name}");
-        let resume = dir.join("checkpoint").exists();
-        let s = run(
+        let dir = out.join(&name);
+        // an arm that has started before continues where it stopped; a finished one is kept
+        let resume = dir.join("config.toml").exists();
+        eprintln!(
+            "sweep: arm {}/{n}: {name}{}",
+            i + 1,
+            if resume {
+                " (continuing the run in its directory)"
+            } else {
+                ""
+            }
+        );
+        let r = run(
             cfg,
             &dir,
             &RunOptions {
@@ -346,26 +491,53 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
                 #[cfg(feature = "cuda")]
                 dist: None,
             },
-        )?;
-        print_summary(&dir, &s);
-        rows.push((name, s));
+        );
+        match &r {
+            Ok(s) => print_summary(&dir, s),
+            Err(e) => eprintln!("sweep: arm {name} failed: {e:#}"),
+        }
+        rows.push((name, r));
     }
     let mut md = String::from("| run | val loss | train loss | spikes | skipped | diverged | F-Attn | sink rate | M-Act | mean gate |\n|---|---|---|---|---|---|---|---|---|---|\n");
-    for (n, s) in &rows {
-        md += &format!(
-            "| {n} | {:.4} | {:.4} | {} | {} | {} | {:.4} | {:.3} | {:.1} | {} |\n",
-            s.final_val_loss,
-            s.final_train_loss,
-            s.spikes,
-            s.skipped,
-            if s.diverged { "yes" } else { "no" },
-            s.stats.first_token_attn,
-            s.stats.sink_rate,
-            s.stats.m_act,
-            s.stats.gate_mean.map(|g| format!("{g:.3}")).unwrap_or("–".into())
+    for (n, r) in &rows {
+        md += &match r {
+            Ok(s) => format!(
+                "| {n} | {:.4} | {:.4} | {} | {} | {} | {:.4} | {:.3} | {} | {} |\n",
+                s.final_val_loss,
+                s.final_train_loss,
+                s.spikes,
+                s.skipped,
+                if s.diverged { "yes" } else { "no" },
+                s.stats.first_token_attn,
+                s.stats.sink_rate,
+                crate::analysis::fmt_magnitude(s.stats.m_act),
+                s.stats.gate_mean.map(|g| format!("{g:.3}")).unwrap_or("–".into())
+            ),
+            Err(e) => format!(
+                "| {n} | failed: {} | | | | | | | | |\n",
+                format!("{e:#}").replace('|', "/").replace('\n', " ")
+            ),
+        };
+    }
+    crate::io::write_atomic(&out.join("sweep.md"), md.as_bytes())?;
+    println!("{md}\ncomparison: {}/sweep.md", out.display());
+    let failed = rows.iter().filter(|r| r.1.is_err()).count();
+    if STOP.load(Ordering::Relaxed) || rows.iter().any(|r| r.1.as_ref().is_ok_and(|s| s.interrupted)) {
+        return Err(ExitStatus {
+            code: EXIT_INTERRUPTED,
+            message: format!(
+                "sweep interrupted; rerun the same command to continue it in {}",
+                out.display()
+            ),
+        }
+        .into());
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} sweep arms failed (see {}/sweep.md)",
+            rows.len(),
+            out.display()
         );
     }
-    crate::io::write_atomic(&a.out.join("sweep.md"), md.as_bytes())?;
-    println!("{md}\ncomparison: {}/sweep.md", a.out.display());
     Ok(())
 }

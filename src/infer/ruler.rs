@@ -180,6 +180,10 @@ pub struct RulerResult {
     pub samples: usize,
 }
 
+/// The shortest prompt length accepted: below it the needles and the question alone exceed the
+/// length, and the task measures nothing.
+pub const MIN_LENGTH: usize = 64;
+
 /// Evaluate every task at every length with `samples` samples each (greedy decoding).
 pub fn run(
     model: &Model<f32>,

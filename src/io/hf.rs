@@ -36,6 +36,15 @@ impl Layout {
             o => bail!("unknown layout '{o}' (qwen3, official, qwen3-next, gated-lm)"),
         })
     }
+    /// The name the CLI takes (`--to`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Qwen3 => "qwen3",
+            Layout::Official => "official",
+            Layout::Qwen3Next => "qwen3-next",
+            Layout::GatedLm => "gated-lm",
+        }
+    }
     fn norm_style(self, cfg: &ModelConfig) -> NormStyle {
         match self {
             Layout::Qwen3 | Layout::Official => NormStyle::Standard,
@@ -194,8 +203,18 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
         .unwrap_or(default_partial);
     if layout == Layout::Qwen3Next {
         if let Some(lt) = v.get("layer_types").and_then(Value::as_array) {
-            if lt.iter().any(|t| t.as_str() != Some("full_attention")) || lt.len() != layers {
-                bail!("{file}: only Qwen3-Next models whose every layer is full_attention are supported");
+            if lt.len() != layers {
+                bail!(
+                    "{file}: layer_types has {} entries but num_hidden_layers is {layers}",
+                    lt.len()
+                );
+            }
+            if let Some((i, t)) = lt
+                .iter()
+                .enumerate()
+                .find(|(_, t)| t.as_str() != Some("full_attention"))
+            {
+                bail!("{file}: layer_types[{i}] is {t}; only Qwen3-Next models whose every layer is full_attention are supported");
             }
         } else {
             bail!("{file}: Qwen3-Next config lacks 'layer_types' (its default mixes in linear attention, unsupported)");
@@ -544,8 +563,14 @@ pub fn load_model(dir: &Path) -> Result<(Model<f32>, Layout)> {
     let st = StFile::open(&wpath)?;
     let wname = wpath.display().to_string();
     let fused = std::cell::RefCell::new(std::collections::HashMap::new());
+    let used = std::cell::RefCell::new(std::collections::HashSet::new());
     let get = |n: &str| match fused_expert_source(n) {
-        Some((fused_name, e, part)) if !st.has(n) && st.has(&fused_name) => {
+        _ if st.has(n) => {
+            used.borrow_mut().insert(n.to_string());
+            st.f32(n)
+        }
+        Some((fused_name, e, part)) if st.has(&fused_name) => {
+            used.borrow_mut().insert(fused_name.clone());
             let mut cache = fused.borrow_mut();
             if !cache.contains_key(&fused_name) {
                 cache.insert(fused_name.clone(), st.f32(&fused_name)?);
@@ -557,6 +582,22 @@ pub fn load_model(dir: &Path) -> Result<(Model<f32>, Layout)> {
     };
     let store = from_layout(&cfg, layout, &get)
         .with_context(|| format!("{wname}: weights do not match {}", cpath.display()))?;
+    // a config with fewer layers (or no gate, no MoE) than the weights would silently run a
+    // different model: every tensor in the file must be used
+    let used = used.into_inner();
+    let surplus: Vec<String> = st
+        .names()?
+        .into_iter()
+        .filter(|n| !used.contains(n) && !ignorable_tensor(n, &cfg))
+        .collect();
+    if !surplus.is_empty() {
+        bail!(
+            "{wname}: {} tensor(s) that {} does not describe, e.g. '{}' (does num_hidden_layers or the gate/MoE setting match the weights?)",
+            surplus.len(),
+            cpath.display(),
+            surplus[..surplus.len().min(3)].join("', '")
+        );
+    }
     if let Some(bad) = store
         .tensors
         .iter()
@@ -566,6 +607,12 @@ pub fn load_model(dir: &Path) -> Result<(Model<f32>, Layout)> {
         bail!("{wname}: tensor '{}' contains NaN or Inf", bad.1);
     }
     Ok((Model::from_params(cfg, store)?, layout))
+}
+
+/// Tensors a checkpoint may carry that the model does not need: RoPE's precomputed frequencies,
+/// and a tied model's copy of the embeddings as lm_head.
+fn ignorable_tensor(name: &str, cfg: &ModelConfig) -> bool {
+    name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight")
 }
 
 /// transformers ≥ 5 may hold a MoE layer's experts fused: `mlp.experts.gate_up_proj` `[E, 2F, d]`

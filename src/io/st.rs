@@ -58,7 +58,22 @@ impl StFile {
     }
 
     fn parse(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.mmap).with_context(|| format!("{}: not a valid safetensors file", self.path))
+        SafeTensors::deserialize(&self.mmap).map_err(|e| match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer
+            | safetensors::SafeTensorError::InvalidHeaderLength
+            | safetensors::SafeTensorError::HeaderTooSmall => anyhow::anyhow!(
+                "{}: truncated or corrupt: its header describes more tensor data than the file's {} bytes hold",
+                self.path,
+                self.mmap.len()
+            ),
+            e => anyhow::anyhow!("{}: not a valid safetensors file: {e}", self.path),
+        })
+    }
+
+    /// The tensor `name`, or an error naming the file and the tensor once.
+    fn tensor<'a>(&self, st: &SafeTensors<'a>, name: &str) -> Result<safetensors::tensor::TensorView<'a>> {
+        st.tensor(name)
+            .map_err(|_| anyhow::anyhow!("{}: no tensor named '{name}'", self.path))
     }
 
     pub fn names(&self) -> Result<Vec<String>> {
@@ -74,9 +89,7 @@ impl StFile {
     /// Read a floating-point tensor as f32.
     pub fn f32(&self, name: &str) -> Result<F32Tensor> {
         let st = self.parse()?;
-        let t = st
-            .tensor(name)
-            .with_context(|| format!("{}: no tensor named '{name}'", self.path))?;
+        let t = self.tensor(&st, name)?;
         let b = t.data();
         let data: Vec<f32> = match t.dtype() {
             Dtype::F32 => b
@@ -109,9 +122,7 @@ impl StFile {
     /// Read an integer tensor (token ids) as u32, rejecting negative or oversized values.
     pub fn ids(&self, name: &str) -> Result<(Vec<usize>, Vec<u32>)> {
         let st = self.parse()?;
-        let t = st
-            .tensor(name)
-            .with_context(|| format!("{}: no tensor named '{name}'", self.path))?;
+        let t = self.tensor(&st, name)?;
         let b = t.data();
         let wide: Vec<i128> = match t.dtype() {
             Dtype::I64 => b

@@ -4,6 +4,7 @@
 pub mod decode;
 pub mod ffn;
 pub mod layer;
+pub mod memory;
 pub mod observer;
 pub mod ops;
 pub mod params;

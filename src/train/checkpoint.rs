@@ -60,6 +60,13 @@ pub fn load(dir: &Path, specs: &[ParamSpec], params: &mut ParamStore<f32>, opt: 
         .get("adam_step")
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{what}: bad adam_step"))?;
+    let expected: std::collections::HashSet<String> = ["param.", "adam_m.", "adam_v."]
+        .iter()
+        .flat_map(|p| specs.iter().map(move |s| format!("{p}{}", s.name)))
+        .collect();
+    if let Some(extra) = st.names()?.into_iter().find(|n| !expected.contains(n)) {
+        bail!("{what}: checkpoint does not match the run's model config: it holds '{extra}', which the config does not describe");
+    }
     for (prefix, store) in [("param.", params), ("adam_m.", &mut opt.m), ("adam_v.", &mut opt.v)] {
         for (i, s) in specs.iter().enumerate() {
             let x = st

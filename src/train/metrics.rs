@@ -12,16 +12,27 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// On resume, drop rows after the checkpoint's step (they belong to the lost tail).
+    /// On resume, drop rows after the checkpoint's step (they belong to the lost tail). The
+    /// rows kept are kept byte for byte: a parse and re-print would round their floats.
     pub fn open(path: PathBuf, keep_up_to: Option<u64>) -> Result<Metrics> {
         match keep_up_to {
             Some(step) if path.exists() => {
-                let kept: String = read_rows(&path)?
-                    .into_iter()
-                    .filter(|v| v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= step))
-                    .map(|v| format!("{v}\n"))
-                    .collect();
-                crate::io::write_atomic(&path, kept.as_bytes())?;
+                let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                let rows = read_rows(&path)?;
+                let lines = bytes
+                    .split(|&b| b == b'\n')
+                    .filter(|l| !l.iter().all(u8::is_ascii_whitespace));
+                let mut kept = Vec::with_capacity(bytes.len());
+                // read_rows keeps every non-blank line but a torn last one, in order
+                for (line, v) in lines.zip(&rows) {
+                    if v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= step) {
+                        kept.extend_from_slice(line);
+                        kept.push(b'\n');
+                    }
+                }
+                if kept != bytes {
+                    crate::io::write_atomic(&path, &kept)?;
+                }
             }
             _ => crate::io::write_atomic(&path, b"")?,
         }

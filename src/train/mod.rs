@@ -56,6 +56,12 @@ pub struct RunSummary {
     pub spikes: u64,
     pub skipped: u64,
     pub diverged: bool,
+    /// Stopped by Ctrl-C (cleanly: evaluated, checkpointed, saved).
+    pub interrupted: bool,
+    /// `--resume` of a run that had already reached max_steps: nothing was run or written.
+    pub already_finished: bool,
+    /// A checkpoint exists in the run directory.
+    pub checkpoint: bool,
     pub stats: SinkStats,
     pub tokens_per_s: f64,
 }
@@ -182,34 +188,47 @@ fn eval_row(step: u64, val_loss: f64, s: &SinkStats) -> serde_json::Value {
     v
 }
 
-/// Train per `cfg` into `out`. The run directory gets config.toml, metrics.jsonl, model/,
-/// checkpoint/, report.md and PNG plots.
-pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSummary> {
-    opts.device.check()?;
-    let ckpt_dir = out.join("checkpoint");
-    if opts.resume && out.join("config.toml").exists() {
-        let text = std::fs::read_to_string(out.join("config.toml"))
-            .with_context(|| format!("--resume: cannot read {}/config.toml", out.display()))?;
-        // the run's own resolved config wins; --max-steps/--max-seconds may extend it
-        let (steps, secs) = (cfg.train.max_steps, cfg.train.max_seconds);
-        cfg = TrainConfig::preset("cpu-tiny")?.merge_toml(&text, "config.toml")?;
-        cfg.train.max_steps = cfg.train.max_steps.max(steps);
-        cfg.train.max_seconds = secs;
-    } else if !opts.resume && (out.join("checkpoint").exists() || out.join("metrics.jsonl").exists()) {
+/// Refuse to start a fresh run over an existing one.
+fn refuse_existing_run(out: &Path) -> Result<()> {
+    if ["checkpoint", "metrics.jsonl", "config.toml"]
+        .iter()
+        .any(|f| out.join(f).exists())
+    {
         bail!(
             "{} already holds a run: pass --resume to continue it, or choose another --out",
             out.display()
         );
     }
-    cfg.validate()?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let (_tok, data) = prepare_data(&mut cfg, out)?;
-    crate::io::write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    Ok(())
+}
 
-    let mut model: Model<f32> = Model::new(cfg.model.clone(), cfg.train.seed)?;
-    model.check_finite = cfg.stability.check_finite;
-    let mut opt = AdamW::new(cfg.optim.adamw.clone(), &model.specs);
-    let mut state = TrainState {
+/// The config a resumed run continues with: the run's own `config.toml`, with only the safe
+/// changes `asked` makes (see [`TrainConfig::resume_with`]), each reported.
+fn resumed_config(asked: &TrainConfig, out: &Path) -> Result<TrainConfig> {
+    let path = out.join("config.toml");
+    let file = path.display().to_string();
+    if !path.exists() {
+        bail!("--resume: {} holds no run to resume (no config.toml)", out.display());
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--resume: cannot read {file}"))?;
+    let run = TrainConfig::from_resolved_toml(&text, &file)?;
+    let (cfg, changes) = run.resume_with(asked, &file)?;
+    for c in changes {
+        eprintln!("resume: {c}");
+    }
+    Ok(cfg)
+}
+
+/// A run's starting point: fresh (seeded weights, `train.init`) or its checkpoint.
+struct Start {
+    model: Model<f32>,
+    opt: AdamW<f32>,
+    state: TrainState,
+    resumed: bool,
+}
+
+fn fresh_state(cfg: &TrainConfig) -> TrainState {
+    TrainState {
         step: 0,
         tokens: 0,
         sampler: Rng::new(cfg.train.seed ^ 0x5A17_DA7A),
@@ -218,10 +237,27 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         consecutive_bad: 0,
         loss_window: vec![],
         elapsed_s: 0.0,
-    };
+    }
+}
+
+/// Build the model and optimizer; load the checkpoint (resume) or `train.init` (fresh).
+/// Reads only: a failure here leaves the run directory as it was.
+fn restore(cfg: &TrainConfig, ckpt_dir: &Path, resume: bool) -> Result<Start> {
+    let mut model: Model<f32> = Model::new(cfg.model.clone(), cfg.train.seed)?;
+    model.check_finite = cfg.stability.check_finite;
+    let mut opt = AdamW::new(cfg.optim.adamw.clone(), &model.specs);
     // a run killed before its first checkpoint resumes from the start
-    let resuming = opts.resume && ckpt_dir.join(checkpoint::FILE).exists();
-    if let (Some(init), false) = (&cfg.train.init, resuming) {
+    if resume && ckpt_dir.join(checkpoint::FILE).exists() {
+        let specs = model.specs.clone();
+        let state = checkpoint::load(ckpt_dir, &specs, &mut model.params, &mut opt)?;
+        return Ok(Start {
+            model,
+            opt,
+            state,
+            resumed: true,
+        });
+    }
+    if let Some(init) = &cfg.train.init {
         let (src, _) = crate::io::hf::load_model(Path::new(init)).with_context(|| format!("train.init = {init}"))?;
         if src.params.names != model.params.names
             || src
@@ -235,9 +271,110 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         }
         model.params = src.params;
     }
-    if resuming {
-        let specs = model.specs.clone();
-        state = checkpoint::load(&ckpt_dir, &specs, &mut model.params, &mut opt)?;
+    Ok(Start {
+        model,
+        opt,
+        state: fresh_state(cfg),
+        resumed: false,
+    })
+}
+
+/// The summary of a run that already reached its `max_steps`, from its files: resuming it
+/// changes nothing on disk.
+fn finished_summary(out: &Path, state: &TrainState) -> Result<RunSummary> {
+    let rows = metrics::read_rows(&out.join("metrics.jsonl"))?;
+    let last = |key: &str| rows.iter().rev().find(|r| r.get(key).is_some_and(|v| v.is_number()));
+    let eval = last("val_loss").with_context(|| format!("{}/metrics.jsonl: no evaluation row", out.display()))?;
+    let stats: SinkStats = serde_json::from_value(eval.clone())
+        .with_context(|| format!("{}/metrics.jsonl: bad evaluation row", out.display()))?;
+    let train = last("loss");
+    Ok(RunSummary {
+        steps: state.step,
+        final_train_loss: train.and_then(|r| r["loss"].as_f64()).unwrap_or(f64::NAN),
+        final_val_loss: eval["val_loss"].as_f64().unwrap_or(f64::NAN),
+        spikes: state.spikes,
+        skipped: state.skipped,
+        diverged: false,
+        interrupted: false,
+        already_finished: true,
+        checkpoint: true,
+        stats,
+        tokens_per_s: train.and_then(|r| r["tokens_per_s"].as_f64()).unwrap_or(f64::NAN),
+    })
+}
+
+/// A finite number, or JSON null (NaN and ±inf have no JSON form).
+fn num_or_null(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+/// Train per `cfg` into `out`. The run directory gets config.toml, metrics.jsonl, model/,
+/// checkpoint/, report.md and PNG plots. With `opts.resume` the run's own config.toml is the
+/// truth: `cfg` may change only what is safe to change (max_steps, max_seconds, eval and
+/// checkpoint cadence). Nothing is written before every check has passed.
+pub fn run(cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSummary> {
+    opts.device.check()?;
+    let mut cfg = if opts.resume {
+        resumed_config(&cfg, out)?
+    } else {
+        refuse_existing_run(out)?;
+        cfg
+    };
+    cfg.validate()?;
+    // before anything is allocated: the tokenizer decides the vocabulary of a fresh BPE run
+    let mut sizing = cfg.model.clone();
+    if !opts.resume && cfg.data.tokenizer == "bpe" {
+        sizing.vocab_size = sizing.vocab_size.max(cfg.data.bpe_vocab_size);
+    }
+    crate::model::memory::ensure_fits(
+        "this training run",
+        &crate::model::memory::training(&sizing, cfg.train.batch_size, cfg.train.seq_len),
+    )?;
+    let ckpt_dir = out.join("checkpoint");
+    // on resume the config already carries the tokenizer's vocabulary: check the checkpoint
+    // against it before touching the directory
+    let early = if opts.resume {
+        Some(restore(&cfg, &ckpt_dir, true)?)
+    } else {
+        None
+    };
+    if let Some(s) = early
+        .as_ref()
+        .filter(|s| s.resumed && s.state.step >= cfg.train.max_steps)
+    {
+        eprintln!(
+            "{} already finished at step {} (max_steps {}): nothing to do; pass a larger --max-steps to extend it",
+            out.display(),
+            s.state.step,
+            cfg.train.max_steps
+        );
+        return finished_summary(out, &s.state);
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let vocab_before = cfg.model.vocab_size;
+    let (_tok, data) = prepare_data(&mut cfg, out)?;
+    if opts.resume && cfg.model.vocab_size != vocab_before {
+        bail!(
+            "{}: the run's tokenizer has {} tokens but its config.toml says vocab_size = {vocab_before}",
+            out.display(),
+            cfg.model.vocab_size
+        );
+    }
+    let Start {
+        mut model,
+        mut opt,
+        mut state,
+        resumed,
+    } = match early {
+        Some(s) => s,
+        None => restore(&cfg, &ckpt_dir, false)?,
+    };
+    crate::io::write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    if resumed {
         eprintln!("resuming {} at step {}", out.display(), state.step);
     }
     #[cfg(feature = "cuda")]
@@ -249,27 +386,115 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
     };
     #[cfg(not(feature = "cuda"))]
     let mut engine = Engine::cpu(&model);
-    let metrics = Metrics::open(out.join("metrics.jsonl"), resuming.then_some(state.step))?;
-    let (b, t, accum) = (cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum);
+    let metrics = Metrics::open(out.join("metrics.jsonl"), resumed.then_some(state.step))?;
     #[cfg(feature = "cuda")]
     let (rank, world) = opts.dist.as_ref().map_or((0, 1), |d| (d.0.rank(), d.0.world()));
     #[cfg(not(feature = "cuda"))]
     let (rank, world) = (0, 1);
+    let ctx = StepContext {
+        cfg: &cfg,
+        data: &data,
+        metrics: &metrics,
+        ckpt_dir: &ckpt_dir,
+        rank,
+        world,
+        #[cfg(feature = "cuda")]
+        dist: opts.dist.as_ref(),
+    };
+    let start_step = state.step;
+    let elapsed0 = state.elapsed_s;
+    let t0 = Instant::now();
+    let lp = train_loop(&ctx, &mut engine, &mut model, &mut opt, &mut state, opts, t0)?;
+    // Always end with an evaluation, a checkpoint, the model and the report.
+    engine.sync(&mut model, &mut opt)?;
+    let last_val = match lp.last_eval {
+        Some((step, vl, st)) if step == state.step => (vl, st),
+        _ => {
+            let (vl, st) = evaluate(&model, &mut engine, &data.val, &cfg)?;
+            metrics.row(eval_row(state.step, vl, &st))?;
+            (vl, st)
+        }
+    };
+    let run_secs = t0.elapsed().as_secs_f64();
+    state.elapsed_s = elapsed0 + run_secs;
+    if !lp.diverged {
+        checkpoint::save(&ckpt_dir, &model.params, &opt, &state)?;
+        save_model(&out.join("model"), &model, None)?;
+    }
+    let done = state.step - start_step;
+    let summary = RunSummary {
+        steps: state.step,
+        final_train_loss: lp.last_loss,
+        final_val_loss: last_val.0,
+        spikes: state.spikes,
+        skipped: state.skipped,
+        diverged: lp.diverged,
+        interrupted: lp.interrupted,
+        already_finished: false,
+        checkpoint: ckpt_dir.join(checkpoint::FILE).exists(),
+        stats: last_val.1,
+        tokens_per_s: (done * lp.step_tokens) as f64 / run_secs.max(1e-9),
+    };
+    report::write(out, &cfg, &summary)?;
+    Ok(summary)
+}
+
+/// What the step loop needs besides the model and its optimizer.
+struct StepContext<'a> {
+    cfg: &'a TrainConfig,
+    data: &'a Data,
+    metrics: &'a Metrics,
+    ckpt_dir: &'a Path,
+    rank: usize,
+    world: usize,
+    #[cfg(feature = "cuda")]
+    dist: Option<&'a engine::Dist>,
+}
+
+/// How the step loop ended.
+struct LoopEnd {
+    last_loss: f64,
+    last_eval: Option<(u64, f64, SinkStats)>,
+    diverged: bool,
+    interrupted: bool,
+    step_tokens: u64,
+}
+
+/// Optimizer steps until max_steps, max_seconds, --stop-after, Ctrl-C or divergence, with the
+/// periodic evaluations and checkpoints.
+fn train_loop(
+    ctx: &StepContext,
+    engine: &mut Engine,
+    model: &mut Model<f32>,
+    opt: &mut AdamW<f32>,
+    state: &mut TrainState,
+    opts: &RunOptions,
+    t0: Instant,
+) -> Result<LoopEnd> {
+    let (cfg, data, metrics) = (ctx.cfg, ctx.data, ctx.metrics);
+    let (b, t, accum) = (cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum);
+    let (rank, world) = (ctx.rank, ctx.world);
     // micro-batches and tokens per optimizer step, over all ranks
     let micro = accum * world;
     let step_tokens = (b * t * micro) as u64;
     let total = cfg.train.max_steps;
     let bar = progress_bar(opts.progress, total, state.step);
-    let t0 = Instant::now();
-    let elapsed0 = state.elapsed_s;
-    let (mut last_loss, mut last_eval_step) = (f64::NAN, None);
-    let mut last_val = (f64::NAN, None::<SinkStats>);
+    let mut end = LoopEnd {
+        last_loss: f64::NAN,
+        last_eval: None,
+        diverged: false,
+        interrupted: false,
+        step_tokens,
+    };
     let (mut ids, mut tg) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-    let mut diverged = false;
-    let start_step = state.step;
+    let (start_step, elapsed0) = (state.step, state.elapsed_s);
     while state.step < total {
         let limit_hit = cfg.train.max_seconds > 0.0 && t0.elapsed().as_secs_f64() >= cfg.train.max_seconds;
-        if STOP.load(Ordering::Relaxed) || limit_hit || opts.stop_after.is_some_and(|n| state.step - start_step >= n) {
+        if STOP.load(Ordering::Relaxed) {
+            end.interrupted = true;
+            break;
+        }
+        if limit_hit || opts.stop_after.is_some_and(|n| state.step - start_step >= n) {
             break;
         }
         let step = state.step;
@@ -295,7 +520,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
                 batch: b,
                 seq: t,
             };
-            match engine.micro_batch(&model, &batch, &mut routers) {
+            match engine.micro_batch(model, &batch, &mut routers) {
                 Ok(l) => loss += l,
                 Err(e) => match e.downcast_ref::<crate::model::NonFinite>() {
                     Some(nf) => {
@@ -307,7 +532,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
             }
         }
         #[cfg(feature = "cuda")]
-        if let Some(d) = &opts.dist {
+        if let Some(d) = ctx.dist {
             loss = engine.all_reduce(d.0.as_ref(), loss)?;
         }
         loss /= micro as f64;
@@ -330,9 +555,9 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
                 }
             });
             eprintln!("step {} skipped: {why}", state.step);
-            metrics.row(json!({"step": state.step, "skipped": true, "loss": loss.to_string(), "grad_norm": gnorm.to_string(), "lr": lr, "reason": why, "non_finite_grads": bad}))?;
+            metrics.row(json!({"step": state.step, "skipped": true, "loss": num_or_null(loss), "grad_norm": num_or_null(gnorm), "lr": lr, "reason": why, "non_finite_grads": bad}))?;
             if state.consecutive_bad >= cfg.stability.max_bad_steps {
-                diverged = true;
+                end.diverged = true;
                 eprintln!(
                     "stopping: {} consecutive steps with non-finite loss or gradients",
                     state.consecutive_bad
@@ -347,10 +572,10 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         } else {
             1.0
         };
-        engine.update(&mut model, &mut opt, lr, scale * pending as f64)?;
-        let is_spike = spike(&mut state, loss, cfg.stability.spike_window, cfg.stability.spike_margin);
+        engine.update(model, opt, lr, scale * pending as f64)?;
+        let is_spike = spike(state, loss, cfg.stability.spike_window, cfg.stability.spike_margin);
         state.spikes += is_spike as u64;
-        last_loss = loss;
+        end.last_loss = loss;
         let secs = t0.elapsed().as_secs_f64();
         let tok_s = ((state.step - start_step) * step_tokens) as f64 / secs.max(1e-9);
         let mut row = json!({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens, "grad_norm": gnorm, "tokens_per_s": tok_s.round()});
@@ -362,52 +587,27 @@ pub fn run(mut cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSum
         }
         metrics.row(row)?;
         if let Some(bar) = &bar {
-            bar.set_position(state.step);
+            // the message first: the position update redraws the bar with this step's loss
             bar.set_message(format!("loss {loss:.4}  {tok_s:.0} tok/s"));
+            bar.set_position(state.step);
         }
         if state.step.is_multiple_of(cfg.train.eval_every) || state.step.is_multiple_of(cfg.train.checkpoint_every) {
-            engine.sync(&mut model, &mut opt)?;
+            engine.sync(model, opt)?;
         }
         if state.step.is_multiple_of(cfg.train.eval_every) {
-            let (vl, st) = evaluate(&model, &mut engine, &data.val, &cfg)?;
+            let (vl, st) = evaluate(model, engine, &data.val, cfg)?;
             metrics.row(eval_row(state.step, vl, &st))?;
-            last_val = (vl, Some(st));
-            last_eval_step = Some(state.step);
+            end.last_eval = Some((state.step, vl, st));
         }
         if state.step.is_multiple_of(cfg.train.checkpoint_every) {
             state.elapsed_s = elapsed0 + t0.elapsed().as_secs_f64();
-            checkpoint::save(&ckpt_dir, &model.params, &opt, &state)?;
+            checkpoint::save(ctx.ckpt_dir, &model.params, opt, state)?;
         }
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    // Always end with an evaluation, a checkpoint, the model and the report.
-    engine.sync(&mut model, &mut opt)?;
-    if last_eval_step != Some(state.step) {
-        let (vl, st) = evaluate(&model, &mut engine, &data.val, &cfg)?;
-        metrics.row(eval_row(state.step, vl, &st))?;
-        last_val = (vl, Some(st));
-    }
-    let run_secs = t0.elapsed().as_secs_f64();
-    state.elapsed_s = elapsed0 + run_secs;
-    if !diverged {
-        checkpoint::save(&ckpt_dir, &model.params, &opt, &state)?;
-        save_model(&out.join("model"), &model, None)?;
-    }
-    let done = state.step - start_step;
-    let summary = RunSummary {
-        steps: state.step,
-        final_train_loss: last_loss,
-        final_val_loss: last_val.0,
-        spikes: state.spikes,
-        skipped: state.skipped,
-        diverged,
-        stats: last_val.1.unwrap(),
-        tokens_per_s: (done * step_tokens) as f64 / run_secs.max(1e-9),
-    };
-    report::write(out, &cfg, &summary)?;
-    Ok(summary)
+    Ok(end)
 }
 
 fn progress_bar(show: bool, total: u64, pos: u64) -> Option<indicatif::ProgressBar> {
