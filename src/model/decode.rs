@@ -5,6 +5,7 @@
 //! are cache slots: without eviction a slot is the absolute position; after an eviction the kept
 //! tokens are re-indexed 0..len and their keys re-rotated, as StreamingLLM does.
 
+use super::kv::LayerKv;
 use super::layer::{layer_fwd, Ctx};
 use super::observer::NoObserver;
 use super::ops::embedding::embedding_fwd;
@@ -12,17 +13,8 @@ use super::ops::linear::linear_fwd;
 use super::ops::rmsnorm::rmsnorm_fwd;
 use super::ops::rope::{rope_apply, RopeTable};
 use super::Model;
-use crate::backend::cpu::{exp_shifted, matmul, Mat, Par};
 use crate::real::Real;
 use anyhow::{bail, Result};
-
-/// One layer's cached keys and values, `[slots, kv_heads·head_dim]`.
-#[derive(Clone, Debug, Default)]
-pub struct LayerKv<T> {
-    pub k_raw: Vec<T>,
-    pub k_rot: Vec<T>,
-    pub v: Vec<T>,
-}
 
 #[derive(Clone, Debug)]
 pub struct KvCache<T> {
@@ -81,59 +73,6 @@ impl<T: Real> KvCache<T> {
         if upto > self.rope.max_len {
             self.rope = RopeTable::for_config(cfg, (upto * 2).min(1 << 20));
         }
-    }
-}
-
-/// Causal attention of `m` new queries (slots `p0..p0+m`, already rotated) over the cache.
-pub fn attention_cached<T: Real>(
-    q: &[T],
-    kv: &LayerKv<T>,
-    p0: usize,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
-    out: &mut [T],
-) {
-    let m = q.len() / (heads * d);
-    let (ldq, ldk) = (heads * d, kv_heads * d);
-    let slots = kv.k_rot.len() / ldk;
-    let scale = T::ONE / T::from_usize(d).sqrt();
-    let mut s = vec![T::ZERO; m * slots];
-    for h in 0..heads {
-        let kh = h / (heads / kv_heads);
-        matmul(
-            m,
-            slots,
-            d,
-            &mut s,
-            0,
-            slots,
-            Mat::rows(q, h * d, ldq),
-            Mat::t(&kv.k_rot, kh * d, ldk),
-            scale,
-            false,
-            Par::Serial,
-        );
-        for (i, row) in s.chunks_mut(slots).enumerate() {
-            let lim = (p0 + i + 1).min(slots);
-            let (_, sum) = exp_shifted(&mut row[..lim]);
-            let inv = T::ONE / sum;
-            row[..lim].iter_mut().for_each(|x| *x *= inv);
-            row[lim..].fill(T::ZERO);
-        }
-        matmul(
-            m,
-            d,
-            slots,
-            out,
-            h * d,
-            ldq,
-            Mat::rows(&s, 0, slots),
-            Mat::rows(&kv.v, kh * d, ldk),
-            T::ONE,
-            false,
-            Par::Serial,
-        );
     }
 }
 

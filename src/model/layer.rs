@@ -1,8 +1,8 @@
 //! One pre-norm decoder block: attention (GQA, QK-norm, RoPE, causal SDPA, gate at G1–G5) and a
 //! SwiGLU MLP, as an explicit forward that saves what its backward needs.
 
-use super::decode::{attention_cached, LayerKv};
 use super::ffn::{ffn_bwd, ffn_fwd, router_stats, FfnCache};
+use super::kv::{attention_cached, LayerKv};
 use super::observer::Observer;
 use super::ops::attention::{attention_bwd, attention_fwd, AttnProbes, AttnShape};
 use super::ops::gate::{gate_bwd, gate_fwd, gate_scores};

@@ -3,6 +3,7 @@
 
 pub mod decode;
 pub mod ffn;
+pub mod kv;
 pub mod layer;
 pub mod memory;
 pub mod observer;
