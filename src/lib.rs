@@ -11,6 +11,7 @@ pub mod infer;
 pub mod io;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod real;
 pub mod rng;
 pub mod train;

@@ -1,8 +1,9 @@
 //! `gated-lm report RUN...`: runs (their final evaluation) and analysed models (`analyze --json`
 //! files) side by side, with the paper's reference numbers.
 
+use super::PAPER_REFERENCE;
+use crate::plot::{bar_chart, line_chart, XAxis};
 use crate::train::metrics::{read_rows, series};
-use crate::train::report::{bar_chart, line_chart, XAxis, PAPER_REFERENCE};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;

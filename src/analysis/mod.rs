@@ -3,7 +3,6 @@
 //! `report` commands built on them.
 pub mod analyze;
 pub mod compare;
-pub mod plots;
 pub mod probes;
 
 /// A magnitude such as M-Act for people: one decimal while short, scientific notation once
@@ -15,3 +14,10 @@ pub fn fmt_magnitude(x: f64) -> String {
         format!("{x:.3e}")
     }
 }
+
+/// The paper's Tab. 4 numbers, for orientation: (model, F-Attn, M-Act, mean gate).
+pub const PAPER_REFERENCE: [(&str, f64, f64, Option<f64>); 3] = [
+    ("paper baseline", 0.467, 1053.0, None),
+    ("paper G1 elementwise", 0.048, 94.0, Some(0.116)),
+    ("paper G1 headwise", 0.073, 98.0, Some(0.172)),
+];

@@ -2,7 +2,7 @@
 
 use crate::analysis::analyze::{analyze, attention_maps, input_ids, load_any};
 use crate::analysis::compare::write_report;
-use crate::analysis::plots::{expert_load, gate_histogram, heatmap, per_layer};
+use crate::plot::{expert_load, gate_histogram, heatmap, per_layer};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
