@@ -151,7 +151,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     device.check()?;
     #[cfg(feature = "cuda")]
     if let Some(dev) = device.open()? {
-        return super::bench_cuda::run(&a, dev.as_ref(), device.precision_kind(), &cfg, b, t);
+        return bench_device(&a, dev.as_ref(), device.precision_kind(), &cfg, (b, t));
     }
     let mut main = Stepper::new(&cfg, b, t)?;
     // a MoE model is timed against its dense counterpart (same attention, same active FFN
@@ -195,16 +195,40 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The timed steps on a CUDA device (or its emulator), as one `RESULT {json}` line.
+#[cfg(feature = "cuda")]
+fn bench_device(
+    a: &BenchArgs,
+    dev: &dyn crate::backend::cuda::runtime::Device,
+    precision: crate::backend::cuda::model::Precision,
+    cfg: &ModelConfig,
+    (batch, seq): (usize, usize),
+) -> Result<()> {
+    let mut rng = Rng::new(0);
+    let mut next = || random_batch(&mut rng, cfg.vocab_size, batch, seq);
+    let r = super::bench_cuda::time_steps(dev, precision, cfg, (batch, seq), (a.warmup, a.steps), &mut next)?;
+    let tok_s = (batch * seq) as f64 / r.step_s;
+    let fpt = flops_per_token(cfg, r.params, seq);
+    let r = serde_json::json!({
+        "impl": format!("gated-lm-{}", a.device), "device": dev.describe(), "config": a.preset, "gate": a.gate,
+        "params": r.params, "tokens_per_step": batch * seq, "step_ms": (r.step_s * 1e5).round() / 100.0,
+        "tokens_per_s": tok_s.round(), "gflops": (fpt * tok_s / 1e9 * 10.0).round() / 10.0,
+        "loss": (r.loss * 1e4).round() / 1e4, "steps": a.steps, "precision": a.precision,
+    });
+    println!("RESULT {r}");
+    Ok(())
+}
+
 /// Training FLOPs per token as torch_ref.py counts them: 6N (matmuls incl. the LM head, not
 /// the embedding lookup) + causal attention scores and values. `active`: parameters a token uses.
-pub fn flops_per_token(cfg: &ModelConfig, active: usize, seq: usize) -> f64 {
+fn flops_per_token(cfg: &ModelConfig, active: usize, seq: usize) -> f64 {
     let emb = cfg.vocab_size * cfg.hidden_size;
     let n_nonemb = active - emb - if cfg.tie_word_embeddings { 0 } else { emb };
     6.0 * (n_nonemb + emb) as f64 + 6.0 * (cfg.num_layers * cfg.num_heads * cfg.head_dim * seq) as f64
 }
 
 /// Random token rows `[batch, seq + 1]` split into inputs and next-token targets.
-pub fn random_batch(rng: &mut Rng, vocab: usize, batch: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
+fn random_batch(rng: &mut Rng, vocab: usize, batch: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
     let data: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(vocab as u64) as u32).collect();
     let ids = data.chunks(seq + 1).flat_map(|r| r[..seq].to_vec()).collect();
     let tg = data.chunks(seq + 1).flat_map(|r| r[1..].to_vec()).collect();
