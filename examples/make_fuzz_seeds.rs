@@ -6,7 +6,7 @@ use std::path::Path;
 fn main() {
     let out = std::env::args().nth(1).expect("usage: make_fuzz_seeds OUT_DIR");
     let out = Path::new(&out);
-    let map = gated_lm::train::tokenizer::bytes_to_unicode();
+    let map = gated_lm::io::tokenizer::bytes_to_unicode();
     let mut tokens: Vec<Value> = (0..256).map(|b| Value::Str(map[b].to_string())).collect();
     tokens.push(Value::Str("<|endoftext|>".into()));
     let meta = vec![
@@ -78,7 +78,5 @@ fn main() {
     spm_tensors[0].3 = vec![0.25f32; n * 32];
     write(&out.join("gguf/seed-spm.gguf"), &spm, &spm_tensors).unwrap();
     std::fs::create_dir_all(out.join("tokenizer")).unwrap();
-    gated_lm::train::tokenizer::Tok::Byte
-        .save(&out.join("tokenizer"))
-        .unwrap();
+    gated_lm::io::tokenizer::Tok::Byte.save(&out.join("tokenizer")).unwrap();
 }

@@ -141,7 +141,7 @@ fn permute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
 /// A llama GGUF of `m` (no QK-norm), weights in `ty`, with a tiny byte-level BPE vocabulary.
 fn write_llama(m: &Model<f32>, ty: GgmlType, path: &Path) {
     let c = &m.cfg;
-    let map = gated_lm::train::tokenizer::bytes_to_unicode();
+    let map = gated_lm::io::tokenizer::bytes_to_unicode();
     let mut tokens: Vec<Value> = (0..256).map(|b| Value::Str(map[b].to_string())).collect();
     tokens.push(Value::Str("<|endoftext|>".into()));
     tokens.push(Value::Str("Ġt".into()));

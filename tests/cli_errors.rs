@@ -36,7 +36,7 @@ fn saved_model(dir: &Path) -> PathBuf {
     let m: gated_lm::model::Model<f32> = gated_lm::model::Model::new(cfg, 0).unwrap();
     let d = dir.join("model");
     gated_lm::io::hf::save_model(&d, &m, None).unwrap();
-    gated_lm::train::tokenizer::Tok::Byte.save(&d).unwrap();
+    gated_lm::io::tokenizer::Tok::Byte.save(&d).unwrap();
     d
 }
 

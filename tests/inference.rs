@@ -3,11 +3,11 @@
 use gated_lm::config::{GateConfig, ModelConfig, RopeScaling};
 use gated_lm::infer::ruler::{make, score, TASKS};
 use gated_lm::infer::{perplexity_sliding, perplexity_streaming, sample, SampleOptions};
+use gated_lm::io::tokenizer::Tok;
 use gated_lm::model::decode::KvCache;
 use gated_lm::model::observer::NoObserver;
 use gated_lm::model::{shifted_targets, Batch, Model};
 use gated_lm::rng::Rng;
-use gated_lm::train::tokenizer::Tok;
 
 fn model(spec: &str, tweak: impl Fn(&mut ModelConfig)) -> Model<f32> {
     let mut c = ModelConfig::preset("micro", GateConfig::parse_spec(spec).unwrap()).unwrap();

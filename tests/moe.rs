@@ -528,7 +528,7 @@ fn write_qwen3moe(m: &Model<f32>, ty: gated_lm::io::gguf::GgmlType, path: &std::
     use gated_lm::io::gguf::{write, GgmlType, Value};
     let c = &m.cfg;
     let moe = c.moe.as_ref().unwrap();
-    let map = gated_lm::train::tokenizer::bytes_to_unicode();
+    let map = gated_lm::io::tokenizer::bytes_to_unicode();
     let mut tokens: Vec<Value> = (0..256).map(|b| Value::Str(map[b].to_string())).collect();
     while tokens.len() < c.vocab_size {
         tokens.push(Value::Str(format!("<pad{}>", tokens.len())));

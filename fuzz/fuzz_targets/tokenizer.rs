@@ -1,6 +1,6 @@
 #![no_main]
 //! tokenizer.json loading (our wrapper over HF tokenizers) and use.
-use gated_lm::train::tokenizer::Tok;
+use gated_lm::io::tokenizer::Tok;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,73 +1,12 @@
 //! `gated-lm analyze`: the paper's measurements on any model we can load.
 
 use super::probes::{SinkProbe, SinkStats};
-use crate::io::hf::load_model;
+use crate::io::load::Loaded;
 use crate::model::observer::Observer;
 use crate::model::{shifted_targets, Batch, Model};
-use crate::train::tokenizer::Tok;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
-
-/// A model with its tokenizer (if one was found beside it).
-pub struct Loaded {
-    pub model: Model<f32>,
-    pub tok: Option<Tok>,
-    pub source: String,
-    /// The sequence length the model was trained at, when known (a run directory says).
-    pub train_seq_len: Option<usize>,
-}
-
-/// The training context of a run directory (`RUN` or `RUN/model`), from its config.toml.
-fn run_seq_len(path: &Path) -> Option<usize> {
-    let run = if path.join("config.toml").exists() {
-        path.to_path_buf()
-    } else {
-        path.parent()?.to_path_buf()
-    };
-    let text = std::fs::read_to_string(run.join("config.toml")).ok()?;
-    let t: toml::Table = toml::from_str(&text).ok()?;
-    t.get("train")?.get("seq_len")?.as_integer().map(|n| n as usize)
-}
-
-/// Load a run directory (its `model/`), an HF model directory, or a GGUF file.
-pub fn load_any(path: &Path) -> Result<Loaded> {
-    let source = path.display().to_string();
-    if path.extension().is_some_and(|e| e == "gguf") {
-        let (model, tok) = crate::io::gguf::load_gguf_model(path)?;
-        return Ok(Loaded {
-            model,
-            tok: Some(tok),
-            source,
-            train_seq_len: None,
-        });
-    }
-    let is_run = path.join("config.toml").exists();
-    let dir = if is_run || path.join("model").join("config.json").exists() {
-        path.join("model")
-    } else {
-        path.to_path_buf()
-    };
-    if !dir.join("config.json").exists() {
-        if is_run {
-            bail!(
-                "{source}: this run has no trained model yet ({} has no config.json): it was stopped before its first \
-                 save, or it diverged; `gated-lm train --resume --out {source}` continues it from its checkpoint if it has one",
-                dir.display()
-            );
-        }
-        bail!("{source}: not a model directory (no config.json), run directory (no model/) or .gguf file");
-    }
-    let (model, _) = load_model(&dir)?;
-    let tj = dir.join("tokenizer.json");
-    let tok = if tj.exists() { Some(Tok::load(&tj)?) } else { None };
-    Ok(Loaded {
-        model,
-        tok,
-        source,
-        train_seq_len: run_seq_len(&dir),
-    })
-}
 
 #[derive(Serialize, Debug)]
 pub struct Analysis {

@@ -1,7 +1,8 @@
 //! `gated-lm analyze` and `gated-lm report`.
 
-use crate::analysis::analyze::{analyze, attention_maps, input_ids, load_any};
+use crate::analysis::analyze::{analyze, attention_maps, input_ids};
 use crate::analysis::compare::write_report;
+use crate::io::load::load_any;
 use crate::plot::{expert_load, gate_histogram, heatmap, per_layer};
 use anyhow::{Context, Result};
 use clap::Args;

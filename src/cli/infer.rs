@@ -1,8 +1,8 @@
 //! `gated-lm generate`, `gated-lm eval`, `gated-lm ruler`.
 
-use crate::analysis::analyze::{load_any, Loaded};
 use crate::config::RopeScaling;
 use crate::infer::{generate, perplexity_sliding, perplexity_streaming, ruler, SampleOptions};
+use crate::io::load::{load_any, Loaded};
 use crate::model::decode::KvCache;
 use crate::model::Model;
 use anyhow::{Context, Result};

@@ -3,10 +3,10 @@
 //! extraction. A sample is correct when every expected answer appears in the greedy continuation.
 
 use super::{generate, SampleOptions};
+use crate::io::tokenizer::Tok;
 use crate::model::decode::KvCache;
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::train::tokenizer::Tok;
 use anyhow::{bail, Result};
 use serde::Serialize;
 

@@ -2,10 +2,10 @@
 //! field), dequantisation of F32/F16/BF16/Q8_0/Q4_0/Q4_1, a writer with the reference quantisers
 //! (for tests and export), and loading of `llama` / `qwen3` models with their tokenizer.
 
+use super::tokenizer::Tok;
 use crate::config::{ModelConfig, NormStyle};
 use crate::model::params::{param_specs, ParamStore, Tensor};
 use crate::model::Model;
-use crate::train::tokenizer::Tok;
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
 use std::collections::BTreeMap;

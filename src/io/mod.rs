@@ -1,7 +1,10 @@
-//! File formats: safetensors tensors, HF checkpoint layouts (config.json + model.safetensors).
+//! File formats: safetensors tensors, HF checkpoint layouts (config.json + model.safetensors),
+//! GGUF, tokenizers, and loading a saved model from any of them.
 pub mod gguf;
 pub mod hf;
+pub mod load;
 pub mod st;
+pub mod tokenizer;
 
 use anyhow::{Context, Result};
 use std::io::Write;

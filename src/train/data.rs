@@ -196,7 +196,7 @@ impl Shard {
 /// Returns (train tokens, val tokens).
 pub fn build_shards(
     docs: &[String],
-    tok: &super::tokenizer::Tok,
+    tok: &crate::io::tokenizer::Tok,
     val_fraction: f64,
     min_len: usize,
     dir: &Path,
@@ -232,7 +232,7 @@ pub fn eval_starts(len: usize, seq: usize, count: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::tokenizer::Tok;
+    use crate::io::tokenizer::Tok;
 
     #[test]
     fn shards_round_trip_and_reject_damage() {

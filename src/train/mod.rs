@@ -8,10 +8,10 @@ pub mod engine;
 pub mod metrics;
 pub mod report;
 pub mod schedule;
-pub mod tokenizer;
 
 use crate::analysis::probes::{SinkProbe, SinkStats};
 use crate::io::hf::save_model;
+use crate::io::tokenizer::Tok;
 use crate::model::observer::RouterLog;
 use crate::model::{Batch, Model};
 use crate::optim::{clip_coef, AdamW};
@@ -26,7 +26,6 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tokenizer::Tok;
 
 /// Set by Ctrl-C: the loop stops after the current step and finishes the run cleanly.
 pub static STOP: AtomicBool = AtomicBool::new(false);
