@@ -17,6 +17,38 @@ pub mod runtime;
 
 use anyhow::{anyhow, Result};
 
+/// The head dims the attention kernels exist for: kernels/attention.cu instantiates
+/// `ATTN_KERNELS(HD)` for each. Written once here; the entry points in [`SOURCES`] and
+/// [`ATTN_HEAD_DIMS`] are generated from it, and a device whose module lacks one of those entry
+/// points fails to open, so the .cu file cannot silently disagree.
+macro_rules! attn_head_dims {
+    ($then:ident) => {
+        $then!(16, 32, 64, 128)
+    };
+}
+macro_rules! as_array {
+    ($($hd:literal),*) => {
+        [$($hd),*]
+    };
+}
+macro_rules! attention_entries {
+    ($($hd:literal),*) => {
+        &["attn_bwd_pre", $(concat!("attn_fwd_hd", $hd), concat!("attn_bwd_dkdv_hd", $hd), concat!("attn_bwd_dq_hd", $hd)),*]
+    };
+}
+
+/// Head dims with attention kernels (the only ones the device path runs).
+pub const ATTN_HEAD_DIMS: &[usize] = &attn_head_dims!(as_array);
+
+/// [`ATTN_HEAD_DIMS`] for messages: "16, 32, 64, 128".
+pub fn attn_head_dims_text() -> String {
+    ATTN_HEAD_DIMS
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Prepended to every source: bf16 bits, block reductions, shared-memory macro.
 pub const COMMON: &str = include_str!("kernels/common.cuh");
 
@@ -43,21 +75,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "attention",
         include_str!("kernels/attention.cu"),
-        &[
-            "attn_bwd_pre",
-            "attn_fwd_hd16",
-            "attn_bwd_dkdv_hd16",
-            "attn_bwd_dq_hd16",
-            "attn_fwd_hd32",
-            "attn_bwd_dkdv_hd32",
-            "attn_bwd_dq_hd32",
-            "attn_fwd_hd64",
-            "attn_bwd_dkdv_hd64",
-            "attn_bwd_dq_hd64",
-            "attn_fwd_hd128",
-            "attn_bwd_dkdv_hd128",
-            "attn_bwd_dq_hd128",
-        ],
+        attn_head_dims!(attention_entries),
     ),
     ("gemm", include_str!("kernels/gemm.cu"), &["gemm_f32", "gemm_bf16"]),
     (

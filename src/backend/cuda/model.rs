@@ -6,7 +6,7 @@
 
 use super::ops::{self, AdamStep, AttnDims, AttnScratch, DeviceRope, FusedGate, HeadRows, Operand, TensorTable};
 use super::runtime::{down_f32, up_f32, up_i32, write_f32, DBuf, Device};
-use crate::config::{GateActivation, GateCombine, GateGranularity, GatePosition, ModelConfig, NormStyle};
+use crate::config::{GateGranularity, ModelConfig, NormStyle};
 use crate::model::ops::cross_entropy::IGNORE;
 use crate::model::ops::rope::RopeTable;
 use crate::model::params::{FfnIndex, LayerIndex, ParamIndex, ParamKind, ParamSpec, ParamStore};
@@ -85,20 +85,15 @@ pub fn unsupported(cfg: &ModelConfig) -> Option<String> {
     if cfg.moe.is_some() {
         return Some("Mixture-of-Experts layers are CPU-only".into());
     }
-    if !matches!(cfg.head_dim, 16 | 32 | 64 | 128) {
+    if !super::ATTN_HEAD_DIMS.contains(&cfg.head_dim) {
         return Some(format!(
-            "head_dim {} (CUDA attention has 16, 32, 64, 128)",
-            cfg.head_dim
+            "head_dim {} (CUDA attention has {})",
+            cfg.head_dim,
+            super::attn_head_dims_text()
         ));
     }
     match &cfg.gate {
-        Some(g)
-            if g.position != GatePosition::G1
-                || g.combine != GateCombine::Multiplicative
-                || g.activation != GateActivation::Sigmoid
-                || g.head_shared
-                || g.input_independent =>
-        {
+        Some(g) if !g.is_standard_g1() => {
             Some("only the G1 multiplicative sigmoid head-specific gate is fused on the device".into())
         }
         _ => None,

@@ -2,6 +2,7 @@
 
 use super::f32s;
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
+use crate::backend::cuda::{attn_head_dims_text, ATTN_HEAD_DIMS};
 use anyhow::{bail, Result};
 
 /// Shapes of a causal attention call (layouts as the CPU op's).
@@ -27,10 +28,11 @@ const ATTN_ROWS: usize = 64;
 
 impl AttnDims {
     fn check(&self) -> Result<()> {
-        if !matches!(self.head_dim, 16 | 32 | 64 | 128) {
+        if !ATTN_HEAD_DIMS.contains(&self.head_dim) {
             bail!(
-                "CUDA attention: head_dim {} (kernels exist for 16, 32, 64, 128)",
-                self.head_dim
+                "CUDA attention: head_dim {} (kernels exist for {})",
+                self.head_dim,
+                attn_head_dims_text()
             );
         }
         if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
