@@ -65,6 +65,13 @@ pub fn clip_grad_norm<T: Real>(g: &mut ParamStore<T>, max_norm: f64) -> f64 {
     norm
 }
 
+/// Adam's bias correction `1 − βᵗ` after `step` (1-based) steps. The CUDA kernels (`adamw`,
+/// `adamw_multi`) take it precomputed from here; their update itself is tested against
+/// [`AdamW::update_scaled`] (tests/cuda_kernels.rs, tests/cuda_model.rs).
+pub fn bias_correction(beta: f64, step: i32) -> f64 {
+    1.0 - beta.powi(step)
+}
+
 impl<T: Real> AdamW<T> {
     pub fn new(cfg: AdamWConfig, specs: &[ParamSpec]) -> Self {
         AdamW {
@@ -94,8 +101,8 @@ impl<T: Real> AdamW<T> {
         let gs = T::from_f64(grad_scale);
         let c = &self.cfg;
         let (b1, b2) = (T::from_f64(c.beta1), T::from_f64(c.beta2));
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2_sqrt = T::from_f64((1.0 - c.beta2.powi(self.step as i32)).sqrt());
+        let bc1 = bias_correction(c.beta1, self.step as i32);
+        let bc2_sqrt = T::from_f64(bias_correction(c.beta2, self.step as i32).sqrt());
         let step_size = T::from_f64(lr / bc1);
         let eps = T::from_f64(c.eps);
         for (i, spec) in specs.iter().enumerate() {

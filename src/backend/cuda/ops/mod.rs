@@ -8,6 +8,7 @@ pub use attention::*;
 pub use dense::*;
 
 use super::runtime::{Arg, DBuf, Device, Launch};
+use crate::optim::bias_correction;
 use anyhow::{bail, Result};
 
 pub(crate) const THREADS: u32 = 256;
@@ -74,8 +75,8 @@ pub struct AdamStep {
 
 impl AdamStep {
     pub(crate) fn args(&self) -> [Arg; 8] {
-        let bc1 = 1.0 - (self.beta1 as f64).powi(self.step);
-        let bc2 = 1.0 - (self.beta2 as f64).powi(self.step);
+        let bc1 = bias_correction(self.beta1 as f64, self.step);
+        let bc2 = bias_correction(self.beta2 as f64, self.step);
         [
             Arg::F32(self.lr),
             Arg::F32(self.beta1),
