@@ -4,6 +4,7 @@
 pub mod analyze;
 pub mod compare;
 pub mod probes;
+pub mod reproduce;
 
 /// A magnitude such as M-Act for people: one decimal while short, scientific notation once
 /// huge (a diverged model's 3.1e30 is not printed as 31 digits).

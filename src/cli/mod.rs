@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_cuda;
 pub mod dump;
 pub mod infer;
+pub mod reproduce;
 pub mod train;
 
 use crate::io::hf::{load_model, save_model, Layout};
@@ -56,6 +57,8 @@ pub enum Command {
     Ruler(infer::RulerArgs),
     /// Time full training steps (forward, backward, clip, AdamW) on a preset model.
     Bench(bench::BenchArgs),
+    /// Check the paper's claims on matched baseline / G1 arms: reproduce.md with a verdict each
+    Reproduce(reproduce::ReproduceArgs),
 }
 
 /// An error that ends the process with a particular exit status (README, "Errors and exit
@@ -190,5 +193,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ruler(a) => infer::run_ruler(a),
         Command::Report(a) => analyze::run_report(a),
         Command::Sweep(a) => train::sweep(a),
+        Command::Reproduce(a) => reproduce::reproduce(a),
     }
 }

@@ -94,7 +94,7 @@ pub struct TrainArgs {
     pub precision: String,
 }
 
-fn device_choice(a: &TrainArgs) -> crate::train::engine::DeviceChoice {
+pub(crate) fn device_choice(a: &TrainArgs) -> crate::train::engine::DeviceChoice {
     crate::train::engine::DeviceChoice {
         device: a.device.clone(),
         precision: a.precision.clone(),

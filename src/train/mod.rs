@@ -181,6 +181,11 @@ fn eval_row(step: u64, val_loss: f64, s: &SinkStats) -> serde_json::Value {
     if let Some(g) = s.gate_mean {
         v["gate_mean"] = json!(g);
     }
+    // the gate's sparsity, so a finished run's summary read back from here has it too
+    if let (Some(lo), Some(hi)) = (s.gate_frac_below_0_1, s.gate_frac_above_0_9) {
+        v["gate_frac_below_0_1"] = json!(lo);
+        v["gate_frac_above_0_9"] = json!(hi);
+    }
     if let Some(m) = &s.moe {
         v["moe"] = json!(m);
     }
