@@ -175,6 +175,11 @@ fn arm_config(a: &ReproduceArgs, scale: &Scale, arm: &Arm) -> Result<TrainConfig
     t.gate = Some(arm.gate.into());
     t.out = None;
     let mut cfg = resolve_config(&t)?;
+    // ten evaluations per arm, so the overlaid curves have a shape (evaluation reads fixed
+    // windows and draws nothing from the sampler: the training is the same at any cadence)
+    if a.common.config.is_none() {
+        cfg.train.eval_every = (cfg.train.max_steps / 10).max(1);
+    }
     if arm.high_lr {
         cfg.optim.adamw.lr *= a.high_lr_factor;
     }
