@@ -409,21 +409,46 @@ pub fn run(cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSummary
     let elapsed0 = state.elapsed_s;
     let t0 = Instant::now();
     let lp = train_loop(&ctx, &mut engine, &mut model, &mut opt, &mut state, opts, t0)?;
-    // Always end with an evaluation, a checkpoint, the model and the report.
-    engine.sync(&mut model, &mut opt)?;
+    finish(
+        &ctx,
+        out,
+        &mut engine,
+        &mut model,
+        &mut opt,
+        &mut state,
+        lp,
+        (start_step, elapsed0, t0),
+    )
+}
+
+/// Always end with an evaluation (unless the last step had one), a checkpoint, the model and the
+/// report. The last argument: the step, accumulated seconds and clock this invocation started at.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    ctx: &StepContext,
+    out: &Path,
+    engine: &mut Engine,
+    model: &mut Model<f32>,
+    opt: &mut AdamW<f32>,
+    state: &mut TrainState,
+    lp: LoopEnd,
+    (start_step, elapsed0, t0): (u64, f64, Instant),
+) -> Result<RunSummary> {
+    let cfg = ctx.cfg;
+    engine.sync(model, opt)?;
     let last_val = match lp.last_eval {
         Some((step, vl, st)) if step == state.step => (vl, st),
         _ => {
-            let (vl, st) = evaluate(&model, &mut engine, &data.val, &cfg)?;
-            metrics.row(eval_row(state.step, vl, &st))?;
+            let (vl, st) = evaluate(model, engine, &ctx.data.val, cfg)?;
+            ctx.metrics.row(eval_row(state.step, vl, &st))?;
             (vl, st)
         }
     };
     let run_secs = t0.elapsed().as_secs_f64();
     state.elapsed_s = elapsed0 + run_secs;
     if !lp.diverged {
-        checkpoint::save(&ckpt_dir, &model.params, &opt, &state)?;
-        save_model(&out.join("model"), &model, None)?;
+        checkpoint::save(ctx.ckpt_dir, &model.params, opt, state)?;
+        save_model(&out.join("model"), model, None)?;
     }
     let done = state.step - start_step;
     let summary = RunSummary {
@@ -435,11 +460,11 @@ pub fn run(cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSummary
         diverged: lp.diverged,
         interrupted: lp.interrupted,
         already_finished: false,
-        checkpoint: ckpt_dir.join(checkpoint::FILE).exists(),
+        checkpoint: ctx.ckpt_dir.join(checkpoint::FILE).exists(),
         stats: last_val.1,
         tokens_per_s: (done * lp.step_tokens) as f64 / run_secs.max(1e-9),
     };
-    report::write(out, &cfg, &summary)?;
+    report::write(out, cfg, &summary)?;
     Ok(summary)
 }
 
@@ -595,23 +620,45 @@ fn train_loop(
             bar.set_message(format!("loss {loss:.4}  {tok_s:.0} tok/s"));
             bar.set_position(state.step);
         }
-        if state.step.is_multiple_of(cfg.train.eval_every) || state.step.is_multiple_of(cfg.train.checkpoint_every) {
-            engine.sync(model, opt)?;
-        }
-        if state.step.is_multiple_of(cfg.train.eval_every) {
-            let (vl, st) = evaluate(model, engine, &data.val, cfg)?;
-            metrics.row(eval_row(state.step, vl, &st))?;
-            end.last_eval = Some((state.step, vl, st));
-        }
-        if state.step.is_multiple_of(cfg.train.checkpoint_every) {
-            state.elapsed_s = elapsed0 + t0.elapsed().as_secs_f64();
-            checkpoint::save(ctx.ckpt_dir, &model.params, opt, state)?;
+        if let Some(e) = eval_and_checkpoint(ctx, engine, model, opt, state, (elapsed0, t0))? {
+            end.last_eval = Some(e);
         }
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     Ok(end)
+}
+
+/// After a step: the evaluation and the checkpoint their intervals call for. Returns the
+/// evaluation (step, validation loss, probes) if one ran.
+fn eval_and_checkpoint(
+    ctx: &StepContext,
+    engine: &mut Engine,
+    model: &mut Model<f32>,
+    opt: &mut AdamW<f32>,
+    state: &mut TrainState,
+    (elapsed0, t0): (f64, Instant),
+) -> Result<Option<(u64, f64, SinkStats)>> {
+    let cfg = ctx.cfg;
+    let (eval_due, ckpt_due) = (
+        state.step.is_multiple_of(cfg.train.eval_every),
+        state.step.is_multiple_of(cfg.train.checkpoint_every),
+    );
+    if eval_due || ckpt_due {
+        engine.sync(model, opt)?;
+    }
+    let mut eval = None;
+    if eval_due {
+        let (vl, st) = evaluate(model, engine, &ctx.data.val, cfg)?;
+        ctx.metrics.row(eval_row(state.step, vl, &st))?;
+        eval = Some((state.step, vl, st));
+    }
+    if ckpt_due {
+        state.elapsed_s = elapsed0 + t0.elapsed().as_secs_f64();
+        checkpoint::save(ctx.ckpt_dir, &model.params, opt, state)?;
+    }
+    Ok(eval)
 }
 
 fn progress_bar(show: bool, total: u64, pos: u64) -> Option<indicatif::ProgressBar> {
