@@ -140,6 +140,11 @@ fn permute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
 
 /// A llama GGUF of `m` (no QK-norm), weights in `ty`, with a tiny byte-level BPE vocabulary.
 fn write_llama(m: &Model<f32>, ty: GgmlType, path: &Path) {
+    write_llama_with(m, ty, path, &[]);
+}
+
+/// `write_llama` with more metadata (e.g. a `tokenizer.ggml.pre`).
+fn write_llama_with(m: &Model<f32>, ty: GgmlType, path: &Path, extra: &[(&'static str, Value)]) {
     let c = &m.cfg;
     let map = gated_lm::io::tokenizer::bytes_to_unicode();
     let mut tokens: Vec<Value> = (0..256).map(|b| Value::Str(map[b].to_string())).collect();
@@ -164,6 +169,7 @@ fn write_llama(m: &Model<f32>, ty: GgmlType, path: &Path) {
         ("tokenizer.ggml.merges", Value::Arr(vec![Value::Str("Ġ t".into())])),
         ("tokenizer.ggml.eos_token_id", Value::U32(256)),
     ];
+    let meta: Vec<(&str, Value)> = meta.into_iter().chain(extra.iter().cloned()).collect();
     let rename = |n: &str| {
         n.replace("model.embed_tokens.weight", "token_embd.weight")
             .replace("model.norm.weight", "output_norm.weight")
@@ -317,6 +323,41 @@ fn malformed_gguf_files_are_rejected_with_clear_errors() {
     assert!(err(&s).contains("truncated"));
     std::fs::write(&p, &good).unwrap();
     assert!(Gguf::open(&p).is_ok());
+}
+
+#[test]
+fn a_gguf_whose_pre_tokenizer_we_lack_still_analyses_from_token_ids() {
+    let bin = env!("CARGO_BIN_EXE_gated-lm");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("smol.gguf");
+    write_llama_with(
+        &llama_model(),
+        GgmlType::Q8_0,
+        &p,
+        &[("tokenizer.ggml.pre", Value::Str("some-new-pre".into()))],
+    );
+    let analyze = |extra: &[&str]| {
+        std::process::Command::new(bin)
+            .args(["analyze", "--model"])
+            .arg(&p)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // with text: the error names the pre-tokenizer and the way out
+    let o = analyze(&["--prompt", "hello there"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("'some-new-pre'") && e.contains("--tokens"), "{e}");
+    // and the way out works: token ids never touch the tokenizer
+    let ids = dir.path().join("ids.safetensors");
+    let t: Vec<i64> = (0..48).map(|i| (i * 7 % 300) as i64).collect();
+    let bytes: Vec<u8> = t.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 48], &bytes).unwrap();
+    safetensors::serialize_to_file([("input_ids", view)], None, &ids).unwrap();
+    let o = analyze(&["--tokens", ids.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("48 tokens"));
 }
 
 #[test]

@@ -110,10 +110,7 @@ pub fn input_ids(
         let row = *shape.last().unwrap_or(&0);
         ids[..row.min(ids.len())].to_vec()
     } else {
-        let tok = l
-            .tok
-            .as_ref()
-            .with_context(|| format!("{}: no tokenizer found; pass --tokens FILE.safetensors", l.source))?;
+        let tok = l.tokenizer()?;
         let s = match (text, prompt) {
             (Some(f), _) => {
                 std::fs::read_to_string(f).with_context(|| format!("cannot read {} as UTF-8 text", f.display()))?

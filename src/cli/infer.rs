@@ -103,10 +103,7 @@ pub struct GenerateArgs {
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let l = a.m.load()?;
-    let tok = l
-        .tok
-        .as_ref()
-        .with_context(|| format!("{}: no tokenizer found", l.source))?;
+    let tok = l.tokenizer()?;
     let ids = tok.encode_for_model(&a.prompt)?;
     crate::model::memory::ensure_fits(
         "this generation",
@@ -179,10 +176,7 @@ pub struct EvalArgs {
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     let l = a.m.load()?;
-    let tok = l
-        .tok
-        .as_ref()
-        .with_context(|| format!("{}: no tokenizer found", l.source))?;
+    let tok = l.tokenizer()?;
     let text = match &a.text {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {} as UTF-8 text", p.display()))?,
         None => {
@@ -244,10 +238,7 @@ pub struct RulerArgs {
 
 pub fn run_ruler(a: RulerArgs) -> Result<()> {
     let l = a.m.load()?;
-    let tok = l
-        .tok
-        .as_ref()
-        .with_context(|| format!("{}: no tokenizer found", l.source))?;
+    let tok = l.tokenizer()?;
     let lengths: Vec<usize> = a
         .lengths
         .split(',')

@@ -227,7 +227,7 @@ fn measure(dir: &Path, cfg: &TrainConfig, s: &RunSummary, probe: &Probe) -> Resu
         m.stream_loss = Some(crate::infer::perplexity_streaming(&loaded.model, &ids, window, 0)?.0);
         m.stream_loss_sinks =
             Some(crate::infer::perplexity_streaming(&loaded.model, &ids, window, probe.sink_tokens)?.0);
-        let tok = loaded.tok.as_ref().context("the arm's model has no tokenizer")?;
+        let tok = loaded.tokenizer()?;
         let mut rcfg = loaded.model.cfg.clone();
         rcfg.rope_theta *= probe.rope_factor;
         let longest = probe.ruler_multiples.iter().max().copied().unwrap_or(1) * t;

@@ -1,5 +1,5 @@
 //! llama.cpp GGUF files: a bounds-checked reader (no allocation sized by an unchecked header
-//! field), dequantisation of F32/F16/BF16/Q8_0/Q4_0/Q4_1, a writer with the reference quantisers
+//! field), dequantisation of every type in `quants`, a writer with the reference quantisers
 //! (for tests and export), and loading of `llama` / `qwen3` models with their tokenizer.
 
 use super::tokenizer::Tok;
@@ -7,7 +7,6 @@ use crate::config::{ModelConfig, NormStyle};
 use crate::model::params::{param_specs, ParamStore, Tensor};
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
-use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -57,40 +56,7 @@ impl Value {
     }
 }
 
-/// ggml tensor types we read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GgmlType {
-    F32 = 0,
-    F16 = 1,
-    Q4_0 = 2,
-    Q4_1 = 3,
-    Q8_0 = 8,
-    BF16 = 30,
-}
-
-impl GgmlType {
-    fn from_u32(t: u32) -> Option<GgmlType> {
-        Some(match t {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            30 => GgmlType::BF16,
-            _ => return None,
-        })
-    }
-    /// (elements per block, bytes per block)
-    fn block(self) -> (u64, u64) {
-        match self {
-            GgmlType::F32 => (1, 4),
-            GgmlType::F16 | GgmlType::BF16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
-            GgmlType::Q4_1 => (32, 20),
-            GgmlType::Q8_0 => (32, 34),
-        }
-    }
-}
+pub use super::quants::{dequantize, quantize, GgmlType};
 
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
@@ -226,7 +192,10 @@ impl Gguf {
             let dims = (0..nd).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
             let tyn = c.u32()?;
             let ty = GgmlType::from_u32(tyn).with_context(|| {
-                format!("{what}: tensor '{name}' has ggml type {tyn} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+                format!(
+                    "{what}: tensor '{name}' has ggml type {tyn} (supported: {})",
+                    GgmlType::names()
+                )
             })?;
             let offset = c.u64()?;
             let numel = dims
@@ -298,88 +267,6 @@ impl Gguf {
             .get(key)
             .with_context(|| format!("{}: missing metadata '{key}'", self.path))
     }
-}
-
-pub fn dequantize(ty: GgmlType, b: &[u8]) -> Vec<f32> {
-    let h = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    match ty {
-        GgmlType::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        GgmlType::F16 => b
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        GgmlType::BF16 => b
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        GgmlType::Q8_0 => b
-            .chunks_exact(34)
-            .enumerate()
-            .flat_map(|(k, c)| {
-                let d = h(k * 34);
-                c[2..].iter().map(move |&q| q as i8 as f32 * d)
-            })
-            .collect(),
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let bb = ty.block().1 as usize;
-            let mut out = Vec::with_capacity(b.len() / bb * 32);
-            for c in b.chunks_exact(bb) {
-                let d = f16::from_le_bytes([c[0], c[1]]).to_f32();
-                let (m, qs) = if ty == GgmlType::Q4_1 {
-                    (f16::from_le_bytes([c[2], c[3]]).to_f32(), &c[4..])
-                } else {
-                    (-8.0 * d, &c[2..])
-                };
-                out.extend(qs.iter().map(|&q| (q & 0xF) as f32 * d + m));
-                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
-            }
-            out
-        }
-    }
-}
-
-/// Quantise `x` (length a multiple of 32 for block types) as llama.cpp's reference quantisers do.
-pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
-    let mut out = Vec::new();
-    match ty {
-        GgmlType::F32 => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        GgmlType::F16 => x.iter().for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
-        GgmlType::BF16 => x.iter().for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
-        GgmlType::Q8_0 => {
-            for blk in x.chunks(32) {
-                let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend(f16::from_f32(d).to_le_bytes());
-                out.extend(blk.iter().map(|v| (v * id).round() as i8 as u8));
-            }
-        }
-        GgmlType::Q4_0 => {
-            for blk in x.chunks(32) {
-                let max = blk.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                let d = max / -8.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend(f16::from_f32(d).to_le_bytes());
-                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
-                out.extend((0..16).map(|j| q(blk[j]) | (q(blk[j + 16]) << 4)));
-            }
-        }
-        GgmlType::Q4_1 => {
-            for blk in x.chunks(32) {
-                let (mn, mx) = blk.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-                let d = (mx - mn) / 15.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend(f16::from_f32(d).to_le_bytes());
-                out.extend(f16::from_f32(mn).to_le_bytes());
-                let q = |v: f32| (((v - mn) * id + 0.5) as i32).clamp(0, 15) as u8;
-                out.extend((0..16).map(|j| q(blk[j]) | (q(blk[j + 16]) << 4)));
-            }
-        }
-    }
-    out
 }
 
 fn write_value(out: &mut Vec<u8>, v: &Value) {
@@ -596,7 +483,7 @@ pub fn tokenizer(g: &Gguf) -> Result<Tok> {
     let model = g.get("tokenizer.ggml.model")?.as_str().unwrap_or("");
     if model != "gpt2" && model != "llama" {
         bail!(
-            "{}: tokenizer model '{model}' is not supported (gpt2 BPE, llama SentencePiece); pass --tokens instead",
+            "{}: tokenizer model '{model}' is not supported (gpt2 BPE, llama SentencePiece); analyse token ids instead: --tokens FILE.safetensors (an `input_ids` tensor)",
             g.path
         );
     }
@@ -656,7 +543,7 @@ pub fn tokenizer(g: &Gguf) -> Result<Tok> {
         "default" | "gpt-2" | "gpt2" => None,
         "qwen2" => Some(QWEN2_SPLIT),
         other => bail!(
-            "{}: pre-tokenizer '{other}' is not supported (gpt-2, qwen2); pass --tokens instead",
+            "{}: pre-tokenizer '{other}' is not supported (gpt-2, qwen2); analyse token ids instead: --tokens FILE.safetensors (an `input_ids` tensor)",
             g.path
         ),
     };
@@ -682,6 +569,13 @@ fn add_bos(g: &Gguf, tok: Tok, default: bool) -> Result<Tok> {
 
 /// Load a llama/qwen3/qwen3moe GGUF as a model (weights dequantised to f32) with its tokenizer.
 pub fn load_gguf_model(path: &Path) -> Result<(Model<f32>, Tok)> {
+    let (model, tok) = load_gguf(path)?;
+    Ok((model, tok?))
+}
+
+/// The model, and its tokenizer or why it cannot be built: a model whose pre-tokenizer we lack
+/// still analyses from token ids (`--tokens`), so the tokenizer's error waits until text needs it.
+pub fn load_gguf(path: &Path) -> Result<(Model<f32>, Result<Tok>)> {
     let g = Gguf::open(path)?;
     let cfg = model_config(&g)?;
     let permuted = g.get("general.architecture")?.as_str() == Some("llama");
@@ -725,6 +619,5 @@ pub fn load_gguf_model(path: &Path) -> Result<(Model<f32>, Tok)> {
         }
         store.tensors[i] = Tensor { shape, data };
     }
-    let tok = tokenizer(&g)?;
-    Ok((Model::from_params(cfg, store)?, tok))
+    Ok((Model::from_params(cfg, store)?, tokenizer(&g)))
 }

@@ -15,6 +15,22 @@ pub struct Loaded {
     pub source: String,
     /// The sequence length the model was trained at, when known (a run directory says).
     pub train_seq_len: Option<usize>,
+    /// Why `tok` is missing, when a tokenizer exists but cannot be built.
+    pub tok_problem: Option<String>,
+}
+
+impl Loaded {
+    /// The tokenizer, or an error saying why there is none and that token ids still work.
+    pub fn tokenizer(&self) -> Result<&Tok> {
+        match (&self.tok, &self.tok_problem) {
+            (Some(t), _) => Ok(t),
+            (None, Some(why)) => bail!("{why}"),
+            (None, None) => bail!(
+                "{}: no tokenizer found (no tokenizer.json beside the model); pass token ids with --tokens FILE.safetensors",
+                self.source
+            ),
+        }
+    }
 }
 
 /// The training context of a run directory (`RUN` or `RUN/model`), from its config.toml.
@@ -33,12 +49,14 @@ fn run_seq_len(path: &Path) -> Option<usize> {
 pub fn load_any(path: &Path) -> Result<Loaded> {
     let source = path.display().to_string();
     if path.extension().is_some_and(|e| e == "gguf") {
-        let (model, tok) = super::gguf::load_gguf_model(path)?;
+        let (model, tok) = super::gguf::load_gguf(path)?;
+        let tok_problem = tok.as_ref().err().map(|e| format!("{e:#}"));
         return Ok(Loaded {
             model,
-            tok: Some(tok),
+            tok: tok.ok(),
             source,
             train_seq_len: None,
+            tok_problem,
         });
     }
     let is_run = path.join("config.toml").exists();
@@ -65,5 +83,6 @@ pub fn load_any(path: &Path) -> Result<Loaded> {
         tok,
         source,
         train_seq_len: run_seq_len(&dir),
+        tok_problem: None,
     })
 }
