@@ -70,6 +70,31 @@ fn config_files_name_unknown_keys_type_errors_and_apply_their_preset() {
         "disagree",
     );
     assert!(!out.exists(), "a refused run must not leave a directory");
+    // the preset a file names is the one it overlays, and `gate = "none"` is the baseline
+    let corpus = tmp.path().join("c.txt");
+    std::fs::write(&corpus, "the quick brown fox jumps over the lazy dog. ".repeat(400)).unwrap();
+    let f = write(
+        tmp.path(),
+        "p.toml",
+        "preset = \"cpu-micro\"\n[model]\ngate = \"none\"\n",
+    );
+    let done = run(&[
+        "train",
+        "--config",
+        &f,
+        "--max-steps",
+        "1",
+        "--quiet",
+        "--data",
+        corpus.to_str().unwrap(),
+        "--out",
+        o,
+    ]);
+    assert!(done.status.success(), "{}", stderr(&done));
+    let cfg: toml::Table = toml::from_str(&std::fs::read_to_string(out.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(cfg["preset"].as_str(), Some("cpu-micro"));
+    assert_eq!(cfg["model"]["num_layers"].as_integer(), Some(2), "cpu-micro's shape");
+    assert_eq!(cfg["model"]["gate"].as_str(), Some("none"));
 }
 
 #[test]
