@@ -93,8 +93,18 @@ fn build(dir: &Path, src: &str) -> Result<PathBuf> {
     let tmp = dir.join(format!("kernels-{}.so", std::process::id()));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let out = std::process::Command::new(&cxx)
-        // no fortified longjmp: it refuses the jumps between fiber stacks
-        .args(["-std=c++20", "-O2", "-U_FORTIFY_SOURCE", "-shared", "-fPIC", "-w", "-o"])
+        // no fortified longjmp: it refuses the jumps between fiber stacks; no strict aliasing:
+        // kernels move bf16 data as 16-byte structs and read it back as bf16, as CUDA code does
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-U_FORTIFY_SOURCE",
+            "-fno-strict-aliasing",
+            "-shared",
+            "-fPIC",
+            "-w",
+            "-o",
+        ])
         .arg(&tmp)
         .arg(&cpp)
         .output()

@@ -43,6 +43,16 @@ struct Barrier {
 struct Warp {
     Barrier bar;
     uint64_t slot[32];
+    // Tensor-core collectives (mma, ldmatrix): each lane's fragment registers or row address, and
+    // which collective it called, so lanes that meet at the barrier from different ones are an
+    // error instead of silently exchanging the wrong data.
+    uint32_t frag[32][6];
+    const uint16_t* row[32];
+    int op[32];
+    // mma's A and B decoded from all lanes' fragments, once per call: by the first lane past
+    // the barrier, for the barrier generation in `decoded`
+    float A[16][16], B[16][8];
+    unsigned long decoded = ~0ul;
 };
 constexpr size_t STACK = 256 * 1024;
 inline std::vector<Fiber> fibers;
@@ -55,6 +65,7 @@ inline dim3 bid, bdim, gdim;
 inline std::vector<unsigned char> dyn;  // dynamic shared memory of the current block
 inline void (*body)() = nullptr;
 inline std::string error;
+inline bool failed = false;  // set by `fail`: the launch stops and reports `error`
 
 inline int linear_tid() {
     const dim3& t = fibers[cur].tid;
@@ -85,6 +96,13 @@ inline void resume(int i) {
         }
         _longjmp(fibers[i].jb, 1);
     }
+}
+// A kernel error detected inside a thread (misuse of a warp collective): record it, then park
+// the fiber; the launch loop sees `failed` and abandons the block (on a GPU: undefined behaviour).
+[[noreturn]] inline void fail(const std::string& msg) {
+    if (!failed) error = msg;
+    failed = true;
+    for (;;) yield();
 }
 inline void wait(Barrier& b) {
     unsigned long g = b.gen;
@@ -148,10 +166,15 @@ inline bool launch(void (*k)(), dim3 g, dim3 b, unsigned smem) {
                     f.tid = dim3{(unsigned)i % b.x, (unsigned)i / b.x % b.y, (unsigned)i / (b.x * b.y)};
                     f.started = f.done = false;
                 }
+                failed = false;
                 while (finished < n) {
                     unsigned long before = progress;
                     for (cur = 0; cur < n; ++cur)
                         if (!fibers[cur].done) resume(cur);
+                    if (failed) {
+                        cur = -1;
+                        return false;
+                    }
                     if (progress == before && finished < n) {
                         error = "deadlock: threads wait at a barrier that others never reach (block " +
                                 std::to_string(bx) + "," + std::to_string(by) + "," + std::to_string(bz) + ")";
@@ -166,6 +189,97 @@ inline bool launch(void (*k)(), dim3 g, dim3 b, unsigned smem) {
             }
     cur = -1;
     return true;
+}
+
+// ---- Tensor-core warp collectives, with the PTX ISA's per-lane semantics. Like `shfl`, every
+// lane deposits its operands in the warp's scratch, the warp meets at a barrier, each lane
+// computes only its own results from everybody's operands, and a second barrier keeps a fast
+// lane's next deposit from overwriting what a slow one still reads. A warp with fewer than 32
+// threads is an error (the instructions are .aligned: all 32 lanes must execute them); lanes that
+// never arrive are reported as a deadlock by `launch`.
+enum { OP_MMA = 1, OP_LDMATRIX, OP_LDMATRIX_TRANS };
+inline Warp& collective_enter(int op, const char* what, int& lane) {
+    int t = linear_tid();
+    Warp& w = warps[t / 32];
+    lane = t % 32;
+    if (w.bar.size != 32)
+        fail(std::string(what) + " is a warp collective: all 32 lanes must execute it, this warp has " +
+             std::to_string(w.bar.size) + " threads");
+    w.op[lane] = op;
+    return w;
+}
+inline void collective_meet(Warp& w, int op, const char* what) {
+    wait(w.bar);
+    for (int i = 0; i < 32; ++i)
+        if (w.op[i] != op) fail(std::string(what) + ": the lanes of a warp are in different warp collectives");
+}
+
+// Fragment layouts of mma.m16n8k16 with .bf16 A/B and .f32 C/D, from the PTX ISA ("Matrix
+// Fragments for mma.m16n8k16 with floating point type"): groupID = lane >> 2, threadID_in_group
+// = lane & 3; element i of a fragment lives in register i / 2, low half first.
+inline int frag_a_row(int lane, int i) { return (lane >> 2) + 8 * ((i >> 1) & 1); }
+inline int frag_a_col(int lane, int i) { return (lane & 3) * 2 + (i & 1) + 8 * (i >> 2); }
+inline int frag_b_k(int lane, int i) { return (lane & 3) * 2 + (i & 1) + 8 * (i >> 1); }
+inline int frag_b_n(int lane, int) { return lane >> 2; }
+inline int frag_c_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
+inline int frag_c_col(int lane, int i) { return (lane & 3) * 2 + (i & 1); }
+// Element i of a fragment held in bf16x2 registers `regs`, as f32 (exact).
+inline float frag_elem(const uint32_t* regs, int i) {
+    uint32_t u = (regs[i >> 1] >> (16 * (i & 1)) & 0xffffu) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// d = A·B + d for the warp's 16×16 A (row) and 16×8 B (col) fragments. Each bf16 product is
+// exact in f32; the sum starts from c and adds the products in k order 0..15, rounding to f32
+// after each (the hardware's internal order and rounding are unspecified: tests compare fp32
+// sums with tolerances, and integer-valued inputs bit-exactly).
+inline void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    int lane;
+    Warp& w = collective_enter(OP_MMA, "mma.m16n8k16", lane);
+    for (int r = 0; r < 4; ++r) w.frag[lane][r] = a[r];
+    w.frag[lane][4] = b[0];
+    w.frag[lane][5] = b[1];
+    collective_meet(w, OP_MMA, "mma.m16n8k16");
+    if (w.decoded != w.bar.gen) {
+        for (int l = 0; l < 32; ++l) {
+            for (int i = 0; i < 8; ++i) w.A[frag_a_row(l, i)][frag_a_col(l, i)] = frag_elem(w.frag[l], i);
+            for (int i = 0; i < 4; ++i) w.B[frag_b_k(l, i)][frag_b_n(l, i)] = frag_elem(w.frag[l] + 4, i);
+        }
+        w.decoded = w.bar.gen;
+    }
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        float s = d[i];
+        for (int k = 0; k < 16; ++k) s += w.A[frag_c_row(lane, i)][k] * w.B[k][frag_c_col(lane, i)];
+        out[i] = s;
+    }
+    wait(w.bar);
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8m..8m+7 give the addresses of rows
+// 0..7 of matrix m (16-byte aligned: 8 b16 each); lane l receives in register m the two b16 at
+// row l>>2, columns 2·(l&3) and +1 of matrix m (low half first), or with .trans those of the
+// transposed matrix. The emulator cannot tell shared from global addresses: it reads either.
+inline void ldmatrix_m8n8_x4(uint32_t r[4], const uint16_t* row, bool trans) {
+    const char* what = trans ? "ldmatrix.x4.trans" : "ldmatrix.x4";
+    const int op = trans ? OP_LDMATRIX_TRANS : OP_LDMATRIX;
+    int lane;
+    Warp& w = collective_enter(op, what, lane);
+    if ((uintptr_t)row % 16 != 0) fail(std::string(what) + ": a row address is not 16-byte aligned");
+    w.row[lane] = row;
+    collective_meet(w, op, what);
+    const int g = lane >> 2, c = 2 * (lane & 3);
+    uint32_t out[4];
+    for (int m = 0; m < 4; ++m) {
+        const uint16_t* const* rows = &w.row[8 * m];
+        uint32_t lo = trans ? rows[c][g] : rows[g][c], hi = trans ? rows[c + 1][g] : rows[g][c + 1];
+        out[m] = lo | hi << 16;
+    }
+    wait(w.bar);
+    for (int m = 0; m < 4; ++m) r[m] = out[m];
 }
 
 // The kernel's arguments arrive as cuLaunchKernel passes them: an array of pointers to values.
@@ -193,6 +307,7 @@ void trampoline() {
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(emu::dyn.data())
 
 using std::max;
@@ -251,3 +366,10 @@ template <class T>
 T __ldg(const T* p) {
     return *p;
 }
+
+// The tensor-core primitives of common.cuh (which holds their inline-PTX versions for the GPU).
+inline void mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
+    emu::mma_m16n8k16_bf16(d, a, b);
+}
+inline void ldmatrix_x4(unsigned r[4], const unsigned short* row) { emu::ldmatrix_m8n8_x4(r, row, false); }
+inline void ldmatrix_x4_trans(unsigned r[4], const unsigned short* row) { emu::ldmatrix_m8n8_x4(r, row, true); }

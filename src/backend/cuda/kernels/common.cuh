@@ -54,3 +54,44 @@ __device__ float block_max(float x, float* shared) {
     __syncthreads();
     return shared[0];
 }
+
+// Two f32 as the bf16x2 register of an mma fragment: `lo` in the low half (the element with the
+// smaller index), both rounded to nearest even like f32_to_bf16.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
+}
+
+// Tensor-core warp collectives (sm_80+); every lane of the warp must execute them, converged.
+// The CPU emulator (emu/cuda_emu.h) implements the same three with the PTX ISA's per-lane
+// fragment semantics; the layouts are spelled out there.
+//   mma_bf16_16816: d = A·B + d, A 16×16 (row) as 4 bf16x2 registers per lane, B 16×8 (col) as
+//     2, d 16×8 f32 as 4 (mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32).
+//   ldmatrix_x4[_trans]: four 8×8 b16 matrices from shared memory, lanes 8m..8m+7 giving the
+//     16-byte-aligned row addresses of matrix m; register m of lane l holds row l>>2, columns
+//     2·(l&3), +1 of matrix m (of its transpose with _trans).
+#ifndef GATED_CUDA_EMU
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const bf16* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(row))
+                 : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const bf16* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(row))
+                 : "memory");
+}
+#endif
