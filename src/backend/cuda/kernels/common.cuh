@@ -69,7 +69,10 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
 //   ldmatrix_x4[_trans]: four 8×8 b16 matrices from shared memory, lanes 8m..8m+7 giving the
 //     16-byte-aligned row addresses of matrix m; register m of lane l holds row l>>2, columns
 //     2·(l&3), +1 of matrix m (of its transpose with _trans).
+// Before sm_80 (no bf16 mma) they trap instead: the module still loads, so a GPU of that age
+// keeps the other kernels, and only a launch of a tensor-core kernel fails.
 #ifndef GATED_CUDA_EMU
+#if __CUDA_ARCH__ >= 800
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
     unsigned a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -94,4 +97,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const bf16* row
                  : "r"(smem_u32(row))
                  : "memory");
 }
+#else
+__device__ __forceinline__ void mma_bf16_16816(float*, const unsigned*, const unsigned*) { asm volatile("trap;"); }
+__device__ __forceinline__ void ldmatrix_x4(unsigned*, const bf16*) { asm volatile("trap;"); }
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned*, const bf16*) { asm volatile("trap;"); }
+#endif
 #endif
