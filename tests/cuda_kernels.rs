@@ -30,6 +30,7 @@ use gated_lm::backend::cuda::runtime::{down_f32, up_f32, up_i32, zeros_f32, Devi
 
 mod common;
 use common::cuda_devices as devices;
+mod cuda_tensor_core;
 
 fn randn(n: usize, seed: u64, std: f64) -> Vec<f32> {
     let mut r = gated_lm::rng::Rng::new(seed);

@@ -77,6 +77,11 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         include_str!("kernels/attention.cu"),
         attn_head_dims!(attention_entries),
     ),
+    (
+        "attention_tc",
+        include_str!("kernels/attention_tc.cu"),
+        &["attn_fwd_tc_hd64", "attn_fwd_tc_hd128", "tc_mma_probe"],
+    ),
     ("gemm", include_str!("kernels/gemm.cu"), &["gemm_f32", "gemm_bf16"]),
     (
         "model",

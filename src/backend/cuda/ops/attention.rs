@@ -1,6 +1,7 @@
-//! Fused causal attention with the G1 gate (kernels/attention.cu).
+//! Fused causal attention with the G1 gate (kernels/attention.cu; the tensor-core forward in
+//! kernels/attention_tc.cu).
 
-use super::f32s;
+use super::{f32s, need};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use crate::backend::cuda::{attn_head_dims_text, ATTN_HEAD_DIMS};
 use anyhow::{bail, Result};
@@ -180,4 +181,58 @@ pub fn attention_bwd(
     args.push(dq.arg());
     args.extend(d.common());
     dev.launch(&format!("attn_bwd_dq_hd{hd}"), d.grid(d.heads), &args)
+}
+
+/// Head dims of the tensor-core forward (kernels/attention_tc.cu `ATTN_TC_KERNEL`).
+pub const ATTN_TC_HEAD_DIMS: &[usize] = &[64, 128];
+
+/// Query rows per tensor-core attention block (kernels/attention_tc.cu `TC_ROWS`), and its
+/// threads: 4 warps of 16 rows.
+const ATTN_TC_ROWS: usize = 64;
+const ATTN_TC_THREADS: u32 = 128;
+
+/// [`attention_fwd`] on tensor cores (FlashAttention-2 forward): `q`, `k`, `v` bf16 in the same
+/// layouts, `z` and the outputs `o`, `y`, `lse` f32 exactly as there, so the f32 backward
+/// consumes them. Products and sums are f32 from bf16 inputs; the probabilities are rounded to
+/// bf16 for P·V (the one rounding beyond the inputs').
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_tc(
+    dev: &dyn Device,
+    d: &AttnDims,
+    gate: FusedGate,
+    q: &DBuf,
+    k: &DBuf,
+    v: &DBuf,
+    z: Option<&DBuf>,
+    o: &DBuf,
+    y: &DBuf,
+    lse: &DBuf,
+) -> Result<()> {
+    let what = "attention_forward_tc";
+    if !ATTN_TC_HEAD_DIMS.contains(&d.head_dim) {
+        bail!(
+            "{what}: head_dim {} (tensor-core kernels exist for {ATTN_TC_HEAD_DIMS:?})",
+            d.head_dim
+        );
+    }
+    d.check()?;
+    need(what, q, d.q_elems(), 2)?;
+    need(what, k, d.kv_elems(), 2)?;
+    need(what, v, d.kv_elems(), 2)?;
+    // K/V rows are staged as 16-byte vectors (head_dim·2 bytes is a multiple of 16)
+    if !(k.ptr.is_multiple_of(16) && v.ptr.is_multiple_of(16) && q.ptr.is_multiple_of(4)) {
+        bail!("{what}: k and v must be 16-byte aligned, q 4-byte aligned");
+    }
+    f32s(what, &[o, y], d.q_elems())?;
+    f32s(what, &[lse], d.rows() * d.heads)?;
+    let zarg = gate_arg(what, z, d, gate)?;
+    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.arg(), lse.arg()];
+    args.extend(d.common());
+    args.push(Arg::I32(gate as i32));
+    let cfg = Launch {
+        grid: [d.seq.div_ceil(ATTN_TC_ROWS) as u32, d.heads as u32, d.batch as u32],
+        block: [ATTN_TC_THREADS, 1, 1],
+        smem: 0,
+    };
+    dev.launch(&format!("attn_fwd_tc_hd{}", d.head_dim), cfg, &args)
 }
