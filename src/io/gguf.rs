@@ -472,13 +472,9 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// Qwen2's pre-tokenizer (llama.cpp `qwen2`, the Split regex of Qwen2/Qwen3 tokenizer.json):
-/// unlike GPT-2's, single digits and case-insensitive contractions.
-const QWEN2_SPLIT: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// The tokenizer embedded in a GGUF (`gpt2`-style byte-level BPE with the GPT-2 or Qwen2
-/// pre-tokenizer).
+/// The tokenizer embedded in a GGUF: a `llama` SentencePiece vocabulary, or a `gpt2`-style
+/// byte-level BPE with the pre-tokenizer `tokenizer.ggml.pre` names, as llama.cpp defines it
+/// (`pretok`; llama.cpp's `default` when the key is absent).
 pub fn tokenizer(g: &Gguf) -> Result<Tok> {
     let model = g.get("tokenizer.ggml.model")?.as_str().unwrap_or("");
     if model != "gpt2" && model != "llama" {
@@ -539,20 +535,34 @@ pub fn tokenizer(g: &Gguf) -> Result<Tok> {
         None => "default",
         Some(v) => v.as_str().unwrap_or("?"),
     };
-    let split = match pre {
-        "default" | "gpt-2" | "gpt2" => None,
-        "qwen2" => Some(QWEN2_SPLIT),
-        other => bail!(
-            "{}: pre-tokenizer '{other}' is not supported (gpt-2, qwen2); analyse token ids instead: --tokens FILE.safetensors (an `input_ids` tensor)",
-            g.path
-        ),
+    let Some(p) = super::pretok::lookup(pre) else {
+        bail!(
+            "{}: pre-tokenizer '{pre}' is not supported (we implement {} of llama.cpp's names: gpt-2, llama-bpe, qwen2, tekken, gpt-4o, …); analyse token ids instead: --tokens FILE.safetensors (an `input_ids` tensor)",
+            g.path,
+            super::pretok::SUPPORTED.len()
+        );
     };
-    let tok = Tok::from_vocab_merges_split(tokens, merges, eos, split).with_context(|| g.path.clone())?;
-    add_bos(g, tok, false)
+    let splits: Vec<String> = p.regexes.iter().map(|r| super::pretok::for_engine(r)).collect();
+    let splits: Vec<&str> = splits.iter().map(String::as_str).collect();
+    // llama.cpp splits user-defined tokens (token type 4) out of the text first, whole
+    const USER_DEFINED: u64 = 4;
+    let user: Vec<String> = match g.meta.get("tokenizer.ggml.token_type") {
+        Some(Value::Arr(types)) => tokens
+            .iter()
+            .zip(types)
+            .filter(|(_, t)| t.as_u64() == Some(USER_DEFINED))
+            .map(|(s, _)| s.clone())
+            .collect(),
+        _ => vec![],
+    };
+    let tok = Tok::from_vocab_merges_split(tokens, merges, eos, &splits, p.ignore_merges)
+        .and_then(|t| t.with_user_defined(user))
+        .with_context(|| format!("{}: pre-tokenizer '{pre}'", g.path))?;
+    add_bos(g, tok, p.add_bos)
 }
 
 /// Prompts get the BOS token where the file asks for it (llama.cpp's default: SentencePiece yes,
-/// BPE no).
+/// BPE as the pre-tokenizer type says, e.g. llama3 and tekken yes).
 fn add_bos(g: &Gguf, tok: Tok, default: bool) -> Result<Tok> {
     let wanted = match g.meta.get("tokenizer.ggml.add_bos_token") {
         Some(Value::Bool(b)) => *b,

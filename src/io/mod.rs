@@ -3,6 +3,7 @@
 pub mod gguf;
 pub mod hf;
 pub mod load;
+pub mod pretok;
 pub mod quants;
 pub mod st;
 pub mod tokenizer;

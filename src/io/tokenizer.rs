@@ -110,6 +110,21 @@ impl Tok {
         Ok(Tok::Hf { tok, eos })
     }
 
+    /// Split `texts` (a vocabulary's user-defined tokens) out of the raw text before
+    /// pre-tokenizing, each as its own token, as llama.cpp does with them.
+    pub fn with_user_defined(self, texts: Vec<String>) -> Result<Tok> {
+        let Tok::Hf { mut tok, eos } = self else {
+            bail!("the byte tokenizer has no user-defined tokens");
+        };
+        let added: Vec<AddedToken> = texts
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .map(|t| AddedToken::from(t, false).normalized(false))
+            .collect();
+        tok.add_tokens(&added);
+        Ok(Tok::Hf { tok, eos })
+    }
+
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
             Tok::Byte => {
@@ -187,16 +202,19 @@ impl Tok {
 
     /// A byte-level BPE from a vocabulary (id = position) and merges ("a b"), e.g. from GGUF.
     pub fn from_vocab_merges(tokens: Vec<String>, merges: Vec<String>, eos: u32) -> Result<Tok> {
-        Self::from_vocab_merges_split(tokens, merges, eos, None)
+        Self::from_vocab_merges_split(tokens, merges, eos, &[], false)
     }
 
-    /// As `from_vocab_merges`, pre-tokenizing with `split` (a regex, e.g. Qwen2's) instead of the
-    /// GPT-2 regex.
+    /// As `from_vocab_merges`, pre-tokenizing with `splits` instead of the GPT-2 regex when there
+    /// are any: regexes applied in sequence as llama.cpp does (each splits the pieces the previous
+    /// one left; a match and the text between matches alike become pieces), then the byte-level
+    /// mapping. `ignore_merges`: a word that is itself in the vocabulary is one token.
     pub fn from_vocab_merges_split(
         tokens: Vec<String>,
         merges: Vec<String>,
         eos: u32,
-        split: Option<&str>,
+        splits: &[&str],
+        ignore_merges: bool,
     ) -> Result<Tok> {
         if eos as usize >= tokens.len() {
             bail!("eos id {eos} is outside the vocabulary ({})", tokens.len());
@@ -212,20 +230,25 @@ impl Tok {
             .collect::<Result<Vec<_>>>()?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            .ignore_merges(ignore_merges)
             .build()
             .map_err(|e| anyhow::anyhow!("bad BPE vocabulary: {e}"))?;
         let mut tok = byte_level_tokenizer(bpe);
-        if let Some(pattern) = split {
-            let split = Split::new(
-                SplitPattern::Regex(pattern.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| anyhow::anyhow!("bad pre-tokenizer regex: {e}"))?;
-            tok.with_pre_tokenizer(Some(Sequence::new(vec![
-                split.into(),
-                ByteLevel::new(false, true, false).into(),
-            ])));
+        if !splits.is_empty() {
+            let mut seq = splits
+                .iter()
+                .map(|pattern| {
+                    Split::new(
+                        SplitPattern::Regex(pattern.to_string()),
+                        SplitDelimiterBehavior::Isolated,
+                        false,
+                    )
+                    .map(Into::into)
+                    .map_err(|e| anyhow::anyhow!("bad pre-tokenizer regex '{pattern}': {e}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            seq.push(ByteLevel::new(false, true, false).into());
+            tok.with_pre_tokenizer(Some(Sequence::new(seq)));
         }
         Ok(Tok::Hf {
             tok: Box::new(tok),
