@@ -230,6 +230,10 @@ pub struct ModelConfig {
     /// RMSNorm of q and k over head_dim before RoPE (Qwen3 has it; llama does not).
     #[serde(default = "default_true")]
     pub qk_norm: bool,
+    /// Biases on q_proj, k_proj and v_proj (Qwen2 / Qwen2.5; o_proj stays bias-free), added right
+    /// after the projections, before any gate, QK-norm and RoPE.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub attention_bias: bool,
     /// `None`: the ungated baseline (written `gate = "none"`).
     #[serde(default, with = "gate_field")]
     pub gate: Option<GateConfig>,
@@ -413,6 +417,10 @@ impl RopeScaling {
 
 fn default_true() -> bool {
     true
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Shape of the gate at its position: `groups` heads of `width` elements are gated by
@@ -599,6 +607,7 @@ impl ModelConfig {
             init_std: 0.02,
             rope_scaling: None,
             qk_norm: true,
+            attention_bias: false,
             gate,
             moe: None,
         }

@@ -155,3 +155,37 @@ fn f32_and_f64_engines_agree_and_runs_are_deterministic() {
     let l64 = m.forward(&b, &mut NoObserver).unwrap().loss;
     assert!((l1 - l64).abs() < 1e-5, "{l1} vs {l64}");
 }
+
+/// Qwen2's q/k/v biases: with no QK-norm (Qwen2), with QK-norm, and under a gate at each of the
+/// positions they feed (G2–G4 gate the biased projections themselves).
+#[test]
+fn attention_bias_qwen2_and_with_gates() {
+    for (k, (spec, qk_norm)) in [
+        ("none", false),
+        ("none", true),
+        ("elementwise", false),
+        ("g2:headwise", false),
+        ("g3:silu", true),
+        ("g4:add", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = tiny_cfg(GateConfig::parse_spec(spec).unwrap());
+        c.attention_bias = true;
+        c.qk_norm = qk_norm;
+        let mut m: Model<f64> = Model::new(c, 20 + k as u64).unwrap();
+        jitter_norms(&mut m, 30 + k as u64);
+        // non-zero biases (they start at zero)
+        let mut r = gated_lm::rng::Rng::new(40 + k as u64);
+        for (i, s) in m.specs.clone().iter().enumerate() {
+            if s.name.ends_with(".bias") {
+                m.params.tensors[i].data.iter_mut().for_each(|x| *x = 0.5 * r.normal());
+            }
+        }
+        assert_eq!(m.specs.iter().filter(|s| s.name.ends_with("_proj.bias")).count(), 6);
+        // every coordinate of every bias, a few of everything else
+        let worst = fd_check(&mut m, 16, &format!("attention_bias {spec} qk_norm {qk_norm}"));
+        eprintln!("attention_bias {spec} qk_norm {qk_norm}: worst relative error {worst:e}");
+    }
+}

@@ -98,6 +98,20 @@ fn zeros<T: Real>(n: usize) -> Vec<T> {
     vec![T::ZERO; n]
 }
 
+/// `y[r, :] += b` for every row of `y`.
+fn add_bias<T: Real>(y: &mut [T], b: &[T]) {
+    for row in y.chunks_mut(b.len()) {
+        row.iter_mut().zip(b).for_each(|(a, &x)| *a += x);
+    }
+}
+
+/// `db += Σ_r dy[r, :]` (the gradient of a bias added to every row).
+fn bias_grad<T: Real>(dy: &[T], db: &mut [T]) {
+    for row in dy.chunks(db.len()) {
+        db.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
+    }
+}
+
 /// Apply the gate if it sits at `pos`, keeping the ungated tensor for backward.
 fn gate_here<T: Real>(ctx: &Ctx<T>, pos: GatePosition, y: &mut [T], z: &[T]) -> Option<Vec<T>> {
     let (g, geo) = ctx.gate_at(pos)?;
@@ -139,6 +153,11 @@ pub fn layer_fwd<T: Real>(
     linear_fwd(&h1, w(li.q_proj), n, dm, qd, &mut q);
     linear_fwd(&h1, w(li.k_proj), n, dm, kvd, &mut k);
     linear_fwd(&h1, w(li.v_proj), n, dm, kvd, &mut v);
+    if let Some([bq, bk, bv]) = li.qkv_bias {
+        add_bias(&mut q, w(bq));
+        add_bias(&mut k, w(bk));
+        add_bias(&mut v, w(bv));
+    }
 
     // Gate logits come from X (the normed block input) and never pass through q_norm/RoPE.
     let mut z = Vec::new();
@@ -418,6 +437,11 @@ pub fn layer_bwd<T: Real>(
     gate_back(ctx, GatePosition::G2, c.v_ungated.as_deref(), &c.z, &mut dv, &mut dz);
 
     _t = scope("bwd.qkv");
+    if let Some([bq, bk, bv]) = li.qkv_bias {
+        bias_grad(&dq_pre, &mut grads.tensors[bq].data);
+        bias_grad(&dk_pre, &mut grads.tensors[bk].data);
+        bias_grad(&dv, &mut grads.tensors[bv].data);
+    }
     let mut dh1 = zeros(n * dm);
     linear_bwd(
         &c.h1,

@@ -32,6 +32,8 @@ pub struct LayerIndex {
     pub k_proj: usize,
     pub v_proj: usize,
     pub o_proj: usize,
+    /// Biases of q_proj, k_proj, v_proj (`attention_bias`, Qwen2).
+    pub qkv_bias: Option<[usize; 3]>,
     /// `None` without QK-norm (llama).
     pub q_norm: Option<usize>,
     pub k_norm: Option<usize>,
@@ -86,6 +88,8 @@ pub enum ParamKind {
     Embedding,
     Matrix,
     Gate,
+    /// A projection's bias (q/k/v with `attention_bias`).
+    Bias,
 }
 
 #[derive(Clone, Debug)]
@@ -192,6 +196,17 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
             Init::Normal(std),
             ParamKind::Matrix,
         );
+        // zero-initialised, as transformers' Qwen2 does
+        let qkv_bias = cfg.attention_bias.then(|| {
+            [("q", cfg.q_dim()), ("k", cfg.kv_dim()), ("v", cfg.kv_dim())].map(|(x, rows)| {
+                push(
+                    format!("{p}self_attn.{x}_proj.bias"),
+                    vec![rows],
+                    Init::Const(0.0),
+                    ParamKind::Bias,
+                )
+            })
+        });
         let (q_norm, k_norm) = if cfg.qk_norm {
             let hd = vec![cfg.head_dim];
             (
@@ -287,6 +302,7 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
             k_proj,
             v_proj,
             o_proj,
+            qkv_bias,
             q_norm,
             k_norm,
             gate,

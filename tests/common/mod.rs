@@ -28,6 +28,7 @@ pub fn tiny_cfg(gate: Option<GateConfig>) -> ModelConfig {
         init_std: 0.4,
         rope_scaling: None,
         qk_norm: true,
+        attention_bias: false,
         gate,
         moe: None,
     }

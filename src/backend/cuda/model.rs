@@ -85,6 +85,9 @@ pub fn unsupported(cfg: &ModelConfig) -> Option<String> {
     if cfg.moe.is_some() {
         return Some("Mixture-of-Experts layers are CPU-only".into());
     }
+    if cfg.attention_bias {
+        return Some("q/k/v projection biases (attention_bias, Qwen2) are CPU-only".into());
+    }
     if !super::ATTN_HEAD_DIMS.contains(&cfg.head_dim) {
         return Some(format!(
             "head_dim {} (CUDA attention has {})",
