@@ -1,5 +1,7 @@
 //! The dense decoder resident on a CUDA device (or the emulator): parameters, gradients and
-//! AdamW state live there; forward and backward run through the CUDA ops in f32. It covers what
+//! AdamW state live there; forward and backward run through the CUDA ops in f32, or in mixed
+//! precision (bf16 GEMM operands, and for head_dim 64/128 the tensor-core attention forward on
+//! bf16 copies of Q/K/V; the attention backward stays f32). It covers what
 //! the fused kernels do: dense SwiGLU MLPs, no gate or the paper's G1 gate (multiplicative
 //! sigmoid, head-specific, elementwise or headwise), QK-norm or none, partial RoPE, both norm
 //! styles, tied or untied head. Other configurations are refused with the reason.
@@ -309,7 +311,7 @@ impl<'d> DeviceModel<'d> {
         ops::qknorm_rope_fwd(dev, &hk, &self.rope, &k, &kr, &rstd_k, eps)?;
         let d = self.attn_dims(batch, seq);
         let (o, y, lse) = (self.zeros(n * qd)?, self.zeros(n * qd)?, self.zeros(n * cfg.num_heads)?);
-        ops::attention_fwd(dev, &d, self.gate, &qr, &kr, &v, z.as_ref(), &o, &y, &lse)?;
+        self.attention_forward(&d, (&qr, &kr, &v), z.as_ref(), (&o, &y, &lse))?;
         let a = self.zeros(n * dm)?;
         self.lin_fwd(&self.act(&y)?, li.o_proj, &a, n, qd, dm)?;
         let x1 = self.zeros(n * dm)?;
@@ -347,6 +349,36 @@ impl<'d> DeviceModel<'d> {
             m,
         };
         Ok((out, c))
+    }
+
+    /// Whether the attention forward runs on tensor cores ([`ops::attention_forward_tc`]): in
+    /// mixed precision, for the head dims that kernel exists for ([`ops::ATTN_TC_HEAD_DIMS`]).
+    /// Otherwise (f32 precision, other head dims) the f32 kernel ([`ops::attention_fwd`]).
+    pub fn tc_attention(&self) -> bool {
+        self.precision == Precision::Bf16 && ops::ATTN_TC_HEAD_DIMS.contains(&self.cfg.head_dim)
+    }
+
+    /// The attention forward on the (f32) rotated `q`, `k` and `v`: `o`, `y`, `lse` for the
+    /// backward, from the tensor-core kernel on bf16 copies of q/k/v when [`Self::tc_attention`],
+    /// else from the f32 kernel.
+    ///
+    /// Mixed-precision mismatch: the backward (f32 kernels) differentiates attention at the f32
+    /// q/k/v, but consumes the tc forward's o and lse, which are those of the bf16-rounded
+    /// inputs (and of P rounded to bf16 for P·V). The gradient is thus off by the order of bf16
+    /// rounding (relative ~2⁻⁸), the same order the bf16 GEMM operands already introduce.
+    fn attention_forward(
+        &self,
+        d: &AttnDims,
+        (q, k, v): (&DBuf, &DBuf, &DBuf),
+        z: Option<&DBuf>,
+        (o, y, lse): (&DBuf, &DBuf, &DBuf),
+    ) -> Result<()> {
+        if !self.tc_attention() {
+            return ops::attention_fwd(self.dev, d, self.gate, q, k, v, z, o, y, lse);
+        }
+        // transient bf16 copies, like the GEMM operands' (`act`)
+        let (qb, kb, vb) = (self.bf16_copy(q)?, self.bf16_copy(k)?, self.bf16_copy(v)?);
+        ops::attention_forward_tc(self.dev, d, self.gate, &qb, &kb, &vb, z, o, y, lse)
     }
 
     fn attn_dims(&self, batch: usize, seq: usize) -> AttnDims {
@@ -438,13 +470,16 @@ impl<'d> DeviceModel<'d> {
     fn act<'a>(&self, x: &'a DBuf) -> Result<Act<'a>> {
         match self.precision {
             Precision::F32 => Ok(Act::F32(x)),
-            Precision::Bf16 => {
-                let n = x.bytes / 4;
-                let b = self.dev.zeros(n * 2)?;
-                ops::cast_to_bf16(self.dev, x, &b, n)?;
-                Ok(Act::Bf16(b))
-            }
+            Precision::Bf16 => Ok(Act::Bf16(self.bf16_copy(x)?)),
         }
+    }
+
+    /// A new bf16 copy of an f32 buffer.
+    fn bf16_copy(&self, x: &DBuf) -> Result<DBuf> {
+        let n = x.bytes / 4;
+        let b = self.dev.zeros(n * 2)?;
+        ops::cast_to_bf16(self.dev, x, &b, n)?;
+        Ok(b)
     }
 
     /// Weight `i` as a GEMM operand (its bf16 copy in mixed precision).
