@@ -43,13 +43,19 @@ fn check_forward(dir: &str) {
     }
     // logits, loss, 2 layer outputs, 2 attention maps (+ 2 gates when gated)
     assert!(checked >= 6, "{dir}: only {checked} keys compared");
-    let gated = dir != "qwen3-tiny";
+    let gated = !["qwen3-tiny", "qwen2-tiny"].contains(&dir);
     assert_eq!(names.iter().any(|n| n.starts_with("gate.")), gated);
 }
 
 #[test]
 fn forward_qwen3() {
     check_forward("qwen3-tiny");
+}
+
+/// transformers `Qwen2ForCausalLM`: q/k/v biases (non-zero in the fixture), no QK-norm.
+#[test]
+fn forward_qwen2() {
+    check_forward("qwen2-tiny");
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Hugging Face checkpoint layouts. Three real-world layouts plus our own:
 //!
 //! * `Qwen3`: transformers `Qwen3ForCausalLM`, no gate.
+//! * `Qwen2`: transformers `Qwen2ForCausalLM` (Qwen2 / Qwen2.5): no gate, no QK-norm, biases on
+//!   q_proj, k_proj, v_proj (`attention_bias`; transformers' Qwen2 always has them).
 //! * `Official`: the paper's released code (`model_type: qwen3` + `headwise_attn_output_gate` /
 //!   `elementwise_attn_output_gate`); `q_proj` rows per KV group g are
 //!   `[q of the group's G heads (G·d) ; their gates (G or G·d)]`.
@@ -21,6 +23,7 @@ use std::path::Path;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     Qwen3,
+    Qwen2,
     Official,
     Qwen3Next,
     GatedLm,
@@ -30,16 +33,18 @@ impl Layout {
     pub fn parse(s: &str) -> Result<Layout> {
         Ok(match s {
             "qwen3" => Layout::Qwen3,
+            "qwen2" => Layout::Qwen2,
             "official" => Layout::Official,
             "qwen3-next" | "qwen3_next" => Layout::Qwen3Next,
             "gated-lm" | "gated_lm" => Layout::GatedLm,
-            o => bail!("unknown layout '{o}' (qwen3, official, qwen3-next, gated-lm)"),
+            o => bail!("unknown layout '{o}' (qwen3, qwen2, official, qwen3-next, gated-lm)"),
         })
     }
     /// The name the CLI takes (`--to`).
     pub fn name(self) -> &'static str {
         match self {
             Layout::Qwen3 => "qwen3",
+            Layout::Qwen2 => "qwen2",
             Layout::Official => "official",
             Layout::Qwen3Next => "qwen3-next",
             Layout::GatedLm => "gated-lm",
@@ -47,7 +52,7 @@ impl Layout {
     }
     fn norm_style(self, cfg: &ModelConfig) -> NormStyle {
         match self {
-            Layout::Qwen3 | Layout::Official => NormStyle::Standard,
+            Layout::Qwen3 | Layout::Qwen2 | Layout::Official => NormStyle::Standard,
             Layout::Qwen3Next => NormStyle::ZeroCentered,
             Layout::GatedLm => cfg.norm_style,
         }
@@ -62,8 +67,22 @@ impl Layout {
         if self != Layout::GatedLm && cfg.moe.as_ref().is_some_and(|m| m.capacity_factor.is_some()) {
             bail!("a MoE model with an expert capacity can only be stored in the gated-lm layout (transformers routes dropless)");
         }
+        // transformers' Qwen2 always has q/k/v biases and never QK-norm; in the Qwen3 classes
+        // `attention_bias` would also put a bias on o_proj, which our models lack
+        match self {
+            Layout::Qwen2 if !(cfg.attention_bias && !cfg.qk_norm) => bail!(
+                "the Qwen2 layout needs q/k/v biases (attention_bias) and no QK-norm; this model has attention_bias {} and qk_norm {}",
+                cfg.attention_bias,
+                cfg.qk_norm
+            ),
+            Layout::Qwen3 | Layout::Official | Layout::Qwen3Next if cfg.attention_bias => bail!(
+                "a model with q/k/v biases (attention_bias) can only be stored in the qwen2 layout (no gate, no QK-norm, dense) or the gated-lm layout, not {self:?}"
+            ),
+            _ => {}
+        }
         let ok = match self {
             Layout::GatedLm => true,
+            Layout::Qwen2 => g.is_none() && cfg.partial_rotary_factor == 1.0 && shared.is_none(),
             Layout::Qwen3 => g.is_none() && cfg.partial_rotary_factor == 1.0 && shared != Some(true),
             Layout::Official => {
                 g.is_some_and(|g| g.is_standard_g1()) && cfg.partial_rotary_factor == 1.0 && shared.is_none()
@@ -90,7 +109,7 @@ impl Layout {
 
     /// The layout our saved models use: stock transformers classes wherever one fits.
     pub fn default_for(cfg: &ModelConfig) -> Layout {
-        [Layout::Qwen3, Layout::Qwen3Next, Layout::Official]
+        [Layout::Qwen3, Layout::Qwen2, Layout::Qwen3Next, Layout::Official]
             .into_iter()
             .find(|l| l.check(cfg).is_ok())
             .unwrap_or(Layout::GatedLm)
@@ -140,8 +159,9 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
         }
         "qwen3_moe" => Layout::Qwen3,
         "qwen3_next" => Layout::Qwen3Next,
+        "qwen2" => Layout::Qwen2,
         "" => bail!("{file}: missing 'model_type'"),
-        other => bail!("{file}: model_type '{other}' is not supported (qwen3, qwen3_moe, qwen3_next, gated_lm)"),
+        other => bail!("{file}: model_type '{other}' is not supported (qwen2, qwen3, qwen3_moe, qwen3_next, gated_lm)"),
     };
     let heads = get_usize(&v, "num_attention_heads", file)?;
     let hidden = get_usize(&v, "hidden_size", file)?;
@@ -161,8 +181,14 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
             bail!("{file}: hidden_act '{act}' is not supported (silu only)");
         }
     }
-    if v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false) {
-        bail!("{file}: attention_bias = true is not supported");
+    // Qwen2 has q/k/v biases whatever its config says; in the Qwen3 classes attention_bias
+    // would also bias o_proj, which we do not implement
+    let attention_bias = layout == Layout::Qwen2;
+    if !attention_bias && v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false) {
+        bail!("{file}: attention_bias = true is not supported for model_type '{model_type}' (it biases o_proj too); Qwen2 checkpoints (model_type qwen2) carry q/k/v biases");
+    }
+    if layout == Layout::Qwen2 && v.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(false) {
+        bail!("{file}: use_sliding_window = true is not supported (full attention in every layer only)");
     }
     // rope: new-style rope_parameters or old top-level fields
     let rp = v.get("rope_parameters").cloned().unwrap_or(Value::Null);
@@ -222,7 +248,7 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
     }
     let moe = parse_moe(&v, file, layers, model_type)?;
     let gate = match layout {
-        Layout::Qwen3 => None,
+        Layout::Qwen3 | Layout::Qwen2 => None,
         Layout::Qwen3Next => Some(GateConfig::g1(GateGranularity::Elementwise)),
         Layout::Official => {
             let hw = v
@@ -263,7 +289,8 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
             .unwrap_or(32768) as usize,
         init_std: opt_f64(&v, "initializer_range", file)?.unwrap_or(0.02),
         rope_scaling,
-        qk_norm: true,
+        qk_norm: layout != Layout::Qwen2,
+        attention_bias,
         gate,
         moe,
     };
@@ -280,7 +307,7 @@ fn parse_moe(v: &Value, file: &str, layers: usize, model_type: &str) -> Result<O
         "num_local_experts"
     };
     let experts = v.get(experts_key).and_then(Value::as_u64).unwrap_or(0);
-    if model_type == "qwen3" || experts == 0 {
+    if model_type == "qwen3" || model_type == "qwen2" || experts == 0 {
         if model_type == "qwen3_moe" {
             bail!("{file}: a qwen3_moe config needs 'num_experts' > 0");
         }
@@ -377,7 +404,7 @@ pub fn config_json(cfg: &ModelConfig, layout: Layout) -> Result<Value> {
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "initializer_range": cfg.init_std,
-        "attention_bias": false,
+        "attention_bias": cfg.attention_bias,
         "attention_dropout": 0.0,
         "use_cache": true,
         "dtype": "float32",
@@ -404,6 +431,16 @@ pub fn config_json(cfg: &ModelConfig, layout: Layout) -> Result<Value> {
             o.insert("architectures".into(), json!(["Qwen3ForCausalLM"]));
             o.insert("model_type".into(), json!("qwen3"));
             o.insert("rope_parameters".into(), rope.clone());
+        }
+        Layout::Qwen2 => {
+            o.insert("architectures".into(), json!(["Qwen2ForCausalLM"]));
+            o.insert("model_type".into(), json!("qwen2"));
+            // top-level rope_theta too: transformers before rope_parameters read only that
+            o.insert("rope_theta".into(), json!(cfg.rope_theta));
+            o.insert("rope_parameters".into(), rope.clone());
+            o.insert("use_sliding_window".into(), json!(false));
+            o.insert("sliding_window".into(), Value::Null);
+            o.insert("max_window_layers".into(), json!(cfg.num_layers));
         }
         Layout::Official => {
             let hw = cfg
