@@ -24,6 +24,13 @@ fn model(spec: &str, tweak: impl Fn(&mut ModelConfig)) -> Model<f32> {
                 .iter_mut()
                 .for_each(|x| *x += 0.2 * r.normal() as f32);
         }
+        // Qwen2's q/k/v biases start at zero
+        if s.name.ends_with(".bias") {
+            m.params.tensors[i]
+                .data
+                .iter_mut()
+                .for_each(|x| *x = 0.5 * r.normal() as f32);
+        }
     }
     m
 }
@@ -58,6 +65,15 @@ fn kv_cache_decoding_equals_full_recomputation() {
         ("g2:headwise:shared", Box::new(|_| {})),
         ("g3:silu", Box::new(|c| c.qk_norm = false)),
         ("g4:static", Box::new(|_| {})),
+        // Qwen2: q/k/v biases, no QK-norm; and biases under a gate at the biased k projection
+        (
+            "none",
+            Box::new(|c| {
+                c.qk_norm = false;
+                c.attention_bias = true;
+            }),
+        ),
+        ("g3:headwise", Box::new(|c| c.attention_bias = true)),
         (
             "g5:add:ns-sigmoid",
             Box::new(|c| c.rope_scaling = Some(RopeScaling::yarn(4.0, 16))),

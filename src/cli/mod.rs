@@ -34,7 +34,7 @@ pub enum Command {
         /// Run directory or model directory (config.json + model.safetensors) to convert
         #[arg(long)]
         model: PathBuf,
-        /// Target layout: qwen3, official, qwen3-next, gated-lm
+        /// Target layout: qwen3, qwen2, official, qwen3-next, gated-lm
         #[arg(long)]
         to: String,
         /// Directory to write the converted model (and the tokenizer) into

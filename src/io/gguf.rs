@@ -362,26 +362,30 @@ pub fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// HF tensor name → GGUF tensor name.
-fn gguf_name(hf: &str) -> String {
+/// HF tensor name → GGUF tensor name (weights `.weight`, Qwen2's q/k/v biases `.bias`).
+pub fn gguf_name(hf: &str) -> String {
     if let Some(rest) = hf.strip_prefix("model.layers.") {
         let (i, tail) = rest.split_once('.').unwrap();
+        let (tail, suffix) = match tail.rsplit_once('.') {
+            Some((t, s @ ("weight" | "bias"))) => (t, s),
+            _ => (tail, "weight"),
+        };
         let t = match tail {
-            "input_layernorm.weight" => "attn_norm",
-            "self_attn.q_proj.weight" => "attn_q",
-            "self_attn.k_proj.weight" => "attn_k",
-            "self_attn.v_proj.weight" => "attn_v",
-            "self_attn.o_proj.weight" => "attn_output",
-            "self_attn.q_norm.weight" => "attn_q_norm",
-            "self_attn.k_norm.weight" => "attn_k_norm",
-            "post_attention_layernorm.weight" => "ffn_norm",
-            "mlp.gate_proj.weight" => "ffn_gate",
-            "mlp.up_proj.weight" => "ffn_up",
-            "mlp.down_proj.weight" => "ffn_down",
-            "mlp.gate.weight" => "ffn_gate_inp",
+            "input_layernorm" => "attn_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "self_attn.q_norm" => "attn_q_norm",
+            "self_attn.k_norm" => "attn_k_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            "mlp.gate" => "ffn_gate_inp",
             other => other,
         };
-        return format!("blk.{i}.{t}.weight");
+        return format!("blk.{i}.{t}.{suffix}");
     }
     match hf {
         "model.embed_tokens.weight" => "token_embd.weight".into(),
@@ -401,13 +405,17 @@ fn expert_source(hf: &str) -> Option<(String, usize)> {
     Some((format!("blk.{i}.ffn_{kind}_exps.weight"), e.parse().ok()?))
 }
 
-/// The model config a llama/qwen3/qwen3moe GGUF describes.
+/// The architectures `model_config` reads (llama.cpp's `general.architecture` names).
+pub const SUPPORTED_ARCHS: [&str; 4] = ["llama", "qwen2", "qwen3", "qwen3moe"];
+
+/// The model config a llama/qwen2/qwen3/qwen3moe GGUF describes.
 pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
     let arch = g.get("general.architecture")?.as_str().unwrap_or("").to_string();
-    if !["llama", "qwen3", "qwen3moe"].contains(&arch.as_str()) {
+    if !SUPPORTED_ARCHS.contains(&arch.as_str()) {
         bail!(
-            "{}: architecture '{arch}' is not supported (llama, qwen3, qwen3moe)",
-            g.path
+            "{}: architecture '{arch}' is not supported ({})",
+            g.path,
+            SUPPORTED_ARCHS.join(", ")
         );
     }
     let u = |k: &str| -> Result<usize> {
@@ -464,7 +472,9 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
         max_position_embeddings: u("context_length").unwrap_or(4096).min(1 << 16),
         init_std: 0.02,
         rope_scaling: None,
-        qk_norm: arch != "llama",
+        // llama.cpp: QK-norm in qwen3/qwen3moe; q/k/v biases (blk.N.attn_{q,k,v}.bias) in qwen2
+        qk_norm: arch == "qwen3" || arch == "qwen3moe",
+        attention_bias: arch == "qwen2",
         gate: None,
         moe,
     };
@@ -577,7 +587,7 @@ fn add_bos(g: &Gguf, tok: Tok, default: bool) -> Result<Tok> {
     }
 }
 
-/// Load a llama/qwen3/qwen3moe GGUF as a model (weights dequantised to f32) with its tokenizer.
+/// Load a llama/qwen2/qwen3/qwen3moe GGUF as a model (weights dequantised to f32) with its tokenizer.
 pub fn load_gguf_model(path: &Path) -> Result<(Model<f32>, Tok)> {
     let (model, tok) = load_gguf(path)?;
     Ok((model, tok?))

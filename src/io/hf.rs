@@ -70,7 +70,7 @@ impl Layout {
         // transformers' Qwen2 always has q/k/v biases and never QK-norm; in the Qwen3 classes
         // `attention_bias` would also put a bias on o_proj, which our models lack
         match self {
-            Layout::Qwen2 if !(cfg.attention_bias && !cfg.qk_norm) => bail!(
+            Layout::Qwen2 if !cfg.attention_bias || cfg.qk_norm => bail!(
                 "the Qwen2 layout needs q/k/v biases (attention_bias) and no QK-norm; this model has attention_bias {} and qk_norm {}",
                 cfg.attention_bias,
                 cfg.qk_norm
