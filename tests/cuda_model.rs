@@ -5,11 +5,13 @@
 #![cfg(feature = "cuda")]
 
 use gated_lm::backend::cuda::model::{DeviceModel, Precision};
+use gated_lm::backend::cuda::runtime::{Arg, DBuf, Device, Launch, Strided};
 use gated_lm::config::{GateConfig, ModelConfig, NormStyle};
 use gated_lm::model::observer::NoObserver;
 use gated_lm::model::{shifted_targets, Batch, Model};
 use gated_lm::optim::{clip_coef, grad_norm, AdamW, AdamWConfig};
 use gated_lm::rng::Rng;
+use std::cell::RefCell;
 
 mod common;
 use common::cuda_devices as devices;
@@ -132,58 +134,189 @@ fn device_training_step_matches_the_cpu_model() {
     }
 }
 
+/// A device that records the name of every kernel it launches (which attention kernel ran).
+struct Recording<'a> {
+    dev: &'a dyn Device,
+    launches: RefCell<Vec<String>>,
+}
+
+impl<'a> Recording<'a> {
+    fn new(dev: &'a dyn Device) -> Self {
+        Recording {
+            dev,
+            launches: RefCell::new(Vec::new()),
+        }
+    }
+    /// Launches of `kernel` since the last call, and forget them all.
+    fn take(&self, kernel: &str) -> usize {
+        self.launches.take().iter().filter(|k| *k == kernel).count()
+    }
+}
+
+impl Device for Recording<'_> {
+    fn describe(&self) -> String {
+        self.dev.describe()
+    }
+    fn upload(&self, bytes: &[u8]) -> anyhow::Result<DBuf> {
+        self.dev.upload(bytes)
+    }
+    fn zeros(&self, bytes: usize) -> anyhow::Result<DBuf> {
+        self.dev.zeros(bytes)
+    }
+    fn download(&self, buf: &DBuf) -> anyhow::Result<Vec<u8>> {
+        self.dev.download(buf)
+    }
+    fn write(&self, buf: &mut DBuf, bytes: &[u8]) -> anyhow::Result<()> {
+        self.dev.write(buf, bytes)
+    }
+    fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> anyhow::Result<()> {
+        self.launches.borrow_mut().push(kernel.to_string());
+        self.dev.launch(kernel, cfg, args)
+    }
+    fn vendor_gemm(
+        &self,
+        mnk: (usize, usize, usize),
+        a: Strided,
+        b: Strided,
+        c: &DBuf,
+        ldc: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Option<anyhow::Result<()>> {
+        self.dev.vendor_gemm(mnk, a, b, c, ldc, alpha, beta)
+    }
+}
+
+/// One bf16 device model against the f32 CPU model on a random batch: loss within 1e-3,
+/// gradients within 5e-2 of each tensor's largest entry, bf16 really in effect, and three
+/// training steps that each lower the loss. `attn`: the attention forward kernel every layer
+/// must launch (and no other). Returns (|Δloss|/loss, worst gradient error / scale).
+fn check_mixed_precision(
+    dev: &dyn Device,
+    name: &str,
+    cfg: &ModelConfig,
+    (batch, seq): (usize, usize),
+    r: &mut Rng,
+    attn: &str,
+) -> (f64, f32) {
+    let rec = Recording::new(dev);
+    let what = format!("{name} bf16 on {}", dev.describe());
+    let model: Model<f32> = Model::new(cfg.clone(), 3).unwrap();
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| r.below(cfg.vocab_size as u64) as u32)
+        .collect();
+    let targets = shifted_targets(&ids, seq);
+    let b = Batch {
+        ids: &ids,
+        targets: &targets,
+        batch,
+        seq,
+    };
+    let mut grads = model.zero_grads();
+    let loss = model.forward_backward(&b, &mut grads, &mut NoObserver).unwrap();
+    let mut dm = DeviceModel::new(&rec, &model, Precision::Bf16).unwrap();
+    assert_eq!(dm.tc_attention(), attn.contains("_tc_"), "{what}");
+    let other = format!("attn_fwd_hd{}", cfg.head_dim);
+    let other = if attn == other {
+        format!("attn_fwd_tc_hd{}", cfg.head_dim)
+    } else {
+        other
+    };
+    rec.take(attn);
+    let dloss = dm.forward_backward(&ids, &targets, batch, seq).unwrap();
+    let launches = rec.launches.borrow().clone();
+    let count = |k: &str| launches.iter().filter(|l| *l == k).count();
+    assert_eq!(
+        (count(attn), count(&other)),
+        (cfg.num_layers, 0),
+        "{what}: attention forward launches ({attn}, {other})"
+    );
+    rec.take(attn);
+    let dl = (loss - dloss).abs() / loss;
+    assert!(dl < 1e-3, "{what}: loss {dloss} vs CPU {loss}");
+    let dgrads = dm.grads().unwrap();
+    let mut worst = 0f32;
+    for (i, n) in model.params.names.iter().enumerate() {
+        let (g, c) = (&dgrads.tensors[i].data, &grads.tensors[i].data);
+        close(&format!("{what}: grad {n}"), g, c, 5e-2);
+        let scale = c.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
+        let err = g.iter().zip(c).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        worst = worst.max(err / scale);
+    }
+    eprintln!("{what}: loss {dloss:.6} vs {loss:.6} (rel {dl:.1e}), worst gradient error {worst:.2e} of scale");
+    // and the GEMMs did run in bf16 (f32 ones agree to ~1e-6)
+    assert!(
+        worst > 1e-4,
+        "{what}: gradients equal f32's to {worst:.1e}: no bf16 in effect"
+    );
+    let opt = AdamWConfig::default();
+    let mut last = dloss;
+    for _ in 0..3 {
+        dm.step(&opt, 3e-3, 1.0).unwrap();
+        dm.zero_grads().unwrap();
+        let l = dm.forward_backward(&ids, &targets, batch, seq).unwrap();
+        assert!(l < last, "{what}: loss went {last} → {l}");
+        last = l;
+    }
+    assert_eq!(rec.take(attn), 3 * cfg.num_layers, "{what}");
+    (dl, worst)
+}
+
 /// Mixed precision (bf16 GEMM operands, f32 accumulation and everything else) against the f32
 /// CPU model, at bf16 tolerances: loss within 1e-3, gradients within 5e-2 of each tensor's
-/// largest entry. Training steps lower the loss as in f32.
+/// largest entry. Training steps lower the loss as in f32. head_dim 16: the f32 attention.
 #[test]
 fn mixed_precision_training_tracks_the_f32_model() {
-    let (batch, seq) = (2, 24);
     let mut r = Rng::new(8);
     for dev in devices() {
-        let dev = dev.as_ref();
         for (name, cfg) in variants().into_iter().take(3) {
-            let what = format!("{name} bf16 on {}", dev.describe());
-            let model: Model<f32> = Model::new(cfg.clone(), 3).unwrap();
-            let ids: Vec<u32> = (0..batch * seq)
-                .map(|_| r.below(cfg.vocab_size as u64) as u32)
-                .collect();
-            let targets = shifted_targets(&ids, seq);
-            let b = Batch {
-                ids: &ids,
-                targets: &targets,
-                batch,
-                seq,
-            };
-            let mut grads = model.zero_grads();
-            let loss = model.forward_backward(&b, &mut grads, &mut NoObserver).unwrap();
-            let mut dm = DeviceModel::new(dev, &model, Precision::Bf16).unwrap();
-            let dloss = dm.forward_backward(&ids, &targets, batch, seq).unwrap();
-            assert!((loss - dloss).abs() < 1e-3 * loss, "{what}: loss {dloss} vs CPU {loss}");
-            let dgrads = dm.grads().unwrap();
-            let mut worst = 0f32;
-            for (i, n) in model.params.names.iter().enumerate() {
-                let (g, c) = (&dgrads.tensors[i].data, &grads.tensors[i].data);
-                close(&format!("{what}: grad {n}"), g, c, 5e-2);
-                let scale = c.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
-                let err = g.iter().zip(c).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                worst = worst.max(err / scale);
-            }
-            eprintln!("{what}: loss {dloss:.6} vs {loss:.6}, worst gradient error {worst:.2e} of scale");
-            // and the GEMMs did run in bf16 (f32 ones agree to ~1e-6)
-            assert!(
-                worst > 1e-4,
-                "{what}: gradients equal f32's to {worst:.1e}: no bf16 in effect"
-            );
-            let opt = AdamWConfig::default();
-            let mut last = dloss;
-            for _ in 0..3 {
-                dm.step(&opt, 3e-3, 1.0).unwrap();
-                dm.zero_grads().unwrap();
-                let l = dm.forward_backward(&ids, &targets, batch, seq).unwrap();
-                assert!(l < last, "{what}: loss went {last} → {l}");
-                last = l;
-            }
+            check_mixed_precision(dev.as_ref(), name, &cfg, (2, 24), &mut r, "attn_fwd_hd16");
         }
+    }
+}
+
+/// In mixed precision the attention forward runs on tensor cores for head_dim 64 and 128 (bf16
+/// copies of the rotated Q/K/V; the f32 backward on its o/lse), and stays on the f32 kernel for
+/// other head dims (32 here) and in f32 precision; the bf16 tolerances against the CPU model
+/// hold on both paths.
+#[test]
+fn mixed_precision_attention_forward_runs_on_tensor_cores_for_head_dims_64_and_128() {
+    let gate = |s: &str| GateConfig::parse_spec(s).unwrap();
+    // (vocab, d, layers, heads, kv heads, head_dim, ffn): tiny, for the emulator
+    let hd64 = ModelConfig::dense(256, 128, 2, 2, 1, 64, 128, gate("elementwise"));
+    let hd128 = ModelConfig::dense(256, 128, 1, 1, 1, 128, 128, gate("headwise"));
+    let hd32 = ModelConfig::dense(256, 64, 1, 2, 2, 32, 128, None);
+    let mut r = Rng::new(15);
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let shape = (2, 40);
+        check_mixed_precision(dev, "hd64 G1 elementwise GQA", &hd64, shape, &mut r, "attn_fwd_tc_hd64");
+        check_mixed_precision(dev, "hd128 G1 headwise", &hd128, shape, &mut r, "attn_fwd_tc_hd128");
+        check_mixed_precision(dev, "hd32 ungated", &hd32, shape, &mut r, "attn_fwd_hd32");
+
+        // f32 precision at head_dim 64: the f32 kernel, the f32 loss
+        let rec = Recording::new(dev);
+        let model: Model<f32> = Model::new(hd64.clone(), 3).unwrap();
+        let (batch, seq) = shape;
+        let ids: Vec<u32> = (0..batch * seq).map(|_| r.below(256) as u32).collect();
+        let targets = shifted_targets(&ids, seq);
+        let b = Batch {
+            ids: &ids,
+            targets: &targets,
+            batch,
+            seq,
+        };
+        let loss = model.forward_loss(&b, &mut NoObserver).unwrap();
+        let mut dm = DeviceModel::new(&rec, &model, Precision::F32).unwrap();
+        assert!(!dm.tc_attention());
+        let dloss = dm.loss(&ids, &targets, batch, seq).unwrap();
+        assert!(
+            (loss - dloss).abs() < 1e-5 * loss,
+            "f32 hd64: loss {dloss} vs CPU {loss}"
+        );
+        let launches = rec.launches.borrow().clone();
+        assert_eq!(launches.iter().filter(|k| *k == "attn_fwd_hd64").count(), 2);
+        assert!(!launches.iter().any(|k| k.starts_with("attn_fwd_tc")));
     }
 }
 
