@@ -47,3 +47,38 @@ for gate in none elementwise headwise; do
   ratio=$(python3 -c "a,b=float('$ours'),float('$theirs'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')")
   printf "%-12s %14s %14s %8s\n" "$gate" "$ours" "$theirs" "$ratio"
 done
+
+echo "== 1p7b (vocabulary 151,936, seq 2048 × batch 8, head_dim 128), elementwise"
+ours=$(timeout 200 "$bin" bench --device cuda --precision bf16 --preset 1p7b --gate elementwise --steps 3 --warmup 1 2>&1 |
+  sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
+theirs=nan
+if [ -n "$torch_ref" ]; then
+  theirs=$(timeout 200 python3 "$torch_ref" --config 1p7b --gate elementwise --compile --steps 3 2>&1 |
+    sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
+fi
+ratio=$(python3 -c "a,b=float('$ours'),float('$theirs'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')")
+printf "%-12s %14s %14s %8s\n" 1p7b "$ours" "$theirs" "$ratio"
+
+# GPU time per kernel over one training step (the README's predictions are per kernel)
+if command -v ncu >/dev/null; then
+  echo "== GPU time by kernel, one elementwise step of $preset (ncu gpu__time_duration.sum)"
+  timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    "$bin" bench --device cuda --precision bf16 --preset "$preset" --gate elementwise --steps 1 --warmup 0 2>/dev/null |
+    python3 -c '
+import csv, sys, collections
+scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+rows = [r for r in csv.DictReader(l for l in sys.stdin if l.startswith("\""))]
+ms, n = collections.Counter(), collections.Counter()
+for r in rows:
+    if r.get("Metric Name") == "gpu__time_duration.sum":
+        k = r["Kernel Name"].split("(")[0]
+        ms[k] += float(r["Metric Value"].replace(",", "")) * scale.get(r["Metric Unit"], 1e-6)
+        n[k] += 1
+total = sum(ms.values())
+print(f"{total:.1f} ms over {sum(n.values())} launches")
+for k, v in ms.most_common(25):
+    print(f"{v:9.2f} ms {100 * v / max(total, 1e-9):5.1f}%  {n[k]:5d}×  {k}")
+' || echo "ncu failed"
+else
+  echo "== (ncu not found: no per-kernel table)"
+fi
