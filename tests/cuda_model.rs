@@ -18,10 +18,19 @@ use common::cuda_devices as devices;
 
 /// max |a − b| ≤ rel · max |b| over one tensor
 fn close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    close_floor(what, got, want, rel, 0.0);
+}
+
+/// As `close`, with an absolute floor: a difference of values that were computed at a larger
+/// magnitude (an update p₁ − p₀ of weights near 1) carries that magnitude's f32 rounding.
+fn close_floor(what: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
     assert_eq!(got.len(), want.len(), "{what}");
     let scale = want.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
     let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(err <= rel * scale, "{what}: differs by {err} (scale {scale})");
+    assert!(
+        err <= (rel * scale).max(floor),
+        "{what}: differs by {err} (scale {scale}, floor {floor})"
+    );
 }
 
 fn variants() -> Vec<(&'static str, ModelConfig)> {
@@ -114,7 +123,11 @@ fn device_training_step_matches_the_cpu_model() {
                 let p0 = &before.tensors[i].data;
                 let delta = |p: &[f32]| p.iter().zip(p0).map(|(a, b)| a - b).collect::<Vec<f32>>();
                 let (p, c) = (&dparams.tensors[i].data, &model.params.tensors[i].data);
-                close(&format!("{what}: update of {n}"), &delta(p), &delta(c), 1e-4);
+                // the update is a difference of weights: one f32 ulp of their magnitude (per
+                // operand) is the floor of what two correct implementations can agree on (the
+                // H200 run's llama-style norm update differed by exactly 2⁻²³ at scale 1e-3)
+                let ulp = p0.iter().fold(0f32, |a, x| a.max(x.abs())) * f32::EPSILON;
+                close_floor(&format!("{what}: update of {n}"), &delta(p), &delta(c), 1e-4, 2.0 * ulp);
             }
 
             // the next step starts from zeroed gradients and the updated weights
