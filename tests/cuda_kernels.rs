@@ -192,7 +192,8 @@ fn adamw_matches_the_cpu_optimizer() {
                 beta2: hp.beta2 as f32,
                 eps: hp.eps as f32,
                 weight_decay: hp.weight_decay as f32,
-                step,
+                bias_correction1: gated_lm::optim::bias_correction(hp.beta1, step) as f32,
+                bias_correction2: gated_lm::optim::bias_correction(hp.beta2, step) as f32,
                 scale: 0.5,
             };
             ops::adamw(dev, &pb, &gb, &mb, &vb, n, &st).unwrap();

@@ -4,9 +4,9 @@
 //! Runs on the CPU emulator always and on a GPU when there is one.
 #![cfg(feature = "cuda")]
 
-use gated_lm::backend::cuda::model::{DeviceModel, Precision};
 use gated_lm::backend::cuda::runtime::{Arg, DBuf, Device, Launch, Strided};
 use gated_lm::config::{GateConfig, ModelConfig, NormStyle};
+use gated_lm::engine::device::{DeviceModel, Precision};
 use gated_lm::model::observer::NoObserver;
 use gated_lm::model::{shifted_targets, Batch, Model};
 use gated_lm::optim::{clip_coef, grad_norm, AdamW, AdamWConfig};
@@ -151,6 +151,8 @@ fn device_training_step_matches_the_cpu_model() {
 struct Recording<'a> {
     dev: &'a dyn Device,
     launches: RefCell<Vec<String>>,
+    /// device allocations (`zeros` and `upload` calls)
+    allocs: std::cell::Cell<usize>,
 }
 
 impl<'a> Recording<'a> {
@@ -158,6 +160,7 @@ impl<'a> Recording<'a> {
         Recording {
             dev,
             launches: RefCell::new(Vec::new()),
+            allocs: std::cell::Cell::new(0),
         }
     }
     /// Launches of `kernel` since the last call, and forget them all.
@@ -171,9 +174,11 @@ impl Device for Recording<'_> {
         self.dev.describe()
     }
     fn upload(&self, bytes: &[u8]) -> anyhow::Result<DBuf> {
+        self.allocs.set(self.allocs.get() + 1);
         self.dev.upload(bytes)
     }
     fn zeros(&self, bytes: usize) -> anyhow::Result<DBuf> {
+        self.allocs.set(self.allocs.get() + 1);
         self.dev.zeros(bytes)
     }
     fn download(&self, buf: &DBuf) -> anyhow::Result<Vec<u8>> {
@@ -197,6 +202,59 @@ impl Device for Recording<'_> {
         beta: f32,
     ) -> Option<anyhow::Result<()>> {
         self.dev.vendor_gemm(mnk, a, b, c, ldc, alpha, beta)
+    }
+}
+
+/// Device memory is planned once per (batch, seq, precision): after the first step of a shape,
+/// training steps (forward, backward, norm, update) allocate nothing on the device, in f32 and
+/// in mixed precision; a new shape plans anew. Reused buffers carry no state between steps: the
+/// same batch twice (no update between) gives bit-identical loss and gradients. (The arena
+/// starts as NaN, so a kernel relying on a zeroed output fails every device-vs-CPU test.)
+#[test]
+fn steady_state_steps_allocate_no_device_memory() {
+    let dev = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let rec = Recording::new(&dev);
+    let gate = GateConfig::parse_spec("elementwise").unwrap();
+    let cfg = ModelConfig::dense(256, 128, 2, 2, 1, 64, 128, gate);
+    let model: Model<f32> = Model::new(cfg, 3).unwrap();
+    let mut r = Rng::new(4);
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut dm = DeviceModel::new(&rec, &model, precision).unwrap();
+        let opt = AdamWConfig::default();
+        let batch_of = |r: &mut Rng, b: usize, t: usize| {
+            let ids: Vec<u32> = (0..b * t).map(|_| r.below(256) as u32).collect();
+            let tg = shifted_targets(&ids, t);
+            (ids, tg)
+        };
+        let (ids, tg) = batch_of(&mut r, 2, 40);
+        let before = rec.allocs.get();
+        let first = dm.forward_backward(&ids, &tg, 2, 40).unwrap();
+        assert!(
+            rec.allocs.get() > before,
+            "{precision:?}: the first step plans its memory"
+        );
+        assert!(dm.step_memory_bytes() > 0);
+        let grads = dm.grads().unwrap();
+        dm.zero_grads().unwrap();
+        let steady = rec.allocs.get();
+        let again = dm.forward_backward(&ids, &tg, 2, 40).unwrap();
+        assert_eq!(again.to_bits(), first.to_bits(), "{precision:?}: same batch, same loss");
+        assert_eq!(dm.grads().unwrap(), grads, "{precision:?}: same batch, same gradients");
+        for _ in 0..2 {
+            dm.step(&opt, 1e-3, 1.0).unwrap();
+            dm.zero_grads().unwrap();
+            let (ids, tg) = batch_of(&mut r, 2, 40);
+            dm.forward_backward(&ids, &tg, 2, 40).unwrap();
+            dm.loss(&ids, &tg, 2, 40).unwrap();
+        }
+        assert_eq!(rec.allocs.get(), steady, "{precision:?}: steady-state steps allocated");
+        // another shape: planned anew, then steady again
+        let (ids, tg) = batch_of(&mut r, 1, 24);
+        dm.forward_backward(&ids, &tg, 1, 24).unwrap();
+        let replanned = rec.allocs.get();
+        assert!(replanned > steady, "{precision:?}: a new shape plans its memory");
+        dm.forward_backward(&ids, &tg, 1, 24).unwrap();
+        assert_eq!(rec.allocs.get(), replanned, "{precision:?}");
     }
 }
 
@@ -401,8 +459,8 @@ fn micro_run(corpus: &std::path::Path) -> gated_lm::train::config::TrainConfig {
     c
 }
 
-fn emu_choice() -> gated_lm::train::engine::DeviceChoice {
-    gated_lm::train::engine::DeviceChoice {
+fn emu_choice() -> gated_lm::engine::DeviceChoice {
+    gated_lm::engine::DeviceChoice {
         device: "emu".into(),
         precision: "f32".into(),
         ordinal: 0,
@@ -488,7 +546,7 @@ fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
 #[test]
 fn two_data_parallel_ranks_train_like_one_process_with_twice_the_micro_batches() {
     use gated_lm::backend::cuda::dist::{GradAllReduce, HostAllReduce};
-    use gated_lm::train::engine::Dist;
+    use gated_lm::engine::Dist;
     use gated_lm::train::{run, RunOptions};
     use std::sync::Arc;
     let tmp = tempfile::tempdir().unwrap();

@@ -3,9 +3,10 @@
 
 use crate::backend::profile;
 use crate::config::{preset_with_gate, ModelConfig};
-use crate::model::params::ParamStore;
-use crate::model::{Batch, Model};
-use crate::optim::{clip_coef, grad_norm, AdamW, AdamWConfig};
+use crate::engine::{optimizer_step, Engine, StepPlan};
+use crate::model::observer::RouterLog;
+use crate::model::Model;
+use crate::optim::{AdamW, AdamWConfig};
 use crate::rng::Rng;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -143,21 +144,26 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     crate::model::memory::ensure_fits("this benchmark", &crate::model::memory::training(&cfg, b, t))?;
-    let device = crate::train::engine::DeviceChoice {
+    let device = crate::engine::DeviceChoice {
         device: a.device.clone(),
         precision: a.precision.clone(),
         ordinal: 0,
     };
     device.check()?;
     #[cfg(feature = "cuda")]
-    if let Some(dev) = device.open()? {
-        return bench_device(&a, dev.as_ref(), device.precision_kind(), &cfg, (b, t));
+    let dev = device.open()?;
+    #[cfg(feature = "cuda")]
+    let dev = dev.as_deref();
+    #[cfg(not(feature = "cuda"))]
+    let dev: Option<std::convert::Infallible> = None;
+    if dev.is_some() && cfg.moe.is_some() {
+        anyhow::bail!("--moe: Mixture-of-Experts layers are CPU-only");
     }
-    let mut main = Stepper::new(&cfg, b, t)?;
+    let mut main = Stepper::new(&cfg, b, t, &device, dev)?;
     // a MoE model is timed against its dense counterpart (same attention, same active FFN
     // width), steps interleaved so both see the same machine conditions
     let mut dense = match cfg.moe {
-        Some(_) => Some(Stepper::new(&cfg.dense_counterpart(), b, t)?),
+        Some(_) => Some(Stepper::new(&cfg.dense_counterpart(), b, t, &device, dev)?),
         None => None,
     };
     for step in 0..a.warmup + a.steps {
@@ -195,30 +201,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The timed steps on a CUDA device (or its emulator), as one `RESULT {json}` line.
-#[cfg(feature = "cuda")]
-fn bench_device(
-    a: &BenchArgs,
-    dev: &dyn crate::backend::cuda::runtime::Device,
-    precision: crate::backend::cuda::model::Precision,
-    cfg: &ModelConfig,
-    (batch, seq): (usize, usize),
-) -> Result<()> {
-    let mut rng = Rng::new(0);
-    let mut next = || random_batch(&mut rng, cfg.vocab_size, batch, seq);
-    let r = super::bench_cuda::time_steps(dev, precision, cfg, (batch, seq), (a.warmup, a.steps), &mut next)?;
-    let tok_s = (batch * seq) as f64 / r.step_s;
-    let fpt = flops_per_token(cfg, r.params, seq);
-    let r = serde_json::json!({
-        "impl": format!("gated-lm-{}", a.device), "device": dev.describe(), "config": a.preset, "gate": a.gate,
-        "params": r.params, "tokens_per_step": batch * seq, "step_ms": (r.step_s * 1e5).round() / 100.0,
-        "tokens_per_s": tok_s.round(), "gflops": (fpt * tok_s / 1e9 * 10.0).round() / 10.0,
-        "loss": (r.loss * 1e4).round() / 1e4, "steps": a.steps, "precision": a.precision,
-    });
-    println!("RESULT {r}");
-    Ok(())
-}
-
 /// Training FLOPs per token as torch_ref.py counts them: 6N (matmuls incl. the LM head, not
 /// the embedding lookup) + causal attention scores and values. `active`: parameters a token uses.
 fn flops_per_token(cfg: &ModelConfig, active: usize, seq: usize) -> f64 {
@@ -235,59 +217,93 @@ fn random_batch(rng: &mut Rng, vocab: usize, batch: usize, seq: usize) -> (Vec<u
     (ids, tg)
 }
 
-/// One model's training steps on random tokens (forward, backward, clip, AdamW), timed.
-struct Stepper {
+/// One model's training steps on random tokens (forward, backward, clip, AdamW), timed: the
+/// same [`optimizer_step`] as `train`, on the CPU engine or a device's.
+struct Stepper<'d> {
     cfg: ModelConfig,
     model: Model<f32>,
-    grads: ParamStore<f32>,
+    engine: Box<dyn Engine + 'd>,
     opt: AdamW<f32>,
     rng: Rng,
     batch: usize,
     seq: usize,
     times: Vec<f64>,
     loss: f64,
+    precision: String,
 }
 
-impl Stepper {
-    fn new(cfg: &ModelConfig, batch: usize, seq: usize) -> Result<Stepper> {
+#[cfg(feature = "cuda")]
+type DevRef<'d> = Option<&'d dyn crate::backend::cuda::runtime::Device>;
+#[cfg(not(feature = "cuda"))]
+type DevRef<'d> = Option<std::convert::Infallible>;
+
+impl<'d> Stepper<'d> {
+    fn new(
+        cfg: &ModelConfig,
+        batch: usize,
+        seq: usize,
+        device: &crate::engine::DeviceChoice,
+        dev: DevRef<'d>,
+    ) -> Result<Stepper<'d>> {
         let model: Model<f32> = Model::new(cfg.clone(), 0)?;
         let ocfg = AdamWConfig {
             lr: 3e-4,
             weight_decay: 0.1,
             ..Default::default()
         };
+        let opt = AdamW::new(ocfg, &model.specs);
+        #[cfg(feature = "cuda")]
+        let engine = device.engine(dev, &model, &opt)?;
+        #[cfg(not(feature = "cuda"))]
+        let engine: Box<dyn Engine> = {
+            let _ = (device, dev);
+            Box::new(crate::engine::cpu::CpuEngine::new(&model))
+        };
         Ok(Stepper {
             cfg: cfg.clone(),
-            grads: model.zero_grads(),
-            opt: AdamW::new(ocfg, &model.specs),
+            engine,
+            opt,
             model,
             rng: Rng::new(0),
             batch,
             seq,
             times: vec![],
             loss: 0.0,
+            precision: device.precision.clone(),
         })
     }
 
     fn step(&mut self, timed: bool) -> Result<()> {
-        let (b, t) = (self.batch, self.seq);
-        let (ids, tg) = random_batch(&mut self.rng, self.cfg.vocab_size, b, t);
-        let t0 = Instant::now();
-        self.grads.fill_zero();
-        let batch = Batch {
-            ids: &ids,
-            targets: &tg,
+        let (b, t, vocab) = (self.batch, self.seq, self.cfg.vocab_size);
+        let (ids, tg) = random_batch(&mut self.rng, vocab, b, t);
+        let plan = StepPlan {
+            micro: 1,
             batch: b,
             seq: t,
+            lr: 3e-4,
+            clip: 1.0,
+            rank: 0,
+            world: 1,
+            dist: None,
         };
-        self.loss = self
-            .model
-            .forward_backward(&batch, &mut self.grads, &mut crate::model::observer::NoObserver)?;
-        let t_opt = profile::scope("optimizer");
-        let coef = clip_coef(grad_norm(&self.grads), 1.0);
-        self.opt
-            .update_scaled(&mut self.model.params, &self.grads, &self.model.specs, 3e-4, coef);
-        drop(t_opt);
+        let mut fill = |_j: usize, i: &mut Vec<u32>, g: &mut Vec<u32>| {
+            i.extend_from_slice(&ids);
+            g.extend_from_slice(&tg);
+        };
+        let t0 = Instant::now();
+        // the step reads the loss and the norm back, so a device's work is done when it returns
+        let out = optimizer_step(
+            self.engine.as_mut(),
+            &mut self.model,
+            &mut self.opt,
+            &plan,
+            &mut fill,
+            &mut RouterLog::default(),
+        )?;
+        if let Some((why, _)) = out.skipped {
+            anyhow::bail!("benchmark step skipped: {why}");
+        }
+        self.loss = out.loss;
         if timed {
             self.times.push(t0.elapsed().as_secs_f64());
         }
@@ -324,8 +340,12 @@ impl Stepper {
                 m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size
             )
         });
+        let (imp, device) = match self.engine.describe().as_str() {
+            "cpu" => ("gated-lm-cpu".to_string(), None),
+            d => (format!("gated-lm-{}", a.device), Some(d.to_string())),
+        };
         serde_json::json!({
-            "impl": "gated-lm-cpu", "config": a.preset, "gate": a.gate, "moe": moe, "params": n_all,
+            "impl": imp, "device": device, "precision": self.precision, "config": a.preset, "gate": a.gate, "moe": moe, "params": n_all,
             "active_params": active, "tokens_per_step": self.batch * t, "step_ms": (med * 1e5).round() / 100.0,
             "tokens_per_s": tok_s.round(), "gflops": (fpt * tok_s / 1e9 * 10.0).round() / 10.0,
             "loss": (self.loss * 1e4).round() / 1e4, "threads": rayon::current_num_threads(), "steps": a.steps,

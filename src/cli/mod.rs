@@ -1,8 +1,6 @@
 //! Command-line interface: thin wrappers over the library.
 pub mod analyze;
 pub mod bench;
-#[cfg(feature = "cuda")]
-pub mod bench_cuda;
 pub mod dump;
 pub mod infer;
 pub mod reproduce;

@@ -329,7 +329,6 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
                     stop_after: None,
                     progress: false,
                     device: device_choice(&a.common),
-                    #[cfg(feature = "cuda")]
                     dist: None,
                 },
             )?;

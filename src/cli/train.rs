@@ -94,8 +94,8 @@ pub struct TrainArgs {
     pub precision: String,
 }
 
-pub(crate) fn device_choice(a: &TrainArgs) -> crate::train::engine::DeviceChoice {
-    crate::train::engine::DeviceChoice {
+pub(crate) fn device_choice(a: &TrainArgs) -> crate::engine::DeviceChoice {
+    crate::engine::DeviceChoice {
         device: a.device.clone(),
         precision: a.precision.clone(),
         ordinal: 0,
@@ -308,6 +308,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
     install_ctrlc();
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut device = device_choice(&a);
+    #[cfg(not(feature = "cuda"))]
+    let dist = None;
     #[cfg(feature = "cuda")]
     let (out, dist) = match crate::backend::cuda::dist::DistEnv::from_env()? {
         None => (out, None),
@@ -323,7 +325,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             } else {
                 out.join(format!("rank{}", env.rank))
             };
-            (out, Some(crate::train::engine::Dist(std::sync::Arc::new(comm))))
+            (out, Some(crate::engine::Dist(std::sync::Arc::new(comm))))
         }
     };
     eprintln!("training into {}", out.display());
@@ -335,7 +337,6 @@ pub fn train(a: TrainArgs) -> Result<()> {
             stop_after: a.stop_after,
             progress: !a.quiet,
             device,
-            #[cfg(feature = "cuda")]
             dist,
         },
     )?;
@@ -488,7 +489,6 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
                 stop_after: None,
                 progress: !a.common.quiet,
                 device: device_choice(&a.common),
-                #[cfg(feature = "cuda")]
                 dist: None,
             },
         );

@@ -4,23 +4,22 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
-pub mod engine;
 pub mod metrics;
 pub mod report;
 pub mod schedule;
 
 use crate::analysis::probes::{SinkProbe, SinkStats};
+use crate::engine::{optimizer_step, DeviceChoice, Dist, Engine, StepPlan};
 use crate::io::hf::save_model;
 use crate::io::tokenizer::Tok;
 use crate::model::observer::RouterLog;
 use crate::model::{Batch, Model};
-use crate::optim::{clip_coef, AdamW};
+use crate::optim::AdamW;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use checkpoint::TrainState;
 use config::TrainConfig;
 use data::{build_shards, eval_starts, read_documents, Shard};
-use engine::Engine;
 use metrics::Metrics;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -38,12 +37,11 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
     pub progress: bool,
     /// cpu (default), cuda or emu, and the precision there
-    pub device: engine::DeviceChoice,
+    pub device: DeviceChoice,
     /// Data parallelism: this run is one rank of a group. Every rank is a complete run in its
     /// own directory (same config, same data sampling, identical weights after every step);
     /// rank r computes the micro-batches j with j mod world = r of each step.
-    #[cfg(feature = "cuda")]
-    pub dist: Option<engine::Dist>,
+    pub dist: Option<Dist>,
 }
 
 /// How a run ended.
@@ -117,7 +115,12 @@ fn prepare_data(cfg: &mut TrainConfig, out: &Path) -> Result<(Tok, Data)> {
 
 /// Validation loss and probes on fixed windows: the probes (and that batch's loss) from the
 /// host model, the other batches' losses from the engine (the device's forward on a GPU run).
-pub fn evaluate(model: &Model<f32>, engine: &mut Engine, shard: &Shard, cfg: &TrainConfig) -> Result<(f64, SinkStats)> {
+pub fn evaluate(
+    model: &Model<f32>,
+    engine: &mut dyn Engine,
+    shard: &Shard,
+    cfg: &TrainConfig,
+) -> Result<(f64, SinkStats)> {
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let starts = eval_starts(shard.len(), t, cfg.train.eval_batches * b);
     let mut total = 0.0;
@@ -384,17 +387,15 @@ pub fn run(cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSummary
     #[cfg(feature = "cuda")]
     let dev = opts.device.open()?;
     #[cfg(feature = "cuda")]
-    let mut engine = match &dev {
-        Some(d) => Engine::device(d.as_ref(), &model, &opt, opts.device.precision_kind())?,
-        None => Engine::cpu(&model),
+    let mut engine = opts.device.engine(dev.as_deref(), &model, &opt)?;
+    #[cfg(not(feature = "cuda"))]
+    let mut engine: Box<dyn Engine> = {
+        opts.device.check()?;
+        Box::new(crate::engine::cpu::CpuEngine::new(&model))
     };
-    #[cfg(not(feature = "cuda"))]
-    let mut engine = Engine::cpu(&model);
+    let engine = engine.as_mut();
     let metrics = Metrics::open(out.join("metrics.jsonl"), resumed.then_some(state.step))?;
-    #[cfg(feature = "cuda")]
-    let (rank, world) = opts.dist.as_ref().map_or((0, 1), |d| (d.0.rank(), d.0.world()));
-    #[cfg(not(feature = "cuda"))]
-    let (rank, world) = (0, 1);
+    let (rank, world) = opts.dist.as_ref().map_or((0, 1), rank_world);
     let ctx = StepContext {
         cfg: &cfg,
         data: &data,
@@ -402,17 +403,16 @@ pub fn run(cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSummary
         ckpt_dir: &ckpt_dir,
         rank,
         world,
-        #[cfg(feature = "cuda")]
         dist: opts.dist.as_ref(),
     };
     let start_step = state.step;
     let elapsed0 = state.elapsed_s;
     let t0 = Instant::now();
-    let lp = train_loop(&ctx, &mut engine, &mut model, &mut opt, &mut state, opts, t0)?;
+    let lp = train_loop(&ctx, engine, &mut model, &mut opt, &mut state, opts, t0)?;
     finish(
         &ctx,
         out,
-        &mut engine,
+        engine,
         &mut model,
         &mut opt,
         &mut state,
@@ -427,7 +427,7 @@ pub fn run(cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSummary
 fn finish(
     ctx: &StepContext,
     out: &Path,
-    engine: &mut Engine,
+    engine: &mut dyn Engine,
     model: &mut Model<f32>,
     opt: &mut AdamW<f32>,
     state: &mut TrainState,
@@ -476,8 +476,15 @@ struct StepContext<'a> {
     ckpt_dir: &'a Path,
     rank: usize,
     world: usize,
+    dist: Option<&'a Dist>,
+}
+
+/// This rank and the group's size.
+fn rank_world(d: &Dist) -> (usize, usize) {
     #[cfg(feature = "cuda")]
-    dist: Option<&'a engine::Dist>,
+    return (d.0.rank(), d.0.world());
+    #[cfg(not(feature = "cuda"))]
+    match *d {}
 }
 
 /// How the step loop ended.
@@ -493,7 +500,7 @@ struct LoopEnd {
 /// periodic evaluations and checkpoints.
 fn train_loop(
     ctx: &StepContext,
-    engine: &mut Engine,
+    engine: &mut dyn Engine,
     model: &mut Model<f32>,
     opt: &mut AdamW<f32>,
     state: &mut TrainState,
@@ -515,7 +522,6 @@ fn train_loop(
         interrupted: false,
         step_tokens,
     };
-    let (mut ids, mut tg) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
     let (start_step, elapsed0) = (state.step, state.elapsed_s);
     while state.step < total {
         let limit_hit = cfg.train.max_seconds > 0.0 && t0.elapsed().as_secs_f64() >= cfg.train.max_seconds;
@@ -526,63 +532,33 @@ fn train_loop(
         if limit_hit || opts.stop_after.is_some_and(|n| state.step - start_step >= n) {
             break;
         }
-        let step = state.step;
-        let lr = cfg.schedule.lr_at(step, total, cfg.optim.adamw.lr);
-        engine.zero_grads()?;
-        let mut loss = 0.0;
-        let mut bad_where: Option<String> = None;
+        let lr = cfg.schedule.lr_at(state.step, total, cfg.optim.adamw.lr);
+        let plan = StepPlan {
+            micro,
+            batch: b,
+            seq: t,
+            lr,
+            clip: cfg.optim.clip,
+            rank,
+            world,
+            dist: ctx.dist,
+        };
         let mut routers = RouterLog::default();
-        for j in 0..micro {
-            ids.clear();
-            tg.clear();
-            // every rank draws every window (the sampler stays in step); it runs its own
+        // every rank draws every window (the sampler stays in step); it runs its own
+        let mut fill = |_j: usize, ids: &mut Vec<u32>, tg: &mut Vec<u32>| {
             for _ in 0..b {
                 let start = state.sampler.below((data.train.len() - t - 1) as u64) as usize;
-                data.train.window(start, t, &mut ids, &mut tg);
+                data.train.window(start, t, ids, tg);
             }
-            if j % world != rank {
-                continue;
-            }
-            let batch = Batch {
-                ids: &ids,
-                targets: &tg,
-                batch: b,
-                seq: t,
-            };
-            match engine.micro_batch(model, &batch, &mut routers) {
-                Ok(l) => loss += l,
-                Err(e) => match e.downcast_ref::<crate::model::NonFinite>() {
-                    Some(nf) => {
-                        bad_where = Some(nf.to_string());
-                        loss = f64::NAN;
-                    }
-                    None => return Err(e),
-                },
-            }
-        }
-        #[cfg(feature = "cuda")]
-        if let Some(d) = ctx.dist {
-            loss = engine.all_reduce(d.0.as_ref(), loss)?;
-        }
-        loss /= micro as f64;
-        // the mean over micro-batches: applied to the CPU's gradients, folded into the
-        // device's norm and update
-        let pending = engine.scale_grads((1.0 / micro as f64) as f32);
+        };
+        let outcome = optimizer_step(engine, model, opt, &plan, &mut fill, &mut routers)?;
+        let (loss, gnorm) = (outcome.loss, outcome.grad_norm);
         state.step += 1;
         state.tokens += step_tokens;
-        let gnorm = engine.grad_norm(pending)?;
-        if !loss.is_finite() || !gnorm.is_finite() {
-            // skip: no update, report, stop after too many in a row (last checkpoint stays valid)
+        if let Some((why, bad)) = outcome.skipped {
+            // skipped: no update, report, stop after too many in a row (last checkpoint stays valid)
             state.skipped += 1;
             state.consecutive_bad += 1;
-            let bad = engine.bad_tensors(&model.params.names)?;
-            let why = bad_where.unwrap_or_else(|| {
-                if loss.is_finite() {
-                    format!("non-finite gradients in {}", bad.join(", "))
-                } else {
-                    "non-finite loss".into()
-                }
-            });
             eprintln!("step {} skipped: {why}", state.step);
             metrics.row(json!({"step": state.step, "skipped": true, "loss": num_or_null(loss), "grad_norm": num_or_null(gnorm), "lr": lr, "reason": why, "non_finite_grads": bad}))?;
             if state.consecutive_bad >= cfg.stability.max_bad_steps {
@@ -596,12 +572,6 @@ fn train_loop(
             continue;
         }
         state.consecutive_bad = 0;
-        let scale = if cfg.optim.clip > 0.0 {
-            clip_coef(gnorm, cfg.optim.clip)
-        } else {
-            1.0
-        };
-        engine.update(model, opt, lr, scale * pending as f64)?;
         let is_spike = spike(state, loss, cfg.stability.spike_window, cfg.stability.spike_margin);
         state.spikes += is_spike as u64;
         end.last_loss = loss;
@@ -634,7 +604,7 @@ fn train_loop(
 /// evaluation (step, validation loss, probes) if one ran.
 fn eval_and_checkpoint(
     ctx: &StepContext,
-    engine: &mut Engine,
+    engine: &mut dyn Engine,
     model: &mut Model<f32>,
     opt: &mut AdamW<f32>,
     state: &mut TrainState,

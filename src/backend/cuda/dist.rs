@@ -152,7 +152,7 @@ impl Nccl {
         let id = if env.rank == 0 {
             let id = result::get_uniqueid().map_err(|e| anyhow!("NCCL unique id: {e:?}"))?;
             let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
-            crate::io::write_atomic(&env.id_file, &bytes)?;
+            crate::files::write_atomic(&env.id_file, &bytes)?;
             id
         } else {
             let t0 = std::time::Instant::now();

@@ -5,13 +5,13 @@
 //! `ops` drives the kernels through the [`runtime::Device`] interface, implemented by
 //! `device::Gpu` (a real GPU through cudarc) and by `emu::Emu`, a CPU emulator of the CUDA
 //! execution model that runs the same sources so every kernel is tested against the CPU ops on
-//! machines without a GPU. Not yet here: cuBLASLt GEMMs and the model on the GPU.
+//! machines without a GPU. Nothing here imports the model: the device-resident model that drives
+//! these ops is `crate::engine::device`.
 
 pub mod blas;
 pub mod device;
 pub mod dist;
 pub mod emu;
-pub mod model;
 pub mod ops;
 pub mod runtime;
 

@@ -35,6 +35,22 @@ impl DBuf {
     pub fn arg(&self) -> Arg {
         Arg::Ptr(self.ptr)
     }
+
+    /// `bytes` bytes of `arena` from `offset`: a buffer that keeps the arena alive, for memory
+    /// allocated once and carved into many buffers.
+    pub fn view(arena: &std::rc::Rc<DBuf>, offset: usize, bytes: usize) -> Result<DBuf> {
+        if offset.checked_add(bytes).is_none_or(|end| end > arena.bytes) {
+            bail!(
+                "a view of {bytes} bytes at {offset} overruns an arena of {} bytes",
+                arena.bytes
+            );
+        }
+        Ok(DBuf {
+            ptr: arena.ptr + offset as u64,
+            bytes,
+            _keep: Box::new(std::rc::Rc::clone(arena)),
+        })
+    }
 }
 
 /// Grid and block dimensions and dynamic shared memory of one launch.

@@ -5,7 +5,7 @@
 use super::{elems, f32s, need, AdamStep, THREADS};
 pub use crate::backend::cuda::runtime::DType;
 pub use crate::backend::cuda::runtime::Strided;
-use crate::backend::cuda::runtime::{up_f32, up_i32, Arg, DBuf, Device, Launch};
+use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
 fn span(what: &str, s: Strided, rows: usize, cols: usize) -> Result<()> {
@@ -170,8 +170,28 @@ pub fn embed_fwd(dev: &dyn Device, ids: &DBuf, table: &DBuf, out: &DBuf, rows: u
 /// `dtable[ids[r]] += dout[r]`, summed per id in row order (deterministic): the rows are
 /// grouped by id here on the host, one block per distinct id on the device.
 pub fn embed_bwd(dev: &dyn Device, ids: &[u32], dout: &DBuf, dtable: &DBuf, d: usize) -> Result<()> {
+    let mut idx = dev.zeros(embed_bwd_index_len(ids.len()) * 4)?;
+    embed_bwd_with(dev, ids, dout, dtable, d, &mut idx)
+}
+
+/// i32 elements of [`embed_bwd_with`]'s index buffer for `rows` ids.
+pub fn embed_bwd_index_len(rows: usize) -> usize {
+    3 * rows + 1
+}
+
+/// [`embed_bwd`] with its index buffer (distinct ids, their first rows, the rows by id) given:
+/// written by one host-to-device copy, nothing allocated.
+pub fn embed_bwd_with(
+    dev: &dyn Device,
+    ids: &[u32],
+    dout: &DBuf,
+    dtable: &DBuf,
+    d: usize,
+    idx: &mut DBuf,
+) -> Result<()> {
     let rows = ids.len();
     f32s("embed_bwd", &[dout], rows * d)?;
+    need("embed_bwd (index)", idx, embed_bwd_index_len(rows), 4)?;
     let mut order: Vec<i32> = (0..rows as i32).collect();
     order.sort_by_key(|&r| ids[r as usize]); // stable: rows of one id stay in order
     let (mut uniq, mut start) = (Vec::new(), Vec::new());
@@ -186,8 +206,23 @@ pub fn embed_bwd(dev: &dyn Device, ids: &[u32], dout: &DBuf, dtable: &DBuf, d: u
     if let Some(&max) = uniq.last() {
         f32s("embed_bwd (table)", &[dtable], (max as usize + 1) * d)?;
     }
-    let (u, s, o) = (up_i32(dev, &uniq)?, up_i32(dev, &start)?, up_i32(dev, &order)?);
-    let args = [u.arg(), s.arg(), o.arg(), dout.arg(), dtable.arg(), Arg::I32(d as i32)];
+    // one copy: order (rows), then start (distinct ids + 1), then uniq (distinct ids)
+    let bytes: Vec<u8> = order
+        .iter()
+        .chain(&start)
+        .chain(&uniq)
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    dev.write(idx, &bytes)?;
+    let at = |i: usize| Arg::Ptr(idx.ptr + 4 * i as u64);
+    let args = [
+        at(rows + start.len()),
+        at(rows),
+        at(0),
+        dout.arg(),
+        dtable.arg(),
+        Arg::I32(d as i32),
+    ];
     dev.launch("embed_bwd", Launch::linear(uniq.len(), 128), &args)
 }
 
@@ -203,16 +238,37 @@ pub fn add(dev: &dyn Device, a: &DBuf, b: &DBuf, out: &DBuf, n: usize) -> Result
     dev.launch("add_f32", elems(n), &[a.arg(), b.arg(), out.arg(), Arg::I64(n as i64)])
 }
 
+/// Rows of one `colsum_partial` block (kernels/model.cu `CHUNK`).
+const COLSUM_CHUNK: usize = 256;
+
+/// f32 elements of [`colsum_with`]'s scratch for a `[rows, cols]` input.
+pub fn colsum_scratch_len(rows: usize, cols: usize) -> usize {
+    rows.div_ceil(COLSUM_CHUNK).max(1) * cols
+}
+
 /// `out[c] (+)= Σ_r x[r, c]`, in two deterministic stages (chunks of rows, then the chunks).
 pub fn colsum(dev: &dyn Device, x: &DBuf, out: &DBuf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
+    let part = dev.zeros(colsum_scratch_len(rows, cols) * 4)?;
+    colsum_with(dev, x, out, rows, cols, accumulate, &part)
+}
+
+/// [`colsum`] with its per-chunk partial sums in `part` (overwritten; nothing allocated).
+pub fn colsum_with(
+    dev: &dyn Device,
+    x: &DBuf,
+    out: &DBuf,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+    part: &DBuf,
+) -> Result<()> {
     f32s("colsum", &[x], rows * cols)?;
     f32s("colsum", &[out], cols)?;
-    const CHUNK: usize = 256; // kernels/model.cu
-    let chunks = rows.div_ceil(CHUNK).max(1);
+    f32s("colsum (scratch)", &[part], colsum_scratch_len(rows, cols))?;
+    let chunks = rows.div_ceil(COLSUM_CHUNK).max(1);
     if chunks > 65535 {
-        bail!("colsum: {rows} rows (at most {} per call)", 65535 * CHUNK);
+        bail!("colsum: {rows} rows (at most {} per call)", 65535 * COLSUM_CHUNK);
     }
-    let part = dev.zeros(chunks * cols * 4)?;
     let cfg = Launch {
         grid: [cols.div_ceil(128) as u32, chunks as u32, 1],
         block: [128, 1, 1],
@@ -239,12 +295,21 @@ pub struct DeviceRope {
 }
 
 impl DeviceRope {
-    pub fn upload(dev: &dyn Device, t: &crate::model::ops::rope::RopeTable<f32>) -> Result<DeviceRope> {
+    /// From a host table's `cos`/`sin` (`[max_len, rotary_dim / 2]` each).
+    pub fn upload(dev: &dyn Device, cos: &[f32], sin: &[f32], rotary_dim: usize, max_len: usize) -> Result<DeviceRope> {
+        let half = rotary_dim / 2;
+        if cos.len() != max_len * half || sin.len() != max_len * half {
+            bail!(
+                "RoPE table of {}/{} values for {max_len} positions × {half}",
+                cos.len(),
+                sin.len()
+            );
+        }
         Ok(DeviceRope {
-            cos: up_f32(dev, &t.cos)?,
-            sin: up_f32(dev, &t.sin)?,
-            half: t.rotary_dim / 2,
-            max_len: t.max_len,
+            cos: up_f32(dev, cos)?,
+            sin: up_f32(dev, sin)?,
+            half,
+            max_len,
         })
     }
 }
@@ -335,6 +400,20 @@ pub fn qknorm_rope_bwd(
     dwp: &DBuf,
     dw: Option<&DBuf>,
 ) -> Result<()> {
+    let part = dev.zeros(colsum_scratch_len(h.rows * h.heads, h.head_dim) * 4)?;
+    qknorm_rope_bwd_with(dev, h, rope, (x, rstd, dy), dx, (dwp, &part), dw)
+}
+
+/// [`qknorm_rope_bwd`] with the column sum's scratch given too (nothing allocated).
+pub fn qknorm_rope_bwd_with(
+    dev: &dyn Device,
+    h: &HeadRows,
+    rope: &DeviceRope,
+    (x, rstd, dy): (&DBuf, &DBuf, &DBuf),
+    dx: &DBuf,
+    (dwp, part): (&DBuf, &DBuf),
+    dw: Option<&DBuf>,
+) -> Result<()> {
     h.check("qknorm_rope_bwd", rope, &[x, dy, dx, dwp])?;
     let mut args = vec![
         x.arg(),
@@ -350,7 +429,7 @@ pub fn qknorm_rope_bwd(
     args.extend([Arg::I32(h.zero_centered as i32), Arg::I32(h.norm.is_some() as i32)]);
     dev.launch("qknorm_rope_bwd", h.launch(), &args)?;
     match (h.norm, dw) {
-        (Some(_), Some(dw)) => colsum(dev, dwp, dw, h.rows * h.heads, h.head_dim, true),
+        (Some(_), Some(dw)) => colsum_with(dev, dwp, dw, h.rows * h.heads, h.head_dim, true, part),
         (Some(_), None) => bail!("qknorm_rope_bwd: a normed call needs the gain's gradient buffer"),
         _ => Ok(()),
     }
@@ -362,6 +441,8 @@ pub struct TensorTable {
     buf: DBuf,
     count: usize,
     max_len: usize,
+    /// `sumsq_multi`'s per-block partial sums, allocated once
+    partials: DBuf,
 }
 
 /// Longs per tensor in the table (kernels/model.cu `TSTRIDE`).
@@ -382,11 +463,14 @@ impl TensorTable {
         if entries.is_empty() || entries.len() > 65535 {
             bail!("tensor table: {} tensors (1 to 65535)", entries.len());
         }
-        Ok(TensorTable {
+        let mut table = TensorTable {
             buf: dev.upload(&t)?,
             count: entries.len(),
             max_len,
-        })
+            partials: dev.zeros(4)?,
+        };
+        table.partials = dev.zeros(table.launch().grid[0] as usize * table.count * 4)?;
+        Ok(table)
     }
 
     fn launch(&self) -> Launch {
@@ -402,10 +486,8 @@ impl TensorTable {
 
     /// Σ grad² over every tensor (partials per block on the device, summed here in f64).
     pub fn grad_sumsq(&self, dev: &dyn Device) -> Result<f64> {
-        let cfg = self.launch();
-        let partials = dev.zeros(cfg.grid[0] as usize * self.count * 4)?;
-        dev.launch("sumsq_multi", cfg, &[self.buf.arg(), partials.arg()])?;
-        let p = crate::backend::cuda::runtime::down_f32(dev, &partials)?;
+        dev.launch("sumsq_multi", self.launch(), &[self.buf.arg(), self.partials.arg()])?;
+        let p = crate::backend::cuda::runtime::down_f32(dev, &self.partials)?;
         Ok(p.iter().map(|&x| x as f64).sum())
     }
 

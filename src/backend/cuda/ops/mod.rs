@@ -8,7 +8,6 @@ pub use attention::*;
 pub use dense::*;
 
 use super::runtime::{Arg, DBuf, Device, Launch};
-use crate::optim::bias_correction;
 use anyhow::{bail, Result};
 
 pub(crate) const THREADS: u32 = 256;
@@ -68,23 +67,23 @@ pub struct AdamStep {
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
-    /// 1-based step number, for the bias corrections
-    pub step: i32,
+    /// Adam's bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ` of this step (`crate::optim::bias_correction`,
+    /// the one place that formula lives: the kernels take it precomputed)
+    pub bias_correction1: f32,
+    pub bias_correction2: f32,
     pub scale: f32,
 }
 
 impl AdamStep {
     pub(crate) fn args(&self) -> [Arg; 8] {
-        let bc1 = bias_correction(self.beta1 as f64, self.step);
-        let bc2 = bias_correction(self.beta2 as f64, self.step);
         [
             Arg::F32(self.lr),
             Arg::F32(self.beta1),
             Arg::F32(self.beta2),
             Arg::F32(self.eps),
             Arg::F32(self.weight_decay),
-            Arg::F32(bc1 as f32),
-            Arg::F32(bc2 as f32),
+            Arg::F32(self.bias_correction1),
+            Arg::F32(self.bias_correction2),
             Arg::F32(self.scale),
         ]
     }
@@ -142,10 +141,26 @@ pub fn rmsnorm_bwd(
     zero_centered: bool,
     accumulate: bool,
 ) -> Result<()> {
-    f32s("rmsnorm_bwd", &[x, dy, dx], rows * d)?;
+    let dwp = dev.zeros(rows * d * 4)?;
+    let part = dev.zeros(colsum_scratch_len(rows, d) * 4)?;
+    let io = (x, w, rstd, dy, dx, dw);
+    rmsnorm_bwd_with(dev, io, rows, d, zero_centered, accumulate, (&dwp, &part))
+}
+
+/// [`rmsnorm_bwd`] with its scratch given (nothing allocated): `dwp` `[rows, d]` for the
+/// per-row gain contributions, `part` ([`colsum_scratch_len`]) for their column sum.
+pub fn rmsnorm_bwd_with(
+    dev: &dyn Device,
+    (x, w, rstd, dy, dx, dw): (&DBuf, &DBuf, &DBuf, &DBuf, &DBuf, &DBuf),
+    rows: usize,
+    d: usize,
+    zero_centered: bool,
+    accumulate: bool,
+    (dwp, part): (&DBuf, &DBuf),
+) -> Result<()> {
+    f32s("rmsnorm_bwd", &[x, dy, dx, dwp], rows * d)?;
     f32s("rmsnorm_bwd", &[w, dw], d)?;
     f32s("rmsnorm_bwd", &[rstd], rows)?;
-    let dwp = dev.zeros(rows * d * 4)?;
     let args = [
         x.arg(),
         w.arg(),
@@ -158,7 +173,7 @@ pub fn rmsnorm_bwd(
         Arg::I32(accumulate as i32),
     ];
     dev.launch("rmsnorm_bwd", Launch::linear(rows, THREADS), &args)?;
-    colsum(dev, &dwp, dw, rows, d, true)
+    colsum_with(dev, dwp, dw, rows, d, true, part)
 }
 
 /// Cross-entropy of `rows` rows of `vocab` logits against i32 `targets` (< 0: ignored): per-row

@@ -6,15 +6,21 @@
 //! sigmoid, head-specific, elementwise or headwise), QK-norm or none, partial RoPE, both norm
 //! styles, tied or untied head. Other configurations are refused with the reason.
 
-use super::ops::{self, AdamStep, AttnDims, AttnScratch, DeviceRope, FusedGate, HeadRows, Operand, TensorTable};
-use super::runtime::{down_f32, up_f32, up_i32, write_f32, DBuf, Device};
+use super::Engine;
+use crate::backend::cuda::ops::{self, AdamStep, AttnDims, DeviceRope, FusedGate, HeadRows, Operand, TensorTable};
+use crate::backend::cuda::runtime::{down_f32, up_f32, write_f32, DBuf, Device};
+use crate::backend::cuda::{attn_head_dims_text, ATTN_HEAD_DIMS};
 use crate::config::{GateGranularity, ModelConfig, NormStyle};
+use crate::model::observer::RouterLog;
 use crate::model::ops::cross_entropy::IGNORE;
 use crate::model::ops::rope::RopeTable;
 use crate::model::params::{FfnIndex, LayerIndex, ParamIndex, ParamKind, ParamSpec, ParamStore};
-use crate::model::Model;
-use crate::optim::{clip_coef, AdamW, AdamWConfig};
+use crate::model::{Batch, Model};
+use crate::optim::{bias_correction, clip_coef, AdamW, AdamWConfig};
 use anyhow::{bail, Result};
+use memory::{LayerMem, StepMemory};
+
+mod memory;
 
 pub struct DeviceModel<'d> {
     dev: &'d dyn Device,
@@ -34,6 +40,8 @@ pub struct DeviceModel<'d> {
     /// `bf16_of_step`.
     bf16_weights: Vec<Option<DBuf>>,
     bf16_of_step: Option<u64>,
+    /// Activations, activation gradients and scratch of the last step's shape.
+    mem: Option<StepMemory>,
 }
 
 /// Arithmetic of the device model: f32 throughout, or mixed precision (f32 master weights,
@@ -44,44 +52,6 @@ pub enum Precision {
     Bf16,
 }
 
-enum Act<'a> {
-    F32(&'a DBuf),
-    Bf16(DBuf),
-}
-
-impl Act<'_> {
-    fn op(&self) -> Operand<'_> {
-        match self {
-            Act::F32(b) => (*b).into(),
-            Act::Bf16(b) => Operand::bf16(b),
-        }
-    }
-}
-
-/// What one layer's backward needs from its forward.
-struct LayerCache {
-    x: DBuf,
-    h1: DBuf,
-    rstd1: DBuf,
-    q: DBuf,
-    k: DBuf,
-    rstd_q: DBuf,
-    rstd_k: DBuf,
-    qr: DBuf,
-    kr: DBuf,
-    v: DBuf,
-    z: Option<DBuf>,
-    o: DBuf,
-    lse: DBuf,
-    y: DBuf,
-    x1: DBuf,
-    h2: DBuf,
-    rstd2: DBuf,
-    g: DBuf,
-    u: DBuf,
-    m: DBuf,
-}
-
 /// Why a configuration cannot run on the device yet (`None`: it can).
 pub fn unsupported(cfg: &ModelConfig) -> Option<String> {
     if cfg.moe.is_some() {
@@ -90,11 +60,11 @@ pub fn unsupported(cfg: &ModelConfig) -> Option<String> {
     if cfg.attention_bias {
         return Some("q/k/v projection biases (attention_bias, Qwen2) are CPU-only".into());
     }
-    if !super::ATTN_HEAD_DIMS.contains(&cfg.head_dim) {
+    if !ATTN_HEAD_DIMS.contains(&cfg.head_dim) {
         return Some(format!(
             "head_dim {} (CUDA attention has {})",
             cfg.head_dim,
-            super::attn_head_dims_text()
+            attn_head_dims_text()
         ));
     }
     match &cfg.gate {
@@ -143,7 +113,7 @@ impl<'d> DeviceModel<'d> {
         let rope = RopeTable::<f32>::for_config(&cfg, cfg.max_position_embeddings.clamp(1, 1 << 16));
         Ok(DeviceModel {
             dev,
-            rope: DeviceRope::upload(dev, &rope)?,
+            rope: DeviceRope::upload(dev, &rope.cos, &rope.sin, rope.rotary_dim, rope.max_len)?,
             cfg,
             specs: model.specs.clone(),
             index: model.index.clone(),
@@ -156,6 +126,7 @@ impl<'d> DeviceModel<'d> {
             precision,
             bf16_weights: (0..model.specs.len()).map(|_| None).collect(),
             bf16_of_step: None,
+            mem: None,
         })
     }
 
@@ -165,10 +136,6 @@ impl<'d> DeviceModel<'d> {
 
     fn zc(&self) -> bool {
         self.cfg.norm_style == NormStyle::ZeroCentered
-    }
-
-    fn zeros(&self, n: usize) -> Result<DBuf> {
-        self.dev.zeros(n * 4)
     }
 
     fn head(&self) -> usize {
@@ -197,10 +164,26 @@ impl<'d> DeviceModel<'d> {
         self.run(ids, targets, batch, seq, false)
     }
 
+    /// The step memory for `batch × seq`, planned when the shape changes (the old plan is
+    /// freed first) and taken out of `self` for the step.
+    fn step_memory(&mut self, batch: usize, seq: usize) -> Result<StepMemory> {
+        match self.mem.take() {
+            Some(m) if (m.batch, m.seq, m.precision) == (batch, seq, self.precision) => Ok(m),
+            old => {
+                drop(old);
+                let tc = self.tc_attention();
+                StepMemory::new(self.dev, &self.cfg, (batch, seq), self.precision, tc)
+            }
+        }
+    }
+
+    /// Bytes of the current step memory (0 before the first step).
+    pub fn step_memory_bytes(&self) -> usize {
+        self.mem.as_ref().map_or(0, |m| m.bytes)
+    }
+
     fn run(&mut self, ids: &[u32], targets: &[u32], batch: usize, seq: usize, backward: bool) -> Result<f64> {
-        self.refresh_bf16()?;
-        let (dev, cfg) = (self.dev, &self.cfg);
-        let (n, dm, vocab) = (batch * seq, cfg.hidden_size, cfg.vocab_size);
+        let (n, vocab) = (batch * seq, self.cfg.vocab_size);
         if n == 0 || ids.len() != n || targets.len() != n {
             bail!(
                 "batch shape mismatch: {} ids, {} targets for {batch}×{seq}",
@@ -214,141 +197,115 @@ impl<'d> DeviceModel<'d> {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             bail!("token id {bad} outside the vocabulary of {vocab}");
         }
-        let ids_d = up_i32(dev, &ids.iter().map(|&i| i as i32).collect::<Vec<_>>())?;
-        let t32: Vec<i32> = targets
-            .iter()
-            .map(|&t| if t == IGNORE { -1 } else { t as i32 })
-            .collect();
-        let count = t32.iter().filter(|&&t| t >= 0).count();
-        let tgt = up_i32(dev, &t32)?;
-
-        let mut x = self.zeros(n * dm)?;
-        ops::embed_fwd(dev, &ids_d, &self.params[self.index.embed], &x, n, dm)?;
-        let mut caches = Vec::with_capacity(self.index.layers.len());
-        for li in &self.index.layers {
-            let (out, c) = self.layer_fwd(li, x, batch, seq)?;
-            caches.push(c);
-            x = out;
-        }
-        let (eps, zc) = (cfg.rms_norm_eps as f32, self.zc());
-        let (hf, rstd) = (self.zeros(n * dm)?, self.zeros(n)?);
-        ops::rmsnorm_fwd(dev, &x, &self.params[self.index.norm], &hf, &rstd, n, dm, eps, zc)?;
-        let head = self.head();
-        let logits = self.zeros(n * vocab)?;
-        let hfa = self.act(&hf)?;
-        self.lin_fwd(&hfa, head, &logits, n, dm, vocab)?;
-        let loss_rows = self.zeros(n)?;
-        let scale = if count > 0 { 1.0 / count as f32 } else { 0.0 };
-        ops::cross_entropy(dev, &logits, &tgt, &loss_rows, n, vocab, scale)?;
-        let mean_loss = || -> Result<f64> {
-            let losses = down_f32(dev, &loss_rows)?;
-            Ok(if count > 0 {
-                losses.iter().map(|&l| l as f64).sum::<f64>() / count as f64
-            } else {
-                0.0
-            })
-        };
-        if !backward {
-            return mean_loss();
-        }
-        // logits now hold d(mean loss)/d(logits)
-        let dhf = self.zeros(n * dm)?;
-        let dla = self.act(&logits)?;
-        self.lin_bwd_dx(&dla, head, &dhf, n, dm, vocab, false)?;
-        self.lin_bwd_dw(&hfa, &dla, head, n, dm, vocab)?;
-        drop(dla);
-        drop(logits);
-        let mut dx = self.zeros(n * dm)?;
-        let norm = self.index.norm;
-        ops::rmsnorm_bwd(
-            dev,
-            &x,
-            &self.params[norm],
-            &rstd,
-            &dhf,
-            &dx,
-            &self.grads[norm],
-            n,
-            dm,
-            zc,
-            false,
-        )?;
-        for (li, c) in self.index.layers.iter().zip(caches).rev() {
-            dx = self.layer_bwd(li, c, dx, batch, seq)?;
-        }
-        ops::embed_bwd(dev, ids, &dx, &self.grads[self.index.embed], dm)?;
-        mean_loss()
+        self.refresh_bf16()?;
+        let mut mem = self.step_memory(batch, seq)?;
+        let loss = self.run_in(&mut mem, ids, targets, backward)?;
+        self.mem = Some(mem);
+        Ok(loss)
     }
 
-    fn layer_fwd(&self, li: &LayerIndex, x: DBuf, batch: usize, seq: usize) -> Result<(DBuf, LayerCache)> {
+    fn run_in(&self, mem: &mut StepMemory, ids: &[u32], targets: &[u32], backward: bool) -> Result<f64> {
+        let (dev, cfg) = (self.dev, &self.cfg);
+        let (batch, seq) = (mem.batch, mem.seq);
+        let (n, dm, vocab) = (batch * seq, cfg.hidden_size, cfg.vocab_size);
+        let i32_bytes = |v: &mut dyn Iterator<Item = i32>| -> Vec<u8> { v.flat_map(|x| x.to_ne_bytes()).collect() };
+        dev.write(&mut mem.ids, &i32_bytes(&mut ids.iter().map(|&i| i as i32)))?;
+        let t32 = || targets.iter().map(|&t| if t == IGNORE { -1 } else { t as i32 });
+        let count = t32().filter(|&t| t >= 0).count();
+        dev.write(&mut mem.targets, &i32_bytes(&mut t32()))?;
+        self.forward_in(mem, n)?;
+        let scale = if count > 0 { 1.0 / count as f32 } else { 0.0 };
+        ops::cross_entropy(dev, &mem.logits, &mem.targets, &mem.loss_rows, n, vocab, scale)?;
+        if backward {
+            self.backward_in(mem, n)?;
+            let b = &mut mem.bwd;
+            ops::embed_bwd_with(dev, ids, &b.dx, &self.grads[self.index.embed], dm, &mut b.embed_index)?;
+        }
+        let losses = down_f32(dev, &mem.loss_rows)?;
+        Ok(if count > 0 {
+            losses.iter().map(|&l| l as f64).sum::<f64>() / count as f64
+        } else {
+            0.0
+        })
+    }
+
+    /// Embedding, layers, final norm and LM head: `mem.logits`.
+    fn forward_in(&self, mem: &StepMemory, n: usize) -> Result<()> {
+        let (dev, cfg) = (self.dev, &self.cfg);
+        let (dm, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        ops::embed_fwd(dev, &mem.ids, &self.params[self.index.embed], mem.embed_out(), n, dm)?;
+        for (i, li) in self.index.layers.iter().enumerate() {
+            self.layer_fwd(li, mem, i)?;
+        }
+        let (eps, zc) = (cfg.rms_norm_eps as f32, self.zc());
+        let (x, hf, rstd) = (&mem.x_last, &mem.hf, &mem.rstd_f);
+        ops::rmsnorm_fwd(dev, x, &self.params[self.index.norm], hf, rstd, n, dm, eps, zc)?;
+        let hfa = self.act(hf, mem.hf_b.as_ref())?;
+        self.lin_fwd(hfa, self.head(), &mem.logits, n, dm, vocab)
+    }
+
+    /// From the logits' gradient (which the loss left in `mem.logits`) down to
+    /// d(loss)/d(embedding output) in `mem.bwd.dx`, the weights' gradients accumulated.
+    fn backward_in(&self, mem: &StepMemory, n: usize) -> Result<()> {
+        let (dev, cfg) = (self.dev, &self.cfg);
+        let (dm, vocab, head) = (cfg.hidden_size, cfg.vocab_size, self.head());
+        let b = &mem.bwd;
+        let dla = self.act(&mem.logits, mem.logits_b.as_ref())?;
+        self.lin_bwd_dx(dla, head, &mem.dhf, n, dm, vocab, false)?;
+        self.lin_bwd_dw(self.shadowed(&mem.hf, mem.hf_b.as_ref()), dla, head, n, dm, vocab)?;
+        let norm = self.index.norm;
+        let io = (
+            &mem.x_last,
+            &self.params[norm],
+            &mem.rstd_f,
+            &mem.dhf,
+            &b.dx,
+            &self.grads[norm],
+        );
+        ops::rmsnorm_bwd_with(dev, io, n, dm, self.zc(), false, (&b.norm_rows, &b.colsum_part))?;
+        for (i, li) in self.index.layers.iter().enumerate().rev() {
+            self.layer_bwd(li, mem, i)?;
+        }
+        Ok(())
+    }
+
+    fn layer_fwd(&self, li: &LayerIndex, mem: &StepMemory, layer: usize) -> Result<()> {
         let (dev, cfg, p) = (self.dev, &self.cfg, &self.params);
         let FfnIndex::Dense(mlp) = li.ffn else {
             bail!("MoE layer on the device")
         };
+        let (batch, seq) = (mem.batch, mem.seq);
         let n = batch * seq;
         let (dm, qd, kvd, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
         let (eps, zc) = (cfg.rms_norm_eps as f32, self.zc());
-        let (h1, rstd1) = (self.zeros(n * dm)?, self.zeros(n)?);
-        ops::rmsnorm_fwd(dev, &x, &p[li.input_norm], &h1, &rstd1, n, dm, eps, zc)?;
-        let (q, k, v) = (self.zeros(n * qd)?, self.zeros(n * kvd)?, self.zeros(n * kvd)?);
-        let h1a = self.act(&h1)?;
-        self.lin_fwd(&h1a, li.q_proj, &q, n, dm, qd)?;
-        self.lin_fwd(&h1a, li.k_proj, &k, n, dm, kvd)?;
-        self.lin_fwd(&h1a, li.v_proj, &v, n, dm, kvd)?;
-        let z = match (li.gate, cfg.gate_geometry()) {
-            (Some(gi), Some(geo)) => {
-                let z = self.zeros(n * geo.scores())?;
-                self.lin_fwd(&h1a, gi, &z, n, dm, geo.scores())?;
-                Some(z)
-            }
-            _ => None,
-        };
-        let (qr, kr) = (self.zeros(n * qd)?, self.zeros(n * kvd)?);
-        let (rstd_q, rstd_k) = (self.zeros(n * cfg.num_heads)?, self.zeros(n * cfg.num_kv_heads)?);
+        let c = &mem.layers[layer];
+        let (x, out) = mem.layer_io(layer);
+        ops::rmsnorm_fwd(dev, x, &p[li.input_norm], &c.h1, &c.rstd1, n, dm, eps, zc)?;
+        let h1a = self.act(&c.h1, c.h1_b.as_ref())?;
+        self.lin_fwd(h1a, li.q_proj, &c.q, n, dm, qd)?;
+        self.lin_fwd(h1a, li.k_proj, &c.k, n, dm, kvd)?;
+        self.lin_fwd(h1a, li.v_proj, &c.v, n, dm, kvd)?;
+        if let (Some(gi), Some(geo), Some(z)) = (li.gate, cfg.gate_geometry(), &c.z) {
+            self.lin_fwd(h1a, gi, z, n, dm, geo.scores())?;
+        }
         let hq = self.heads(n, seq, cfg.num_heads, li.q_norm);
-        ops::qknorm_rope_fwd(dev, &hq, &self.rope, &q, &qr, &rstd_q, eps)?;
+        ops::qknorm_rope_fwd(dev, &hq, &self.rope, &c.q, &c.qr, &c.rstd_q, eps)?;
         let hk = self.heads(n, seq, cfg.num_kv_heads, li.k_norm);
-        ops::qknorm_rope_fwd(dev, &hk, &self.rope, &k, &kr, &rstd_k, eps)?;
+        ops::qknorm_rope_fwd(dev, &hk, &self.rope, &c.k, &c.kr, &c.rstd_k, eps)?;
         let d = self.attn_dims(batch, seq);
-        let (o, y, lse) = (self.zeros(n * qd)?, self.zeros(n * qd)?, self.zeros(n * cfg.num_heads)?);
-        self.attention_forward(&d, (&qr, &kr, &v), z.as_ref(), (&o, &y, &lse))?;
-        let a = self.zeros(n * dm)?;
-        self.lin_fwd(&self.act(&y)?, li.o_proj, &a, n, qd, dm)?;
-        let x1 = self.zeros(n * dm)?;
-        ops::add(dev, &x, &a, &x1, n * dm)?;
-        let (h2, rstd2) = (self.zeros(n * dm)?, self.zeros(n)?);
-        ops::rmsnorm_fwd(dev, &x1, &p[li.post_norm], &h2, &rstd2, n, dm, eps, zc)?;
-        let (g, u, m) = (self.zeros(n * ff)?, self.zeros(n * ff)?, self.zeros(n * ff)?);
-        let h2a = self.act(&h2)?;
-        self.lin_fwd(&h2a, mlp.gate, &g, n, dm, ff)?;
-        self.lin_fwd(&h2a, mlp.up, &u, n, dm, ff)?;
-        ops::swiglu_fwd(dev, &g, &u, &m, n * ff)?;
-        let out = self.zeros(n * dm)?;
-        self.lin_fwd(&self.act(&m)?, mlp.down, &out, n, ff, dm)?;
-        ops::add(dev, &x1, &out, &out, n * dm)?;
-        let c = LayerCache {
-            x,
-            h1,
-            rstd1,
-            q,
-            k,
-            rstd_q,
-            rstd_k,
-            qr,
-            kr,
-            v,
-            z,
-            o,
-            lse,
-            y,
-            x1,
-            h2,
-            rstd2,
-            g,
-            u,
-            m,
-        };
-        Ok((out, c))
+        self.attention_forward(&d, mem, c)?;
+        // the attention block's output goes straight into x1 = x + o_proj(y)
+        let ya = self.act(&c.y, c.y_b.as_ref())?;
+        self.lin_fwd(ya, li.o_proj, &c.x1, n, qd, dm)?;
+        ops::add(dev, x, &c.x1, &c.x1, n * dm)?;
+        ops::rmsnorm_fwd(dev, &c.x1, &p[li.post_norm], &c.h2, &c.rstd2, n, dm, eps, zc)?;
+        let h2a = self.act(&c.h2, c.h2_b.as_ref())?;
+        self.lin_fwd(h2a, mlp.gate, &c.g, n, dm, ff)?;
+        self.lin_fwd(h2a, mlp.up, &c.u, n, dm, ff)?;
+        ops::swiglu_fwd(dev, &c.g, &c.u, &c.m, n * ff)?;
+        let ma = self.act(&c.m, c.m_b.as_ref())?;
+        self.lin_fwd(ma, mlp.down, out, n, ff, dm)?;
+        ops::add(dev, &c.x1, out, out, n * dm)
     }
 
     /// Whether the attention forward runs on tensor cores ([`ops::attention_forward_tc`]): in
@@ -366,19 +323,15 @@ impl<'d> DeviceModel<'d> {
     /// q/k/v, but consumes the tc forward's o and lse, which are those of the bf16-rounded
     /// inputs (and of P rounded to bf16 for P·V). The gradient is thus off by the order of bf16
     /// rounding (relative ~2⁻⁸), the same order the bf16 GEMM operands already introduce.
-    fn attention_forward(
-        &self,
-        d: &AttnDims,
-        (q, k, v): (&DBuf, &DBuf, &DBuf),
-        z: Option<&DBuf>,
-        (o, y, lse): (&DBuf, &DBuf, &DBuf),
-    ) -> Result<()> {
-        if !self.tc_attention() {
-            return ops::attention_fwd(self.dev, d, self.gate, q, k, v, z, o, y, lse);
+    fn attention_forward(&self, d: &AttnDims, mem: &StepMemory, c: &LayerMem) -> Result<()> {
+        let (q, k, v, z) = (&c.qr, &c.kr, &c.v, c.z.as_ref());
+        let Some((qb, kb, vb)) = &mem.qkv_b else {
+            return ops::attention_fwd(self.dev, d, self.gate, q, k, v, z, &c.o, &c.y, &c.lse);
+        };
+        for (x, b) in [(q, qb), (k, kb), (v, vb)] {
+            ops::cast_to_bf16(self.dev, x, b, x.bytes / 4)?;
         }
-        // transient bf16 copies, like the GEMM operands' (`act`)
-        let (qb, kb, vb) = (self.bf16_copy(q)?, self.bf16_copy(k)?, self.bf16_copy(v)?);
-        ops::attention_forward_tc(self.dev, d, self.gate, &qb, &kb, &vb, z, o, y, lse)
+        ops::attention_forward_tc(self.dev, d, self.gate, qb, kb, vb, z, &c.o, &c.y, &c.lse)
     }
 
     fn attn_dims(&self, batch: usize, seq: usize) -> AttnDims {
@@ -391,95 +344,93 @@ impl<'d> DeviceModel<'d> {
         }
     }
 
-    /// `dx`: d(loss)/d(layer output) in, d(loss)/d(layer input) out.
-    fn layer_bwd(&self, li: &LayerIndex, c: LayerCache, dx: DBuf, batch: usize, seq: usize) -> Result<DBuf> {
+    /// `mem.bwd.dx`: d(loss)/d(layer output) in, d(loss)/d(layer input) out.
+    fn layer_bwd(&self, li: &LayerIndex, mem: &StepMemory, layer: usize) -> Result<()> {
         let (dev, cfg, p, gr) = (self.dev, &self.cfg, &self.params, &self.grads);
         let FfnIndex::Dense(mlp) = li.ffn else {
             bail!("MoE layer on the device")
         };
+        let (batch, seq) = (mem.batch, mem.seq);
         let n = batch * seq;
         let (dm, qd, kvd, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
         let zc = self.zc();
+        let (c, b) = (&mem.layers[layer], &mem.bwd);
+        let norm_scratch = (&b.norm_rows, &b.colsum_part);
 
         // MLP: out = x1 + down(swiglu(gate·h2, up·h2))
-        let dm_ = self.zeros(n * ff)?;
-        let dxa = self.act(&dx)?;
-        self.lin_bwd_dx(&dxa, mlp.down, &dm_, n, ff, dm, false)?;
-        self.lin_bwd_dw(&self.act(&c.m)?, &dxa, mlp.down, n, ff, dm)?;
-        drop(dxa); // dx changes below
-        let (dg, du) = (self.zeros(n * ff)?, self.zeros(n * ff)?);
-        ops::swiglu_bwd(dev, &c.g, &c.u, &dm_, &dg, &du, n * ff)?;
-        let dh2 = self.zeros(n * dm)?;
-        let (dga, dua, h2a) = (self.act(&dg)?, self.act(&du)?, self.act(&c.h2)?);
-        self.lin_bwd_dx(&dga, mlp.gate, &dh2, n, dm, ff, false)?;
-        self.lin_bwd_dx(&dua, mlp.up, &dh2, n, dm, ff, true)?;
-        self.lin_bwd_dw(&h2a, &dga, mlp.gate, n, dm, ff)?;
-        self.lin_bwd_dw(&h2a, &dua, mlp.up, n, dm, ff)?;
-        drop((dga, dua, h2a));
+        let dxa = self.act(&b.dx, b.dx_b.as_ref())?;
+        self.lin_bwd_dx(dxa, mlp.down, &b.dm, n, ff, dm, false)?;
+        self.lin_bwd_dw(self.shadowed(&c.m, c.m_b.as_ref()), dxa, mlp.down, n, ff, dm)?;
+        ops::swiglu_bwd(dev, &c.g, &c.u, &b.dm, &b.dg, &b.du, n * ff)?;
+        let (dga, dua) = (self.act(&b.dg, b.dg_b.as_ref())?, self.act(&b.du, b.du_b.as_ref())?);
+        let h2a = self.shadowed(&c.h2, c.h2_b.as_ref());
+        self.lin_bwd_dx(dga, mlp.gate, &b.dh2, n, dm, ff, false)?;
+        self.lin_bwd_dx(dua, mlp.up, &b.dh2, n, dm, ff, true)?;
+        self.lin_bwd_dw(h2a, dga, mlp.gate, n, dm, ff)?;
+        self.lin_bwd_dw(h2a, dua, mlp.up, n, dm, ff)?;
         let pn = li.post_norm;
         // dx becomes d(x1): the residual plus the post-norm's input gradient
-        ops::rmsnorm_bwd(dev, &c.x1, &p[pn], &c.rstd2, &dh2, &dx, &gr[pn], n, dm, zc, true)?;
+        let io = (&c.x1, &p[pn], &c.rstd2, &b.dh2, &b.dx, &gr[pn]);
+        ops::rmsnorm_bwd_with(dev, io, n, dm, zc, true, norm_scratch)?;
 
         // attention: x1 = x + o_proj(gated SDPA)
-        let dy = self.zeros(n * qd)?;
-        let dxa = self.act(&dx)?;
-        self.lin_bwd_dx(&dxa, li.o_proj, &dy, n, qd, dm, false)?;
-        self.lin_bwd_dw(&self.act(&c.y)?, &dxa, li.o_proj, n, qd, dm)?;
-        drop(dxa);
+        let dxa = self.act(&b.dx, b.dx_b.as_ref())?;
+        self.lin_bwd_dx(dxa, li.o_proj, &b.dy, n, qd, dm, false)?;
+        self.lin_bwd_dw(self.shadowed(&c.y, c.y_b.as_ref()), dxa, li.o_proj, n, qd, dm)?;
         let d = self.attn_dims(batch, seq);
-        let scratch = AttnScratch::new(dev, &d)?;
-        let (dqr, dkr, dv) = (self.zeros(n * qd)?, self.zeros(n * kvd)?, self.zeros(n * kvd)?);
-        let dz = match &c.z {
-            Some(z) => Some(self.dev.zeros(z.bytes)?),
-            None => None,
-        };
         ops::attention_bwd(
             dev,
             &d,
             self.gate,
             (&c.qr, &c.kr, &c.v, c.z.as_ref()),
-            (&c.o, &c.lse, &dy),
-            &scratch,
-            (&dqr, &dkr, &dv, dz.as_ref()),
+            (&c.o, &c.lse, &b.dy),
+            &b.attn,
+            (&b.dqr, &b.dkr, &b.dv, b.dz.as_ref()),
         )?;
-        let (dq, dk) = (self.zeros(n * qd)?, self.zeros(n * kvd)?);
-        let dwp = self.zeros(n * qd)?;
+        let dwp = &b.norm_rows;
         let hq = self.heads(n, seq, cfg.num_heads, li.q_norm);
         let gq = li.q_norm.map(|i| &gr[i]);
-        ops::qknorm_rope_bwd(dev, &hq, &self.rope, (&c.q, &c.rstd_q, &dqr), &dq, &dwp, gq)?;
+        let (qin, kin) = ((&c.q, &c.rstd_q, &b.dqr), (&c.k, &c.rstd_k, &b.dkr));
+        ops::qknorm_rope_bwd_with(dev, &hq, &self.rope, qin, &b.dq, (dwp, &b.colsum_part), gq)?;
         let hk = self.heads(n, seq, cfg.num_kv_heads, li.k_norm);
         let gk = li.k_norm.map(|i| &gr[i]);
-        ops::qknorm_rope_bwd(dev, &hk, &self.rope, (&c.k, &c.rstd_k, &dkr), &dk, &dwp, gk)?;
-        let dh1 = self.zeros(n * dm)?;
-        let mut projections = vec![(li.q_proj, &dq, qd), (li.k_proj, &dk, kvd), (li.v_proj, &dv, kvd)];
-        if let (Some(gi), Some(dz), Some(geo)) = (li.gate, dz.as_ref(), cfg.gate_geometry()) {
+        ops::qknorm_rope_bwd_with(dev, &hk, &self.rope, kin, &b.dk, (dwp, &b.colsum_part), gk)?;
+        let mut projections = vec![(li.q_proj, &b.dq, qd), (li.k_proj, &b.dk, kvd), (li.v_proj, &b.dv, kvd)];
+        if let (Some(gi), Some(dz), Some(geo)) = (li.gate, b.dz.as_ref(), cfg.gate_geometry()) {
             projections.push((gi, dz, geo.scores()));
         }
-        let h1a = self.act(&c.h1)?;
+        let h1a = self.shadowed(&c.h1, c.h1_b.as_ref());
         for (i, (w, dout, width)) in projections.into_iter().enumerate() {
-            let da = self.act(dout)?;
-            self.lin_bwd_dx(&da, w, &dh1, n, dm, width, i > 0)?;
-            self.lin_bwd_dw(&h1a, &da, w, n, dm, width)?;
+            // one bf16 buffer serves the four projections in turn: each GEMM pair reads it
+            // before the next cast overwrites it (launches run in order)
+            let da = self.act(dout, b.dproj_b.as_ref())?;
+            self.lin_bwd_dx(da, w, &b.dh1, n, dm, width, i > 0)?;
+            self.lin_bwd_dw(h1a, da, w, n, dm, width)?;
         }
         let inorm = li.input_norm;
-        ops::rmsnorm_bwd(dev, &c.x, &p[inorm], &c.rstd1, &dh1, &dx, &gr[inorm], n, dm, zc, true)?;
-        Ok(dx)
+        let io = (&c.x, &p[inorm], &c.rstd1, &b.dh1, &b.dx, &gr[inorm]);
+        ops::rmsnorm_bwd_with(dev, io, n, dm, zc, true, norm_scratch)
     }
 
-    /// An activation as a GEMM operand: itself, or in mixed precision a bf16 copy.
-    fn act<'a>(&self, x: &'a DBuf) -> Result<Act<'a>> {
-        match self.precision {
-            Precision::F32 => Ok(Act::F32(x)),
-            Precision::Bf16 => Ok(Act::Bf16(self.bf16_copy(x)?)),
+    /// An f32 activation as a GEMM operand: itself, or in mixed precision its bf16 shadow
+    /// after casting into it.
+    fn act<'a>(&self, x: &'a DBuf, shadow: Option<&'a DBuf>) -> Result<Operand<'a>> {
+        match (self.precision, shadow) {
+            (Precision::F32, _) => Ok(x.into()),
+            (Precision::Bf16, Some(b)) => {
+                ops::cast_to_bf16(self.dev, x, b, x.bytes.min(2 * b.bytes) / 4)?;
+                Ok(Operand::bf16(b))
+            }
+            (Precision::Bf16, None) => bail!("mixed precision: an activation has no bf16 buffer"),
         }
     }
 
-    /// A new bf16 copy of an f32 buffer.
-    fn bf16_copy(&self, x: &DBuf) -> Result<DBuf> {
-        let n = x.bytes / 4;
-        let b = self.dev.zeros(n * 2)?;
-        ops::cast_to_bf16(self.dev, x, &b, n)?;
-        Ok(b)
+    /// An activation whose bf16 shadow the forward already wrote (read again by the backward).
+    fn shadowed<'a>(&self, x: &'a DBuf, shadow: Option<&'a DBuf>) -> Operand<'a> {
+        match shadow {
+            Some(b) if self.precision == Precision::Bf16 => Operand::bf16(b),
+            _ => x.into(),
+        }
     }
 
     /// Weight `i` as a GEMM operand (its bf16 copy in mixed precision).
@@ -491,19 +442,28 @@ impl<'d> DeviceModel<'d> {
     }
 
     /// `y = x·W_iᵀ` (activations as `act` makes them, once per tensor however many GEMMs read it)
-    fn lin_fwd(&self, x: &Act, w: usize, y: &DBuf, rows: usize, din: usize, dout: usize) -> Result<()> {
-        ops::linear_fwd(self.dev, x.op(), self.weight(w), y, rows, din, dout)
+    fn lin_fwd(&self, x: Operand, w: usize, y: &DBuf, rows: usize, din: usize, dout: usize) -> Result<()> {
+        ops::linear_fwd(self.dev, x, self.weight(w), y, rows, din, dout)
     }
 
     /// `dx (+)= dy·W_i`
     #[allow(clippy::too_many_arguments)]
-    fn lin_bwd_dx(&self, dy: &Act, w: usize, dx: &DBuf, rows: usize, din: usize, dout: usize, acc: bool) -> Result<()> {
-        ops::linear_bwd_dx(self.dev, dy.op(), self.weight(w), dx, rows, din, dout, acc)
+    fn lin_bwd_dx(
+        &self,
+        dy: Operand,
+        w: usize,
+        dx: &DBuf,
+        rows: usize,
+        din: usize,
+        dout: usize,
+        acc: bool,
+    ) -> Result<()> {
+        ops::linear_bwd_dx(self.dev, dy, self.weight(w), dx, rows, din, dout, acc)
     }
 
     /// `dW_i += dyᵀ·x`
-    fn lin_bwd_dw(&self, x: &Act, dy: &Act, w: usize, rows: usize, din: usize, dout: usize) -> Result<()> {
-        ops::linear_bwd_dw(self.dev, x.op(), dy.op(), &self.grads[w], rows, din, dout)
+    fn lin_bwd_dw(&self, x: Operand, dy: Operand, w: usize, rows: usize, din: usize, dout: usize) -> Result<()> {
+        ops::linear_bwd_dw(self.dev, x, dy, &self.grads[w], rows, din, dout)
     }
 
     /// Refresh the bf16 copies of the GEMM weights after the master weights changed.
@@ -551,7 +511,8 @@ impl<'d> DeviceModel<'d> {
             beta2: opt.beta2 as f32,
             eps: opt.eps as f32,
             weight_decay: opt.weight_decay as f32,
-            step,
+            bias_correction1: bias_correction(opt.beta1, step) as f32,
+            bias_correction2: bias_correction(opt.beta2, step) as f32,
             scale,
         };
         let exempt = if opt.no_decay_norms_embeddings {
@@ -607,7 +568,7 @@ impl<'d> DeviceModel<'d> {
     }
 
     /// Sum the gradients over the data-parallel ranks (each rank then takes the same step).
-    pub fn all_reduce_grads(&mut self, comm: &dyn super::dist::GradAllReduce) -> Result<()> {
+    pub fn all_reduce_grads(&mut self, comm: &dyn crate::backend::cuda::dist::GradAllReduce) -> Result<()> {
         comm.all_reduce_sum(self.dev, &mut self.grads)
     }
 
@@ -639,5 +600,52 @@ impl<'d> DeviceModel<'d> {
 
     pub fn grads(&self) -> Result<ParamStore<f32>> {
         self.download(&self.grads)
+    }
+}
+
+impl Engine for DeviceModel<'_> {
+    fn describe(&self) -> String {
+        self.dev.describe()
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        DeviceModel::zero_grads(self)
+    }
+
+    fn micro_batch(&mut self, _model: &Model<f32>, b: &Batch, _routers: &mut RouterLog) -> Result<f64> {
+        self.forward_backward(b.ids, b.targets, b.batch, b.seq)
+    }
+
+    fn eval_loss(&mut self, _model: &Model<f32>, b: &Batch) -> Result<f64> {
+        self.loss(b.ids, b.targets, b.batch, b.seq)
+    }
+
+    /// Folded into the norm and the update (no pass over the gradients).
+    fn scale_grads(&mut self, s: f32) -> f32 {
+        s
+    }
+
+    fn grad_norm(&self, pending: f32) -> Result<f64> {
+        Ok(DeviceModel::grad_norm(self)? * pending as f64)
+    }
+
+    fn bad_tensors(&self, names: &[String]) -> Result<Vec<String>> {
+        Ok(super::cpu::non_finite(names, &self.grads()?))
+    }
+
+    fn update(&mut self, _model: &mut Model<f32>, opt: &mut AdamW<f32>, lr: f64, scale: f64) -> Result<()> {
+        DeviceModel::update(self, &opt.cfg, lr, scale as f32)
+    }
+
+    fn sync(&self, model: &mut Model<f32>, opt: &mut AdamW<f32>) -> Result<()> {
+        model.params = self.params()?;
+        self.optimizer_into(opt)
+    }
+
+    fn all_reduce(&mut self, comm: &dyn crate::backend::cuda::dist::GradAllReduce, loss: f64) -> Result<f64> {
+        self.all_reduce_grads(comm)?;
+        let mut l = vec![up_f32(self.dev, &[loss as f32])?];
+        comm.all_reduce_sum(self.dev, &mut l)?;
+        Ok(down_f32(self.dev, &l[0])?[0] as f64)
     }
 }

@@ -1,0 +1,276 @@
+//! Device memory of a training step, planned once per (batch, seq, precision): every
+//! activation the backward reads, every activation gradient and every scratch buffer is a view
+//! of one arena allocated when a shape is first seen and reused by every later step of that
+//! shape. Nothing is allocated or zero-filled per step: each kernel overwrites its outputs (or
+//! adds to a buffer that holds a real value, such as the residual gradient). To keep it so, a
+//! new arena is filled with NaN once: a kernel that relied on a zeroed output would turn the
+//! step's loss or gradients into NaN, which the device-vs-CPU tests catch.
+
+use super::Precision;
+use crate::backend::cuda::ops::{self, AttnScratch};
+use crate::backend::cuda::runtime::{DBuf, Device};
+use crate::config::ModelConfig;
+use anyhow::Result;
+use std::rc::Rc;
+
+/// Buffers start on 256-byte boundaries (cuBLASLt and the vectorised kernels want 16).
+const ALIGN: usize = 256;
+
+/// Hands out consecutive views of an arena. The plan is written once ([`StepMemory::carve`])
+/// and run twice: over a placeholder arena to learn its size, then over the real one.
+struct Carver {
+    arena: Rc<DBuf>,
+    used: usize,
+}
+
+impl Carver {
+    fn bytes(&mut self, bytes: usize) -> Result<DBuf> {
+        let b = DBuf::view(&self.arena, self.used, bytes)?;
+        self.used += bytes.div_ceil(ALIGN) * ALIGN;
+        Ok(b)
+    }
+    fn f32(&mut self, n: usize) -> Result<DBuf> {
+        self.bytes(4 * n)
+    }
+    fn i32(&mut self, n: usize) -> Result<DBuf> {
+        self.bytes(4 * n)
+    }
+    fn bf16(&mut self, n: usize) -> Result<DBuf> {
+        self.bytes(2 * n)
+    }
+    /// A bf16 shadow of an f32 activation that GEMMs read, in mixed precision only.
+    fn shadow(&mut self, precision: Precision, n: usize) -> Result<Option<DBuf>> {
+        match precision {
+            Precision::F32 => Ok(None),
+            Precision::Bf16 => Ok(Some(self.bf16(n)?)),
+        }
+    }
+}
+
+/// What one layer's forward keeps for its backward (f32, and the bf16 shadows the GEMMs of
+/// both passes read in mixed precision).
+pub(super) struct LayerMem {
+    /// the layer's input (the previous layer's output)
+    pub x: DBuf,
+    pub h1: DBuf,
+    pub rstd1: DBuf,
+    pub q: DBuf,
+    pub k: DBuf,
+    pub rstd_q: DBuf,
+    pub rstd_k: DBuf,
+    pub qr: DBuf,
+    pub kr: DBuf,
+    pub v: DBuf,
+    pub z: Option<DBuf>,
+    pub o: DBuf,
+    pub lse: DBuf,
+    pub y: DBuf,
+    pub x1: DBuf,
+    pub h2: DBuf,
+    pub rstd2: DBuf,
+    pub g: DBuf,
+    pub u: DBuf,
+    pub m: DBuf,
+    pub h1_b: Option<DBuf>,
+    pub y_b: Option<DBuf>,
+    pub h2_b: Option<DBuf>,
+    pub m_b: Option<DBuf>,
+}
+
+/// Gradient and scratch buffers of the backward, shared by the layers (one runs at a time).
+pub(super) struct BackwardMem {
+    /// d(loss)/d(residual stream), updated in place layer by layer
+    pub dx: DBuf,
+    pub dm: DBuf,
+    pub dg: DBuf,
+    pub du: DBuf,
+    pub dh2: DBuf,
+    pub dy: DBuf,
+    pub dqr: DBuf,
+    pub dkr: DBuf,
+    pub dv: DBuf,
+    pub dq: DBuf,
+    pub dk: DBuf,
+    pub dz: Option<DBuf>,
+    pub dh1: DBuf,
+    pub attn: AttnScratch,
+    /// per-row gain gradients of a norm (`[rows, max(hidden, heads·head_dim)]`) and their
+    /// column sum's partials
+    pub norm_rows: DBuf,
+    pub colsum_part: DBuf,
+    /// embedding backward's index (ids grouped on the host)
+    pub embed_index: DBuf,
+    /// bf16 copies of the gradients GEMMs read: the residual's, dg and du (read together),
+    /// and one projection-sized buffer reused for dy, dq, dk, dv and dz in turn
+    pub dx_b: Option<DBuf>,
+    pub dg_b: Option<DBuf>,
+    pub du_b: Option<DBuf>,
+    pub dproj_b: Option<DBuf>,
+}
+
+/// Everything a step of one shape uses on the device besides the parameters, gradients and
+/// optimizer state (which live as long as the model).
+pub(super) struct StepMemory {
+    pub batch: usize,
+    pub seq: usize,
+    pub precision: Precision,
+    pub ids: DBuf,
+    pub targets: DBuf,
+    pub layers: Vec<LayerMem>,
+    /// the last layer's output
+    pub x_last: DBuf,
+    pub hf: DBuf,
+    pub rstd_f: DBuf,
+    pub hf_b: Option<DBuf>,
+    /// logits, then (after the loss) their gradient
+    pub logits: DBuf,
+    pub logits_b: Option<DBuf>,
+    pub loss_rows: DBuf,
+    pub dhf: DBuf,
+    pub bwd: BackwardMem,
+    /// bf16 copies of the rotated q, k and v for the tensor-core attention
+    pub qkv_b: Option<(DBuf, DBuf, DBuf)>,
+    /// Size of the arena, bytes.
+    pub bytes: usize,
+}
+
+impl StepMemory {
+    /// Allocate (once) and carve the memory of `batch × seq` steps of `cfg`, poisoned with NaN.
+    pub fn new(
+        dev: &dyn Device,
+        cfg: &ModelConfig,
+        (batch, seq): (usize, usize),
+        precision: Precision,
+        tc_attention: bool,
+    ) -> Result<StepMemory> {
+        // the placeholder is never launched with: its views only measure the plan
+        let placeholder = Rc::new(DBuf {
+            ptr: 0,
+            bytes: usize::MAX / 2,
+            _keep: Box::new(()),
+        });
+        let mut sizing = Carver {
+            arena: placeholder,
+            used: 0,
+        };
+        Self::carve(&mut sizing, cfg, (batch, seq), precision, tc_attention)?;
+        let bytes = sizing.used.max(ALIGN);
+        let arena = Rc::new(dev.zeros(bytes)?);
+        ops::fill(dev, &arena, f32::NAN, bytes / 4)?;
+        let mut carver = Carver { arena, used: 0 };
+        let mut mem = Self::carve(&mut carver, cfg, (batch, seq), precision, tc_attention)?;
+        mem.bytes = bytes;
+        Ok(mem)
+    }
+
+    fn carve(
+        c: &mut Carver,
+        cfg: &ModelConfig,
+        (batch, seq): (usize, usize),
+        precision: Precision,
+        tc_attention: bool,
+    ) -> Result<StepMemory> {
+        let n = batch * seq;
+        let (dm, qd, kvd, ff, vocab) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        );
+        let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
+        let scores = cfg.gate_geometry().map(|g| g.scores());
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            layers.push(LayerMem {
+                x: c.f32(n * dm)?,
+                h1: c.f32(n * dm)?,
+                rstd1: c.f32(n)?,
+                q: c.f32(n * qd)?,
+                k: c.f32(n * kvd)?,
+                rstd_q: c.f32(n * heads)?,
+                rstd_k: c.f32(n * kv_heads)?,
+                qr: c.f32(n * qd)?,
+                kr: c.f32(n * kvd)?,
+                v: c.f32(n * kvd)?,
+                z: scores.map(|s| c.f32(n * s)).transpose()?,
+                o: c.f32(n * qd)?,
+                lse: c.f32(n * heads)?,
+                y: c.f32(n * qd)?,
+                x1: c.f32(n * dm)?,
+                h2: c.f32(n * dm)?,
+                rstd2: c.f32(n)?,
+                g: c.f32(n * ff)?,
+                u: c.f32(n * ff)?,
+                m: c.f32(n * ff)?,
+                h1_b: c.shadow(precision, n * dm)?,
+                y_b: c.shadow(precision, n * qd)?,
+                h2_b: c.shadow(precision, n * dm)?,
+                m_b: c.shadow(precision, n * ff)?,
+            });
+        }
+        let proj = qd.max(kvd).max(scores.unwrap_or(0));
+        let bwd = BackwardMem {
+            dx: c.f32(n * dm)?,
+            dm: c.f32(n * ff)?,
+            dg: c.f32(n * ff)?,
+            du: c.f32(n * ff)?,
+            dh2: c.f32(n * dm)?,
+            dy: c.f32(n * qd)?,
+            dqr: c.f32(n * qd)?,
+            dkr: c.f32(n * kvd)?,
+            dv: c.f32(n * kvd)?,
+            dq: c.f32(n * qd)?,
+            dk: c.f32(n * kvd)?,
+            dz: scores.map(|s| c.f32(n * s)).transpose()?,
+            dh1: c.f32(n * dm)?,
+            attn: AttnScratch {
+                dout: c.f32(n * qd)?,
+                delta: c.f32(n * heads)?,
+            },
+            norm_rows: c.f32(n * dm.max(qd))?,
+            colsum_part: c.f32(ops::colsum_scratch_len(n, dm).max(ops::colsum_scratch_len(n * heads, cfg.head_dim)))?,
+            embed_index: c.i32(ops::embed_bwd_index_len(n))?,
+            dx_b: c.shadow(precision, n * dm)?,
+            dg_b: c.shadow(precision, n * ff)?,
+            du_b: c.shadow(precision, n * ff)?,
+            dproj_b: c.shadow(precision, n * proj)?,
+        };
+        let qkv_b = if tc_attention {
+            Some((c.bf16(n * qd)?, c.bf16(n * kvd)?, c.bf16(n * kvd)?))
+        } else {
+            None
+        };
+        Ok(StepMemory {
+            batch,
+            seq,
+            precision,
+            ids: c.i32(n)?,
+            targets: c.i32(n)?,
+            layers,
+            x_last: c.f32(n * dm)?,
+            hf: c.f32(n * dm)?,
+            rstd_f: c.f32(n)?,
+            hf_b: c.shadow(precision, n * dm)?,
+            logits: c.f32(n * vocab)?,
+            logits_b: c.shadow(precision, n * vocab)?,
+            loss_rows: c.f32(n)?,
+            dhf: c.f32(n * dm)?,
+            bwd,
+            qkv_b,
+            bytes: 0,
+        })
+    }
+
+    /// The input of layer `i` (the embedding output for layer 0), and where layer `i` writes
+    /// its output.
+    pub fn layer_io(&self, i: usize) -> (&DBuf, &DBuf) {
+        let out = self.layers.get(i + 1).map_or(&self.x_last, |l| &l.x);
+        (&self.layers[i].x, out)
+    }
+
+    /// The embedding output: layer 0's input (or the final norm's, without layers).
+    pub fn embed_out(&self) -> &DBuf {
+        self.layers.first().map_or(&self.x_last, |l| &l.x)
+    }
+}
