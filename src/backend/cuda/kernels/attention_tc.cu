@@ -266,11 +266,11 @@ extern "C" __global__ void tc_mma_probe(const bf16* a, const bf16* bn, const bf1
 //     hd128: dK/dV alone take 128 registers, and K/V held too spilled, so K and V are staged in
 //     shared memory once per block (34.8 KB) and read by ldmatrix per slice; that leaves room for
 //     query tiles of 16 only (8.7 KB; 43.6 KB in all), SUB = 16: 64 + 64 + 8 + 8 = 144 live,
-//     250 registers, no spills.
+//     251 registers, no spills.
 //   dQ: mirrors the forward: 4 warps × 16 query rows, Q and dO as A fragments in registers
 //     (HD/4 each), the dQ accumulator (HD/2); the block walks key tiles of 64 (K and V staged:
 //     18.4 / 34.8 KB), S and dP for SUB keys at a time: hd64 SUB = 32, 16 + 16 + 32 + 16 + 16
-//     = 96 live, 131 registers; hd128 SUB = 16, 32 + 32 + 64 + 8 + 8 = 144 live, 200 registers
+//     = 96 live, 131 registers; hd128 SUB = 16, 32 + 32 + 64 + 8 + 8 = 144 live, 202 registers
 //     (SUB = 32 took 250). Below 168 registers 3 blocks fit an SM, up to 255 2 blocks.
 // Causal: the dK/dV kernel starts at the query tile of its first key (earlier queries see none
 // of its keys), the dQ kernel stops at the key tile of its own rows; only tiles crossing the
@@ -459,8 +459,9 @@ __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* 
             const bool edge = (i0 < j0 + TC_KEYS && plant != 1) || i0 + QT > T;
             #pragma unroll 1
             for (int s = 0; s < QT; s += SUB) {
-                // warp-uniform: a slice of queries all before the warp's first key, or past T
-                if (i0 + s + SUB - 1 < wk || i0 + s >= T) continue;
+                // warp-uniform: a slice of queries all before the warp's first key, or past T,
+                // or a warp whose keys are all past T
+                if (i0 + s + SUB - 1 < wk || i0 + s >= T || wk >= T) continue;
                 float st[SNT][4], dpt[SNT][4];
                 mma_abt<HD, SUB>(st, kf, ka, qs + s * LD);
                 mma_abt<HD, SUB>(dpt, vf, va, dos + s * LD);
@@ -541,7 +542,9 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
         const bool edge = j0 + TC_KEYS > q0 && plant != 1;
         #pragma unroll 1
         for (int s = 0; s < TC_KEYS; s += SUB) {
-            if (j0 + s > wq + 15 || j0 + s >= T) continue;  // warp-uniform: all keys after its rows
+            // warp-uniform: a slice of keys all after the warp's rows, or past T, or a warp whose
+            // rows are all past T
+            if (j0 + s > wq + 15 || j0 + s >= T || wq >= T) continue;
             float st[SNT][4], dp[SNT][4];
             mma_abt<HD, SUB>(st, qf, nullptr, ks + s * LD);
             mma_abt<HD, SUB>(dp, of, nullptr, vs + s * LD);
