@@ -117,13 +117,7 @@ fn tensor_core_attention_forward_matches_the_cpu_op() {
                     kv_heads,
                     head_dim,
                 };
-                let sh = att::AttnShape {
-                    batch,
-                    seq,
-                    heads,
-                    kv_heads,
-                    head_dim,
-                };
+                let sh = att::AttnShape::new(batch, seq, heads, kv_heads, head_dim);
                 let round = |x: Vec<f32>| -> Vec<f32> { x.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect() };
                 let (nq, nk) = (batch * seq * heads * head_dim, batch * seq * kv_heads * head_dim);
                 // q scaled up so that softmax rows are peaked, not uniform: P's rounding matters
@@ -236,13 +230,7 @@ fn bwd_case((batch, seq, heads, kv_heads, head_dim): (usize, usize, usize, usize
         kv_heads,
         head_dim,
     };
-    let sh = att::AttnShape {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        head_dim,
-    };
+    let sh = att::AttnShape::new(batch, seq, heads, kv_heads, head_dim);
     let round = |x: Vec<f32>| -> Vec<f32> { x.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect() };
     let (nq, nk) = (batch * seq * heads * head_dim, batch * seq * kv_heads * head_dim);
     // q scaled up so that softmax rows are peaked, not uniform (as in the forward's test)
@@ -387,19 +375,21 @@ fn worst_ratio(got: &[f32], want: &[f32], tol: &[f64]) -> (f64, usize, f64) {
 /// the bounds are 2⁻⁸ of) on either side, the CPU op's and the kernels'; 25% covers both.
 const BOUND_MARGIN: f64 = 1.25;
 
-const BWD_SHAPES: [(usize, usize, usize, usize, usize); 4] = [
+const BWD_SHAPES: [(usize, usize, usize, usize, usize); 6] = [
     (2, 70, 4, 2, 64),
     (2, 37, 4, 2, 128),
     (1, 130, 2, 1, 64),
     (1, 130, 4, 2, 128),
+    (1, 100, 4, 1, 64),
+    (1, 45, 2, 2, 128),
 ];
 
-/// The tensor-core backward against the CPU ops on the same bf16 inputs: T = 37, 70, 130
-/// (partial tiles, several tiles of queries and keys), GQA (4 query heads over 2 kv heads),
-/// batch 2, hd64 and hd128, gate none / elementwise / headwise. Every element of dq, dk, dv within
-/// BOUND_MARGIN × its bound from the bf16 roundings (see `bwd_bounds`); dz (f32 throughout, the
-/// f32 pre-pass's arithmetic) as the f32 kernels' test, 2e-5 of max|dz|. Two runs give identical
-/// bits (no atomics, fixed order).
+/// The tensor-core backward against the CPU ops on the same bf16 inputs: T = 37, 45, 70, 100, 130
+/// (partial tiles, several tiles of queries and keys), GQA (2 or 4 query heads per kv head) and
+/// plain multi-head, batch 2, hd64 and hd128, gate none / elementwise / headwise. Every element
+/// of dq, dk, dv within BOUND_MARGIN × its bound from the bf16 roundings (see `bwd_bounds`); dz
+/// (f32 throughout, the f32 pre-pass's arithmetic) as the f32 kernels' test, 2e-5 of max|dz|.
+/// Two runs give identical bits (no atomics, fixed order).
 #[test]
 fn tensor_core_attention_backward_matches_the_cpu_ops() {
     for dev in devices() {
