@@ -478,7 +478,7 @@ mod tests {
             };
             let (n, d) = (13, cfg.hidden_size);
             let h: Vec<f64> = init_params::<f64>(&specs[..1], 3).tensors[0].data[..n * d].to_vec();
-            let (y, _) = ffn_fwd(&p, &index.layers[0].ffn, cfg.moe.as_ref(), &h, n, d);
+            let (y, _) = ffn_fwd(&p, &index.layers[0].ffn, cfg.moe.as_ref(), &h, n, d, cfg.mlp_activation);
             for t in 0..n {
                 let x = &h[t * d..(t + 1) * d];
                 let logits: Vec<f64> = p.tensors[mi.router]

@@ -437,6 +437,8 @@ mod tests {
     use crate::model::ops::testutil::{check_grad, randn};
 
     fn naive(sh: AttnShape, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let scale = 1.0 / sh.scalar.unwrap_or(sh.head_dim as f64).sqrt();
+        let cap = |x: f64| sh.softcap.map_or(x, |c| c * (x / c).tanh());
         let (t, d, hq, kv) = (sh.seq, sh.head_dim, sh.heads, sh.kv_heads);
         let mut o = vec![0.0; q.len()];
         let mut probs = vec![0.0; sh.batch * hq * t * t];
@@ -445,18 +447,20 @@ mod tests {
                 let kh = h / (hq / kv);
                 for i in 0..t {
                     let qi = &q[(b * t + i) * hq * d + h * d..][..d];
+                    let lo = window_start(i, sh.window);
                     let s: Vec<f64> = (0..=i)
                         .map(|j| {
-                            qi.iter()
+                            cap(qi
+                                .iter()
                                 .zip(&k[(b * t + j) * kv * d + kh * d..][..d])
                                 .map(|(a, c)| a * c)
                                 .sum::<f64>()
-                                / (d as f64).sqrt()
+                                * scale)
                         })
                         .collect();
-                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                    for j in 0..=i {
+                    let m = s[lo..].iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = s[lo..].iter().map(|x| (x - m).exp()).sum();
+                    for j in lo..=i {
                         let pj = (s[j] - m).exp() / z;
                         probs[((b * hq + h) * t + i) * t + j] = pj;
                         for e in 0..d {
@@ -520,5 +524,53 @@ mod tests {
         check_grad(&q, &dq, |x| f(x, &k, &v), 1e-7);
         check_grad(&k, &dk, |x| f(&q, x, &v), 1e-7);
         check_grad(&v, &dv, |x| f(&q, &k, x), 1e-7);
+    }
+
+    #[test]
+    fn window_softcap_and_scalar_match_naive_and_finite_differences() {
+        for (window, softcap, scalar) in [
+            (Some(1), None, None),
+            (Some(5), Some(2.0), Some(24.0)),
+            (Some(100), Some(0.7), None),
+            (None, Some(1.5), Some(3.0)),
+        ] {
+            let sh = AttnShape {
+                window,
+                softcap,
+                scalar,
+                ..AttnShape::new(2, 70, 4, 2, 4)
+            };
+            let n = sh.batch * sh.seq;
+            let (q, k, v) = (randn(n * 16, 5, 1.5), randn(n * 8, 6, 1.5), randn(n * 8, 7, 1.0));
+            let mut o = vec![0.0; n * 16];
+            let mut lse = vec![0.0; 2 * 4 * 70];
+            let mut p = vec![0.0; 2 * 4 * 70 * 70];
+            let probes = AttnProbes {
+                probs: Some(&mut p),
+                key0: None,
+            };
+            attention_fwd(sh, &q, &k, &v, &mut o, &mut lse, probes);
+            let (ro, rp) = naive(sh, &q, &k, &v);
+            assert!(
+                o.iter().zip(&ro).all(|(a, b)| (a - b).abs() < 1e-12),
+                "{window:?} {softcap:?}"
+            );
+            assert!(
+                p.iter().zip(&rp).all(|(a, b)| (a - b).abs() < 1e-12),
+                "{window:?} {softcap:?}"
+            );
+            let w = randn(n * 16, 8, 1.0);
+            let f = |q: &[f64], k: &[f64], v: &[f64]| {
+                let mut o = vec![0.0; n * 16];
+                let mut lse = vec![0.0; 2 * 4 * 70];
+                attention_fwd(sh, q, k, v, &mut o, &mut lse, AttnProbes::default());
+                o.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>()
+            };
+            let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+            attention_bwd(sh, &q, &k, &v, &o, &lse, &w, &mut dq, &mut dk, &mut dv);
+            check_grad(&q, &dq, |x| f(x, &k, &v), 1e-7);
+            check_grad(&k, &dk, |x| f(&q, x, &v), 1e-7);
+            check_grad(&v, &dv, |x| f(&q, &k, x), 1e-7);
+        }
     }
 }

@@ -80,7 +80,7 @@ mod tests {
             (-2.0, -0.04540230591222),
             (0.5, 0.34571400982514394),
         ] {
-            assert!((gelu_tanh(x) - y).abs() < 1e-12, "{x}: {}", gelu_tanh(x));
+            assert!((gelu_tanh::<f64>(x) - y).abs() < 1e-12, "{x}: {}", gelu_tanh::<f64>(x));
         }
     }
 }
