@@ -197,6 +197,21 @@ impl GateConfig {
     }
 }
 
+/// The activation of the dense MLP's gate branch: `down(act(gate(x)) ⊙ up(x))`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MlpActivation {
+    /// SiLU: SwiGLU (Qwen, llama, Phi-3).
+    #[default]
+    Silu,
+    /// GELU, tanh approximation (transformers' `gelu_pytorch_tanh`: Gemma 2 / 3).
+    GeluTanh,
+}
+
+fn is_silu(a: &MlpActivation) -> bool {
+    *a == MlpActivation::Silu
+}
+
 /// RMSNorm weight convention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -240,6 +255,38 @@ pub struct ModelConfig {
     /// Mixture-of-Experts FFN (`None`: a dense SwiGLU MLP in every layer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
+    /// Sliding-window attention (Mistral, Phi-3, Gemma): query i sees keys j with i − j < W,
+    /// i.e. i−W+1..=i (transformers' and llama.cpp's convention). `None`: full causal attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Layers exempt from the window (Gemma's global layers); empty: every layer is windowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub global_layers: Vec<usize>,
+    /// RoPE θ of the windowed layers (Gemma 3's `rope_local_base_freq`, no scaling there);
+    /// `None`: every layer uses `rope_theta` (and `rope_scaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_theta: Option<f64>,
+    /// Attention scores `c·tanh(s/c)` after scaling, before the mask (Gemma 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcap: Option<f64>,
+    /// Final logits `c·tanh(z/c)` (Gemma 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcap: Option<f64>,
+    /// Score scale `query_pre_attn_scalar^-½` instead of `head_dim^-½` (Gemma).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Embeddings multiplied by √hidden_size (rounded to the model's float type, as transformers'
+    /// Gemma does).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub embed_scale: bool,
+    /// Gemma's four norms per block: the attention output and the MLP output are normed before
+    /// their residual adds (`post_attention_layernorm`, `post_feedforward_layernorm`); the MLP
+    /// input norm is then named `pre_feedforward_layernorm`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sandwich_norms: bool,
+    /// Activation of the dense MLP.
+    #[serde(default, skip_serializing_if = "is_silu")]
+    pub mlp_activation: MlpActivation,
 }
 
 /// Mixture-of-Experts FFN, transformers' Qwen3-MoE / Qwen3-Next field names and semantics: a
@@ -457,6 +504,48 @@ impl ModelConfig {
         r - r % 2
     }
 
+    /// The attention window of layer `l` (`None`: full causal attention).
+    pub fn window_at(&self, l: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| !self.global_layers.contains(&l))
+    }
+
+    /// Whether layer `l` uses the local RoPE table (`rope_local_theta`, windowed layers only).
+    pub fn local_rope_at(&self, l: usize) -> bool {
+        self.rope_local_theta.is_some() && self.window_at(l).is_some()
+    }
+
+    /// Why the device (CUDA) model cannot run this config, if it uses a feature only the CPU
+    /// model implements: sliding-window attention, soft-capping, Gemma's extra norms, GELU MLP,
+    /// embedding scale, a query_pre_attn_scalar score scale, a local RoPE θ.
+    pub fn cpu_only_feature(&self) -> Option<String> {
+        let mut f = Vec::new();
+        if let Some(w) = self.sliding_window {
+            f.push(format!("sliding-window attention (window {w})"));
+        }
+        if self.rope_local_theta.is_some() {
+            f.push("a separate RoPE theta for local layers".into());
+        }
+        if self.attn_logit_softcap.is_some() {
+            f.push("attention logit soft-capping".into());
+        }
+        if self.final_logit_softcap.is_some() {
+            f.push("final logit soft-capping".into());
+        }
+        if self.query_pre_attn_scalar.is_some() {
+            f.push("a query_pre_attn_scalar score scale".into());
+        }
+        if self.embed_scale {
+            f.push("embedding scaling by sqrt(hidden_size)".into());
+        }
+        if self.sandwich_norms {
+            f.push("post-attention / post-feedforward norms".into());
+        }
+        if self.mlp_activation != MlpActivation::Silu {
+            f.push("a GELU-tanh MLP".into());
+        }
+        (!f.is_empty()).then(|| format!("the device model does not implement {} (CPU only)", f.join(", ")))
+    }
+
     /// The dense model with the same attention and the same active FFN width (k · expert width
     /// + shared width), for MoE-vs-dense comparisons at equal active parameters.
     pub fn dense_counterpart(&self) -> ModelConfig {
@@ -535,6 +624,34 @@ impl ModelConfig {
         }
         if let Some(m) = &self.moe {
             m.validate()?;
+            if self.mlp_activation != MlpActivation::Silu {
+                bail!("model config: MoE experts are SwiGLU; mlp_activation must be silu with moe");
+            }
+        }
+        if self.sliding_window == Some(0) {
+            bail!("model config: sliding_window must be > 0");
+        }
+        if let Some(&l) = self.global_layers.iter().find(|&&l| l >= self.num_layers) {
+            bail!(
+                "model config: global_layers lists layer {l}, the model has {}",
+                self.num_layers
+            );
+        }
+        for (v, what) in [
+            (self.rope_local_theta, "rope_local_theta"),
+            (self.query_pre_attn_scalar, "query_pre_attn_scalar"),
+        ] {
+            if v.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
+                bail!("model config: {what} must be a finite number > 0, got {}", v.unwrap());
+            }
+        }
+        for (v, what) in [
+            (self.attn_logit_softcap, "attn_logit_softcapping"),
+            (self.final_logit_softcap, "final_logit_softcapping"),
+        ] {
+            if v.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
+                bail!("model config: {what} must be a finite number > 0, got {}", v.unwrap());
+            }
         }
         // Guard against absurd sizes from untrusted files before anything is allocated.
         let ffn = match &self.moe {
@@ -610,6 +727,15 @@ impl ModelConfig {
             attention_bias: false,
             gate,
             moe: None,
+            sliding_window: None,
+            global_layers: vec![],
+            rope_local_theta: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
+            query_pre_attn_scalar: None,
+            embed_scale: false,
+            sandwich_norms: false,
+            mlp_activation: MlpActivation::Silu,
         }
     }
 }

@@ -208,7 +208,7 @@ fn qwen2_gguf_loads_to_the_same_model() {
     write_qwen2(&m, GgmlType::F32, &pg, "gemma");
     let e = format!("{:#}", load_gguf_model(&pg).err().unwrap());
     assert!(
-        e.contains("'gemma' is not supported (llama, qwen2, qwen3, qwen3moe)"),
+        e.contains("'gemma' is not supported (llama, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3)"),
         "{e}"
     );
 }

@@ -10,6 +10,8 @@ use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub mod arch;
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     U8(u8),
@@ -406,9 +408,9 @@ fn expert_source(hf: &str) -> Option<(String, usize)> {
 }
 
 /// The architectures `model_config` reads (llama.cpp's `general.architecture` names).
-pub const SUPPORTED_ARCHS: [&str; 4] = ["llama", "qwen2", "qwen3", "qwen3moe"];
+pub const SUPPORTED_ARCHS: [&str; 7] = ["llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3"];
 
-/// The model config a llama/qwen2/qwen3/qwen3moe GGUF describes.
+/// The model config a GGUF of one of `SUPPORTED_ARCHS` describes.
 pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
     let arch = g.get("general.architecture")?.as_str().unwrap_or("").to_string();
     if !SUPPORTED_ARCHS.contains(&arch.as_str()) {
@@ -448,7 +450,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
         Some(m) => u("feed_forward_length").unwrap_or(m.moe_intermediate_size),
         None => u("feed_forward_length")?,
     };
-    let cfg = ModelConfig {
+    let mut cfg = ModelConfig {
         vocab_size: vocab,
         hidden_size: hidden,
         num_layers: u("block_count")?,
@@ -477,7 +479,9 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig> {
         attention_bias: arch == "qwen2",
         gate: None,
         moe,
+        ..ModelConfig::dense(1, 1, 1, 1, 1, 1, 1, None)
     };
+    arch::apply(g, &arch, &mut cfg)?;
     cfg.validate().with_context(|| g.path.clone())?;
     Ok(cfg)
 }
@@ -598,7 +602,9 @@ pub fn load_gguf_model(path: &Path) -> Result<(Model<f32>, Tok)> {
 pub fn load_gguf(path: &Path) -> Result<(Model<f32>, Result<Tok>)> {
     let g = Gguf::open(path)?;
     let cfg = model_config(&g)?;
-    let permuted = g.get("general.architecture")?.as_str() == Some("llama");
+    let arch_name = g.get("general.architecture")?.as_str().unwrap_or("").to_string();
+    let permuted = arch_name == "llama";
+    let mut fused = BTreeMap::new();
     let (specs, _) = param_specs(&cfg);
     let mut store = ParamStore::<f32>::zeros_like(&specs);
     // a layer's experts share one 3-D tensor: dequantise it once
@@ -616,11 +622,7 @@ pub fn load_gguf(path: &Path) -> Result<(Model<f32>, Result<Tok>)> {
                 let t = super::expert_block(&src, sh, all, e, None).with_context(|| g.path.clone())?;
                 (src.clone(), (t.shape, t.data))
             }
-            None => {
-                let name = gguf_name(&s.name);
-                let t = g.f32(&name)?;
-                (name, t)
-            }
+            None => arch::read(&g, &cfg, &arch_name, &s.name, &mut fused)?,
         };
         if shape != s.shape {
             bail!(

@@ -9,6 +9,8 @@
 //! * `Qwen3Next`: transformers `Qwen3NextForCausalLM` with every layer full attention and a dense
 //!   MLP; `q_proj` rows per head are `[q_h (d) ; g_h (d)]`, norms are `x̂·(1+w)`, partial RoPE.
 //! * `GatedLm`: any other gate variant: our `ModelConfig` in config.json, internal tensor names.
+//! * `Llama` (llama / Mistral, sliding window), `Phi3` (fused qkv / gate_up), `Gemma2`, `Gemma3`
+//!   (text): see `arch`. Llama also saves; Phi-3 and Gemma load only (save them as gated-lm).
 //!
 //! All gate permutations live here and nowhere else.
 
@@ -20,6 +22,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 
+mod arch;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     Qwen3,
@@ -27,6 +31,10 @@ pub enum Layout {
     Official,
     Qwen3Next,
     GatedLm,
+    Llama,
+    Phi3,
+    Gemma2,
+    Gemma3,
 }
 
 impl Layout {
@@ -37,7 +45,8 @@ impl Layout {
             "official" => Layout::Official,
             "qwen3-next" | "qwen3_next" => Layout::Qwen3Next,
             "gated-lm" | "gated_lm" => Layout::GatedLm,
-            o => bail!("unknown layout '{o}' (qwen3, qwen2, official, qwen3-next, gated-lm)"),
+            "llama" | "mistral" => Layout::Llama,
+            o => bail!("unknown layout '{o}' (qwen3, qwen2, official, qwen3-next, gated-lm, llama)"),
         })
     }
     /// The name the CLI takes (`--to`).
@@ -48,12 +57,16 @@ impl Layout {
             Layout::Official => "official",
             Layout::Qwen3Next => "qwen3-next",
             Layout::GatedLm => "gated-lm",
+            Layout::Llama => "llama",
+            Layout::Phi3 => "phi3",
+            Layout::Gemma2 => "gemma2",
+            Layout::Gemma3 => "gemma3",
         }
     }
     fn norm_style(self, cfg: &ModelConfig) -> NormStyle {
         match self {
-            Layout::Qwen3 | Layout::Qwen2 | Layout::Official => NormStyle::Standard,
-            Layout::Qwen3Next => NormStyle::ZeroCentered,
+            Layout::Qwen3 | Layout::Qwen2 | Layout::Official | Layout::Llama | Layout::Phi3 => NormStyle::Standard,
+            Layout::Qwen3Next | Layout::Gemma2 | Layout::Gemma3 => NormStyle::ZeroCentered,
             Layout::GatedLm => cfg.norm_style,
         }
     }
@@ -61,6 +74,19 @@ impl Layout {
     /// Whether `cfg` can be stored in this layout.
     pub fn check(self, cfg: &ModelConfig) -> Result<()> {
         let g = cfg.gate.as_ref();
+        if matches!(self, Layout::Phi3 | Layout::Gemma2 | Layout::Gemma3) {
+            bail!("saving in the {self:?} layout is not supported (it loads only); save such a model in the gated-lm layout");
+        }
+        if self != Layout::GatedLm {
+            // Mistral's window is the one extra a stock layout (llama) can hold
+            let mut plain = cfg.clone();
+            if self == Layout::Llama && plain.global_layers.is_empty() {
+                plain.sliding_window = None;
+            }
+            if let Some(why) = plain.cpu_only_feature() {
+                bail!("the {self:?} layout cannot hold this model ({why}); use the gated-lm layout");
+            }
+        }
         // Qwen3-MoE has no shared expert; Qwen3-Next's MoE block always has one; transformers
         // routes dropless, so a capacity-limited model would compute something else there
         let shared = cfg.moe.as_ref().map(|m| m.shared_expert_intermediate_size > 0);
@@ -80,8 +106,23 @@ impl Layout {
             ),
             _ => {}
         }
+        // the Qwen3 classes always have QK-norm, llama never
+        match self {
+            Layout::Qwen3 | Layout::Official | Layout::Qwen3Next if !cfg.qk_norm => {
+                bail!("the {self:?} layout needs QK-norm; this model has none (the llama layout holds such models)")
+            }
+            Layout::Llama if cfg.qk_norm || cfg.attention_bias || cfg.moe.is_some() => bail!(
+                "the llama layout holds dense models without QK-norm and without biases; this model has qk_norm {}, attention_bias {}, moe {}",
+                cfg.qk_norm,
+                cfg.attention_bias,
+                cfg.moe.is_some()
+            ),
+            _ => {}
+        }
         let ok = match self {
             Layout::GatedLm => true,
+            Layout::Llama => g.is_none() && cfg.partial_rotary_factor == 1.0,
+            Layout::Phi3 | Layout::Gemma2 | Layout::Gemma3 => false,
             Layout::Qwen2 => g.is_none() && cfg.partial_rotary_factor == 1.0 && shared.is_none(),
             Layout::Qwen3 => g.is_none() && cfg.partial_rotary_factor == 1.0 && shared != Some(true),
             Layout::Official => {
@@ -109,10 +150,16 @@ impl Layout {
 
     /// The layout our saved models use: stock transformers classes wherever one fits.
     pub fn default_for(cfg: &ModelConfig) -> Layout {
-        [Layout::Qwen3, Layout::Qwen2, Layout::Qwen3Next, Layout::Official]
-            .into_iter()
-            .find(|l| l.check(cfg).is_ok())
-            .unwrap_or(Layout::GatedLm)
+        [
+            Layout::Qwen3,
+            Layout::Qwen2,
+            Layout::Qwen3Next,
+            Layout::Official,
+            Layout::Llama,
+        ]
+        .into_iter()
+        .find(|l| l.check(cfg).is_ok())
+        .unwrap_or(Layout::GatedLm)
     }
 }
 
@@ -161,8 +208,13 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
         "qwen3_next" => Layout::Qwen3Next,
         "qwen2" => Layout::Qwen2,
         "" => bail!("{file}: missing 'model_type'"),
-        other => bail!("{file}: model_type '{other}' is not supported (qwen2, qwen3, qwen3_moe, qwen3_next, gated_lm)"),
+        other => match arch::layout_of(other, file)? {
+            Some(l) => l,
+            None => bail!("{file}: model_type '{other}' is not supported (llama, mistral, phi3, gemma2, gemma3_text, qwen2, qwen3, qwen3_moe, qwen3_next, gated_lm)"),
+        },
     };
+    arch::precheck(&v, file, layout)?;
+    let gemma = matches!(layout, Layout::Gemma2 | Layout::Gemma3);
     let heads = get_usize(&v, "num_attention_heads", file)?;
     let hidden = get_usize(&v, "hidden_size", file)?;
     let layers = get_usize(&v, "num_hidden_layers", file)?;
@@ -176,7 +228,7 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
     } else {
         hidden / heads
     };
-    if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
+    if let Some(act) = v.get("hidden_act").and_then(Value::as_str).filter(|_| !gemma) {
         if act != "silu" {
             bail!("{file}: hidden_act '{act}' is not supported (silu only)");
         }
@@ -248,7 +300,7 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
     }
     let moe = parse_moe(&v, file, layers, model_type)?;
     let gate = match layout {
-        Layout::Qwen3 | Layout::Qwen2 => None,
+        Layout::Qwen3 | Layout::Qwen2 | Layout::Llama | Layout::Phi3 | Layout::Gemma2 | Layout::Gemma3 => None,
         Layout::Qwen3Next => Some(GateConfig::g1(GateGranularity::Elementwise)),
         Layout::Official => {
             let hw = v
@@ -270,7 +322,7 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
         }
         Layout::GatedLm => unreachable!(),
     };
-    let cfg = ModelConfig {
+    let mut cfg = ModelConfig {
         vocab_size: get_usize(&v, "vocab_size", file)?,
         hidden_size: hidden,
         num_layers: layers,
@@ -289,11 +341,13 @@ pub fn parse_config(text: &str, file: &str) -> Result<(ModelConfig, Layout)> {
             .unwrap_or(32768) as usize,
         init_std: opt_f64(&v, "initializer_range", file)?.unwrap_or(0.02),
         rope_scaling,
-        qk_norm: layout != Layout::Qwen2,
+        qk_norm: matches!(layout, Layout::Qwen3 | Layout::Official | Layout::Qwen3Next),
         attention_bias,
         gate,
         moe,
+        ..ModelConfig::dense(1, 1, 1, 1, 1, 1, 1, None)
     };
+    arch::apply(&v, file, layout, &mut cfg)?;
     cfg.validate().with_context(|| file.to_string())?;
     Ok((cfg, layout))
 }
@@ -307,7 +361,7 @@ fn parse_moe(v: &Value, file: &str, layers: usize, model_type: &str) -> Result<O
         "num_local_experts"
     };
     let experts = v.get(experts_key).and_then(Value::as_u64).unwrap_or(0);
-    if model_type == "qwen3" || model_type == "qwen2" || experts == 0 {
+    if !model_type.starts_with("qwen3_") || experts == 0 {
         if model_type == "qwen3_moe" {
             bail!("{file}: a qwen3_moe config needs 'num_experts' > 0");
         }
@@ -382,7 +436,7 @@ fn moe_json(cfg: &ModelConfig, o: &mut serde_json::Map<String, Value>) {
 impl Layout {
     fn norm_style_for_load(self) -> NormStyle {
         match self {
-            Layout::Qwen3Next => NormStyle::ZeroCentered,
+            Layout::Qwen3Next | Layout::Gemma2 | Layout::Gemma3 => NormStyle::ZeroCentered,
             _ => NormStyle::Standard,
         }
     }
@@ -467,6 +521,22 @@ pub fn config_json(cfg: &ModelConfig, layout: Layout) -> Result<Value> {
             o.insert("rope_parameters".into(), rope.clone());
             moe_json(cfg, o);
         }
+        Layout::Llama if cfg.sliding_window.is_some() => {
+            o.insert("architectures".into(), json!(["MistralForCausalLM"]));
+            o.insert("model_type".into(), json!("mistral"));
+            o.insert("rope_theta".into(), json!(cfg.rope_theta));
+            o.insert("rope_parameters".into(), rope.clone());
+            o.insert("sliding_window".into(), json!(cfg.sliding_window));
+            o.insert("mlp_bias".into(), json!(false));
+        }
+        Layout::Llama => {
+            o.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+            o.insert("model_type".into(), json!("llama"));
+            o.insert("rope_theta".into(), json!(cfg.rope_theta));
+            o.insert("rope_parameters".into(), rope.clone());
+            o.insert("mlp_bias".into(), json!(false));
+        }
+        Layout::Phi3 | Layout::Gemma2 | Layout::Gemma3 => unreachable!("check refuses saving these"),
         Layout::GatedLm => {
             o.insert("architectures".into(), json!(["GatedLmForCausalLM"]));
             o.insert("model_type".into(), json!("gated_lm"));
@@ -601,10 +671,37 @@ pub fn load_model(dir: &Path) -> Result<(Model<f32>, Layout)> {
     let wname = wpath.display().to_string();
     let fused = std::cell::RefCell::new(std::collections::HashMap::new());
     let used = std::cell::RefCell::new(std::collections::HashSet::new());
+    let phi3 = |n: &str| arch::phi3_source(&cfg, n).filter(|_| layout == Layout::Phi3);
     let get = |n: &str| match fused_expert_source(n) {
         _ if st.has(n) => {
             used.borrow_mut().insert(n.to_string());
             st.f32(n)
+        }
+        _ if phi3(n).is_some() => {
+            // Phi-3: q/k/v rows of qkv_proj, gate/up rows of gate_up_proj
+            let (fused_name, r0, rows, total) = phi3(n).unwrap();
+            used.borrow_mut().insert(fused_name.clone());
+            let mut cache = fused.borrow_mut();
+            if !cache.contains_key(&fused_name) {
+                cache.insert(fused_name.clone(), st.f32(&fused_name)?);
+            }
+            let t = &cache[&fused_name];
+            let d = cfg.hidden_size;
+            if t.shape != [total, d] {
+                bail!(
+                    "{wname}: fused tensor '{fused_name}' has shape {:?}; the config implies [{total}, {d}] ({})",
+                    t.shape,
+                    if fused_name.ends_with("qkv_proj.weight") {
+                        format!("q {} + k {} + v {} rows", cfg.q_dim(), cfg.kv_dim(), cfg.kv_dim())
+                    } else {
+                        format!("gate {0} + up {0} rows", cfg.intermediate_size)
+                    }
+                );
+            }
+            Ok(F32Tensor {
+                shape: vec![rows, d],
+                data: t.data[r0 * d..(r0 + rows) * d].to_vec(),
+            })
         }
         Some((fused_name, e, part)) if st.has(&fused_name) => {
             used.borrow_mut().insert(fused_name.clone());

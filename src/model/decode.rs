@@ -28,6 +28,10 @@ pub struct KvCache<T> {
     /// Tokens at the start that are never evicted.
     pub sinks: usize,
     rope: RopeTable<T>,
+    /// The windowed layers' table when they have their own θ (Gemma 3).
+    rope_local: Option<RopeTable<T>>,
+    /// Per layer: whether it rotates with `rope_local`.
+    local: Vec<bool>,
 }
 
 impl<T: Real> KvCache<T> {
@@ -37,13 +41,16 @@ impl<T: Real> KvCache<T> {
                 bail!("the KV window ({w}) must be larger than the number of sink tokens ({sinks})");
             }
         }
+        let max_len = model.cfg.max_position_embeddings.clamp(16, 1 << 16);
         Ok(KvCache {
             layers: vec![LayerKv::default(); model.cfg.num_layers],
             len: 0,
             seen: 0,
             window,
             sinks,
-            rope: RopeTable::for_config(&model.cfg, model.cfg.max_position_embeddings.clamp(16, 1 << 16)),
+            rope: RopeTable::for_config(&model.cfg, max_len),
+            rope_local: RopeTable::local_for_config(&model.cfg, max_len),
+            local: (0..model.cfg.num_layers).map(|l| model.cfg.local_rope_at(l)).collect(),
         })
     }
 
@@ -64,14 +71,19 @@ impl<T: Real> KvCache<T> {
         }
         self.len -= cut;
         let n = self.len;
-        for l in &mut self.layers {
-            rope_apply(&self.rope, &mut l.k_rot, heads, head_dim, n.max(1), 0, false);
+        for (l, &local) in self.layers.iter_mut().zip(&self.local) {
+            let table = match &self.rope_local {
+                Some(t) if local => t,
+                _ => &self.rope,
+            };
+            rope_apply(table, &mut l.k_rot, heads, head_dim, n.max(1), 0, false);
         }
     }
 
     fn ensure_rope(&mut self, cfg: &crate::config::ModelConfig, upto: usize) {
         if upto > self.rope.max_len {
             self.rope = RopeTable::for_config(cfg, (upto * 2).min(1 << 20));
+            self.rope_local = RopeTable::local_for_config(cfg, self.rope.max_len);
         }
     }
 }
@@ -101,9 +113,11 @@ impl<T: Real> Model<T> {
         let (dm, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let mut x = vec![T::ZERO; m * dm];
         embedding_fwd(&self.params.tensors[self.index.embed].data, dm, ids, &mut x);
+        super::scale_embeddings(cfg, &mut x);
         let ctx = Ctx {
             cfg,
             rope: &cache.rope,
+            rope_local: cache.rope_local.as_ref(),
             batch: 1,
             seq: m,
             pos0: cache.len,
@@ -131,6 +145,9 @@ impl<T: Real> Model<T> {
         let mut logits = vec![T::ZERO; m * vocab];
         let head = self.index.lm_head.unwrap_or(self.index.embed);
         linear_fwd(&hf, &self.params.tensors[head].data, m, dm, vocab, &mut logits);
+        if let Some(c) = cfg.final_logit_softcap {
+            super::ops::softcap::softcap_fwd(&mut logits, c);
+        }
         Ok(logits)
     }
 }

@@ -2,12 +2,13 @@
 //! top-k SwiGLU experts computed on their own tokens only, optional shared expert with a
 //! sigmoid gate), forward and backward.
 
+use super::ops::gelu::{geglu_bwd_fused, geglu_fwd_fused};
 use super::ops::linear::{linear_bwd, linear_bwd_par, linear_fwd, linear_fwd_par};
 use super::ops::router::{route, route_bwd, RouteSpec, RouterStats, Routing};
 use super::ops::swiglu::{sigmoid, swiglu_bwd_fused, swiglu_fwd_fused};
 use super::params::{FfnIndex, MoeIndex, ParamStore, SwigluIndex};
 use crate::backend::cpu::{add_assign, Par};
-use crate::config::MoeConfig;
+use crate::config::{MlpActivation, MoeConfig};
 use crate::real::Real;
 use rayon::prelude::*;
 
@@ -22,6 +23,7 @@ pub struct MlpCache<T> {
     /// gate and up projections side by side, `[rows, 2f]`
     gu: Vec<T>,
     m: Vec<T>,
+    act: MlpActivation,
 }
 
 /// `[gate; up]` stacked `[2f, d]`: one GEMM computes both projections (and one their input
@@ -33,7 +35,8 @@ fn stacked<T: Real>(wg: &[T], wu: &[T]) -> Vec<T> {
     w
 }
 
-/// `y = down(silu(gate(x)) ⊙ up(x))` on `rows` rows of `x`.
+/// `y = down(act(gate(x)) ⊙ up(x))` on `rows` rows of `x` (act: SiLU, or Gemma's GELU-tanh).
+#[allow(clippy::too_many_arguments)]
 fn mlp_fwd<T: Real>(
     p: &ParamStore<T>,
     ix: SwigluIndex,
@@ -42,14 +45,18 @@ fn mlp_fwd<T: Real>(
     d: usize,
     y: &mut [T],
     par: Par,
+    act: MlpActivation,
 ) -> MlpCache<T> {
     let f = p.tensors[ix.gate].shape[0];
     let wgu = stacked(&p.tensors[ix.gate].data, &p.tensors[ix.up].data);
     let (mut gu, mut m) = (zeros(rows * 2 * f), zeros(rows * f));
     linear_fwd_par(x, &wgu, rows, d, 2 * f, &mut gu, par);
-    swiglu_fwd_fused(&gu, f, &mut m);
+    match act {
+        MlpActivation::Silu => swiglu_fwd_fused(&gu, f, &mut m),
+        MlpActivation::GeluTanh => geglu_fwd_fused(&gu, f, &mut m),
+    }
     linear_fwd_par(&m, &p.tensors[ix.down].data, rows, f, d, y, par);
-    MlpCache { wgu, gu, m }
+    MlpCache { wgu, gu, m, act }
 }
 
 /// Backward of `mlp_fwd` (`wd` the down projection; gate/up come stacked in the cache):
@@ -71,7 +78,10 @@ fn mlp_bwd<T: Real>(
     let mut dm = zeros(rows * f);
     linear_bwd_par(&c.m, wd, dy, rows, f, d, Some((&mut dm, false)), dwd, par);
     let mut dgu = zeros(rows * 2 * f);
-    swiglu_bwd_fused(&c.gu, f, &dm, &mut dgu);
+    match c.act {
+        MlpActivation::Silu => swiglu_bwd_fused(&c.gu, f, &dm, &mut dgu),
+        MlpActivation::GeluTanh => geglu_bwd_fused(&c.gu, f, &dm, &mut dgu),
+    }
     drop(dm);
     let mut dwgu = zeros(2 * f * d);
     linear_bwd_par(x, &c.wgu, &dgu, rows, d, 2 * f, Some(dx), &mut dwgu, par);
@@ -106,6 +116,7 @@ fn expert_par(experts: usize) -> bool {
     threads > 1 && experts >= threads
 }
 
+#[allow(clippy::too_many_arguments)]
 /// FFN forward on `h` `[n, d]` (the post-attention normed input). Returns `y` and the cache;
 /// MoE router statistics go to `stats`.
 pub fn ffn_fwd<T: Real>(
@@ -115,11 +126,12 @@ pub fn ffn_fwd<T: Real>(
     h: &[T],
     n: usize,
     d: usize,
+    act: MlpActivation,
 ) -> (Vec<T>, FfnCache<T>) {
     let mut y = zeros(n * d);
     match (ix, moe) {
         (FfnIndex::Dense(sw), _) => {
-            let c = mlp_fwd(p, *sw, h, n, d, &mut y, Par::Threads);
+            let c = mlp_fwd(p, *sw, h, n, d, &mut y, Par::Threads, act);
             (y, FfnCache::Dense(c))
         }
         (FfnIndex::Moe(mi), Some(cfg)) => {
@@ -187,7 +199,16 @@ fn moe_fwd<T: Real>(
     }
     let run = |(i, yi): (usize, &mut &mut [T]), par: Par| {
         let r = offsets[i + 1] - offsets[i];
-        mlp_fwd(p, mi.experts[i], &xs[offsets[i] * d..offsets[i + 1] * d], r, d, yi, par)
+        mlp_fwd(
+            p,
+            mi.experts[i],
+            &xs[offsets[i] * d..offsets[i + 1] * d],
+            r,
+            d,
+            yi,
+            par,
+            MlpActivation::Silu,
+        )
     };
     let experts: Vec<MlpCache<T>> = if expert_par(e) {
         y_parts
@@ -214,7 +235,7 @@ fn moe_fwd<T: Real>(
 
     let shared = mi.shared.map(|(sw, gi)| {
         let mut ysh = zeros(n * d);
-        let c = mlp_fwd(p, sw, h, n, d, &mut ysh, Par::Threads);
+        let c = mlp_fwd(p, sw, h, n, d, &mut ysh, Par::Threads, MlpActivation::Silu);
         let mut gate = zeros(n);
         linear_fwd(h, &p.tensors[gi].data, n, d, 1, &mut gate);
         gate.iter_mut().for_each(|z| *z = sigmoid(*z));
@@ -457,7 +478,7 @@ mod tests {
             };
             let (n, d) = (13, cfg.hidden_size);
             let h: Vec<f64> = init_params::<f64>(&specs[..1], 3).tensors[0].data[..n * d].to_vec();
-            let (y, _) = ffn_fwd(&p, &index.layers[0].ffn, cfg.moe.as_ref(), &h, n, d);
+            let (y, _) = ffn_fwd(&p, &index.layers[0].ffn, cfg.moe.as_ref(), &h, n, d, cfg.mlp_activation);
             for t in 0..n {
                 let x = &h[t * d..(t + 1) * d];
                 let logits: Vec<f64> = p.tensors[mi.router]

@@ -19,6 +19,8 @@ use crate::real::Real;
 pub struct Ctx<'a, T> {
     pub cfg: &'a ModelConfig,
     pub rope: &'a RopeTable<T>,
+    /// The windowed layers' table when they have their own θ (Gemma 3's local layers).
+    pub rope_local: Option<&'a RopeTable<T>>,
     pub batch: usize,
     pub seq: usize,
     /// RoPE position of the first token (non-zero when decoding after a KV cache).
@@ -41,13 +43,23 @@ impl<T> Ctx<'_, T> {
     fn rows(&self) -> usize {
         self.batch * self.seq
     }
-    fn attn_shape(&self) -> AttnShape {
+    fn attn_shape(&self, layer: usize) -> AttnShape {
         AttnShape {
             batch: self.batch,
             seq: self.seq,
             heads: self.cfg.num_heads,
             kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
+            window: self.cfg.window_at(layer),
+            softcap: self.cfg.attn_logit_softcap,
+            scalar: self.cfg.query_pre_attn_scalar,
+        }
+    }
+    /// The RoPE table of layer `layer`.
+    fn rope_at(&self, layer: usize) -> &RopeTable<T> {
+        match self.rope_local {
+            Some(t) if self.cfg.local_rope_at(layer) => t,
+            _ => self.rope,
         }
     }
     fn gate(&self) -> Option<(&GateConfig, GateGeometry)> {
@@ -67,6 +79,7 @@ impl<T> Ctx<'_, T> {
 
 /// Activations saved by the forward. `*_ungated` are kept only where a gate follows them.
 pub struct LayerCache<T> {
+    layer: usize,
     h1: Vec<T>,
     rstd1: Vec<T>,
     /// Gate logits `[rows, scores]` (broadcast rows for the input-independent gate).
@@ -88,10 +101,47 @@ pub struct LayerCache<T> {
     /// SDPA output after the G1 gate (the o_proj input), if gated there.
     o_gated: Option<Vec<T>>,
     a_ungated: Option<Vec<T>>,
+    /// Attention output before / MLP output before Gemma's post-norms, with their rstd.
+    a_pre: Option<(Vec<T>, Vec<T>)>,
+    y_pre: Option<(Vec<T>, Vec<T>)>,
     x1: Vec<T>,
     rstd2: Vec<T>,
     h2: Vec<T>,
     ffn: FfnCache<T>,
+}
+
+/// Gemma's post-norm `y ← norm(y)` when the layer has it, keeping the input and rstd for backward.
+fn post_norm_here<T: Real>(cfg: &ModelConfig, w: Option<&[T]>, y: &mut Vec<T>) -> Option<(Vec<T>, Vec<T>)> {
+    let w = w?;
+    let mut rstd = zeros(y.len() / w.len());
+    let mut out = zeros(y.len());
+    rmsnorm_fwd(y, w, cfg.norm_style, cfg.rms_norm_eps, &mut out, &mut rstd);
+    Some((std::mem::replace(y, out), rstd))
+}
+
+/// Backward of `post_norm_here`: `dy` (gradient of the normed output) becomes that of its input.
+fn post_norm_back<T: Real>(
+    cfg: &ModelConfig,
+    wi: Option<usize>,
+    p: &ParamStore<T>,
+    saved: Option<&(Vec<T>, Vec<T>)>,
+    dy: &mut Vec<T>,
+    grads: &mut ParamStore<T>,
+) {
+    if let (Some(wi), Some((pre, rstd))) = (wi, saved) {
+        let mut d = zeros(dy.len());
+        rmsnorm_bwd(
+            pre,
+            &p.tensors[wi].data,
+            cfg.norm_style,
+            rstd,
+            dy,
+            &mut d,
+            false,
+            &mut grads.tensors[wi].data,
+        );
+        *dy = d;
+    }
 }
 
 fn zeros<T: Real>(n: usize) -> Vec<T> {
@@ -198,11 +248,12 @@ pub fn layer_fwd<T: Real>(
         // the cache keeps un-rotated keys so a sliding window can re-index positions
         c.k_raw.extend_from_slice(&kr);
     }
-    rope_apply(ctx.rope, &mut qr, cfg.num_heads, hd, ctx.seq, ctx.pos0, false);
-    rope_apply(ctx.rope, &mut kr, cfg.num_kv_heads, hd, ctx.seq, ctx.pos0, false);
+    let rope = ctx.rope_at(layer);
+    rope_apply(rope, &mut qr, cfg.num_heads, hd, ctx.seq, ctx.pos0, false);
+    rope_apply(rope, &mut kr, cfg.num_kv_heads, hd, ctx.seq, ctx.pos0, false);
 
     _t = scope("fwd.attention");
-    let sh = ctx.attn_shape();
+    let sh = ctx.attn_shape(layer);
     let mut o = zeros(n * qd);
     let mut lse = zeros(ctx.batch * cfg.num_heads * ctx.seq);
     let mut probs = obs
@@ -214,7 +265,7 @@ pub fn layer_fwd<T: Real>(
     if let Some(c) = kv {
         c.k_rot.extend_from_slice(&kr);
         c.v.extend_from_slice(&v);
-        attention_cached(&qr, c, ctx.pos0, cfg.num_heads, cfg.num_kv_heads, hd, &mut o);
+        attention_cached(&qr, c, ctx.pos0, sh, &mut o);
     } else {
         let probes = AttnProbes {
             probs: probs.as_deref_mut(),
@@ -246,6 +297,7 @@ pub fn layer_fwd<T: Real>(
     linear_fwd(o_in, w(li.o_proj), n, qd, dm, &mut a);
     let a_ungated = gate_here(ctx, GatePosition::G5, &mut a, &z);
     ctx.check(layer, "o_proj (after any gate)", &a);
+    let a_pre = post_norm_here(cfg, li.attn_out_norm.map(w), &mut a);
 
     _t = scope("fwd.norm");
     let mut x1 = x.to_vec();
@@ -261,15 +313,17 @@ pub fn layer_fwd<T: Real>(
         &mut rstd2,
     );
     _t = scope("fwd.mlp");
-    let (y, ffn) = ffn_fwd(p, &li.ffn, cfg.moe.as_ref(), &h2, n, dm);
+    let (mut y, ffn) = ffn_fwd(p, &li.ffn, cfg.moe.as_ref(), &h2, n, dm, cfg.mlp_activation);
     if let Some(st) = router_stats(&ffn) {
         obs.router(layer, st);
     }
+    let y_pre = post_norm_here(cfg, li.ffn_out_norm.map(w), &mut y);
     ctx.check(layer, "mlp (ffn output)", &y);
     let mut out = x1.clone();
     add_assign(&mut out, &y);
 
     let cache = LayerCache {
+        layer,
         h1,
         rstd1,
         z,
@@ -287,6 +341,8 @@ pub fn layer_fwd<T: Real>(
         lse,
         o_gated,
         a_ungated,
+        a_pre,
+        y_pre,
         x1,
         rstd2,
         h2,
@@ -323,13 +379,19 @@ pub fn layer_bwd<T: Real>(
     // FFN: out = x1 + ffn(h2)
     let mut _t = scope("bwd.mlp");
     let mut dh2 = zeros(n * dm);
+    let mut dy_post = None;
+    if c.y_pre.is_some() {
+        let mut d = dx.to_vec();
+        post_norm_back(cfg, li.ffn_out_norm, p, c.y_pre.as_ref(), &mut d, grads);
+        dy_post = Some(d);
+    }
     ffn_bwd(
         p,
         &li.ffn,
         cfg.moe.as_ref(),
         &c.ffn,
         &c.h2,
-        dx,
+        dy_post.as_deref().unwrap_or(&*dx),
         n,
         dm,
         &mut dh2,
@@ -353,6 +415,7 @@ pub fn layer_bwd<T: Real>(
     _t = scope("bwd.o_proj_gate");
     let mut dz = zeros(c.z.len());
     let mut da = dx.to_vec();
+    post_norm_back(cfg, li.attn_out_norm, p, c.a_pre.as_ref(), &mut da, grads);
     gate_back(ctx, GatePosition::G5, c.a_ungated.as_deref(), &c.z, &mut da, &mut dz);
     let o_in = c.o_gated.as_ref().unwrap_or(&c.o_sdpa);
     let mut d_o = zeros(n * qd);
@@ -375,7 +438,7 @@ pub fn layer_bwd<T: Real>(
     let mut dk = zeros(n * kvd);
     let mut dv = zeros(n * kvd);
     attention_bwd(
-        ctx.attn_shape(),
+        ctx.attn_shape(c.layer),
         &c.qr,
         &c.kr,
         &c.v,
@@ -388,8 +451,9 @@ pub fn layer_bwd<T: Real>(
     );
     drop(d_o);
     _t = scope("bwd.qknorm_rope");
-    rope_apply(ctx.rope, &mut dq, cfg.num_heads, hd, ctx.seq, ctx.pos0, true);
-    rope_apply(ctx.rope, &mut dk, cfg.num_kv_heads, hd, ctx.seq, ctx.pos0, true);
+    let rope = ctx.rope_at(c.layer);
+    rope_apply(rope, &mut dq, cfg.num_heads, hd, ctx.seq, ctx.pos0, true);
+    rope_apply(rope, &mut dk, cfg.num_kv_heads, hd, ctx.seq, ctx.pos0, true);
     let (mut dq_pre, mut dk_pre) = match (li.q_norm, li.k_norm) {
         (Some(qn), Some(kn)) => {
             let (mut dq_pre, mut dk_pre) = (zeros(n * qd), zeros(n * kvd));

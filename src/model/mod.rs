@@ -21,6 +21,7 @@ use ops::embedding::{embedding_bwd, embedding_fwd};
 use ops::linear::{linear_bwd, linear_fwd};
 use ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use ops::rope::RopeTable;
+use ops::softcap::{softcap_bwd, softcap_fwd};
 use params::{init_params, param_specs, ParamIndex, ParamSpec, ParamStore};
 
 /// Debug-mode report of where NaN/Inf first appeared in a forward.
@@ -42,6 +43,15 @@ pub struct Batch<'a> {
     pub seq: usize,
 }
 
+/// Gemma: embeddings times √hidden_size, the factor rounded to the model's float type (as
+/// transformers does: `torch.tensor(hidden**0.5).to(dtype)`). Also the backward (same factor).
+pub(crate) fn scale_embeddings<T: Real>(cfg: &ModelConfig, x: &mut [T]) {
+    if cfg.embed_scale {
+        let s = T::from_f64((cfg.hidden_size as f64).sqrt());
+        x.iter_mut().for_each(|v| *v *= s);
+    }
+}
+
 /// Targets for "predict the next token of the same sequence": ids shifted left, last = IGNORE.
 pub fn shifted_targets(ids: &[u32], seq: usize) -> Vec<u32> {
     let mut t = vec![IGNORE; ids.len()];
@@ -57,6 +67,8 @@ pub struct Model<T> {
     pub index: ParamIndex,
     pub params: ParamStore<T>,
     rope: RopeTable<T>,
+    /// Gemma 3's local-layer table (`rope_local_theta`).
+    rope_local: Option<RopeTable<T>>,
     /// Debug mode: check every op's output for NaN/Inf and report where it first appears.
     pub check_finite: bool,
 }
@@ -100,12 +112,14 @@ impl<T: Real> Model<T> {
             }
         }
         let rope = RopeTable::for_config(&cfg, cfg.max_position_embeddings.clamp(1, 1 << 16));
+        let rope_local = RopeTable::local_for_config(&cfg, rope.max_len);
         Ok(Model {
             cfg,
             specs,
             index,
             params,
             rope,
+            rope_local,
             check_finite: false,
         })
     }
@@ -153,16 +167,18 @@ impl<T: Real> Model<T> {
         self.check_batch(b)?;
         let cfg = &self.cfg;
         let (n, dm, vocab) = (b.batch * b.seq, cfg.hidden_size, cfg.vocab_size);
-        let long_rope;
-        let rope = if b.seq <= self.rope.max_len {
-            &self.rope
+        let (long_rope, long_local);
+        let (rope, rope_local) = if b.seq <= self.rope.max_len {
+            (&self.rope, self.rope_local.as_ref())
         } else {
             long_rope = RopeTable::for_config(cfg, b.seq);
-            &long_rope
+            long_local = RopeTable::local_for_config(cfg, b.seq);
+            (&long_rope, long_local.as_ref())
         };
         let ctx = Ctx {
             cfg,
             rope,
+            rope_local,
             batch: b.batch,
             seq: b.seq,
             pos0: 0,
@@ -175,6 +191,7 @@ impl<T: Real> Model<T> {
         let mut _t = scope("embedding");
         let mut x = vec![T::ZERO; n * dm];
         embedding_fwd(&p.tensors[self.index.embed].data, dm, b.ids, &mut x);
+        scale_embeddings(cfg, &mut x);
         drop(_t);
         let mut inputs = Vec::new();
         let mut caches = Vec::new();
@@ -201,6 +218,9 @@ impl<T: Real> Model<T> {
             if keep_logits {
                 let mut logits = vec![T::ZERO; n * vocab];
                 linear_fwd(&hf, self.lm_head(), n, dm, vocab, &mut logits);
+                if let Some(c) = cfg.final_logit_softcap {
+                    softcap_fwd(&mut logits, c);
+                }
                 let loss = cross_entropy(&mut logits, vocab, b.targets, false);
                 return Ok(Forward { logits, loss });
             }
@@ -216,6 +236,9 @@ impl<T: Real> Model<T> {
                     vocab,
                     &mut chunk[..r * vocab],
                 );
+                if let Some(c) = cfg.final_logit_softcap {
+                    softcap_fwd(&mut chunk[..r * vocab], c);
+                }
                 sum += cross_entropy_sum(
                     &mut chunk[..r * vocab],
                     vocab,
@@ -240,10 +263,18 @@ impl<T: Real> Model<T> {
             let r = rows.min(n - r0);
             let (h, lg) = (&hf[r0 * dm..(r0 + r) * dm], &mut chunk[..r * vocab]);
             linear_fwd(h, self.lm_head(), r, dm, vocab, lg);
+            // soft-capped logits: keep them, the cap's derivative needs them after the loss
+            let capped = cfg.final_logit_softcap.map(|c| {
+                softcap_fwd(lg, c);
+                (c, lg.to_vec())
+            });
             if count > 0 {
                 loss_sum += cross_entropy_sum(lg, vocab, &b.targets[r0..r0 + r], true, count);
             } else {
                 lg.fill(T::ZERO);
+            }
+            if let Some((c, y)) = capped {
+                softcap_bwd(&y, lg, c);
             }
             let dh = &mut dhf[r0 * dm..(r0 + r) * dm];
             linear_bwd(
@@ -276,6 +307,7 @@ impl<T: Real> Model<T> {
             layer_bwd(&ctx, p, li, &inputs[l], &cache, &mut dx, grads);
         }
         _t = scope("embedding");
+        scale_embeddings(cfg, &mut dx);
         embedding_bwd(&mut grads.tensors[self.index.embed].data, dm, b.ids, &dx);
         Ok(Forward {
             logits: Vec::new(),

@@ -38,7 +38,12 @@ pub struct LayerIndex {
     pub q_norm: Option<usize>,
     pub k_norm: Option<usize>,
     pub gate: Option<usize>,
+    /// The MLP's input norm (`post_attention_layernorm`; Gemma: `pre_feedforward_layernorm`).
     pub post_norm: usize,
+    /// Gemma's norm of the attention output before its residual add (`post_attention_layernorm`).
+    pub attn_out_norm: Option<usize>,
+    /// Gemma's norm of the MLP output before its residual add (`post_feedforward_layernorm`).
+    pub ffn_out_norm: Option<usize>,
     pub ffn: FfnIndex,
 }
 
@@ -247,8 +252,25 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
             }
             _ => None,
         };
+        // Gemma names its four block norms after where they sit; the MLP's input norm is then
+        // `pre_feedforward_layernorm` and `post_attention_layernorm` norms the attention output
+        let attn_out_norm = cfg.sandwich_norms.then(|| {
+            push(
+                format!("{p}post_attention_layernorm.weight"),
+                vec![d],
+                norm_init,
+                ParamKind::Norm,
+            )
+        });
         let post_norm = push(
-            format!("{p}post_attention_layernorm.weight"),
+            format!(
+                "{p}{}.weight",
+                if cfg.sandwich_norms {
+                    "pre_feedforward_layernorm"
+                } else {
+                    "post_attention_layernorm"
+                }
+            ),
             vec![d],
             norm_init,
             ParamKind::Norm,
@@ -296,6 +318,14 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
                 })
             }
         };
+        let ffn_out_norm = cfg.sandwich_norms.then(|| {
+            push(
+                format!("{p}post_feedforward_layernorm.weight"),
+                vec![d],
+                norm_init,
+                ParamKind::Norm,
+            )
+        });
         layers.push(LayerIndex {
             input_norm,
             q_proj,
@@ -307,6 +337,8 @@ pub fn param_specs(cfg: &ModelConfig) -> (Vec<ParamSpec>, ParamIndex) {
             k_norm,
             gate,
             post_norm,
+            attn_out_norm,
+            ffn_out_norm,
             ffn,
         });
     }

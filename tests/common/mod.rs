@@ -31,6 +31,7 @@ pub fn tiny_cfg(gate: Option<GateConfig>) -> ModelConfig {
         attention_bias: false,
         gate,
         moe: None,
+        ..ModelConfig::dense(1, 1, 1, 1, 1, 1, 1, None)
     }
 }
 

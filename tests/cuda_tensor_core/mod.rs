@@ -117,13 +117,7 @@ fn tensor_core_attention_forward_matches_the_cpu_op() {
                     kv_heads,
                     head_dim,
                 };
-                let sh = att::AttnShape {
-                    batch,
-                    seq,
-                    heads,
-                    kv_heads,
-                    head_dim,
-                };
+                let sh = att::AttnShape::new(batch, seq, heads, kv_heads, head_dim);
                 let round = |x: Vec<f32>| -> Vec<f32> { x.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect() };
                 let (nq, nk) = (batch * seq * heads * head_dim, batch * seq * kv_heads * head_dim);
                 // q scaled up so that softmax rows are peaked, not uniform: P's rounding matters
@@ -205,4 +199,337 @@ fn tensor_core_attention_checks_its_inputs() {
     let short = emu.zeros(2 * 8 * 2 * 64 - 2).unwrap();
     let e = call(&d, &short).unwrap_err();
     assert!(format!("{e}").contains("elements of 2 bytes"), "{e}");
+}
+
+/// One backward problem: bf16-rounded q/k/v, the CPU forward's o and lse, dy, the gate, and the
+/// CPU ops' gradients (the reference) on exactly those inputs.
+struct BwdCase {
+    d: AttnDims,
+    fused: FusedGate,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+    lse: Vec<f32>,
+    dy: Vec<f32>,
+    z: Option<Vec<f32>>,
+    /// d(ungated output): dy through the gate, as the CPU gate op gives it
+    dout: Vec<f32>,
+    /// CPU: dq, dk, dv, and dz when gated
+    grads: [Vec<f32>; 3],
+    dz: Option<Vec<f32>>,
+}
+
+fn bwd_case((batch, seq, heads, kv_heads, head_dim): (usize, usize, usize, usize, usize), fused: FusedGate) -> BwdCase {
+    use gated_lm::config::{GateConfig, ModelConfig};
+    use gated_lm::model::ops::{attention as att, gate};
+    let d = AttnDims {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let sh = att::AttnShape::new(batch, seq, heads, kv_heads, head_dim);
+    let round = |x: Vec<f32>| -> Vec<f32> { x.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect() };
+    let (nq, nk) = (batch * seq * heads * head_dim, batch * seq * kv_heads * head_dim);
+    // q scaled up so that softmax rows are peaked, not uniform (as in the forward's test)
+    let (q, k, v) = (
+        round(randn(nq, 70, 2.0)),
+        round(randn(nk, 71, 1.0)),
+        round(randn(nk, 72, 1.0)),
+    );
+    let dy = randn(nq, 73, 1.0);
+    let (mut o, mut lse) = (vec![0.0; nq], vec![0.0; batch * heads * seq]);
+    att::attention_fwd(sh, &q, &k, &v, &mut o, &mut lse, Default::default());
+    let spec = match fused {
+        FusedGate::None => None,
+        FusedGate::Elementwise => Some("elementwise"),
+        FusedGate::Headwise => Some("headwise"),
+    };
+    let mut cfg = ModelConfig::preset("micro", spec.and_then(|s| GateConfig::parse_spec(s).unwrap())).unwrap();
+    (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (heads, kv_heads, head_dim);
+    let mut dout = dy.clone();
+    let (z, dz) = match (&cfg.gate, cfg.gate_geometry()) {
+        (Some(gc), Some(geo)) => {
+            let z = randn(batch * seq * geo.heads * geo.per_head, 74, 2.0);
+            let mut dz = vec![0.0; z.len()];
+            gate::gate_bwd(gc, &geo, &o, &z, &mut dout, &mut dz);
+            (Some(z), Some(dz))
+        }
+        _ => (None, None),
+    };
+    let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+    att::attention_bwd(sh, &q, &k, &v, &o, &lse, &dout, &mut dq, &mut dk, &mut dv);
+    BwdCase {
+        d,
+        fused,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        dy,
+        z,
+        dout,
+        grads: [dq, dk, dv],
+        dz,
+    }
+}
+
+/// Runs the tensor-core backward (`plant`: a planted-bug variant, None the production kernels)
+/// on NaN-filled outputs (an element never written cannot pass); returns dq, dk, dv and dz.
+fn run_bwd_tc(dev: &dyn Device, c: &BwdCase, plant: Option<i32>) -> ([Vec<f32>; 3], Option<Vec<f32>>) {
+    let d = &c.d;
+    let upb = |x: &[f32]| up_u16(dev, &bf16_bits(x)).unwrap();
+    let up = |x: &[f32]| up_f32(dev, x).unwrap();
+    let nan = |n: usize| up_f32(dev, &vec![f32::NAN; n]).unwrap();
+    let (qb, kb, vb) = (upb(&c.q), upb(&c.k), upb(&c.v));
+    let (ob, lb, dyb) = (up(&c.o), up(&c.lse), up(&c.dy));
+    let zb = c.z.as_ref().map(|z| up(z));
+    let dzb = c.z.as_ref().map(|z| nan(z.len()));
+    let (dqb, dkb, dvb) = (nan(c.q.len()), nan(c.k.len()), nan(c.k.len()));
+    let scratch = ops::AttnScratch::new(dev, d).unwrap();
+    let inputs = (&qb, &kb, &vb, zb.as_ref());
+    let grads = (&dqb, &dkb, &dvb, dzb.as_ref());
+    match plant {
+        None => ops::attention_backward_tc(dev, d, c.fused, inputs, (&ob, &lb, &dyb), &scratch, grads),
+        Some(p) => ops::attention_backward_tc_planted(dev, d, c.fused, inputs, (&ob, &lb, &dyb), &scratch, grads, p),
+    }
+    .unwrap();
+    let down = |b: &gated_lm::backend::cuda::runtime::DBuf| down_f32(dev, b).unwrap();
+    ([down(&dqb), down(&dkb), down(&dvb)], dzb.as_ref().map(down))
+}
+
+/// Per-element bounds on |tensor-core − exact| for dq, dk, dv, from the bf16 roundings the
+/// kernels add to the (already bf16) q/k/v, first order in the unit roundoff u = 2⁻⁸ of bf16 (8 significant bits, round to nearest):
+/// dO is rounded (|ΔdO| ≤ u·|dO|), so dP = dO·Vᵀ is off by at most u·A, A = Σ|dO||V|; P is
+/// rounded for dV = Pᵀ·dO; dS = P∘(dP − D) (P, D exact f32) is off by P·u·A and then rounded
+/// (u·|dS|) for dK = dSᵀ·Q·scale and dQ = dS·K·scale. So
+///   |ΔdV_j| ≤ 2u·Σ_i P_ij·|dO_i|,  |ΔdK_j| ≤ scale·Σ_i E_ij·|Q_i|,  |ΔdQ_i| ≤ scale·Σ_j E_ij·|K_j|
+/// with E_ij = u·(P_ij·A_ij + |dS_ij|), summed over a kv head's query heads for dK, dV. Also
+/// returns the gradients computed here in f64, with D dropped from dS when `drop_d` (a
+/// deliberately wrong reference, to show these bounds are tight enough to catch that).
+fn bwd_bounds(c: &BwdCase, drop_d: bool) -> ([Vec<f64>; 3], [Vec<f64>; 3]) {
+    let AttnDims {
+        batch,
+        seq: t,
+        heads,
+        kv_heads,
+        head_dim: hd,
+    } = c.d;
+    let u = 2f64.powi(-8);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (ldq, ldk, group) = (heads * hd, kv_heads * hd, heads / kv_heads);
+    let mut bound = [vec![0f64; c.q.len()], vec![0f64; c.k.len()], vec![0f64; c.k.len()]];
+    let mut grad = bound.clone();
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+    let adot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| (x as f64 * y as f64).abs()).sum::<f64>();
+    for b in 0..batch {
+        for h in 0..heads {
+            let kh = h / group;
+            for i in 0..t {
+                let qo = (b * t + i) * ldq + h * hd;
+                let (qi, doi, oi) = (&c.q[qo..qo + hd], &c.dout[qo..qo + hd], &c.o[qo..qo + hd]);
+                let di = if drop_d { 0.0 } else { dot(doi, oi) };
+                let lse = c.lse[(b * heads + h) * t + i] as f64;
+                for j in 0..=i {
+                    let ko = (b * t + j) * ldk + kh * hd;
+                    let (kj, vj) = (&c.k[ko..ko + hd], &c.v[ko..ko + hd]);
+                    let p = (dot(qi, kj) * scale - lse).exp();
+                    let ds = p * (dot(doi, vj) - di);
+                    let e = u * (p * adot(doi, vj) + ds.abs());
+                    for x in 0..hd {
+                        grad[0][qo + x] += scale * ds * kj[x] as f64;
+                        bound[0][qo + x] += scale * e * (kj[x] as f64).abs();
+                        grad[1][ko + x] += scale * ds * qi[x] as f64;
+                        bound[1][ko + x] += scale * e * (qi[x] as f64).abs();
+                        grad[2][ko + x] += p * doi[x] as f64;
+                        bound[2][ko + x] += 2.0 * u * p * (doi[x] as f64).abs();
+                    }
+                }
+            }
+        }
+    }
+    (grad, bound)
+}
+
+/// The largest |got − want| / tolerance over a gradient (> 1: out of tolerance), where it is,
+/// and the largest |got − want|.
+fn worst_ratio(got: &[f32], want: &[f32], tol: &[f64]) -> (f64, usize, f64) {
+    let mut w = (0f64, 0usize, 0f64);
+    for (i, ((&g, &r), &t)) in got.iter().zip(want).zip(tol).enumerate() {
+        let e = (g as f64 - r as f64).abs();
+        let ratio = if e.is_nan() { f64::INFINITY } else { e / t };
+        if ratio > w.0 || ratio.is_nan() {
+            w.0 = ratio;
+            w.1 = i;
+        }
+        w.2 = w.2.max(e);
+    }
+    w
+}
+
+/// The margin on the bounds of [`bwd_bounds`]: they are first order in u and leave out the f32
+/// rounding of sums (relative ~n·2⁻²⁴, n ≤ 260 terms: below 2⁻¹⁶ of the sum of magnitudes that
+/// the bounds are 2⁻⁸ of) on either side, the CPU op's and the kernels'; 25% covers both.
+const BOUND_MARGIN: f64 = 1.25;
+
+const BWD_SHAPES: [(usize, usize, usize, usize, usize); 6] = [
+    (2, 70, 4, 2, 64),
+    (2, 37, 4, 2, 128),
+    (1, 130, 2, 1, 64),
+    (1, 130, 4, 2, 128),
+    (1, 100, 4, 1, 64),
+    (1, 45, 2, 2, 128),
+];
+
+/// The tensor-core backward against the CPU ops on the same bf16 inputs: T = 37, 45, 70, 100, 130
+/// (partial tiles, several tiles of queries and keys), GQA (2 or 4 query heads per kv head) and
+/// plain multi-head, batch 2, hd64 and hd128, gate none / elementwise / headwise. Every element
+/// of dq, dk, dv within BOUND_MARGIN × its bound from the bf16 roundings (see `bwd_bounds`); dz
+/// (f32 throughout, the f32 pre-pass's arithmetic) as the f32 kernels' test, 2e-5 of max|dz|.
+/// Two runs give identical bits (no atomics, fixed order).
+#[test]
+fn tensor_core_attention_backward_matches_the_cpu_ops() {
+    for dev in devices() {
+        let dev = dev.as_ref();
+        for shape in BWD_SHAPES {
+            for fused in [FusedGate::None, FusedGate::Elementwise, FusedGate::Headwise] {
+                let c = bwd_case(shape, fused);
+                let (b, t, h, kv, hd) = shape;
+                let what = format!("tc attention backward b{b} t{t} h{h}/{kv} d{hd} {fused:?}");
+                let (got, dz) = run_bwd_tc(dev, &c, None);
+                let (exact, bound) = bwd_bounds(&c, false);
+                let mut line = String::new();
+                for (n, name) in ["dq", "dk", "dv"].iter().enumerate() {
+                    let tol: Vec<f64> = bound[n].iter().map(|b| BOUND_MARGIN * b).collect();
+                    let (ratio, at, err) = worst_ratio(&got[n], &c.grads[n], &tol);
+                    assert!(
+                        ratio <= 1.0,
+                        "{what}: {name}[{at}] = {}, CPU {} f64 {} (tolerance {:.3e})",
+                        got[n][at],
+                        c.grads[n][at],
+                        exact[n][at],
+                        tol[at]
+                    );
+                    let gmax = c.grads[n].iter().fold(0f32, |a, x| a.max(x.abs()));
+                    line += &format!(
+                        " {name}: max|Δ| {err:.2e} ({:.1e} of max|{name}|, {ratio:.3} of the tolerance);",
+                        err / gmax as f64
+                    );
+                }
+                if let (Some(dz), Some(want)) = (&dz, &c.dz) {
+                    super::close(&format!("{what}: dz"), dz, want, 2e-5);
+                }
+                eprintln!("{what} on {}:{line}", dev.describe());
+                let (again, dz2) = run_bwd_tc(dev, &c, None);
+                for n in 0..3 {
+                    assert!(
+                        got[n].iter().zip(&again[n]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{what}: gradient {n} differs between two runs"
+                    );
+                }
+                assert_eq!(
+                    dz.map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+                    dz2.map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+                    "{what}: dz differs between two runs"
+                );
+            }
+        }
+    }
+}
+
+/// The bounds are tight enough to matter: the f64 gradients of `bwd_bounds` agree with the CPU
+/// op within them, and the same with −D dropped from dS (the classic backward bug) breaks them
+/// by far; and each planted kernel bug (the diagonal tiles' causal mask dropped, −D dropped, two
+/// registers of the Pᵀ/dSᵀ A fragment swapped) fails the test the production kernels pass.
+#[test]
+fn a_planted_tensor_core_backward_bug_fails() {
+    let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let c = bwd_case((2, 70, 4, 2, 64), FusedGate::Elementwise);
+    let (exact, bound) = bwd_bounds(&c, false);
+    let (no_d, _) = bwd_bounds(&c, true);
+    let tol = |n: usize| -> Vec<f64> { bound[n].iter().map(|b| BOUND_MARGIN * b).collect() };
+    for n in 0..3 {
+        let f = |x: &[f64]| -> Vec<f32> { x.iter().map(|&a| a as f32).collect() };
+        let ok = worst_ratio(&f(&exact[n]), &c.grads[n], &tol(n)).0;
+        assert!(
+            ok <= 1.0,
+            "gradient {n}: the f64 reference is {ok} bounds from the CPU op"
+        );
+        if n < 2 {
+            // dV does not involve D
+            let bad = worst_ratio(&f(&no_d[n]), &c.grads[n], &tol(n)).0;
+            assert!(
+                bad > 10.0,
+                "gradient {n}: a reference without −D is only {bad} bounds off"
+            );
+        }
+    }
+    // which gradients each planted bug must break: (mask, D, fragment) → (dq, dk, dv)
+    for (plant, broken) in [
+        (1, [true, true, true]),
+        (2, [true, true, false]),
+        (3, [true, true, true]),
+    ] {
+        let (got, _) = run_bwd_tc(&emu, &c, Some(plant));
+        for n in 0..3 {
+            let ratio = worst_ratio(&got[n], &c.grads[n], &tol(n)).0;
+            assert_eq!(
+                ratio > 1.0,
+                broken[n],
+                "planted bug {plant}, gradient {n}: {ratio} of the tolerance"
+            );
+        }
+    }
+    // and variant 0 of the planted kernels is the production kernel, bit for bit
+    let (planted0, _) = run_bwd_tc(&emu, &c, Some(0));
+    let (prod, _) = run_bwd_tc(&emu, &c, None);
+    assert_eq!(planted0, prod);
+}
+
+/// The backward launcher refuses head dims without a tensor-core kernel, short bf16 buffers and
+/// a gated call without gate logits.
+#[test]
+fn tensor_core_attention_backward_checks_its_inputs() {
+    let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let mut d = AttnDims {
+        batch: 1,
+        seq: 8,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 32,
+    };
+    let big = zeros_f32(&emu, 4096).unwrap();
+    let scratch = ops::AttnScratch::new(&emu, &d).unwrap();
+    let call = |d: &AttnDims, q, gate, z| {
+        ops::attention_backward_tc(
+            &emu,
+            d,
+            gate,
+            (q, &big, &big, z),
+            (&big, &big, &big),
+            &scratch,
+            (&big, &big, &big, z),
+        )
+    };
+    let e = call(&d, &big, FusedGate::None, None).unwrap_err();
+    assert!(format!("{e}").contains("head_dim 32"), "{e}");
+    d.head_dim = 64;
+    let short = emu.zeros(2 * 8 * 2 * 64 - 2).unwrap();
+    let e = call(&d, &short, FusedGate::None, None).unwrap_err();
+    assert!(format!("{e}").contains("elements of 2 bytes"), "{e}");
+    let scratch64 = ops::AttnScratch::new(&emu, &d).unwrap();
+    let e = ops::attention_backward_tc(
+        &emu,
+        &d,
+        FusedGate::Headwise,
+        (&big, &big, &big, None),
+        (&big, &big, &big),
+        &scratch64,
+        (&big, &big, &big, None),
+    )
+    .unwrap_err();
+    assert!(format!("{e}").contains("gate logits"), "{e}");
 }

@@ -80,7 +80,18 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "attention_tc",
         include_str!("kernels/attention_tc.cu"),
-        &["attn_fwd_tc_hd64", "attn_fwd_tc_hd128", "tc_mma_probe"],
+        &[
+            "attn_fwd_tc_hd64",
+            "attn_fwd_tc_hd128",
+            "tc_mma_probe",
+            "attn_bwd_pre_tc",
+            "attn_bwd_dkdv_tc_hd64",
+            "attn_bwd_dq_tc_hd64",
+            "attn_bwd_dkdv_tc_hd128",
+            "attn_bwd_dq_tc_hd128",
+            "attn_bwd_dkdv_tc_planted",
+            "attn_bwd_dq_tc_planted",
+        ],
     ),
     ("gemm", include_str!("kernels/gemm.cu"), &["gemm_f32", "gemm_bf16"]),
     (

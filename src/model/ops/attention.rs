@@ -5,6 +5,7 @@
 //! `QBLK × T` score block per worker. Work is parallel over (batch, kv head): each task owns its
 //! kv head's dK/dV rows, so no reductions cross threads and results are deterministic.
 
+use super::softcap::tanh;
 use crate::backend::cpu::{dot_lanes, exp_shifted, matmul_raw, Mat, Par, SyncPtr};
 use crate::real::Real;
 use rayon::prelude::*;
@@ -19,11 +20,57 @@ pub struct AttnShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Sliding window W: query i sees keys i−W+1..=i. `None`: all earlier keys.
+    pub window: Option<usize>,
+    /// Scores soft-capped to `c·tanh(s/c)` after scaling, before the mask.
+    pub softcap: Option<f64>,
+    /// Score scale `scalar^-½` (Gemma's query_pre_attn_scalar); `None`: `head_dim^-½`.
+    pub scalar: Option<f64>,
+}
+
+/// The score scale: `head_dim^-½`, or `scalar^-½` (computed in f64 and rounded, as transformers
+/// multiplies by the Python float `query_pre_attn_scalar**-0.5`).
+pub fn score_scale<T: Real>(head_dim: usize, scalar: Option<f64>) -> T {
+    match scalar {
+        None => T::ONE / T::from_usize(head_dim).sqrt(),
+        Some(s) => T::from_f64(s.powf(-0.5)),
+    }
+}
+
+/// First key query `i` may see under window `w`.
+#[inline]
+pub fn window_start(i: usize, w: Option<usize>) -> usize {
+    match w {
+        Some(w) => (i + 1).saturating_sub(w),
+        None => 0,
+    }
+}
+
+/// `c·tanh(s/c)` in place; `None` leaves `s` as it is.
+#[inline]
+pub fn softcap_scores<T: Real>(s: &mut [T], cap: Option<f64>) {
+    if let Some(c) = cap {
+        let (c, inv) = (T::from_f64(c), T::from_f64(1.0 / c));
+        s.iter_mut().for_each(|x| *x = tanh(*x * inv) * c);
+    }
 }
 
 impl AttnShape {
+    /// Plain causal attention (no window, no soft-cap, `head_dim^-½`).
+    pub fn new(batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        AttnShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+            window: None,
+            softcap: None,
+            scalar: None,
+        }
+    }
     fn scale<T: Real>(&self) -> T {
-        T::ONE / T::from_usize(self.head_dim).sqrt()
+        score_scale(self.head_dim, self.scalar)
     }
     fn check<T>(&self, q: &[T], k: &[T], v: &[T]) {
         let n = self.batch * self.seq;
@@ -169,9 +216,12 @@ pub fn attention_fwd<T: Real>(
                 for r in 0..bq {
                     let row = &mut s[r * nk..(r + 1) * nk];
                     let lim = i0 + r + 1;
-                    let (m, sum) = exp_shifted(&mut row[..lim]);
+                    let lo = window_start(i0 + r, sh.window);
+                    softcap_scores(&mut row[lo..lim], sh.softcap);
+                    let (m, sum) = exp_shifted(&mut row[lo..lim]);
                     let inv = T::ONE / sum;
-                    row[..lim].iter_mut().for_each(|x| *x *= inv);
+                    row[lo..lim].iter_mut().for_each(|x| *x *= inv);
+                    row[..lo].fill(T::ZERO);
                     row[lim..].fill(T::ZERO);
                     // SAFETY: (b, h, i0 + r) is owned by this task.
                     unsafe { *lsep.get().add((b * hq + h) * t + i0 + r) = m + sum.ln() };
@@ -292,10 +342,26 @@ pub fn attention_bwd<T: Real>(
                     let dorow = &dout[(base + i) * hq * d + h * d..][..d];
                     let di = dot_lanes(orow, dorow);
                     let (pr, dpr) = (&mut p[r * nk..(r + 1) * nk], &mut dp[r * nk..(r + 1) * nk]);
-                    for (pj, dpj) in pr[..=i].iter_mut().zip(&mut dpr[..=i]) {
-                        *pj = (*pj - l).exp();
-                        *dpj = *pj * (*dpj - di);
+                    let lo = window_start(i, sh.window);
+                    match sh.softcap {
+                        None => {
+                            for (pj, dpj) in pr[lo..=i].iter_mut().zip(&mut dpr[lo..=i]) {
+                                *pj = (*pj - l).exp();
+                                *dpj = *pj * (*dpj - di);
+                            }
+                        }
+                        Some(c) => {
+                            // s' = c·tanh(s/c): ds'/ds = 1 − tanh²
+                            let (c, inv) = (T::from_f64(c), T::from_f64(1.0 / c));
+                            for (pj, dpj) in pr[lo..=i].iter_mut().zip(&mut dpr[lo..=i]) {
+                                let th = tanh(*pj * inv);
+                                *pj = (th * c - l).exp();
+                                *dpj = *pj * (*dpj - di) * (T::ONE - th * th);
+                            }
+                        }
                     }
+                    pr[..lo].fill(T::ZERO);
+                    dpr[..lo].fill(T::ZERO);
                     pr[i + 1..].fill(T::ZERO);
                     dpr[i + 1..].fill(T::ZERO);
                 }
@@ -371,6 +437,8 @@ mod tests {
     use crate::model::ops::testutil::{check_grad, randn};
 
     fn naive(sh: AttnShape, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let scale = 1.0 / sh.scalar.unwrap_or(sh.head_dim as f64).sqrt();
+        let cap = |x: f64| sh.softcap.map_or(x, |c| c * (x / c).tanh());
         let (t, d, hq, kv) = (sh.seq, sh.head_dim, sh.heads, sh.kv_heads);
         let mut o = vec![0.0; q.len()];
         let mut probs = vec![0.0; sh.batch * hq * t * t];
@@ -379,18 +447,20 @@ mod tests {
                 let kh = h / (hq / kv);
                 for i in 0..t {
                     let qi = &q[(b * t + i) * hq * d + h * d..][..d];
+                    let lo = window_start(i, sh.window);
                     let s: Vec<f64> = (0..=i)
                         .map(|j| {
-                            qi.iter()
+                            cap(qi
+                                .iter()
                                 .zip(&k[(b * t + j) * kv * d + kh * d..][..d])
                                 .map(|(a, c)| a * c)
                                 .sum::<f64>()
-                                / (d as f64).sqrt()
+                                * scale)
                         })
                         .collect();
-                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                    for j in 0..=i {
+                    let m = s[lo..].iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = s[lo..].iter().map(|x| (x - m).exp()).sum();
+                    for j in lo..=i {
                         let pj = (s[j] - m).exp() / z;
                         probs[((b * hq + h) * t + i) * t + j] = pj;
                         for e in 0..d {
@@ -406,13 +476,7 @@ mod tests {
     #[test]
     fn matches_naive_attention_across_query_blocks() {
         // seq 150 spans three query blocks, including a partial one
-        let sh = AttnShape {
-            batch: 2,
-            seq: 150,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 8,
-        };
+        let sh = AttnShape::new(2, 150, 4, 2, 8);
         let n = sh.batch * sh.seq;
         let (q, k, v) = (randn(n * 32, 1, 1.0), randn(n * 16, 2, 1.0), randn(n * 16, 3, 1.0));
         let mut o = vec![0.0; n * 32];
@@ -442,13 +506,7 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        let sh = AttnShape {
-            batch: 2,
-            seq: 70,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 4,
-        };
+        let sh = AttnShape::new(2, 70, 4, 2, 4);
         let n = sh.batch * sh.seq;
         let (q, k, v) = (randn(n * 16, 1, 1.0), randn(n * 8, 2, 1.0), randn(n * 8, 3, 1.0));
         let w = randn(n * 16, 4, 1.0);
@@ -466,5 +524,53 @@ mod tests {
         check_grad(&q, &dq, |x| f(x, &k, &v), 1e-7);
         check_grad(&k, &dk, |x| f(&q, x, &v), 1e-7);
         check_grad(&v, &dv, |x| f(&q, &k, x), 1e-7);
+    }
+
+    #[test]
+    fn window_softcap_and_scalar_match_naive_and_finite_differences() {
+        for (window, softcap, scalar) in [
+            (Some(1), None, None),
+            (Some(5), Some(2.0), Some(24.0)),
+            (Some(100), Some(0.7), None),
+            (None, Some(1.5), Some(3.0)),
+        ] {
+            let sh = AttnShape {
+                window,
+                softcap,
+                scalar,
+                ..AttnShape::new(2, 70, 4, 2, 4)
+            };
+            let n = sh.batch * sh.seq;
+            let (q, k, v) = (randn(n * 16, 5, 1.5), randn(n * 8, 6, 1.5), randn(n * 8, 7, 1.0));
+            let mut o = vec![0.0; n * 16];
+            let mut lse = vec![0.0; 2 * 4 * 70];
+            let mut p = vec![0.0; 2 * 4 * 70 * 70];
+            let probes = AttnProbes {
+                probs: Some(&mut p),
+                key0: None,
+            };
+            attention_fwd(sh, &q, &k, &v, &mut o, &mut lse, probes);
+            let (ro, rp) = naive(sh, &q, &k, &v);
+            assert!(
+                o.iter().zip(&ro).all(|(a, b)| (a - b).abs() < 1e-12),
+                "{window:?} {softcap:?}"
+            );
+            assert!(
+                p.iter().zip(&rp).all(|(a, b)| (a - b).abs() < 1e-12),
+                "{window:?} {softcap:?}"
+            );
+            let w = randn(n * 16, 8, 1.0);
+            let f = |q: &[f64], k: &[f64], v: &[f64]| {
+                let mut o = vec![0.0; n * 16];
+                let mut lse = vec![0.0; 2 * 4 * 70];
+                attention_fwd(sh, q, k, v, &mut o, &mut lse, AttnProbes::default());
+                o.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>()
+            };
+            let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+            attention_bwd(sh, &q, &k, &v, &o, &lse, &w, &mut dq, &mut dk, &mut dv);
+            check_grad(&q, &dq, |x| f(x, &k, &v), 1e-7);
+            check_grad(&k, &dk, |x| f(&q, x, &v), 1e-7);
+            check_grad(&v, &dv, |x| f(&q, &k, x), 1e-7);
+        }
     }
 }

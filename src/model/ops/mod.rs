@@ -3,10 +3,12 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod gate;
+pub mod gelu;
 pub mod linear;
 pub mod rmsnorm;
 pub mod rope;
 pub mod router;
+pub mod softcap;
 pub mod swiglu;
 
 #[cfg(test)]

@@ -39,6 +39,13 @@ impl<T: Real> RopeTable<T> {
         }
     }
 
+    /// The windowed layers' own table when the config gives them a θ (Gemma 3: plain RoPE at
+    /// `rope_local_theta`, no scaling).
+    pub fn local_for_config(cfg: &crate::config::ModelConfig, max_len: usize) -> Option<Self> {
+        cfg.rope_local_theta
+            .map(|theta| Self::new(theta, cfg.rotary_dim(), max_len))
+    }
+
     /// `attention_scaling` multiplies cos and sin (YaRN's temperature, as transformers applies it).
     pub fn from_inv_freq(inv_freq: &[f64], rotary_dim: usize, max_len: usize, attention_scaling: f64) -> Self {
         let half = rotary_dim / 2;

@@ -244,3 +244,355 @@ extern "C" __global__ void tc_mma_probe(const bf16* a, const bf16* bn, const bf1
             }
         }
 }
+
+// ---- Backward on tensor cores (FlashAttention-2, Algorithm 2), deterministic: dK/dV and dQ are
+// separate kernels, each output row owned by one warp, no atomics. Inputs as attention.cu's
+// backward (q [B·T, H·HD], k/v [B·T, KV·HD], dout [B·T, H·HD] — here all bf16 — lse and delta
+// [B, H, T] f32), outputs dq/dk/dv f32 in the same layouts.
+//
+// P = exp(S·scale − lse) is recomputed from Q, K and the forward's lse; dP = dO·Vᵀ;
+// dS = P ∘ (dP − D) with D = rowsum(dO ∘ O) from the pre-pass; dV = Pᵀ·dO, dK = dSᵀ·Q·scale,
+// dQ = dS·K·scale. f32 accumulation throughout; P (for dV) and dS (for dK, dQ) are rounded to
+// bf16 as mma operands, the only roundings beyond the inputs'.
+//
+// Tiles and registers (per lane; a warp's 16 rows × n columns of f32 take n/2 registers). The
+// static shared memory is capped at 48 KB (no opt-in to more here), and a lane at 255 registers.
+//   dK/dV: a block of 4 warps owns 64 keys (16 per warp) of one kv head and walks the query
+//     heads of its group and their query tiles, staged in shared memory. Per warp: the dK and dV
+//     accumulators (16 × HD f32: HD/2 registers each), Sᵀ and dPᵀ for a slice of SUB queries at
+//     a time (SUB/2 each), K and V as A fragments (HD/4 each).
+//     hd64: K/V fragments kept in registers, query tiles of 64 (Q and dO: 18.4 KB), SUB = 32:
+//     32 + 32 + 16 + 16 + 16 + 16 = 128 live, 174 registers after ptxas (12.9), no spills.
+//     hd128: dK/dV alone take 128 registers, and K/V held too spilled, so K and V are staged in
+//     shared memory once per block (34.8 KB) and read by ldmatrix per slice; that leaves room for
+//     query tiles of 16 only (8.7 KB; 43.6 KB in all), SUB = 16: 64 + 64 + 8 + 8 = 144 live,
+//     251 registers, no spills.
+//   dQ: mirrors the forward: 4 warps × 16 query rows, Q and dO as A fragments in registers
+//     (HD/4 each), the dQ accumulator (HD/2); the block walks key tiles of 64 (K and V staged:
+//     18.4 / 34.8 KB), S and dP for SUB keys at a time: hd64 SUB = 32, 16 + 16 + 32 + 16 + 16
+//     = 96 live, 131 registers; hd128 SUB = 16, 32 + 32 + 64 + 8 + 8 = 144 live, 202 registers
+//     (SUB = 32 took 250). Below 168 registers 3 blocks fit an SM, up to 255 2 blocks.
+// Causal: the dK/dV kernel starts at the query tile of its first key (earlier queries see none
+// of its keys), the dQ kernel stops at the key tile of its own rows; only tiles crossing the
+// diagonal (and the last one, past T) are masked, and a warp skips a SUB slice that lies entirely
+// above the diagonal for its 16 rows.
+
+// Pre-pass: attention.cu's attn_bwd_pre (dout = dy·gate, dz, delta = rowsum(dout ⊙ o), all
+// from f32 dout) with dout stored as bf16, the tensor-core kernels' operand.
+extern "C" __global__ void attn_bwd_pre_tc(const float* o, const float* z, const float* dy, bf16* dout, float* dz,
+                                           float* delta, int rows, int T, int H, int HD, int gate_mode) {
+    const int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (w >= rows * H) return;  // warp-uniform: no barrier follows that others would miss
+    const int r = w / H, h = w % H;
+    const long base = (long)r * H * HD + h * HD;
+    const float sh = gate_mode == 2 ? sigmoidf(z[(long)r * H + h]) : 1.0f;
+    float dd = 0.0f, dzh = 0.0f;
+    for (int e = lane; e < HD; e += 32) {
+        float oe = o[base + e], g = dy[base + e];
+        float s = sh;
+        if (gate_mode == 1) {
+            s = sigmoidf(z[base + e]);
+            dz[base + e] = g * oe * s * (1.0f - s);
+        }
+        dzh += g * oe;
+        float d = g * s;
+        dout[base + e] = f32_to_bf16(d);
+        dd += d * oe;
+    }
+    dd = warp_sum(dd);
+    dzh = warp_sum(dzh);
+    if (lane == 0) {
+        delta[((long)(r / T) * H + h) * T + r % T] = dd;
+        if (gate_mode == 2) dz[(long)r * H + h] = dzh * sh * (1.0f - sh);
+    }
+}
+
+// ROWS rows from `first` of a [*, ld] bf16 matrix into shared memory (row stride HD + TC_PAD)
+// as 16-byte vectors, zeros past T (as the forward stages K and V).
+template <int HD, int ROWS>
+__device__ __forceinline__ void stage_rows_bf16(bf16* dst, const bf16* src, long ld, int first, int T) {
+    constexpr int LD = HD + TC_PAD, CHUNKS = HD / 8;
+    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += blockDim.x) {
+        const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8, i = first + r;
+        b16x8 x = {};
+        if (i < T) x = *reinterpret_cast<const b16x8*>(src + (long)i * ld + c);
+        *reinterpret_cast<b16x8*>(dst + r * LD + c) = x;
+    }
+}
+
+// The A fragment (row-major 16×16, k step kk) of 16 rows `rows` of a [*, ld] bf16 matrix.
+__device__ __forceinline__ void load_afrag(unsigned f[4], const bf16* m, const int rows[2], long ld, int kk, int T) {
+    const int tig = threadIdx.x & 3;
+    #pragma unroll
+    for (int r = 0; r < 4; ++r)
+        f[r] = load_pair(m, rows[r & 1], ld, kk * 16 + 8 * (r >> 1) + 2 * tig, rows[r & 1] < T);
+}
+
+// C = A·Bᵀ over the head dims for a warp's 16 rows × SUB staged rows. A as k-step fragments:
+// from registers `af`, or (`as` non-null, a compile-time choice of the callers) by ldmatrix from
+// its 16 rows staged at `as` (row-major A: matrix m is rows 8·(m&1).., columns 8·(m>>1).., as in
+// tc_mma_probe). B rows at `bs`, whose head dims are contiguous: the col-major B, by ldmatrix as
+// the forward's S = Q·Kᵀ. Both strides HD + TC_PAD.
+template <int HD, int SUB>
+__device__ __forceinline__ void mma_abt(float c[SUB / 8][4], const unsigned (*af)[4], const bf16* as, const bf16* bs) {
+    constexpr int LD = HD + TC_PAD;
+    const int lane = threadIdx.x & 31;
+    #pragma unroll
+    for (int nt = 0; nt < SUB / 8; ++nt)
+        for (int i = 0; i < 4; ++i) c[nt][i] = 0.0f;
+    #pragma unroll
+    for (int k2 = 0; k2 < HD / 32; ++k2) {
+        unsigned a0[4], a1[4];
+        if (as) {
+            ldmatrix_x4(a0, as + (lane & 15) * LD + k2 * 32 + 8 * (lane >> 4));
+            ldmatrix_x4(a1, as + (lane & 15) * LD + k2 * 32 + 16 + 8 * (lane >> 4));
+        } else {
+            for (int r = 0; r < 4; ++r) {
+                a0[r] = af[2 * k2][r];
+                a1[r] = af[2 * k2 + 1][r];
+            }
+        }
+        #pragma unroll
+        for (int nt = 0; nt < SUB / 8; ++nt) {
+            unsigned bf[4];
+            ldmatrix_x4(bf, bs + (nt * 8 + (lane & 7)) * LD + k2 * 32 + 8 * (lane >> 3));
+            mma_bf16_16816(c[nt], a0, bf);
+            mma_bf16_16816(c[nt], a1, bf + 2);
+        }
+    }
+}
+
+// acc += X·B for a warp's 16 rows: X (16 × SUB, f32 in the C layout of mma_abt) rounded to bf16
+// as A fragments (the C fragments of n tiles 2·kk, 2·kk+1 are the A fragment of k step kk, as in
+// the forward's P·V), B = SUB staged rows at `bs` (k = staged row, n = head dim: k-major, by
+// ldmatrix.trans). `plant` 3 swaps A registers 1 and 2 (a planted layout bug for the tests).
+template <int HD, int SUB>
+__device__ __forceinline__ void mma_ab(float acc[HD / 8][4], const float x[SUB / 8][4], const bf16* bs, int plant) {
+    constexpr int LD = HD + TC_PAD;
+    const int lane = threadIdx.x & 31;
+    #pragma unroll
+    for (int kk = 0; kk < SUB / 16; ++kk) {
+        unsigned pa[4] = {pack_bf16x2(x[2 * kk][0], x[2 * kk][1]), pack_bf16x2(x[2 * kk][2], x[2 * kk][3]),
+                          pack_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                          pack_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+        if (plant == 3) {
+            const unsigned t = pa[1];
+            pa[1] = pa[2];
+            pa[2] = t;
+        }
+        #pragma unroll
+        for (int np = 0; np < HD / 16; ++np) {
+            unsigned bf[4];
+            ldmatrix_x4_trans(bf, bs + (kk * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + np * 16 + 8 * (lane >> 4));
+            mma_bf16_16816(acc[2 * np], pa, bf);
+            mma_bf16_16816(acc[2 * np + 1], pa, bf + 2);
+        }
+    }
+}
+
+// `plant` (0 in the production kernels) plants a bug for the tests' planted-bug variants:
+// 1 drops the causal mask of the diagonal tile, 2 drops −D from dS, 3 swaps two registers of the
+// A fragment of Pᵀ/dSᵀ (or dS).
+template <int HD>
+__device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                      const float* lse, const float* delta, float* dk, float* dv, int T, int H,
+                                      int KV, float scale, int plant) {
+    constexpr int LD = HD + TC_PAD;
+    constexpr int NT = HD / 8;                // n tiles of dK, dV
+    constexpr bool AREG = HD <= 64;           // K, V fragments in registers (else in shared memory)
+    constexpr int QT = AREG ? TC_ROWS : 16;   // queries per staged tile
+    constexpr int SUB = AREG ? 32 : 16;       // queries per Sᵀ/dPᵀ slice
+    constexpr int SNT = SUB / 8;              // n tiles of a slice
+    constexpr float LOG2E = 1.4426950408889634f;
+    __shared__ __align__(16) bf16 qs[QT * LD];
+    __shared__ __align__(16) bf16 dos[QT * LD];
+    __shared__ __align__(16) bf16 kvs[AREG ? 8 : 2 * TC_KEYS * LD];  // hd128: K rows, then V rows
+    __shared__ float ls[QT], dl[QT];  // lse·log2(e) and D of the staged queries
+    const int b = blockIdx.z, kh = blockIdx.y, group = H / KV;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+    const int j0 = blockIdx.x * TC_KEYS, wk = j0 + warp * 16;  // the block's and the warp's first key
+    const int keys[2] = {wk + g, wk + g + 8};                  // the lane's two keys (C rows)
+    const long ldq = (long)H * HD, ldk = (long)KV * HD;
+    const bf16* kb = k + (long)b * T * ldk + kh * HD;
+    const bf16* vb = v + (long)b * T * ldk + kh * HD;
+
+    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: the warp's K and V rows as A fragments
+    unsigned kf[AREG ? HD / 16 : 1][4], vf[AREG ? HD / 16 : 1][4];
+    const bf16 *ka = nullptr, *va = nullptr;
+    if constexpr (AREG) {
+        #pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk) {
+            load_afrag(kf[kk], kb, keys, ldk, kk, T);
+            load_afrag(vf[kk], vb, keys, ldk, kk, T);
+        }
+    } else {
+        // staged once; the loop's first barrier orders these stores before any read
+        stage_rows_bf16<HD, TC_KEYS>(kvs, kb, ldk, j0, T);
+        stage_rows_bf16<HD, TC_KEYS>(kvs + TC_KEYS * LD, vb, ldk, j0, T);
+        ka = kvs + warp * 16 * LD;
+        va = kvs + (TC_KEYS + warp * 16) * LD;
+    }
+
+    float adk[NT][4], adv[NT][4];  // dK/scale and dV: rows g, g+8 (keys); columns 8·nt + 2·tig, +1
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        for (int i = 0; i < 4; ++i) adk[nt][i] = adv[nt][i] = 0.0f;
+
+    const float sl2 = scale * LOG2E;
+    for (int hh = 0; hh < group; ++hh) {
+        const int h = kh * group + hh;
+        const bf16* qh = q + (long)b * T * ldq + h * HD;
+        const bf16* dh = dout + (long)b * T * ldq + h * HD;
+        const long lrow = ((long)b * H + h) * T;
+        // queries before the block's first key see none of its keys
+        for (int i0 = j0; i0 < T; i0 += QT) {
+            __syncthreads();  // every warp is done with the previous tile
+            stage_rows_bf16<HD, QT>(qs, qh, ldq, i0, T);
+            stage_rows_bf16<HD, QT>(dos, dh, ldq, i0, T);
+            for (int r = threadIdx.x; r < QT; r += blockDim.x) {
+                const int i = i0 + r;
+                ls[r] = i < T ? lse[lrow + i] * LOG2E : 0.0f;
+                dl[r] = i < T ? delta[lrow + i] : 0.0f;
+            }
+            __syncthreads();
+            // tiles that hold queries before some of the block's keys, or past T
+            const bool edge = (i0 < j0 + TC_KEYS && plant != 1) || i0 + QT > T;
+            #pragma unroll 1
+            for (int s = 0; s < QT; s += SUB) {
+                // warp-uniform: a slice of queries all before the warp's first key, or past T,
+                // or a warp whose keys are all past T
+                if (i0 + s + SUB - 1 < wk || i0 + s >= T || wk >= T) continue;
+                float st[SNT][4], dpt[SNT][4];
+                mma_abt<HD, SUB>(st, kf, ka, qs + s * LD);
+                mma_abt<HD, SUB>(dpt, vf, va, dos + s * LD);
+                #pragma unroll
+                for (int nt = 0; nt < SNT; ++nt)
+                    for (int i = 0; i < 4; ++i) {
+                        const int c = s + nt * 8 + 2 * tig + (i & 1), query = i0 + c;
+                        float p = exp2f(st[nt][i] * sl2 - ls[c]);
+                        if (edge && (query < keys[i >> 1] || query >= T)) p = 0.0f;
+                        st[nt][i] = p;
+                        dpt[nt][i] = p * (dpt[nt][i] - (plant == 2 ? 0.0f : dl[c]));  // dSᵀ
+                    }
+                mma_ab<HD, SUB>(adv, st, dos + s * LD, plant);  // dV += Pᵀ·dO
+                mma_ab<HD, SUB>(adk, dpt, qs + s * LD, plant);  // dK += dSᵀ·Q
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (keys[r] >= T) continue;
+        const long base = ((long)b * T + keys[r]) * ldk + kh * HD;
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            for (int e = 0; e < 2; ++e) {
+                const long at = base + nt * 8 + 2 * tig + e;
+                dk[at] = adk[nt][2 * r + e] * scale;
+                dv[at] = adv[nt][2 * r + e];
+            }
+    }
+}
+
+template <int HD>
+__device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                                    const float* delta, float* dq, int T, int H, int KV, float scale, int plant) {
+    constexpr int LD = HD + TC_PAD;
+    constexpr int NT = HD / 8;               // n tiles of dQ
+    constexpr int SUB = HD <= 64 ? 32 : 16;  // keys per S/dP slice
+    constexpr int SNT = SUB / 8;
+    constexpr float LOG2E = 1.4426950408889634f;
+    __shared__ __align__(16) bf16 ks[TC_KEYS * LD];
+    __shared__ __align__(16) bf16 vs[TC_KEYS * LD];
+    const int b = blockIdx.z, h = blockIdx.y, kh = h / (H / KV);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+    const int q0 = blockIdx.x * TC_ROWS, wq = q0 + warp * 16;  // the block's and the warp's first row
+    const int rows[2] = {wq + g, wq + g + 8};
+    const long ldq = (long)H * HD, ldk = (long)KV * HD;
+    const bf16* qh = q + (long)b * T * ldq + h * HD;
+    const bf16* dh = dout + (long)b * T * ldq + h * HD;
+    const bf16* kb = k + (long)b * T * ldk + kh * HD;
+    const bf16* vb = v + (long)b * T * ldk + kh * HD;
+
+    unsigned qf[HD / 16][4], of[HD / 16][4];  // S = Q·Kᵀ, dP = dO·Vᵀ: Q and dO rows as A fragments
+    #pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        load_afrag(qf[kk], qh, rows, ldq, kk, T);
+        load_afrag(of[kk], dh, rows, ldq, kk, T);
+    }
+    float l2[2], dd[2];  // lse·log2(e) and D of the lane's rows
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const long li = ((long)b * H + h) * T + rows[r];
+        l2[r] = rows[r] < T ? lse[li] * LOG2E : 0.0f;
+        dd[r] = rows[r] < T && plant != 2 ? delta[li] : 0.0f;
+    }
+    float acc[NT][4];  // dQ/scale: rows g, g+8; columns 8·nt + 2·tig, +1
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+
+    const float sl2 = scale * LOG2E;
+    const int last = min(T - 1, q0 + TC_ROWS - 1);  // the block's last row: keys after it are masked
+    for (int j0 = 0; j0 <= last; j0 += TC_KEYS) {
+        __syncthreads();
+        stage_rows_bf16<HD, TC_KEYS>(ks, kb, ldk, j0, T);
+        stage_rows_bf16<HD, TC_KEYS>(vs, vb, ldk, j0, T);
+        __syncthreads();
+        // only the diagonal tile (j0 == q0) holds keys after a row or past T
+        const bool edge = j0 + TC_KEYS > q0 && plant != 1;
+        #pragma unroll 1
+        for (int s = 0; s < TC_KEYS; s += SUB) {
+            // warp-uniform: a slice of keys all after the warp's rows, or past T, or a warp whose
+            // rows are all past T
+            if (j0 + s > wq + 15 || j0 + s >= T || wq >= T) continue;
+            float st[SNT][4], dp[SNT][4];
+            mma_abt<HD, SUB>(st, qf, nullptr, ks + s * LD);
+            mma_abt<HD, SUB>(dp, of, nullptr, vs + s * LD);
+            #pragma unroll
+            for (int nt = 0; nt < SNT; ++nt)
+                for (int i = 0; i < 4; ++i) {
+                    const int key = j0 + s + nt * 8 + 2 * tig + (i & 1), r = i >> 1;
+                    float p = exp2f(st[nt][i] * sl2 - l2[r]);
+                    if (edge && (key > rows[r] || key >= T)) p = 0.0f;
+                    dp[nt][i] = p * (dp[nt][i] - dd[r]);  // dS
+                }
+            mma_ab<HD, SUB>(acc, dp, ks + s * LD, plant);  // dQ += dS·K
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= T) continue;
+        const long base = ((long)b * T + rows[r]) * ldq + h * HD;
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            for (int e = 0; e < 2; ++e) dq[base + nt * 8 + 2 * tig + e] = acc[nt][2 * r + e] * scale;
+    }
+}
+
+#define ATTN_TC_BWD_KERNELS(HD)                                                                                    \
+    extern "C" __global__ void attn_bwd_dkdv_tc_hd##HD(const bf16* q, const bf16* k, const bf16* v,               \
+                                                       const bf16* dout, const float* lse, const float* delta,    \
+                                                       float* dk, float* dv, int T, int H, int KV, float scale) { \
+        attn_bwd_dkdv_tc_impl<HD>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale, 0);                         \
+    }                                                                                                              \
+    extern "C" __global__ void attn_bwd_dq_tc_hd##HD(const bf16* q, const bf16* k, const bf16* v,                 \
+                                                     const bf16* dout, const float* lse, const float* delta,      \
+                                                     float* dq, int T, int H, int KV, float scale) {              \
+        attn_bwd_dq_tc_impl<HD>(q, k, v, dout, lse, delta, dq, T, H, KV, scale, 0);                               \
+    }
+
+ATTN_TC_BWD_KERNELS(64)
+ATTN_TC_BWD_KERNELS(128)
+
+// The hd64 backward kernels with a planted bug (`plant` as above) for the tests: each variant
+// must fail the backward test that the production kernels pass.
+extern "C" __global__ void attn_bwd_dkdv_tc_planted(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                    const float* lse, const float* delta, float* dk, float* dv,
+                                                    int T, int H, int KV, float scale, int plant) {
+    attn_bwd_dkdv_tc_impl<64>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale, plant);
+}
+extern "C" __global__ void attn_bwd_dq_tc_planted(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                  const float* lse, const float* delta, float* dq, int T, int H,
+                                                  int KV, float scale, int plant) {
+    attn_bwd_dq_tc_impl<64>(q, k, v, dout, lse, delta, dq, T, H, KV, scale, plant);
+}

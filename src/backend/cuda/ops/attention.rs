@@ -236,3 +236,124 @@ pub fn attention_forward_tc(
     };
     dev.launch(&format!("attn_fwd_tc_hd{}", d.head_dim), cfg, &args)
 }
+
+/// [`attention_bwd`] on tensor cores (FlashAttention-2 backward, kernels/attention_tc.cu): `q`,
+/// `k`, `v` bf16 (the copies the tensor-core forward took), everything else f32 in the same
+/// layouts as there: `o` and `lse` the forward's, `dy` the gated output's gradient; overwrites
+/// `dq`, `dk`, `dv` and, gated, `dz`. `scratch.dout` holds dO as bf16 here (its first half),
+/// `scratch.delta` as there. Three launches: the pre-pass (gate gradient, D = rowsum(dO ⊙ O) in
+/// f32, dO to bf16), dK/dV per 64 keys (the query heads of a kv head summed in one block), dQ
+/// per 64 query rows. Deterministic (no atomics); products and sums f32 from bf16 operands,
+/// with P (for dV) and dS (for dK, dQ) rounded to bf16 as mma operands.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_tc(
+    dev: &dyn Device,
+    d: &AttnDims,
+    gate: FusedGate,
+    inputs: (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+    fwd: (&DBuf, &DBuf, &DBuf),
+    scratch: &AttnScratch,
+    grads: (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+) -> Result<()> {
+    backward_tc(dev, d, gate, inputs, fwd, scratch, grads, None)
+}
+
+/// [`attention_backward_tc`] through the hd64 kernels with planted bug `plant` (1: the causal
+/// mask of the diagonal tiles dropped, 2: −D dropped from dS, 3: two registers of an A fragment
+/// swapped): for the tests that show such bugs fail.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_tc_planted(
+    dev: &dyn Device,
+    d: &AttnDims,
+    gate: FusedGate,
+    inputs: (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+    fwd: (&DBuf, &DBuf, &DBuf),
+    scratch: &AttnScratch,
+    grads: (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+    plant: i32,
+) -> Result<()> {
+    if d.head_dim != 64 {
+        bail!("attention_backward_tc_planted: the planted kernels are hd64");
+    }
+    backward_tc(dev, d, gate, inputs, fwd, scratch, grads, Some(plant))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_tc(
+    dev: &dyn Device,
+    d: &AttnDims,
+    gate: FusedGate,
+    (q, k, v, z): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+    (o, lse, dy): (&DBuf, &DBuf, &DBuf),
+    scratch: &AttnScratch,
+    (dq, dk, dv, dz): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+    plant: Option<i32>,
+) -> Result<()> {
+    let what = "attention_backward_tc";
+    if !ATTN_TC_HEAD_DIMS.contains(&d.head_dim) {
+        bail!(
+            "{what}: head_dim {} (tensor-core kernels exist for {ATTN_TC_HEAD_DIMS:?})",
+            d.head_dim
+        );
+    }
+    d.check()?;
+    need(what, q, d.q_elems(), 2)?;
+    need(what, k, d.kv_elems(), 2)?;
+    need(what, v, d.kv_elems(), 2)?;
+    need(what, &scratch.dout, d.q_elems(), 2)?;
+    // Q, dO (and at hd128 K, V) rows are staged as 16-byte vectors (head_dim·2 bytes is a
+    // multiple of 16); K, V fragments are read as bf16 pairs otherwise
+    if ![q, k, v, &scratch.dout].iter().all(|b| b.ptr.is_multiple_of(16)) {
+        bail!("{what}: q, k, v and scratch.dout must be 16-byte aligned");
+    }
+    f32s(what, &[o, dy, dq], d.q_elems())?;
+    f32s(what, &[dk, dv], d.kv_elems())?;
+    f32s(what, &[lse, &scratch.delta], d.rows() * d.heads)?;
+    let zarg = gate_arg(what, z, d, gate)?;
+    let dzarg = gate_arg("attention_backward_tc (dz)", dz, d, gate)?;
+    let pre = [
+        o.arg(),
+        zarg,
+        dy.arg(),
+        scratch.dout.arg(),
+        dzarg,
+        scratch.delta.arg(),
+        Arg::I32(d.rows() as i32),
+        Arg::I32(d.seq as i32),
+        Arg::I32(d.heads as i32),
+        Arg::I32(d.head_dim as i32),
+        Arg::I32(gate as i32),
+    ];
+    // one warp per (row, head), 4 warps per block
+    let pairs = d.rows() * d.heads;
+    dev.launch("attn_bwd_pre_tc", Launch::linear(pairs.div_ceil(4), 128), &pre)?;
+    let ins = [
+        q.arg(),
+        k.arg(),
+        v.arg(),
+        scratch.dout.arg(),
+        lse.arg(),
+        scratch.delta.arg(),
+    ];
+    let cfg = |heads: usize| Launch {
+        grid: [d.seq.div_ceil(ATTN_TC_ROWS) as u32, heads as u32, d.batch as u32],
+        block: [ATTN_TC_THREADS, 1, 1],
+        smem: 0,
+    };
+    let name = |kernel: &str| match plant {
+        None => format!("attn_bwd_{kernel}_tc_hd{}", d.head_dim),
+        Some(_) => format!("attn_bwd_{kernel}_tc_planted"),
+    };
+    // dK/dV: a block per 64 keys (kernels/attention_tc.cu `TC_KEYS`, = ATTN_TC_ROWS) of a kv head
+    let mut args = ins.to_vec();
+    args.extend([dk.arg(), dv.arg()]);
+    args.extend(d.common());
+    args.extend(plant.map(Arg::I32));
+    dev.launch(&name("dkdv"), cfg(d.kv_heads), &args)?;
+    let mut args = ins.to_vec();
+    args.push(dq.arg());
+    args.extend(d.common());
+    args.extend(plant.map(Arg::I32));
+    dev.launch(&name("dq"), cfg(d.heads), &args)
+}
