@@ -254,13 +254,7 @@ fn attention_with_fused_gate_matches_the_cpu_ops() {
                     kv_heads,
                     head_dim,
                 };
-                let sh = att::AttnShape {
-                    batch,
-                    seq,
-                    heads,
-                    kv_heads,
-                    head_dim,
-                };
+                let sh = att::AttnShape::new(batch, seq, heads, kv_heads, head_dim);
                 let (nq, nk) = (batch * seq * heads * head_dim, batch * seq * kv_heads * head_dim);
                 let (q, k, v) = (randn(nq, 30, 1.0), randn(nk, 31, 1.0), randn(nk, 32, 1.0));
                 let dy = randn(nq, 33, 1.0);

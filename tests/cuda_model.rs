@@ -302,6 +302,20 @@ fn check_mixed_precision(
         (cfg.num_layers, 0),
         "{what}: attention forward launches ({attn}, {other})"
     );
+    // the backward runs where the forward ran: tensor cores (dK/dV and dQ) or the f32 kernels
+    let hd = cfg.head_dim;
+    let (tc_bwd, f32_bwd) = (format!("attn_bwd_dkdv_tc_hd{hd}"), format!("attn_bwd_dkdv_hd{hd}"));
+    let tc = attn.contains("_tc_");
+    let layers = cfg.num_layers;
+    assert_eq!(
+        (
+            count(&tc_bwd),
+            count(&format!("attn_bwd_dq_tc_hd{hd}")),
+            count(&f32_bwd)
+        ),
+        if tc { (layers, layers, 0) } else { (0, 0, layers) },
+        "{what}: attention backward launches"
+    );
     rec.take(attn);
     let dl = (loss - dloss).abs() / loss;
     assert!(dl < 1e-3, "{what}: loss {dloss} vs CPU {loss}");
@@ -346,12 +360,12 @@ fn mixed_precision_training_tracks_the_f32_model() {
     }
 }
 
-/// In mixed precision the attention forward runs on tensor cores for head_dim 64 and 128 (bf16
-/// copies of the rotated Q/K/V; the f32 backward on its o/lse), and stays on the f32 kernel for
-/// other head dims (32 here) and in f32 precision; the bf16 tolerances against the CPU model
-/// hold on both paths.
+/// In mixed precision the attention runs on tensor cores for head_dim 64 and 128, forward and
+/// backward (on bf16 copies of the rotated Q/K/V), and stays on the f32 kernels for other head
+/// dims (32 here) and in f32 precision; the bf16 tolerances against the CPU model hold on both
+/// paths.
 #[test]
-fn mixed_precision_attention_forward_runs_on_tensor_cores_for_head_dims_64_and_128() {
+fn mixed_precision_attention_runs_on_tensor_cores_for_head_dims_64_and_128() {
     let gate = |s: &str| GateConfig::parse_spec(s).unwrap();
     // (vocab, d, layers, heads, kv heads, head_dim, ffn): tiny, for the emulator
     let hd64 = ModelConfig::dense(256, 128, 2, 2, 1, 64, 128, gate("elementwise"));
@@ -402,6 +416,13 @@ fn unsupported_models_are_refused_with_the_reason() {
         .err()
         .unwrap();
     assert!(format!("{e}").contains("only the G1"), "{e}");
+    // a Mistral-style sliding window is CPU-only (the device attention is plain causal)
+    let mut swa = ModelConfig::preset("micro", None).unwrap();
+    swa.sliding_window = Some(8);
+    let e = DeviceModel::new(&emu, &Model::new(swa, 1).unwrap(), Precision::F32)
+        .err()
+        .unwrap();
+    assert!(format!("{e}").contains("sliding-window attention (window 8)"), "{e}");
     let m: Model<f32> = Model::new(ModelConfig::preset("micro", None).unwrap(), 1).unwrap();
     let mut dm = DeviceModel::new(&emu, &m, Precision::F32).unwrap();
     let e = dm.forward_backward(&[600, 1], &[1, 2], 1, 2).unwrap_err();

@@ -75,6 +75,9 @@ pub(super) struct LayerMem {
     pub y_b: Option<DBuf>,
     pub h2_b: Option<DBuf>,
     pub m_b: Option<DBuf>,
+    /// bf16 copies of the rotated q, k and v for the tensor-core attention: the forward
+    /// writes them, the backward reads them again
+    pub qkv_b: Option<(DBuf, DBuf, DBuf)>,
 }
 
 /// Gradient and scratch buffers of the backward, shared by the layers (one runs at a time).
@@ -128,8 +131,6 @@ pub(super) struct StepMemory {
     pub loss_rows: DBuf,
     pub dhf: DBuf,
     pub bwd: BackwardMem,
-    /// bf16 copies of the rotated q, k and v for the tensor-core attention
-    pub qkv_b: Option<(DBuf, DBuf, DBuf)>,
     /// Size of the arena, bytes.
     pub bytes: usize,
 }
@@ -207,6 +208,11 @@ impl StepMemory {
                 y_b: c.shadow(precision, n * qd)?,
                 h2_b: c.shadow(precision, n * dm)?,
                 m_b: c.shadow(precision, n * ff)?,
+                qkv_b: if tc_attention {
+                    Some((c.bf16(n * qd)?, c.bf16(n * kvd)?, c.bf16(n * kvd)?))
+                } else {
+                    None
+                },
             });
         }
         let proj = qd.max(kvd).max(scores.unwrap_or(0));
@@ -236,11 +242,6 @@ impl StepMemory {
             du_b: c.shadow(precision, n * ff)?,
             dproj_b: c.shadow(precision, n * proj)?,
         };
-        let qkv_b = if tc_attention {
-            Some((c.bf16(n * qd)?, c.bf16(n * kvd)?, c.bf16(n * kvd)?))
-        } else {
-            None
-        };
         Ok(StepMemory {
             batch,
             seq,
@@ -257,7 +258,6 @@ impl StepMemory {
             loss_rows: c.f32(n)?,
             dhf: c.f32(n * dm)?,
             bwd,
-            qkv_b,
             bytes: 0,
         })
     }

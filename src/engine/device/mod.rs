@@ -1,7 +1,8 @@
 //! The dense decoder resident on a CUDA device (or the emulator): parameters, gradients and
 //! AdamW state live there; forward and backward run through the CUDA ops in f32, or in mixed
-//! precision (bf16 GEMM operands, and for head_dim 64/128 the tensor-core attention forward on
-//! bf16 copies of Q/K/V; the attention backward stays f32). It covers what
+//! precision (bf16 GEMM operands, and for head_dim 64/128 the tensor-core attention, forward
+//! and backward, on bf16 copies of Q/K/V). Its memory is planned once per step shape
+//! (`memory`). It covers what
 //! the fused kernels do: dense SwiGLU MLPs, no gate or the paper's G1 gate (multiplicative
 //! sigmoid, head-specific, elementwise or headwise), QK-norm or none, partial RoPE, both norm
 //! styles, tied or untied head. Other configurations are refused with the reason.
@@ -66,6 +67,9 @@ pub fn unsupported(cfg: &ModelConfig) -> Option<String> {
             cfg.head_dim,
             attn_head_dims_text()
         ));
+    }
+    if let Some(why) = cfg.cpu_only_feature() {
+        return Some(why);
     }
     match &cfg.gate {
         Some(g) if !g.is_standard_g1() => {
@@ -293,7 +297,7 @@ impl<'d> DeviceModel<'d> {
         let hk = self.heads(n, seq, cfg.num_kv_heads, li.k_norm);
         ops::qknorm_rope_fwd(dev, &hk, &self.rope, &c.k, &c.kr, &c.rstd_k, eps)?;
         let d = self.attn_dims(batch, seq);
-        self.attention_forward(&d, mem, c)?;
+        self.attention_forward(&d, c)?;
         // the attention block's output goes straight into x1 = x + o_proj(y)
         let ya = self.act(&c.y, c.y_b.as_ref())?;
         self.lin_fwd(ya, li.o_proj, &c.x1, n, qd, dm)?;
@@ -308,24 +312,21 @@ impl<'d> DeviceModel<'d> {
         ops::add(dev, &c.x1, out, out, n * dm)
     }
 
-    /// Whether the attention forward runs on tensor cores ([`ops::attention_forward_tc`]): in
-    /// mixed precision, for the head dims that kernel exists for ([`ops::ATTN_TC_HEAD_DIMS`]).
-    /// Otherwise (f32 precision, other head dims) the f32 kernel ([`ops::attention_fwd`]).
+    /// Whether the attention runs on tensor cores ([`ops::attention_forward_tc`],
+    /// [`ops::attention_backward_tc`]): in mixed precision, for the head dims those kernels
+    /// exist for ([`ops::ATTN_TC_HEAD_DIMS`]). Otherwise (f32 precision, other head dims) the
+    /// f32 kernels ([`ops::attention_fwd`], [`ops::attention_bwd`]).
     pub fn tc_attention(&self) -> bool {
         self.precision == Precision::Bf16 && ops::ATTN_TC_HEAD_DIMS.contains(&self.cfg.head_dim)
     }
 
     /// The attention forward on the (f32) rotated `q`, `k` and `v`: `o`, `y`, `lse` for the
     /// backward, from the tensor-core kernel on bf16 copies of q/k/v when [`Self::tc_attention`],
-    /// else from the f32 kernel.
-    ///
-    /// Mixed-precision mismatch: the backward (f32 kernels) differentiates attention at the f32
-    /// q/k/v, but consumes the tc forward's o and lse, which are those of the bf16-rounded
-    /// inputs (and of P rounded to bf16 for P·V). The gradient is thus off by the order of bf16
-    /// rounding (relative ~2⁻⁸), the same order the bf16 GEMM operands already introduce.
-    fn attention_forward(&self, d: &AttnDims, mem: &StepMemory, c: &LayerMem) -> Result<()> {
+    /// else from the f32 kernel. The backward then runs on tensor cores too, on the same bf16
+    /// q/k/v, so both passes differentiate one function (of the bf16-rounded inputs).
+    fn attention_forward(&self, d: &AttnDims, c: &LayerMem) -> Result<()> {
         let (q, k, v, z) = (&c.qr, &c.kr, &c.v, c.z.as_ref());
-        let Some((qb, kb, vb)) = &mem.qkv_b else {
+        let Some((qb, kb, vb)) = &c.qkv_b else {
             return ops::attention_fwd(self.dev, d, self.gate, q, k, v, z, &c.o, &c.y, &c.lse);
         };
         for (x, b) in [(q, qb), (k, kb), (v, vb)] {
@@ -378,15 +379,20 @@ impl<'d> DeviceModel<'d> {
         self.lin_bwd_dx(dxa, li.o_proj, &b.dy, n, qd, dm, false)?;
         self.lin_bwd_dw(self.shadowed(&c.y, c.y_b.as_ref()), dxa, li.o_proj, n, qd, dm)?;
         let d = self.attn_dims(batch, seq);
-        ops::attention_bwd(
-            dev,
-            &d,
-            self.gate,
-            (&c.qr, &c.kr, &c.v, c.z.as_ref()),
-            (&c.o, &c.lse, &b.dy),
-            &b.attn,
-            (&b.dqr, &b.dkr, &b.dv, b.dz.as_ref()),
-        )?;
+        let fwd = (&c.o, &c.lse, &b.dy);
+        let grads = (&b.dqr, &b.dkr, &b.dv, b.dz.as_ref());
+        match &c.qkv_b {
+            // on tensor cores, from the bf16 q/k/v the forward ran on: the same rounded inputs
+            // in both passes
+            Some((qb, kb, vb)) => {
+                let ins = (qb, kb, vb, c.z.as_ref());
+                ops::attention_backward_tc(dev, &d, self.gate, ins, fwd, &b.attn, grads)?;
+            }
+            None => {
+                let ins = (&c.qr, &c.kr, &c.v, c.z.as_ref());
+                ops::attention_bwd(dev, &d, self.gate, ins, fwd, &b.attn, grads)?;
+            }
+        }
         let dwp = &b.norm_rows;
         let hq = self.heads(n, seq, cfg.num_heads, li.q_norm);
         let gq = li.q_norm.map(|i| &gr[i]);
