@@ -117,7 +117,7 @@ pub fn input_ids(
             }
             (None, Some(p)) => p.to_string(),
             // a window of the embedded books, well into the text (past the title pages)
-            (None, None) => crate::train::data::embedded_corpus()?[0]
+            (None, None) => crate::io::text::embedded_corpus()?[0]
                 .chars()
                 .skip(200_000)
                 .take(max * 8)

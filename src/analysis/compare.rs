@@ -2,8 +2,8 @@
 //! files) side by side, with the paper's reference numbers.
 
 use super::PAPER_REFERENCE;
+use crate::io::metrics::{read_rows, series};
 use crate::plot::{bar_chart, line_chart, XAxis};
-use crate::train::metrics::{read_rows, series};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;

@@ -180,7 +180,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let text = match &a.text {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {} as UTF-8 text", p.display()))?,
         None => {
-            let b = &crate::train::data::embedded_corpus()?[0];
+            let b = &crate::io::text::embedded_corpus()?[0];
             b[b.len() - b.len() / 20..].to_string()
         }
     };

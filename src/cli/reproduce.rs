@@ -444,8 +444,8 @@ fn write_report(out: &Path, scale: &Scale, a: &ReproduceArgs, arms: &[ArmOutcome
 
 /// Loss, F-Attn and M-Act of every arm over its steps, overlaid.
 fn overlay_curves(out: &Path, arms: &[ArmOutcome]) -> Result<()> {
+    use crate::io::metrics::{read_rows, series};
     use crate::plot::{line_chart, XAxis};
-    use crate::train::metrics::{read_rows, series};
     let rows: Vec<(&str, Vec<serde_json::Value>)> = arms
         .iter()
         .filter_map(|o| Some((o.name, read_rows(&out.join(o.name).join("metrics.jsonl")).ok()?)))

@@ -3,9 +3,11 @@
 pub mod gguf;
 pub mod hf;
 pub mod load;
+pub mod metrics;
 pub mod pretok;
 pub mod quants;
 pub mod st;
+pub mod text;
 pub mod tokenizer;
 
 use anyhow::Result;

@@ -4,7 +4,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
-pub mod metrics;
+/// metrics.jsonl (written by the loop; read by reports and analysis) lives in `io`.
+pub use crate::io::metrics;
 pub mod report;
 pub mod schedule;
 

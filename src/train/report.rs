@@ -1,9 +1,9 @@
 //! `report.md` and PNG plots of a run, drawn from its metrics.jsonl.
 
 use super::config::TrainConfig;
-use super::metrics::{read_rows, series};
 use super::RunSummary;
 use crate::analysis::PAPER_REFERENCE;
+use crate::io::metrics::{read_rows, series};
 use crate::plot::{gate_histogram, line_chart, XAxis};
 use anyhow::Result;
 use std::path::Path;
