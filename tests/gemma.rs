@@ -13,6 +13,8 @@ use gated_lm::io::gguf::{load_gguf_model, GgmlType, Value};
 use gated_lm::io::hf::{convert, load_model, parse_config, save_model, Layout};
 use gated_lm::model::Model;
 
+type Edit = Box<dyn Fn(&mut gated_lm::config::ModelConfig)>;
+
 fn fixture(dir: &str) -> Model<f32> {
     let (m, layout) = load_model(&fx(dir)).unwrap();
     assert_eq!(
@@ -59,7 +61,7 @@ fn every_gemma_feature_changes_the_logits() {
     for dir in ["gemma2-tiny", "gemma3-tiny"] {
         let m = fixture(dir);
         let base = logits(&m, &x);
-        let variants: Vec<(&str, Box<dyn Fn(&mut gated_lm::config::ModelConfig)>)> = vec![
+        let variants: Vec<(&str, Edit)> = vec![
             ("no window", Box::new(|c| c.sliding_window = None)),
             ("no final cap", Box::new(|c| c.final_logit_softcap = None)),
             ("no attention cap", Box::new(|c| c.attn_logit_softcap = None)),
