@@ -171,3 +171,14 @@ impl GgufCfg for Model<f32> {
         c
     }
 }
+
+#[test]
+fn phi3_sliding_window_is_read() {
+    // Phi-3-mini-4k's config carries sliding_window 2047: transformers applies it (llama.cpp
+    // does not), and so do we
+    let text = std::fs::read_to_string(fx("phi3-tiny/config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["sliding_window"] = serde_json::json!(2047);
+    let (c, layout) = gated_lm::io::hf::parse_config(&v.to_string(), "phi3.json").unwrap();
+    assert_eq!((layout, c.sliding_window), (Layout::Phi3, Some(2047)));
+}

@@ -561,6 +561,13 @@ pub fn tokenizer(g: &Gguf) -> Result<Tok> {
     // llama.cpp splits user-defined tokens (token type 4) out of the text first, whole
     const USER_DEFINED: u64 = 4;
     let user: Vec<String> = match g.meta.get("tokenizer.ggml.token_type") {
+        // llama.cpp reads one type per token: another length is a broken file, not a vocabulary
+        Some(Value::Arr(types)) if types.len() != tokens.len() => bail!(
+            "{}: 'tokenizer.ggml.token_type' has {} entries for {} tokens",
+            g.path,
+            types.len(),
+            tokens.len()
+        ),
         Some(Value::Arr(types)) => tokens
             .iter()
             .zip(types)

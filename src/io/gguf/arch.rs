@@ -175,18 +175,8 @@ pub fn source(cfg: &ModelConfig, arch: &str, hf: &str) -> (String, Option<(usize
     (name, None)
 }
 
-/// The GGUF tensors `cfg` needs as (GGUF name, PyTorch shape) for a writer: Phi-3's blocks fused,
-/// Gemma's norm names (the data is the caller's business: llama.cpp stores Gemma norms as 1+w).
-pub fn tensor_names(cfg: &ModelConfig, arch: &str, names: &[String]) -> Vec<String> {
-    let mut seen = Vec::new();
-    for n in names {
-        let (g, _) = source(cfg, arch, n);
-        if !seen.contains(&g) {
-            seen.push(g);
-        }
-    }
-    seen
-}
+/// A tensor's GGUF name with its (PyTorch shape, data).
+type Named = (String, (Vec<usize>, Vec<f32>));
 
 /// Read tensor `hf` of `cfg` from `g`, splitting fused tensors (dequantised once, kept in `cache`).
 pub fn read(
@@ -195,7 +185,7 @@ pub fn read(
     arch: &str,
     hf: &str,
     cache: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-) -> Result<(String, (Vec<usize>, Vec<f32>))> {
+) -> Result<Named> {
     let (name, block) = source(cfg, arch, hf);
     let Some((r0, rows, total)) = block else {
         let t = g.f32(&name)?;

@@ -208,10 +208,9 @@ fn gemma3_rope(v: &Value, file: &str, cfg: &mut ModelConfig) -> Result<()> {
 /// Phi-3's fused tensors: for one of our per-projection names, the fused HF tensor that holds
 /// it, the first row and row count of its block, and the fused tensor's expected row count.
 pub fn phi3_source(cfg: &ModelConfig, name: &str) -> Option<(String, usize, usize, usize)> {
-    let (prefix, tail) = name.rsplit_once('.').filter(|(_, t)| *t == "weight")?;
+    let prefix = name.strip_suffix(".weight")?;
     let (layer, proj) = prefix.rsplit_once('.')?;
     let (q, kv, f) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-    let _ = tail;
     let (fused, r0, rows, total) = match (layer.rsplit('.').next()?, proj) {
         ("self_attn", "q_proj") => ("qkv_proj", 0, q, q + 2 * kv),
         ("self_attn", "k_proj") => ("qkv_proj", q, kv, q + 2 * kv),
