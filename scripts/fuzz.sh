@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-600}
 export RUSTC_BOOTSTRAP=1
-mkdir -p fuzz/corpus/{safetensors,gguf,config,tokenizer}
+mkdir -p fuzz/corpus/{safetensors,gguf,quants,config,tokenizer}
+cp tests/fixtures/fuzz/quants/* fuzz/corpus/quants/ 2>/dev/null || true
 i=0; for f in tests/fixtures/*/model.safetensors; do cp "$f" "fuzz/corpus/safetensors/m$i"; i=$((i+1)); done
 i=0; for f in tests/fixtures/*/config.json; do cp "$f" "fuzz/corpus/config/c$i.json"; i=$((i+1)); done
 [ -f fuzz/corpus/gguf/seed-spm.gguf ] || cargo run --release --quiet --example make_fuzz_seeds -- fuzz/corpus
@@ -18,4 +19,5 @@ run() {
 }
 run safetensors & run gguf & wait
 run config & run tokenizer & wait
+run quants
 ls fuzz/artifacts/*/ 2>/dev/null || echo "no crashes found"
