@@ -258,6 +258,52 @@ fn steady_state_steps_allocate_no_device_memory() {
     }
 }
 
+/// The LM head and cross-entropy run in row chunks, so no `[tokens, vocab]` logits buffer
+/// exists: with chunks of 16 rows (80 rows: 5 chunks, one cross-entropy launch each) the loss
+/// equals the single-chunk loss bit for bit (per-row losses are summed on the host in row
+/// order) and the gradients agree to f32 summation order (the head's weight gradient is summed
+/// over chunks), in f32 and bf16; the step memory shrinks by the logits of 64 rows.
+#[test]
+fn lm_head_and_loss_run_in_row_chunks() {
+    let dev = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let rec = Recording::new(&dev);
+    let gate = GateConfig::parse_spec("headwise").unwrap();
+    let cfg = ModelConfig::dense(256, 64, 1, 2, 1, 32, 128, gate);
+    let model: Model<f32> = Model::new(cfg, 5).unwrap();
+    let mut r = Rng::new(6);
+    let (batch, seq) = (2, 40);
+    let ids: Vec<u32> = (0..batch * seq).map(|_| r.below(256) as u32).collect();
+    let mut tg = shifted_targets(&ids, seq);
+    tg[17] = gated_lm::model::ops::cross_entropy::IGNORE;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut dm = DeviceModel::new(&rec, &model, precision).unwrap();
+        let whole = dm.forward_backward(&ids, &tg, batch, seq).unwrap();
+        let (whole_grads, whole_bytes) = (dm.grads().unwrap(), dm.step_memory_bytes());
+        rec.take("");
+        dm.zero_grads().unwrap();
+        dm.set_head_chunk_rows(Some(16));
+        let chunked = dm.forward_backward(&ids, &tg, batch, seq).unwrap();
+        assert_eq!(rec.take("cross_entropy_fwd_bwd"), 5, "{precision:?}");
+        assert_eq!(chunked.to_bits(), whole.to_bits(), "{precision:?}: loss");
+        let grads = dm.grads().unwrap();
+        for (i, n) in model.params.names.iter().enumerate() {
+            close(
+                &format!("{precision:?} chunked: grad {n}"),
+                &grads.tensors[i].data,
+                &whole_grads.tensors[i].data,
+                1e-5,
+            );
+        }
+        let saved = whole_bytes - dm.step_memory_bytes();
+        let logits_64_rows = 64 * 256 * if precision == Precision::F32 { 4 } else { 6 };
+        assert!(
+            saved >= logits_64_rows,
+            "{precision:?}: chunked step memory {} vs {whole_bytes}",
+            dm.step_memory_bytes()
+        );
+    }
+}
+
 /// One bf16 device model against the f32 CPU model on a random batch: loss within 1e-3,
 /// gradients within 5e-2 of each tensor's largest entry, bf16 really in effect, and three
 /// training steps that each lower the loss. `attn`: the attention forward kernel every layer

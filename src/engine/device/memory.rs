@@ -38,6 +38,16 @@ impl Carver {
     fn bf16(&mut self, n: usize) -> Result<DBuf> {
         self.bytes(2 * n)
     }
+    /// `bytes` bytes of the already carved buffer `of`, from `offset`: a second name for part
+    /// of it (the LM head's row chunks of the final hidden states, their gradient, targets and
+    /// losses).
+    fn part(&self, of: &DBuf, offset: usize, bytes: usize) -> Result<DBuf> {
+        if offset + bytes > of.bytes {
+            anyhow::bail!("a part of {bytes} bytes at {offset} overruns a buffer of {}", of.bytes);
+        }
+        let start = (of.ptr - self.arena.ptr) as usize;
+        DBuf::view(&self.arena, start + offset, bytes)
+    }
     /// A bf16 shadow of an f32 activation that GEMMs read, in mixed precision only.
     fn shadow(&mut self, precision: Precision, n: usize) -> Result<Option<DBuf>> {
         match precision {
@@ -111,12 +121,34 @@ pub(super) struct BackwardMem {
     pub dproj_b: Option<DBuf>,
 }
 
+/// One row chunk of the LM head: views of the full buffers' rows `start..start + rows`.
+pub(super) struct HeadChunk {
+    pub rows: usize,
+    pub hf: DBuf,
+    pub hf_b: Option<DBuf>,
+    pub dhf: DBuf,
+    pub targets: DBuf,
+    pub loss_rows: DBuf,
+}
+
+/// f32 logits of one LM-head chunk, at most (unless a single row is larger).
+const HEAD_CHUNK_BYTES: usize = 256 << 20;
+
+/// Rows per LM-head chunk: `forced` (tests), else as many as keep a chunk's f32 logits within
+/// [`HEAD_CHUNK_BYTES`], a multiple of 64 rows (whole GEMM tiles), and never more than `n`.
+pub(super) fn head_chunk_rows(n: usize, vocab: usize, forced: Option<usize>) -> usize {
+    let rows = forced.unwrap_or_else(|| (HEAD_CHUNK_BYTES / (4 * vocab.max(1)) / 64 * 64).max(64));
+    rows.clamp(1, n.max(1))
+}
+
 /// Everything a step of one shape uses on the device besides the parameters, gradients and
 /// optimizer state (which live as long as the model).
 pub(super) struct StepMemory {
     pub batch: usize,
     pub seq: usize,
     pub precision: Precision,
+    /// rows per LM-head chunk
+    pub head_rows: usize,
     pub ids: DBuf,
     pub targets: DBuf,
     pub layers: Vec<LayerMem>,
@@ -125,11 +157,14 @@ pub(super) struct StepMemory {
     pub hf: DBuf,
     pub rstd_f: DBuf,
     pub hf_b: Option<DBuf>,
-    /// logits, then (after the loss) their gradient
-    pub logits: DBuf,
-    pub logits_b: Option<DBuf>,
     pub loss_rows: DBuf,
     pub dhf: DBuf,
+    /// The LM head and cross-entropy run over row chunks of the final hidden states, so only
+    /// one chunk's `[rows, vocab]` logits exist at a time (`logits`, then in place their
+    /// gradient; `logits_b` its bf16 copy for the backward GEMMs).
+    pub head_chunks: Vec<HeadChunk>,
+    pub logits: DBuf,
+    pub logits_b: Option<DBuf>,
     pub bwd: BackwardMem,
     /// Size of the arena, bytes.
     pub bytes: usize,
@@ -143,6 +178,7 @@ impl StepMemory {
         (batch, seq): (usize, usize),
         precision: Precision,
         tc_attention: bool,
+        head_rows: usize,
     ) -> Result<StepMemory> {
         // the placeholder is never launched with: its views only measure the plan
         let placeholder = Rc::new(DBuf {
@@ -154,12 +190,12 @@ impl StepMemory {
             arena: placeholder,
             used: 0,
         };
-        Self::carve(&mut sizing, cfg, (batch, seq), precision, tc_attention)?;
+        Self::carve(&mut sizing, cfg, (batch, seq), precision, (tc_attention, head_rows))?;
         let bytes = sizing.used.max(ALIGN);
         let arena = Rc::new(dev.zeros(bytes)?);
         ops::fill(dev, &arena, f32::NAN, bytes / 4)?;
         let mut carver = Carver { arena, used: 0 };
-        let mut mem = Self::carve(&mut carver, cfg, (batch, seq), precision, tc_attention)?;
+        let mut mem = Self::carve(&mut carver, cfg, (batch, seq), precision, (tc_attention, head_rows))?;
         mem.bytes = bytes;
         Ok(mem)
     }
@@ -169,7 +205,7 @@ impl StepMemory {
         cfg: &ModelConfig,
         (batch, seq): (usize, usize),
         precision: Precision,
-        tc_attention: bool,
+        (tc_attention, head_rows): (bool, usize),
     ) -> Result<StepMemory> {
         let n = batch * seq;
         let (dm, qd, kvd, ff, vocab) = (
@@ -242,21 +278,41 @@ impl StepMemory {
             du_b: c.shadow(precision, n * ff)?,
             dproj_b: c.shadow(precision, n * proj)?,
         };
+        let (ids, targets, x_last) = (c.i32(n)?, c.i32(n)?, c.f32(n * dm)?);
+        let (hf, rstd_f, hf_b) = (c.f32(n * dm)?, c.f32(n)?, c.shadow(precision, n * dm)?);
+        let (loss_rows, dhf) = (c.f32(n)?, c.f32(n * dm)?);
+        let mut head_chunks = Vec::new();
+        for start in (0..n).step_by(head_rows) {
+            let rows = head_rows.min(n - start);
+            head_chunks.push(HeadChunk {
+                rows,
+                hf: c.part(&hf, 4 * start * dm, 4 * rows * dm)?,
+                hf_b: match &hf_b {
+                    Some(b) => Some(c.part(b, 2 * start * dm, 2 * rows * dm)?),
+                    None => None,
+                },
+                dhf: c.part(&dhf, 4 * start * dm, 4 * rows * dm)?,
+                targets: c.part(&targets, 4 * start, 4 * rows)?,
+                loss_rows: c.part(&loss_rows, 4 * start, 4 * rows)?,
+            });
+        }
         Ok(StepMemory {
             batch,
             seq,
             precision,
-            ids: c.i32(n)?,
-            targets: c.i32(n)?,
+            head_rows,
+            ids,
+            targets,
             layers,
-            x_last: c.f32(n * dm)?,
-            hf: c.f32(n * dm)?,
-            rstd_f: c.f32(n)?,
-            hf_b: c.shadow(precision, n * dm)?,
-            logits: c.f32(n * vocab)?,
-            logits_b: c.shadow(precision, n * vocab)?,
-            loss_rows: c.f32(n)?,
-            dhf: c.f32(n * dm)?,
+            x_last,
+            hf,
+            rstd_f,
+            hf_b,
+            loss_rows,
+            dhf,
+            head_chunks,
+            logits: c.f32(head_rows * vocab)?,
+            logits_b: c.shadow(precision, head_rows * vocab)?,
             bwd,
             bytes: 0,
         })

@@ -19,7 +19,7 @@ use crate::model::params::{FfnIndex, LayerIndex, ParamIndex, ParamKind, ParamSpe
 use crate::model::{Batch, Model};
 use crate::optim::{bias_correction, clip_coef, AdamW, AdamWConfig};
 use anyhow::{bail, Result};
-use memory::{LayerMem, StepMemory};
+use memory::{head_chunk_rows, LayerMem, StepMemory};
 
 mod memory;
 
@@ -43,6 +43,8 @@ pub struct DeviceModel<'d> {
     bf16_of_step: Option<u64>,
     /// Activations, activation gradients and scratch of the last step's shape.
     mem: Option<StepMemory>,
+    /// Rows per LM-head chunk when set (tests); else from the chunk's memory budget.
+    head_rows: Option<usize>,
 }
 
 /// Arithmetic of the device model: f32 throughout, or mixed precision (f32 master weights,
@@ -131,6 +133,7 @@ impl<'d> DeviceModel<'d> {
             bf16_weights: (0..model.specs.len()).map(|_| None).collect(),
             bf16_of_step: None,
             mem: None,
+            head_rows: None,
         })
     }
 
@@ -171,14 +174,23 @@ impl<'d> DeviceModel<'d> {
     /// The step memory for `batch × seq`, planned when the shape changes (the old plan is
     /// freed first) and taken out of `self` for the step.
     fn step_memory(&mut self, batch: usize, seq: usize) -> Result<StepMemory> {
+        let head_rows = head_chunk_rows(batch * seq, self.cfg.vocab_size, self.head_rows);
+        let key = (batch, seq, self.precision, head_rows);
         match self.mem.take() {
-            Some(m) if (m.batch, m.seq, m.precision) == (batch, seq, self.precision) => Ok(m),
+            Some(m) if (m.batch, m.seq, m.precision, m.head_rows) == key => Ok(m),
             old => {
                 drop(old);
                 let tc = self.tc_attention();
-                StepMemory::new(self.dev, &self.cfg, (batch, seq), self.precision, tc)
+                StepMemory::new(self.dev, &self.cfg, (batch, seq), self.precision, tc, head_rows)
             }
         }
+    }
+
+    /// Run the LM head and loss over chunks of `rows` rows (`None`: as many as keep a chunk's
+    /// f32 logits within 256 MiB). For tests: the result does not depend on it beyond the
+    /// summation order of the head's weight gradient.
+    pub fn set_head_chunk_rows(&mut self, rows: Option<usize>) {
+        self.head_rows = rows;
     }
 
     /// Bytes of the current step memory (0 before the first step).
@@ -211,7 +223,7 @@ impl<'d> DeviceModel<'d> {
     fn run_in(&self, mem: &mut StepMemory, ids: &[u32], targets: &[u32], backward: bool) -> Result<f64> {
         let (dev, cfg) = (self.dev, &self.cfg);
         let (batch, seq) = (mem.batch, mem.seq);
-        let (n, dm, vocab) = (batch * seq, cfg.hidden_size, cfg.vocab_size);
+        let (n, dm) = (batch * seq, cfg.hidden_size);
         let i32_bytes = |v: &mut dyn Iterator<Item = i32>| -> Vec<u8> { v.flat_map(|x| x.to_ne_bytes()).collect() };
         dev.write(&mut mem.ids, &i32_bytes(&mut ids.iter().map(|&i| i as i32)))?;
         let t32 = || targets.iter().map(|&t| if t == IGNORE { -1 } else { t as i32 });
@@ -219,7 +231,7 @@ impl<'d> DeviceModel<'d> {
         dev.write(&mut mem.targets, &i32_bytes(&mut t32()))?;
         self.forward_in(mem, n)?;
         let scale = if count > 0 { 1.0 / count as f32 } else { 0.0 };
-        ops::cross_entropy(dev, &mem.logits, &mem.targets, &mem.loss_rows, n, vocab, scale)?;
+        self.head_and_loss(mem, scale, backward)?;
         if backward {
             self.backward_in(mem, n)?;
             let b = &mut mem.bwd;
@@ -233,30 +245,47 @@ impl<'d> DeviceModel<'d> {
         })
     }
 
-    /// Embedding, layers, final norm and LM head: `mem.logits`.
+    /// Embedding, layers and final norm: `mem.hf`.
     fn forward_in(&self, mem: &StepMemory, n: usize) -> Result<()> {
         let (dev, cfg) = (self.dev, &self.cfg);
-        let (dm, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let dm = cfg.hidden_size;
         ops::embed_fwd(dev, &mem.ids, &self.params[self.index.embed], mem.embed_out(), n, dm)?;
         for (i, li) in self.index.layers.iter().enumerate() {
             self.layer_fwd(li, mem, i)?;
         }
         let (eps, zc) = (cfg.rms_norm_eps as f32, self.zc());
         let (x, hf, rstd) = (&mem.x_last, &mem.hf, &mem.rstd_f);
-        ops::rmsnorm_fwd(dev, x, &self.params[self.index.norm], hf, rstd, n, dm, eps, zc)?;
-        let hfa = self.act(hf, mem.hf_b.as_ref())?;
-        self.lin_fwd(hfa, self.head(), &mem.logits, n, dm, vocab)
+        ops::rmsnorm_fwd(dev, x, &self.params[self.index.norm], hf, rstd, n, dm, eps, zc)
     }
 
-    /// From the logits' gradient (which the loss left in `mem.logits`) down to
-    /// d(loss)/d(embedding output) in `mem.bwd.dx`, the weights' gradients accumulated.
+    /// The LM head and cross-entropy, chunk by chunk of rows (`mem.head_chunks`), so only one
+    /// chunk's `[rows, vocab]` logits ever exist: per-row losses into `mem.loss_rows` and, with
+    /// `backward`, at once the head's part of the backward (`mem.dhf`, the head weight's
+    /// gradient) while the chunk's logit gradient is at hand.
+    fn head_and_loss(&self, mem: &StepMemory, scale: f32, backward: bool) -> Result<()> {
+        let (dev, dm, vocab, head) = (self.dev, self.cfg.hidden_size, self.cfg.vocab_size, self.head());
+        // the bf16 copy of all rows at once (one cast); the chunks are views of it
+        self.act(&mem.hf, mem.hf_b.as_ref())?;
+        for ch in &mem.head_chunks {
+            let rows = ch.rows;
+            let hfa = self.shadowed(&ch.hf, ch.hf_b.as_ref());
+            self.lin_fwd(hfa, head, &mem.logits, rows, dm, vocab)?;
+            // the logits become d(mean loss)/d(logits) in place
+            ops::cross_entropy(dev, &mem.logits, &ch.targets, &ch.loss_rows, rows, vocab, scale)?;
+            if backward {
+                let dla = self.act(&mem.logits, mem.logits_b.as_ref())?;
+                self.lin_bwd_dx(dla, head, &ch.dhf, rows, dm, vocab, false)?;
+                self.lin_bwd_dw(hfa, dla, head, rows, dm, vocab)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// From d(loss)/d(final hidden states) (`mem.dhf`, which [`Self::head_and_loss`] left)
+    /// down to d(loss)/d(embedding output) in `mem.bwd.dx`, the weights' gradients accumulated.
     fn backward_in(&self, mem: &StepMemory, n: usize) -> Result<()> {
-        let (dev, cfg) = (self.dev, &self.cfg);
-        let (dm, vocab, head) = (cfg.hidden_size, cfg.vocab_size, self.head());
+        let (dev, dm) = (self.dev, self.cfg.hidden_size);
         let b = &mem.bwd;
-        let dla = self.act(&mem.logits, mem.logits_b.as_ref())?;
-        self.lin_bwd_dx(dla, head, &mem.dhf, n, dm, vocab, false)?;
-        self.lin_bwd_dw(self.shadowed(&mem.hf, mem.hf_b.as_ref()), dla, head, n, dm, vocab)?;
         let norm = self.index.norm;
         let io = (
             &mem.x_last,
