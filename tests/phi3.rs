@@ -80,6 +80,54 @@ fn phi3_gguf_loads_to_the_same_model() {
         "{e}"
     );
 
+    // separate attn_q/attn_k/attn_v (which llama.cpp also accepts for phi3) load the same
+    let sep = dir.path().join("sep.gguf");
+    write_gguf(&m, "llama-unfused", GgmlType::F32, &sep, vec![], 0.0);
+    // rename the architecture and its keys by rewriting the file through our reader/writer
+    let gg = gated_lm::io::gguf::Gguf::open(&sep).unwrap();
+    let meta: Vec<(String, Value)> = gg
+        .meta
+        .iter()
+        .map(|(k, v)| (k.replace("llama-unfused", "phi3"), v.clone()))
+        .map(|(k, v)| {
+            if k == "general.architecture" {
+                (k, Value::Str("phi3".into()))
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let mut tensors: Vec<_> = gg
+        .tensors
+        .iter()
+        .map(|t| {
+            let (shape, data) = gg.f32(&t.name).unwrap();
+            (t.name.clone(), shape, GgmlType::F32, data)
+        })
+        .collect();
+    // gate/up stay fused in phi3 (llama.cpp requires it): fuse them back
+    let d = m.cfg.hidden_size;
+    for l in 0..m.cfg.num_layers {
+        let gate = tensors
+            .iter()
+            .position(|t| t.0 == format!("blk.{l}.ffn_gate.weight"))
+            .unwrap();
+        let g = tensors.remove(gate);
+        let up = tensors
+            .iter_mut()
+            .find(|t| t.0 == format!("blk.{l}.ffn_up.weight"))
+            .unwrap();
+        let mut fused = g.3.clone();
+        fused.extend_from_slice(&up.3);
+        up.1 = vec![fused.len() / d, d];
+        up.3 = fused;
+    }
+    assert!(tensors.iter().any(|t| t.0 == "blk.0.attn_q.weight"));
+    let meta: Vec<(&str, Value)> = meta.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let sep2 = dir.path().join("sep2.gguf");
+    gated_lm::io::gguf::write(&sep2, &meta, &tensors).unwrap();
+    assert_eq!(load_gguf_model(&sep2).unwrap().0.params, m.params);
+
     // partial rotary and LongRoPE factors are refused
     let pr = dir.path().join("partial.gguf");
     write_gguf(

@@ -685,23 +685,7 @@ pub fn load_model(dir: &Path) -> Result<(Model<f32>, Layout)> {
             if !cache.contains_key(&fused_name) {
                 cache.insert(fused_name.clone(), st.f32(&fused_name)?);
             }
-            let t = &cache[&fused_name];
-            let d = cfg.hidden_size;
-            if t.shape != [total, d] {
-                bail!(
-                    "{wname}: fused tensor '{fused_name}' has shape {:?}; the config implies [{total}, {d}] ({})",
-                    t.shape,
-                    if fused_name.ends_with("qkv_proj.weight") {
-                        format!("q {} + k {} + v {} rows", cfg.q_dim(), cfg.kv_dim(), cfg.kv_dim())
-                    } else {
-                        format!("gate {0} + up {0} rows", cfg.intermediate_size)
-                    }
-                );
-            }
-            Ok(F32Tensor {
-                shape: vec![rows, d],
-                data: t.data[r0 * d..(r0 + rows) * d].to_vec(),
-            })
+            arch::phi3_block(&cfg, &wname, &fused_name, &cache[&fused_name], (r0, rows, total))
         }
         Some((fused_name, e, part)) if st.has(&fused_name) => {
             used.borrow_mut().insert(fused_name.clone());

@@ -186,7 +186,12 @@ pub fn read(
     hf: &str,
     cache: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
 ) -> Result<Named> {
-    let (name, block) = source(cfg, arch, hf);
+    let (mut name, mut block) = source(cfg, arch, hf);
+    let plain = super::gguf_name(hf);
+    if block.is_some() && g.info(&name).is_none() && g.info(&plain).is_some() {
+        // llama.cpp also accepts phi3 files with separate attn_q/attn_k/attn_v
+        (name, block) = (plain, None);
+    }
     let Some((r0, rows, total)) = block else {
         let t = g.f32(&name)?;
         return Ok((name, t));

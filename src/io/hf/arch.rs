@@ -4,7 +4,7 @@
 //! `parse_config` reads the common fields; `precheck` refuses what we cannot reproduce before
 //! that, `apply` sets the architecture's own fields after.
 
-use super::{opt_f64, Layout};
+use super::{opt_f64, F32Tensor, Layout};
 use crate::config::{MlpActivation, ModelConfig};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -220,4 +220,31 @@ pub fn phi3_source(cfg: &ModelConfig, name: &str) -> Option<(String, usize, usiz
         _ => return None,
     };
     Some((format!("{layer}.{fused}.weight"), r0, rows, total))
+}
+
+/// Rows `r0..r0+rows` of Phi-3's fused tensor `t` (`name` in file `file`), after checking that it
+/// has the `total` rows the config implies.
+pub fn phi3_block(
+    cfg: &ModelConfig,
+    file: &str,
+    name: &str,
+    t: &F32Tensor,
+    (r0, rows, total): (usize, usize, usize),
+) -> Result<F32Tensor> {
+    let d = cfg.hidden_size;
+    if t.shape != [total, d] {
+        bail!(
+            "{file}: fused tensor '{name}' has shape {:?}; the config implies [{total}, {d}] ({})",
+            t.shape,
+            if name.ends_with("qkv_proj.weight") {
+                format!("q {} + k {} + v {} rows", cfg.q_dim(), cfg.kv_dim(), cfg.kv_dim())
+            } else {
+                format!("gate {0} + up {0} rows", cfg.intermediate_size)
+            }
+        );
+    }
+    Ok(F32Tensor {
+        shape: vec![rows, d],
+        data: t.data[r0 * d..(r0 + rows) * d].to_vec(),
+    })
 }
