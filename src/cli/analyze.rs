@@ -11,7 +11,7 @@ use std::path::PathBuf;
 #[derive(Args, Debug)]
 #[command(allow_negative_numbers = true)]
 pub struct AnalyzeArgs {
-    /// Run directory, HF model directory, or llama/qwen3 .gguf file
+    /// Run directory, HF model directory, or .gguf file (llama, mistral, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3)
     #[arg(long)]
     pub model: PathBuf,
     /// Text file to analyse

@@ -15,7 +15,7 @@ use std::time::Instant;
 #[derive(Args, Debug, Clone)]
 #[command(allow_negative_numbers = true)]
 pub struct ModelArgs {
-    /// Run directory, HF model directory or llama/qwen3 .gguf
+    /// Run directory, HF model directory or .gguf file (llama, mistral, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3)
     #[arg(long)]
     pub model: PathBuf,
     /// Replace the RoPE base (the paper's context extension raises 10k → 1M)
