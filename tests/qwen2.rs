@@ -5,16 +5,15 @@
 //! gradcheck.rs, cached decoding in inference.rs.
 
 use gated_lm::config::GateConfig;
-use gated_lm::io::gguf::{gguf_name, load_gguf_model, write, GgmlType, Value};
+mod archutil;
+
+use archutil::fx;
+use gated_lm::io::gguf::{load_gguf_model, GgmlType};
 use gated_lm::io::hf::{convert, load_model, save_model, Layout};
 use gated_lm::model::observer::NoObserver;
 use gated_lm::model::{shifted_targets, Batch, Model};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn fx(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
-}
 
 fn logits(m: &Model<f32>) -> Vec<f32> {
     let ids: Vec<u32> = (0..32).map(|i| (i * 37 % m.cfg.vocab_size) as u32).collect();
@@ -139,46 +138,12 @@ fn hf_config_rules() {
     assert!(e.contains("attention_bias") && e.contains("o_proj"), "{e}");
 }
 
-/// A qwen2 GGUF of `m` as llama.cpp's converter writes it: `qwen2.*` keys, HF row order (NeoX
-/// RoPE), 1-D tensors (norms, biases) in F32.
+/// A qwen2 GGUF of `m` as llama.cpp's converter writes it (`archutil::write_gguf`: `{arch}.*`
+/// keys, HF row order for NeoX RoPE, 1-D tensors such as the biases in F32).
 fn write_qwen2(m: &Model<f32>, ty: GgmlType, path: &Path, arch: &str) {
-    let c = &m.cfg;
-    let map = gated_lm::io::tokenizer::bytes_to_unicode();
-    let mut tokens: Vec<Value> = (0..256).map(|b| Value::Str(map[b].to_string())).collect();
-    tokens.push(Value::Str("<|endoftext|>".into()));
-    while tokens.len() < c.vocab_size {
-        tokens.push(Value::Str(format!("<pad{}>", tokens.len())));
-    }
-    let k = |s: &str| -> &'static str { Box::leak(format!("{arch}.{s}").into_boxed_str()) };
-    let meta = vec![
-        ("general.architecture", Value::Str(arch.into())),
-        ("general.alignment", Value::U32(32)),
-        (k("block_count"), Value::U32(c.num_layers as u32)),
-        (k("embedding_length"), Value::U32(c.hidden_size as u32)),
-        (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
-        (k("attention.head_count"), Value::U32(c.num_heads as u32)),
-        (k("attention.head_count_kv"), Value::U32(c.num_kv_heads as u32)),
-        (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
-        (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
-        (k("context_length"), Value::U32(256)),
-        ("tokenizer.ggml.model", Value::Str("gpt2".into())),
-        ("tokenizer.ggml.pre", Value::Str("qwen2".into())),
-        ("tokenizer.ggml.tokens", Value::Arr(tokens)),
-        ("tokenizer.ggml.merges", Value::Arr(vec![])),
-        ("tokenizer.ggml.eos_token_id", Value::U32(256)),
-    ];
-    let tensors: Vec<_> = m
-        .params
-        .names
-        .iter()
-        .zip(&m.params.tensors)
-        .map(|(n, t)| {
-            let tty = if t.shape.len() == 1 { GgmlType::F32 } else { ty };
-            (gguf_name(n), t.shape.clone(), tty, t.data.clone())
-        })
-        .collect();
-    assert!(tensors.iter().any(|t| t.0 == "blk.1.attn_v.bias"));
-    write(path, &meta, &tensors).unwrap();
+    archutil::write_gguf(m, arch, ty, path, vec![], 0.0);
+    let g = gated_lm::io::gguf::Gguf::open(path).unwrap();
+    assert!(g.tensors.iter().any(|t| t.name == "blk.1.attn_v.bias"));
 }
 
 #[test]
