@@ -18,13 +18,8 @@ impl Metrics {
         match keep_up_to {
             Some(step) if path.exists() => {
                 let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                let rows = read_rows(&path)?;
-                let lines = bytes
-                    .split(|&b| b == b'\n')
-                    .filter(|l| !l.iter().all(u8::is_ascii_whitespace));
                 let mut kept = Vec::with_capacity(bytes.len());
-                // read_rows keeps every non-blank line but a torn last one, in order
-                for (line, v) in lines.zip(&rows) {
+                for (line, v) in parse_rows(&path, &bytes)? {
                     if v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= step) {
                         kept.extend_from_slice(line);
                         kept.push(b'\n');
@@ -52,13 +47,19 @@ impl Metrics {
 /// unterminated last line (a write cut short) may be unreadable, and it is dropped.
 pub fn read_rows(path: &Path) -> Result<Vec<Value>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(parse_rows(path, &bytes)?.into_iter().map(|(_, v)| v).collect())
+}
+
+/// The rows of a metrics file's `bytes` (`path` for errors), each with its line as written:
+/// blank lines skipped, a torn last line dropped, any other bad line an error naming it.
+fn parse_rows<'b>(path: &Path, bytes: &'b [u8]) -> Result<Vec<(&'b [u8], Value)>> {
     let torn_tail = !bytes.is_empty() && !bytes.ends_with(b"\n");
     let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
     if !torn_tail {
         lines.pop(); // after the final newline (or of an empty file)
     }
     let mut rows = Vec::with_capacity(lines.len());
-    for (i, raw) in lines.iter().enumerate() {
+    for (i, &raw) in lines.iter().enumerate() {
         let last = i + 1 == lines.len();
         let parsed = std::str::from_utf8(raw)
             .map_err(|_| "not valid UTF-8".to_string())
@@ -73,7 +74,7 @@ pub fn read_rows(path: &Path) -> Result<Vec<Value>> {
                 }
             });
         match parsed {
-            Ok(v) => rows.extend(v),
+            Ok(v) => rows.extend(v.map(|v| (raw, v))),
             Err(_) if last && torn_tail => {} // the write was cut short
             Err(e) => bail!("{}:{}: {e}", path.display(), i + 1),
         }
