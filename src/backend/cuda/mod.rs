@@ -57,15 +57,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "elementwise",
         include_str!("kernels/elementwise.cu"),
-        &[
-            "swiglu_fwd",
-            "swiglu_bwd",
-            "gate_sigmoid_mul_fwd",
-            "gate_sigmoid_mul_bwd",
-            "adamw",
-            "cast_f32_bf16",
-            "cast_bf16_f32",
-        ],
+        &["swiglu_fwd", "swiglu_bwd", "cast_f32_bf16"],
     ),
     (
         "rows",

@@ -146,13 +146,6 @@ pub fn cast_to_bf16(dev: &dyn Device, x: &DBuf, y: &DBuf, n: usize) -> Result<()
     dev.launch("cast_f32_bf16", elems(n), &[x.arg(), y.arg(), Arg::I64(n as i64)])
 }
 
-/// f32 copy of `n` bf16 values (exact).
-pub fn cast_to_f32(dev: &dyn Device, x: &DBuf, y: &DBuf, n: usize) -> Result<()> {
-    need("cast_to_f32", x, n, 2)?;
-    f32s("cast_to_f32", &[y], n)?;
-    dev.launch("cast_bf16_f32", elems(n), &[x.arg(), y.arg(), Arg::I64(n as i64)])
-}
-
 /// Rows of `table` (`[vocab, d]`) for i32 `ids`.
 pub fn embed_fwd(dev: &dyn Device, ids: &DBuf, table: &DBuf, out: &DBuf, rows: usize, d: usize) -> Result<()> {
     need("embed_fwd", ids, rows, 4)?;

@@ -45,20 +45,6 @@ pub fn swiglu_bwd(dev: &dyn Device, g: &DBuf, u: &DBuf, dm: &DBuf, dg: &DBuf, du
     dev.launch("swiglu_bwd", elems(n), &args)
 }
 
-/// G1 elementwise sigmoid gate in place: `y ← y · sigmoid(z)`.
-pub fn gate_fwd(dev: &dyn Device, y: &DBuf, z: &DBuf, n: usize) -> Result<()> {
-    f32s("gate_fwd", &[y, z], n)?;
-    let args = [y.arg(), z.arg(), Arg::I64(n as i64)];
-    dev.launch("gate_sigmoid_mul_fwd", elems(n), &args)
-}
-
-/// Its backward from the ungated `o`: `dy` becomes d(ungated), `dz` d(logits).
-pub fn gate_bwd(dev: &dyn Device, o: &DBuf, z: &DBuf, dy: &DBuf, dz: &DBuf, n: usize) -> Result<()> {
-    f32s("gate_bwd", &[o, z, dy, dz], n)?;
-    let args = [o.arg(), z.arg(), dy.arg(), dz.arg(), Arg::I64(n as i64)];
-    dev.launch("gate_sigmoid_mul_bwd", elems(n), &args)
-}
-
 /// One AdamW step's scalars (torch semantics); `scale` multiplies the gradient (clipping).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamStep {
@@ -87,14 +73,6 @@ impl AdamStep {
             Arg::F32(self.scale),
         ]
     }
-}
-
-/// AdamW on one tensor: `p`, `m`, `v` updated in place from `grad`.
-pub fn adamw(dev: &dyn Device, p: &DBuf, grad: &DBuf, m: &DBuf, v: &DBuf, n: usize, hp: &AdamStep) -> Result<()> {
-    f32s("adamw", &[p, grad, m, v], n)?;
-    let mut args = vec![p.arg(), grad.arg(), m.arg(), v.arg(), Arg::I64(n as i64)];
-    args.extend(hp.args());
-    dev.launch("adamw", elems(n), &args)
 }
 
 /// RMSNorm of `rows` rows of width `d`: writes `y` and the per-row `rstd`.
