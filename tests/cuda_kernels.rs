@@ -13,10 +13,12 @@ fn every_kernel_compiles_to_ptx_for_hopper() {
         }
         Err(e) => panic!("{e:#}"),
     };
-    assert_eq!(ptx.len(), gated_lm::backend::cuda::SOURCES.len());
-    for ((name, text), (_, _, entries)) in ptx.iter().zip(gated_lm::backend::cuda::SOURCES) {
+    let sources = gated_lm::backend::cuda::ops::SOURCES;
+    assert_eq!(ptx.len(), sources.len());
+    for ((name, text), src) in ptx.iter().zip(sources) {
+        assert_eq!(*name, src.name);
         assert!(text.contains(".target sm_90"), "{name}: not compiled for sm_90");
-        for e in *entries {
+        for e in src.entries {
             assert!(
                 text.contains(&format!(".entry {e}(")),
                 "{name}.cu: no kernel {e} in the PTX"
