@@ -1,6 +1,7 @@
-//! The CUDA ops on device buffers, one function per kernel launch, through [`Device`] so the
-//! tests run them on the CPU emulator as well as on a GPU. Shapes are checked against buffer
-//! sizes before every launch: a kernel given a short buffer would write out of bounds.
+//! The CUDA ops on device buffers, one function per kernel launch, through
+//! [`Device`](super::runtime::Device) so the tests run them on the CPU emulator as well as on a
+//! GPU. Shapes are checked against buffer sizes before every launch: a kernel given a short
+//! buffer would write out of bounds.
 //!
 //! One module per op, its CUDA C++ source beside it (`rmsnorm.rs` launches the kernels of
 //! `rmsnorm.cu`) and listing that source's entry points in its `SOURCE`; [`SOURCES`] collects

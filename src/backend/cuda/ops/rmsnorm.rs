@@ -1,5 +1,5 @@
 //! RMSNorm over rows, forward and backward (rmsnorm.cu; the gain's gradient summed by
-//! [`colsum_with`](super::colsum_with)).
+//! [`colsum_with`]).
 
 use super::{colsum_scratch_len, colsum_with, f32s, KernelSource, THREADS};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};

@@ -1,5 +1,5 @@
 //! QK-norm fused with RoPE, forward and backward (rope.cu; the gain's gradient summed by
-//! [`colsum_with`](super::colsum_with)).
+//! [`colsum_with`]).
 
 use super::{colsum_scratch_len, colsum_with, f32s, KernelSource};
 use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
