@@ -65,8 +65,8 @@ pub fn clip_grad_norm<T: Real>(g: &mut ParamStore<T>, max_norm: f64) -> f64 {
     norm
 }
 
-/// Adam's bias correction `1 − βᵗ` after `step` (1-based) steps. The CUDA kernels (`adamw`,
-/// `adamw_multi`) take it precomputed from here; their update itself is tested against
+/// Adam's bias correction `1 − βᵗ` after `step` (1-based) steps. The CUDA kernel `adamw_multi`
+/// takes it precomputed from here; its update itself is tested against
 /// [`AdamW::update_scaled`] (tests/cuda_kernels.rs, tests/cuda_model.rs).
 pub fn bias_correction(beta: f64, step: i32) -> f64 {
     1.0 - beta.powi(step)

@@ -1,6 +1,7 @@
 //! Tensor-core primitives (mma.m16n8k16 bf16, ldmatrix and .trans) and the FlashAttention-2
-//! forward built on them (kernels/attention_tc.cu), on the emulator and, where there is one, a
-//! GPU. Included by tests/cuda_kernels.rs so CI runs it with the other kernel tests.
+//! forward and backward built on them (src/backend/cuda/ops/attention/attention_tc.cu), on the
+//! emulator and, where there is one, a GPU. Included by tests/cuda_kernels.rs so CI runs it with
+//! the other kernel tests.
 
 use super::{devices, randn};
 use gated_lm::backend::cuda::ops::{self, AttnDims, FusedGate};

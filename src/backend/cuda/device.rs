@@ -2,8 +2,9 @@
 //! addressed by raw device pointers, launches go by kernel name on one stream.
 
 use super::blas::{Blas, ColMajor};
+use super::compile_all;
+use super::ops::SOURCES;
 use super::runtime::{Arg, DBuf, Device, Launch, Strided};
-use super::{compile_all, SOURCES};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
@@ -56,14 +57,14 @@ impl Gpu {
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let mut functions = HashMap::new();
-        for ((src, ptx), (_, _, entries)) in compile_all(arch)?.into_iter().zip(SOURCES) {
+        for ((src, ptx), source) in compile_all(arch)?.into_iter().zip(SOURCES) {
             let m: Arc<CudaModule> = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                .map_err(|e| anyhow!("loading kernels/{src}.cu on {name}: {e:?}"))?;
-            for &entry in *entries {
+                .map_err(|e| anyhow!("loading {src}.cu on {name}: {e:?}"))?;
+            for &entry in source.entries {
                 let f = m
                     .load_function(entry)
-                    .map_err(|e| anyhow!("kernel {entry} in kernels/{src}.cu on {name}: {e:?}"))?;
+                    .map_err(|e| anyhow!("kernel {entry} in {src}.cu on {name}: {e:?}"))?;
                 functions.insert(entry, f);
             }
         }

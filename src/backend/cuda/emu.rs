@@ -4,8 +4,8 @@
 //! It exists so that tests run every kernel on machines without a GPU (see cuda_emu.h for what
 //! it does and does not model).
 
+use super::ops::{COMMON, SOURCES};
 use super::runtime::{Arg, DBuf, Device, Launch};
-use super::{COMMON, SOURCES};
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::hash::{Hash, Hasher};
@@ -39,8 +39,9 @@ static LAUNCH: Mutex<()> = Mutex::new(());
 fn program() -> String {
     let mut s = String::from(HEADER);
     s.push_str(COMMON);
-    for (name, src, _) in SOURCES {
-        s.push_str(&format!("\n// ---- kernels/{name}.cu\n#line 1 \"{name}.cu\"\n{src}\n"));
+    for src in SOURCES {
+        let (name, text) = (src.name, src.text);
+        s.push_str(&format!("\n// ---- {name}.cu\n#line 1 \"{name}.cu\"\n{text}\n"));
     }
     s.push_str(
         r#"
@@ -68,8 +69,8 @@ extern "C" int emu_launch(const char* name, const unsigned* g, const unsigned* b
     dim3 grid{g[0], g[1], g[2]}, block{b[0], b[1], b[2]};
 "#,
     );
-    for (_, _, entries) in SOURCES {
-        for e in *entries {
+    for src in SOURCES {
+        for e in src.entries {
             s.push_str(&format!(
                 "    if (!std::strcmp(name, \"{e}\")) return emu::check(name, {e}, n, sizes) && emu::launch(emu::trampoline<{e}>, grid, block, smem) ? 0 : 1;\n"
             ));

@@ -8,9 +8,11 @@
 //! styles, tied or untied head. Other configurations are refused with the reason.
 
 use super::Engine;
-use crate::backend::cuda::ops::{self, AdamStep, AttnDims, DeviceRope, FusedGate, HeadRows, Operand, TensorTable};
+use crate::backend::cuda::ops::{
+    self, attn_head_dims_text, AdamStep, AttnDims, DeviceRope, FusedGate, HeadRows, Operand, TensorTable,
+    ATTN_HEAD_DIMS,
+};
 use crate::backend::cuda::runtime::{down_f32, up_f32, write_f32, DBuf, Device};
-use crate::backend::cuda::{attn_head_dims_text, ATTN_HEAD_DIMS};
 use crate::config::{GateGranularity, ModelConfig, NormStyle};
 use crate::model::observer::RouterLog;
 use crate::model::ops::cross_entropy::IGNORE;

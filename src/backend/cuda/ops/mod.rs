@@ -1,14 +1,65 @@
-//! The CUDA ops on device buffers, one function per kernel launch, through [`Device`] so the
-//! tests run them on the CPU emulator as well as on a GPU. Shapes are checked against buffer
-//! sizes before every launch: a kernel given a short buffer would write out of bounds.
+//! The CUDA ops on device buffers, one function per kernel launch, through
+//! [`Device`](super::runtime::Device) so the tests run them on the CPU emulator as well as on a
+//! GPU. Shapes are checked against buffer sizes before every launch: a kernel given a short
+//! buffer would write out of bounds.
+//!
+//! One module per op, its CUDA C++ source beside it (`rmsnorm.rs` launches the kernels of
+//! `rmsnorm.cu`) and listing that source's entry points in its `SOURCE`; [`SOURCES`] collects
+//! them. Every source is compiled with [`COMMON`] (common.cuh) in front: by NVRTC one module per
+//! source, by the emulator all in one translation unit (so a source `#undef`s its own macros).
 
-mod attention;
-mod dense;
-pub use attention::*;
-pub use dense::*;
+pub mod attention;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod gemm;
+pub mod optim;
+pub mod reduce;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
 
-use super::runtime::{Arg, DBuf, Device, Launch};
+pub use attention::{
+    attention_backward_tc, attention_backward_tc_planted, attention_bwd, attention_forward_tc, attention_fwd,
+    attn_head_dims_text, AttnDims, AttnScratch, FusedGate, ATTN_HEAD_DIMS, ATTN_TC_HEAD_DIMS,
+};
+pub use cross_entropy::cross_entropy;
+pub use embedding::{embed_bwd, embed_bwd_index_len, embed_bwd_with, embed_fwd};
+pub use gemm::{cast_to_bf16, gemm, linear_bwd_dw, linear_bwd_dx, linear_fwd, DType, Operand, Strided};
+pub use optim::{AdamStep, TensorTable};
+pub use reduce::{add, colsum, colsum_scratch_len, colsum_with, fill};
+pub use rmsnorm::{rmsnorm_bwd, rmsnorm_bwd_with, rmsnorm_fwd};
+pub use rope::{qknorm_rope_bwd, qknorm_rope_bwd_with, qknorm_rope_fwd, DeviceRope, HeadRows};
+pub use swiglu::{swiglu_bwd, swiglu_fwd};
+
+use super::runtime::{DBuf, Launch};
 use anyhow::{bail, Result};
+
+/// One CUDA C++ source: its name (`{name}.cu`, the module NVRTC builds from it), its text, and
+/// the entry points it must define (a device whose module lacks one fails to open).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelSource {
+    pub name: &'static str,
+    pub text: &'static str,
+    pub entries: &'static [&'static str],
+}
+
+/// Prepended to every source: bf16 bits, block reductions, tensor-core collectives, the
+/// shared-memory macro.
+pub const COMMON: &str = include_str!("common.cuh");
+
+/// Every kernel source, each op's own.
+pub const SOURCES: &[KernelSource] = &[
+    rmsnorm::SOURCE,
+    rope::SOURCE,
+    swiglu::SOURCE,
+    cross_entropy::SOURCE,
+    embedding::SOURCE,
+    gemm::SOURCE,
+    optim::SOURCE,
+    reduce::SOURCE,
+    attention::SOURCE,
+    attention::tc::SOURCE,
+];
 
 pub(crate) const THREADS: u32 = 256;
 
@@ -30,172 +81,4 @@ pub(crate) fn need(what: &str, buf: &DBuf, elems: usize, width: usize) -> Result
 
 pub(crate) fn f32s(what: &str, bufs: &[&DBuf], n: usize) -> Result<()> {
     bufs.iter().try_for_each(|b| need(what, b, n, 4))
-}
-
-/// `m = silu(g) ⊙ u`
-pub fn swiglu_fwd(dev: &dyn Device, g: &DBuf, u: &DBuf, m: &DBuf, n: usize) -> Result<()> {
-    f32s("swiglu_fwd", &[g, u, m], n)?;
-    dev.launch("swiglu_fwd", elems(n), &[g.arg(), u.arg(), m.arg(), Arg::I64(n as i64)])
-}
-
-/// `(dg, du)` of [`swiglu_fwd`]
-pub fn swiglu_bwd(dev: &dyn Device, g: &DBuf, u: &DBuf, dm: &DBuf, dg: &DBuf, du: &DBuf, n: usize) -> Result<()> {
-    f32s("swiglu_bwd", &[g, u, dm, dg, du], n)?;
-    let args = [g.arg(), u.arg(), dm.arg(), dg.arg(), du.arg(), Arg::I64(n as i64)];
-    dev.launch("swiglu_bwd", elems(n), &args)
-}
-
-/// G1 elementwise sigmoid gate in place: `y ← y · sigmoid(z)`.
-pub fn gate_fwd(dev: &dyn Device, y: &DBuf, z: &DBuf, n: usize) -> Result<()> {
-    f32s("gate_fwd", &[y, z], n)?;
-    let args = [y.arg(), z.arg(), Arg::I64(n as i64)];
-    dev.launch("gate_sigmoid_mul_fwd", elems(n), &args)
-}
-
-/// Its backward from the ungated `o`: `dy` becomes d(ungated), `dz` d(logits).
-pub fn gate_bwd(dev: &dyn Device, o: &DBuf, z: &DBuf, dy: &DBuf, dz: &DBuf, n: usize) -> Result<()> {
-    f32s("gate_bwd", &[o, z, dy, dz], n)?;
-    let args = [o.arg(), z.arg(), dy.arg(), dz.arg(), Arg::I64(n as i64)];
-    dev.launch("gate_sigmoid_mul_bwd", elems(n), &args)
-}
-
-/// One AdamW step's scalars (torch semantics); `scale` multiplies the gradient (clipping).
-#[derive(Clone, Copy, Debug)]
-pub struct AdamStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// Adam's bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ` of this step (`crate::optim::bias_correction`,
-    /// the one place that formula lives: the kernels take it precomputed)
-    pub bias_correction1: f32,
-    pub bias_correction2: f32,
-    pub scale: f32,
-}
-
-impl AdamStep {
-    pub(crate) fn args(&self) -> [Arg; 8] {
-        [
-            Arg::F32(self.lr),
-            Arg::F32(self.beta1),
-            Arg::F32(self.beta2),
-            Arg::F32(self.eps),
-            Arg::F32(self.weight_decay),
-            Arg::F32(self.bias_correction1),
-            Arg::F32(self.bias_correction2),
-            Arg::F32(self.scale),
-        ]
-    }
-}
-
-/// AdamW on one tensor: `p`, `m`, `v` updated in place from `grad`.
-pub fn adamw(dev: &dyn Device, p: &DBuf, grad: &DBuf, m: &DBuf, v: &DBuf, n: usize, hp: &AdamStep) -> Result<()> {
-    f32s("adamw", &[p, grad, m, v], n)?;
-    let mut args = vec![p.arg(), grad.arg(), m.arg(), v.arg(), Arg::I64(n as i64)];
-    args.extend(hp.args());
-    dev.launch("adamw", elems(n), &args)
-}
-
-/// RMSNorm of `rows` rows of width `d`: writes `y` and the per-row `rstd`.
-#[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_fwd(
-    dev: &dyn Device,
-    x: &DBuf,
-    w: &DBuf,
-    y: &DBuf,
-    rstd: &DBuf,
-    rows: usize,
-    d: usize,
-    eps: f32,
-    zero_centered: bool,
-) -> Result<()> {
-    f32s("rmsnorm_fwd", &[x, y], rows * d)?;
-    f32s("rmsnorm_fwd", &[w], d)?;
-    f32s("rmsnorm_fwd", &[rstd], rows)?;
-    let args = [
-        x.arg(),
-        w.arg(),
-        y.arg(),
-        rstd.arg(),
-        Arg::I32(d as i32),
-        Arg::F32(eps),
-        Arg::I32(zero_centered as i32),
-    ];
-    dev.launch("rmsnorm_fwd", Launch::linear(rows, THREADS), &args)
-}
-
-/// Its backward: `dx` (overwritten, or added to with `accumulate`), `dw` accumulated (through
-/// per-row contributions and an in-order column sum: deterministic).
-#[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_bwd(
-    dev: &dyn Device,
-    x: &DBuf,
-    w: &DBuf,
-    rstd: &DBuf,
-    dy: &DBuf,
-    dx: &DBuf,
-    dw: &DBuf,
-    rows: usize,
-    d: usize,
-    zero_centered: bool,
-    accumulate: bool,
-) -> Result<()> {
-    let dwp = dev.zeros(rows * d * 4)?;
-    let part = dev.zeros(colsum_scratch_len(rows, d) * 4)?;
-    let io = (x, w, rstd, dy, dx, dw);
-    rmsnorm_bwd_with(dev, io, rows, d, zero_centered, accumulate, (&dwp, &part))
-}
-
-/// [`rmsnorm_bwd`] with its scratch given (nothing allocated): `dwp` `[rows, d]` for the
-/// per-row gain contributions, `part` ([`colsum_scratch_len`]) for their column sum.
-pub fn rmsnorm_bwd_with(
-    dev: &dyn Device,
-    (x, w, rstd, dy, dx, dw): (&DBuf, &DBuf, &DBuf, &DBuf, &DBuf, &DBuf),
-    rows: usize,
-    d: usize,
-    zero_centered: bool,
-    accumulate: bool,
-    (dwp, part): (&DBuf, &DBuf),
-) -> Result<()> {
-    f32s("rmsnorm_bwd", &[x, dy, dx, dwp], rows * d)?;
-    f32s("rmsnorm_bwd", &[w, dw], d)?;
-    f32s("rmsnorm_bwd", &[rstd], rows)?;
-    let args = [
-        x.arg(),
-        w.arg(),
-        rstd.arg(),
-        dy.arg(),
-        dx.arg(),
-        dwp.arg(),
-        Arg::I32(d as i32),
-        Arg::I32(zero_centered as i32),
-        Arg::I32(accumulate as i32),
-    ];
-    dev.launch("rmsnorm_bwd", Launch::linear(rows, THREADS), &args)?;
-    colsum_with(dev, dwp, dw, rows, d, true, part)
-}
-
-/// Cross-entropy of `rows` rows of `vocab` logits against i32 `targets` (< 0: ignored): per-row
-/// `loss`, and the logits replaced by their gradient times `scale`.
-pub fn cross_entropy(
-    dev: &dyn Device,
-    logits: &DBuf,
-    targets: &DBuf,
-    loss: &DBuf,
-    rows: usize,
-    vocab: usize,
-    scale: f32,
-) -> Result<()> {
-    f32s("cross_entropy", &[logits], rows * vocab)?;
-    need("cross_entropy", targets, rows, 4)?;
-    f32s("cross_entropy", &[loss], rows)?;
-    let args = [
-        logits.arg(),
-        targets.arg(),
-        loss.arg(),
-        Arg::I32(vocab as i32),
-        Arg::F32(scale),
-    ];
-    dev.launch("cross_entropy_fwd_bwd", Launch::linear(rows, THREADS), &args)
 }

@@ -12,6 +12,10 @@
 //
 // Layouts as attention.cu: q [B·T, H·HD], k/v [B·T, KV·HD] (bf16), z as gate_mode says, o/y
 // [B·T, H·HD] f32, lse [B, H, T] f32. HD 64 or 128 (a multiple of 16; rows of 16-byte chunks).
+//
+// Entry points (ops/attention/tc.rs): attn_fwd_tc_hd{64,128}, attn_bwd_pre_tc,
+// attn_bwd_dkdv_tc_hd{64,128}, attn_bwd_dq_tc_hd{64,128}; and, as references for the tests only
+// (never launched by the model), tc_mma_probe and attn_bwd_{dkdv,dq}_tc_planted.
 
 #define TC_ROWS 64  // query rows per block: 4 warps × 16
 #define TC_KEYS 64  // keys per shared-memory tile
@@ -193,10 +197,11 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
 ATTN_TC_KERNEL(64)
 ATTN_TC_KERNEL(128)
 
-// A test of the tensor-core primitives themselves (tests/cuda_tensor_core): one warp computes
-// D = A·B + C for a 16×16 A, a 16×16 B (two n tiles) and a 16×16 f32 C, with A loaded by
-// ldmatrix, B twice: from an n-major copy `bn` (B[k][n] at bn[16n + k], as K is stored) by
-// ldmatrix, and from a k-major copy `bk` (at bk[16k + n], as V is stored) by ldmatrix.trans;
+// Test reference (tests/cuda_tensor_core; the model never launches it): a test of the
+// tensor-core primitives themselves. One warp computes D = A·B + C for a 16×16 A, a 16×16 B
+// (two n tiles) and a 16×16 f32 C, with A loaded by ldmatrix, B twice: from an n-major copy `bn`
+// (B[k][n] at bn[16n + k], as K is stored) by ldmatrix, and from a k-major copy `bk` (at
+// bk[16k + n], as V is stored) by ldmatrix.trans;
 // d[0..256) and d[256..512) are the two results, row-major. `variant` plants a layout bug (the
 // test checks that each one changes the result): 1 swaps A registers 1 and 2 (rows g+8 with
 // columns +8), 2 loads bn with .trans, 3 stores D's rows g and g+8 swapped, 4 swaps the k halves
@@ -584,8 +589,9 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
 ATTN_TC_BWD_KERNELS(64)
 ATTN_TC_BWD_KERNELS(128)
 
-// The hd64 backward kernels with a planted bug (`plant` as above) for the tests: each variant
-// must fail the backward test that the production kernels pass.
+// Test references (tests/cuda_tensor_core; the model never launches them): the hd64 backward
+// kernels with a planted bug (`plant` as above); each variant must fail the backward test that
+// the production kernels pass.
 extern "C" __global__ void attn_bwd_dkdv_tc_planted(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                     const float* lse, const float* delta, float* dk, float* dv,
                                                     int T, int H, int KV, float scale, int plant) {
@@ -596,3 +602,9 @@ extern "C" __global__ void attn_bwd_dq_tc_planted(const bf16* q, const bf16* k, 
                                                   int KV, float scale, int plant) {
     attn_bwd_dq_tc_impl<64>(q, k, v, dout, lse, delta, dq, T, H, KV, scale, plant);
 }
+
+#undef TC_ROWS
+#undef TC_KEYS
+#undef TC_PAD
+#undef ATTN_TC_KERNEL
+#undef ATTN_TC_BWD_KERNELS

@@ -1,197 +1,39 @@
-//! Fused causal attention with the G1 gate (kernels/attention.cu; the tensor-core forward in
-//! kernels/attention_tc.cu).
+//! Causal attention with the G1 gate on tensor cores (attention_tc.cu): FlashAttention-2
+//! forward and backward on bf16 Q/K/V, everything else f32 in the layouts of the f32 kernels
+//! ([`super`]). Also the hd64 backward with planted bugs, a reference for the tests only.
 
-use super::{f32s, need};
+use super::{gate_arg, AttnDims, AttnScratch, FusedGate};
+use crate::backend::cuda::ops::{f32s, need, KernelSource};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
-use crate::backend::cuda::{attn_head_dims_text, ATTN_HEAD_DIMS};
 use anyhow::{bail, Result};
 
-/// Shapes of a causal attention call (layouts as the CPU op's).
-#[derive(Clone, Copy, Debug)]
-pub struct AttnDims {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
+pub const SOURCE: KernelSource = KernelSource {
+    name: "attention_tc",
+    text: include_str!("attention_tc.cu"),
+    entries: &[
+        "attn_fwd_tc_hd64",
+        "attn_fwd_tc_hd128",
+        "attn_bwd_pre_tc",
+        "attn_bwd_dkdv_tc_hd64",
+        "attn_bwd_dq_tc_hd64",
+        "attn_bwd_dkdv_tc_hd128",
+        "attn_bwd_dq_tc_hd128",
+        // references for the tests only (tests/cuda_tensor_core), never launched by the model
+        "tc_mma_probe",
+        "attn_bwd_dkdv_tc_planted",
+        "attn_bwd_dq_tc_planted",
+    ],
+};
 
-/// The G1 gate fused into attention: multiplicative sigmoid, head-specific, on the SDPA output.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum FusedGate {
-    None = 0,
-    Elementwise = 1,
-    Headwise = 2,
-}
-
-/// Rows per attention block (kernels/attention.cu `BR`).
-const ATTN_ROWS: usize = 64;
-
-impl AttnDims {
-    fn check(&self) -> Result<()> {
-        if !ATTN_HEAD_DIMS.contains(&self.head_dim) {
-            bail!(
-                "CUDA attention: head_dim {} (kernels exist for {})",
-                self.head_dim,
-                attn_head_dims_text()
-            );
-        }
-        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
-            bail!(
-                "CUDA attention: {} query heads are not a multiple of {} kv heads",
-                self.heads,
-                self.kv_heads
-            );
-        }
-        Ok(())
-    }
-    fn rows(&self) -> usize {
-        self.batch * self.seq
-    }
-    fn q_elems(&self) -> usize {
-        self.rows() * self.heads * self.head_dim
-    }
-    fn kv_elems(&self) -> usize {
-        self.rows() * self.kv_heads * self.head_dim
-    }
-    fn z_elems(&self, gate: FusedGate) -> usize {
-        match gate {
-            FusedGate::None => 0,
-            FusedGate::Elementwise => self.q_elems(),
-            FusedGate::Headwise => self.rows() * self.heads,
-        }
-    }
-    fn grid(&self, heads: usize) -> Launch {
-        Launch {
-            grid: [self.seq.div_ceil(ATTN_ROWS) as u32, heads as u32, self.batch as u32],
-            block: [ATTN_ROWS as u32, 1, 1],
-            smem: 0,
-        }
-    }
-    fn common(&self) -> [Arg; 4] {
-        [
-            Arg::I32(self.seq as i32),
-            Arg::I32(self.heads as i32),
-            Arg::I32(self.kv_heads as i32),
-            Arg::F32(1.0 / (self.head_dim as f32).sqrt()),
-        ]
-    }
-}
-
-fn gate_arg(what: &str, z: Option<&DBuf>, d: &AttnDims, gate: FusedGate) -> Result<Arg> {
-    match (gate, z) {
-        (FusedGate::None, _) => Ok(Arg::Ptr(0)),
-        (_, Some(z)) => {
-            f32s(what, &[z], d.z_elems(gate))?;
-            Ok(z.arg())
-        }
-        (_, None) => bail!("{what}: a gated attention needs the gate logits"),
-    }
-}
-
-/// Forward: `o` the attention output, `y = o ⊙ sigmoid(z)` (or `o` without gate), `lse` per
-/// (batch, head, row) for the backward.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_fwd(
-    dev: &dyn Device,
-    d: &AttnDims,
-    gate: FusedGate,
-    q: &DBuf,
-    k: &DBuf,
-    v: &DBuf,
-    z: Option<&DBuf>,
-    o: &DBuf,
-    y: &DBuf,
-    lse: &DBuf,
-) -> Result<()> {
-    d.check()?;
-    f32s("attention_fwd", &[q, o, y], d.q_elems())?;
-    f32s("attention_fwd", &[k, v], d.kv_elems())?;
-    f32s("attention_fwd", &[lse], d.rows() * d.heads)?;
-    let zarg = gate_arg("attention_fwd", z, d, gate)?;
-    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.arg(), lse.arg()];
-    args.extend(d.common());
-    args.push(Arg::I32(gate as i32));
-    dev.launch(&format!("attn_fwd_hd{}", d.head_dim), d.grid(d.heads), &args)
-}
-
-/// Scratch of the backward: the ungated output's gradient and the per-row `rowsum(dO ⊙ O)`.
-pub struct AttnScratch {
-    pub dout: DBuf,
-    pub delta: DBuf,
-}
-
-impl AttnScratch {
-    pub fn new(dev: &dyn Device, d: &AttnDims) -> Result<AttnScratch> {
-        Ok(AttnScratch {
-            dout: dev.zeros(d.q_elems() * 4)?,
-            delta: dev.zeros(d.rows() * d.heads * 4)?,
-        })
-    }
-}
-
-/// Backward from `dy` (the gated output's gradient): overwrites `dq`, `dk`, `dv` and, gated,
-/// `dz`. `o` and `lse` are the forward's.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd(
-    dev: &dyn Device,
-    d: &AttnDims,
-    gate: FusedGate,
-    (q, k, v, z): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
-    (o, lse, dy): (&DBuf, &DBuf, &DBuf),
-    scratch: &AttnScratch,
-    (dq, dk, dv, dz): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
-) -> Result<()> {
-    d.check()?;
-    f32s("attention_bwd", &[q, o, dy, dq, &scratch.dout], d.q_elems())?;
-    f32s("attention_bwd", &[k, v, dk, dv], d.kv_elems())?;
-    f32s("attention_bwd", &[lse, &scratch.delta], d.rows() * d.heads)?;
-    let zarg = gate_arg("attention_bwd", z, d, gate)?;
-    let dzarg = gate_arg("attention_bwd (dz)", dz, d, gate)?;
-    let pairs = d.rows() * d.heads;
-    let pre = [
-        o.arg(),
-        zarg,
-        dy.arg(),
-        scratch.dout.arg(),
-        dzarg,
-        scratch.delta.arg(),
-        Arg::I32(d.rows() as i32),
-        Arg::I32(d.seq as i32),
-        Arg::I32(d.heads as i32),
-        Arg::I32(d.head_dim as i32),
-        Arg::I32(gate as i32),
-    ];
-    // one warp per (row, head), 4 warps per block
-    dev.launch("attn_bwd_pre", Launch::linear(pairs.div_ceil(4), 128), &pre)?;
-    let ins = [
-        q.arg(),
-        k.arg(),
-        v.arg(),
-        scratch.dout.arg(),
-        lse.arg(),
-        scratch.delta.arg(),
-    ];
-    let mut args = ins.to_vec();
-    args.extend([dk.arg(), dv.arg()]);
-    args.extend(d.common());
-    let hd = d.head_dim;
-    dev.launch(&format!("attn_bwd_dkdv_hd{hd}"), d.grid(d.kv_heads), &args)?;
-    let mut args = ins.to_vec();
-    args.push(dq.arg());
-    args.extend(d.common());
-    dev.launch(&format!("attn_bwd_dq_hd{hd}"), d.grid(d.heads), &args)
-}
-
-/// Head dims of the tensor-core forward (kernels/attention_tc.cu `ATTN_TC_KERNEL`).
+/// Head dims of the tensor-core forward (attention_tc.cu `ATTN_TC_KERNEL`).
 pub const ATTN_TC_HEAD_DIMS: &[usize] = &[64, 128];
 
-/// Query rows per tensor-core attention block (kernels/attention_tc.cu `TC_ROWS`), and its
+/// Query rows per tensor-core attention block (attention_tc.cu `TC_ROWS`), and its
 /// threads: 4 warps of 16 rows.
 const ATTN_TC_ROWS: usize = 64;
 const ATTN_TC_THREADS: u32 = 128;
 
-/// [`attention_fwd`] on tensor cores (FlashAttention-2 forward): `q`, `k`, `v` bf16 in the same
+/// [`attention_fwd`](super::attention_fwd) on tensor cores (FlashAttention-2 forward): `q`, `k`, `v` bf16 in the same
 /// layouts, `z` and the outputs `o`, `y`, `lse` f32 exactly as there, so the f32 backward
 /// consumes them. Products and sums are f32 from bf16 inputs; the probabilities are rounded to
 /// bf16 for P·V (the one rounding beyond the inputs').
@@ -237,7 +79,7 @@ pub fn attention_forward_tc(
     dev.launch(&format!("attn_fwd_tc_hd{}", d.head_dim), cfg, &args)
 }
 
-/// [`attention_bwd`] on tensor cores (FlashAttention-2 backward, kernels/attention_tc.cu): `q`,
+/// [`attention_bwd`](super::attention_bwd) on tensor cores (FlashAttention-2 backward, attention_tc.cu): `q`,
 /// `k`, `v` bf16 (the copies the tensor-core forward took), everything else f32 in the same
 /// layouts as there: `o` and `lse` the forward's, `dy` the gated output's gradient; overwrites
 /// `dq`, `dk`, `dv` and, gated, `dz`. `scratch.dout` holds dO as bf16 here (its first half),
@@ -345,7 +187,7 @@ fn backward_tc(
         None => format!("attn_bwd_{kernel}_tc_hd{}", d.head_dim),
         Some(_) => format!("attn_bwd_{kernel}_tc_planted"),
     };
-    // dK/dV: a block per 64 keys (kernels/attention_tc.cu `TC_KEYS`, = ATTN_TC_ROWS) of a kv head
+    // dK/dV: a block per 64 keys (attention_tc.cu `TC_KEYS`, = ATTN_TC_ROWS) of a kv head
     let mut args = ins.to_vec();
     args.extend([dk.arg(), dv.arg()]);
     args.extend(d.common());

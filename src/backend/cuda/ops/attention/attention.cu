@@ -9,6 +9,9 @@
 //
 // Layouts as src/model/ops/attention.rs: q, o, y [B·T, H·HD]; k, v [B·T, KV·HD]; lse, delta
 // [B, H, T]. gate_mode 0: none (y = o); 1: elementwise, z [B·T, H·HD]; 2: headwise, z [B·T, H].
+//
+// Entry points (ops/attention/mod.rs, whose head-dim list generates their names): attn_bwd_pre,
+// and attn_fwd_hd*, attn_bwd_dkdv_hd*, attn_bwd_dq_hd* for each ATTN_KERNELS(HD) below.
 
 #define BR 64  // rows per block = threads per block
 #define BC 32  // rows per shared-memory tile
@@ -226,3 +229,7 @@ ATTN_KERNELS(16)
 ATTN_KERNELS(32)
 ATTN_KERNELS(64)
 ATTN_KERNELS(128)
+
+#undef BR
+#undef BC
+#undef ATTN_KERNELS

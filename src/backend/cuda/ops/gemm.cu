@@ -4,7 +4,9 @@
 // It is the portable path (the emulator, or a GPU without cuBLASLt): 64×64 output tiles, 256
 // threads of 4×4 outputs, K in steps of 16 through shared memory; deterministic (each output
 // summed by one thread in k order). beta = 0 never reads C. gemm_bf16 reads bf16 A and B (the
-// mixed-precision matmul: bf16 operands, f32 accumulation and output).
+// mixed-precision matmul: bf16 operands, f32 accumulation and output); cast_f32_bf16 makes its
+// bf16 operands.
+// Entry points (ops/gemm.rs): gemm_f32, gemm_bf16, cast_f32_bf16.
 
 #define GM 64
 #define GN 64
@@ -61,3 +63,13 @@ extern "C" __global__ void gemm_bf16(const bf16* A, const bf16* B, float* C, int
                                      long sbk, long sbn, long ldc, float alpha, float beta) {
     gemm_impl(A, B, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
 }
+
+// Mixed precision: bf16 copies of f32 tensors (round to nearest even).
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = f32_to_bf16(x[i]);
+}
+
+#undef GM
+#undef GN
+#undef GK

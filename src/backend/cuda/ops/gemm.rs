@@ -1,0 +1,153 @@
+//! GEMMs for the linear layers (f32 or bf16 operands, f32 accumulation; cuBLASLt through
+//! [`Device::vendor_gemm`] where the device has it, else gemm.cu) and the f32 → bf16 cast that
+//! makes the bf16 operands.
+
+use super::{elems, f32s, need, KernelSource};
+pub use crate::backend::cuda::runtime::DType;
+pub use crate::backend::cuda::runtime::Strided;
+use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
+use anyhow::{bail, Result};
+
+pub const SOURCE: KernelSource = KernelSource {
+    name: "gemm",
+    text: include_str!("gemm.cu"),
+    entries: &["gemm_f32", "gemm_bf16", "cast_f32_bf16"],
+};
+
+fn span(what: &str, s: Strided, rows: usize, cols: usize) -> Result<()> {
+    if rows > 0 && cols > 0 {
+        need(what, s.buf, (rows - 1) * s.rs + (cols - 1) * s.cs + 1, s.dtype.size())?;
+    }
+    Ok(())
+}
+
+/// A matrix of a linear layer: its buffer and element type.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub buf: &'a DBuf,
+    pub dtype: DType,
+}
+
+impl<'a> From<&'a DBuf> for Operand<'a> {
+    fn from(buf: &'a DBuf) -> Self {
+        Operand { buf, dtype: DType::F32 }
+    }
+}
+
+impl<'a> Operand<'a> {
+    pub fn bf16(buf: &'a DBuf) -> Self {
+        Operand {
+            buf,
+            dtype: DType::Bf16,
+        }
+    }
+    fn at(self, rs: usize, cs: usize) -> Strided<'a> {
+        Strided {
+            buf: self.buf,
+            dtype: self.dtype,
+            rs,
+            cs,
+        }
+    }
+}
+
+/// `C[m, n] = alpha·A·B + beta·C` with `A` m×k and `B` k×n strided, `C` row-major (`ldc`).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    dev: &dyn Device,
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    c: &DBuf,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    span("gemm A", a, m, k)?;
+    span("gemm B", b, k, n)?;
+    if a.dtype != b.dtype {
+        bail!("gemm: operands of mixed types {:?} and {:?}", a.dtype, b.dtype);
+    }
+    span("gemm C", Operand::from(c).at(ldc, 1), m, n)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if let Some(r) = dev.vendor_gemm((m, n, k), a, b, c, ldc, alpha, beta) {
+        return r;
+    }
+    let l = |x: usize| Arg::I64(x as i64);
+    let args = [
+        a.buf.arg(),
+        b.buf.arg(),
+        c.arg(),
+        Arg::I32(m as i32),
+        Arg::I32(n as i32),
+        Arg::I32(k as i32),
+        l(a.rs),
+        l(a.cs),
+        l(b.rs),
+        l(b.cs),
+        l(ldc),
+        Arg::F32(alpha),
+        Arg::F32(beta),
+    ];
+    let cfg = Launch {
+        grid: [n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1],
+        block: [256, 1, 1],
+        smem: 0,
+    };
+    let kernel = match a.dtype {
+        DType::F32 => "gemm_f32",
+        DType::Bf16 => "gemm_bf16",
+    };
+    dev.launch(kernel, cfg, &args)
+}
+
+/// `y = x·Wᵀ`, `x` `[rows, din]`, `W` `[dout, din]` (the CPU layout).
+pub fn linear_fwd(
+    dev: &dyn Device,
+    x: Operand,
+    w: Operand,
+    y: &DBuf,
+    rows: usize,
+    din: usize,
+    dout: usize,
+) -> Result<()> {
+    gemm(dev, (rows, dout, din), x.at(din, 1), w.at(1, din), y, dout, 1.0, 0.0)
+}
+
+/// `dx (+)= dy·W`
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_dx(
+    dev: &dyn Device,
+    dy: Operand,
+    w: Operand,
+    dx: &DBuf,
+    rows: usize,
+    din: usize,
+    dout: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    gemm(dev, (rows, din, dout), dy.at(dout, 1), w.at(din, 1), dx, din, 1.0, beta)
+}
+
+/// `dW += dyᵀ·x`
+pub fn linear_bwd_dw(
+    dev: &dyn Device,
+    x: Operand,
+    dy: Operand,
+    dw: &DBuf,
+    rows: usize,
+    din: usize,
+    dout: usize,
+) -> Result<()> {
+    gemm(dev, (dout, din, rows), dy.at(1, dout), x.at(din, 1), dw, din, 1.0, 1.0)
+}
+
+/// bf16 copy of `n` f32 values (round to nearest even).
+pub fn cast_to_bf16(dev: &dyn Device, x: &DBuf, y: &DBuf, n: usize) -> Result<()> {
+    f32s("cast_to_bf16", &[x], n)?;
+    need("cast_to_bf16", y, n, 2)?;
+    dev.launch("cast_f32_bf16", elems(n), &[x.arg(), y.arg(), Arg::I64(n as i64)])
+}

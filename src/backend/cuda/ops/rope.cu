@@ -1,0 +1,61 @@
+// QK-norm fused with RoPE. Same math as src/model/ops/{rmsnorm,rope}.rs.
+// Entry points (ops/rope.rs): qknorm_rope_fwd, qknorm_rope_bwd.
+
+// Per (row, head): RMSNorm over head_dim with gain w (w or 1 + w; has_norm = 0: none), then
+// rotate-half RoPE of the first 2·half dims at position pos0 + row % seq; the rest pass.
+// One warp per (row, head). rstd is [rows, heads].
+extern "C" __global__ void qknorm_rope_fwd(const float* x, const float* w, const float* cosv, const float* sinv,
+                                           float* y, float* rstd, int rows, int heads, int hd, int half, int seq,
+                                           int pos0, float eps, int zc, int has_norm) {
+    const int wi = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (wi >= rows * heads) return;  // warp-uniform
+    const int row = wi / heads;
+    const long base = (long)wi * hd;
+    float r = 1.0f;
+    if (has_norm) {
+        float ss = 0.0f;
+        for (int e = lane; e < hd; e += 32) ss += x[base + e] * x[base + e];
+        r = rsqrtf(warp_sum(ss) / hd + eps);
+        if (lane == 0) rstd[wi] = r;
+    }
+#define GAIN(e) (has_norm ? (zc ? 1.0f + w[e] : w[e]) : 1.0f)
+    const long p = (long)(pos0 + row % seq) * half;
+    for (int i = lane; i < half; i += 32) {
+        float a = x[base + i] * r * GAIN(i), b = x[base + i + half] * r * GAIN(i + half);
+        float c = cosv[p + i], s = sinv[p + i];
+        y[base + i] = a * c - b * s;
+        y[base + i + half] = b * c + a * s;
+    }
+    for (int e = 2 * half + lane; e < hd; e += 32) y[base + e] = x[base + e] * r * GAIN(e);
+}
+
+// Backward: dn = Rᵀ·dy, then RMSNorm's backward over the head row. dx is overwritten; the gain's
+// gradient per (row, head) goes to dwp [rows·heads, hd] (summed by colsum, deterministically).
+extern "C" __global__ void qknorm_rope_bwd(const float* x, const float* w, const float* rstd, const float* cosv,
+                                           const float* sinv, const float* dy, float* dx, float* dwp, int rows,
+                                           int heads, int hd, int half, int seq, int pos0, int zc, int has_norm) {
+    const int wi = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (wi >= rows * heads) return;  // warp-uniform
+    const int row = wi / heads;
+    const long base = (long)wi * hd;
+    const long p = (long)(pos0 + row % seq) * half;
+    // dn into dx first (each lane rewrites only its own elements below)
+    for (int i = lane; i < half; i += 32) {
+        float a = dy[base + i], b = dy[base + i + half], c = cosv[p + i], s = sinv[p + i];
+        dx[base + i] = a * c + b * s;
+        dx[base + i + half] = b * c - a * s;
+    }
+    for (int e = 2 * half + lane; e < hd; e += 32) dx[base + e] = dy[base + e];
+    if (!has_norm) return;
+    __syncwarp();  // lanes read elements other lanes wrote
+    const float r = rstd[wi];
+    float dot = 0.0f;
+    for (int e = lane; e < hd; e += 32) dot += dx[base + e] * GAIN(e) * x[base + e] * r;
+    const float mean = warp_sum(dot) / hd;
+    for (int e = lane; e < hd; e += 32) {
+        float xh = x[base + e] * r, dn = dx[base + e];
+        dwp[base + e] = dn * xh;
+        dx[base + e] = r * (dn * GAIN(e) - xh * mean);
+    }
+#undef GAIN
+}

@@ -1,0 +1,161 @@
+//! QK-norm fused with RoPE, forward and backward (rope.cu; the gain's gradient summed by
+//! [`colsum_with`]).
+
+use super::{colsum_scratch_len, colsum_with, f32s, KernelSource};
+use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
+use anyhow::{bail, Result};
+
+pub const SOURCE: KernelSource = KernelSource {
+    name: "rope",
+    text: include_str!("rope.cu"),
+    entries: &["qknorm_rope_fwd", "qknorm_rope_bwd"],
+};
+
+/// A RoPE table on the device: `cos`/`sin` `[max_len, half]`.
+pub struct DeviceRope {
+    pub cos: DBuf,
+    pub sin: DBuf,
+    pub half: usize,
+    pub max_len: usize,
+}
+
+impl DeviceRope {
+    /// From a host table's `cos`/`sin` (`[max_len, rotary_dim / 2]` each).
+    pub fn upload(dev: &dyn Device, cos: &[f32], sin: &[f32], rotary_dim: usize, max_len: usize) -> Result<DeviceRope> {
+        let half = rotary_dim / 2;
+        if cos.len() != max_len * half || sin.len() != max_len * half {
+            bail!(
+                "RoPE table of {}/{} values for {max_len} positions × {half}",
+                cos.len(),
+                sin.len()
+            );
+        }
+        Ok(DeviceRope {
+            cos: up_f32(dev, cos)?,
+            sin: up_f32(dev, sin)?,
+            half,
+            max_len,
+        })
+    }
+}
+
+/// Shapes of one QK-norm + RoPE call: `x` is `[rows, heads·head_dim]`, row r at position
+/// `r % seq`; `norm` the gain (`None`: no QK-norm) and whether it is zero-centred.
+#[derive(Clone, Copy)]
+pub struct HeadRows<'a> {
+    pub rows: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub seq: usize,
+    pub norm: Option<&'a DBuf>,
+    pub zero_centered: bool,
+}
+
+impl HeadRows<'_> {
+    fn check(&self, what: &str, rope: &DeviceRope, bufs: &[&DBuf]) -> Result<()> {
+        if self.seq > rope.max_len || 2 * rope.half > self.head_dim {
+            bail!(
+                "{what}: sequence {} / head_dim {} beyond the RoPE table ({} positions, {} dims)",
+                self.seq,
+                self.head_dim,
+                rope.max_len,
+                2 * rope.half
+            );
+        }
+        f32s(what, bufs, self.rows * self.heads * self.head_dim)?;
+        if let Some(w) = self.norm {
+            f32s(what, &[w], self.head_dim)?;
+        }
+        Ok(())
+    }
+    fn launch(&self) -> Launch {
+        // one warp per (row, head), 4 warps per block
+        Launch::linear((self.rows * self.heads).div_ceil(4), 128)
+    }
+    fn dims(&self, rope: &DeviceRope) -> [Arg; 6] {
+        [
+            Arg::I32(self.rows as i32),
+            Arg::I32(self.heads as i32),
+            Arg::I32(self.head_dim as i32),
+            Arg::I32(rope.half as i32),
+            Arg::I32(self.seq as i32),
+            Arg::I32(0),
+        ]
+    }
+}
+
+/// `y = rope(rmsnorm_head(x))`, `rstd` `[rows, heads]`.
+pub fn qknorm_rope_fwd(
+    dev: &dyn Device,
+    h: &HeadRows,
+    rope: &DeviceRope,
+    x: &DBuf,
+    y: &DBuf,
+    rstd: &DBuf,
+    eps: f32,
+) -> Result<()> {
+    h.check("qknorm_rope_fwd", rope, &[x, y])?;
+    f32s("qknorm_rope_fwd", &[rstd], h.rows * h.heads)?;
+    let mut args = vec![
+        x.arg(),
+        h.norm.map_or(Arg::Ptr(0), |w| w.arg()),
+        rope.cos.arg(),
+        rope.sin.arg(),
+        y.arg(),
+        rstd.arg(),
+    ];
+    args.extend(h.dims(rope));
+    args.extend([
+        Arg::F32(eps),
+        Arg::I32(h.zero_centered as i32),
+        Arg::I32(h.norm.is_some() as i32),
+    ]);
+    dev.launch("qknorm_rope_fwd", h.launch(), &args)
+}
+
+/// Its backward: `dx` overwritten; with a norm, its gain's gradient is added to `dw` (through
+/// the `[rows·heads, head_dim]` scratch `dwp`).
+#[allow(clippy::too_many_arguments)]
+pub fn qknorm_rope_bwd(
+    dev: &dyn Device,
+    h: &HeadRows,
+    rope: &DeviceRope,
+    (x, rstd, dy): (&DBuf, &DBuf, &DBuf),
+    dx: &DBuf,
+    dwp: &DBuf,
+    dw: Option<&DBuf>,
+) -> Result<()> {
+    let part = dev.zeros(colsum_scratch_len(h.rows * h.heads, h.head_dim) * 4)?;
+    qknorm_rope_bwd_with(dev, h, rope, (x, rstd, dy), dx, (dwp, &part), dw)
+}
+
+/// [`qknorm_rope_bwd`] with the column sum's scratch given too (nothing allocated).
+pub fn qknorm_rope_bwd_with(
+    dev: &dyn Device,
+    h: &HeadRows,
+    rope: &DeviceRope,
+    (x, rstd, dy): (&DBuf, &DBuf, &DBuf),
+    dx: &DBuf,
+    (dwp, part): (&DBuf, &DBuf),
+    dw: Option<&DBuf>,
+) -> Result<()> {
+    h.check("qknorm_rope_bwd", rope, &[x, dy, dx, dwp])?;
+    let mut args = vec![
+        x.arg(),
+        h.norm.map_or(Arg::Ptr(0), |w| w.arg()),
+        rstd.arg(),
+        rope.cos.arg(),
+        rope.sin.arg(),
+        dy.arg(),
+        dx.arg(),
+        dwp.arg(),
+    ];
+    args.extend(h.dims(rope));
+    args.extend([Arg::I32(h.zero_centered as i32), Arg::I32(h.norm.is_some() as i32)]);
+    dev.launch("qknorm_rope_bwd", h.launch(), &args)?;
+    match (h.norm, dw) {
+        (Some(_), Some(dw)) => colsum_with(dev, dwp, dw, h.rows * h.heads, h.head_dim, true, part),
+        (Some(_), None) => bail!("qknorm_rope_bwd: a normed call needs the gain's gradient buffer"),
+        _ => Ok(()),
+    }
+}
