@@ -7,7 +7,7 @@
 //! the bound is the fixtures' float32-engine bound, 1e-4 of the largest logit, and every
 //! position's argmax must agree.
 
-use gated_lm::config::{MlpActivation, ModelConfig};
+use gated_lm::config::{MlpActivation, ModelConfig, NormStyle};
 use gated_lm::io::gguf::{load_gguf_model, model_config, GgmlType, Gguf, Value};
 use gated_lm::io::st::StFile;
 use gated_lm::model::{shifted_targets, Batch, Model};
@@ -84,6 +84,8 @@ fn check_logits(arch: &str) -> Model<f32> {
         .collect();
     let got = tok.encode(o["text"].as_str().unwrap()).unwrap();
     assert_eq!(got, want, "{arch}: tokenizer");
+    // and back (Gemma: no dummy prefix to strip)
+    assert_eq!(tok.decode(&want), o["text"].as_str().unwrap(), "{arch}: decode");
     m
 }
 
@@ -159,4 +161,53 @@ fn phi3_fused_qkv_and_gate_up_give_transformers_logits() {
         }
     }
     check_logits("phi3");
+}
+
+/// Gemma's norms are stored as 1 + w (the tiny model's w are ~N(0, 0.1)), and no
+/// query_pre_attn_scalar key is written: llama.cpp, and our loader, take head_dim (16), which
+/// is what the tiny models use.
+fn gemma_common(g: &Gguf, c: &ModelConfig, arch: &str) {
+    assert_eq!(c.norm_style, NormStyle::Standard);
+    assert_eq!(c.mlp_activation, MlpActivation::GeluTanh);
+    assert!(c.sandwich_norms && c.embed_scale && c.tie_word_embeddings);
+    assert!(g.info("output.weight").is_none());
+    assert!(g.meta.keys().all(|k| !k.contains("query_pre_attn_scalar")));
+    assert_eq!(c.query_pre_attn_scalar, Some(16.0));
+    assert_eq!(c.sliding_window, Some(5));
+    assert_eq!(key(g, "tokenizer.ggml.add_space_prefix"), Some(&Value::Bool(false)));
+    for t in g.tensors.iter().filter(|t| t.name.ends_with("norm.weight")) {
+        let (_, w) = g.f32(&t.name).unwrap();
+        let mean = w.iter().sum::<f32>() / w.len() as f32;
+        assert!((mean - 1.0).abs() < 0.1, "{arch}: {} mean {mean}", t.name);
+    }
+}
+
+#[test]
+fn gemma2_converted_gives_transformers_logits() {
+    let (g, c) = config("gemma2", "gemma2");
+    gemma_common(&g, &c, "gemma2");
+    assert_eq!((c.num_layers, c.intermediate_size), (2, 128));
+    assert!(!c.qk_norm);
+    // no rope.freq_base: llama.cpp's default 10000 is transformers'
+    assert!(key(&g, "gemma2.rope.freq_base").is_none());
+    assert_eq!((c.rope_theta, c.rope_local_theta), (10000.0, None));
+    assert_eq!((c.attn_logit_softcap, c.final_logit_softcap), (Some(2.5), Some(3.0)));
+    // no layer pattern: the period 2, layer 0 sliding and layer 1 global
+    assert!(key(&g, "gemma2.attention.sliding_window_pattern").is_none());
+    assert_eq!(c.global_layers, vec![1]);
+    check_logits("gemma2");
+}
+
+#[test]
+fn gemma3_converted_gives_transformers_logits() {
+    let (g, c) = config("gemma3", "gemma3");
+    gemma_common(&g, &c, "gemma3");
+    assert_eq!((c.num_layers, c.intermediate_size), (6, 64));
+    assert!(c.qk_norm && c.attn_logit_softcap.is_none());
+    assert_eq!(c.final_logit_softcap, Some(4.0));
+    assert_eq!((c.rope_theta, c.rope_local_theta), (1e6, Some(1e4)));
+    // no layer pattern: the period 6, layers 0-4 sliding and layer 5 global
+    assert!(key(&g, "gemma3.attention.sliding_window_pattern").is_none());
+    assert_eq!(c.global_layers, vec![5]);
+    check_logits("gemma3");
 }
