@@ -540,7 +540,10 @@ pub fn tokenizer(g: &Gguf) -> Result<Tok> {
             .map(|x| x as i32)
             .collect();
         let unk = id("tokenizer.ggml.unknown_token_id").unwrap_or(0);
-        let tok = Tok::from_sentencepiece(tokens, &scores, &types, unk, eos).with_context(|| g.path.clone())?;
+        // llama.cpp: a dummy "▁" prefix unless the file says otherwise (Gemma's converter does)
+        let space_prefix = !matches!(g.meta.get("tokenizer.ggml.add_space_prefix"), Some(Value::Bool(false)));
+        let tok =
+            Tok::from_sentencepiece(tokens, &scores, &types, unk, eos, space_prefix).with_context(|| g.path.clone())?;
         return add_bos(g, tok, true);
     }
     let merges = strings("tokenizer.ggml.merges")?;

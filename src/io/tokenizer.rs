@@ -259,8 +259,17 @@ impl Tok {
     /// A SentencePiece BPE vocabulary (llama.cpp's `llama` tokenizer model: pieces, scores,
     /// token types), as transformers' Llama converter builds it: merges derived from the
     /// vocabulary (every split of a normal piece into two pieces, ranked by the piece's score),
-    /// "▁" for spaces and a dummy prefix, byte fallback `<0xXX>` for anything else.
-    pub fn from_sentencepiece(tokens: Vec<String>, scores: &[f32], types: &[i32], unk: u32, eos: u32) -> Result<Tok> {
+    /// "▁" for spaces and a dummy prefix (unless `space_prefix` is false: llama.cpp's
+    /// `tokenizer.ggml.add_space_prefix`, false in Gemma files), byte fallback `<0xXX>` for
+    /// anything else.
+    pub fn from_sentencepiece(
+        tokens: Vec<String>,
+        scores: &[f32],
+        types: &[i32],
+        unk: u32,
+        eos: u32,
+        space_prefix: bool,
+    ) -> Result<Tok> {
         const NORMAL: i32 = 1;
         let n = tokens.len();
         if scores.len() != n || types.len() != n {
@@ -293,16 +302,18 @@ impl Tok {
             .map_err(|e| anyhow::anyhow!("bad SentencePiece vocabulary: {e}"))?;
         let mut t = Tokenizer::new(bpe);
         let replace = |a: &str, b: &str| Replace::new(a, b).map_err(|e| anyhow::anyhow!("{e}"));
-        t.with_normalizer(Some(NormSequence::new(vec![
-            Prepend::new("▁".into()).into(),
-            replace(" ", "▁")?.into(),
-        ])));
-        t.with_decoder(Some(DecoderSequence::new(vec![
+        let mut norm = vec![replace(" ", "▁")?.into()];
+        let mut dec = vec![
             replace("▁", " ")?.into(),
             ByteFallback::new().into(),
             Fuse::new().into(),
-            Strip::new(' ', 1, 0).into(),
-        ])));
+        ];
+        if space_prefix {
+            norm.insert(0, Prepend::new("▁".into()).into());
+            dec.push(Strip::new(' ', 1, 0).into());
+        }
+        t.with_normalizer(Some(NormSequence::new(norm)));
+        t.with_decoder(Some(DecoderSequence::new(dec)));
         Ok(Tok::Hf { tok: Box::new(t), eos })
     }
 
