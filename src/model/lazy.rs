@@ -175,11 +175,32 @@ impl<T: Real> Model<T> {
             self.lazy = Some(lz);
             return Err(e);
         }
-        for idx in &lz.layers {
-            let t = &mut self.params.tensors;
-            lz.src.load(idx, &mut |i, v| t[i].data = cast_vec(v))?;
+        let t = &mut self.params.tensors;
+        if let Err(e) = lz
+            .layers
+            .iter()
+            .try_for_each(|idx| lz.src.load(idx, &mut |i, v| t[i].data = cast_vec(v)))
+        {
+            // a broken layer: back to lazy, no half-filled store
+            lz.layers.iter().flatten().for_each(|&i| t[i].data = Vec::new());
+            self.lazy = Some(lz);
+            return Err(e);
         }
         Ok(())
+    }
+
+    /// Generation dequantises every layer per token when lazy: materialise instead when all
+    /// weights take at most half the memory available; stay lazy otherwise.
+    pub fn materialize_if_small(&mut self) -> Result<bool> {
+        let Some(avail) = super::memory::available() else {
+            return Ok(false);
+        };
+        let bytes = super::memory::param_count(&self.cfg) * std::mem::size_of::<T>() as u128;
+        if self.lazy.is_none() || 2 * bytes > avail {
+            return Ok(false);
+        }
+        self.materialize("dequantising all weights")?;
+        Ok(true)
     }
 
     /// The same weights under another config (RoPE overrides): the lazy source carries over.
