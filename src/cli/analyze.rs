@@ -83,7 +83,7 @@ pub fn run_analyze(a: AnalyzeArgs) -> Result<()> {
     let max_tokens = a.max_tokens.or(loaded.train_seq_len).unwrap_or(1024);
     crate::model::memory::ensure_fits(
         &format!("analysing {max_tokens} tokens"),
-        &crate::model::memory::prefill(cfg, max_tokens),
+        &loaded.model.prefill_need(max_tokens),
     )?;
     let ids = input_ids(
         &loaded,

@@ -4,7 +4,6 @@ use crate::config::RopeScaling;
 use crate::infer::{generate, perplexity_sliding, perplexity_streaming, ruler, SampleOptions};
 use crate::io::load::{load_any, Loaded};
 use crate::model::decode::KvCache;
-use crate::model::Model;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::io::Write;
@@ -63,14 +62,7 @@ impl ModelArgs {
             cfg.max_position_embeddings = (cfg.max_position_embeddings as f64 * f) as usize;
         }
         if cfg != l.model.cfg {
-            let params = std::mem::replace(
-                &mut l.model.params,
-                crate::model::params::ParamStore {
-                    names: vec![],
-                    tensors: vec![],
-                },
-            );
-            l.model = Model::from_params(cfg, params)?;
+            l.model.reconfigure(cfg)?;
         }
         Ok(l)
     }
@@ -102,13 +94,12 @@ pub struct GenerateArgs {
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
-    let l = a.m.load()?;
+    let mut l = a.m.load()?;
+    // a memory-mapped GGUF: decoding token by token is faster with every layer in f32
+    l.model.materialize_if_small()?;
     let tok = l.tokenizer()?;
     let ids = tok.encode_for_model(&a.prompt)?;
-    crate::model::memory::ensure_fits(
-        "this generation",
-        &crate::model::memory::prefill(&l.model.cfg, ids.len() + a.max_new_tokens),
-    )?;
+    crate::model::memory::ensure_fits("this generation", &l.model.prefill_need(ids.len() + a.max_new_tokens))?;
     let mut cache = KvCache::new(&l.model, a.m.window, a.m.sink_tokens)?;
     let o = SampleOptions {
         temperature: a.temperature,
@@ -192,7 +183,8 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     }
     crate::model::memory::ensure_fits(
         "this evaluation",
-        &crate::model::memory::prefill(&l.model.cfg, a.m.window.unwrap_or(context).min(ids.len().max(1))),
+        &l.model
+            .prefill_need(a.m.window.unwrap_or(context).min(ids.len().max(1))),
     )?;
     let (nll, n, how) = if let Some(w) = a.m.window {
         let (nll, n) = perplexity_streaming(&l.model, &ids, Some(w), a.m.sink_tokens)?;
@@ -257,7 +249,7 @@ pub fn run_ruler(a: RulerArgs) -> Result<()> {
     let longest = lengths.iter().copied().max().unwrap_or(0);
     crate::model::memory::ensure_fits(
         &format!("ruler at {longest} tokens"),
-        &crate::model::memory::prefill(&l.model.cfg, longest + 64),
+        &l.model.prefill_need(longest + 64),
     )?;
     let tasks: Vec<&str> = match &a.tasks {
         Some(t) => t.split(',').map(str::trim).collect(),

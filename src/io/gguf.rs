@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub mod arch;
+pub mod lazy;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -612,27 +613,55 @@ pub fn load_gguf_model(path: &Path) -> Result<(Model<f32>, Tok)> {
 pub fn load_gguf(path: &Path) -> Result<(Model<f32>, Result<Tok>)> {
     let g = Gguf::open(path)?;
     let cfg = model_config(&g)?;
-    let arch_name = g.get("general.architecture")?.as_str().unwrap_or("").to_string();
-    let permuted = arch_name == "llama";
-    let mut fused = BTreeMap::new();
     let (specs, _) = param_specs(&cfg);
     let mut store = ParamStore::<f32>::zeros_like(&specs);
-    // a layer's experts share one 3-D tensor: dequantise it once
-    let mut stacked: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    let mut r = Reader::new(&g, &cfg)?;
     for (i, s) in specs.iter().enumerate() {
+        store.tensors[i] = r.read(s)?;
+    }
+    Ok((Model::from_params(cfg, store)?, tokenizer(&g)))
+}
+
+/// Reads our tensors from a GGUF one at a time, dequantised to f32 in our layout (HF rows,
+/// fused tensors split, experts taken from their stacks), checked for shape and finiteness.
+pub struct Reader<'a> {
+    g: &'a Gguf,
+    cfg: &'a ModelConfig,
+    arch: String,
+    /// Phi-3's fused tensors, dequantised once per layer.
+    fused: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// A layer's experts share one 3-D tensor: dequantised once.
+    stacked: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(g: &'a Gguf, cfg: &'a ModelConfig) -> Result<Self> {
+        Ok(Reader {
+            g,
+            cfg,
+            arch: g.get("general.architecture")?.as_str().unwrap_or("").to_string(),
+            fused: BTreeMap::new(),
+            stacked: BTreeMap::new(),
+        })
+    }
+
+    pub fn read(&mut self, s: &crate::model::params::ParamSpec) -> Result<Tensor<f32>> {
+        let (g, cfg) = (self.g, self.cfg);
+        let permuted = self.arch == "llama";
         let (name, (shape, mut data)) = match expert_source(&s.name) {
             Some((src, e)) => {
-                if !stacked.contains_key(&src) {
+                if !self.stacked.contains_key(&src) {
                     // keep only the current layer's three stacks
                     let layer = &src[..src.find(".ffn_").unwrap_or(0)];
-                    stacked.retain(|k, _| k.starts_with(layer) && k.as_bytes().get(layer.len()) == Some(&b'.'));
-                    stacked.insert(src.clone(), g.f32(&src)?);
+                    self.stacked
+                        .retain(|k, _| k.starts_with(layer) && k.as_bytes().get(layer.len()) == Some(&b'.'));
+                    self.stacked.insert(src.clone(), g.f32(&src)?);
                 }
-                let (sh, all) = &stacked[&src];
+                let (sh, all) = &self.stacked[&src];
                 let t = super::expert_block(&src, sh, all, e, None).with_context(|| g.path.clone())?;
                 (src.clone(), (t.shape, t.data))
             }
-            None => arch::read(&g, &cfg, &arch_name, &s.name, &mut fused)?,
+            None => arch::read(g, cfg, &self.arch, &s.name, &mut self.fused)?,
         };
         if shape != s.shape {
             bail!(
@@ -649,7 +678,6 @@ pub fn load_gguf(path: &Path) -> Result<(Model<f32>, Result<Tok>)> {
         if data.iter().any(|x| !x.is_finite()) {
             bail!("{}: tensor '{name}' contains NaN or Inf", g.path);
         }
-        store.tensors[i] = Tensor { shape, data };
+        Ok(Tensor { shape, data })
     }
-    Ok((Model::from_params(cfg, store)?, tokenizer(&g)))
 }

@@ -49,7 +49,8 @@ fn run_seq_len(path: &Path) -> Option<usize> {
 pub fn load_any(path: &Path) -> Result<Loaded> {
     let source = path.display().to_string();
     if path.extension().is_some_and(|e| e == "gguf") {
-        let (model, tok) = super::gguf::load_gguf(path)?;
+        // the weights stay quantised in the mapped file, each layer dequantised as it runs
+        let (model, tok) = super::gguf::lazy::load_gguf_lazy(path)?;
         let tok_problem = tok.as_ref().err().map(|e| format!("{e:#}"));
         return Ok(Loaded {
             model,

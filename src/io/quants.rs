@@ -228,10 +228,27 @@ fn block(ty: GgmlType, c: &[u8], out: &mut Vec<f32>) {
 }
 
 /// Dequantise whole blocks of `ty` (`b.len()` a multiple of the block size).
+/// Large tensors (a lazily loaded layer's matrices) are split over threads, each part exactly as
+/// the sequential loop computes it.
 pub fn dequantize(ty: GgmlType, b: &[u8]) -> Vec<f32> {
-    let (n, bytes) = ty.block();
-    let mut out = Vec::with_capacity(b.len() / bytes as usize * n as usize);
-    for c in b.chunks_exact(bytes as usize) {
+    use rayon::prelude::*;
+    let (n, bytes) = (ty.block().0 as usize, ty.block().1 as usize);
+    let blocks = b.len() / bytes;
+    const PART: usize = 1 << 16;
+    if blocks * n < 4 * PART || rayon::current_num_threads() == 1 {
+        return dequantize_seq(ty, b, bytes, n);
+    }
+    let per = PART.div_ceil(n);
+    let mut out = vec![0.0; blocks * n];
+    out.par_chunks_mut(per * n)
+        .zip(b[..blocks * bytes].par_chunks(per * bytes))
+        .for_each(|(o, c)| o.copy_from_slice(&dequantize_seq(ty, c, bytes, n)));
+    out
+}
+
+fn dequantize_seq(ty: GgmlType, b: &[u8], bytes: usize, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(b.len() / bytes * n);
+    for c in b.chunks_exact(bytes) {
         block(ty, c, &mut out);
     }
     out

@@ -125,8 +125,16 @@ impl<T: Real> Model<T> {
             first_bad: Default::default(),
         };
         let mut layers = std::mem::take(&mut cache.layers);
+        let mut scratch = super::lazy::Scratch::default();
         for (l, li) in self.index.layers.iter().enumerate() {
-            let (out, _) = layer_fwd(&ctx, &self.params, li, &x, l, &mut NoObserver, Some(&mut layers[l]));
+            let lp = match self.layer_params(l, &mut scratch) {
+                Ok(lp) => lp,
+                Err(e) => {
+                    cache.layers = layers;
+                    return Err(e);
+                }
+            };
+            let (out, _) = layer_fwd(&ctx, lp, li, &x, l, &mut NoObserver, Some(&mut layers[l]));
             x = out;
         }
         cache.layers = layers;

@@ -119,6 +119,22 @@ pub fn prefill(cfg: &ModelConfig, tokens: usize) -> Need {
         .add("logits", t * cfg.vocab_size as u128 * F32)
 }
 
+/// `prefill` on a lazily loaded model (a memory-mapped GGUF): the quantised file (mapped, shared
+/// with the page cache), the tensors kept in f32 (embedding, norms, LM head), one layer's f32
+/// weights plus the MLP's stacked gate/up copy, and the same activations, scores and logits.
+pub fn prefill_lazy(cfg: &ModelConfig, tokens: usize, quantised: u128, eager: u128, layer: u128) -> Need {
+    let t = tokens as u128;
+    let (d, f) = (cfg.hidden_size as u128, cfg.intermediate_size as u128);
+    Need::default()
+        .add("quantised weights (mapped)", quantised)
+        .add("embedding, norms and LM head", eager * F32)
+        .add("one layer's weights", (layer + 2 * d * f) * F32)
+        .add("KV cache", 2 * t * cfg.num_layers as u128 * cfg.kv_dim() as u128 * F32)
+        .add("activations", t * cached_per_token_layer(cfg) * F32)
+        .add("attention scores", t * t * F32)
+        .add("logits", t * cfg.vocab_size as u128 * F32)
+}
+
 /// Bytes this process may still allocate: the least of the memory the kernel reports
 /// available, the cgroup's limit less its usage, and the address-space limit (`ulimit -v`) less
 /// what is mapped now. `None` where none of these can be read.

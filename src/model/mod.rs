@@ -5,6 +5,7 @@ pub mod decode;
 pub mod ffn;
 pub mod kv;
 pub mod layer;
+pub mod lazy;
 pub mod memory;
 pub mod observer;
 pub mod ops;
@@ -71,6 +72,8 @@ pub struct Model<T> {
     rope_local: Option<RopeTable<T>>,
     /// Debug mode: check every op's output for NaN/Inf and report where it first appears.
     pub check_finite: bool,
+    /// Layer weights kept quantised and dequantised per layer (a memory-mapped GGUF).
+    pub lazy: Option<lazy::LazyWeights>,
 }
 
 /// What a forward returns.
@@ -92,6 +95,15 @@ impl<T: Real> Model<T> {
 
     /// Wrap existing parameters; names and shapes must be exactly those the config implies.
     pub fn from_params(cfg: ModelConfig, params: ParamStore<T>) -> Result<Self> {
+        Self::from_params_except(cfg, params, &Default::default())
+    }
+
+    /// `from_params`, the tensors `lazy` standing empty (their data comes per layer).
+    fn from_params_except(
+        cfg: ModelConfig,
+        params: ParamStore<T>,
+        lazy: &std::collections::BTreeSet<usize>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let (specs, index) = param_specs(&cfg);
         if specs.len() != params.tensors.len() {
@@ -101,8 +113,13 @@ impl<T: Real> Model<T> {
                 params.tensors.len()
             );
         }
-        for (s, (n, t)) in specs.iter().zip(params.names.iter().zip(&params.tensors)) {
-            if &s.name != n || s.shape != t.shape || t.data.len() != t.shape.iter().product::<usize>() {
+        for (i, (s, (n, t))) in specs.iter().zip(params.names.iter().zip(&params.tensors)).enumerate() {
+            let len = if lazy.contains(&i) {
+                0
+            } else {
+                t.shape.iter().product::<usize>()
+            };
+            if &s.name != n || s.shape != t.shape || t.data.len() != len {
                 bail!(
                     "parameter {n} {:?} does not match the config's {} {:?}",
                     t.shape,
@@ -121,6 +138,7 @@ impl<T: Real> Model<T> {
             rope,
             rope_local,
             check_finite: false,
+            lazy: None,
         })
     }
 
@@ -187,6 +205,10 @@ impl<T: Real> Model<T> {
         };
         let p = &self.params;
         let train = grads.is_some();
+        if train {
+            self.refuse_lazy_training()?;
+        }
+        let mut scratch = lazy::Scratch::default();
 
         let mut _t = scope("embedding");
         let mut x = vec![T::ZERO; n * dm];
@@ -196,7 +218,8 @@ impl<T: Real> Model<T> {
         let mut inputs = Vec::new();
         let mut caches = Vec::new();
         for (l, li) in self.index.layers.iter().enumerate() {
-            let (out, cache) = layer_fwd(&ctx, p, li, &x, l, obs, None);
+            let lp = self.layer_params(l, &mut scratch)?;
+            let (out, cache) = layer_fwd(&ctx, lp, li, &x, l, obs, None);
             if let Some((layer, op)) = ctx.first_bad.get() {
                 return Err(NonFinite { layer, op }.into());
             }
@@ -207,6 +230,7 @@ impl<T: Real> Model<T> {
                 caches.push(cache);
             }
         }
+        drop(scratch);
         _t = scope("head.fwd");
         let mut hf = vec![T::ZERO; n * dm];
         let mut rstd = vec![T::ZERO; n];
