@@ -124,6 +124,11 @@ fn refact() {
     real_vocab("refact", Some("refact"));
 }
 
+#[test]
+fn command_r() {
+    real_vocab("command-r", Some("command-r"));
+}
+
 /// llama.cpp's real SentencePiece (llama 1/2) vocab GGUF: dummy prefix, "▁" spaces, byte fallback.
 #[test]
 fn llama_spm() {
