@@ -129,6 +129,38 @@ fn gate_arg(what: &str, z: Option<&DBuf>, d: &AttnDims, gate: FusedGate) -> Resu
     }
 }
 
+/// The backward's pre-pass `kernel` (`attn_bwd_pre`, or `attn_bwd_pre_tc` writing dO in bf16):
+/// from `dy` the ungated output's gradient into `scratch.dout`, the gate logits' gradient `dz`,
+/// and `scratch.delta` = rowsum(dO ⊙ O). `what` names the caller in errors.
+pub(super) fn backward_pre(
+    dev: &dyn Device,
+    kernel: &str,
+    what: &str,
+    d: &AttnDims,
+    gate: FusedGate,
+    (o, z, dy, dz): (&DBuf, Option<&DBuf>, &DBuf, Option<&DBuf>),
+    scratch: &AttnScratch,
+) -> Result<()> {
+    let zarg = gate_arg(what, z, d, gate)?;
+    let dzarg = gate_arg(&format!("{what} (dz)"), dz, d, gate)?;
+    let pre = [
+        o.arg(),
+        zarg,
+        dy.arg(),
+        scratch.dout.arg(),
+        dzarg,
+        scratch.delta.arg(),
+        Arg::I32(d.rows() as i32),
+        Arg::I32(d.seq as i32),
+        Arg::I32(d.heads as i32),
+        Arg::I32(d.head_dim as i32),
+        Arg::I32(gate as i32),
+    ];
+    // one warp per (row, head), 4 warps per block
+    let pairs = d.rows() * d.heads;
+    dev.launch(kernel, Launch::linear(pairs.div_ceil(4), 128), &pre)
+}
+
 /// Forward: `o` the attention output, `y = o ⊙ sigmoid(z)` (or `o` without gate), `lse` per
 /// (batch, head, row) for the backward.
 #[allow(clippy::too_many_arguments)]
@@ -186,24 +218,8 @@ pub fn attention_bwd(
     f32s("attention_bwd", &[q, o, dy, dq, &scratch.dout], d.q_elems())?;
     f32s("attention_bwd", &[k, v, dk, dv], d.kv_elems())?;
     f32s("attention_bwd", &[lse, &scratch.delta], d.rows() * d.heads)?;
-    let zarg = gate_arg("attention_bwd", z, d, gate)?;
-    let dzarg = gate_arg("attention_bwd (dz)", dz, d, gate)?;
-    let pairs = d.rows() * d.heads;
-    let pre = [
-        o.arg(),
-        zarg,
-        dy.arg(),
-        scratch.dout.arg(),
-        dzarg,
-        scratch.delta.arg(),
-        Arg::I32(d.rows() as i32),
-        Arg::I32(d.seq as i32),
-        Arg::I32(d.heads as i32),
-        Arg::I32(d.head_dim as i32),
-        Arg::I32(gate as i32),
-    ];
-    // one warp per (row, head), 4 warps per block
-    dev.launch("attn_bwd_pre", Launch::linear(pairs.div_ceil(4), 128), &pre)?;
+    let bwd = (o, z, dy, dz);
+    backward_pre(dev, "attn_bwd_pre", "attention_bwd", d, gate, bwd, scratch)?;
     let ins = [
         q.arg(),
         k.arg(),

@@ -152,24 +152,7 @@ fn backward_tc(
     f32s(what, &[o, dy, dq], d.q_elems())?;
     f32s(what, &[dk, dv], d.kv_elems())?;
     f32s(what, &[lse, &scratch.delta], d.rows() * d.heads)?;
-    let zarg = gate_arg(what, z, d, gate)?;
-    let dzarg = gate_arg("attention_backward_tc (dz)", dz, d, gate)?;
-    let pre = [
-        o.arg(),
-        zarg,
-        dy.arg(),
-        scratch.dout.arg(),
-        dzarg,
-        scratch.delta.arg(),
-        Arg::I32(d.rows() as i32),
-        Arg::I32(d.seq as i32),
-        Arg::I32(d.heads as i32),
-        Arg::I32(d.head_dim as i32),
-        Arg::I32(gate as i32),
-    ];
-    // one warp per (row, head), 4 warps per block
-    let pairs = d.rows() * d.heads;
-    dev.launch("attn_bwd_pre_tc", Launch::linear(pairs.div_ceil(4), 128), &pre)?;
+    super::backward_pre(dev, "attn_bwd_pre_tc", what, d, gate, (o, z, dy, dz), scratch)?;
     let ins = [
         q.arg(),
         k.arg(),
