@@ -473,7 +473,7 @@ fn unsupported_models_are_refused_with_the_reason() {
     let mut dm = DeviceModel::new(&emu, &m, Precision::F32).unwrap();
     let e = dm.forward_backward(&[600, 1], &[1, 2], 1, 2).unwrap_err();
     assert!(
-        format!("{e}").contains("token id 600 outside the vocabulary of 512"),
+        format!("{e}").contains("token id 600 is outside the vocabulary (size 512)"),
         "{e}"
     );
 }

@@ -5,14 +5,15 @@
 //! are cache slots: without eviction a slot is the absolute position; after an eviction the kept
 //! tokens are re-indexed 0..len and their keys re-rotated, as StreamingLLM does.
 
+use super::graph;
 use super::kv::LayerKv;
-use super::layer::{layer_fwd, Ctx};
+use super::layer::Ctx;
 use super::observer::NoObserver;
-use super::ops::embedding::embedding_fwd;
+use super::ops::cross_entropy::IGNORE;
 use super::ops::linear::linear_fwd;
-use super::ops::rmsnorm::rmsnorm_fwd;
 use super::ops::rope::{rope_apply, RopeTable};
-use super::Model;
+use super::step::CpuStep;
+use super::{Batch, Model};
 use crate::real::Real;
 use anyhow::{bail, Result};
 
@@ -111,9 +112,6 @@ impl<T: Real> Model<T> {
         cache.make_room(m, cfg.kv_dim(), cfg.num_kv_heads, cfg.head_dim);
         cache.ensure_rope(cfg, cache.len + m);
         let (dm, vocab) = (cfg.hidden_size, cfg.vocab_size);
-        let mut x = vec![T::ZERO; m * dm];
-        embedding_fwd(&self.params.tensors[self.index.embed].data, dm, ids, &mut x);
-        super::scale_embeddings(cfg, &mut x);
         let ctx = Ctx {
             cfg,
             rope: &cache.rope,
@@ -124,32 +122,24 @@ impl<T: Real> Model<T> {
             check_finite: false,
             first_bad: Default::default(),
         };
+        let targets = vec![IGNORE; m];
+        let b = Batch {
+            ids,
+            targets: &targets,
+            batch: 1,
+            seq: m,
+        };
         let mut layers = std::mem::take(&mut cache.layers);
-        let mut scratch = super::lazy::Scratch::default();
-        for (l, li) in self.index.layers.iter().enumerate() {
-            let lp = match self.layer_params(l, &mut scratch) {
-                Ok(lp) => lp,
-                Err(e) => {
-                    cache.layers = layers;
-                    return Err(e);
-                }
-            };
-            let (out, _) = layer_fwd(&ctx, lp, li, &x, l, &mut NoObserver, Some(&mut layers[l]));
-            x = out;
-        }
+        let mut obs = NoObserver;
+        let mut step = CpuStep::new(ctx, self, &b, &mut obs);
+        step.kv = Some(&mut layers);
+        let run = graph::forward(&mut step, cfg.num_layers);
+        let hf = std::mem::take(&mut step.hf);
+        drop(step);
         cache.layers = layers;
+        run?;
         cache.len += m;
         cache.seen += m;
-        let mut hf = vec![T::ZERO; m * dm];
-        let mut rstd = vec![T::ZERO; m];
-        rmsnorm_fwd(
-            &x,
-            &self.params.tensors[self.index.norm].data,
-            cfg.norm_style,
-            cfg.rms_norm_eps,
-            &mut hf,
-            &mut rstd,
-        );
         let mut logits = vec![T::ZERO; m * vocab];
         let head = self.index.lm_head.unwrap_or(self.index.embed);
         linear_fwd(&hf, &self.params.tensors[head].data, m, dm, vocab, &mut logits);

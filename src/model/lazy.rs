@@ -97,6 +97,15 @@ impl<T: Real> Model<T> {
         Ok(m)
     }
 
+    /// What a layer op reads its weights from: a quantised model's current layer as
+    /// [`Self::layer_params`] dequantised it into `scratch`, else the model's parameters.
+    pub(crate) fn params_for_layer<'s>(&'s self, scratch: &'s Scratch<T>) -> &'s ParamStore<T> {
+        match (&self.lazy, &scratch.store) {
+            (Some(_), Some(s)) => s,
+            _ => &self.params,
+        }
+    }
+
     /// The store layer `l` reads its weights from: `params` itself, or (lazy) `scratch` with
     /// layer `l` dequantised into it after the previous layer's weights were dropped.
     pub(crate) fn layer_params<'a>(&'a self, l: usize, scratch: &'a mut Scratch<T>) -> Result<&'a ParamStore<T>> {

@@ -3,27 +3,26 @@
 
 pub mod decode;
 pub mod ffn;
+pub mod graph;
 pub mod kv;
 pub mod layer;
+mod layer_bwd;
 pub mod lazy;
 pub mod memory;
 pub mod observer;
 pub mod ops;
 pub mod params;
+mod step;
 
-use crate::backend::profile::scope;
 use crate::config::ModelConfig;
 use crate::real::Real;
 use anyhow::{bail, Result};
-use layer::{layer_bwd, layer_fwd, Ctx};
+use layer::Ctx;
 use observer::Observer;
-use ops::cross_entropy::{cross_entropy, cross_entropy_sum, target_count, IGNORE};
-use ops::embedding::{embedding_bwd, embedding_fwd};
-use ops::linear::{linear_bwd, linear_fwd};
-use ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
+use ops::cross_entropy::IGNORE;
 use ops::rope::RopeTable;
-use ops::softcap::{softcap_bwd, softcap_fwd};
 use params::{init_params, param_specs, ParamIndex, ParamSpec, ParamStore};
+use step::CpuStep;
 
 /// Debug-mode report of where NaN/Inf first appeared in a forward.
 #[derive(thiserror::Error, Debug, Clone, PartialEq)]
@@ -32,9 +31,6 @@ pub struct NonFinite {
     pub layer: usize,
     pub op: &'static str,
 }
-
-/// Logit elements per chunk of the fused LM-head/loss backward (16 MB of f32: fits in L3).
-const HEAD_CHUNK_ELEMS: usize = 4 << 20;
 
 /// Token ids `[batch, seq]` and next-token targets (same shape; `IGNORE` where there is none).
 pub struct Batch<'a> {
@@ -50,6 +46,31 @@ pub(crate) fn scale_embeddings<T: Real>(cfg: &ModelConfig, x: &mut [T]) {
     if cfg.embed_scale {
         let s = T::from_f64((cfg.hidden_size as f64).sqrt());
         x.iter_mut().for_each(|v| *v *= s);
+    }
+}
+
+impl Batch<'_> {
+    /// Shapes agree and every id and target is in the vocabulary (`IGNORE` aside): the one
+    /// check of a batch, whichever backend runs it.
+    pub fn check(&self, vocab: usize) -> Result<()> {
+        let n = self.batch * self.seq;
+        if n == 0 || self.ids.len() != n || self.targets.len() != n {
+            bail!(
+                "batch shape mismatch: {} ids, {} targets for {}×{}",
+                self.ids.len(),
+                self.targets.len(),
+                self.batch,
+                self.seq
+            );
+        }
+        let v = vocab as u32;
+        if let Some(&bad) = self.ids.iter().find(|&&i| i >= v) {
+            bail!("token id {bad} is outside the vocabulary (size {v})");
+        }
+        if let Some(&bad) = self.targets.iter().find(|&&i| i >= v && i != IGNORE) {
+            bail!("target id {bad} is outside the vocabulary (size {v})");
+        }
+        Ok(())
     }
 }
 
@@ -146,31 +167,6 @@ impl<T: Real> Model<T> {
         ParamStore::zeros_like(&self.specs)
     }
 
-    fn check_batch(&self, b: &Batch) -> Result<()> {
-        let n = b.batch * b.seq;
-        if n == 0 || b.ids.len() != n || b.targets.len() != n {
-            bail!(
-                "batch shape mismatch: {} ids, {} targets for {}×{}",
-                b.ids.len(),
-                b.targets.len(),
-                b.batch,
-                b.seq
-            );
-        }
-        let v = self.cfg.vocab_size as u32;
-        if let Some(&bad) = b.ids.iter().find(|&&i| i >= v) {
-            bail!("token id {bad} is outside the vocabulary (size {v})");
-        }
-        if let Some(&bad) = b.targets.iter().find(|&&i| i >= v && i != IGNORE) {
-            bail!("target id {bad} is outside the vocabulary (size {v})");
-        }
-        Ok(())
-    }
-
-    fn lm_head(&self) -> &[T] {
-        &self.params.tensors[self.index.lm_head.unwrap_or(self.index.embed)].data
-    }
-
     fn run(&self, b: &Batch, obs: &mut dyn Observer<T>, grads: Option<&mut ParamStore<T>>) -> Result<Forward<T>> {
         self.run_inner(b, obs, grads, true)
     }
@@ -182,9 +178,8 @@ impl<T: Real> Model<T> {
         grads: Option<&mut ParamStore<T>>,
         keep_logits: bool,
     ) -> Result<Forward<T>> {
-        self.check_batch(b)?;
+        b.check(self.cfg.vocab_size)?;
         let cfg = &self.cfg;
-        let (n, dm, vocab) = (b.batch * b.seq, cfg.hidden_size, cfg.vocab_size);
         let (long_rope, long_local);
         let (rope, rope_local) = if b.seq <= self.rope.max_len {
             (&self.rope, self.rope_local.as_ref())
@@ -203,139 +198,17 @@ impl<T: Real> Model<T> {
             check_finite: self.check_finite,
             first_bad: Default::default(),
         };
-        let p = &self.params;
         let train = grads.is_some();
         if train {
             self.refuse_lazy_training()?;
         }
-        let mut scratch = lazy::Scratch::default();
-
-        let mut _t = scope("embedding");
-        let mut x = vec![T::ZERO; n * dm];
-        embedding_fwd(&p.tensors[self.index.embed].data, dm, b.ids, &mut x);
-        scale_embeddings(cfg, &mut x);
-        drop(_t);
-        let mut inputs = Vec::new();
-        let mut caches = Vec::new();
-        for (l, li) in self.index.layers.iter().enumerate() {
-            let lp = self.layer_params(l, &mut scratch)?;
-            let (out, cache) = layer_fwd(&ctx, lp, li, &x, l, obs, None);
-            if let Some((layer, op)) = ctx.first_bad.get() {
-                return Err(NonFinite { layer, op }.into());
-            }
-            obs.layer_output(l, &out);
-            let prev = std::mem::replace(&mut x, out);
-            if train {
-                inputs.push(prev);
-                caches.push(cache);
-            }
-        }
-        drop(scratch);
-        _t = scope("head.fwd");
-        let mut hf = vec![T::ZERO; n * dm];
-        let mut rstd = vec![T::ZERO; n];
-        let wn = &p.tensors[self.index.norm].data;
-        rmsnorm_fwd(&x, wn, cfg.norm_style, cfg.rms_norm_eps, &mut hf, &mut rstd);
-        let count = target_count(b.targets);
-        let rows = (HEAD_CHUNK_ELEMS / vocab).clamp(1, n);
-        let Some(grads) = grads else {
-            if keep_logits {
-                let mut logits = vec![T::ZERO; n * vocab];
-                linear_fwd(&hf, self.lm_head(), n, dm, vocab, &mut logits);
-                if let Some(c) = cfg.final_logit_softcap {
-                    softcap_fwd(&mut logits, c);
-                }
-                let loss = cross_entropy(&mut logits, vocab, b.targets, false);
-                return Ok(Forward { logits, loss });
-            }
-            let mut chunk = vec![T::ZERO; rows * vocab];
-            let mut sum = 0.0;
-            for r0 in (0..n).step_by(rows) {
-                let r = rows.min(n - r0);
-                linear_fwd(
-                    &hf[r0 * dm..(r0 + r) * dm],
-                    self.lm_head(),
-                    r,
-                    dm,
-                    vocab,
-                    &mut chunk[..r * vocab],
-                );
-                if let Some(c) = cfg.final_logit_softcap {
-                    softcap_fwd(&mut chunk[..r * vocab], c);
-                }
-                sum += cross_entropy_sum(
-                    &mut chunk[..r * vocab],
-                    vocab,
-                    &b.targets[r0..r0 + r],
-                    false,
-                    count.max(1),
-                );
-            }
-            return Ok(Forward {
-                logits: Vec::new(),
-                loss: sum / count.max(1) as f64,
-            });
-        };
-        // Training: LM head, loss and their backward fused over row chunks, so each chunk of
-        // logits stays in cache instead of making four trips through memory.
-        _t = scope("head");
-        let head = self.index.lm_head.unwrap_or(self.index.embed);
-        let mut chunk = vec![T::ZERO; rows * vocab];
-        let mut dhf = vec![T::ZERO; n * dm];
-        let mut loss_sum = 0.0;
-        for r0 in (0..n).step_by(rows) {
-            let r = rows.min(n - r0);
-            let (h, lg) = (&hf[r0 * dm..(r0 + r) * dm], &mut chunk[..r * vocab]);
-            linear_fwd(h, self.lm_head(), r, dm, vocab, lg);
-            // soft-capped logits: keep them, the cap's derivative needs them after the loss
-            let capped = cfg.final_logit_softcap.map(|c| {
-                softcap_fwd(lg, c);
-                (c, lg.to_vec())
-            });
-            if count > 0 {
-                loss_sum += cross_entropy_sum(lg, vocab, &b.targets[r0..r0 + r], true, count);
-            } else {
-                lg.fill(T::ZERO);
-            }
-            if let Some((c, y)) = capped {
-                softcap_bwd(&y, lg, c);
-            }
-            let dh = &mut dhf[r0 * dm..(r0 + r) * dm];
-            linear_bwd(
-                h,
-                self.lm_head(),
-                lg,
-                r,
-                dm,
-                vocab,
-                Some((dh, false)),
-                &mut grads.tensors[head].data,
-            );
-        }
-        drop(chunk);
-        let loss = if count > 0 { loss_sum / count as f64 } else { 0.0 };
-        let mut dx = vec![T::ZERO; n * dm];
-        rmsnorm_bwd(
-            &x,
-            wn,
-            cfg.norm_style,
-            &rstd,
-            &dhf,
-            &mut dx,
-            false,
-            &mut grads.tensors[self.index.norm].data,
-        );
-        drop(_t);
-        for (l, li) in self.index.layers.iter().enumerate().rev() {
-            let cache = caches.pop().expect("one cache per layer");
-            layer_bwd(&ctx, p, li, &inputs[l], &cache, &mut dx, grads);
-        }
-        _t = scope("embedding");
-        scale_embeddings(cfg, &mut dx);
-        embedding_bwd(&mut grads.tensors[self.index.embed].data, dm, b.ids, &dx);
+        let mut step = CpuStep::new(ctx, self, b, obs);
+        step.grads = grads;
+        step.keep_logits = keep_logits;
+        graph::step(&mut step, cfg.num_layers, train)?;
         Ok(Forward {
-            logits: Vec::new(),
-            loss,
+            logits: std::mem::take(&mut step.logits),
+            loss: step.loss,
         })
     }
 

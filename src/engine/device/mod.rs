@@ -9,21 +9,22 @@
 
 use super::Engine;
 use crate::backend::cuda::ops::{
-    self, attn_head_dims_text, AdamStep, AttnDims, DeviceRope, FusedGate, HeadRows, Operand, TensorTable,
-    ATTN_HEAD_DIMS,
+    self, attn_head_dims_text, AdamStep, DeviceRope, FusedGate, HeadRows, Operand, TensorTable, ATTN_HEAD_DIMS,
 };
 use crate::backend::cuda::runtime::{down_f32, up_f32, write_f32, DBuf, Device};
 use crate::config::{GateGranularity, ModelConfig, NormStyle};
+use crate::model::graph;
 use crate::model::observer::RouterLog;
 use crate::model::ops::cross_entropy::IGNORE;
 use crate::model::ops::rope::RopeTable;
-use crate::model::params::{FfnIndex, LayerIndex, ParamIndex, ParamKind, ParamSpec, ParamStore};
+use crate::model::params::{ParamIndex, ParamKind, ParamSpec, ParamStore};
 use crate::model::{Batch, Model};
 use crate::optim::{bias_correction, clip_coef, AdamW, AdamWConfig};
 use anyhow::{bail, Result};
-use memory::{head_chunk_rows, LayerMem, StepMemory};
+use memory::{head_chunk_rows, StepMemory};
 
 mod memory;
+mod step;
 
 pub struct DeviceModel<'d> {
     dev: &'d dyn Device,
@@ -201,19 +202,15 @@ impl<'d> DeviceModel<'d> {
     }
 
     fn run(&mut self, ids: &[u32], targets: &[u32], batch: usize, seq: usize, backward: bool) -> Result<f64> {
-        let (n, vocab) = (batch * seq, self.cfg.vocab_size);
-        if n == 0 || ids.len() != n || targets.len() != n {
-            bail!(
-                "batch shape mismatch: {} ids, {} targets for {batch}×{seq}",
-                ids.len(),
-                targets.len()
-            );
+        Batch {
+            ids,
+            targets,
+            batch,
+            seq,
         }
+        .check(self.cfg.vocab_size)?;
         if seq > self.rope.max_len {
             bail!("sequence of {seq} beyond the model's {} positions", self.rope.max_len);
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            bail!("token id {bad} outside the vocabulary of {vocab}");
         }
         self.refresh_bf16()?;
         let mut mem = self.step_memory(batch, seq)?;
@@ -223,22 +220,20 @@ impl<'d> DeviceModel<'d> {
     }
 
     fn run_in(&self, mem: &mut StepMemory, ids: &[u32], targets: &[u32], backward: bool) -> Result<f64> {
-        let (dev, cfg) = (self.dev, &self.cfg);
-        let (batch, seq) = (mem.batch, mem.seq);
-        let (n, dm) = (batch * seq, cfg.hidden_size);
+        let dev = self.dev;
         let i32_bytes = |v: &mut dyn Iterator<Item = i32>| -> Vec<u8> { v.flat_map(|x| x.to_ne_bytes()).collect() };
         dev.write(&mut mem.ids, &i32_bytes(&mut ids.iter().map(|&i| i as i32)))?;
         let t32 = || targets.iter().map(|&t| if t == IGNORE { -1 } else { t as i32 });
         let count = t32().filter(|&t| t >= 0).count();
         dev.write(&mut mem.targets, &i32_bytes(&mut t32()))?;
-        self.forward_in(mem, n)?;
         let scale = if count > 0 { 1.0 / count as f32 } else { 0.0 };
-        self.head_and_loss(mem, scale, backward)?;
-        if backward {
-            self.backward_in(mem, n)?;
-            let b = &mut mem.bwd;
-            ops::embed_bwd_with(dev, ids, &b.dx, &self.grads[self.index.embed], dm, &mut b.embed_index)?;
-        }
+        let mut st = step::DeviceStep {
+            m: self,
+            mem: &mut *mem,
+            ids,
+            scale,
+        };
+        graph::step(&mut st, self.index.layers.len(), backward)?;
         let losses = down_f32(dev, &mem.loss_rows)?;
         Ok(if count > 0 {
             losses.iter().map(|&l| l as f64).sum::<f64>() / count as f64
@@ -247,206 +242,12 @@ impl<'d> DeviceModel<'d> {
         })
     }
 
-    /// Embedding, layers and final norm: `mem.hf`.
-    fn forward_in(&self, mem: &StepMemory, n: usize) -> Result<()> {
-        let (dev, cfg) = (self.dev, &self.cfg);
-        let dm = cfg.hidden_size;
-        ops::embed_fwd(dev, &mem.ids, &self.params[self.index.embed], mem.embed_out(), n, dm)?;
-        for (i, li) in self.index.layers.iter().enumerate() {
-            self.layer_fwd(li, mem, i)?;
-        }
-        let (eps, zc) = (cfg.rms_norm_eps as f32, self.zc());
-        let (x, hf, rstd) = (&mem.x_last, &mem.hf, &mem.rstd_f);
-        ops::rmsnorm_fwd(dev, x, &self.params[self.index.norm], hf, rstd, n, dm, eps, zc)
-    }
-
-    /// The LM head and cross-entropy, chunk by chunk of rows (`mem.head_chunks`), so only one
-    /// chunk's `[rows, vocab]` logits ever exist: per-row losses into `mem.loss_rows` and, with
-    /// `backward`, at once the head's part of the backward (`mem.dhf`, the head weight's
-    /// gradient) while the chunk's logit gradient is at hand.
-    fn head_and_loss(&self, mem: &StepMemory, scale: f32, backward: bool) -> Result<()> {
-        let (dev, dm, vocab, head) = (self.dev, self.cfg.hidden_size, self.cfg.vocab_size, self.head());
-        // the bf16 copy of all rows at once (one cast); the chunks are views of it
-        self.act(&mem.hf, mem.hf_b.as_ref())?;
-        for ch in &mem.head_chunks {
-            let rows = ch.rows;
-            let hfa = self.shadowed(&ch.hf, ch.hf_b.as_ref());
-            self.lin_fwd(hfa, head, &mem.logits, rows, dm, vocab)?;
-            // the logits become d(mean loss)/d(logits) in place
-            ops::cross_entropy(dev, &mem.logits, &ch.targets, &ch.loss_rows, rows, vocab, scale)?;
-            if backward {
-                let dla = self.act(&mem.logits, mem.logits_b.as_ref())?;
-                self.lin_bwd_dx(dla, head, &ch.dhf, rows, dm, vocab, false)?;
-                self.lin_bwd_dw(hfa, dla, head, rows, dm, vocab)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// From d(loss)/d(final hidden states) (`mem.dhf`, which [`Self::head_and_loss`] left)
-    /// down to d(loss)/d(embedding output) in `mem.bwd.dx`, the weights' gradients accumulated.
-    fn backward_in(&self, mem: &StepMemory, n: usize) -> Result<()> {
-        let (dev, dm) = (self.dev, self.cfg.hidden_size);
-        let b = &mem.bwd;
-        let norm = self.index.norm;
-        let io = (
-            &mem.x_last,
-            &self.params[norm],
-            &mem.rstd_f,
-            &mem.dhf,
-            &b.dx,
-            &self.grads[norm],
-        );
-        ops::rmsnorm_bwd_with(dev, io, n, dm, self.zc(), false, (&b.norm_rows, &b.colsum_part))?;
-        for (i, li) in self.index.layers.iter().enumerate().rev() {
-            self.layer_bwd(li, mem, i)?;
-        }
-        Ok(())
-    }
-
-    fn layer_fwd(&self, li: &LayerIndex, mem: &StepMemory, layer: usize) -> Result<()> {
-        let (dev, cfg, p) = (self.dev, &self.cfg, &self.params);
-        let FfnIndex::Dense(mlp) = li.ffn else {
-            bail!("MoE layer on the device")
-        };
-        let (batch, seq) = (mem.batch, mem.seq);
-        let n = batch * seq;
-        let (dm, qd, kvd, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-        let (eps, zc) = (cfg.rms_norm_eps as f32, self.zc());
-        let c = &mem.layers[layer];
-        let (x, out) = mem.layer_io(layer);
-        ops::rmsnorm_fwd(dev, x, &p[li.input_norm], &c.h1, &c.rstd1, n, dm, eps, zc)?;
-        let h1a = self.act(&c.h1, c.h1_b.as_ref())?;
-        self.lin_fwd(h1a, li.q_proj, &c.q, n, dm, qd)?;
-        self.lin_fwd(h1a, li.k_proj, &c.k, n, dm, kvd)?;
-        self.lin_fwd(h1a, li.v_proj, &c.v, n, dm, kvd)?;
-        if let (Some(gi), Some(geo), Some(z)) = (li.gate, cfg.gate_geometry(), &c.z) {
-            self.lin_fwd(h1a, gi, z, n, dm, geo.scores())?;
-        }
-        let hq = self.heads(n, seq, cfg.num_heads, li.q_norm);
-        ops::qknorm_rope_fwd(dev, &hq, &self.rope, &c.q, &c.qr, &c.rstd_q, eps)?;
-        let hk = self.heads(n, seq, cfg.num_kv_heads, li.k_norm);
-        ops::qknorm_rope_fwd(dev, &hk, &self.rope, &c.k, &c.kr, &c.rstd_k, eps)?;
-        let d = self.attn_dims(batch, seq);
-        self.attention_forward(&d, c)?;
-        // the attention block's output goes straight into x1 = x + o_proj(y)
-        let ya = self.act(&c.y, c.y_b.as_ref())?;
-        self.lin_fwd(ya, li.o_proj, &c.x1, n, qd, dm)?;
-        ops::add(dev, x, &c.x1, &c.x1, n * dm)?;
-        ops::rmsnorm_fwd(dev, &c.x1, &p[li.post_norm], &c.h2, &c.rstd2, n, dm, eps, zc)?;
-        let h2a = self.act(&c.h2, c.h2_b.as_ref())?;
-        self.lin_fwd(h2a, mlp.gate, &c.g, n, dm, ff)?;
-        self.lin_fwd(h2a, mlp.up, &c.u, n, dm, ff)?;
-        ops::swiglu_fwd(dev, &c.g, &c.u, &c.m, n * ff)?;
-        let ma = self.act(&c.m, c.m_b.as_ref())?;
-        self.lin_fwd(ma, mlp.down, out, n, ff, dm)?;
-        ops::add(dev, &c.x1, out, out, n * dm)
-    }
-
     /// Whether the attention runs on tensor cores ([`ops::attention_forward_tc`],
     /// [`ops::attention_backward_tc`]): in mixed precision, for the head dims those kernels
     /// exist for ([`ops::ATTN_TC_HEAD_DIMS`]). Otherwise (f32 precision, other head dims) the
     /// f32 kernels ([`ops::attention_fwd`], [`ops::attention_bwd`]).
     pub fn tc_attention(&self) -> bool {
         self.precision == Precision::Bf16 && ops::ATTN_TC_HEAD_DIMS.contains(&self.cfg.head_dim)
-    }
-
-    /// The attention forward on the (f32) rotated `q`, `k` and `v`: `o`, `y`, `lse` for the
-    /// backward, from the tensor-core kernel on bf16 copies of q/k/v when [`Self::tc_attention`],
-    /// else from the f32 kernel. The backward then runs on tensor cores too, on the same bf16
-    /// q/k/v, so both passes differentiate one function (of the bf16-rounded inputs).
-    fn attention_forward(&self, d: &AttnDims, c: &LayerMem) -> Result<()> {
-        let (q, k, v, z) = (&c.qr, &c.kr, &c.v, c.z.as_ref());
-        let Some((qb, kb, vb)) = &c.qkv_b else {
-            return ops::attention_fwd(self.dev, d, self.gate, q, k, v, z, &c.o, &c.y, &c.lse);
-        };
-        for (x, b) in [(q, qb), (k, kb), (v, vb)] {
-            ops::cast_to_bf16(self.dev, x, b, x.bytes / 4)?;
-        }
-        ops::attention_forward_tc(self.dev, d, self.gate, qb, kb, vb, z, &c.o, &c.y, &c.lse)
-    }
-
-    fn attn_dims(&self, batch: usize, seq: usize) -> AttnDims {
-        AttnDims {
-            batch,
-            seq,
-            heads: self.cfg.num_heads,
-            kv_heads: self.cfg.num_kv_heads,
-            head_dim: self.cfg.head_dim,
-        }
-    }
-
-    /// `mem.bwd.dx`: d(loss)/d(layer output) in, d(loss)/d(layer input) out.
-    fn layer_bwd(&self, li: &LayerIndex, mem: &StepMemory, layer: usize) -> Result<()> {
-        let (dev, cfg, p, gr) = (self.dev, &self.cfg, &self.params, &self.grads);
-        let FfnIndex::Dense(mlp) = li.ffn else {
-            bail!("MoE layer on the device")
-        };
-        let (batch, seq) = (mem.batch, mem.seq);
-        let n = batch * seq;
-        let (dm, qd, kvd, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-        let zc = self.zc();
-        let (c, b) = (&mem.layers[layer], &mem.bwd);
-        let norm_scratch = (&b.norm_rows, &b.colsum_part);
-
-        // MLP: out = x1 + down(swiglu(gate·h2, up·h2))
-        let dxa = self.act(&b.dx, b.dx_b.as_ref())?;
-        self.lin_bwd_dx(dxa, mlp.down, &b.dm, n, ff, dm, false)?;
-        self.lin_bwd_dw(self.shadowed(&c.m, c.m_b.as_ref()), dxa, mlp.down, n, ff, dm)?;
-        ops::swiglu_bwd(dev, &c.g, &c.u, &b.dm, &b.dg, &b.du, n * ff)?;
-        let (dga, dua) = (self.act(&b.dg, b.dg_b.as_ref())?, self.act(&b.du, b.du_b.as_ref())?);
-        let h2a = self.shadowed(&c.h2, c.h2_b.as_ref());
-        self.lin_bwd_dx(dga, mlp.gate, &b.dh2, n, dm, ff, false)?;
-        self.lin_bwd_dx(dua, mlp.up, &b.dh2, n, dm, ff, true)?;
-        self.lin_bwd_dw(h2a, dga, mlp.gate, n, dm, ff)?;
-        self.lin_bwd_dw(h2a, dua, mlp.up, n, dm, ff)?;
-        let pn = li.post_norm;
-        // dx becomes d(x1): the residual plus the post-norm's input gradient
-        let io = (&c.x1, &p[pn], &c.rstd2, &b.dh2, &b.dx, &gr[pn]);
-        ops::rmsnorm_bwd_with(dev, io, n, dm, zc, true, norm_scratch)?;
-
-        // attention: x1 = x + o_proj(gated SDPA)
-        let dxa = self.act(&b.dx, b.dx_b.as_ref())?;
-        self.lin_bwd_dx(dxa, li.o_proj, &b.dy, n, qd, dm, false)?;
-        self.lin_bwd_dw(self.shadowed(&c.y, c.y_b.as_ref()), dxa, li.o_proj, n, qd, dm)?;
-        let d = self.attn_dims(batch, seq);
-        let fwd = (&c.o, &c.lse, &b.dy);
-        let grads = (&b.dqr, &b.dkr, &b.dv, b.dz.as_ref());
-        match &c.qkv_b {
-            // on tensor cores, from the bf16 q/k/v the forward ran on: the same rounded inputs
-            // in both passes
-            Some((qb, kb, vb)) => {
-                let ins = (qb, kb, vb, c.z.as_ref());
-                ops::attention_backward_tc(dev, &d, self.gate, ins, fwd, &b.attn, grads)?;
-            }
-            None => {
-                let ins = (&c.qr, &c.kr, &c.v, c.z.as_ref());
-                ops::attention_bwd(dev, &d, self.gate, ins, fwd, &b.attn, grads)?;
-            }
-        }
-        let dwp = &b.norm_rows;
-        let hq = self.heads(n, seq, cfg.num_heads, li.q_norm);
-        let gq = li.q_norm.map(|i| &gr[i]);
-        let (qin, kin) = ((&c.q, &c.rstd_q, &b.dqr), (&c.k, &c.rstd_k, &b.dkr));
-        ops::qknorm_rope_bwd_with(dev, &hq, &self.rope, qin, &b.dq, (dwp, &b.colsum_part), gq)?;
-        let hk = self.heads(n, seq, cfg.num_kv_heads, li.k_norm);
-        let gk = li.k_norm.map(|i| &gr[i]);
-        ops::qknorm_rope_bwd_with(dev, &hk, &self.rope, kin, &b.dk, (dwp, &b.colsum_part), gk)?;
-        let mut projections = vec![(li.q_proj, &b.dq, qd), (li.k_proj, &b.dk, kvd), (li.v_proj, &b.dv, kvd)];
-        if let (Some(gi), Some(dz), Some(geo)) = (li.gate, b.dz.as_ref(), cfg.gate_geometry()) {
-            projections.push((gi, dz, geo.scores()));
-        }
-        let h1a = self.shadowed(&c.h1, c.h1_b.as_ref());
-        for (i, (w, dout, width)) in projections.into_iter().enumerate() {
-            // one bf16 buffer serves the four projections in turn: each GEMM pair reads it
-            // before the next cast overwrites it (launches run in order)
-            let da = self.act(dout, b.dproj_b.as_ref())?;
-            self.lin_bwd_dx(da, w, &b.dh1, n, dm, width, i > 0)?;
-            self.lin_bwd_dw(h1a, da, w, n, dm, width)?;
-        }
-        let inorm = li.input_norm;
-        let io = (&c.x, &p[inorm], &c.rstd1, &b.dh1, &b.dx, &gr[inorm]);
-        ops::rmsnorm_bwd_with(dev, io, n, dm, zc, true, norm_scratch)
     }
 
     /// An f32 activation as a GEMM operand: itself, or in mixed precision its bf16 shadow

@@ -1,0 +1,328 @@
+//! The device backend of the decoder graph (`model::graph::DecoderOps`): each op of one
+//! training step as CUDA launches over the step memory (`memory`) — f32, or in mixed
+//! precision with bf16 GEMM operands (the op that produces an activation writes its bf16
+//! shadow for the GEMMs that read it) and the tensor-core attention.
+
+use super::memory::{LayerMem, StepMemory};
+use super::DeviceModel;
+use crate::backend::cuda::ops::{self, AttnDims};
+use crate::model::graph::DecoderOps;
+use crate::model::params::{FfnIndex, LayerIndex, SwigluIndex};
+use anyhow::{bail, Result};
+
+/// One step on the device: the model, its step memory and the batch's ids (the embedding
+/// backward groups them on the host).
+pub(super) struct DeviceStep<'s, 'd> {
+    pub m: &'s DeviceModel<'d>,
+    pub mem: &'s mut StepMemory,
+    pub ids: &'s [u32],
+    /// 1 / (targets in the batch): the loss is their mean
+    pub scale: f32,
+}
+
+impl DeviceStep<'_, '_> {
+    fn rows(&self) -> usize {
+        self.mem.batch * self.mem.seq
+    }
+    fn layer(&self, l: usize) -> (&LayerIndex, &LayerMem) {
+        (&self.m.index.layers[l], &self.mem.layers[l])
+    }
+    fn mlp_index(li: &LayerIndex) -> Result<SwigluIndex> {
+        match li.ffn {
+            FfnIndex::Dense(mlp) => Ok(mlp),
+            // refused when the device model is built (`unsupported`)
+            FfnIndex::Moe(_) => bail!("MoE layer on the device"),
+        }
+    }
+    fn attn_dims(&self) -> AttnDims {
+        let cfg = &self.m.cfg;
+        AttnDims {
+            batch: self.mem.batch,
+            seq: self.mem.seq,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        }
+    }
+    fn eps(&self) -> f32 {
+        self.m.cfg.rms_norm_eps as f32
+    }
+}
+
+impl DecoderOps for DeviceStep<'_, '_> {
+    fn embed(&mut self) -> Result<()> {
+        let (m, mem) = (self.m, &*self.mem);
+        let dm = m.cfg.hidden_size;
+        ops::embed_fwd(
+            m.dev,
+            &mem.ids,
+            &m.params[m.index.embed],
+            mem.embed_out(),
+            self.rows(),
+            dm,
+        )
+    }
+
+    fn input_norm(&mut self, l: usize) -> Result<()> {
+        let (m, n, eps) = (self.m, self.rows(), self.eps());
+        let (li, c) = self.layer(l);
+        let w = &m.params[li.input_norm];
+        ops::rmsnorm_fwd(m.dev, &c.x, w, &c.h1, &c.rstd1, n, m.cfg.hidden_size, eps, m.zc())?;
+        m.act(&c.h1, c.h1_b.as_ref())?;
+        Ok(())
+    }
+
+    fn qkv(&mut self, l: usize) -> Result<()> {
+        let (m, n) = (self.m, self.rows());
+        let cfg = &m.cfg;
+        let (li, c) = self.layer(l);
+        let (dm, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+        let h1 = m.shadowed(&c.h1, c.h1_b.as_ref());
+        m.lin_fwd(h1, li.q_proj, &c.q, n, dm, qd)?;
+        m.lin_fwd(h1, li.k_proj, &c.k, n, dm, kvd)?;
+        m.lin_fwd(h1, li.v_proj, &c.v, n, dm, kvd)?;
+        if let (Some(gi), Some(geo), Some(z)) = (li.gate, cfg.gate_geometry(), &c.z) {
+            m.lin_fwd(h1, gi, z, n, dm, geo.scores())?;
+        }
+        Ok(())
+    }
+
+    fn qk_norm_rope(&mut self, l: usize) -> Result<()> {
+        let (m, n, seq, eps) = (self.m, self.rows(), self.mem.seq, self.eps());
+        let (li, c) = self.layer(l);
+        let hq = m.heads(n, seq, m.cfg.num_heads, li.q_norm);
+        ops::qknorm_rope_fwd(m.dev, &hq, &m.rope, &c.q, &c.qr, &c.rstd_q, eps)?;
+        let hk = m.heads(n, seq, m.cfg.num_kv_heads, li.k_norm);
+        ops::qknorm_rope_fwd(m.dev, &hk, &m.rope, &c.k, &c.kr, &c.rstd_k, eps)
+    }
+
+    /// On tensor cores from bf16 copies of q/k/v when [`DeviceModel::tc_attention`] (the
+    /// backward then reads the same copies, so both passes differentiate one function of the
+    /// rounded inputs), else the f32 kernel; the G1 gate in the kernel's epilogue.
+    fn attention(&mut self, l: usize) -> Result<()> {
+        let (m, d) = (self.m, self.attn_dims());
+        let (_, c) = self.layer(l);
+        let (q, k, v, z) = (&c.qr, &c.kr, &c.v, c.z.as_ref());
+        match &c.qkv_b {
+            Some((qb, kb, vb)) => {
+                for (x, b) in [(q, qb), (k, kb), (v, vb)] {
+                    ops::cast_to_bf16(m.dev, x, b, x.bytes / 4)?;
+                }
+                ops::attention_forward_tc(m.dev, &d, m.gate, qb, kb, vb, z, &c.o, &c.y, &c.lse)?;
+            }
+            None => ops::attention_fwd(m.dev, &d, m.gate, q, k, v, z, &c.o, &c.y, &c.lse)?,
+        }
+        m.act(&c.y, c.y_b.as_ref())?;
+        Ok(())
+    }
+
+    /// `a` is written into `x1`'s buffer ([`Self::residual_norm`] adds `x` in place).
+    fn out_proj(&mut self, l: usize) -> Result<()> {
+        let (m, n) = (self.m, self.rows());
+        let (li, c) = self.layer(l);
+        let (qd, dm) = (m.cfg.q_dim(), m.cfg.hidden_size);
+        m.lin_fwd(m.shadowed(&c.y, c.y_b.as_ref()), li.o_proj, &c.x1, n, qd, dm)
+    }
+
+    fn residual_norm(&mut self, l: usize) -> Result<()> {
+        let (m, n, eps) = (self.m, self.rows(), self.eps());
+        let (li, c) = self.layer(l);
+        let dm = m.cfg.hidden_size;
+        ops::add(m.dev, &c.x, &c.x1, &c.x1, n * dm)?;
+        ops::rmsnorm_fwd(
+            m.dev,
+            &c.x1,
+            &m.params[li.post_norm],
+            &c.h2,
+            &c.rstd2,
+            n,
+            dm,
+            eps,
+            m.zc(),
+        )?;
+        m.act(&c.h2, c.h2_b.as_ref())?;
+        Ok(())
+    }
+
+    /// `f` is written into the layer output's buffer ([`Self::residual`] adds `x1` in place).
+    fn mlp(&mut self, l: usize) -> Result<()> {
+        let (m, n) = (self.m, self.rows());
+        let (li, c) = self.layer(l);
+        let mlp = Self::mlp_index(li)?;
+        let (dm, ff) = (m.cfg.hidden_size, m.cfg.intermediate_size);
+        let h2 = m.shadowed(&c.h2, c.h2_b.as_ref());
+        m.lin_fwd(h2, mlp.gate, &c.g, n, dm, ff)?;
+        m.lin_fwd(h2, mlp.up, &c.u, n, dm, ff)?;
+        ops::swiglu_fwd(m.dev, &c.g, &c.u, &c.m, n * ff)?;
+        let ma = m.act(&c.m, c.m_b.as_ref())?;
+        m.lin_fwd(ma, mlp.down, self.mem.layer_io(l).1, n, ff, dm)
+    }
+
+    fn residual(&mut self, l: usize) -> Result<()> {
+        let out = self.mem.layer_io(l).1;
+        let x1 = &self.mem.layers[l].x1;
+        ops::add(self.m.dev, x1, out, out, self.rows() * self.m.cfg.hidden_size)
+    }
+
+    fn final_norm(&mut self) -> Result<()> {
+        let (m, mem, eps) = (self.m, &*self.mem, self.eps());
+        let w = &m.params[m.index.norm];
+        let dm = m.cfg.hidden_size;
+        ops::rmsnorm_fwd(
+            m.dev,
+            &mem.x_last,
+            w,
+            &mem.hf,
+            &mem.rstd_f,
+            self.rows(),
+            dm,
+            eps,
+            m.zc(),
+        )
+    }
+
+    /// Chunk by chunk of rows (`mem.head_chunks`), so only one chunk's `[rows, vocab]` logits
+    /// ever exist: per-row losses into `mem.loss_rows` and, with `backward`, at once the
+    /// head's part of the backward (`mem.dhf`, the head weight's gradient) while the chunk's
+    /// logit gradient is at hand.
+    fn head_loss(&mut self, backward: bool) -> Result<()> {
+        let (m, mem) = (self.m, &*self.mem);
+        let (dm, vocab, head) = (m.cfg.hidden_size, m.cfg.vocab_size, m.head());
+        // the bf16 copy of all rows at once (one cast); the chunks are views of it
+        m.act(&mem.hf, mem.hf_b.as_ref())?;
+        for ch in &mem.head_chunks {
+            let rows = ch.rows;
+            let hfa = m.shadowed(&ch.hf, ch.hf_b.as_ref());
+            m.lin_fwd(hfa, head, &mem.logits, rows, dm, vocab)?;
+            // the logits become d(mean loss)/d(logits) in place
+            ops::cross_entropy(m.dev, &mem.logits, &ch.targets, &ch.loss_rows, rows, vocab, self.scale)?;
+            if backward {
+                let dla = m.act(&mem.logits, mem.logits_b.as_ref())?;
+                m.lin_bwd_dx(dla, head, &ch.dhf, rows, dm, vocab, false)?;
+                m.lin_bwd_dw(hfa, dla, head, rows, dm, vocab)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn final_norm_bwd(&mut self) -> Result<()> {
+        let (m, mem) = (self.m, &*self.mem);
+        let (b, norm) = (&mem.bwd, m.index.norm);
+        let io = (
+            &mem.x_last,
+            &m.params[norm],
+            &mem.rstd_f,
+            &mem.dhf,
+            &b.dx,
+            &m.grads[norm],
+        );
+        let scratch = (&b.norm_rows, &b.colsum_part);
+        ops::rmsnorm_bwd_with(m.dev, io, self.rows(), m.cfg.hidden_size, m.zc(), false, scratch)
+    }
+
+    fn mlp_bwd(&mut self, l: usize) -> Result<()> {
+        let (m, n) = (self.m, self.rows());
+        let (li, c) = self.layer(l);
+        let b = &self.mem.bwd;
+        let mlp = Self::mlp_index(li)?;
+        let (dm, ff) = (m.cfg.hidden_size, m.cfg.intermediate_size);
+        let dxa = m.act(&b.dx, b.dx_b.as_ref())?;
+        m.lin_bwd_dx(dxa, mlp.down, &b.dm, n, ff, dm, false)?;
+        m.lin_bwd_dw(m.shadowed(&c.m, c.m_b.as_ref()), dxa, mlp.down, n, ff, dm)?;
+        ops::swiglu_bwd(m.dev, &c.g, &c.u, &b.dm, &b.dg, &b.du, n * ff)?;
+        let (dga, dua) = (m.act(&b.dg, b.dg_b.as_ref())?, m.act(&b.du, b.du_b.as_ref())?);
+        let h2a = m.shadowed(&c.h2, c.h2_b.as_ref());
+        m.lin_bwd_dx(dga, mlp.gate, &b.dh2, n, dm, ff, false)?;
+        m.lin_bwd_dx(dua, mlp.up, &b.dh2, n, dm, ff, true)?;
+        m.lin_bwd_dw(h2a, dga, mlp.gate, n, dm, ff)?;
+        m.lin_bwd_dw(h2a, dua, mlp.up, n, dm, ff)
+    }
+
+    fn residual_norm_bwd(&mut self, l: usize) -> Result<()> {
+        let (m, n) = (self.m, self.rows());
+        let (li, c) = self.layer(l);
+        let (b, pn) = (&self.mem.bwd, li.post_norm);
+        let io = (&c.x1, &m.params[pn], &c.rstd2, &b.dh2, &b.dx, &m.grads[pn]);
+        let scratch = (&b.norm_rows, &b.colsum_part);
+        ops::rmsnorm_bwd_with(m.dev, io, n, m.cfg.hidden_size, m.zc(), true, scratch)
+    }
+
+    fn out_proj_bwd(&mut self, l: usize) -> Result<()> {
+        let (m, n) = (self.m, self.rows());
+        let (li, c) = self.layer(l);
+        let b = &self.mem.bwd;
+        let (qd, dm) = (m.cfg.q_dim(), m.cfg.hidden_size);
+        let dxa = m.act(&b.dx, b.dx_b.as_ref())?;
+        m.lin_bwd_dx(dxa, li.o_proj, &b.dy, n, qd, dm, false)?;
+        m.lin_bwd_dw(m.shadowed(&c.y, c.y_b.as_ref()), dxa, li.o_proj, n, qd, dm)
+    }
+
+    /// On tensor cores from the bf16 q/k/v the forward ran on, else in f32; the G1 gate's
+    /// gradient in the kernels' pre-pass.
+    fn attention_bwd(&mut self, l: usize) -> Result<()> {
+        let (m, d) = (self.m, self.attn_dims());
+        let (_, c) = self.layer(l);
+        let b = &self.mem.bwd;
+        let fwd = (&c.o, &c.lse, &b.dy);
+        let grads = (&b.dqr, &b.dkr, &b.dv, b.dz.as_ref());
+        match &c.qkv_b {
+            Some((qb, kb, vb)) => {
+                let ins = (qb, kb, vb, c.z.as_ref());
+                ops::attention_backward_tc(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
+            }
+            None => {
+                let ins = (&c.qr, &c.kr, &c.v, c.z.as_ref());
+                ops::attention_bwd(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
+            }
+        }
+    }
+
+    fn qk_norm_rope_bwd(&mut self, l: usize) -> Result<()> {
+        let (m, n, seq) = (self.m, self.rows(), self.mem.seq);
+        let (li, c) = self.layer(l);
+        let b = &self.mem.bwd;
+        let scratch = (&b.norm_rows, &b.colsum_part);
+        let hq = m.heads(n, seq, m.cfg.num_heads, li.q_norm);
+        let gq = li.q_norm.map(|i| &m.grads[i]);
+        ops::qknorm_rope_bwd_with(m.dev, &hq, &m.rope, (&c.q, &c.rstd_q, &b.dqr), &b.dq, scratch, gq)?;
+        let hk = m.heads(n, seq, m.cfg.num_kv_heads, li.k_norm);
+        let gk = li.k_norm.map(|i| &m.grads[i]);
+        ops::qknorm_rope_bwd_with(m.dev, &hk, &m.rope, (&c.k, &c.rstd_k, &b.dkr), &b.dk, scratch, gk)
+    }
+
+    fn qkv_bwd(&mut self, l: usize) -> Result<()> {
+        let (m, n) = (self.m, self.rows());
+        let cfg = &m.cfg;
+        let (li, c) = self.layer(l);
+        let b = &self.mem.bwd;
+        let (dm, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+        let mut projections = vec![(li.q_proj, &b.dq, qd), (li.k_proj, &b.dk, kvd), (li.v_proj, &b.dv, kvd)];
+        if let (Some(gi), Some(dz), Some(geo)) = (li.gate, b.dz.as_ref(), cfg.gate_geometry()) {
+            projections.push((gi, dz, geo.scores()));
+        }
+        let h1a = m.shadowed(&c.h1, c.h1_b.as_ref());
+        for (i, (w, dout, width)) in projections.into_iter().enumerate() {
+            // one bf16 buffer serves the four projections in turn: each GEMM pair reads it
+            // before the next cast overwrites it (launches run in order)
+            let da = m.act(dout, b.dproj_b.as_ref())?;
+            m.lin_bwd_dx(da, w, &b.dh1, n, dm, width, i > 0)?;
+            m.lin_bwd_dw(h1a, da, w, n, dm, width)?;
+        }
+        Ok(())
+    }
+
+    fn input_norm_bwd(&mut self, l: usize) -> Result<()> {
+        let (m, n) = (self.m, self.rows());
+        let (li, c) = self.layer(l);
+        let (b, inorm) = (&self.mem.bwd, li.input_norm);
+        let io = (&c.x, &m.params[inorm], &c.rstd1, &b.dh1, &b.dx, &m.grads[inorm]);
+        let scratch = (&b.norm_rows, &b.colsum_part);
+        ops::rmsnorm_bwd_with(m.dev, io, n, m.cfg.hidden_size, m.zc(), true, scratch)
+    }
+
+    fn embed_bwd(&mut self) -> Result<()> {
+        let (m, b) = (self.m, &mut self.mem.bwd);
+        let (grad, dm) = (&m.grads[m.index.embed], m.cfg.hidden_size);
+        ops::embed_bwd_with(m.dev, self.ids, &b.dx, grad, dm, &mut b.embed_index)
+    }
+}
