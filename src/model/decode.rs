@@ -7,12 +7,12 @@
 
 use super::graph;
 use super::kv::LayerKv;
-use super::layer::Ctx;
 use super::observer::NoObserver;
 use super::ops::cross_entropy::IGNORE;
 use super::ops::linear::linear_fwd;
 use super::ops::rope::{rope_apply, RopeTable};
 use super::step::CpuStep;
+use super::step::Ctx;
 use super::{Batch, Model};
 use crate::real::Real;
 use anyhow::{bail, Result};

@@ -2,122 +2,18 @@
 //! causal SDPA and a gate at G1–G5; a SwiGLU/GeGLU or MoE MLP), each saving what its backward
 //! (`layer_bwd`) needs. The order they run in is `graph::layer_forward`.
 
-use super::ffn::{ffn_fwd, router_stats, FfnCache};
+use super::ffn::{ffn_fwd, router_stats};
 use super::kv::attention_cached;
-use super::ops::attention::{attention_fwd, AttnProbes, AttnShape};
+use super::ops::attention::{attention_fwd, AttnProbes};
 use super::ops::gate::{gate_fwd, gate_scores};
 use super::ops::linear::linear_fwd;
 use super::ops::rmsnorm::rmsnorm_fwd;
-use super::ops::rope::{rope_apply, RopeTable};
-use super::step::CpuStep;
+use super::ops::rope::rope_apply;
+use super::step::{zeros, CpuStep, Ctx, LayerCache};
 use crate::backend::cpu::add_assign;
 use crate::backend::profile::scope;
-use crate::config::{GateConfig, GateGeometry, GatePosition, ModelConfig};
+use crate::config::{GatePosition, ModelConfig};
 use crate::real::Real;
-
-/// Shapes shared by every layer of one forward call.
-pub struct Ctx<'a, T> {
-    pub cfg: &'a ModelConfig,
-    pub rope: &'a RopeTable<T>,
-    /// The windowed layers' table when they have their own θ (Gemma 3's local layers).
-    pub rope_local: Option<&'a RopeTable<T>>,
-    pub batch: usize,
-    pub seq: usize,
-    /// RoPE position of the first token (non-zero when decoding after a KV cache).
-    pub pos0: usize,
-    /// Debug mode: record the first (layer, op) whose output holds NaN or Inf.
-    pub check_finite: bool,
-    pub first_bad: std::cell::Cell<Option<(usize, &'static str)>>,
-}
-
-impl<T: Real> Ctx<'_, T> {
-    /// In debug mode, remember the first op whose output is not finite.
-    pub(super) fn check(&self, layer: usize, op: &'static str, buf: &[T]) {
-        if self.check_finite && self.first_bad.get().is_none() && buf.iter().any(|x| !x.is_finite()) {
-            self.first_bad.set(Some((layer, op)));
-        }
-    }
-}
-
-impl<T> Ctx<'_, T> {
-    pub(super) fn rows(&self) -> usize {
-        self.batch * self.seq
-    }
-    pub(super) fn attn_shape(&self, layer: usize) -> AttnShape {
-        AttnShape {
-            batch: self.batch,
-            seq: self.seq,
-            heads: self.cfg.num_heads,
-            kv_heads: self.cfg.num_kv_heads,
-            head_dim: self.cfg.head_dim,
-            window: self.cfg.window_at(layer),
-            softcap: self.cfg.attn_logit_softcap,
-            scalar: self.cfg.query_pre_attn_scalar,
-        }
-    }
-    /// The RoPE table of layer `layer`.
-    pub(super) fn rope_at(&self, layer: usize) -> &RopeTable<T> {
-        match self.rope_local {
-            Some(t) if self.cfg.local_rope_at(layer) => t,
-            _ => self.rope,
-        }
-    }
-    pub(super) fn gate(&self) -> Option<(&GateConfig, GateGeometry)> {
-        Some((self.cfg.gate.as_ref()?, self.cfg.gate_geometry()?))
-    }
-    /// Weight of one layer's auxiliary MoE losses: they are averaged over the MoE layers.
-    pub(super) fn aux_scale(&self) -> f64 {
-        let moe_layers = (0..self.cfg.num_layers)
-            .filter(|&l| self.cfg.moe_at(l).is_some())
-            .count();
-        1.0 / moe_layers.max(1) as f64
-    }
-    pub(super) fn gate_at(&self, pos: GatePosition) -> Option<(&GateConfig, GateGeometry)> {
-        self.gate().filter(|(g, _)| g.position == pos)
-    }
-}
-
-/// Activations one layer's forward saves for its backward (named as in `graph`). `*_ungated`
-/// are kept only where a gate follows them.
-#[derive(Default)]
-pub struct LayerCache<T> {
-    pub(super) h1: Vec<T>,
-    pub(super) rstd1: Vec<T>,
-    /// Gate logits `[rows, scores]` (broadcast rows for the input-independent gate).
-    pub(super) z: Vec<T>,
-    pub(super) q_ungated: Option<Vec<T>>,
-    pub(super) k_ungated: Option<Vec<T>>,
-    pub(super) v_ungated: Option<Vec<T>>,
-    /// q and k after any gate, before QK-norm; v after any gate.
-    pub(super) q: Vec<T>,
-    pub(super) k: Vec<T>,
-    pub(super) v: Vec<T>,
-    pub(super) rstd_q: Vec<T>,
-    pub(super) rstd_k: Vec<T>,
-    /// q and k after QK-norm and RoPE.
-    pub(super) qr: Vec<T>,
-    pub(super) kr: Vec<T>,
-    /// SDPA output.
-    pub(super) o: Vec<T>,
-    pub(super) lse: Vec<T>,
-    /// `o` after the G1 gate (the o_proj input), if gated there.
-    pub(super) y: Option<Vec<T>>,
-    pub(super) a_ungated: Option<Vec<T>>,
-    /// Attention output before / MLP output before Gemma's post-norms, with their rstd.
-    pub(super) a_pre: Option<(Vec<T>, Vec<T>)>,
-    pub(super) f_pre: Option<(Vec<T>, Vec<T>)>,
-    pub(super) x1: Vec<T>,
-    pub(super) rstd2: Vec<T>,
-    pub(super) h2: Vec<T>,
-    pub(super) ffn: Option<FfnCache<T>>,
-}
-
-impl<T> LayerCache<T> {
-    /// The o_proj input: the gated SDPA output, or the SDPA output itself.
-    pub(super) fn o_proj_input(&self) -> &[T] {
-        self.y.as_ref().unwrap_or(&self.o)
-    }
-}
 
 /// Gemma's post-norm `y ← norm(y)` when the layer has it, keeping the input and rstd for backward.
 fn post_norm_here<T: Real>(cfg: &ModelConfig, w: Option<&[T]>, y: &mut Vec<T>) -> Option<(Vec<T>, Vec<T>)> {
@@ -126,10 +22,6 @@ fn post_norm_here<T: Real>(cfg: &ModelConfig, w: Option<&[T]>, y: &mut Vec<T>) -
     let mut out = zeros(y.len());
     rmsnorm_fwd(y, w, cfg.norm_style, cfg.rms_norm_eps, &mut out, &mut rstd);
     Some((std::mem::replace(y, out), rstd))
-}
-
-pub(super) fn zeros<T: Real>(n: usize) -> Vec<T> {
-    vec![T::ZERO; n]
 }
 
 /// `y[r, :] += b` for every row of `y`.

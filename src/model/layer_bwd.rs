@@ -3,31 +3,16 @@
 //! gradients, accumulating the parameters' gradients.
 
 use super::ffn::ffn_bwd;
-use super::layer::{zeros, Ctx, LayerCache};
 use super::ops::gate::gate_bwd;
 use super::ops::linear::linear_bwd;
 use super::ops::rmsnorm::rmsnorm_bwd;
 use super::ops::rope::rope_apply;
 use super::params::ParamStore;
-use super::step::CpuStep;
+use super::step::{zeros, CpuStep, Ctx, LayerCache, LayerGrads};
 use crate::backend::profile::scope;
 use crate::config::{GatePosition, ModelConfig};
 use crate::real::Real;
 use anyhow::{Context, Result};
-
-/// Gradients inside one layer's backward (named as in `graph`).
-#[derive(Default)]
-pub struct LayerGrads<T> {
-    dh2: Vec<T>,
-    dy: Vec<T>,
-    dqr: Vec<T>,
-    dkr: Vec<T>,
-    dv: Vec<T>,
-    dz: Vec<T>,
-    dq: Vec<T>,
-    dk: Vec<T>,
-    dh1: Vec<T>,
-}
 
 /// Backward of Gemma's post-norm (if the layer has one): `dy`, the gradient of the normed
 /// output, becomes that of its input.

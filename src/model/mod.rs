@@ -5,7 +5,7 @@ pub mod decode;
 pub mod ffn;
 pub mod graph;
 pub mod kv;
-pub mod layer;
+mod layer;
 mod layer_bwd;
 pub mod lazy;
 pub mod memory;
@@ -17,12 +17,10 @@ mod step;
 use crate::config::ModelConfig;
 use crate::real::Real;
 use anyhow::{bail, Result};
-use layer::Ctx;
 use observer::Observer;
 use ops::cross_entropy::IGNORE;
 use ops::rope::RopeTable;
 use params::{init_params, param_specs, ParamIndex, ParamSpec, ParamStore};
-use step::CpuStep;
 
 /// Debug-mode report of where NaN/Inf first appeared in a forward.
 #[derive(thiserror::Error, Debug, Clone, PartialEq)]
@@ -169,47 +167,6 @@ impl<T: Real> Model<T> {
 
     fn run(&self, b: &Batch, obs: &mut dyn Observer<T>, grads: Option<&mut ParamStore<T>>) -> Result<Forward<T>> {
         self.run_inner(b, obs, grads, true)
-    }
-
-    fn run_inner(
-        &self,
-        b: &Batch,
-        obs: &mut dyn Observer<T>,
-        grads: Option<&mut ParamStore<T>>,
-        keep_logits: bool,
-    ) -> Result<Forward<T>> {
-        b.check(self.cfg.vocab_size)?;
-        let cfg = &self.cfg;
-        let (long_rope, long_local);
-        let (rope, rope_local) = if b.seq <= self.rope.max_len {
-            (&self.rope, self.rope_local.as_ref())
-        } else {
-            long_rope = RopeTable::for_config(cfg, b.seq);
-            long_local = RopeTable::local_for_config(cfg, b.seq);
-            (&long_rope, long_local.as_ref())
-        };
-        let ctx = Ctx {
-            cfg,
-            rope,
-            rope_local,
-            batch: b.batch,
-            seq: b.seq,
-            pos0: 0,
-            check_finite: self.check_finite,
-            first_bad: Default::default(),
-        };
-        let train = grads.is_some();
-        if train {
-            self.refuse_lazy_training()?;
-        }
-        let mut step = CpuStep::new(ctx, self, b, obs);
-        step.grads = grads;
-        step.keep_logits = keep_logits;
-        graph::step(&mut step, cfg.num_layers, train)?;
-        Ok(Forward {
-            logits: std::mem::take(&mut step.logits),
-            loss: step.loss,
-        })
     }
 
     /// Inference forward: logits and loss, with observers.

@@ -1,27 +1,197 @@
 //! The CPU backend of the decoder graph (`graph::DecoderOps`): one forward (training,
 //! evaluation, analysis with observers, or decoding through a KV cache) and its backward, over
-//! host vectors. The layer ops live in `layer` (forward) and `layer_bwd`; this file holds the
-//! step's state and the ops around the layers (embedding, final norm, LM head and loss).
+//! host vectors. This file holds the step's state (what the layers save, named as in `graph`)
+//! and the ops around the layers (embedding, final norm, LM head and loss); the layer ops are
+//! `CpuStep` methods in `layer` (forward) and `layer_bwd`.
 
+use super::ffn::FfnCache;
 use super::graph::DecoderOps;
 use super::kv::LayerKv;
-use super::layer::{zeros, Ctx, LayerCache};
-use super::layer_bwd::LayerGrads;
 use super::lazy::Scratch;
 use super::observer::Observer;
+use super::ops::attention::AttnShape;
 use super::ops::cross_entropy::{cross_entropy, cross_entropy_sum, target_count};
 use super::ops::embedding::{embedding_bwd, embedding_fwd};
 use super::ops::linear::{linear_bwd, linear_fwd};
 use super::ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
+use super::ops::rope::RopeTable;
 use super::ops::softcap::{softcap_bwd, softcap_fwd};
 use super::params::ParamStore;
-use super::{scale_embeddings, Batch, Model, NonFinite};
+use super::{graph, scale_embeddings, Batch, Forward, Model, NonFinite};
 use crate::backend::profile::scope;
+use crate::config::{GateConfig, GateGeometry, GatePosition, ModelConfig};
 use crate::real::Real;
 use anyhow::{Context, Result};
 
 /// Logit elements per chunk of the fused LM-head/loss backward (16 MB of f32: fits in L3).
 const HEAD_CHUNK_ELEMS: usize = 4 << 20;
+
+/// Shapes shared by every layer of one forward call.
+pub struct Ctx<'a, T> {
+    pub cfg: &'a ModelConfig,
+    pub rope: &'a RopeTable<T>,
+    /// The windowed layers' table when they have their own θ (Gemma 3's local layers).
+    pub rope_local: Option<&'a RopeTable<T>>,
+    pub batch: usize,
+    pub seq: usize,
+    /// RoPE position of the first token (non-zero when decoding after a KV cache).
+    pub pos0: usize,
+    /// Debug mode: record the first (layer, op) whose output holds NaN or Inf.
+    pub check_finite: bool,
+    pub first_bad: std::cell::Cell<Option<(usize, &'static str)>>,
+}
+
+impl<T: Real> Ctx<'_, T> {
+    /// In debug mode, remember the first op whose output is not finite.
+    pub(super) fn check(&self, layer: usize, op: &'static str, buf: &[T]) {
+        if self.check_finite && self.first_bad.get().is_none() && buf.iter().any(|x| !x.is_finite()) {
+            self.first_bad.set(Some((layer, op)));
+        }
+    }
+}
+
+impl<T> Ctx<'_, T> {
+    pub(super) fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+    pub(super) fn attn_shape(&self, layer: usize) -> AttnShape {
+        AttnShape {
+            batch: self.batch,
+            seq: self.seq,
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            window: self.cfg.window_at(layer),
+            softcap: self.cfg.attn_logit_softcap,
+            scalar: self.cfg.query_pre_attn_scalar,
+        }
+    }
+    /// The RoPE table of layer `layer`.
+    pub(super) fn rope_at(&self, layer: usize) -> &RopeTable<T> {
+        match self.rope_local {
+            Some(t) if self.cfg.local_rope_at(layer) => t,
+            _ => self.rope,
+        }
+    }
+    pub(super) fn gate(&self) -> Option<(&GateConfig, GateGeometry)> {
+        Some((self.cfg.gate.as_ref()?, self.cfg.gate_geometry()?))
+    }
+    /// Weight of one layer's auxiliary MoE losses: they are averaged over the MoE layers.
+    pub(super) fn aux_scale(&self) -> f64 {
+        let moe_layers = (0..self.cfg.num_layers)
+            .filter(|&l| self.cfg.moe_at(l).is_some())
+            .count();
+        1.0 / moe_layers.max(1) as f64
+    }
+    pub(super) fn gate_at(&self, pos: GatePosition) -> Option<(&GateConfig, GateGeometry)> {
+        self.gate().filter(|(g, _)| g.position == pos)
+    }
+}
+
+/// Activations one layer's forward saves for its backward (named as in `graph`). `*_ungated`
+/// are kept only where a gate follows them.
+#[derive(Default)]
+pub struct LayerCache<T> {
+    pub(super) h1: Vec<T>,
+    pub(super) rstd1: Vec<T>,
+    /// Gate logits `[rows, scores]` (broadcast rows for the input-independent gate).
+    pub(super) z: Vec<T>,
+    pub(super) q_ungated: Option<Vec<T>>,
+    pub(super) k_ungated: Option<Vec<T>>,
+    pub(super) v_ungated: Option<Vec<T>>,
+    /// q and k after any gate, before QK-norm; v after any gate.
+    pub(super) q: Vec<T>,
+    pub(super) k: Vec<T>,
+    pub(super) v: Vec<T>,
+    pub(super) rstd_q: Vec<T>,
+    pub(super) rstd_k: Vec<T>,
+    /// q and k after QK-norm and RoPE.
+    pub(super) qr: Vec<T>,
+    pub(super) kr: Vec<T>,
+    /// SDPA output.
+    pub(super) o: Vec<T>,
+    pub(super) lse: Vec<T>,
+    /// `o` after the G1 gate (the o_proj input), if gated there.
+    pub(super) y: Option<Vec<T>>,
+    pub(super) a_ungated: Option<Vec<T>>,
+    /// Attention output before / MLP output before Gemma's post-norms, with their rstd.
+    pub(super) a_pre: Option<(Vec<T>, Vec<T>)>,
+    pub(super) f_pre: Option<(Vec<T>, Vec<T>)>,
+    pub(super) x1: Vec<T>,
+    pub(super) rstd2: Vec<T>,
+    pub(super) h2: Vec<T>,
+    pub(super) ffn: Option<FfnCache<T>>,
+}
+
+impl<T> LayerCache<T> {
+    /// The o_proj input: the gated SDPA output, or the SDPA output itself.
+    pub(super) fn o_proj_input(&self) -> &[T] {
+        self.y.as_ref().unwrap_or(&self.o)
+    }
+}
+
+/// Gradients inside one layer's backward (named as in `graph`).
+#[derive(Default)]
+pub struct LayerGrads<T> {
+    pub(super) dh2: Vec<T>,
+    pub(super) dy: Vec<T>,
+    pub(super) dqr: Vec<T>,
+    pub(super) dkr: Vec<T>,
+    pub(super) dv: Vec<T>,
+    pub(super) dz: Vec<T>,
+    pub(super) dq: Vec<T>,
+    pub(super) dk: Vec<T>,
+    pub(super) dh1: Vec<T>,
+}
+
+pub(super) fn zeros<T: Real>(n: usize) -> Vec<T> {
+    vec![T::ZERO; n]
+}
+
+impl<T: Real> Model<T> {
+    /// One step on the CPU: the loss, and with `grads` the gradients added to them; with
+    /// `keep_logits` all logits (else the loss is summed chunk by chunk).
+    pub(super) fn run_inner(
+        &self,
+        b: &Batch,
+        obs: &mut dyn Observer<T>,
+        grads: Option<&mut ParamStore<T>>,
+        keep_logits: bool,
+    ) -> Result<Forward<T>> {
+        b.check(self.cfg.vocab_size)?;
+        let cfg = &self.cfg;
+        let (long_rope, long_local);
+        let (rope, rope_local) = if b.seq <= self.rope.max_len {
+            (&self.rope, self.rope_local.as_ref())
+        } else {
+            long_rope = RopeTable::for_config(cfg, b.seq);
+            long_local = RopeTable::local_for_config(cfg, b.seq);
+            (&long_rope, long_local.as_ref())
+        };
+        let ctx = Ctx {
+            cfg,
+            rope,
+            rope_local,
+            batch: b.batch,
+            seq: b.seq,
+            pos0: 0,
+            check_finite: self.check_finite,
+            first_bad: Default::default(),
+        };
+        let train = grads.is_some();
+        if train {
+            self.refuse_lazy_training()?;
+        }
+        let mut step = CpuStep::new(ctx, self, b, obs);
+        step.grads = grads;
+        step.keep_logits = keep_logits;
+        graph::step(&mut step, cfg.num_layers, train)?;
+        Ok(Forward {
+            logits: std::mem::take(&mut step.logits),
+            loss: step.loss,
+        })
+    }
+}
 
 /// One CPU step's inputs and state.
 pub(crate) struct CpuStep<'a, T> {
