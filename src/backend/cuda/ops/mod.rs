@@ -25,7 +25,7 @@ pub use attention::{
 pub use cross_entropy::cross_entropy;
 pub use embedding::{embed_bwd, embed_bwd_index_len, embed_bwd_with, embed_fwd};
 pub use gemm::{cast_to_bf16, gemm, linear_bwd_dw, linear_bwd_dx, linear_fwd, DType, Operand, Strided};
-pub use optim::{AdamStep, TensorTable};
+pub use optim::{AdamStep, TableEntry, TensorTable};
 pub use reduce::{add, colsum, colsum_scratch_len, colsum_with, fill};
 pub use rmsnorm::{rmsnorm_bwd, rmsnorm_bwd_with, rmsnorm_fwd};
 pub use rope::{qknorm_rope_bwd, qknorm_rope_bwd_with, qknorm_rope_fwd, DeviceRope, HeadRows};
