@@ -1,0 +1,169 @@
+//! The kernels that write a GEMM operand in bf16 themselves (mixed precision without cast
+//! launches): each bf16 output is, bit for bit, the round-to-nearest-even of what the f32 kernel
+//! writes from the same inputs, and every other output equals the f32 kernel's; the fused
+//! residual add + RMSNorm equals `add` then `rmsnorm_fwd` bit for bit; and output sizes are
+//! checked for the output's own type. On the CPU emulator always, and on a GPU when there is one.
+#![cfg(feature = "cuda")]
+
+use gated_lm::backend::cuda::ops::{self, Operand};
+use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_u16, DBuf, Device};
+
+mod common;
+use common::cuda_devices as devices;
+
+fn randn(n: usize, seed: u64, std: f64) -> Vec<f32> {
+    let mut r = gated_lm::rng::Rng::new(seed);
+    (0..n).map(|_| (r.normal() * std) as f32).collect()
+}
+
+/// `n` f32 or bf16 elements of NaN, so an element a kernel skips cannot pass for a result.
+fn nan_f32(dev: &dyn Device, n: usize) -> DBuf {
+    up_f32(dev, &vec![f32::NAN; n]).unwrap()
+}
+fn nan_bf16(dev: &dyn Device, n: usize) -> DBuf {
+    up_u16(dev, &vec![0x7fc1; n]).unwrap()
+}
+
+fn bits(dev: &dyn Device, b: &DBuf) -> Vec<u32> {
+    down_f32(dev, b).unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
+/// The bf16 output `got` is the round-to-nearest-even of the f32 output `of`, element for
+/// element (and the f32 output is a real result: finite, not all zero).
+fn rounds(what: &str, dev: &dyn Device, got: &DBuf, of: &DBuf) {
+    let (got, of) = (down_u16(dev, got).unwrap(), down_f32(dev, of).unwrap());
+    assert_eq!(got.len(), of.len(), "{what}");
+    assert!(
+        of.iter().all(|x| x.is_finite()) && of.iter().any(|&x| x != 0.0),
+        "{what}"
+    );
+    for (i, (&g, &x)) in got.iter().zip(&of).enumerate() {
+        let want = half::bf16::from_f32(x).to_bits();
+        assert_eq!(
+            g, want,
+            "{what}: element {i}: f32 {x} gave bf16 {g:#06x}, not {want:#06x}"
+        );
+    }
+}
+
+/// RMSNorm forward with a bf16 output, and the residual add fused with it (out of place, and
+/// in place over either input), in both norm styles; rows of a width that leaves some threads
+/// of a block idle.
+#[test]
+fn rmsnorm_forward_writes_bf16_and_fuses_the_residual_add() {
+    let (rows, d, eps) = (37, 300, 1e-6);
+    let n = rows * d;
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let (x, a, w) = (randn(n, 1, 3.0), randn(n, 2, 1.0), randn(d, 3, 0.5));
+        let (xb, ab, wb) = (
+            up_f32(dev, &x).unwrap(),
+            up_f32(dev, &a).unwrap(),
+            up_f32(dev, &w).unwrap(),
+        );
+        for zc in [false, true] {
+            let what = |s: &str| format!("{s} (zero-centred {zc}) on {}", dev.describe());
+            // the f32 kernel, then the bf16 one on the same input
+            let (y, r) = (nan_f32(dev, n), nan_f32(dev, rows));
+            ops::rmsnorm_fwd(dev, &xb, &wb, &y, &r, rows, d, eps, zc).unwrap();
+            let (yb, rb) = (nan_bf16(dev, n), nan_f32(dev, rows));
+            ops::rmsnorm_fwd_to(dev, &xb, &wb, Operand::bf16(&yb), &rb, rows, d, eps, zc).unwrap();
+            rounds(&what("rmsnorm_fwd_bf16 y"), dev, &yb, &y);
+            assert_eq!(bits(dev, &rb), bits(dev, &r), "{}", what("rmsnorm_fwd_bf16 rstd"));
+
+            // unfused: x1 = x + a, then the norm of x1
+            let (x1, h, r) = (nan_f32(dev, n), nan_f32(dev, n), nan_f32(dev, rows));
+            ops::add(dev, &xb, &ab, &x1, n).unwrap();
+            ops::rmsnorm_fwd(dev, &x1, &wb, &h, &r, rows, d, eps, zc).unwrap();
+            let (x1, h, r) = (bits(dev, &x1), h, bits(dev, &r));
+            for place in ["apart", "over x", "over a"] {
+                let (xs, as_) = (up_f32(dev, &x).unwrap(), up_f32(dev, &a).unwrap());
+                let apart = nan_f32(dev, n);
+                let out = match place {
+                    "apart" => &apart,
+                    "over x" => &xs,
+                    _ => &as_,
+                };
+                let (hf, rf) = (nan_f32(dev, n), nan_f32(dev, rows));
+                ops::add_rmsnorm_fwd(dev, (&xs, &as_, out), &wb, (&hf).into(), &rf, rows, d, eps, zc).unwrap();
+                let msg = what(&format!("add_rmsnorm_fwd, x1 {place}"));
+                assert_eq!(bits(dev, out), x1, "{msg}: x1");
+                assert_eq!(bits(dev, &hf), bits(dev, &h), "{msg}: h");
+                assert_eq!(bits(dev, &rf), r, "{msg}: rstd");
+            }
+            let (x1b, hb, rb) = (nan_f32(dev, n), nan_bf16(dev, n), nan_f32(dev, rows));
+            ops::add_rmsnorm_fwd(dev, (&xb, &ab, &x1b), &wb, Operand::bf16(&hb), &rb, rows, d, eps, zc).unwrap();
+            assert_eq!(bits(dev, &x1b), x1, "{}", what("add_rmsnorm_fwd_bf16 x1"));
+            rounds(&what("add_rmsnorm_fwd_bf16 h"), dev, &hb, &h);
+            assert_eq!(bits(dev, &rb), r, "{}", what("add_rmsnorm_fwd_bf16 rstd"));
+        }
+    }
+}
+
+/// RMSNorm backward writing a bf16 copy of the `dx` it leaves (overwritten or accumulated):
+/// `dx` and the gain's gradient as without the copy, the copy its rounding.
+#[test]
+fn rmsnorm_backward_writes_a_bf16_copy_of_dx() {
+    let (rows, d) = (37, 300);
+    let n = rows * d;
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let (x, w, dy, dx0) = (randn(n, 4, 3.0), randn(d, 5, 0.5), randn(n, 6, 1.0), randn(n, 7, 1.0));
+        let up = |v: &[f32]| up_f32(dev, v).unwrap();
+        let (xb, wb, dyb) = (up(&x), up(&w), up(&dy));
+        for (zc, acc) in [(false, false), (true, true), (false, true)] {
+            let what = |s: &str| format!("{s} (zero-centred {zc}, accumulate {acc}) on {}", dev.describe());
+            let r = nan_f32(dev, rows);
+            ops::rmsnorm_fwd(dev, &xb, &wb, &nan_f32(dev, n), &r, rows, d, 1e-6, zc).unwrap();
+            let scratch = (nan_f32(dev, n), nan_f32(dev, ops::colsum_scratch_len(rows, d)));
+            let sc = (&scratch.0, &scratch.1);
+            let (dx, dw) = (up(&dx0), up(&w));
+            ops::rmsnorm_bwd_with(dev, (&xb, &wb, &r, &dyb, &dx, &dw), rows, d, zc, acc, sc).unwrap();
+            let (dx2, dw2, dxb) = (up(&dx0), up(&w), nan_bf16(dev, n));
+            let io = (&xb, &wb, &r, &dyb, &dx2, &dw2);
+            ops::rmsnorm_bwd_to(dev, io, Some(&dxb), rows, d, zc, acc, sc).unwrap();
+            assert_eq!(bits(dev, &dx2), bits(dev, &dx), "{}", what("rmsnorm_bwd_bf16 dx"));
+            assert_eq!(bits(dev, &dw2), bits(dev, &dw), "{}", what("rmsnorm_bwd_bf16 dw"));
+            rounds(&what("rmsnorm_bwd_bf16 dx copy"), dev, &dxb, &dx);
+        }
+    }
+}
+
+/// Every bf16 output is checked for 2 bytes an element: a buffer of exactly that is accepted
+/// as bf16 and refused as f32, one element less is refused; all before any launch.
+#[test]
+fn bf16_outputs_are_checked_for_their_own_size() {
+    let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let dev: &dyn Device = &emu;
+    let (rows, d) = (3, 40);
+    let n = rows * d;
+    let f = |k: usize| dev.zeros(4 * k).unwrap();
+    let (x, w, r) = (f(n), f(d), f(rows));
+    let (exact, short) = (dev.zeros(2 * n).unwrap(), dev.zeros(2 * n - 2).unwrap());
+    let refused = |e: anyhow::Result<()>, what: &str| {
+        let e = format!("{}", e.unwrap_err());
+        assert!(e.contains("buffer of"), "{what}: {e}");
+    };
+    let (b, s) = (Operand::bf16(&exact), Operand::bf16(&short));
+    ops::rmsnorm_fwd_to(dev, &x, &w, b, &r, rows, d, 1e-6, false).unwrap();
+    refused(
+        ops::rmsnorm_fwd_to(dev, &x, &w, (&exact).into(), &r, rows, d, 1e-6, false),
+        "f32 y",
+    );
+    refused(ops::rmsnorm_fwd_to(dev, &x, &w, s, &r, rows, d, 1e-6, false), "short y");
+    let io = (&x, &x, &x);
+    ops::add_rmsnorm_fwd(dev, io, &w, b, &r, rows, d, 1e-6, false).unwrap();
+    refused(
+        ops::add_rmsnorm_fwd(dev, io, &w, s, &r, rows, d, 1e-6, false),
+        "short h",
+    );
+    refused(
+        ops::add_rmsnorm_fwd(dev, (&x, &x, &exact), &w, b, &r, rows, d, 1e-6, false),
+        "bf16-sized x1",
+    );
+    let sc = (f(n), f(ops::colsum_scratch_len(rows, d)));
+    let io = (&x, &w, &r, &x, &x, &w);
+    ops::rmsnorm_bwd_to(dev, io, Some(&exact), rows, d, false, false, (&sc.0, &sc.1)).unwrap();
+    let e = ops::rmsnorm_bwd_to(dev, io, Some(&short), rows, d, false, false, (&sc.0, &sc.1));
+    refused(e, "short dx copy");
+}
