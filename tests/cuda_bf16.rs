@@ -129,6 +129,27 @@ fn rmsnorm_backward_writes_a_bf16_copy_of_dx() {
     }
 }
 
+/// SwiGLU forward writing `m` in bf16, backward writing `dg` and `du` in bf16.
+#[test]
+fn swiglu_writes_bf16_outputs() {
+    let n = 3 * 1000 + 7;
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let up = |v: &[f32]| up_f32(dev, v).unwrap();
+        let (g, u, dm) = (up(&randn(n, 8, 2.0)), up(&randn(n, 9, 1.0)), up(&randn(n, 10, 1.0)));
+        let on = dev.describe();
+        let (m, mb) = (nan_f32(dev, n), nan_bf16(dev, n));
+        ops::swiglu_fwd(dev, &g, &u, &m, n).unwrap();
+        ops::swiglu_fwd_to(dev, &g, &u, Operand::bf16(&mb), n).unwrap();
+        rounds(&format!("swiglu_fwd_bf16 m on {on}"), dev, &mb, &m);
+        let (dg, du, dgb, dub) = (nan_f32(dev, n), nan_f32(dev, n), nan_bf16(dev, n), nan_bf16(dev, n));
+        ops::swiglu_bwd(dev, &g, &u, &dm, &dg, &du, n).unwrap();
+        ops::swiglu_bwd_to(dev, &g, &u, &dm, Operand::bf16(&dgb), Operand::bf16(&dub), n).unwrap();
+        rounds(&format!("swiglu_bwd_bf16 dg on {on}"), dev, &dgb, &dg);
+        rounds(&format!("swiglu_bwd_bf16 du on {on}"), dev, &dub, &du);
+    }
+}
+
 /// Every bf16 output is checked for 2 bytes an element: a buffer of exactly that is accepted
 /// as bf16 and refused as f32, one element less is refused; all before any launch.
 #[test]
@@ -166,4 +187,9 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     ops::rmsnorm_bwd_to(dev, io, Some(&exact), rows, d, false, false, (&sc.0, &sc.1)).unwrap();
     let e = ops::rmsnorm_bwd_to(dev, io, Some(&short), rows, d, false, false, (&sc.0, &sc.1));
     refused(e, "short dx copy");
+    ops::swiglu_fwd_to(dev, &x, &x, b, n).unwrap();
+    refused(ops::swiglu_fwd_to(dev, &x, &x, s, n), "short m");
+    refused(ops::swiglu_bwd_to(dev, &x, &x, &x, b, s, n), "short du");
+    let e = ops::swiglu_bwd_to(dev, &x, &x, &x, b, (&x).into(), n).unwrap_err();
+    assert!(format!("{e}").contains("one type for both"), "{e}");
 }
