@@ -5,7 +5,7 @@
 //! checked for the output's own type. On the CPU emulator always, and on a GPU when there is one.
 #![cfg(feature = "cuda")]
 
-use gated_lm::backend::cuda::ops::{self, Operand};
+use gated_lm::backend::cuda::ops::{self, DeviceRope, HeadRows, Operand};
 use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_u16, DBuf, Device};
 
 mod common;
@@ -150,6 +150,103 @@ fn swiglu_writes_bf16_outputs() {
     }
 }
 
+/// `dx`, `Σ dwp` of QK-norm + RoPE's backward in f64 from its definition: dn = Rᵀ·dy per
+/// (row, head), then RMSNorm's backward with the forward's `rstd` (no norm: dx = dn).
+fn qknorm_rope_bwd_ref(
+    (rows, heads, hd, half, seq): (usize, usize, usize, usize, usize),
+    (cos, sin): (&[f32], &[f32]),
+    x: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    gain: Option<Vec<f64>>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut dx, mut dw) = (vec![0f32; x.len()], vec![0f64; hd]);
+    for (wi, &r) in rstd.iter().enumerate().take(rows * heads) {
+        let (b, p) = (wi * hd, (wi / heads % seq) * half);
+        let dyv = |e: usize| dy[b + e] as f64;
+        let dn: Vec<f64> = (0..hd)
+            .map(|e| match e {
+                e if e < half => dyv(e) * cos[p + e] as f64 + dyv(e + half) * sin[p + e] as f64,
+                e if e < 2 * half => dyv(e) * cos[p + e - half] as f64 - dyv(e - half) * sin[p + e - half] as f64,
+                e => dyv(e),
+            })
+            .collect();
+        let Some(g) = &gain else {
+            (0..hd).for_each(|e| dx[b + e] = dn[e] as f32);
+            continue;
+        };
+        let r = r as f64;
+        let xh: Vec<f64> = (0..hd).map(|e| x[b + e] as f64 * r).collect();
+        let mean = (0..hd).map(|e| dn[e] * g[e] * xh[e]).sum::<f64>() / hd as f64;
+        for e in 0..hd {
+            dx[b + e] = (r * (dn[e] * g[e] - xh[e] * mean)) as f32;
+            dw[e] += dn[e] * xh[e];
+        }
+    }
+    (dx, dw.iter().map(|&v| v as f32).collect())
+}
+
+/// QK-norm + RoPE backward writing its output in bf16; and the f32 kernel (which now
+/// recomputes Rᵀ·dy instead of keeping it in dx) against an f64 reference: partial rotary
+/// (a half that is not a multiple of the warp), both norm styles, no norm.
+#[test]
+fn qknorm_rope_backward_writes_bf16() {
+    // (rows, seq, heads, head_dim, rotary half, norm: None / zero-centred)
+    let cases = [
+        (12, 6, 3, 32, 8, Some(false)),
+        (10, 5, 2, 64, 32, Some(true)),
+        (8, 4, 2, 16, 8, None),
+    ];
+    for dev in devices() {
+        let dev = dev.as_ref();
+        for (i, &(rows, seq, heads, hd, half, norm)) in cases.iter().enumerate() {
+            let what = |s: &str| format!("{s} (case {i}) on {}", dev.describe());
+            let s = i as u64 * 10;
+            let n = rows * heads * hd;
+            let angles = randn(seq * half, 20 + s, 2.0);
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            let rope = DeviceRope::upload(dev, &cos, &sin, 2 * half, seq).unwrap();
+            let (x, dy, w) = (randn(n, 21 + s, 2.0), randn(n, 22 + s, 1.0), randn(hd, 23 + s, 0.5));
+            let up = |v: &[f32]| up_f32(dev, v).unwrap();
+            let (xb, dyb, wb) = (up(&x), up(&dy), up(&w));
+            let h = HeadRows {
+                rows,
+                heads,
+                head_dim: hd,
+                seq,
+                norm: norm.map(|_| &wb),
+                zero_centered: norm == Some(true),
+            };
+            let rstd = nan_f32(dev, rows * heads);
+            ops::qknorm_rope_fwd(dev, &h, &rope, &xb, &nan_f32(dev, n), &rstd, 1e-6).unwrap();
+            let scratch = (nan_f32(dev, n), nan_f32(dev, ops::colsum_scratch_len(rows * heads, hd)));
+            let sc = (&scratch.0, &scratch.1);
+            let (dx, dw) = (nan_f32(dev, n), up(&vec![0.0; hd]));
+            let dwo = norm.map(|_| &dw);
+            ops::qknorm_rope_bwd_with(dev, &h, &rope, (&xb, &rstd, &dyb), &dx, sc, dwo).unwrap();
+            let gain = norm.map(|zc| w.iter().map(|&v| v as f64 + if zc { 1.0 } else { 0.0 }).collect());
+            let r = down_f32(dev, &rstd).unwrap();
+            let (want_dx, want_dw) = qknorm_rope_bwd_ref((rows, heads, hd, half, seq), (&cos, &sin), &x, &r, &dy, gain);
+            let close = |what: &str, got: &[f32], want: &[f32]| {
+                let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+                let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err <= 1e-5 * scale, "{what}: differs by {err} (scale {scale})");
+            };
+            close(&what("qknorm_rope_bwd dx"), &down_f32(dev, &dx).unwrap(), &want_dx);
+            if norm.is_some() {
+                close(&what("qknorm_rope_bwd dw"), &down_f32(dev, &dw).unwrap(), &want_dw);
+            }
+            let (dxb, dw2) = (nan_bf16(dev, n), up(&vec![0.0; hd]));
+            let dwo2 = norm.map(|_| &dw2);
+            let ins = (&xb, &rstd, &dyb);
+            ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, Operand::bf16(&dxb), sc, dwo2).unwrap();
+            rounds(&what("qknorm_rope_bwd_bf16 dx"), dev, &dxb, &dx);
+            assert_eq!(bits(dev, &dw2), bits(dev, &dw), "{}", what("qknorm_rope_bwd_bf16 dw"));
+        }
+    }
+}
+
 /// Every bf16 output is checked for 2 bytes an element: a buffer of exactly that is accepted
 /// as bf16 and refused as f32, one element less is refused; all before any launch.
 #[test]
@@ -192,4 +289,25 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     refused(ops::swiglu_bwd_to(dev, &x, &x, &x, b, s, n), "short du");
     let e = ops::swiglu_bwd_to(dev, &x, &x, &x, b, (&x).into(), n).unwrap_err();
     assert!(format!("{e}").contains("one type for both"), "{e}");
+    let rope = DeviceRope::upload(dev, &[1.0; 8], &[0.0; 8], 8, 2).unwrap();
+    let h = HeadRows {
+        rows,
+        heads: 2,
+        head_dim: 20,
+        seq: 2,
+        norm: None,
+        zero_centered: false,
+    };
+    let sc = (f(n), f(ops::colsum_scratch_len(rows * 2, 20)));
+    let ins = (&x, &r, &x);
+    ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, (&sc.0, &sc.1), None).unwrap();
+    refused(
+        ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, s, (&sc.0, &sc.1), None),
+        "short dx",
+    );
+    // with a norm the kernel reads rstd, [rows, heads]: `r` holds one per row
+    let (gain, dw) = (f(20), f(20));
+    let h = HeadRows { norm: Some(&gain), ..h };
+    let e = ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, (&sc.0, &sc.1), Some(&dw));
+    refused(e, "short rstd");
 }
