@@ -28,7 +28,7 @@ fn every_kernel_compiles_to_ptx_for_hopper() {
 }
 
 use gated_lm::backend::cuda::ops;
-use gated_lm::backend::cuda::runtime::{down_f32, up_f32, up_i32, zeros_f32, Device};
+use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_i32, up_u16, zeros_f32, Device};
 
 mod common;
 use common::cuda_devices as devices;
@@ -141,7 +141,10 @@ fn row_ops_match_the_cpu_ops() {
 
 /// The multi-tensor AdamW (`adamw_multi` through [`ops::TensorTable`], as the device model runs
 /// it) over a few steps against the CPU optimizer, with norm gains and embeddings exempt from
-/// weight decay; and the table's squared-gradient sum against the host's.
+/// weight decay; and the table's squared-gradient sum against the host's. Tensors with a bf16
+/// copy get, bit for bit, the round-to-nearest-even of their updated f32 param written into it
+/// (and nothing past it); one without (the second, a null pointer in the table) is updated
+/// all the same.
 #[test]
 fn adamw_matches_the_cpu_optimizer() {
     use gated_lm::model::params::{ParamKind, ParamStore};
@@ -182,14 +185,34 @@ fn adamw_matches_the_cpu_optimizer() {
             .iter()
             .map(|t| zeros_f32(dev, t.data.len()).unwrap())
             .collect();
+        // one sentinel element past each copy
+        const PAST: u16 = 0x7e7e;
+        let bf: Vec<_> = p
+            .tensors
+            .iter()
+            .map(|t| up_u16(dev, &[vec![0; t.data.len()], vec![PAST]].concat()).unwrap())
+            .collect();
+        let has_copy = |i: usize| i != 1;
         let entries: Vec<_> = (0..spec.len())
             .map(|i| {
                 let exempt = matches!(spec[i].kind, ParamKind::Norm | ParamKind::Embedding);
-                (&pb[i], &gb[i], &mb[i], &vb[i], exempt)
+                (
+                    &pb[i],
+                    &gb[i],
+                    &mb[i],
+                    &vb[i],
+                    exempt,
+                    Some(&bf[i]).filter(|_| has_copy(i)),
+                )
             })
             .collect();
         let table = ops::TensorTable::new(dev, &entries).unwrap();
         drop(entries);
+        let short = dev.zeros(2 * p.tensors[0].data.len() - 2).unwrap();
+        let e = ops::TensorTable::new(dev, &[(&pb[0], &gb[0], &mb[0], &vb[0], false, Some(&short))])
+            .err()
+            .unwrap();
+        assert!(format!("{e}").contains("bf16 copy"), "{e}");
         for step in 1..=3 {
             let mut g: ParamStore<f32> = ParamStore::zeros_like(spec);
             for (i, t) in g.tensors.iter_mut().enumerate() {
@@ -218,12 +241,18 @@ fn adamw_matches_the_cpu_optimizer() {
             };
             table.adamw(dev, &st, 0.0).unwrap();
             for (i, t) in p.tensors.iter().enumerate() {
-                close(
-                    &format!("adamw_multi step {step} tensor {i} ({:?})", spec[i].kind),
-                    &down_f32(dev, &pb[i]).unwrap(),
-                    &t.data,
-                    1e-5,
-                );
+                let what = format!("adamw_multi step {step} tensor {i} ({:?})", spec[i].kind);
+                let got = down_f32(dev, &pb[i]).unwrap();
+                close(&what, &got, &t.data, 1e-5);
+                let copy = down_u16(dev, &bf[i]).unwrap();
+                assert_eq!(copy[got.len()], PAST, "{what}: wrote past the bf16 copy");
+                if has_copy(i) {
+                    let want: Vec<u16> = got.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+                    assert!(
+                        copy[..got.len()] == want[..],
+                        "{what}: bf16 copy is not the param's rounding"
+                    );
+                }
             }
         }
     }
@@ -360,7 +389,6 @@ fn reference(
 #[test]
 fn gemm_and_casts_match_references() {
     use gated_lm::backend::cuda::ops::{self as o, DType, Operand};
-    use gated_lm::backend::cuda::runtime::{down_u16, up_u16};
     let (rows, din, dout) = (70, 40, 130); // not multiples of the 64×64×16 tiles
     for dev in devices() {
         let dev = dev.as_ref();

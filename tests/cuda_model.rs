@@ -153,6 +153,10 @@ struct Recording<'a> {
     launches: RefCell<Vec<String>>,
     /// device allocations (`zeros` and `upload` calls)
     allocs: std::cell::Cell<usize>,
+    /// addresses of the uploaded buffers (a device model's parameters among them)
+    uploads: RefCell<Vec<u64>>,
+    /// the source address of every `cast_f32_bf16` launch
+    cast_sources: RefCell<Vec<u64>>,
 }
 
 impl<'a> Recording<'a> {
@@ -161,6 +165,8 @@ impl<'a> Recording<'a> {
             dev,
             launches: RefCell::new(Vec::new()),
             allocs: std::cell::Cell::new(0),
+            uploads: RefCell::new(Vec::new()),
+            cast_sources: RefCell::new(Vec::new()),
         }
     }
     /// Launches of `kernel` since the last call, and forget them all.
@@ -175,7 +181,9 @@ impl Device for Recording<'_> {
     }
     fn upload(&self, bytes: &[u8]) -> anyhow::Result<DBuf> {
         self.allocs.set(self.allocs.get() + 1);
-        self.dev.upload(bytes)
+        let b = self.dev.upload(bytes)?;
+        self.uploads.borrow_mut().push(b.ptr);
+        Ok(b)
     }
     fn zeros(&self, bytes: usize) -> anyhow::Result<DBuf> {
         self.allocs.set(self.allocs.get() + 1);
@@ -189,6 +197,9 @@ impl Device for Recording<'_> {
     }
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> anyhow::Result<()> {
         self.launches.borrow_mut().push(kernel.to_string());
+        if let ("cast_f32_bf16", Some(Arg::Ptr(src))) = (kernel, args.first()) {
+            self.cast_sources.borrow_mut().push(*src);
+        }
         self.dev.launch(kernel, cfg, args)
     }
     fn vendor_gemm(
@@ -255,6 +266,50 @@ fn steady_state_steps_allocate_no_device_memory() {
         assert!(replanned > steady, "{precision:?}: a new shape plans its memory");
         dm.forward_backward(&ids, &tg, 1, 24).unwrap();
         assert_eq!(rec.allocs.get(), replanned, "{precision:?}");
+    }
+}
+
+/// Mixed precision casts each GEMM weight to bf16 once, when the device model is made; after
+/// that AdamW writes the bf16 copies in the same kernel as the f32 masters, so no training step
+/// (forward, backward, update) casts a parameter. The copies it writes are exact: a fresh
+/// device model made from the updated weights (whose copies are cast anew) gives the same loss
+/// bit for bit.
+#[test]
+fn the_optimizer_writes_the_bf16_weight_copies() {
+    let dev = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let rec = Recording::new(&dev);
+    let gate = GateConfig::parse_spec("elementwise").unwrap();
+    // two layers, untied head: q, k, v, o, gate, MLP gate, up, down per layer and the head
+    let cfg = ModelConfig::dense(256, 64, 2, 2, 1, 32, 128, gate);
+    let mut model: Model<f32> = Model::new(cfg, 3).unwrap();
+    let gemm_weights = 2 * 8 + 1;
+    let mut r = Rng::new(9);
+    let ids: Vec<u32> = (0..2 * 24).map(|_| r.below(256) as u32).collect();
+    let tg = shifted_targets(&ids, 24);
+    rec.uploads.take();
+    let mut dm = DeviceModel::new(&rec, &model, Precision::Bf16).unwrap();
+    let params = rec.uploads.take();
+    let weight_casts = |rec: &Recording| rec.cast_sources.take().iter().filter(|s| params.contains(s)).count();
+    assert_eq!(weight_casts(&rec), gemm_weights, "one cast per GEMM weight in `new`");
+    let opt = AdamWConfig::default();
+    for step in 1..=3 {
+        dm.zero_grads().unwrap();
+        dm.forward_backward(&ids, &tg, 2, 24).unwrap();
+        dm.step(&opt, 3e-3, 1.0).unwrap();
+        let train = rec.cast_sources.borrow().len();
+        let loss = dm.loss(&ids, &tg, 2, 24).unwrap();
+        let eval = rec.cast_sources.borrow().len() - train;
+        eprintln!("step {step}: cast_f32_bf16 launches: {train} training, {eval} forward only");
+        assert_eq!(weight_casts(&rec), 0, "step {step}: a weight was cast");
+        model.params = dm.params().unwrap();
+        let fresh = DeviceModel::new(&dev, &model, Precision::Bf16)
+            .unwrap()
+            .loss(&ids, &tg, 2, 24);
+        assert_eq!(
+            fresh.unwrap().to_bits(),
+            loss.to_bits(),
+            "step {step}: bf16 copies differ"
+        );
     }
 }
 

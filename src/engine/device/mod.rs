@@ -40,10 +40,9 @@ pub struct DeviceModel<'d> {
     gate: FusedGate,
     pub step: u64,
     precision: Precision,
-    /// bf16 copies of the GEMM weights (mixed precision), made for the weights of step
-    /// `bf16_of_step`.
+    /// bf16 copies of the GEMM weights (mixed precision): cast once in `new`, then rewritten by
+    /// AdamW in the same kernel as the f32 masters (`table`).
     bf16_weights: Vec<Option<DBuf>>,
-    bf16_of_step: Option<u64>,
     /// Activations, activation gradients and scratch of the last step's shape.
     mem: Option<StepMemory>,
     /// Rows per LM-head chunk when set (tests); else from the chunk's memory budget.
@@ -112,10 +111,25 @@ impl<'d> DeviceModel<'d> {
             .iter()
             .map(|p| Ok((dev.zeros(p.bytes)?, dev.zeros(p.bytes)?)))
             .collect::<Result<Vec<_>>>()?;
+        // the weights GEMMs read (the embedding only as a tied head) get a bf16 copy
+        let head = model.index.lm_head.unwrap_or(model.index.embed);
+        let bf16_weights = (0..params.len())
+            .map(|i| {
+                let gemm = matches!(model.specs[i].kind, ParamKind::Matrix | ParamKind::Gate) || i == head;
+                if precision != Precision::Bf16 || !gemm {
+                    return Ok(None);
+                }
+                let n = params[i].bytes / 4;
+                let b = dev.zeros(n * 2)?;
+                ops::cast_to_bf16(dev, &params[i], &b, n)?;
+                Ok(Some(b))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let entries: Vec<_> = (0..params.len())
             .map(|i| {
                 let exempt = matches!(model.specs[i].kind, ParamKind::Norm | ParamKind::Embedding);
-                (&params[i], &grads[i], &moments[i].0, &moments[i].1, exempt)
+                let bf16 = bf16_weights[i].as_ref();
+                (&params[i], &grads[i], &moments[i].0, &moments[i].1, exempt, bf16)
             })
             .collect();
         let table = TensorTable::new(dev, &entries)?;
@@ -133,8 +147,7 @@ impl<'d> DeviceModel<'d> {
             gate,
             step: 0,
             precision,
-            bf16_weights: (0..model.specs.len()).map(|_| None).collect(),
-            bf16_of_step: None,
+            bf16_weights,
             mem: None,
             head_rows: None,
         })
@@ -212,7 +225,6 @@ impl<'d> DeviceModel<'d> {
         if seq > self.rope.max_len {
             bail!("sequence of {seq} beyond the model's {} positions", self.rope.max_len);
         }
-        self.refresh_bf16()?;
         let mut mem = self.step_memory(batch, seq)?;
         let loss = self.run_in(&mut mem, ids, targets, backward)?;
         self.mem = Some(mem);
@@ -274,8 +286,8 @@ impl<'d> DeviceModel<'d> {
     /// Weight `i` as a GEMM operand (its bf16 copy in mixed precision).
     fn weight(&self, i: usize) -> Operand<'_> {
         match &self.bf16_weights[i] {
-            Some(b) if self.precision == Precision::Bf16 => Operand::bf16(b),
-            _ => (&self.params[i]).into(),
+            Some(b) => Operand::bf16(b),
+            None => (&self.params[i]).into(),
         }
     }
 
@@ -302,29 +314,6 @@ impl<'d> DeviceModel<'d> {
     /// `dW_i += dyᵀ·x`
     fn lin_bwd_dw(&self, x: Operand, dy: Operand, w: usize, rows: usize, din: usize, dout: usize) -> Result<()> {
         ops::linear_bwd_dw(self.dev, x, dy, &self.grads[w], rows, din, dout)
-    }
-
-    /// Refresh the bf16 copies of the GEMM weights after the master weights changed.
-    fn refresh_bf16(&mut self) -> Result<()> {
-        if self.precision != Precision::Bf16 || self.bf16_of_step == Some(self.step) {
-            return Ok(());
-        }
-        for (i, slot) in self.bf16_weights.iter_mut().enumerate() {
-            if matches!(
-                self.specs[i].kind,
-                ParamKind::Matrix | ParamKind::Gate | ParamKind::Embedding
-            ) {
-                let n = self.params[i].bytes / 4;
-                let b = match slot.take() {
-                    Some(b) => b,
-                    None => self.dev.zeros(n * 2)?,
-                };
-                ops::cast_to_bf16(self.dev, &self.params[i], &b, n)?;
-                *slot = Some(b);
-            }
-        }
-        self.bf16_of_step = Some(self.step);
-        Ok(())
     }
 
     /// Set every gradient to zero (before accumulating a new step's micro-batches).
@@ -358,6 +347,7 @@ impl<'d> DeviceModel<'d> {
         } else {
             hp.weight_decay
         };
+        // the bf16 weight copies are rewritten in the same launch
         self.table.adamw(self.dev, &hp, exempt)?;
         self.step += 1;
         Ok(())

@@ -17,6 +17,11 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     return (bf16)(u >> 16);
 }
 
+// A kernel's f32 result stored in its output's type: f32 as is, bf16 rounded as above. The
+// kernels that produce a GEMM operand write it in the type the GEMM reads (no cast launch).
+__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_as(bf16* p, float v) { *p = f32_to_bf16(v); }
+
 __device__ __forceinline__ float sigmoidf(float z) { return 1.0f / (1.0f + __expf(-z)); }
 
 __device__ __forceinline__ float warp_sum(float x) {

@@ -21,7 +21,8 @@ fn span(what: &str, s: Strided, rows: usize, cols: usize) -> Result<()> {
     Ok(())
 }
 
-/// A matrix of a linear layer: its buffer and element type.
+/// A matrix of a linear layer (or the output of a kernel that makes one): its buffer and
+/// element type.
 #[derive(Clone, Copy)]
 pub struct Operand<'a> {
     pub buf: &'a DBuf,

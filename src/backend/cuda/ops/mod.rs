@@ -25,11 +25,11 @@ pub use attention::{
 pub use cross_entropy::cross_entropy;
 pub use embedding::{embed_bwd, embed_bwd_index_len, embed_bwd_with, embed_fwd};
 pub use gemm::{cast_to_bf16, gemm, linear_bwd_dw, linear_bwd_dx, linear_fwd, DType, Operand, Strided};
-pub use optim::{AdamStep, TensorTable};
+pub use optim::{AdamStep, TableEntry, TensorTable};
 pub use reduce::{add, colsum, colsum_scratch_len, colsum_with, fill};
-pub use rmsnorm::{rmsnorm_bwd, rmsnorm_bwd_with, rmsnorm_fwd};
-pub use rope::{qknorm_rope_bwd, qknorm_rope_bwd_with, qknorm_rope_fwd, DeviceRope, HeadRows};
-pub use swiglu::{swiglu_bwd, swiglu_fwd};
+pub use rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_bwd_to, rmsnorm_bwd_with, rmsnorm_fwd, rmsnorm_fwd_to};
+pub use rope::{qknorm_rope_bwd, qknorm_rope_bwd_to, qknorm_rope_bwd_with, qknorm_rope_fwd, DeviceRope, HeadRows};
+pub use swiglu::{swiglu_bwd, swiglu_bwd_to, swiglu_fwd, swiglu_fwd_to};
 
 use super::runtime::{DBuf, Launch};
 use anyhow::{bail, Result};
@@ -81,4 +81,9 @@ pub(crate) fn need(what: &str, buf: &DBuf, elems: usize, width: usize) -> Result
 
 pub(crate) fn f32s(what: &str, bufs: &[&DBuf], n: usize) -> Result<()> {
     bufs.iter().try_for_each(|b| need(what, b, n, 4))
+}
+
+/// An output of `n` elements of its own type (f32 or bf16).
+pub(crate) fn sized(what: &str, out: Operand, n: usize) -> Result<()> {
+    need(what, out.buf, n, out.dtype.size())
 }

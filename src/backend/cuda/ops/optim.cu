@@ -2,9 +2,9 @@
 // Entry points (ops/optim.rs): sumsq_multi, adamw_multi.
 
 // Multi-tensor optimizer kernels. `table` holds TSTRIDE longs per tensor: param, grad, m, v
-// (device pointers), element count, and 1 where the tensor may be exempt from weight decay
-// (norm gains, embeddings). blockIdx.y = tensor.
-#define TSTRIDE 6
+// (device pointers), element count, 1 where the tensor may be exempt from weight decay (norm
+// gains, embeddings), and the param's bf16 copy (device pointer; 0: none). blockIdx.y = tensor.
+#define TSTRIDE 7
 
 // Per-block partial sums of squared gradients, partials[tensor·gridDim.x + block]; the host
 // adds them in f64 (deterministic).
@@ -21,7 +21,9 @@ extern "C" __global__ void sumsq_multi(const long* table, float* partials) {
 }
 
 // AdamW (torch semantics) over every tensor in one launch; `scale` multiplies the gradients
-// (clipping), bc1/bc2 are 1 − β^t; exempt tensors decay by wd_exempt instead of wd.
+// (clipping), bc1/bc2 are 1 − β^t; exempt tensors decay by wd_exempt instead of wd. A tensor
+// with a bf16 copy (the GEMM operand of mixed precision) gets the new param's rounding written
+// here, so no separate cast re-reads the weights every step.
 extern "C" __global__ void adamw_multi(const long* table, float lr, float b1, float b2, float eps, float wd_all,
                                        float bc1, float bc2, float scale, float wd_exempt) {
     const long* t = table + (long)blockIdx.y * TSTRIDE;
@@ -31,11 +33,14 @@ extern "C" __global__ void adamw_multi(const long* table, float lr, float b1, fl
     float* v = (float*)t[3];
     const long n = t[4];
     const float wd = t[5] ? wd_exempt : wd_all;
+    bf16* pb = (bf16*)t[6];
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float g = grad[i] * scale;
         m[i] = b1 * m[i] + (1.0f - b1) * g;
         v[i] = b2 * v[i] + (1.0f - b2) * g * g;
-        p[i] = p[i] * (1.0f - lr * wd) - lr * (m[i] / bc1) / (sqrtf(v[i] / bc2) + eps);
+        const float np = p[i] * (1.0f - lr * wd) - lr * (m[i] / bc1) / (sqrtf(v[i] / bc2) + eps);
+        p[i] = np;
+        if (pb) pb[i] = f32_to_bf16(np);
     }
 }
 #undef TSTRIDE

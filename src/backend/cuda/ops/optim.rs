@@ -1,7 +1,7 @@
 //! AdamW over every tensor in one launch, and the gradients' sum of squares for clipping
 //! (optim.cu).
 
-use super::{f32s, KernelSource, THREADS};
+use super::{f32s, need, KernelSource, THREADS};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
@@ -41,8 +41,11 @@ impl AdamStep {
     }
 }
 
-/// The optimizer's view of every tensor: (param, grad, m, v, exempt from weight decay when
-/// the run says so), uploaded once.
+/// One tensor of a [`TensorTable`]: (param, grad, m, v, exempt from weight decay when the run
+/// says so, a bf16 copy of the param that AdamW keeps equal to its rounding).
+pub type TableEntry<'a> = (&'a DBuf, &'a DBuf, &'a DBuf, &'a DBuf, bool, Option<&'a DBuf>);
+
+/// The optimizer's view of every tensor ([`TableEntry`]), uploaded once.
 pub struct TensorTable {
     buf: DBuf,
     count: usize,
@@ -52,17 +55,28 @@ pub struct TensorTable {
 }
 
 /// Longs per tensor in the table (optim.cu `TSTRIDE`).
-const TSTRIDE: usize = 6;
+const TSTRIDE: usize = 7;
 
 impl TensorTable {
-    pub fn new(dev: &dyn Device, entries: &[(&DBuf, &DBuf, &DBuf, &DBuf, bool)]) -> Result<TensorTable> {
+    pub fn new(dev: &dyn Device, entries: &[TableEntry]) -> Result<TensorTable> {
         let mut t: Vec<u8> = Vec::with_capacity(entries.len() * TSTRIDE * 8);
         let mut max_len = 0;
-        for &(p, g, m, v, exempt) in entries {
+        for &(p, g, m, v, exempt, bf16) in entries {
             let n = p.bytes / 4;
             f32s("tensor table", &[g, m, v], n)?;
+            if let Some(b) = bf16 {
+                need("tensor table (bf16 copy)", b, n, 2)?;
+            }
             max_len = max_len.max(n);
-            for x in [p.ptr, g.ptr, m.ptr, v.ptr, n as u64, exempt as u64] {
+            for x in [
+                p.ptr,
+                g.ptr,
+                m.ptr,
+                v.ptr,
+                n as u64,
+                exempt as u64,
+                bf16.map_or(0, |b| b.ptr),
+            ] {
                 t.extend(x.to_ne_bytes());
             }
         }
@@ -97,7 +111,8 @@ impl TensorTable {
         Ok(p.iter().map(|&x| x as f64).sum())
     }
 
-    /// AdamW on every tensor: `hp.weight_decay`, or `exempt_decay` for the exempt tensors.
+    /// AdamW on every tensor: `hp.weight_decay`, or `exempt_decay` for the exempt tensors; the
+    /// tensors with a bf16 copy get it rewritten from the new param in the same pass.
     pub fn adamw(&self, dev: &dyn Device, hp: &AdamStep, exempt_decay: f32) -> Result<()> {
         let mut args = vec![self.buf.arg()];
         args.extend(hp.args());

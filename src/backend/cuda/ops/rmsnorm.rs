@@ -1,14 +1,23 @@
-//! RMSNorm over rows, forward and backward (rmsnorm.cu; the gain's gradient summed by
-//! [`colsum_with`]).
+//! RMSNorm over rows, forward (alone or fused with the residual add before it) and backward
+//! (rmsnorm.cu; the gain's gradient summed by [`colsum_with`]). The outputs that GEMMs read
+//! (the normed rows, the residual gradient) can be written in bf16, rounded from the same f32
+//! values the f32 kernels write.
 
-use super::{colsum_scratch_len, colsum_with, f32s, KernelSource, THREADS};
+use super::{colsum_scratch_len, colsum_with, f32s, need, sized, DType, KernelSource, Operand, THREADS};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::Result;
 
 pub const SOURCE: KernelSource = KernelSource {
     name: "rmsnorm",
     text: include_str!("rmsnorm.cu"),
-    entries: &["rmsnorm_fwd", "rmsnorm_bwd"],
+    entries: &[
+        "rmsnorm_fwd",
+        "rmsnorm_fwd_bf16",
+        "add_rmsnorm_fwd",
+        "add_rmsnorm_fwd_bf16",
+        "rmsnorm_bwd",
+        "rmsnorm_bwd_bf16",
+    ],
 };
 
 /// RMSNorm of `rows` rows of width `d`: writes `y` and the per-row `rstd`.
@@ -24,19 +33,78 @@ pub fn rmsnorm_fwd(
     eps: f32,
     zero_centered: bool,
 ) -> Result<()> {
-    f32s("rmsnorm_fwd", &[x, y], rows * d)?;
+    rmsnorm_fwd_to(dev, x, w, y.into(), rstd, rows, d, eps, zero_centered)
+}
+
+/// [`rmsnorm_fwd`] with `y` in f32 or bf16 (the f32 result rounded to nearest even): the input
+/// of the GEMMs that follow, in the type they read.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_fwd_to(
+    dev: &dyn Device,
+    x: &DBuf,
+    w: &DBuf,
+    y: Operand,
+    rstd: &DBuf,
+    rows: usize,
+    d: usize,
+    eps: f32,
+    zero_centered: bool,
+) -> Result<()> {
+    f32s("rmsnorm_fwd", &[x], rows * d)?;
+    sized("rmsnorm_fwd", y, rows * d)?;
     f32s("rmsnorm_fwd", &[w], d)?;
     f32s("rmsnorm_fwd", &[rstd], rows)?;
     let args = [
         x.arg(),
         w.arg(),
-        y.arg(),
+        y.buf.arg(),
         rstd.arg(),
         Arg::I32(d as i32),
         Arg::F32(eps),
         Arg::I32(zero_centered as i32),
     ];
-    dev.launch("rmsnorm_fwd", Launch::linear(rows, THREADS), &args)
+    let kernel = match y.dtype {
+        DType::F32 => "rmsnorm_fwd",
+        DType::Bf16 => "rmsnorm_fwd_bf16",
+    };
+    dev.launch(kernel, Launch::linear(rows, THREADS), &args)
+}
+
+/// The residual add fused with the RMSNorm after it, in one launch: `x1 = x + a` (f32; `x1`
+/// may be `x` or `a`), `h` = RMSNorm of `x1` (f32 or bf16, as [`rmsnorm_fwd_to`]) and `rstd`.
+/// Bit for bit [`add`](super::add) then [`rmsnorm_fwd_to`].
+#[allow(clippy::too_many_arguments)]
+pub fn add_rmsnorm_fwd(
+    dev: &dyn Device,
+    (x, a, x1): (&DBuf, &DBuf, &DBuf),
+    w: &DBuf,
+    h: Operand,
+    rstd: &DBuf,
+    rows: usize,
+    d: usize,
+    eps: f32,
+    zero_centered: bool,
+) -> Result<()> {
+    f32s("add_rmsnorm_fwd", &[x, a, x1], rows * d)?;
+    sized("add_rmsnorm_fwd", h, rows * d)?;
+    f32s("add_rmsnorm_fwd", &[w], d)?;
+    f32s("add_rmsnorm_fwd", &[rstd], rows)?;
+    let args = [
+        x.arg(),
+        a.arg(),
+        x1.arg(),
+        w.arg(),
+        h.buf.arg(),
+        rstd.arg(),
+        Arg::I32(d as i32),
+        Arg::F32(eps),
+        Arg::I32(zero_centered as i32),
+    ];
+    let kernel = match h.dtype {
+        DType::F32 => "add_rmsnorm_fwd",
+        DType::Bf16 => "add_rmsnorm_fwd_bf16",
+    };
+    dev.launch(kernel, Launch::linear(rows, THREADS), &args)
 }
 
 /// Its backward: `dx` (overwritten, or added to with `accumulate`), `dw` accumulated (through
@@ -65,7 +133,23 @@ pub fn rmsnorm_bwd(
 /// per-row gain contributions, `part` ([`colsum_scratch_len`]) for their column sum.
 pub fn rmsnorm_bwd_with(
     dev: &dyn Device,
+    io: (&DBuf, &DBuf, &DBuf, &DBuf, &DBuf, &DBuf),
+    rows: usize,
+    d: usize,
+    zero_centered: bool,
+    accumulate: bool,
+    scratch: (&DBuf, &DBuf),
+) -> Result<()> {
+    rmsnorm_bwd_to(dev, io, None, rows, d, zero_centered, accumulate, scratch)
+}
+
+/// [`rmsnorm_bwd_with`] that also writes the bf16 rounding of the `dx` it leaves into `dx_b`
+/// when given (the residual gradient, for the GEMMs that read it next), in the same launch.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_bwd_to(
+    dev: &dyn Device,
     (x, w, rstd, dy, dx, dw): (&DBuf, &DBuf, &DBuf, &DBuf, &DBuf, &DBuf),
+    dx_b: Option<&DBuf>,
     rows: usize,
     d: usize,
     zero_centered: bool,
@@ -75,17 +159,22 @@ pub fn rmsnorm_bwd_with(
     f32s("rmsnorm_bwd", &[x, dy, dx, dwp], rows * d)?;
     f32s("rmsnorm_bwd", &[w, dw], d)?;
     f32s("rmsnorm_bwd", &[rstd], rows)?;
-    let args = [
-        x.arg(),
-        w.arg(),
-        rstd.arg(),
-        dy.arg(),
-        dx.arg(),
+    let mut args = vec![x.arg(), w.arg(), rstd.arg(), dy.arg(), dx.arg()];
+    if let Some(b) = dx_b {
+        need("rmsnorm_bwd (bf16 dx)", b, rows * d, 2)?;
+        args.push(b.arg());
+    }
+    args.extend([
         dwp.arg(),
         Arg::I32(d as i32),
         Arg::I32(zero_centered as i32),
         Arg::I32(accumulate as i32),
-    ];
-    dev.launch("rmsnorm_bwd", Launch::linear(rows, THREADS), &args)?;
+    ]);
+    let kernel = if dx_b.is_some() {
+        "rmsnorm_bwd_bf16"
+    } else {
+        "rmsnorm_bwd"
+    };
+    dev.launch(kernel, Launch::linear(rows, THREADS), &args)?;
     colsum_with(dev, dwp, dw, rows, d, true, part)
 }

@@ -1,5 +1,5 @@
 // QK-norm fused with RoPE. Same math as src/model/ops/{rmsnorm,rope}.rs.
-// Entry points (ops/rope.rs): qknorm_rope_fwd, qknorm_rope_bwd.
+// Entry points (ops/rope.rs): qknorm_rope_fwd, qknorm_rope_bwd, qknorm_rope_bwd_bf16.
 
 // Per (row, head): RMSNorm over head_dim with gain w (w or 1 + w; has_norm = 0: none), then
 // rotate-half RoPE of the first 2·half dims at position pos0 + row % seq; the rest pass.
@@ -29,33 +29,54 @@ extern "C" __global__ void qknorm_rope_fwd(const float* x, const float* w, const
     for (int e = 2 * half + lane; e < hd; e += 32) y[base + e] = x[base + e] * r * GAIN(e);
 }
 
-// Backward: dn = Rᵀ·dy, then RMSNorm's backward over the head row. dx is overwritten; the gain's
-// gradient per (row, head) goes to dwp [rows·heads, hd] (summed by colsum, deterministically).
-extern "C" __global__ void qknorm_rope_bwd(const float* x, const float* w, const float* rstd, const float* cosv,
-                                           const float* sinv, const float* dy, float* dx, float* dwp, int rows,
-                                           int heads, int hd, int half, int seq, int pos0, int zc, int has_norm) {
+// Backward: dn = Rᵀ·dy, then RMSNorm's backward over the head row. dx (f32, or bf16 for the
+// projection GEMMs that read it) is overwritten; the gain's gradient per (row, head) goes to
+// dwp [rows·heads, hd] (summed by colsum, deterministically). A lane recomputes the dn of the
+// elements it owns instead of keeping dn in dx, which a bf16 dx could not hold in f32.
+__device__ __forceinline__ float rope_dn(const float* dy, const float* cosv, const float* sinv, long base, long p,
+                                         int half, int e) {
+    if (e < half) return dy[base + e] * cosv[p + e] + dy[base + e + half] * sinv[p + e];
+    if (e < 2 * half) {
+        const int i = e - half;
+        return dy[base + e] * cosv[p + i] - dy[base + i] * sinv[p + i];
+    }
+    return dy[base + e];
+}
+
+template <class T>
+__device__ void qknorm_rope_bwd_impl(const float* x, const float* w, const float* rstd, const float* cosv,
+                                     const float* sinv, const float* dy, T* dx, float* dwp, int rows, int heads,
+                                     int hd, int half, int seq, int pos0, int zc, int has_norm) {
     const int wi = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (wi >= rows * heads) return;  // warp-uniform
     const int row = wi / heads;
     const long base = (long)wi * hd;
     const long p = (long)(pos0 + row % seq) * half;
-    // dn into dx first (each lane rewrites only its own elements below)
-    for (int i = lane; i < half; i += 32) {
-        float a = dy[base + i], b = dy[base + i + half], c = cosv[p + i], s = sinv[p + i];
-        dx[base + i] = a * c + b * s;
-        dx[base + i + half] = b * c - a * s;
+    if (!has_norm) {
+        for (int e = lane; e < hd; e += 32) store_as(dx + base + e, rope_dn(dy, cosv, sinv, base, p, half, e));
+        return;
     }
-    for (int e = 2 * half + lane; e < hd; e += 32) dx[base + e] = dy[base + e];
-    if (!has_norm) return;
-    __syncwarp();  // lanes read elements other lanes wrote
     const float r = rstd[wi];
     float dot = 0.0f;
-    for (int e = lane; e < hd; e += 32) dot += dx[base + e] * GAIN(e) * x[base + e] * r;
+    for (int e = lane; e < hd; e += 32) dot += rope_dn(dy, cosv, sinv, base, p, half, e) * GAIN(e) * x[base + e] * r;
     const float mean = warp_sum(dot) / hd;
     for (int e = lane; e < hd; e += 32) {
-        float xh = x[base + e] * r, dn = dx[base + e];
+        float xh = x[base + e] * r, dn = rope_dn(dy, cosv, sinv, base, p, half, e);
         dwp[base + e] = dn * xh;
-        dx[base + e] = r * (dn * GAIN(e) - xh * mean);
+        store_as(dx + base + e, r * (dn * GAIN(e) - xh * mean));
     }
-#undef GAIN
 }
+
+extern "C" __global__ void qknorm_rope_bwd(const float* x, const float* w, const float* rstd, const float* cosv,
+                                           const float* sinv, const float* dy, float* dx, float* dwp, int rows,
+                                           int heads, int hd, int half, int seq, int pos0, int zc, int has_norm) {
+    qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, dwp, rows, heads, hd, half, seq, pos0, zc, has_norm);
+}
+
+extern "C" __global__ void qknorm_rope_bwd_bf16(const float* x, const float* w, const float* rstd, const float* cosv,
+                                                const float* sinv, const float* dy, bf16* dx, float* dwp, int rows,
+                                                int heads, int hd, int half, int seq, int pos0, int zc,
+                                                int has_norm) {
+    qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, dwp, rows, heads, hd, half, seq, pos0, zc, has_norm);
+}
+#undef GAIN

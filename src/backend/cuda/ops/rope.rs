@@ -1,14 +1,14 @@
 //! QK-norm fused with RoPE, forward and backward (rope.cu; the gain's gradient summed by
-//! [`colsum_with`]).
+//! [`colsum_with`]); the backward's output, which the projections' GEMMs read, in f32 or bf16.
 
-use super::{colsum_scratch_len, colsum_with, f32s, KernelSource};
+use super::{colsum_scratch_len, colsum_with, f32s, sized, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
 pub const SOURCE: KernelSource = KernelSource {
     name: "rope",
     text: include_str!("rope.cu"),
-    entries: &["qknorm_rope_fwd", "qknorm_rope_bwd"],
+    entries: &["qknorm_rope_fwd", "qknorm_rope_bwd", "qknorm_rope_bwd_bf16"],
 };
 
 /// A RoPE table on the device: `cos`/`sin` `[max_len, half]`.
@@ -134,12 +134,30 @@ pub fn qknorm_rope_bwd_with(
     dev: &dyn Device,
     h: &HeadRows,
     rope: &DeviceRope,
-    (x, rstd, dy): (&DBuf, &DBuf, &DBuf),
+    ins: (&DBuf, &DBuf, &DBuf),
     dx: &DBuf,
+    scratch: (&DBuf, &DBuf),
+    dw: Option<&DBuf>,
+) -> Result<()> {
+    qknorm_rope_bwd_to(dev, h, rope, ins, dx.into(), scratch, dw)
+}
+
+/// [`qknorm_rope_bwd_with`] with `dx` in f32 or bf16 (the q/k projections' output gradient,
+/// in the type their GEMMs read).
+pub fn qknorm_rope_bwd_to(
+    dev: &dyn Device,
+    h: &HeadRows,
+    rope: &DeviceRope,
+    (x, rstd, dy): (&DBuf, &DBuf, &DBuf),
+    dx: Operand,
     (dwp, part): (&DBuf, &DBuf),
     dw: Option<&DBuf>,
 ) -> Result<()> {
-    h.check("qknorm_rope_bwd", rope, &[x, dy, dx, dwp])?;
+    h.check("qknorm_rope_bwd", rope, &[x, dy, dwp])?;
+    sized("qknorm_rope_bwd", dx, h.rows * h.heads * h.head_dim)?;
+    if h.norm.is_some() {
+        f32s("qknorm_rope_bwd", &[rstd], h.rows * h.heads)?;
+    }
     let mut args = vec![
         x.arg(),
         h.norm.map_or(Arg::Ptr(0), |w| w.arg()),
@@ -147,12 +165,16 @@ pub fn qknorm_rope_bwd_with(
         rope.cos.arg(),
         rope.sin.arg(),
         dy.arg(),
-        dx.arg(),
+        dx.buf.arg(),
         dwp.arg(),
     ];
     args.extend(h.dims(rope));
     args.extend([Arg::I32(h.zero_centered as i32), Arg::I32(h.norm.is_some() as i32)]);
-    dev.launch("qknorm_rope_bwd", h.launch(), &args)?;
+    let kernel = match dx.dtype {
+        DType::F32 => "qknorm_rope_bwd",
+        DType::Bf16 => "qknorm_rope_bwd_bf16",
+    };
+    dev.launch(kernel, h.launch(), &args)?;
     match (h.norm, dw) {
         (Some(_), Some(dw)) => colsum_with(dev, dwp, dw, h.rows * h.heads, h.head_dim, true, part),
         (Some(_), None) => bail!("qknorm_rope_bwd: a normed call needs the gain's gradient buffer"),

@@ -1,0 +1,313 @@
+//! The kernels that write a GEMM operand in bf16 themselves (mixed precision without cast
+//! launches): each bf16 output is, bit for bit, the round-to-nearest-even of what the f32 kernel
+//! writes from the same inputs, and every other output equals the f32 kernel's; the fused
+//! residual add + RMSNorm equals `add` then `rmsnorm_fwd` bit for bit; and output sizes are
+//! checked for the output's own type. On the CPU emulator always, and on a GPU when there is one.
+#![cfg(feature = "cuda")]
+
+use gated_lm::backend::cuda::ops::{self, DeviceRope, HeadRows, Operand};
+use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_u16, DBuf, Device};
+
+mod common;
+use common::cuda_devices as devices;
+
+fn randn(n: usize, seed: u64, std: f64) -> Vec<f32> {
+    let mut r = gated_lm::rng::Rng::new(seed);
+    (0..n).map(|_| (r.normal() * std) as f32).collect()
+}
+
+/// `n` f32 or bf16 elements of NaN, so an element a kernel skips cannot pass for a result.
+fn nan_f32(dev: &dyn Device, n: usize) -> DBuf {
+    up_f32(dev, &vec![f32::NAN; n]).unwrap()
+}
+fn nan_bf16(dev: &dyn Device, n: usize) -> DBuf {
+    up_u16(dev, &vec![0x7fc1; n]).unwrap()
+}
+
+fn bits(dev: &dyn Device, b: &DBuf) -> Vec<u32> {
+    down_f32(dev, b).unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
+/// The bf16 output `got` is the round-to-nearest-even of the f32 output `of`, element for
+/// element (and the f32 output is a real result: finite, not all zero).
+fn rounds(what: &str, dev: &dyn Device, got: &DBuf, of: &DBuf) {
+    let (got, of) = (down_u16(dev, got).unwrap(), down_f32(dev, of).unwrap());
+    assert_eq!(got.len(), of.len(), "{what}");
+    assert!(
+        of.iter().all(|x| x.is_finite()) && of.iter().any(|&x| x != 0.0),
+        "{what}"
+    );
+    for (i, (&g, &x)) in got.iter().zip(&of).enumerate() {
+        let want = half::bf16::from_f32(x).to_bits();
+        assert_eq!(
+            g, want,
+            "{what}: element {i}: f32 {x} gave bf16 {g:#06x}, not {want:#06x}"
+        );
+    }
+}
+
+/// RMSNorm forward with a bf16 output, and the residual add fused with it (out of place, and
+/// in place over either input), in both norm styles; rows of a width that leaves some threads
+/// of a block idle.
+#[test]
+fn rmsnorm_forward_writes_bf16_and_fuses_the_residual_add() {
+    let (rows, d, eps) = (37, 300, 1e-6);
+    let n = rows * d;
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let (x, a, w) = (randn(n, 1, 3.0), randn(n, 2, 1.0), randn(d, 3, 0.5));
+        let (xb, ab, wb) = (
+            up_f32(dev, &x).unwrap(),
+            up_f32(dev, &a).unwrap(),
+            up_f32(dev, &w).unwrap(),
+        );
+        for zc in [false, true] {
+            let what = |s: &str| format!("{s} (zero-centred {zc}) on {}", dev.describe());
+            // the f32 kernel, then the bf16 one on the same input
+            let (y, r) = (nan_f32(dev, n), nan_f32(dev, rows));
+            ops::rmsnorm_fwd(dev, &xb, &wb, &y, &r, rows, d, eps, zc).unwrap();
+            let (yb, rb) = (nan_bf16(dev, n), nan_f32(dev, rows));
+            ops::rmsnorm_fwd_to(dev, &xb, &wb, Operand::bf16(&yb), &rb, rows, d, eps, zc).unwrap();
+            rounds(&what("rmsnorm_fwd_bf16 y"), dev, &yb, &y);
+            assert_eq!(bits(dev, &rb), bits(dev, &r), "{}", what("rmsnorm_fwd_bf16 rstd"));
+
+            // unfused: x1 = x + a, then the norm of x1
+            let (x1, h, r) = (nan_f32(dev, n), nan_f32(dev, n), nan_f32(dev, rows));
+            ops::add(dev, &xb, &ab, &x1, n).unwrap();
+            ops::rmsnorm_fwd(dev, &x1, &wb, &h, &r, rows, d, eps, zc).unwrap();
+            let (x1, h, r) = (bits(dev, &x1), h, bits(dev, &r));
+            for place in ["apart", "over x", "over a"] {
+                let (xs, as_) = (up_f32(dev, &x).unwrap(), up_f32(dev, &a).unwrap());
+                let apart = nan_f32(dev, n);
+                let out = match place {
+                    "apart" => &apart,
+                    "over x" => &xs,
+                    _ => &as_,
+                };
+                let (hf, rf) = (nan_f32(dev, n), nan_f32(dev, rows));
+                ops::add_rmsnorm_fwd(dev, (&xs, &as_, out), &wb, (&hf).into(), &rf, rows, d, eps, zc).unwrap();
+                let msg = what(&format!("add_rmsnorm_fwd, x1 {place}"));
+                assert_eq!(bits(dev, out), x1, "{msg}: x1");
+                assert_eq!(bits(dev, &hf), bits(dev, &h), "{msg}: h");
+                assert_eq!(bits(dev, &rf), r, "{msg}: rstd");
+            }
+            let (x1b, hb, rb) = (nan_f32(dev, n), nan_bf16(dev, n), nan_f32(dev, rows));
+            ops::add_rmsnorm_fwd(dev, (&xb, &ab, &x1b), &wb, Operand::bf16(&hb), &rb, rows, d, eps, zc).unwrap();
+            assert_eq!(bits(dev, &x1b), x1, "{}", what("add_rmsnorm_fwd_bf16 x1"));
+            rounds(&what("add_rmsnorm_fwd_bf16 h"), dev, &hb, &h);
+            assert_eq!(bits(dev, &rb), r, "{}", what("add_rmsnorm_fwd_bf16 rstd"));
+        }
+    }
+}
+
+/// RMSNorm backward writing a bf16 copy of the `dx` it leaves (overwritten or accumulated):
+/// `dx` and the gain's gradient as without the copy, the copy its rounding.
+#[test]
+fn rmsnorm_backward_writes_a_bf16_copy_of_dx() {
+    let (rows, d) = (37, 300);
+    let n = rows * d;
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let (x, w, dy, dx0) = (randn(n, 4, 3.0), randn(d, 5, 0.5), randn(n, 6, 1.0), randn(n, 7, 1.0));
+        let up = |v: &[f32]| up_f32(dev, v).unwrap();
+        let (xb, wb, dyb) = (up(&x), up(&w), up(&dy));
+        for (zc, acc) in [(false, false), (true, true), (false, true)] {
+            let what = |s: &str| format!("{s} (zero-centred {zc}, accumulate {acc}) on {}", dev.describe());
+            let r = nan_f32(dev, rows);
+            ops::rmsnorm_fwd(dev, &xb, &wb, &nan_f32(dev, n), &r, rows, d, 1e-6, zc).unwrap();
+            let scratch = (nan_f32(dev, n), nan_f32(dev, ops::colsum_scratch_len(rows, d)));
+            let sc = (&scratch.0, &scratch.1);
+            let (dx, dw) = (up(&dx0), up(&w));
+            ops::rmsnorm_bwd_with(dev, (&xb, &wb, &r, &dyb, &dx, &dw), rows, d, zc, acc, sc).unwrap();
+            let (dx2, dw2, dxb) = (up(&dx0), up(&w), nan_bf16(dev, n));
+            let io = (&xb, &wb, &r, &dyb, &dx2, &dw2);
+            ops::rmsnorm_bwd_to(dev, io, Some(&dxb), rows, d, zc, acc, sc).unwrap();
+            assert_eq!(bits(dev, &dx2), bits(dev, &dx), "{}", what("rmsnorm_bwd_bf16 dx"));
+            assert_eq!(bits(dev, &dw2), bits(dev, &dw), "{}", what("rmsnorm_bwd_bf16 dw"));
+            rounds(&what("rmsnorm_bwd_bf16 dx copy"), dev, &dxb, &dx);
+        }
+    }
+}
+
+/// SwiGLU forward writing `m` in bf16, backward writing `dg` and `du` in bf16.
+#[test]
+fn swiglu_writes_bf16_outputs() {
+    let n = 3 * 1000 + 7;
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let up = |v: &[f32]| up_f32(dev, v).unwrap();
+        let (g, u, dm) = (up(&randn(n, 8, 2.0)), up(&randn(n, 9, 1.0)), up(&randn(n, 10, 1.0)));
+        let on = dev.describe();
+        let (m, mb) = (nan_f32(dev, n), nan_bf16(dev, n));
+        ops::swiglu_fwd(dev, &g, &u, &m, n).unwrap();
+        ops::swiglu_fwd_to(dev, &g, &u, Operand::bf16(&mb), n).unwrap();
+        rounds(&format!("swiglu_fwd_bf16 m on {on}"), dev, &mb, &m);
+        let (dg, du, dgb, dub) = (nan_f32(dev, n), nan_f32(dev, n), nan_bf16(dev, n), nan_bf16(dev, n));
+        ops::swiglu_bwd(dev, &g, &u, &dm, &dg, &du, n).unwrap();
+        ops::swiglu_bwd_to(dev, &g, &u, &dm, Operand::bf16(&dgb), Operand::bf16(&dub), n).unwrap();
+        rounds(&format!("swiglu_bwd_bf16 dg on {on}"), dev, &dgb, &dg);
+        rounds(&format!("swiglu_bwd_bf16 du on {on}"), dev, &dub, &du);
+    }
+}
+
+/// `dx`, `Σ dwp` of QK-norm + RoPE's backward in f64 from its definition: dn = Rᵀ·dy per
+/// (row, head), then RMSNorm's backward with the forward's `rstd` (no norm: dx = dn).
+fn qknorm_rope_bwd_ref(
+    (rows, heads, hd, half, seq): (usize, usize, usize, usize, usize),
+    (cos, sin): (&[f32], &[f32]),
+    x: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    gain: Option<Vec<f64>>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut dx, mut dw) = (vec![0f32; x.len()], vec![0f64; hd]);
+    for (wi, &r) in rstd.iter().enumerate().take(rows * heads) {
+        let (b, p) = (wi * hd, (wi / heads % seq) * half);
+        let dyv = |e: usize| dy[b + e] as f64;
+        let dn: Vec<f64> = (0..hd)
+            .map(|e| match e {
+                e if e < half => dyv(e) * cos[p + e] as f64 + dyv(e + half) * sin[p + e] as f64,
+                e if e < 2 * half => dyv(e) * cos[p + e - half] as f64 - dyv(e - half) * sin[p + e - half] as f64,
+                e => dyv(e),
+            })
+            .collect();
+        let Some(g) = &gain else {
+            (0..hd).for_each(|e| dx[b + e] = dn[e] as f32);
+            continue;
+        };
+        let r = r as f64;
+        let xh: Vec<f64> = (0..hd).map(|e| x[b + e] as f64 * r).collect();
+        let mean = (0..hd).map(|e| dn[e] * g[e] * xh[e]).sum::<f64>() / hd as f64;
+        for e in 0..hd {
+            dx[b + e] = (r * (dn[e] * g[e] - xh[e] * mean)) as f32;
+            dw[e] += dn[e] * xh[e];
+        }
+    }
+    (dx, dw.iter().map(|&v| v as f32).collect())
+}
+
+/// QK-norm + RoPE backward writing its output in bf16; and the f32 kernel (which now
+/// recomputes Rᵀ·dy instead of keeping it in dx) against an f64 reference: partial rotary
+/// (a half that is not a multiple of the warp), both norm styles, no norm.
+#[test]
+fn qknorm_rope_backward_writes_bf16() {
+    // (rows, seq, heads, head_dim, rotary half, norm: None / zero-centred)
+    let cases = [
+        (12, 6, 3, 32, 8, Some(false)),
+        (10, 5, 2, 64, 32, Some(true)),
+        (8, 4, 2, 16, 8, None),
+    ];
+    for dev in devices() {
+        let dev = dev.as_ref();
+        for (i, &(rows, seq, heads, hd, half, norm)) in cases.iter().enumerate() {
+            let what = |s: &str| format!("{s} (case {i}) on {}", dev.describe());
+            let s = i as u64 * 10;
+            let n = rows * heads * hd;
+            let angles = randn(seq * half, 20 + s, 2.0);
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            let rope = DeviceRope::upload(dev, &cos, &sin, 2 * half, seq).unwrap();
+            let (x, dy, w) = (randn(n, 21 + s, 2.0), randn(n, 22 + s, 1.0), randn(hd, 23 + s, 0.5));
+            let up = |v: &[f32]| up_f32(dev, v).unwrap();
+            let (xb, dyb, wb) = (up(&x), up(&dy), up(&w));
+            let h = HeadRows {
+                rows,
+                heads,
+                head_dim: hd,
+                seq,
+                norm: norm.map(|_| &wb),
+                zero_centered: norm == Some(true),
+            };
+            let rstd = nan_f32(dev, rows * heads);
+            ops::qknorm_rope_fwd(dev, &h, &rope, &xb, &nan_f32(dev, n), &rstd, 1e-6).unwrap();
+            let scratch = (nan_f32(dev, n), nan_f32(dev, ops::colsum_scratch_len(rows * heads, hd)));
+            let sc = (&scratch.0, &scratch.1);
+            let (dx, dw) = (nan_f32(dev, n), up(&vec![0.0; hd]));
+            let dwo = norm.map(|_| &dw);
+            ops::qknorm_rope_bwd_with(dev, &h, &rope, (&xb, &rstd, &dyb), &dx, sc, dwo).unwrap();
+            let gain = norm.map(|zc| w.iter().map(|&v| v as f64 + if zc { 1.0 } else { 0.0 }).collect());
+            let r = down_f32(dev, &rstd).unwrap();
+            let (want_dx, want_dw) = qknorm_rope_bwd_ref((rows, heads, hd, half, seq), (&cos, &sin), &x, &r, &dy, gain);
+            let close = |what: &str, got: &[f32], want: &[f32]| {
+                let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+                let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err <= 1e-5 * scale, "{what}: differs by {err} (scale {scale})");
+            };
+            close(&what("qknorm_rope_bwd dx"), &down_f32(dev, &dx).unwrap(), &want_dx);
+            if norm.is_some() {
+                close(&what("qknorm_rope_bwd dw"), &down_f32(dev, &dw).unwrap(), &want_dw);
+            }
+            let (dxb, dw2) = (nan_bf16(dev, n), up(&vec![0.0; hd]));
+            let dwo2 = norm.map(|_| &dw2);
+            let ins = (&xb, &rstd, &dyb);
+            ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, Operand::bf16(&dxb), sc, dwo2).unwrap();
+            rounds(&what("qknorm_rope_bwd_bf16 dx"), dev, &dxb, &dx);
+            assert_eq!(bits(dev, &dw2), bits(dev, &dw), "{}", what("qknorm_rope_bwd_bf16 dw"));
+        }
+    }
+}
+
+/// Every bf16 output is checked for 2 bytes an element: a buffer of exactly that is accepted
+/// as bf16 and refused as f32, one element less is refused; all before any launch.
+#[test]
+fn bf16_outputs_are_checked_for_their_own_size() {
+    let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let dev: &dyn Device = &emu;
+    let (rows, d) = (3, 40);
+    let n = rows * d;
+    let f = |k: usize| dev.zeros(4 * k).unwrap();
+    let (x, w, r) = (f(n), f(d), f(rows));
+    let (exact, short) = (dev.zeros(2 * n).unwrap(), dev.zeros(2 * n - 2).unwrap());
+    let refused = |e: anyhow::Result<()>, what: &str| {
+        let e = format!("{}", e.unwrap_err());
+        assert!(e.contains("buffer of"), "{what}: {e}");
+    };
+    let (b, s) = (Operand::bf16(&exact), Operand::bf16(&short));
+    ops::rmsnorm_fwd_to(dev, &x, &w, b, &r, rows, d, 1e-6, false).unwrap();
+    refused(
+        ops::rmsnorm_fwd_to(dev, &x, &w, (&exact).into(), &r, rows, d, 1e-6, false),
+        "f32 y",
+    );
+    refused(ops::rmsnorm_fwd_to(dev, &x, &w, s, &r, rows, d, 1e-6, false), "short y");
+    let io = (&x, &x, &x);
+    ops::add_rmsnorm_fwd(dev, io, &w, b, &r, rows, d, 1e-6, false).unwrap();
+    refused(
+        ops::add_rmsnorm_fwd(dev, io, &w, s, &r, rows, d, 1e-6, false),
+        "short h",
+    );
+    refused(
+        ops::add_rmsnorm_fwd(dev, (&x, &x, &exact), &w, b, &r, rows, d, 1e-6, false),
+        "bf16-sized x1",
+    );
+    let sc = (f(n), f(ops::colsum_scratch_len(rows, d)));
+    let io = (&x, &w, &r, &x, &x, &w);
+    ops::rmsnorm_bwd_to(dev, io, Some(&exact), rows, d, false, false, (&sc.0, &sc.1)).unwrap();
+    let e = ops::rmsnorm_bwd_to(dev, io, Some(&short), rows, d, false, false, (&sc.0, &sc.1));
+    refused(e, "short dx copy");
+    ops::swiglu_fwd_to(dev, &x, &x, b, n).unwrap();
+    refused(ops::swiglu_fwd_to(dev, &x, &x, s, n), "short m");
+    refused(ops::swiglu_bwd_to(dev, &x, &x, &x, b, s, n), "short du");
+    let e = ops::swiglu_bwd_to(dev, &x, &x, &x, b, (&x).into(), n).unwrap_err();
+    assert!(format!("{e}").contains("one type for both"), "{e}");
+    let rope = DeviceRope::upload(dev, &[1.0; 8], &[0.0; 8], 8, 2).unwrap();
+    let h = HeadRows {
+        rows,
+        heads: 2,
+        head_dim: 20,
+        seq: 2,
+        norm: None,
+        zero_centered: false,
+    };
+    let sc = (f(n), f(ops::colsum_scratch_len(rows * 2, 20)));
+    let ins = (&x, &r, &x);
+    ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, (&sc.0, &sc.1), None).unwrap();
+    refused(
+        ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, s, (&sc.0, &sc.1), None),
+        "short dx",
+    );
+    // with a norm the kernel reads rstd, [rows, heads]: `r` holds one per row
+    let (gain, dw) = (f(20), f(20));
+    let h = HeadRows { norm: Some(&gain), ..h };
+    let e = ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, (&sc.0, &sc.1), Some(&dw));
+    refused(e, "short rstd");
+}
