@@ -7,7 +7,7 @@
 //! step's loss or gradients into NaN, which the device-vs-CPU tests catch.
 
 use super::Precision;
-use crate::backend::cuda::ops::{self, AttnScratch};
+use crate::backend::cuda::ops::{self, AttnScratch, DType, Operand};
 use crate::backend::cuda::runtime::{DBuf, Device};
 use crate::config::ModelConfig;
 use anyhow::Result;
@@ -48,6 +48,21 @@ impl Carver {
         let start = (of.ptr - self.arena.ptr) as usize;
         DBuf::view(&self.arena, start + offset, bytes)
     }
+    /// An activation only GEMMs read, in their operand type.
+    fn gemm_in(&mut self, precision: Precision, n: usize) -> Result<GemmIn> {
+        let dtype = match precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::Bf16,
+        };
+        let buf = self.bytes(dtype.size() * n)?;
+        Ok(GemmIn { buf, dtype })
+    }
+    /// Rows `start..start + rows` (of width `width`) of `of`.
+    fn rows_of(&self, of: &GemmIn, start: usize, rows: usize, width: usize) -> Result<GemmIn> {
+        let size = of.dtype.size();
+        let buf = self.part(&of.buf, size * start * width, size * rows * width)?;
+        Ok(GemmIn { buf, dtype: of.dtype })
+    }
     /// A bf16 shadow of an f32 activation that GEMMs read, in mixed precision only.
     fn shadow(&mut self, precision: Precision, n: usize) -> Result<Option<DBuf>> {
         match precision {
@@ -57,12 +72,28 @@ impl Carver {
     }
 }
 
+/// An activation that only GEMMs read (forward and backward): its producer writes it in the
+/// GEMMs' operand type — bf16 in mixed precision, so it has no f32 copy and needs no cast.
+pub(super) struct GemmIn {
+    pub buf: DBuf,
+    pub dtype: DType,
+}
+
+impl GemmIn {
+    pub fn op(&self) -> Operand<'_> {
+        Operand {
+            buf: &self.buf,
+            dtype: self.dtype,
+        }
+    }
+}
+
 /// What one layer's forward keeps for its backward (f32, and the bf16 shadows the GEMMs of
 /// both passes read in mixed precision).
 pub(super) struct LayerMem {
     /// the layer's input (the previous layer's output)
     pub x: DBuf,
-    pub h1: DBuf,
+    pub h1: GemmIn,
     pub rstd1: DBuf,
     pub q: DBuf,
     pub k: DBuf,
@@ -76,15 +107,13 @@ pub(super) struct LayerMem {
     pub lse: DBuf,
     pub y: DBuf,
     pub x1: DBuf,
-    pub h2: DBuf,
+    pub h2: GemmIn,
     pub rstd2: DBuf,
     pub g: DBuf,
     pub u: DBuf,
-    pub m: DBuf,
-    pub h1_b: Option<DBuf>,
+    pub m: GemmIn,
+    /// the attention writes `y` in f32; its bf16 copy for the o_proj GEMMs
     pub y_b: Option<DBuf>,
-    pub h2_b: Option<DBuf>,
-    pub m_b: Option<DBuf>,
     /// bf16 copies of the rotated q, k and v for the tensor-core attention: the forward
     /// writes them, the backward reads them again
     pub qkv_b: Option<(DBuf, DBuf, DBuf)>,
@@ -95,15 +124,15 @@ pub(super) struct BackwardMem {
     /// d(loss)/d(residual stream), updated in place layer by layer
     pub dx: DBuf,
     pub dm: DBuf,
-    pub dg: DBuf,
-    pub du: DBuf,
+    pub dg: GemmIn,
+    pub du: GemmIn,
     pub dh2: DBuf,
     pub dy: DBuf,
     pub dqr: DBuf,
     pub dkr: DBuf,
     pub dv: DBuf,
-    pub dq: DBuf,
-    pub dk: DBuf,
+    pub dq: GemmIn,
+    pub dk: GemmIn,
     pub dz: Option<DBuf>,
     pub dh1: DBuf,
     pub attn: AttnScratch,
@@ -113,19 +142,17 @@ pub(super) struct BackwardMem {
     pub colsum_part: DBuf,
     /// embedding backward's index (ids grouped on the host)
     pub embed_index: DBuf,
-    /// bf16 copies of the gradients GEMMs read: the residual's, dg and du (read together),
-    /// and one projection-sized buffer reused for dy, dq, dk, dv and dz in turn
+    /// bf16 copies of the gradients GEMMs read that their producers write in f32: the
+    /// residual's (written beside it by the norms' backward), and one projection-sized buffer
+    /// cast into for dv and dz in turn
     pub dx_b: Option<DBuf>,
-    pub dg_b: Option<DBuf>,
-    pub du_b: Option<DBuf>,
     pub dproj_b: Option<DBuf>,
 }
 
 /// One row chunk of the LM head: views of the full buffers' rows `start..start + rows`.
 pub(super) struct HeadChunk {
     pub rows: usize,
-    pub hf: DBuf,
-    pub hf_b: Option<DBuf>,
+    pub hf: GemmIn,
     pub dhf: DBuf,
     pub targets: DBuf,
     pub loss_rows: DBuf,
@@ -154,9 +181,8 @@ pub(super) struct StepMemory {
     pub layers: Vec<LayerMem>,
     /// the last layer's output
     pub x_last: DBuf,
-    pub hf: DBuf,
+    pub hf: GemmIn,
     pub rstd_f: DBuf,
-    pub hf_b: Option<DBuf>,
     pub loss_rows: DBuf,
     pub dhf: DBuf,
     /// The LM head and cross-entropy run over row chunks of the final hidden states, so only
@@ -221,7 +247,7 @@ impl StepMemory {
         for _ in 0..cfg.num_layers {
             layers.push(LayerMem {
                 x: c.f32(n * dm)?,
-                h1: c.f32(n * dm)?,
+                h1: c.gemm_in(precision, n * dm)?,
                 rstd1: c.f32(n)?,
                 q: c.f32(n * qd)?,
                 k: c.f32(n * kvd)?,
@@ -235,15 +261,12 @@ impl StepMemory {
                 lse: c.f32(n * heads)?,
                 y: c.f32(n * qd)?,
                 x1: c.f32(n * dm)?,
-                h2: c.f32(n * dm)?,
+                h2: c.gemm_in(precision, n * dm)?,
                 rstd2: c.f32(n)?,
                 g: c.f32(n * ff)?,
                 u: c.f32(n * ff)?,
-                m: c.f32(n * ff)?,
-                h1_b: c.shadow(precision, n * dm)?,
+                m: c.gemm_in(precision, n * ff)?,
                 y_b: c.shadow(precision, n * qd)?,
-                h2_b: c.shadow(precision, n * dm)?,
-                m_b: c.shadow(precision, n * ff)?,
                 qkv_b: if tc_attention {
                     Some((c.bf16(n * qd)?, c.bf16(n * kvd)?, c.bf16(n * kvd)?))
                 } else {
@@ -251,19 +274,19 @@ impl StepMemory {
                 },
             });
         }
-        let proj = qd.max(kvd).max(scores.unwrap_or(0));
+        let proj = kvd.max(scores.unwrap_or(0));
         let bwd = BackwardMem {
             dx: c.f32(n * dm)?,
             dm: c.f32(n * ff)?,
-            dg: c.f32(n * ff)?,
-            du: c.f32(n * ff)?,
+            dg: c.gemm_in(precision, n * ff)?,
+            du: c.gemm_in(precision, n * ff)?,
             dh2: c.f32(n * dm)?,
             dy: c.f32(n * qd)?,
             dqr: c.f32(n * qd)?,
             dkr: c.f32(n * kvd)?,
             dv: c.f32(n * kvd)?,
-            dq: c.f32(n * qd)?,
-            dk: c.f32(n * kvd)?,
+            dq: c.gemm_in(precision, n * qd)?,
+            dk: c.gemm_in(precision, n * kvd)?,
             dz: scores.map(|s| c.f32(n * s)).transpose()?,
             dh1: c.f32(n * dm)?,
             attn: AttnScratch {
@@ -274,23 +297,17 @@ impl StepMemory {
             colsum_part: c.f32(ops::colsum_scratch_len(n, dm).max(ops::colsum_scratch_len(n * heads, cfg.head_dim)))?,
             embed_index: c.i32(ops::embed_bwd_index_len(n))?,
             dx_b: c.shadow(precision, n * dm)?,
-            dg_b: c.shadow(precision, n * ff)?,
-            du_b: c.shadow(precision, n * ff)?,
             dproj_b: c.shadow(precision, n * proj)?,
         };
         let (ids, targets, x_last) = (c.i32(n)?, c.i32(n)?, c.f32(n * dm)?);
-        let (hf, rstd_f, hf_b) = (c.f32(n * dm)?, c.f32(n)?, c.shadow(precision, n * dm)?);
+        let (hf, rstd_f) = (c.gemm_in(precision, n * dm)?, c.f32(n)?);
         let (loss_rows, dhf) = (c.f32(n)?, c.f32(n * dm)?);
         let mut head_chunks = Vec::new();
         for start in (0..n).step_by(head_rows) {
             let rows = head_rows.min(n - start);
             head_chunks.push(HeadChunk {
                 rows,
-                hf: c.part(&hf, 4 * start * dm, 4 * rows * dm)?,
-                hf_b: match &hf_b {
-                    Some(b) => Some(c.part(b, 2 * start * dm, 2 * rows * dm)?),
-                    None => None,
-                },
+                hf: c.rows_of(&hf, start, rows, dm)?,
                 dhf: c.part(&dhf, 4 * start * dm, 4 * rows * dm)?,
                 targets: c.part(&targets, 4 * start, 4 * rows)?,
                 loss_rows: c.part(&loss_rows, 4 * start, 4 * rows)?,
@@ -307,7 +324,6 @@ impl StepMemory {
             x_last,
             hf,
             rstd_f,
-            hf_b,
             loss_rows,
             dhf,
             head_chunks,

@@ -66,10 +66,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
     fn input_norm(&mut self, l: usize) -> Result<()> {
         let (m, n, eps) = (self.m, self.rows(), self.eps());
         let (li, c) = self.layer(l);
-        let w = &m.params[li.input_norm];
-        ops::rmsnorm_fwd(m.dev, &c.x, w, &c.h1, &c.rstd1, n, m.cfg.hidden_size, eps, m.zc())?;
-        m.act(&c.h1, c.h1_b.as_ref())?;
-        Ok(())
+        let (w, dm) = (&m.params[li.input_norm], m.cfg.hidden_size);
+        ops::rmsnorm_fwd_to(m.dev, &c.x, w, c.h1.op(), &c.rstd1, n, dm, eps, m.zc())
     }
 
     fn qkv(&mut self, l: usize) -> Result<()> {
@@ -77,7 +75,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let cfg = &m.cfg;
         let (li, c) = self.layer(l);
         let (dm, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
-        let h1 = m.shadowed(&c.h1, c.h1_b.as_ref());
+        let h1 = c.h1.op();
         m.lin_fwd(h1, li.q_proj, &c.q, n, dm, qd)?;
         m.lin_fwd(h1, li.k_proj, &c.k, n, dm, kvd)?;
         m.lin_fwd(h1, li.v_proj, &c.v, n, dm, kvd)?;
@@ -124,24 +122,12 @@ impl DecoderOps for DeviceStep<'_, '_> {
         m.lin_fwd(m.shadowed(&c.y, c.y_b.as_ref()), li.o_proj, &c.x1, n, qd, dm)
     }
 
+    /// One launch: `x1 = x + a` in place over `a`, and `h2` in the GEMMs' operand type.
     fn residual_norm(&mut self, l: usize) -> Result<()> {
         let (m, n, eps) = (self.m, self.rows(), self.eps());
         let (li, c) = self.layer(l);
-        let dm = m.cfg.hidden_size;
-        ops::add(m.dev, &c.x, &c.x1, &c.x1, n * dm)?;
-        ops::rmsnorm_fwd(
-            m.dev,
-            &c.x1,
-            &m.params[li.post_norm],
-            &c.h2,
-            &c.rstd2,
-            n,
-            dm,
-            eps,
-            m.zc(),
-        )?;
-        m.act(&c.h2, c.h2_b.as_ref())?;
-        Ok(())
+        let (dm, w) = (m.cfg.hidden_size, &m.params[li.post_norm]);
+        ops::add_rmsnorm_fwd(m.dev, (&c.x, &c.x1, &c.x1), w, c.h2.op(), &c.rstd2, n, dm, eps, m.zc())
     }
 
     /// `f` is written into the layer output's buffer ([`Self::residual`] adds `x1` in place).
@@ -150,12 +136,10 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (li, c) = self.layer(l);
         let mlp = Self::mlp_index(li)?;
         let (dm, ff) = (m.cfg.hidden_size, m.cfg.intermediate_size);
-        let h2 = m.shadowed(&c.h2, c.h2_b.as_ref());
-        m.lin_fwd(h2, mlp.gate, &c.g, n, dm, ff)?;
-        m.lin_fwd(h2, mlp.up, &c.u, n, dm, ff)?;
-        ops::swiglu_fwd(m.dev, &c.g, &c.u, &c.m, n * ff)?;
-        let ma = m.act(&c.m, c.m_b.as_ref())?;
-        m.lin_fwd(ma, mlp.down, self.mem.layer_io(l).1, n, ff, dm)
+        m.lin_fwd(c.h2.op(), mlp.gate, &c.g, n, dm, ff)?;
+        m.lin_fwd(c.h2.op(), mlp.up, &c.u, n, dm, ff)?;
+        ops::swiglu_fwd_to(m.dev, &c.g, &c.u, c.m.op(), n * ff)?;
+        m.lin_fwd(c.m.op(), mlp.down, self.mem.layer_io(l).1, n, ff, dm)
     }
 
     fn residual(&mut self, l: usize) -> Result<()> {
@@ -166,19 +150,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
 
     fn final_norm(&mut self) -> Result<()> {
         let (m, mem, eps) = (self.m, &*self.mem, self.eps());
-        let w = &m.params[m.index.norm];
-        let dm = m.cfg.hidden_size;
-        ops::rmsnorm_fwd(
-            m.dev,
-            &mem.x_last,
-            w,
-            &mem.hf,
-            &mem.rstd_f,
-            self.rows(),
-            dm,
-            eps,
-            m.zc(),
-        )
+        let (w, dm, n) = (&m.params[m.index.norm], m.cfg.hidden_size, self.rows());
+        ops::rmsnorm_fwd_to(m.dev, &mem.x_last, w, mem.hf.op(), &mem.rstd_f, n, dm, eps, m.zc())
     }
 
     /// Chunk by chunk of rows (`mem.head_chunks`), so only one chunk's `[rows, vocab]` logits
@@ -188,11 +161,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
     fn head_loss(&mut self, backward: bool) -> Result<()> {
         let (m, mem) = (self.m, &*self.mem);
         let (dm, vocab, head) = (m.cfg.hidden_size, m.cfg.vocab_size, m.head());
-        // the bf16 copy of all rows at once (one cast); the chunks are views of it
-        m.act(&mem.hf, mem.hf_b.as_ref())?;
         for ch in &mem.head_chunks {
-            let rows = ch.rows;
-            let hfa = m.shadowed(&ch.hf, ch.hf_b.as_ref());
+            let (rows, hfa) = (ch.rows, ch.hf.op());
             m.lin_fwd(hfa, head, &mem.logits, rows, dm, vocab)?;
             // the logits become d(mean loss)/d(logits) in place
             ops::cross_entropy(m.dev, &mem.logits, &ch.targets, &ch.loss_rows, rows, vocab, self.scale)?;
@@ -217,7 +187,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
             &m.grads[norm],
         );
         let scratch = (&b.norm_rows, &b.colsum_part);
-        ops::rmsnorm_bwd_with(m.dev, io, self.rows(), m.cfg.hidden_size, m.zc(), false, scratch)
+        let (rows, dm) = (self.rows(), m.cfg.hidden_size);
+        ops::rmsnorm_bwd_to(m.dev, io, b.dx_b.as_ref(), rows, dm, m.zc(), false, scratch)
     }
 
     fn mlp_bwd(&mut self, l: usize) -> Result<()> {
@@ -226,12 +197,12 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let b = &self.mem.bwd;
         let mlp = Self::mlp_index(li)?;
         let (dm, ff) = (m.cfg.hidden_size, m.cfg.intermediate_size);
-        let dxa = m.act(&b.dx, b.dx_b.as_ref())?;
+        // the norms' backward wrote dx's bf16 copy beside it
+        let dxa = m.shadowed(&b.dx, b.dx_b.as_ref());
         m.lin_bwd_dx(dxa, mlp.down, &b.dm, n, ff, dm, false)?;
-        m.lin_bwd_dw(m.shadowed(&c.m, c.m_b.as_ref()), dxa, mlp.down, n, ff, dm)?;
-        ops::swiglu_bwd(m.dev, &c.g, &c.u, &b.dm, &b.dg, &b.du, n * ff)?;
-        let (dga, dua) = (m.act(&b.dg, b.dg_b.as_ref())?, m.act(&b.du, b.du_b.as_ref())?);
-        let h2a = m.shadowed(&c.h2, c.h2_b.as_ref());
+        m.lin_bwd_dw(c.m.op(), dxa, mlp.down, n, ff, dm)?;
+        ops::swiglu_bwd_to(m.dev, &c.g, &c.u, &b.dm, b.dg.op(), b.du.op(), n * ff)?;
+        let (dga, dua, h2a) = (b.dg.op(), b.du.op(), c.h2.op());
         m.lin_bwd_dx(dga, mlp.gate, &b.dh2, n, dm, ff, false)?;
         m.lin_bwd_dx(dua, mlp.up, &b.dh2, n, dm, ff, true)?;
         m.lin_bwd_dw(h2a, dga, mlp.gate, n, dm, ff)?;
@@ -244,7 +215,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (b, pn) = (&self.mem.bwd, li.post_norm);
         let io = (&c.x1, &m.params[pn], &c.rstd2, &b.dh2, &b.dx, &m.grads[pn]);
         let scratch = (&b.norm_rows, &b.colsum_part);
-        ops::rmsnorm_bwd_with(m.dev, io, n, m.cfg.hidden_size, m.zc(), true, scratch)
+        ops::rmsnorm_bwd_to(m.dev, io, b.dx_b.as_ref(), n, m.cfg.hidden_size, m.zc(), true, scratch)
     }
 
     fn out_proj_bwd(&mut self, l: usize) -> Result<()> {
@@ -252,7 +223,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (li, c) = self.layer(l);
         let b = &self.mem.bwd;
         let (qd, dm) = (m.cfg.q_dim(), m.cfg.hidden_size);
-        let dxa = m.act(&b.dx, b.dx_b.as_ref())?;
+        let dxa = m.shadowed(&b.dx, b.dx_b.as_ref());
         m.lin_bwd_dx(dxa, li.o_proj, &b.dy, n, qd, dm, false)?;
         m.lin_bwd_dw(m.shadowed(&c.y, c.y_b.as_ref()), dxa, li.o_proj, n, qd, dm)
     }
@@ -284,10 +255,10 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let scratch = (&b.norm_rows, &b.colsum_part);
         let hq = m.heads(n, seq, m.cfg.num_heads, li.q_norm);
         let gq = li.q_norm.map(|i| &m.grads[i]);
-        ops::qknorm_rope_bwd_with(m.dev, &hq, &m.rope, (&c.q, &c.rstd_q, &b.dqr), &b.dq, scratch, gq)?;
+        ops::qknorm_rope_bwd_to(m.dev, &hq, &m.rope, (&c.q, &c.rstd_q, &b.dqr), b.dq.op(), scratch, gq)?;
         let hk = m.heads(n, seq, m.cfg.num_kv_heads, li.k_norm);
         let gk = li.k_norm.map(|i| &m.grads[i]);
-        ops::qknorm_rope_bwd_with(m.dev, &hk, &m.rope, (&c.k, &c.rstd_k, &b.dkr), &b.dk, scratch, gk)
+        ops::qknorm_rope_bwd_to(m.dev, &hk, &m.rope, (&c.k, &c.rstd_k, &b.dkr), b.dk.op(), scratch, gk)
     }
 
     fn qkv_bwd(&mut self, l: usize) -> Result<()> {
@@ -296,17 +267,21 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (li, c) = self.layer(l);
         let b = &self.mem.bwd;
         let (dm, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
-        let mut projections = vec![(li.q_proj, &b.dq, qd), (li.k_proj, &b.dk, kvd), (li.v_proj, &b.dv, kvd)];
+        // dq and dk come in the operand type from the QK-norm + RoPE backward; dv and dz in
+        // f32 from the attention's, cast in turn into one bf16 buffer: each GEMM pair reads
+        // it before the next cast overwrites it (launches run in order)
+        let mut projections = vec![(li.q_proj, Ok(b.dq.op()), qd), (li.k_proj, Ok(b.dk.op()), kvd)];
+        projections.push((li.v_proj, Err(&b.dv), kvd));
         if let (Some(gi), Some(dz), Some(geo)) = (li.gate, b.dz.as_ref(), cfg.gate_geometry()) {
-            projections.push((gi, dz, geo.scores()));
+            projections.push((gi, Err(dz), geo.scores()));
         }
-        let h1a = m.shadowed(&c.h1, c.h1_b.as_ref());
         for (i, (w, dout, width)) in projections.into_iter().enumerate() {
-            // one bf16 buffer serves the four projections in turn: each GEMM pair reads it
-            // before the next cast overwrites it (launches run in order)
-            let da = m.act(dout, b.dproj_b.as_ref())?;
+            let da = match dout {
+                Ok(op) => op,
+                Err(f32_grad) => m.act(f32_grad, b.dproj_b.as_ref())?,
+            };
             m.lin_bwd_dx(da, w, &b.dh1, n, dm, width, i > 0)?;
-            m.lin_bwd_dw(h1a, da, w, n, dm, width)?;
+            m.lin_bwd_dw(c.h1.op(), da, w, n, dm, width)?;
         }
         Ok(())
     }
@@ -317,7 +292,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (b, inorm) = (&self.mem.bwd, li.input_norm);
         let io = (&c.x, &m.params[inorm], &c.rstd1, &b.dh1, &b.dx, &m.grads[inorm]);
         let scratch = (&b.norm_rows, &b.colsum_part);
-        ops::rmsnorm_bwd_with(m.dev, io, n, m.cfg.hidden_size, m.zc(), true, scratch)
+        ops::rmsnorm_bwd_to(m.dev, io, b.dx_b.as_ref(), n, m.cfg.hidden_size, m.zc(), true, scratch)
     }
 
     fn embed_bwd(&mut self) -> Result<()> {
