@@ -129,24 +129,25 @@ fn rmsnorm_backward_writes_a_bf16_copy_of_dx() {
     }
 }
 
-/// SwiGLU forward writing `m` in bf16, backward writing `dg` and `du` in bf16.
+/// SwiGLU (on the stacked gate/up layout) forward writing `m` in bf16, backward writing the
+/// stacked `dgu` in bf16.
 #[test]
 fn swiglu_writes_bf16_outputs() {
-    let n = 3 * 1000 + 7;
+    let (rows, ff) = (29, 104);
+    let n = rows * ff;
     for dev in devices() {
         let dev = dev.as_ref();
         let up = |v: &[f32]| up_f32(dev, v).unwrap();
-        let (g, u, dm) = (up(&randn(n, 8, 2.0)), up(&randn(n, 9, 1.0)), up(&randn(n, 10, 1.0)));
+        let (gu, dm) = (up(&randn(2 * n, 8, 2.0)), up(&randn(n, 10, 1.0)));
         let on = dev.describe();
         let (m, mb) = (nan_f32(dev, n), nan_bf16(dev, n));
-        ops::swiglu_fwd(dev, &g, &u, &m, n).unwrap();
-        ops::swiglu_fwd_to(dev, &g, &u, Operand::bf16(&mb), n).unwrap();
+        ops::swiglu_fwd(dev, &gu, (&m).into(), rows, ff).unwrap();
+        ops::swiglu_fwd(dev, &gu, Operand::bf16(&mb), rows, ff).unwrap();
         rounds(&format!("swiglu_fwd_bf16 m on {on}"), dev, &mb, &m);
-        let (dg, du, dgb, dub) = (nan_f32(dev, n), nan_f32(dev, n), nan_bf16(dev, n), nan_bf16(dev, n));
-        ops::swiglu_bwd(dev, &g, &u, &dm, &dg, &du, n).unwrap();
-        ops::swiglu_bwd_to(dev, &g, &u, &dm, Operand::bf16(&dgb), Operand::bf16(&dub), n).unwrap();
-        rounds(&format!("swiglu_bwd_bf16 dg on {on}"), dev, &dgb, &dg);
-        rounds(&format!("swiglu_bwd_bf16 du on {on}"), dev, &dub, &du);
+        let (dgu, dgub) = (nan_f32(dev, 2 * n), nan_bf16(dev, 2 * n));
+        ops::swiglu_bwd(dev, &gu, &dm, (&dgu).into(), rows, ff).unwrap();
+        ops::swiglu_bwd(dev, &gu, &dm, Operand::bf16(&dgub), rows, ff).unwrap();
+        rounds(&format!("swiglu_bwd_bf16 dgu on {on}"), dev, &dgub, &dgu);
     }
 }
 
@@ -284,11 +285,22 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     ops::rmsnorm_bwd_to(dev, io, Some(&exact), rows, d, false, false, (&sc.0, &sc.1)).unwrap();
     let e = ops::rmsnorm_bwd_to(dev, io, Some(&short), rows, d, false, false, (&sc.0, &sc.1));
     refused(e, "short dx copy");
-    ops::swiglu_fwd_to(dev, &x, &x, b, n).unwrap();
-    refused(ops::swiglu_fwd_to(dev, &x, &x, s, n), "short m");
-    refused(ops::swiglu_bwd_to(dev, &x, &x, &x, b, s, n), "short du");
-    let e = ops::swiglu_bwd_to(dev, &x, &x, &x, b, (&x).into(), n).unwrap_err();
-    assert!(format!("{e}").contains("one type for both"), "{e}");
+    // SwiGLU over rows × d: m has n elements, the stacked gu and dgu 2·n
+    let gu = f(2 * n);
+    let (exact2, short2) = (dev.zeros(4 * n).unwrap(), dev.zeros(4 * n - 2).unwrap());
+    ops::swiglu_fwd(dev, &gu, b, rows, d).unwrap();
+    refused(ops::swiglu_fwd(dev, &gu, s, rows, d), "short m");
+    ops::swiglu_bwd(dev, &gu, &x, Operand::bf16(&exact2), rows, d).unwrap();
+    refused(
+        ops::swiglu_bwd(dev, &gu, &x, Operand::bf16(&short2), rows, d),
+        "short dgu",
+    );
+    refused(
+        ops::swiglu_bwd(dev, &gu, &x, (&exact2).into(), rows, d),
+        "bf16-sized f32 dgu",
+    );
+    let e = ops::swiglu_bwd(dev, &gu, &x, Operand::bf16(&exact2), rows, 0).unwrap_err();
+    assert!(format!("{e}").contains("width 0"), "{e}");
     let rope = DeviceRope::upload(dev, &[1.0; 8], &[0.0; 8], 8, 2).unwrap();
     let h = HeadRows {
         rows,

@@ -62,24 +62,33 @@ fn elementwise_ops_match_the_cpu_ops() {
     for dev in devices() {
         let dev = dev.as_ref();
         eprintln!("device: {}", dev.describe());
-        let n = 3 * 1000 + 7;
+        // SwiGLU on the stacked [gate; up] GEMM's output: each row's ff gate values, then its
+        // ff up values
+        let (rows, ff) = (37, 81);
+        let n = rows * ff;
         let (g, u, dm) = (randn(n, 1, 2.0), randn(n, 2, 1.0), randn(n, 3, 1.0));
-        let (gb, ub, dmb) = (
-            up_f32(dev, &g).unwrap(),
-            up_f32(dev, &u).unwrap(),
-            up_f32(dev, &dm).unwrap(),
-        );
+        let stack = |a: &[f32], b: &[f32]| -> Vec<f32> {
+            a.chunks(ff)
+                .zip(b.chunks(ff))
+                .flat_map(|(x, y)| x.iter().chain(y).copied())
+                .collect()
+        };
+        let (gub, dmb) = (up_f32(dev, &stack(&g, &u)).unwrap(), up_f32(dev, &dm).unwrap());
         let mut m = vec![0.0; n];
         swiglu::swiglu_fwd(&g, &u, &mut m);
         let mb = zeros_f32(dev, n).unwrap();
-        ops::swiglu_fwd(dev, &gb, &ub, &mb, n).unwrap();
+        ops::swiglu_fwd(dev, &gub, (&mb).into(), rows, ff).unwrap();
         close("swiglu_fwd", &down_f32(dev, &mb).unwrap(), &m, 1e-5);
         let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
         swiglu::swiglu_bwd(&g, &u, &dm, &mut dg, &mut du);
-        let (dgb, dub) = (zeros_f32(dev, n).unwrap(), zeros_f32(dev, n).unwrap());
-        ops::swiglu_bwd(dev, &gb, &ub, &dmb, &dgb, &dub, n).unwrap();
-        close("swiglu_bwd dg", &down_f32(dev, &dgb).unwrap(), &dg, 1e-5);
-        close("swiglu_bwd du", &down_f32(dev, &dub).unwrap(), &du, 1e-5);
+        let dgub = zeros_f32(dev, 2 * n).unwrap();
+        ops::swiglu_bwd(dev, &gub, &dmb, (&dgub).into(), rows, ff).unwrap();
+        close(
+            "swiglu_bwd [dg, du]",
+            &down_f32(dev, &dgub).unwrap(),
+            &stack(&dg, &du),
+            1e-5,
+        );
     }
 }
 
@@ -266,23 +275,24 @@ fn bad_launches_are_errors() {
     let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
     let b = zeros_f32(&emu, 8).unwrap();
     let e = emu
-        .launch("swiglu_fwd", Launch::linear(1, 32), &[b.arg(), b.arg(), b.arg()])
+        .launch("swiglu_fwd", Launch::linear(1, 32), &[b.arg(), b.arg(), Arg::I64(4)])
         .unwrap_err();
     assert!(format!("{e}").contains("3 arguments for 4 parameters"), "{e}");
+    // swiglu_fwd(const float* gu, float* m, long n, int ff): an int where the long goes
     let e = emu
         .launch(
             "swiglu_fwd",
             Launch::linear(1, 32),
-            &[b.arg(), b.arg(), b.arg(), Arg::I32(8)],
+            &[b.arg(), b.arg(), Arg::I32(4), Arg::I32(2)],
         )
         .unwrap_err();
     assert!(
-        format!("{e}").contains("argument 3 has 4 bytes, the parameter 8"),
+        format!("{e}").contains("argument 2 has 4 bytes, the parameter 8"),
         "{e}"
     );
     let e = emu.launch("no_such", Launch::linear(1, 32), &[]).unwrap_err();
     assert!(format!("{e}").contains("no kernel no_such"), "{e}");
-    let e = ops::swiglu_fwd(&emu, &b, &b, &b, 9).unwrap_err();
+    let e = ops::swiglu_fwd(&emu, &b, (&b).into(), 3, 3).unwrap_err();
     assert!(format!("{e}").contains("buffer of 32 bytes"), "{e}");
 }
 

@@ -282,7 +282,8 @@ fn the_optimizer_writes_the_bf16_weight_copies() {
     // two layers, untied head: q, k, v, o, gate, MLP gate, up, down per layer and the head
     let cfg = ModelConfig::dense(256, 64, 2, 2, 1, 32, 128, gate);
     let mut model: Model<f32> = Model::new(cfg, 3).unwrap();
-    let gemm_weights = 2 * 8 + 1;
+    // one bf16 buffer per GEMM weight, but each layer's gate and up projections share one
+    let gemm_weights = 2 * 7 + 1;
     let mut r = Rng::new(9);
     let ids: Vec<u32> = (0..2 * 24).map(|_| r.below(256) as u32).collect();
     let tg = shifted_targets(&ids, 24);
@@ -290,11 +291,20 @@ fn the_optimizer_writes_the_bf16_weight_copies() {
     let mut dm = DeviceModel::new(&rec, &model, Precision::Bf16).unwrap();
     let params = rec.uploads.take();
     let weight_casts = |rec: &Recording| rec.cast_sources.take().iter().filter(|s| params.contains(s)).count();
-    assert_eq!(weight_casts(&rec), gemm_weights, "one cast per GEMM weight in `new`");
+    assert_eq!(
+        weight_casts(&rec),
+        gemm_weights,
+        "one cast per GEMM weight buffer in `new`"
+    );
     let opt = AdamWConfig::default();
     for step in 1..=3 {
         dm.zero_grads().unwrap();
+        rec.take("");
         dm.forward_backward(&ids, &tg, 2, 24).unwrap();
+        // one GEMM per weight buffer and pass, the MLP's gate and up stacked into one:
+        // forward q, k, v, gate logits, o, [gate; up], down (7 per layer), backward dx and dW
+        // of each; the head's 3 (one chunk)
+        assert_eq!(rec.take("gemm_bf16"), 2 * 3 * 7 + 3, "step {step}: GEMMs");
         dm.step(&opt, 3e-3, 1.0).unwrap();
         let train = rec.cast_sources.borrow().len();
         let loss = dm.loss(&ids, &tg, 2, 24).unwrap();

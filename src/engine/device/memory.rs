@@ -109,8 +109,8 @@ pub(super) struct LayerMem {
     pub x1: DBuf,
     pub h2: GemmIn,
     pub rstd2: DBuf,
-    pub g: DBuf,
-    pub u: DBuf,
+    /// the stacked gate/up GEMM's output `[rows, 2·ff]`: each row's gate values, then its up values
+    pub gu: DBuf,
     pub m: GemmIn,
     /// the attention writes `y` in f32; its bf16 copy for the o_proj GEMMs
     pub y_b: Option<DBuf>,
@@ -124,8 +124,8 @@ pub(super) struct BackwardMem {
     /// d(loss)/d(residual stream), updated in place layer by layer
     pub dx: DBuf,
     pub dm: DBuf,
-    pub dg: GemmIn,
-    pub du: GemmIn,
+    /// the gradient of `gu`, same layout
+    pub dgu: GemmIn,
     pub dh2: DBuf,
     pub dy: DBuf,
     pub dqr: DBuf,
@@ -263,8 +263,7 @@ impl StepMemory {
                 x1: c.f32(n * dm)?,
                 h2: c.gemm_in(precision, n * dm)?,
                 rstd2: c.f32(n)?,
-                g: c.f32(n * ff)?,
-                u: c.f32(n * ff)?,
+                gu: c.f32(n * 2 * ff)?,
                 m: c.gemm_in(precision, n * ff)?,
                 y_b: c.shadow(precision, n * qd)?,
                 qkv_b: if tc_attention {
@@ -278,8 +277,7 @@ impl StepMemory {
         let bwd = BackwardMem {
             dx: c.f32(n * dm)?,
             dm: c.f32(n * ff)?,
-            dg: c.gemm_in(precision, n * ff)?,
-            du: c.gemm_in(precision, n * ff)?,
+            dgu: c.gemm_in(precision, n * 2 * ff)?,
             dh2: c.f32(n * dm)?,
             dy: c.f32(n * qd)?,
             dqr: c.f32(n * qd)?,

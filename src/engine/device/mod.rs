@@ -25,6 +25,7 @@ use memory::{head_chunk_rows, StepMemory};
 
 mod memory;
 mod step;
+mod weights;
 
 pub struct DeviceModel<'d> {
     dev: &'d dyn Device,
@@ -43,6 +44,9 @@ pub struct DeviceModel<'d> {
     /// bf16 copies of the GEMM weights (mixed precision): cast once in `new`, then rewritten by
     /// AdamW in the same kernel as the f32 masters (`table`).
     bf16_weights: Vec<Option<DBuf>>,
+    /// Each layer's gate and up projections stacked (views of the same memory as their
+    /// entries in `params`, `grads`, `bf16_weights`).
+    gate_up: Vec<weights::GateUp>,
     /// Activations, activation gradients and scratch of the last step's shape.
     mem: Option<StepMemory>,
     /// Rows per LM-head chunk when set (tests); else from the chunk's memory budget.
@@ -95,35 +99,15 @@ impl<'d> DeviceModel<'d> {
             Some(GateGranularity::Elementwise) => FusedGate::Elementwise,
             Some(GateGranularity::Headwise) => FusedGate::Headwise,
         };
-        let params = model
-            .params
-            .tensors
-            .iter()
-            .map(|t| up_f32(dev, &t.data))
-            .collect::<Result<Vec<_>>>()?;
-        let grads = model
-            .params
-            .tensors
-            .iter()
-            .map(|t| dev.zeros(t.data.len() * 4))
-            .collect::<Result<Vec<_>>>()?;
+        let weights::Weights {
+            params,
+            grads,
+            bf16: bf16_weights,
+            gate_up,
+        } = weights::upload(dev, model, precision)?;
         let moments = params
             .iter()
             .map(|p| Ok((dev.zeros(p.bytes)?, dev.zeros(p.bytes)?)))
-            .collect::<Result<Vec<_>>>()?;
-        // the weights GEMMs read (the embedding only as a tied head) get a bf16 copy
-        let head = model.index.lm_head.unwrap_or(model.index.embed);
-        let bf16_weights = (0..params.len())
-            .map(|i| {
-                let gemm = matches!(model.specs[i].kind, ParamKind::Matrix | ParamKind::Gate) || i == head;
-                if precision != Precision::Bf16 || !gemm {
-                    return Ok(None);
-                }
-                let n = params[i].bytes / 4;
-                let b = dev.zeros(n * 2)?;
-                ops::cast_to_bf16(dev, &params[i], &b, n)?;
-                Ok(Some(b))
-            })
             .collect::<Result<Vec<_>>>()?;
         let entries: Vec<_> = (0..params.len())
             .map(|i| {
@@ -148,6 +132,7 @@ impl<'d> DeviceModel<'d> {
             step: 0,
             precision,
             bf16_weights,
+            gate_up,
             mem: None,
             head_rows: None,
         })
@@ -281,6 +266,17 @@ impl<'d> DeviceModel<'d> {
             Some(b) if self.precision == Precision::Bf16 => Operand::bf16(b),
             _ => x.into(),
         }
+    }
+
+    /// Layer `l`'s stacked `[gate; up]` weight as a GEMM operand (its bf16 copy in mixed
+    /// precision), and its gradient.
+    fn gate_up(&self, l: usize) -> (Operand<'_>, &DBuf) {
+        let gu = &self.gate_up[l];
+        let w = match &gu.w_b {
+            Some(b) if self.precision == Precision::Bf16 => Operand::bf16(b),
+            _ => (&gu.w).into(),
+        };
+        (w, &gu.grad)
     }
 
     /// Weight `i` as a GEMM operand (its bf16 copy in mixed precision).

@@ -131,14 +131,16 @@ impl DecoderOps for DeviceStep<'_, '_> {
     }
 
     /// `f` is written into the layer output's buffer ([`Self::residual`] adds `x1` in place).
+    /// One GEMM of the stacked `[gate; up]` weight; `f` is written into the layer output's
+    /// buffer ([`Self::residual`] adds `x1` in place).
     fn mlp(&mut self, l: usize) -> Result<()> {
         let (m, n) = (self.m, self.rows());
         let (li, c) = self.layer(l);
         let mlp = Self::mlp_index(li)?;
         let (dm, ff) = (m.cfg.hidden_size, m.cfg.intermediate_size);
-        m.lin_fwd(c.h2.op(), mlp.gate, &c.g, n, dm, ff)?;
-        m.lin_fwd(c.h2.op(), mlp.up, &c.u, n, dm, ff)?;
-        ops::swiglu_fwd_to(m.dev, &c.g, &c.u, c.m.op(), n * ff)?;
+        let (w_gu, _) = m.gate_up(l);
+        ops::linear_fwd(m.dev, c.h2.op(), w_gu, &c.gu, n, dm, 2 * ff)?;
+        ops::swiglu_fwd(m.dev, &c.gu, c.m.op(), n, ff)?;
         m.lin_fwd(c.m.op(), mlp.down, self.mem.layer_io(l).1, n, ff, dm)
     }
 
@@ -201,12 +203,11 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let dxa = m.shadowed(&b.dx, b.dx_b.as_ref());
         m.lin_bwd_dx(dxa, mlp.down, &b.dm, n, ff, dm, false)?;
         m.lin_bwd_dw(c.m.op(), dxa, mlp.down, n, ff, dm)?;
-        ops::swiglu_bwd_to(m.dev, &c.g, &c.u, &b.dm, b.dg.op(), b.du.op(), n * ff)?;
-        let (dga, dua, h2a) = (b.dg.op(), b.du.op(), c.h2.op());
-        m.lin_bwd_dx(dga, mlp.gate, &b.dh2, n, dm, ff, false)?;
-        m.lin_bwd_dx(dua, mlp.up, &b.dh2, n, dm, ff, true)?;
-        m.lin_bwd_dw(h2a, dga, mlp.gate, n, dm, ff)?;
-        m.lin_bwd_dw(h2a, dua, mlp.up, n, dm, ff)
+        ops::swiglu_bwd(m.dev, &c.gu, &b.dm, b.dgu.op(), n, ff)?;
+        // the stacked gate/up GEMM's backward: dh2 = dgu·[Wg; Wu], d[Wg; Wu] += dguᵀ·h2
+        let (w_gu, grad_gu) = m.gate_up(l);
+        ops::linear_bwd_dx(m.dev, b.dgu.op(), w_gu, &b.dh2, n, dm, 2 * ff, false)?;
+        ops::linear_bwd_dw(m.dev, c.h2.op(), b.dgu.op(), grad_gu, n, dm, 2 * ff)
     }
 
     fn residual_norm_bwd(&mut self, l: usize) -> Result<()> {

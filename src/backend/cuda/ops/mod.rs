@@ -29,7 +29,7 @@ pub use optim::{AdamStep, TableEntry, TensorTable};
 pub use reduce::{add, colsum, colsum_scratch_len, colsum_with, fill};
 pub use rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_bwd_to, rmsnorm_bwd_with, rmsnorm_fwd, rmsnorm_fwd_to};
 pub use rope::{qknorm_rope_bwd, qknorm_rope_bwd_to, qknorm_rope_bwd_with, qknorm_rope_fwd, DeviceRope, HeadRows};
-pub use swiglu::{swiglu_bwd, swiglu_bwd_to, swiglu_fwd, swiglu_fwd_to};
+pub use swiglu::{swiglu_bwd, swiglu_fwd};
 
 use super::runtime::{DBuf, Launch};
 use anyhow::{bail, Result};

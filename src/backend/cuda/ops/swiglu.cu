@@ -1,34 +1,45 @@
-// SwiGLU, f32 in, f32 or bf16 out (the GEMM operands: m forward, dg and du backward), one
-// thread per element (grid-stride loops). Same math as src/model/ops/swiglu.rs.
+// SwiGLU on the stacked gate/up GEMM's output: `gu` is [rows, 2·ff], each row the gate's ff
+// values then the up projection's (one GEMM of [gate; up] computes both). f32 in, f32 or bf16
+// out (the GEMM operands: m forward, dgu backward, in the same stacked layout), one thread per
+// element of m (grid-stride loops). Same math as src/model/ops/swiglu.rs.
 // Entry points (ops/swiglu.rs): swiglu_fwd, swiglu_fwd_bf16, swiglu_bwd, swiglu_bwd_bf16.
 
+// element i of the [rows, ff] output: the offset of its gate value in gu (its up value is ff on)
+__device__ __forceinline__ long stacked_at(long i, int ff) {
+    long r = i / ff;
+    return r * 2 * ff + (i - r * ff);
+}
+
 template <class T>
-__device__ void swiglu_fwd_impl(const float* g, const float* u, T* m, long n) {
+__device__ void swiglu_fwd_impl(const float* gu, T* m, long n, int ff) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float s = sigmoidf(g[i]);
-        store_as(m + i, g[i] * s * u[i]);
+        long at = stacked_at(i, ff);
+        float g = gu[at], u = gu[at + ff];
+        float s = sigmoidf(g);
+        store_as(m + i, g * s * u);
     }
 }
 
-extern "C" __global__ void swiglu_fwd(const float* g, const float* u, float* m, long n) { swiglu_fwd_impl(g, u, m, n); }
-extern "C" __global__ void swiglu_fwd_bf16(const float* g, const float* u, bf16* m, long n) {
-    swiglu_fwd_impl(g, u, m, n);
+extern "C" __global__ void swiglu_fwd(const float* gu, float* m, long n, int ff) { swiglu_fwd_impl(gu, m, n, ff); }
+extern "C" __global__ void swiglu_fwd_bf16(const float* gu, bf16* m, long n, int ff) {
+    swiglu_fwd_impl(gu, m, n, ff);
 }
 
 // dg = dm·u·silu'(g), du = dm·silu(g); silu'(g) = s·(1 + g·(1 − s))
 template <class T>
-__device__ void swiglu_bwd_impl(const float* g, const float* u, const float* dm, T* dg, T* du, long n) {
+__device__ void swiglu_bwd_impl(const float* gu, const float* dm, T* dgu, long n, int ff) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float s = sigmoidf(g[i]);
-        store_as(du + i, dm[i] * g[i] * s);
-        store_as(dg + i, dm[i] * u[i] * s * (1.0f + g[i] * (1.0f - s)));
+        long at = stacked_at(i, ff);
+        float g = gu[at], u = gu[at + ff];
+        float s = sigmoidf(g);
+        store_as(dgu + at + ff, dm[i] * g * s);
+        store_as(dgu + at, dm[i] * u * s * (1.0f + g * (1.0f - s)));
     }
 }
 
-extern "C" __global__ void swiglu_bwd(const float* g, const float* u, const float* dm, float* dg, float* du, long n) {
-    swiglu_bwd_impl(g, u, dm, dg, du, n);
+extern "C" __global__ void swiglu_bwd(const float* gu, const float* dm, float* dgu, long n, int ff) {
+    swiglu_bwd_impl(gu, dm, dgu, n, ff);
 }
-extern "C" __global__ void swiglu_bwd_bf16(const float* g, const float* u, const float* dm, bf16* dg, bf16* du,
-                                           long n) {
-    swiglu_bwd_impl(g, u, dm, dg, du, n);
+extern "C" __global__ void swiglu_bwd_bf16(const float* gu, const float* dm, bf16* dgu, long n, int ff) {
+    swiglu_bwd_impl(gu, dm, dgu, n, ff);
 }
