@@ -298,8 +298,10 @@ fn the_optimizer_writes_the_bf16_weight_copies() {
     );
     let opt = AdamWConfig::default();
     for step in 1..=3 {
-        dm.zero_grads().unwrap();
         rec.take("");
+        dm.zero_grads().unwrap();
+        // the gradients are views of one arena: one launch zeroes them all
+        assert_eq!(rec.take("fill_f32"), 1, "step {step}: zeroing the gradients");
         dm.forward_backward(&ids, &tg, 2, 24).unwrap();
         // one GEMM per weight buffer and pass, the MLP's gate and up stacked into one:
         // forward q, k, v, gate logits, o, [gate; up], down (7 per layer), backward dx and dW

@@ -34,6 +34,8 @@ pub struct DeviceModel<'d> {
     index: ParamIndex,
     params: Vec<DBuf>,
     grads: Vec<DBuf>,
+    /// all of `grads` (their arena: zeroed and all-reduced in one call each)
+    grad_all: DBuf,
     /// AdamW moments, and every tensor's (param, grad, m, v) for the multi-tensor kernels
     moments: Vec<(DBuf, DBuf)>,
     table: TensorTable,
@@ -102,6 +104,7 @@ impl<'d> DeviceModel<'d> {
         let weights::Weights {
             params,
             grads,
+            grad_all,
             bf16: bf16_weights,
             gate_up,
         } = weights::upload(dev, model, precision)?;
@@ -133,6 +136,7 @@ impl<'d> DeviceModel<'d> {
             precision,
             bf16_weights,
             gate_up,
+            grad_all,
             mem: None,
             head_rows: None,
         })
@@ -314,10 +318,7 @@ impl<'d> DeviceModel<'d> {
 
     /// Set every gradient to zero (before accumulating a new step's micro-batches).
     pub fn zero_grads(&self) -> Result<()> {
-        for g in &self.grads {
-            ops::fill(self.dev, g, 0.0, g.bytes / 4)?;
-        }
-        Ok(())
+        ops::fill(self.dev, &self.grad_all, 0.0, self.grad_all.bytes / 4)
     }
 
     /// Global L2 norm of the accumulated gradients (per-block partials summed in f64).
@@ -393,7 +394,7 @@ impl<'d> DeviceModel<'d> {
 
     /// Sum the gradients over the data-parallel ranks (each rank then takes the same step).
     pub fn all_reduce_grads(&mut self, comm: &dyn crate::backend::cuda::dist::GradAllReduce) -> Result<()> {
-        comm.all_reduce_sum(self.dev, &mut self.grads)
+        comm.all_reduce_sum(self.dev, std::slice::from_mut(&mut self.grad_all))
     }
 
     /// Replace the device's gradients (e.g. to step on gradients computed elsewhere).

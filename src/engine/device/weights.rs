@@ -22,6 +22,8 @@ pub(super) struct GateUp {
 pub(super) struct Weights {
     pub params: Vec<DBuf>,
     pub grads: Vec<DBuf>,
+    /// every gradient: one buffer (zeroed and all-reduced in one call each), `grads` its views
+    pub grad_all: DBuf,
     /// bf16 copies of the weights GEMMs read (mixed precision; the embedding only as a tied
     /// head), cast once here and then rewritten by AdamW with the f32 masters
     pub bf16: Vec<Option<DBuf>>,
@@ -46,11 +48,17 @@ pub(super) fn upload(dev: &dyn Device, model: &Model<f32>, precision: Precision)
     groups.extend((0..t.len()).filter(|&i| !stacked[i]).map(|i| vec![i]));
     let none = || (0..t.len()).map(|_| None).collect::<Vec<Option<DBuf>>>();
     let (mut params, mut grads, mut bf16) = (none(), none(), none());
+    // the gradients' arena: each group from a 256-byte boundary
+    let group_len = |g: &Vec<usize>| g.iter().map(|&i| t[i].data.len()).sum::<usize>();
+    let grad_elems: usize = groups.iter().map(|g| group_len(g).div_ceil(64) * 64).sum();
+    let grad_arena = Rc::new(dev.zeros(4 * grad_elems.max(1))?);
+    let mut grad_at = 0;
     let mut gate_up = Vec::new();
     for group in &groups {
         let data: Vec<f32> = group.iter().flat_map(|&i| t[i].data.iter().copied()).collect();
         let p = Rc::new(up_f32(dev, &data)?);
-        let g = Rc::new(dev.zeros(4 * data.len())?);
+        let g_off = 4 * grad_at;
+        grad_at += data.len().div_ceil(64) * 64;
         let b = match precision == Precision::Bf16 && group.iter().all(|&i| gemm_read(i)) {
             true => {
                 let b = Rc::new(dev.zeros(2 * data.len())?);
@@ -63,14 +71,14 @@ pub(super) fn upload(dev: &dyn Device, model: &Model<f32>, precision: Precision)
         for &i in group {
             let len = t[i].data.len();
             params[i] = Some(DBuf::view(&p, 4 * at, 4 * len)?);
-            grads[i] = Some(DBuf::view(&g, 4 * at, 4 * len)?);
+            grads[i] = Some(DBuf::view(&grad_arena, g_off + 4 * at, 4 * len)?);
             bf16[i] = b.as_ref().map(|b| DBuf::view(b, 2 * at, 2 * len)).transpose()?;
             at += len;
         }
         if group.len() == 2 {
             gate_up.push(GateUp {
                 w: DBuf::view(&p, 0, p.bytes)?,
-                grad: DBuf::view(&g, 0, g.bytes)?,
+                grad: DBuf::view(&grad_arena, g_off, 4 * data.len())?,
                 w_b: b.as_ref().map(|b| DBuf::view(b, 0, b.bytes)).transpose()?,
             });
         }
@@ -83,6 +91,7 @@ pub(super) fn upload(dev: &dyn Device, model: &Model<f32>, precision: Precision)
     Ok(Weights {
         params: all(params)?,
         grads: all(grads)?,
+        grad_all: DBuf::view(&grad_arena, 0, grad_arena.bytes)?,
         bf16,
         gate_up,
     })
