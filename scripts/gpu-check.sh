@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (the device tool), < 8 minutes: the GPU op and model tests against
-# the CPU, then `gated-lm bench --device cuda` for baseline / elementwise / headwise beside
-# torch_ref.py --compile on the same configs, as a ratio table.
+# One call on the GPU machine (the device tool), < 8 minutes: `gated-lm bench --device cuda` for
+# baseline / elementwise / headwise beside torch_ref.py --compile on the same configs, as a
+# ratio table; the GPU time of one step by kernel (ncu); the 1p7b preset beside torch.compile;
+# then the GPU op and model tests against the CPU.
 #   GATED_LM_BIN=dir   prebuilt, stripped binaries (gated-lm, cuda_kernels-*, cuda_model-*) instead
 #                      of cargo: `cargo test --release --features cuda --test cuda_kernels --test
 #                      cuda_model --no-run` and `cargo build --release --features cuda`
@@ -12,57 +13,49 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 preset=${PRESET:-small}
 steps=${STEPS:-10}
+# The whole check must fit one 8-minute call: the most telling measurement first (the ratio
+# table, then the per-kernel table, then 1p7b, then the GPU tests), each given at most what
+# is left of BUDGET seconds, and skipped (saying so) when too little is.
+budget=${BUDGET:-450}
+within() {  # within SECONDS: the timeout for the next step, or fail when under 20 s are left
+  local left=$((budget - SECONDS))
+  [ "$left" -lt 20 ] && { echo "(skipped: ${left}s of the ${budget}s budget left)" >&2; return 1; }
+  echo $(( $1 < left ? $1 : left ))
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 for d in /usr/local/cuda/lib64 "$(python3 -c 'import nvidia.cuda_nvrtc, os; print(os.path.dirname(nvidia.cuda_nvrtc.__file__) + "/lib")' 2>/dev/null)" \
   "$(python3 -c 'import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__) + "/lib")' 2>/dev/null)"; do
   [ -n "$d" ] && [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
 
-echo "== GPU tests (ops and model against the CPU; the emulator's share runs in CI already)"
-export GATED_LM_SKIP_EMU=1
 if [ -n "${GATED_LM_BIN:-}" ]; then
   bin="$GATED_LM_BIN/gated-lm"
   export GATED_LM_EXE="$bin"
-  for t in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_model-*; do
-    timeout 180 "$t" --nocapture 2>&1 | grep -vE "^\s*$" | tail -25
-  done
 else
-  timeout 300 cargo test --release --features cuda --test cuda_kernels --test cuda_model -- --nocapture 2>&1 | tail -40
   cargo build --release --features cuda -q
   bin=target/release/gated-lm
 fi
-
 torch_ref=""
 for p in ../shared/bench/torch_ref.py shared/bench/torch_ref.py; do [ -f "$p" ] && torch_ref=$p && break; done
 echo "== bench: $preset, $steps steps (both bf16 mixed precision; torch compiled)"
 printf "%-12s %14s %14s %8s\n" gate gated-lm torch ratio
 for gate in none elementwise headwise; do
-  ours=$(timeout 120 "$bin" bench --device cuda --precision bf16 --preset "$preset" --gate "$gate" --steps "$steps" --warmup 2 2>&1 |
+  t=$(within 120) || break
+  ours=$(timeout "$t" "$bin" bench --device cuda --precision bf16 --preset "$preset" --gate "$gate" --steps "$steps" --warmup 2 2>&1 |
     sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
   theirs=nan
   if [ -n "$torch_ref" ]; then
-    theirs=$(timeout 150 python3 "$torch_ref" --config "$preset" --gate "$gate" --compile --steps "$steps" 2>&1 |
+    t=$(within 150) && theirs=$(timeout "$t" python3 "$torch_ref" --config "$preset" --gate "$gate" --compile --steps "$steps" 2>&1 |
       sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
   fi
   ratio=$(python3 -c "a,b=float('$ours'),float('$theirs'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')")
   printf "%-12s %14s %14s %8s\n" "$gate" "$ours" "$theirs" "$ratio"
 done
 
-echo "== 1p7b (vocabulary 151,936, seq 2048 × batch 8, head_dim 128), elementwise"
-ours=$(timeout 200 "$bin" bench --device cuda --precision bf16 --preset 1p7b --gate elementwise --steps 3 --warmup 1 2>&1 |
-  sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
-theirs=nan
-if [ -n "$torch_ref" ]; then
-  theirs=$(timeout 200 python3 "$torch_ref" --config 1p7b --gate elementwise --compile --steps 3 2>&1 |
-    sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
-fi
-ratio=$(python3 -c "a,b=float('$ours'),float('$theirs'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')")
-printf "%-12s %14s %14s %8s\n" 1p7b "$ours" "$theirs" "$ratio"
-
 # GPU time per kernel over one training step (the README's predictions are per kernel)
 if command -v ncu >/dev/null; then
   echo "== GPU time by kernel, one elementwise step of $preset (ncu gpu__time_duration.sum)"
-  timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+  t=$(within 240) && timeout "$t" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
     "$bin" bench --device cuda --precision bf16 --preset "$preset" --gate elementwise --steps 1 --warmup 0 2>/dev/null |
     python3 -c '
 import csv, sys, collections
@@ -82,3 +75,28 @@ for k, v in ms.most_common(25):
 else
   echo "== (ncu not found: no per-kernel table)"
 fi
+
+echo "== 1p7b (vocabulary 151,936, seq 2048 × batch 8, head_dim 128), elementwise"
+ours=nan
+t=$(within 200) && ours=$(timeout "$t" "$bin" bench --device cuda --precision bf16 --preset 1p7b --gate elementwise --steps 3 --warmup 1 2>&1 |
+  sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
+theirs=nan
+if [ -n "$torch_ref" ]; then
+  t=$(within 200) && theirs=$(timeout "$t" python3 "$torch_ref" --config 1p7b --gate elementwise --compile --steps 3 2>&1 |
+    sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
+fi
+ratio=$(python3 -c "a,b=float('$ours'),float('$theirs'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')")
+printf "%-12s %14s %14s %8s\n" 1p7b "$ours" "$theirs" "$ratio"
+
+echo "== GPU tests (ops and model against the CPU; the emulator's share runs in CI already)"
+export GATED_LM_SKIP_EMU=1
+if [ -n "${GATED_LM_BIN:-}" ]; then
+  for exe in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_model-*; do
+    t=$(within 180) || break
+    timeout "$t" "$exe" --nocapture 2>&1 | grep -vE "^\s*$" | tail -25
+  done
+elif t=$(within 300); then
+  timeout "$t" cargo test --release --features cuda --test cuda_kernels --test cuda_model -- --nocapture 2>&1 | tail -40
+fi
+
+echo "== done in ${SECONDS}s (budget ${budget}s)"
