@@ -3,13 +3,14 @@
 //! (`layer_bwd`) needs. The order they run in is `graph::layer_forward`.
 
 use super::ffn::{ffn_fwd, router_stats};
-use super::kv::attention_cached;
+use super::kv::{attention_cached, LayerKv};
+use super::observer::Observer;
 use super::ops::attention::{attention_fwd, AttnProbes};
 use super::ops::gate::{gate_fwd, gate_scores};
 use super::ops::linear::linear_fwd;
-use super::ops::rmsnorm::rmsnorm_fwd;
 use super::ops::rope::rope_apply;
-use super::step::{zeros, CpuStep, Ctx, LayerCache};
+use super::params::{LayerIndex, ParamStore};
+use super::step::{norm, zeros, CpuStep, Ctx, LayerCache};
 use crate::backend::cpu::add_assign;
 use crate::backend::profile::scope;
 use crate::config::{GatePosition, ModelConfig};
@@ -17,10 +18,7 @@ use crate::real::Real;
 
 /// Gemma's post-norm `y ← norm(y)` when the layer has it, keeping the input and rstd for backward.
 fn post_norm_here<T: Real>(cfg: &ModelConfig, w: Option<&[T]>, y: &mut Vec<T>) -> Option<(Vec<T>, Vec<T>)> {
-    let w = w?;
-    let mut rstd = zeros(y.len() / w.len());
-    let mut out = zeros(y.len());
-    rmsnorm_fwd(y, w, cfg.norm_style, cfg.rms_norm_eps, &mut out, &mut rstd);
+    let (out, rstd) = norm(cfg, y, w?);
     Some((std::mem::replace(y, out), rstd))
 }
 
@@ -39,30 +37,57 @@ fn gate_here<T: Real>(ctx: &Ctx<T>, pos: GatePosition, y: &mut [T], z: &[T]) -> 
     Some(keep)
 }
 
+/// The parts of a step one layer's forward op reads and writes.
+struct Fwd<'s, T> {
+    ctx: &'s Ctx<'s, T>,
+    li: &'s LayerIndex,
+    /// the layer's weights (a quantised model's, dequantised)
+    p: &'s ParamStore<T>,
+    /// the layer's input, and what it saves for its backward
+    x: &'s [T],
+    c: &'s mut LayerCache<T>,
+    obs: &'s mut dyn Observer<T>,
+    kv: Option<&'s mut LayerKv<T>>,
+    /// the attention block's output, the MLP's
+    a: &'s mut Vec<T>,
+    f: &'s mut Vec<T>,
+}
+
+impl<T> Fwd<'_, T> {
+    fn w(&self, i: usize) -> &[T] {
+        &self.p.tensors[i].data
+    }
+}
+
 /// The forward ops of `graph::DecoderOps` (each documented there), on `self.cur`.
 impl<T: Real> CpuStep<'_, T> {
+    fn fwd(&mut self, l: usize) -> Fwd<'_, T> {
+        Fwd {
+            ctx: &self.ctx,
+            li: &self.model.index.layers[l],
+            p: self.model.params_for_layer(&self.scratch),
+            x: &self.x,
+            c: &mut self.cur,
+            obs: &mut *self.obs,
+            kv: self.kv.as_deref_mut().map(|kv| &mut kv[l]),
+            a: &mut self.a,
+            f: &mut self.f,
+        }
+    }
+
     pub(super) fn input_norm_fwd(&mut self, l: usize) {
         let _t = scope("fwd.norm");
-        let (cfg, n) = (self.ctx.cfg, self.ctx.rows());
-        let w = &self.model.params_for_layer(&self.scratch).tensors[self.model.index.layers[l].input_norm].data;
-        let c = &mut self.cur;
-        *c = LayerCache::default();
-        c.h1 = zeros(n * cfg.hidden_size);
-        c.rstd1 = zeros(n);
-        rmsnorm_fwd(&self.x, w, cfg.norm_style, cfg.rms_norm_eps, &mut c.h1, &mut c.rstd1);
+        let o = self.fwd(l);
+        *o.c = LayerCache::default();
+        (o.c.h1, o.c.rstd1) = norm(o.ctx.cfg, o.x, o.w(o.li.input_norm));
     }
 
     pub(super) fn qkv_fwd(&mut self, l: usize) {
         let _t = scope("fwd.qkv");
-        let (ctx, li, p) = (
-            &self.ctx,
-            &self.model.index.layers[l],
-            self.model.params_for_layer(&self.scratch),
-        );
+        let Fwd { ctx, li, p, c, obs, .. } = self.fwd(l);
         let (cfg, n) = (ctx.cfg, ctx.rows());
         let (dm, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
         let w = |i: usize| &p.tensors[i].data[..];
-        let c = &mut self.cur;
         let (mut q, mut k, mut v) = (zeros(n * qd), zeros(n * kvd), zeros(n * kvd));
         linear_fwd(&c.h1, w(li.q_proj), n, dm, qd, &mut q);
         linear_fwd(&c.h1, w(li.k_proj), n, dm, kvd, &mut k);
@@ -81,8 +106,8 @@ impl<T: Real> CpuStep<'_, T> {
                 c.z = zeros(n * s);
                 linear_fwd(&c.h1, w(gi), n, dm, s, &mut c.z);
             }
-            if self.obs.wants_gate_scores() {
-                self.obs.gate_scores(l, &gate_scores(g.activation, &c.z), &geo);
+            if obs.wants_gate_scores() {
+                obs.gate_scores(l, &gate_scores(g.activation, &c.z), &geo);
             }
         }
         c.q_ungated = gate_here(ctx, GatePosition::G4, &mut q, &c.z);
@@ -97,45 +122,28 @@ impl<T: Real> CpuStep<'_, T> {
 
     pub(super) fn qk_norm_rope_fwd(&mut self, l: usize) {
         let _t = scope("fwd.qknorm_rope");
-        let (ctx, li, p) = (
-            &self.ctx,
-            &self.model.index.layers[l],
-            self.model.params_for_layer(&self.scratch),
-        );
-        let (cfg, n) = (ctx.cfg, ctx.rows());
-        let w = |i: usize| &p.tensors[i].data[..];
-        let c = &mut self.cur;
-        c.rstd_q = zeros(n * cfg.num_heads);
-        c.rstd_k = zeros(n * cfg.num_kv_heads);
-        (c.qr, c.kr) = match (li.q_norm, li.k_norm) {
+        let o = self.fwd(l);
+        let (ctx, c) = (o.ctx, &mut *o.c);
+        let cfg = ctx.cfg;
+        match (o.li.q_norm, o.li.k_norm) {
             (Some(qn), Some(kn)) => {
-                let (mut qr, mut kr) = (zeros(c.q.len()), zeros(c.k.len()));
-                rmsnorm_fwd(&c.q, w(qn), cfg.norm_style, cfg.rms_norm_eps, &mut qr, &mut c.rstd_q);
-                rmsnorm_fwd(&c.k, w(kn), cfg.norm_style, cfg.rms_norm_eps, &mut kr, &mut c.rstd_k);
-                (qr, kr)
+                (c.qr, c.rstd_q) = norm(cfg, &c.q, &o.p.tensors[qn].data);
+                (c.kr, c.rstd_k) = norm(cfg, &c.k, &o.p.tensors[kn].data);
             }
-            _ => (c.q.clone(), c.k.clone()),
-        };
-        if let Some(kv) = self.kv.as_deref_mut() {
-            // the cache keeps un-rotated keys so a sliding window can re-index positions
-            kv[l].k_raw.extend_from_slice(&c.kr);
+            _ => (c.qr, c.kr) = (c.q.clone(), c.k.clone()),
         }
-        let rope = ctx.rope_at(l);
-        rope_apply(rope, &mut c.qr, cfg.num_heads, cfg.head_dim, ctx.seq, ctx.pos0, false);
-        rope_apply(
-            rope,
-            &mut c.kr,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            ctx.seq,
-            ctx.pos0,
-            false,
-        );
+        if let Some(kv) = o.kv {
+            // the cache keeps un-rotated keys so a sliding window can re-index positions
+            kv.k_raw.extend_from_slice(&c.kr);
+        }
+        let (rope, hd, seq, p0) = (ctx.rope_at(l), cfg.head_dim, ctx.seq, ctx.pos0);
+        rope_apply(rope, &mut c.qr, cfg.num_heads, hd, seq, p0, false);
+        rope_apply(rope, &mut c.kr, cfg.num_kv_heads, hd, seq, p0, false);
     }
 
     pub(super) fn attention_fwd(&mut self, l: usize) {
         let _t = scope("fwd.attention");
-        let (ctx, obs, c) = (&self.ctx, &mut *self.obs, &mut self.cur);
+        let Fwd { ctx, c, obs, kv, .. } = self.fwd(l);
         let cfg = ctx.cfg;
         let sh = ctx.attn_shape(l);
         let heads_rows = ctx.batch * cfg.num_heads * ctx.seq;
@@ -143,8 +151,7 @@ impl<T: Real> CpuStep<'_, T> {
         c.lse = zeros(heads_rows);
         let mut probs = obs.wants_attn_probs(l).then(|| zeros(heads_rows * ctx.seq));
         let mut key0 = obs.wants_key0(l).then(|| zeros(heads_rows));
-        if let Some(kv) = self.kv.as_deref_mut() {
-            let kv = &mut kv[l];
+        if let Some(kv) = kv {
             kv.k_rot.extend_from_slice(&c.kr);
             kv.v.extend_from_slice(&c.v);
             attention_cached(&c.qr, kv, ctx.pos0, sh, &mut c.o);
@@ -175,59 +182,40 @@ impl<T: Real> CpuStep<'_, T> {
 
     pub(super) fn out_proj_fwd(&mut self, l: usize) {
         let _t = scope("fwd.o_proj");
-        let (ctx, li, p) = (
-            &self.ctx,
-            &self.model.index.layers[l],
-            self.model.params_for_layer(&self.scratch),
-        );
-        let (cfg, n) = (ctx.cfg, ctx.rows());
-        let w = |i: usize| &p.tensors[i].data[..];
-        let c = &mut self.cur;
-        let mut a = zeros(n * cfg.hidden_size);
-        linear_fwd(c.o_proj_input(), w(li.o_proj), n, cfg.q_dim(), cfg.hidden_size, &mut a);
+        let o = self.fwd(l);
+        let (ctx, c, cfg) = (o.ctx, &mut *o.c, o.ctx.cfg);
+        let (n, qd, dm) = (ctx.rows(), cfg.q_dim(), cfg.hidden_size);
+        let mut a = zeros(n * dm);
+        linear_fwd(c.o_proj_input(), &o.p.tensors[o.li.o_proj].data, n, qd, dm, &mut a);
         c.a_ungated = gate_here(ctx, GatePosition::G5, &mut a, &c.z);
         ctx.check(l, "o_proj (after any gate)", &a);
-        c.a_pre = post_norm_here(cfg, li.attn_out_norm.map(w), &mut a);
-        self.a = a;
+        c.a_pre = post_norm_here(cfg, o.li.attn_out_norm.map(|i| &o.p.tensors[i].data[..]), &mut a);
+        *o.a = a;
     }
 
     pub(super) fn residual_norm_fwd(&mut self, l: usize) {
         let _t = scope("fwd.norm");
-        let (cfg, n) = (self.ctx.cfg, self.ctx.rows());
-        let w = &self.model.params_for_layer(&self.scratch).tensors[self.model.index.layers[l].post_norm].data;
-        let c = &mut self.cur;
-        c.x1 = self.x.clone();
-        add_assign(&mut c.x1, &std::mem::take(&mut self.a));
-        c.h2 = zeros(n * cfg.hidden_size);
-        c.rstd2 = zeros(n);
-        rmsnorm_fwd(&c.x1, w, cfg.norm_style, cfg.rms_norm_eps, &mut c.h2, &mut c.rstd2);
+        let o = self.fwd(l);
+        let mut x1 = o.x.to_vec();
+        add_assign(&mut x1, &std::mem::take(o.a));
+        (o.c.h2, o.c.rstd2) = norm(o.ctx.cfg, &x1, o.w(o.li.post_norm));
+        o.c.x1 = x1;
     }
 
     pub(super) fn mlp_fwd(&mut self, l: usize) {
         let _t = scope("fwd.mlp");
-        let (ctx, li, p) = (
-            &self.ctx,
-            &self.model.index.layers[l],
-            self.model.params_for_layer(&self.scratch),
-        );
-        let (cfg, n) = (ctx.cfg, ctx.rows());
-        let c = &mut self.cur;
-        let (mut f, ffn) = ffn_fwd(
-            p,
-            &li.ffn,
-            cfg.moe.as_ref(),
-            &c.h2,
-            n,
-            cfg.hidden_size,
-            cfg.mlp_activation,
-        );
+        let Fwd {
+            ctx, li, p, c, obs, f, ..
+        } = self.fwd(l);
+        let (cfg, n, dm) = (ctx.cfg, ctx.rows(), ctx.cfg.hidden_size);
+        let (mut y, ffn) = ffn_fwd(p, &li.ffn, cfg.moe.as_ref(), &c.h2, n, dm, cfg.mlp_activation);
         if let Some(st) = router_stats(&ffn) {
-            self.obs.router(l, st);
+            obs.router(l, st);
         }
         c.ffn = Some(ffn);
-        c.f_pre = post_norm_here(cfg, li.ffn_out_norm.map(|i| &p.tensors[i].data[..]), &mut f);
-        ctx.check(l, "mlp (ffn output)", &f);
-        self.f = f;
+        c.f_pre = post_norm_here(cfg, li.ffn_out_norm.map(|i| &p.tensors[i].data[..]), &mut y);
+        ctx.check(l, "mlp (ffn output)", &y);
+        *f = y;
     }
 
     pub(super) fn residual_fwd(&mut self) {

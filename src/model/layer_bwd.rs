@@ -5,10 +5,9 @@
 use super::ffn::ffn_bwd;
 use super::ops::gate::gate_bwd;
 use super::ops::linear::linear_bwd;
-use super::ops::rmsnorm::rmsnorm_bwd;
 use super::ops::rope::rope_apply;
 use super::params::ParamStore;
-use super::step::{zeros, CpuStep, Ctx, LayerCache, LayerGrads};
+use super::step::{norm_back, zeros, CpuStep, Ctx, LayerCache, LayerGrads};
 use crate::backend::profile::scope;
 use crate::config::{GatePosition, ModelConfig};
 use crate::real::Real;
@@ -26,8 +25,7 @@ fn post_norm_back<T: Real>(
 ) {
     if let (Some(wi), Some((pre, rstd))) = (wi, saved) {
         let mut d = zeros(dy.len());
-        let (w, g) = (&p.tensors[wi].data, &mut grads.tensors[wi].data);
-        rmsnorm_bwd(pre, w, cfg.norm_style, rstd, dy, &mut d, false, g);
+        norm_back(cfg, p, wi, (pre, rstd), dy, &mut d, false, grads);
         *dy = d;
     }
 }
@@ -125,8 +123,7 @@ impl<T: Real> CpuStep<'_, T> {
             grads,
             ..
         } = self.back(l)?;
-        let (w, g) = (&p.tensors[wi].data, &mut grads.tensors[wi].data);
-        rmsnorm_bwd(&c.x1, w, ctx.cfg.norm_style, &c.rstd2, &b.dh2, dx, true, g);
+        norm_back(ctx.cfg, p, wi, (&c.x1, &c.rstd2), &b.dh2, dx, true, grads);
         b.dh2 = Vec::new();
         Ok(())
     }
@@ -186,10 +183,8 @@ impl<T: Real> CpuStep<'_, T> {
         (b.dq, b.dk) = match (li.q_norm, li.k_norm) {
             (Some(qn), Some(kn)) => {
                 let (mut dq, mut dk) = (zeros(dqr.len()), zeros(dkr.len()));
-                let (w, g) = (&p.tensors[qn].data, &mut grads.tensors[qn].data);
-                rmsnorm_bwd(&c.q, w, cfg.norm_style, &c.rstd_q, &dqr, &mut dq, false, g);
-                let (w, g) = (&p.tensors[kn].data, &mut grads.tensors[kn].data);
-                rmsnorm_bwd(&c.k, w, cfg.norm_style, &c.rstd_k, &dkr, &mut dk, false, g);
+                norm_back(cfg, p, qn, (&c.q, &c.rstd_q), &dqr, &mut dq, false, grads);
+                norm_back(cfg, p, kn, (&c.k, &c.rstd_k), &dkr, &mut dk, false, grads);
                 (dq, dk)
             }
             _ => (dqr, dkr),
@@ -271,8 +266,7 @@ impl<T: Real> CpuStep<'_, T> {
             b,
             grads,
         } = self.back(l)?;
-        let (w, g) = (&p.tensors[wi].data, &mut grads.tensors[wi].data);
-        rmsnorm_bwd(x, w, ctx.cfg.norm_style, &c.rstd1, &b.dh1, dx, true, g);
+        norm_back(ctx.cfg, p, wi, (x, &c.rstd1), &b.dh1, dx, true, grads);
         b.dh1 = Vec::new();
         // this layer's activations are no longer needed
         self.saved.truncate(l);

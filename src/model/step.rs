@@ -148,6 +148,30 @@ pub(super) fn zeros<T: Real>(n: usize) -> Vec<T> {
     vec![T::ZERO; n]
 }
 
+/// RMSNorm of the rows of `x` (width `w.len()`): the output and each row's rstd.
+pub(super) fn norm<T: Real>(cfg: &ModelConfig, x: &[T], w: &[T]) -> (Vec<T>, Vec<T>) {
+    let (mut y, mut rstd) = (zeros(x.len()), zeros(x.len() / w.len()));
+    rmsnorm_fwd(x, w, cfg.norm_style, cfg.rms_norm_eps, &mut y, &mut rstd);
+    (y, rstd)
+}
+
+/// RMSNorm's backward for the gain `wi`: `dx` (added to with `acc`) from `dy`, the gain's
+/// gradient accumulated.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn norm_back<T: Real>(
+    cfg: &ModelConfig,
+    p: &ParamStore<T>,
+    wi: usize,
+    (x, rstd): (&[T], &[T]),
+    dy: &[T],
+    dx: &mut [T],
+    acc: bool,
+    grads: &mut ParamStore<T>,
+) {
+    let (w, g) = (&p.tensors[wi].data, &mut grads.tensors[wi].data);
+    rmsnorm_bwd(x, w, cfg.norm_style, rstd, dy, dx, acc, g);
+}
+
 impl<T: Real> Model<T> {
     /// One step on the CPU: the loss, and with `grads` the gradients added to them; with
     /// `keep_logits` all logits (else the loss is summed chunk by chunk).
@@ -398,18 +422,8 @@ impl<T: Real> DecoderOps for CpuStep<'_, T> {
 
     fn final_norm(&mut self) -> Result<()> {
         let _t = scope("head.fwd");
-        let (cfg, n) = (self.ctx.cfg, self.ctx.rows());
         let wn = &self.model.params.tensors[self.model.index.norm].data;
-        self.hf = zeros(n * cfg.hidden_size);
-        self.rstd_f = zeros(n);
-        rmsnorm_fwd(
-            &self.x,
-            wn,
-            cfg.norm_style,
-            cfg.rms_norm_eps,
-            &mut self.hf,
-            &mut self.rstd_f,
-        );
+        (self.hf, self.rstd_f) = norm(self.ctx.cfg, &self.x, wn);
         Ok(())
     }
 
@@ -427,20 +441,17 @@ impl<T: Real> DecoderOps for CpuStep<'_, T> {
         let _t = scope("head");
         let (cfg, m) = (self.ctx.cfg, self.model);
         let grads = self.grads.as_deref_mut().context("a backward without gradients")?;
-        let (w, g) = (
-            &m.params.tensors[m.index.norm].data,
-            &mut grads.tensors[m.index.norm].data,
-        );
         self.dx = zeros(self.x.len());
-        rmsnorm_bwd(
-            &self.x,
-            w,
-            cfg.norm_style,
-            &self.rstd_f,
+        let saved = (&self.x[..], &self.rstd_f[..]);
+        norm_back(
+            cfg,
+            &m.params,
+            m.index.norm,
+            saved,
             &self.dhf,
             &mut self.dx,
             false,
-            g,
+            grads,
         );
         self.dhf = Vec::new();
         Ok(())
