@@ -247,6 +247,39 @@ fn qknorm_rope_backward_writes_bf16() {
     }
 }
 
+/// Cross-entropy writing the logits' gradient in bf16 (for the LM head's backward GEMMs):
+/// the rounding of the in-place f32 gradient, the same per-row losses, and the logits left
+/// as they were; an ignored target gives a zero row. A vocabulary that leaves threads idle.
+#[test]
+fn cross_entropy_writes_the_bf16_gradient() {
+    let (rows, vocab, scale) = (9, 1000, 1.0 / 7.0);
+    let n = rows * vocab;
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let what = |s: &str| format!("{s} on {}", dev.describe());
+        let logits = randn(n, 30, 3.0);
+        let mut r = gated_lm::rng::Rng::new(31);
+        let mut t: Vec<i32> = (0..rows).map(|_| r.below(vocab as u64) as i32).collect();
+        t[4] = -1;
+        let targets = gated_lm::backend::cuda::runtime::up_i32(dev, &t).unwrap();
+        let (grad, loss) = (up_f32(dev, &logits).unwrap(), nan_f32(dev, rows));
+        ops::cross_entropy(dev, &grad, &targets, &loss, rows, vocab, scale).unwrap();
+        let (lb, gb, loss_b) = (up_f32(dev, &logits).unwrap(), nan_bf16(dev, n), nan_f32(dev, rows));
+        ops::cross_entropy_to(dev, &lb, Some(&gb), &targets, &loss_b, rows, vocab, scale).unwrap();
+        rounds(&what("cross_entropy_fwd_bwd_bf16 gradient"), dev, &gb, &grad);
+        assert_eq!(
+            bits(dev, &loss_b),
+            bits(dev, &loss),
+            "{}",
+            what("cross_entropy_fwd_bwd_bf16 loss")
+        );
+        let kept: Vec<u32> = logits.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(bits(dev, &lb), kept, "{}", what("cross_entropy_fwd_bwd_bf16 logits"));
+        let row4 = &down_u16(dev, &gb).unwrap()[4 * vocab..5 * vocab];
+        assert!(row4.iter().all(|&g| g == 0), "{}", what("ignored row"));
+    }
+}
+
 /// Every bf16 output is checked for 2 bytes an element: a buffer of exactly that is accepted
 /// as bf16 and refused as f32, one element less is refused; all before any launch.
 #[test]
@@ -310,4 +343,11 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     let h = HeadRows { norm: Some(&gain), ..h };
     let e = ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, (&sc.0, &sc.1), Some(&dw));
     refused(e, "short rstd");
+    // the cross-entropy's bf16 gradient: `rows × d` logits
+    let t = gated_lm::backend::cuda::runtime::up_i32(dev, &[0; 3]).unwrap();
+    ops::cross_entropy_to(dev, &x, Some(&exact), &t, &r, rows, d, 1.0).unwrap();
+    refused(
+        ops::cross_entropy_to(dev, &x, Some(&short), &t, &r, rows, d, 1.0),
+        "short logits gradient",
+    );
 }

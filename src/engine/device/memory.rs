@@ -186,8 +186,9 @@ pub(super) struct StepMemory {
     pub loss_rows: DBuf,
     pub dhf: DBuf,
     /// The LM head and cross-entropy run over row chunks of the final hidden states, so only
-    /// one chunk's `[rows, vocab]` logits exist at a time (`logits`, then in place their
-    /// gradient; `logits_b` its bf16 copy for the backward GEMMs).
+    /// one chunk's `[rows, vocab]` logits exist at a time (`logits`; their gradient in place, or
+    /// in mixed precision written by the cross-entropy into `logits_b` in bf16 for the
+    /// backward GEMMs).
     pub head_chunks: Vec<HeadChunk>,
     pub logits: DBuf,
     pub logits_b: Option<DBuf>,

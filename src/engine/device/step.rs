@@ -164,10 +164,21 @@ impl DecoderOps for DeviceStep<'_, '_> {
         for ch in &mem.head_chunks {
             let (rows, hfa) = (ch.rows, ch.hf.op());
             m.lin_fwd(hfa, head, &mem.logits, rows, dm, vocab)?;
-            // the logits become d(mean loss)/d(logits) in place
-            ops::cross_entropy(m.dev, &mem.logits, &ch.targets, &ch.loss_rows, rows, vocab, self.scale)?;
+            // d(mean loss)/d(logits) in place over the logits, or in mixed precision into their
+            // bf16 buffer (the type the head's backward GEMMs read)
+            let (dl_b, loss_rows) = (mem.logits_b.as_ref(), &ch.loss_rows);
+            ops::cross_entropy_to(
+                m.dev,
+                &mem.logits,
+                dl_b,
+                &ch.targets,
+                loss_rows,
+                rows,
+                vocab,
+                self.scale,
+            )?;
             if backward {
-                let dla = m.act(&mem.logits, mem.logits_b.as_ref())?;
+                let dla = m.shadowed(&mem.logits, dl_b);
                 m.lin_bwd_dx(dla, head, &ch.dhf, rows, dm, vocab, false)?;
                 m.lin_bwd_dw(hfa, dla, head, rows, dm, vocab)?;
             }
