@@ -5,7 +5,7 @@
 //! checked for the output's own type. On the CPU emulator always, and on a GPU when there is one.
 #![cfg(feature = "cuda")]
 
-use gated_lm::backend::cuda::ops::{self, DeviceRope, HeadRows, Operand};
+use gated_lm::backend::cuda::ops::{self, AttnDims, DeviceRope, FusedGate, HeadRows, Operand};
 use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_u16, DBuf, Device};
 
 mod common;
@@ -280,6 +280,91 @@ fn cross_entropy_writes_the_bf16_gradient() {
     }
 }
 
+/// Shapes of the attention tests: 70 rows per sequence (a partial 64-row block), grouped KV.
+fn attn_dims(head_dim: usize) -> AttnDims {
+    AttnDims {
+        batch: 2,
+        seq: 70,
+        heads: 2,
+        kv_heads: 1,
+        head_dim,
+    }
+}
+
+/// The gate logits `z` of `gate` for `d` (none: no buffer).
+fn gate_logits(dev: &dyn Device, d: &AttnDims, gate: FusedGate, seed: u64) -> Option<DBuf> {
+    let n = match gate {
+        FusedGate::None => return None,
+        FusedGate::Elementwise => d.batch * d.seq * d.heads * d.head_dim,
+        FusedGate::Headwise => d.batch * d.seq * d.heads,
+    };
+    Some(up_f32(dev, &randn(n, seed, 1.5)).unwrap())
+}
+
+/// bf16 bits of `v` rounded, uploaded (the tensor-core attention's inputs).
+fn up_bf16(dev: &dyn Device, v: &[f32]) -> DBuf {
+    up_u16(
+        dev,
+        &v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<_>>(),
+    )
+    .unwrap()
+}
+
+/// The attention forward writing the gated output `y` in bf16 (the o_proj GEMMs' input): the
+/// f32 kernels for every head dim and the tensor-core ones (64, 128), each gate: `y` the
+/// rounding of the f32 kernel's, `o` and `lse` identical.
+#[test]
+fn attention_forward_writes_y_in_bf16() {
+    let gates = [FusedGate::None, FusedGate::Elementwise, FusedGate::Headwise];
+    for dev in devices() {
+        let dev = dev.as_ref();
+        for (i, &(hd, tc)) in [
+            (16, false),
+            (32, false),
+            (64, false),
+            (128, false),
+            (64, true),
+            (128, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (d, gate) = (attn_dims(hd), gates[i % 3]);
+            let what = |s: &str| format!("{s} (hd {hd}, tensor cores {tc}, {gate:?}) on {}", dev.describe());
+            let (nq, nkv, nl) = (
+                d.batch * d.seq * d.heads * hd,
+                d.batch * d.seq * hd,
+                d.batch * d.heads * d.seq,
+            );
+            let s = 40 + 10 * i as u64;
+            let (q, k, v) = (randn(nq, s, 1.0), randn(nkv, s + 1, 1.0), randn(nkv, s + 2, 1.0));
+            let z = gate_logits(dev, &d, gate, s + 3);
+            let (qb, kb, vb) = match tc {
+                true => (up_bf16(dev, &q), up_bf16(dev, &k), up_bf16(dev, &v)),
+                false => (
+                    up_f32(dev, &q).unwrap(),
+                    up_f32(dev, &k).unwrap(),
+                    up_f32(dev, &v).unwrap(),
+                ),
+            };
+            let run = |y: Operand| {
+                let (o, lse) = (nan_f32(dev, nq), nan_f32(dev, nl));
+                let f = if tc {
+                    ops::attention_forward_tc_to
+                } else {
+                    ops::attention_fwd_to
+                };
+                f(dev, &d, gate, &qb, &kb, &vb, z.as_ref(), &o, y, &lse).unwrap();
+                (bits(dev, &o), bits(dev, &lse))
+            };
+            let (y, yb) = (nan_f32(dev, nq), nan_bf16(dev, nq));
+            let f32_out = run((&y).into());
+            assert_eq!(run(Operand::bf16(&yb)), f32_out, "{}", what("o, lse"));
+            rounds(&what("attention forward y"), dev, &yb, &y);
+        }
+    }
+}
+
 /// Every bf16 output is checked for 2 bytes an element: a buffer of exactly that is accepted
 /// as bf16 and refused as f32, one element less is refused; all before any launch.
 #[test]
@@ -349,5 +434,33 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     refused(
         ops::cross_entropy_to(dev, &x, Some(&short), &t, &r, rows, d, 1.0),
         "short logits gradient",
+    );
+    // the attention's y: [rows, heads·head_dim], f32 kernels and tensor-core ones
+    let d = AttnDims {
+        batch: 1,
+        seq: 3,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    let (nq, nkv) = (3 * 2 * 64, 3 * 64);
+    let (q, kv, lse) = (f(nq), f(nkv), f(3 * 2));
+    let (yb, ys) = (dev.zeros(2 * nq).unwrap(), dev.zeros(2 * nq - 2).unwrap());
+    let (b, s) = (Operand::bf16(&yb), Operand::bf16(&ys));
+    let none = FusedGate::None;
+    ops::attention_fwd_to(dev, &d, none, &q, &kv, &kv, None, &q, b, &lse).unwrap();
+    refused(
+        ops::attention_fwd_to(dev, &d, none, &q, &kv, &kv, None, &q, s, &lse),
+        "short y",
+    );
+    let f32_y = Operand::from(&yb);
+    refused(
+        ops::attention_fwd_to(dev, &d, none, &q, &kv, &kv, None, &q, f32_y, &lse),
+        "f32 y",
+    );
+    ops::attention_forward_tc_to(dev, &d, none, &q, &kv, &kv, None, &q, b, &lse).unwrap();
+    refused(
+        ops::attention_forward_tc_to(dev, &d, none, &q, &kv, &kv, None, &q, s, &lse),
+        "short tc y",
     );
 }

@@ -105,15 +105,13 @@ pub(super) struct LayerMem {
     pub z: Option<DBuf>,
     pub o: DBuf,
     pub lse: DBuf,
-    pub y: DBuf,
+    pub y: GemmIn,
     pub x1: DBuf,
     pub h2: GemmIn,
     pub rstd2: DBuf,
     pub g: DBuf,
     pub u: DBuf,
     pub m: GemmIn,
-    /// the attention writes `y` in f32; its bf16 copy for the o_proj GEMMs
-    pub y_b: Option<DBuf>,
     /// bf16 copies of the rotated q, k and v for the tensor-core attention: the forward
     /// writes them, the backward reads them again
     pub qkv_b: Option<(DBuf, DBuf, DBuf)>,
@@ -260,14 +258,13 @@ impl StepMemory {
                 z: scores.map(|s| c.f32(n * s)).transpose()?,
                 o: c.f32(n * qd)?,
                 lse: c.f32(n * heads)?,
-                y: c.f32(n * qd)?,
+                y: c.gemm_in(precision, n * qd)?,
                 x1: c.f32(n * dm)?,
                 h2: c.gemm_in(precision, n * dm)?,
                 rstd2: c.f32(n)?,
                 g: c.f32(n * ff)?,
                 u: c.f32(n * ff)?,
                 m: c.gemm_in(precision, n * ff)?,
-                y_b: c.shadow(precision, n * qd)?,
                 qkv_b: if tc_attention {
                     Some((c.bf16(n * qd)?, c.bf16(n * kvd)?, c.bf16(n * kvd)?))
                 } else {

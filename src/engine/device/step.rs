@@ -96,7 +96,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
 
     /// On tensor cores from bf16 copies of q/k/v when [`DeviceModel::tc_attention`] (the
     /// backward then reads the same copies, so both passes differentiate one function of the
-    /// rounded inputs), else the f32 kernel; the G1 gate in the kernel's epilogue.
+    /// rounded inputs), else the f32 kernel; the G1 gate in the kernel's epilogue, which writes
+    /// `y` in the o_proj GEMMs' operand type.
     fn attention(&mut self, l: usize) -> Result<()> {
         let (m, d) = (self.m, self.attn_dims());
         let (_, c) = self.layer(l);
@@ -106,12 +107,10 @@ impl DecoderOps for DeviceStep<'_, '_> {
                 for (x, b) in [(q, qb), (k, kb), (v, vb)] {
                     ops::cast_to_bf16(m.dev, x, b, x.bytes / 4)?;
                 }
-                ops::attention_forward_tc(m.dev, &d, m.gate, qb, kb, vb, z, &c.o, &c.y, &c.lse)?;
+                ops::attention_forward_tc_to(m.dev, &d, m.gate, qb, kb, vb, z, &c.o, c.y.op(), &c.lse)
             }
-            None => ops::attention_fwd(m.dev, &d, m.gate, q, k, v, z, &c.o, &c.y, &c.lse)?,
+            None => ops::attention_fwd_to(m.dev, &d, m.gate, q, k, v, z, &c.o, c.y.op(), &c.lse),
         }
-        m.act(&c.y, c.y_b.as_ref())?;
-        Ok(())
     }
 
     /// `a` is written into `x1`'s buffer ([`Self::residual_norm`] adds `x` in place).
@@ -119,7 +118,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (m, n) = (self.m, self.rows());
         let (li, c) = self.layer(l);
         let (qd, dm) = (m.cfg.q_dim(), m.cfg.hidden_size);
-        m.lin_fwd(m.shadowed(&c.y, c.y_b.as_ref()), li.o_proj, &c.x1, n, qd, dm)
+        m.lin_fwd(c.y.op(), li.o_proj, &c.x1, n, qd, dm)
     }
 
     /// One launch: `x1 = x + a` in place over `a`, and `h2` in the GEMMs' operand type.
@@ -236,7 +235,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (qd, dm) = (m.cfg.q_dim(), m.cfg.hidden_size);
         let dxa = m.shadowed(&b.dx, b.dx_b.as_ref());
         m.lin_bwd_dx(dxa, li.o_proj, &b.dy, n, qd, dm, false)?;
-        m.lin_bwd_dw(m.shadowed(&c.y, c.y_b.as_ref()), dxa, li.o_proj, n, qd, dm)
+        m.lin_bwd_dw(c.y.op(), dxa, li.o_proj, n, qd, dm)
     }
 
     /// On tensor cores from the bf16 q/k/v the forward ran on, else in f32; the G1 gate's

@@ -9,9 +9,12 @@
 //
 // Layouts as src/model/ops/attention.rs: q, o, y [B·T, H·HD]; k, v [B·T, KV·HD]; lse, delta
 // [B, H, T]. gate_mode 0: none (y = o); 1: elementwise, z [B·T, H·HD]; 2: headwise, z [B·T, H].
+// y, which only the output projection's GEMMs read, is f32 or (the *_bf16 kernels) bf16,
+// rounded from the same f32 value.
 //
 // Entry points (ops/attention/mod.rs, whose head-dim list generates their names): attn_bwd_pre,
-// and attn_fwd_hd*, attn_bwd_dkdv_hd*, attn_bwd_dq_hd* for each ATTN_KERNELS(HD) below.
+// and attn_fwd_hd*, attn_fwd_hd*_bf16, attn_bwd_dkdv_hd*, attn_bwd_dq_hd* for each
+// ATTN_KERNELS(HD) below.
 
 #define BR 64  // rows per block = threads per block
 #define BC 32  // rows per shared-memory tile
@@ -28,8 +31,8 @@ __device__ void stage_kv(const float* k, const float* v, float* ks, float* vs, i
     }
 }
 
-template <int HD>
-__device__ void attn_fwd_impl(const float* q, const float* k, const float* v, const float* z, float* o, float* y,
+template <int HD, class TY>
+__device__ void attn_fwd_impl(const float* q, const float* k, const float* v, const float* z, float* o, TY* y,
                               float* lse, int T, int H, int KV, float scale, int gate_mode) {
     __shared__ float ks[BC * HD];
     __shared__ float vs[BC * HD];
@@ -71,7 +74,7 @@ __device__ void attn_fwd_impl(const float* q, const float* k, const float* v, co
     for (int e = 0; e < HD; ++e) {
         float oe = acc[e] * inv;
         o[base + e] = oe;
-        y[base + e] = oe * (gate_mode == 1 ? sigmoidf(z[base + e]) : gh);
+        store_as(y + base + e, oe * (gate_mode == 1 ? sigmoidf(z[base + e]) : gh));
     }
     lse[((long)b * H + h) * T + i] = m + logf(l);
 }
@@ -212,6 +215,11 @@ __device__ void attn_bwd_dq_impl(const float* q, const float* k, const float* v,
     extern "C" __global__ void attn_fwd_hd##HD(const float* q, const float* k, const float* v, const float* z,    \
                                                float* o, float* y, float* lse, int T, int H, int KV, float scale, \
                                                int gate_mode) {                                                   \
+        attn_fwd_impl<HD>(q, k, v, z, o, y, lse, T, H, KV, scale, gate_mode);                                     \
+    }                                                                                                             \
+    extern "C" __global__ void attn_fwd_hd##HD##_bf16(const float* q, const float* k, const float* v,             \
+                                                      const float* z, float* o, bf16* y, float* lse, int T,       \
+                                                      int H, int KV, float scale, int gate_mode) {                \
         attn_fwd_impl<HD>(q, k, v, z, o, y, lse, T, H, KV, scale, gate_mode);                                     \
     }                                                                                                             \
     extern "C" __global__ void attn_bwd_dkdv_hd##HD(const float* q, const float* k, const float* v,               \

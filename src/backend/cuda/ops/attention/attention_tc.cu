@@ -11,9 +11,10 @@
 // softmax, only around the staging.
 //
 // Layouts as attention.cu: q [B·T, H·HD], k/v [B·T, KV·HD] (bf16), z as gate_mode says, o/y
-// [B·T, H·HD] f32, lse [B, H, T] f32. HD 64 or 128 (a multiple of 16; rows of 16-byte chunks).
+// [B·T, H·HD] f32 (y bf16 in the *_bf16 kernels, for the output projection's GEMMs), lse
+// [B, H, T] f32. HD 64 or 128 (a multiple of 16; rows of 16-byte chunks).
 //
-// Entry points (ops/attention/tc.rs): attn_fwd_tc_hd{64,128}, attn_bwd_pre_tc,
+// Entry points (ops/attention/tc.rs): attn_fwd_tc_hd{64,128}{,_bf16}, attn_bwd_pre_tc,
 // attn_bwd_dkdv_tc_hd{64,128}, attn_bwd_dq_tc_hd{64,128}; and, as references for the tests only
 // (never launched by the model), tc_mma_probe and attn_bwd_{dkdv,dq}_tc_planted.
 
@@ -36,8 +37,8 @@ __device__ __forceinline__ unsigned load_pair(const bf16* m, long row, long ld, 
     return (unsigned)p[0] | ((unsigned)p[1] << 16);
 }
 
-template <int HD>
-__device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, const float* z, float* o, float* y,
+template <int HD, class TY>
+__device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, const float* z, float* o, TY* y,
                                  float* lse, int T, int H, int KV, float scale, int gate_mode) {
     constexpr int LD = HD + TC_PAD;  // staged row stride, elements
     constexpr int KSTEPS = HD / 16;  // k steps of S = Q·Kᵀ
@@ -181,7 +182,7 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
                 const long at = base + nt * 8 + 2 * tig + e;
                 const float oe = acc[nt][2 * r + e] * inv;
                 o[at] = oe;
-                y[at] = oe * (gate_mode == 1 ? sigmoidf(z[at]) : gh);
+                store_as(y + at, oe * (gate_mode == 1 ? sigmoidf(z[at]) : gh));
             }
         if (tig == 0) lse[((long)b * H + h) * T + i] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
     }
@@ -191,6 +192,11 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     extern "C" __global__ void attn_fwd_tc_hd##HD(const bf16* q, const bf16* k, const bf16* v, const float* z,     \
                                                   float* o, float* y, float* lse, int T, int H, int KV,            \
                                                   float scale, int gate_mode) {                                    \
+        attn_fwd_tc_impl<HD>(q, k, v, z, o, y, lse, T, H, KV, scale, gate_mode);                                   \
+    }                                                                                                              \
+    extern "C" __global__ void attn_fwd_tc_hd##HD##_bf16(const bf16* q, const bf16* k, const bf16* v,             \
+                                                         const float* z, float* o, bf16* y, float* lse, int T,     \
+                                                         int H, int KV, float scale, int gate_mode) {              \
         attn_fwd_tc_impl<HD>(q, k, v, z, o, y, lse, T, H, KV, scale, gate_mode);                                   \
     }
 

@@ -3,10 +3,13 @@
 
 pub mod tc;
 
-use super::{f32s, KernelSource};
+use super::{f32s, sized, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
-pub use tc::{attention_backward_tc, attention_backward_tc_planted, attention_forward_tc, ATTN_TC_HEAD_DIMS};
+pub use tc::{
+    attention_backward_tc, attention_backward_tc_planted, attention_forward_tc, attention_forward_tc_to,
+    ATTN_TC_HEAD_DIMS,
+};
 
 /// The head dims the f32 attention kernels exist for: attention.cu instantiates
 /// `ATTN_KERNELS(HD)` for each. Written once here; the entry points in [`SOURCE`] and
@@ -24,7 +27,12 @@ macro_rules! as_array {
 }
 macro_rules! attention_entries {
     ($($hd:literal),*) => {
-        &["attn_bwd_pre", $(concat!("attn_fwd_hd", $hd), concat!("attn_bwd_dkdv_hd", $hd), concat!("attn_bwd_dq_hd", $hd)),*]
+        &["attn_bwd_pre", $(
+            concat!("attn_fwd_hd", $hd),
+            concat!("attn_fwd_hd", $hd, "_bf16"),
+            concat!("attn_bwd_dkdv_hd", $hd),
+            concat!("attn_bwd_dq_hd", $hd)
+        ),*]
     };
 }
 
@@ -62,6 +70,14 @@ pub enum FusedGate {
     None = 0,
     Elementwise = 1,
     Headwise = 2,
+}
+
+/// The kernel-name suffix of an output written in bf16 for the GEMMs that read it.
+fn suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "",
+        DType::Bf16 => "_bf16",
+    }
 }
 
 /// Rows per attention block (attention.cu `BR`).
@@ -176,15 +192,35 @@ pub fn attention_fwd(
     y: &DBuf,
     lse: &DBuf,
 ) -> Result<()> {
+    attention_fwd_to(dev, d, gate, q, k, v, z, o, y.into(), lse)
+}
+
+/// [`attention_fwd`] with `y` in f32 or bf16 (rounded from the same f32 value): the output
+/// projection's input, in the type its GEMMs read.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_to(
+    dev: &dyn Device,
+    d: &AttnDims,
+    gate: FusedGate,
+    q: &DBuf,
+    k: &DBuf,
+    v: &DBuf,
+    z: Option<&DBuf>,
+    o: &DBuf,
+    y: Operand,
+    lse: &DBuf,
+) -> Result<()> {
     d.check()?;
-    f32s("attention_fwd", &[q, o, y], d.q_elems())?;
+    f32s("attention_fwd", &[q, o], d.q_elems())?;
+    sized("attention_fwd", y, d.q_elems())?;
     f32s("attention_fwd", &[k, v], d.kv_elems())?;
     f32s("attention_fwd", &[lse], d.rows() * d.heads)?;
     let zarg = gate_arg("attention_fwd", z, d, gate)?;
-    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.arg(), lse.arg()];
+    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.buf.arg(), lse.arg()];
     args.extend(d.common());
     args.push(Arg::I32(gate as i32));
-    dev.launch(&format!("attn_fwd_hd{}", d.head_dim), d.grid(d.heads), &args)
+    let kernel = format!("attn_fwd_hd{}{}", d.head_dim, suffix(y.dtype));
+    dev.launch(&kernel, d.grid(d.heads), &args)
 }
 
 /// Scratch of the backward: the ungated output's gradient and the per-row `rowsum(dO ⊙ O)`.

@@ -2,8 +2,8 @@
 //! forward and backward on bf16 Q/K/V, everything else f32 in the layouts of the f32 kernels
 //! ([`super`]). Also the hd64 backward with planted bugs, a reference for the tests only.
 
-use super::{gate_arg, AttnDims, AttnScratch, FusedGate};
-use crate::backend::cuda::ops::{f32s, need, KernelSource};
+use super::{gate_arg, suffix, AttnDims, AttnScratch, FusedGate};
+use crate::backend::cuda::ops::{f32s, need, sized, KernelSource, Operand};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
@@ -13,6 +13,8 @@ pub const SOURCE: KernelSource = KernelSource {
     entries: &[
         "attn_fwd_tc_hd64",
         "attn_fwd_tc_hd128",
+        "attn_fwd_tc_hd64_bf16",
+        "attn_fwd_tc_hd128_bf16",
         "attn_bwd_pre_tc",
         "attn_bwd_dkdv_tc_hd64",
         "attn_bwd_dq_tc_hd64",
@@ -50,6 +52,24 @@ pub fn attention_forward_tc(
     y: &DBuf,
     lse: &DBuf,
 ) -> Result<()> {
+    attention_forward_tc_to(dev, d, gate, q, k, v, z, o, y.into(), lse)
+}
+
+/// [`attention_forward_tc`] with `y` in f32 or bf16 (rounded from the same f32 value): the
+/// output projection's input, in the type its GEMMs read.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_tc_to(
+    dev: &dyn Device,
+    d: &AttnDims,
+    gate: FusedGate,
+    q: &DBuf,
+    k: &DBuf,
+    v: &DBuf,
+    z: Option<&DBuf>,
+    o: &DBuf,
+    y: Operand,
+    lse: &DBuf,
+) -> Result<()> {
     let what = "attention_forward_tc";
     if !ATTN_TC_HEAD_DIMS.contains(&d.head_dim) {
         bail!(
@@ -65,10 +85,11 @@ pub fn attention_forward_tc(
     if !(k.ptr.is_multiple_of(16) && v.ptr.is_multiple_of(16) && q.ptr.is_multiple_of(4)) {
         bail!("{what}: k and v must be 16-byte aligned, q 4-byte aligned");
     }
-    f32s(what, &[o, y], d.q_elems())?;
+    f32s(what, &[o], d.q_elems())?;
+    sized(what, y, d.q_elems())?;
     f32s(what, &[lse], d.rows() * d.heads)?;
     let zarg = gate_arg(what, z, d, gate)?;
-    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.arg(), lse.arg()];
+    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.buf.arg(), lse.arg()];
     args.extend(d.common());
     args.push(Arg::I32(gate as i32));
     let cfg = Launch {
@@ -76,7 +97,7 @@ pub fn attention_forward_tc(
         block: [ATTN_TC_THREADS, 1, 1],
         smem: 0,
     };
-    dev.launch(&format!("attn_fwd_tc_hd{}", d.head_dim), cfg, &args)
+    dev.launch(&format!("attn_fwd_tc_hd{}{}", d.head_dim, suffix(y.dtype)), cfg, &args)
 }
 
 /// [`attention_bwd`](super::attention_bwd) on tensor cores (FlashAttention-2 backward, attention_tc.cu): `q`,
