@@ -365,6 +365,79 @@ fn attention_forward_writes_y_in_bf16() {
     }
 }
 
+/// The attention backward writing `dv` and `dz` (the v and gate projections' output
+/// gradients) in bf16: the f32 kernels for every head dim and the tensor-core ones, each gate;
+/// `dv` and `dz` the rounding of the f32 kernels', `dq`, `dk` and the scratch identical.
+#[test]
+fn attention_backward_writes_dv_and_dz_in_bf16() {
+    let gates = [FusedGate::Elementwise, FusedGate::Headwise, FusedGate::None];
+    for dev in devices() {
+        let dev = dev.as_ref();
+        for (i, &(hd, tc)) in [
+            (16, false),
+            (32, false),
+            (64, false),
+            (128, false),
+            (64, true),
+            (128, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (d, gate) = (attn_dims(hd), gates[i % 3]);
+            let what = |s: &str| format!("{s} (hd {hd}, tensor cores {tc}, {gate:?}) on {}", dev.describe());
+            let (nq, nkv, nl) = (
+                d.batch * d.seq * d.heads * hd,
+                d.batch * d.seq * hd,
+                d.batch * d.heads * d.seq,
+            );
+            let s = 80 + 10 * i as u64;
+            let (q, k, v) = (randn(nq, s, 1.0), randn(nkv, s + 1, 1.0), randn(nkv, s + 2, 1.0));
+            let z = gate_logits(dev, &d, gate, s + 3);
+            let dy = up_f32(dev, &randn(nq, s + 4, 1.0)).unwrap();
+            let (qb, kb, vb) = match tc {
+                true => (up_bf16(dev, &q), up_bf16(dev, &k), up_bf16(dev, &v)),
+                false => (
+                    up_f32(dev, &q).unwrap(),
+                    up_f32(dev, &k).unwrap(),
+                    up_f32(dev, &v).unwrap(),
+                ),
+            };
+            let (o, y, lse) = (nan_f32(dev, nq), nan_f32(dev, nq), nan_f32(dev, nl));
+            let fwd = if tc {
+                ops::attention_forward_tc
+            } else {
+                ops::attention_fwd
+            };
+            fwd(dev, &d, gate, &qb, &kb, &vb, z.as_ref(), &o, &y, &lse).unwrap();
+            let nz = z.as_ref().map_or(0, |z| z.bytes / 4);
+            // dq, dk and the scratch's bits after a backward writing dv and dz as given
+            let run = |dv: Operand, dz: Option<Operand>| {
+                let scratch = ops::AttnScratch::new(dev, &d).unwrap();
+                let (dq, dk) = (nan_f32(dev, nq), nan_f32(dev, nkv));
+                let ins = (&qb, &kb, &vb, z.as_ref());
+                let bwd = if tc {
+                    ops::attention_backward_tc_to
+                } else {
+                    ops::attention_bwd_to
+                };
+                bwd(dev, &d, gate, ins, (&o, &lse, &dy), &scratch, (&dq, &dk, dv, dz)).unwrap();
+                let rest = [&dq, &dk, &scratch.dout, &scratch.delta];
+                rest.map(|b| bits(dev, b))
+            };
+            let (dv, dz) = (nan_f32(dev, nkv), nan_f32(dev, nz.max(1)));
+            let f32_rest = run((&dv).into(), z.as_ref().map(|_| Operand::from(&dz)));
+            let (dvb, dzb) = (nan_bf16(dev, nkv), nan_bf16(dev, nz.max(1)));
+            let bf16_rest = run(Operand::bf16(&dvb), z.as_ref().map(|_| Operand::bf16(&dzb)));
+            assert!(bf16_rest == f32_rest, "{}", what("dq, dk, dO, D"));
+            rounds(&what("attention backward dv"), dev, &dvb, &dv);
+            if z.is_some() {
+                rounds(&what("attention backward dz"), dev, &dzb, &dz);
+            }
+        }
+    }
+}
+
 /// Every bf16 output is checked for 2 bytes an element: a buffer of exactly that is accepted
 /// as bf16 and refused as f32, one element less is refused; all before any launch.
 #[test]
@@ -463,4 +536,25 @@ fn bf16_outputs_are_checked_for_their_own_size() {
         ops::attention_forward_tc_to(dev, &d, none, &q, &kv, &kv, None, &q, s, &lse),
         "short tc y",
     );
+    // the backward's dv [rows, kv_heads·head_dim] and elementwise dz [rows, heads·head_dim],
+    // each in its own type (here dv bf16 beside an f32 dz, and the other way round)
+    let elem = FusedGate::Elementwise;
+    let scratch = ops::AttnScratch::new(dev, &d).unwrap();
+    let (dvb, dvs) = (dev.zeros(2 * nkv).unwrap(), dev.zeros(2 * nkv - 2).unwrap());
+    let ins = (&q, &kv, &kv, Some(&q));
+    let fwd = (&q, &lse, &q);
+    let bwd = |tc: bool, dv: Operand, dz: Operand| {
+        let grads = (&q, &kv, dv, Some(dz));
+        match tc {
+            false => ops::attention_bwd_to(dev, &d, elem, ins, fwd, &scratch, grads),
+            true => ops::attention_backward_tc_to(dev, &d, elem, ins, fwd, &scratch, grads),
+        }
+    };
+    for tc in [false, true] {
+        bwd(tc, Operand::bf16(&dvb), (&q).into()).unwrap();
+        bwd(tc, (&kv).into(), Operand::bf16(&yb)).unwrap();
+        refused(bwd(tc, Operand::bf16(&dvs), (&q).into()), "short dv");
+        refused(bwd(tc, Operand::from(&dvb), (&q).into()), "f32 dv");
+        refused(bwd(tc, (&kv).into(), Operand::bf16(&ys)), "short dz");
+    }
 }

@@ -128,10 +128,10 @@ pub(super) struct BackwardMem {
     pub dy: DBuf,
     pub dqr: DBuf,
     pub dkr: DBuf,
-    pub dv: DBuf,
+    pub dv: GemmIn,
     pub dq: GemmIn,
     pub dk: GemmIn,
-    pub dz: Option<DBuf>,
+    pub dz: Option<GemmIn>,
     pub dh1: DBuf,
     pub attn: AttnScratch,
     /// per-row gain gradients of a norm (`[rows, max(hidden, heads·head_dim)]`) and their
@@ -140,11 +140,8 @@ pub(super) struct BackwardMem {
     pub colsum_part: DBuf,
     /// embedding backward's index (ids grouped on the host)
     pub embed_index: DBuf,
-    /// bf16 copies of the gradients GEMMs read that their producers write in f32: the
-    /// residual's (written beside it by the norms' backward), and one projection-sized buffer
-    /// cast into for dv and dz in turn
+    /// the residual gradient's bf16 copy for the GEMMs, written beside it by the norms' backward
     pub dx_b: Option<DBuf>,
-    pub dproj_b: Option<DBuf>,
 }
 
 /// One row chunk of the LM head: views of the full buffers' rows `start..start + rows`.
@@ -272,7 +269,6 @@ impl StepMemory {
                 },
             });
         }
-        let proj = kvd.max(scores.unwrap_or(0));
         let bwd = BackwardMem {
             dx: c.f32(n * dm)?,
             dm: c.f32(n * ff)?,
@@ -282,10 +278,10 @@ impl StepMemory {
             dy: c.f32(n * qd)?,
             dqr: c.f32(n * qd)?,
             dkr: c.f32(n * kvd)?,
-            dv: c.f32(n * kvd)?,
+            dv: c.gemm_in(precision, n * kvd)?,
             dq: c.gemm_in(precision, n * qd)?,
             dk: c.gemm_in(precision, n * kvd)?,
-            dz: scores.map(|s| c.f32(n * s)).transpose()?,
+            dz: scores.map(|s| c.gemm_in(precision, n * s)).transpose()?,
             dh1: c.f32(n * dm)?,
             attn: AttnScratch {
                 dout: c.f32(n * qd)?,
@@ -295,7 +291,6 @@ impl StepMemory {
             colsum_part: c.f32(ops::colsum_scratch_len(n, dm).max(ops::colsum_scratch_len(n * heads, cfg.head_dim)))?,
             embed_index: c.i32(ops::embed_bwd_index_len(n))?,
             dx_b: c.shadow(precision, n * dm)?,
-            dproj_b: c.shadow(precision, n * proj)?,
         };
         let (ids, targets, x_last) = (c.i32(n)?, c.i32(n)?, c.f32(n * dm)?);
         let (hf, rstd_f) = (c.gemm_in(precision, n * dm)?, c.f32(n)?);

@@ -3,7 +3,7 @@
 //! precision with bf16 GEMM operands (the op that produces an activation writes its bf16
 //! shadow for the GEMMs that read it) and the tensor-core attention.
 
-use super::memory::{LayerMem, StepMemory};
+use super::memory::{GemmIn, LayerMem, StepMemory};
 use super::DeviceModel;
 use crate::backend::cuda::ops::{self, AttnDims};
 use crate::model::graph::DecoderOps;
@@ -245,15 +245,16 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (_, c) = self.layer(l);
         let b = &self.mem.bwd;
         let fwd = (&c.o, &c.lse, &b.dy);
-        let grads = (&b.dqr, &b.dkr, &b.dv, b.dz.as_ref());
+        // dv and dz in the operand type of the projections' GEMMs that read them
+        let grads = (&b.dqr, &b.dkr, b.dv.op(), b.dz.as_ref().map(GemmIn::op));
         match &c.qkv_b {
             Some((qb, kb, vb)) => {
                 let ins = (qb, kb, vb, c.z.as_ref());
-                ops::attention_backward_tc(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
+                ops::attention_backward_tc_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
             }
             None => {
                 let ins = (&c.qr, &c.kr, &c.v, c.z.as_ref());
-                ops::attention_bwd(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
+                ops::attention_bwd_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
             }
         }
     }
@@ -277,19 +278,17 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (li, c) = self.layer(l);
         let b = &self.mem.bwd;
         let (dm, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
-        // dq and dk come in the operand type from the QK-norm + RoPE backward; dv and dz in
-        // f32 from the attention's, cast in turn into one bf16 buffer: each GEMM pair reads
-        // it before the next cast overwrites it (launches run in order)
-        let mut projections = vec![(li.q_proj, Ok(b.dq.op()), qd), (li.k_proj, Ok(b.dk.op()), kvd)];
-        projections.push((li.v_proj, Err(&b.dv), kvd));
+        // every output gradient comes in the GEMMs' operand type from its producer: dq and dk
+        // from the QK-norm + RoPE backward, dv and dz from the attention's
+        let mut projections = vec![
+            (li.q_proj, b.dq.op(), qd),
+            (li.k_proj, b.dk.op(), kvd),
+            (li.v_proj, b.dv.op(), kvd),
+        ];
         if let (Some(gi), Some(dz), Some(geo)) = (li.gate, b.dz.as_ref(), cfg.gate_geometry()) {
-            projections.push((gi, Err(dz), geo.scores()));
+            projections.push((gi, dz.op(), geo.scores()));
         }
-        for (i, (w, dout, width)) in projections.into_iter().enumerate() {
-            let da = match dout {
-                Ok(op) => op,
-                Err(f32_grad) => m.act(f32_grad, b.dproj_b.as_ref())?,
-            };
+        for (i, (w, da, width)) in projections.into_iter().enumerate() {
             m.lin_bwd_dx(da, w, &b.dh1, n, dm, width, i > 0)?;
             m.lin_bwd_dw(c.h1.op(), da, w, n, dm, width)?;
         }
