@@ -5,7 +5,7 @@
 //! checked for the output's own type. On the CPU emulator always, and on a GPU when there is one.
 #![cfg(feature = "cuda")]
 
-use gated_lm::backend::cuda::ops::{self, DeviceRope, HeadRows, Operand};
+use gated_lm::backend::cuda::ops::{self, AttnDims, DeviceRope, FusedGate, HeadRows, Operand};
 use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_u16, DBuf, Device};
 
 mod common;
@@ -248,6 +248,197 @@ fn qknorm_rope_backward_writes_bf16() {
     }
 }
 
+/// Cross-entropy writing the logits' gradient in bf16 (for the LM head's backward GEMMs):
+/// the rounding of the in-place f32 gradient, the same per-row losses, and the logits left
+/// as they were; an ignored target gives a zero row. A vocabulary that leaves threads idle.
+#[test]
+fn cross_entropy_writes_the_bf16_gradient() {
+    let (rows, vocab, scale) = (9, 1000, 1.0 / 7.0);
+    let n = rows * vocab;
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let what = |s: &str| format!("{s} on {}", dev.describe());
+        let logits = randn(n, 30, 3.0);
+        let mut r = gated_lm::rng::Rng::new(31);
+        let mut t: Vec<i32> = (0..rows).map(|_| r.below(vocab as u64) as i32).collect();
+        t[4] = -1;
+        let targets = gated_lm::backend::cuda::runtime::up_i32(dev, &t).unwrap();
+        let (grad, loss) = (up_f32(dev, &logits).unwrap(), nan_f32(dev, rows));
+        ops::cross_entropy(dev, &grad, &targets, &loss, rows, vocab, scale).unwrap();
+        let (lb, gb, loss_b) = (up_f32(dev, &logits).unwrap(), nan_bf16(dev, n), nan_f32(dev, rows));
+        ops::cross_entropy_to(dev, &lb, Some(&gb), &targets, &loss_b, rows, vocab, scale).unwrap();
+        rounds(&what("cross_entropy_fwd_bwd_bf16 gradient"), dev, &gb, &grad);
+        assert_eq!(
+            bits(dev, &loss_b),
+            bits(dev, &loss),
+            "{}",
+            what("cross_entropy_fwd_bwd_bf16 loss")
+        );
+        let kept: Vec<u32> = logits.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(bits(dev, &lb), kept, "{}", what("cross_entropy_fwd_bwd_bf16 logits"));
+        let row4 = &down_u16(dev, &gb).unwrap()[4 * vocab..5 * vocab];
+        assert!(row4.iter().all(|&g| g == 0), "{}", what("ignored row"));
+    }
+}
+
+/// Shapes of the attention tests: 70 rows per sequence (a partial 64-row block), grouped KV.
+fn attn_dims(head_dim: usize) -> AttnDims {
+    AttnDims {
+        batch: 2,
+        seq: 70,
+        heads: 2,
+        kv_heads: 1,
+        head_dim,
+    }
+}
+
+/// The gate logits `z` of `gate` for `d` (none: no buffer).
+fn gate_logits(dev: &dyn Device, d: &AttnDims, gate: FusedGate, seed: u64) -> Option<DBuf> {
+    let n = match gate {
+        FusedGate::None => return None,
+        FusedGate::Elementwise => d.batch * d.seq * d.heads * d.head_dim,
+        FusedGate::Headwise => d.batch * d.seq * d.heads,
+    };
+    Some(up_f32(dev, &randn(n, seed, 1.5)).unwrap())
+}
+
+/// bf16 bits of `v` rounded, uploaded (the tensor-core attention's inputs).
+fn up_bf16(dev: &dyn Device, v: &[f32]) -> DBuf {
+    up_u16(
+        dev,
+        &v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<_>>(),
+    )
+    .unwrap()
+}
+
+/// The attention forward writing the gated output `y` in bf16 (the o_proj GEMMs' input): the
+/// f32 kernels for every head dim and the tensor-core ones (64, 128), each gate: `y` the
+/// rounding of the f32 kernel's, `o` and `lse` identical.
+#[test]
+fn attention_forward_writes_y_in_bf16() {
+    let gates = [FusedGate::None, FusedGate::Elementwise, FusedGate::Headwise];
+    for dev in devices() {
+        let dev = dev.as_ref();
+        for (i, &(hd, tc)) in [
+            (16, false),
+            (32, false),
+            (64, false),
+            (128, false),
+            (64, true),
+            (128, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (d, gate) = (attn_dims(hd), gates[i % 3]);
+            let what = |s: &str| format!("{s} (hd {hd}, tensor cores {tc}, {gate:?}) on {}", dev.describe());
+            let (nq, nkv, nl) = (
+                d.batch * d.seq * d.heads * hd,
+                d.batch * d.seq * hd,
+                d.batch * d.heads * d.seq,
+            );
+            let s = 40 + 10 * i as u64;
+            let (q, k, v) = (randn(nq, s, 1.0), randn(nkv, s + 1, 1.0), randn(nkv, s + 2, 1.0));
+            let z = gate_logits(dev, &d, gate, s + 3);
+            let (qb, kb, vb) = match tc {
+                true => (up_bf16(dev, &q), up_bf16(dev, &k), up_bf16(dev, &v)),
+                false => (
+                    up_f32(dev, &q).unwrap(),
+                    up_f32(dev, &k).unwrap(),
+                    up_f32(dev, &v).unwrap(),
+                ),
+            };
+            let run = |y: Operand| {
+                let (o, lse) = (nan_f32(dev, nq), nan_f32(dev, nl));
+                let f = if tc {
+                    ops::attention_forward_tc_to
+                } else {
+                    ops::attention_fwd_to
+                };
+                f(dev, &d, gate, &qb, &kb, &vb, z.as_ref(), &o, y, &lse).unwrap();
+                (bits(dev, &o), bits(dev, &lse))
+            };
+            let (y, yb) = (nan_f32(dev, nq), nan_bf16(dev, nq));
+            let f32_out = run((&y).into());
+            assert_eq!(run(Operand::bf16(&yb)), f32_out, "{}", what("o, lse"));
+            rounds(&what("attention forward y"), dev, &yb, &y);
+        }
+    }
+}
+
+/// The attention backward writing `dv` and `dz` (the v and gate projections' output
+/// gradients) in bf16: the f32 kernels for every head dim and the tensor-core ones, each gate;
+/// `dv` and `dz` the rounding of the f32 kernels', `dq`, `dk` and the scratch identical.
+#[test]
+fn attention_backward_writes_dv_and_dz_in_bf16() {
+    let gates = [FusedGate::Elementwise, FusedGate::Headwise, FusedGate::None];
+    for dev in devices() {
+        let dev = dev.as_ref();
+        for (i, &(hd, tc)) in [
+            (16, false),
+            (32, false),
+            (64, false),
+            (128, false),
+            (64, true),
+            (128, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (d, gate) = (attn_dims(hd), gates[i % 3]);
+            let what = |s: &str| format!("{s} (hd {hd}, tensor cores {tc}, {gate:?}) on {}", dev.describe());
+            let (nq, nkv, nl) = (
+                d.batch * d.seq * d.heads * hd,
+                d.batch * d.seq * hd,
+                d.batch * d.heads * d.seq,
+            );
+            let s = 80 + 10 * i as u64;
+            let (q, k, v) = (randn(nq, s, 1.0), randn(nkv, s + 1, 1.0), randn(nkv, s + 2, 1.0));
+            let z = gate_logits(dev, &d, gate, s + 3);
+            let dy = up_f32(dev, &randn(nq, s + 4, 1.0)).unwrap();
+            let (qb, kb, vb) = match tc {
+                true => (up_bf16(dev, &q), up_bf16(dev, &k), up_bf16(dev, &v)),
+                false => (
+                    up_f32(dev, &q).unwrap(),
+                    up_f32(dev, &k).unwrap(),
+                    up_f32(dev, &v).unwrap(),
+                ),
+            };
+            let (o, y, lse) = (nan_f32(dev, nq), nan_f32(dev, nq), nan_f32(dev, nl));
+            let fwd = if tc {
+                ops::attention_forward_tc
+            } else {
+                ops::attention_fwd
+            };
+            fwd(dev, &d, gate, &qb, &kb, &vb, z.as_ref(), &o, &y, &lse).unwrap();
+            let nz = z.as_ref().map_or(0, |z| z.bytes / 4);
+            // dq, dk and the scratch's bits after a backward writing dv and dz as given
+            let run = |dv: Operand, dz: Option<Operand>| {
+                let scratch = ops::AttnScratch::new(dev, &d).unwrap();
+                let (dq, dk) = (nan_f32(dev, nq), nan_f32(dev, nkv));
+                let ins = (&qb, &kb, &vb, z.as_ref());
+                let bwd = if tc {
+                    ops::attention_backward_tc_to
+                } else {
+                    ops::attention_bwd_to
+                };
+                bwd(dev, &d, gate, ins, (&o, &lse, &dy), &scratch, (&dq, &dk, dv, dz)).unwrap();
+                let rest = [&dq, &dk, &scratch.dout, &scratch.delta];
+                rest.map(|b| bits(dev, b))
+            };
+            let (dv, dz) = (nan_f32(dev, nkv), nan_f32(dev, nz.max(1)));
+            let f32_rest = run((&dv).into(), z.as_ref().map(|_| Operand::from(&dz)));
+            let (dvb, dzb) = (nan_bf16(dev, nkv), nan_bf16(dev, nz.max(1)));
+            let bf16_rest = run(Operand::bf16(&dvb), z.as_ref().map(|_| Operand::bf16(&dzb)));
+            assert!(bf16_rest == f32_rest, "{}", what("dq, dk, dO, D"));
+            rounds(&what("attention backward dv"), dev, &dvb, &dv);
+            if z.is_some() {
+                rounds(&what("attention backward dz"), dev, &dzb, &dz);
+            }
+        }
+    }
+}
+
 /// Every bf16 output is checked for 2 bytes an element: a buffer of exactly that is accepted
 /// as bf16 and refused as f32, one element less is refused; all before any launch.
 #[test]
@@ -322,4 +513,60 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     let h = HeadRows { norm: Some(&gain), ..h };
     let e = ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, (&sc.0, &sc.1), Some(&dw));
     refused(e, "short rstd");
+    // the cross-entropy's bf16 gradient: `rows × d` logits
+    let t = gated_lm::backend::cuda::runtime::up_i32(dev, &[0; 3]).unwrap();
+    ops::cross_entropy_to(dev, &x, Some(&exact), &t, &r, rows, d, 1.0).unwrap();
+    refused(
+        ops::cross_entropy_to(dev, &x, Some(&short), &t, &r, rows, d, 1.0),
+        "short logits gradient",
+    );
+    // the attention's y: [rows, heads·head_dim], f32 kernels and tensor-core ones
+    let d = AttnDims {
+        batch: 1,
+        seq: 3,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    let (nq, nkv) = (3 * 2 * 64, 3 * 64);
+    let (q, kv, lse) = (f(nq), f(nkv), f(3 * 2));
+    let (yb, ys) = (dev.zeros(2 * nq).unwrap(), dev.zeros(2 * nq - 2).unwrap());
+    let (b, s) = (Operand::bf16(&yb), Operand::bf16(&ys));
+    let none = FusedGate::None;
+    ops::attention_fwd_to(dev, &d, none, &q, &kv, &kv, None, &q, b, &lse).unwrap();
+    refused(
+        ops::attention_fwd_to(dev, &d, none, &q, &kv, &kv, None, &q, s, &lse),
+        "short y",
+    );
+    let f32_y = Operand::from(&yb);
+    refused(
+        ops::attention_fwd_to(dev, &d, none, &q, &kv, &kv, None, &q, f32_y, &lse),
+        "f32 y",
+    );
+    ops::attention_forward_tc_to(dev, &d, none, &q, &kv, &kv, None, &q, b, &lse).unwrap();
+    refused(
+        ops::attention_forward_tc_to(dev, &d, none, &q, &kv, &kv, None, &q, s, &lse),
+        "short tc y",
+    );
+    // the backward's dv [rows, kv_heads·head_dim] and elementwise dz [rows, heads·head_dim],
+    // each in its own type (here dv bf16 beside an f32 dz, and the other way round)
+    let elem = FusedGate::Elementwise;
+    let scratch = ops::AttnScratch::new(dev, &d).unwrap();
+    let (dvb, dvs) = (dev.zeros(2 * nkv).unwrap(), dev.zeros(2 * nkv - 2).unwrap());
+    let ins = (&q, &kv, &kv, Some(&q));
+    let fwd = (&q, &lse, &q);
+    let bwd = |tc: bool, dv: Operand, dz: Operand| {
+        let grads = (&q, &kv, dv, Some(dz));
+        match tc {
+            false => ops::attention_bwd_to(dev, &d, elem, ins, fwd, &scratch, grads),
+            true => ops::attention_backward_tc_to(dev, &d, elem, ins, fwd, &scratch, grads),
+        }
+    };
+    for tc in [false, true] {
+        bwd(tc, Operand::bf16(&dvb), (&q).into()).unwrap();
+        bwd(tc, (&kv).into(), Operand::bf16(&yb)).unwrap();
+        refused(bwd(tc, Operand::bf16(&dvs), (&q).into()), "short dv");
+        refused(bwd(tc, Operand::from(&dvb), (&q).into()), "f32 dv");
+        refused(bwd(tc, (&kv).into(), Operand::bf16(&ys)), "short dz");
+    }
 }

@@ -105,15 +105,13 @@ pub(super) struct LayerMem {
     pub z: Option<DBuf>,
     pub o: DBuf,
     pub lse: DBuf,
-    pub y: DBuf,
+    pub y: GemmIn,
     pub x1: DBuf,
     pub h2: GemmIn,
     pub rstd2: DBuf,
     /// the stacked gate/up GEMM's output `[rows, 2·ff]`: each row's gate values, then its up values
     pub gu: DBuf,
     pub m: GemmIn,
-    /// the attention writes `y` in f32; its bf16 copy for the o_proj GEMMs
-    pub y_b: Option<DBuf>,
     /// bf16 copies of the rotated q, k and v for the tensor-core attention: the forward
     /// writes them, the backward reads them again
     pub qkv_b: Option<(DBuf, DBuf, DBuf)>,
@@ -130,10 +128,10 @@ pub(super) struct BackwardMem {
     pub dy: DBuf,
     pub dqr: DBuf,
     pub dkr: DBuf,
-    pub dv: DBuf,
+    pub dv: GemmIn,
     pub dq: GemmIn,
     pub dk: GemmIn,
-    pub dz: Option<DBuf>,
+    pub dz: Option<GemmIn>,
     pub dh1: DBuf,
     pub attn: AttnScratch,
     /// per-row gain gradients of a norm (`[rows, max(hidden, heads·head_dim)]`) and their
@@ -142,11 +140,8 @@ pub(super) struct BackwardMem {
     pub colsum_part: DBuf,
     /// embedding backward's index (ids grouped on the host)
     pub embed_index: DBuf,
-    /// bf16 copies of the gradients GEMMs read that their producers write in f32: the
-    /// residual's (written beside it by the norms' backward), and one projection-sized buffer
-    /// cast into for dv and dz in turn
+    /// the residual gradient's bf16 copy for the GEMMs, written beside it by the norms' backward
     pub dx_b: Option<DBuf>,
-    pub dproj_b: Option<DBuf>,
 }
 
 /// One row chunk of the LM head: views of the full buffers' rows `start..start + rows`.
@@ -186,8 +181,9 @@ pub(super) struct StepMemory {
     pub loss_rows: DBuf,
     pub dhf: DBuf,
     /// The LM head and cross-entropy run over row chunks of the final hidden states, so only
-    /// one chunk's `[rows, vocab]` logits exist at a time (`logits`, then in place their
-    /// gradient; `logits_b` its bf16 copy for the backward GEMMs).
+    /// one chunk's `[rows, vocab]` logits exist at a time (`logits`; their gradient in place, or
+    /// in mixed precision written by the cross-entropy into `logits_b` in bf16 for the
+    /// backward GEMMs).
     pub head_chunks: Vec<HeadChunk>,
     pub logits: DBuf,
     pub logits_b: Option<DBuf>,
@@ -259,13 +255,12 @@ impl StepMemory {
                 z: scores.map(|s| c.f32(n * s)).transpose()?,
                 o: c.f32(n * qd)?,
                 lse: c.f32(n * heads)?,
-                y: c.f32(n * qd)?,
+                y: c.gemm_in(precision, n * qd)?,
                 x1: c.f32(n * dm)?,
                 h2: c.gemm_in(precision, n * dm)?,
                 rstd2: c.f32(n)?,
                 gu: c.f32(n * 2 * ff)?,
                 m: c.gemm_in(precision, n * ff)?,
-                y_b: c.shadow(precision, n * qd)?,
                 qkv_b: if tc_attention {
                     Some((c.bf16(n * qd)?, c.bf16(n * kvd)?, c.bf16(n * kvd)?))
                 } else {
@@ -273,7 +268,6 @@ impl StepMemory {
                 },
             });
         }
-        let proj = kvd.max(scores.unwrap_or(0));
         let bwd = BackwardMem {
             dx: c.f32(n * dm)?,
             dm: c.f32(n * ff)?,
@@ -282,10 +276,10 @@ impl StepMemory {
             dy: c.f32(n * qd)?,
             dqr: c.f32(n * qd)?,
             dkr: c.f32(n * kvd)?,
-            dv: c.f32(n * kvd)?,
+            dv: c.gemm_in(precision, n * kvd)?,
             dq: c.gemm_in(precision, n * qd)?,
             dk: c.gemm_in(precision, n * kvd)?,
-            dz: scores.map(|s| c.f32(n * s)).transpose()?,
+            dz: scores.map(|s| c.gemm_in(precision, n * s)).transpose()?,
             dh1: c.f32(n * dm)?,
             attn: AttnScratch {
                 dout: c.f32(n * qd)?,
@@ -295,7 +289,6 @@ impl StepMemory {
             colsum_part: c.f32(ops::colsum_scratch_len(n, dm).max(ops::colsum_scratch_len(n * heads, cfg.head_dim)))?,
             embed_index: c.i32(ops::embed_bwd_index_len(n))?,
             dx_b: c.shadow(precision, n * dm)?,
-            dproj_b: c.shadow(precision, n * proj)?,
         };
         let (ids, targets, x_last) = (c.i32(n)?, c.i32(n)?, c.f32(n * dm)?);
         let (hf, rstd_f) = (c.gemm_in(precision, n * dm)?, c.f32(n)?);

@@ -251,20 +251,8 @@ impl<'d> DeviceModel<'d> {
         self.precision == Precision::Bf16 && ops::ATTN_TC_HEAD_DIMS.contains(&self.cfg.head_dim)
     }
 
-    /// An f32 activation as a GEMM operand: itself, or in mixed precision its bf16 shadow
-    /// after casting into it.
-    fn act<'a>(&self, x: &'a DBuf, shadow: Option<&'a DBuf>) -> Result<Operand<'a>> {
-        match (self.precision, shadow) {
-            (Precision::F32, _) => Ok(x.into()),
-            (Precision::Bf16, Some(b)) => {
-                ops::cast_to_bf16(self.dev, x, b, x.bytes.min(2 * b.bytes) / 4)?;
-                Ok(Operand::bf16(b))
-            }
-            (Precision::Bf16, None) => bail!("mixed precision: an activation has no bf16 buffer"),
-        }
-    }
-
-    /// An activation whose bf16 shadow the forward already wrote (read again by the backward).
+    /// A GEMM operand that is `x` in f32 precision and `shadow`, which its producer wrote in
+    /// bf16, in mixed precision (the residual gradient's copy, the logits' gradient).
     fn shadowed<'a>(&self, x: &'a DBuf, shadow: Option<&'a DBuf>) -> Operand<'a> {
         match shadow {
             Some(b) if self.precision == Precision::Bf16 => Operand::bf16(b),
@@ -291,7 +279,7 @@ impl<'d> DeviceModel<'d> {
         }
     }
 
-    /// `y = x·W_iᵀ` (activations as `act` makes them, once per tensor however many GEMMs read it)
+    /// `y = x·W_iᵀ`
     fn lin_fwd(&self, x: Operand, w: usize, y: &DBuf, rows: usize, din: usize, dout: usize) -> Result<()> {
         ops::linear_fwd(self.dev, x, self.weight(w), y, rows, din, dout)
     }

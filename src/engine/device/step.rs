@@ -3,7 +3,7 @@
 //! precision with bf16 GEMM operands (the op that produces an activation writes its bf16
 //! shadow for the GEMMs that read it) and the tensor-core attention.
 
-use super::memory::{LayerMem, StepMemory};
+use super::memory::{GemmIn, LayerMem, StepMemory};
 use super::DeviceModel;
 use crate::backend::cuda::ops::{self, AttnDims};
 use crate::model::graph::DecoderOps;
@@ -96,7 +96,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
 
     /// On tensor cores from bf16 copies of q/k/v when [`DeviceModel::tc_attention`] (the
     /// backward then reads the same copies, so both passes differentiate one function of the
-    /// rounded inputs), else the f32 kernel; the G1 gate in the kernel's epilogue.
+    /// rounded inputs), else the f32 kernel; the G1 gate in the kernel's epilogue, which writes
+    /// `y` in the o_proj GEMMs' operand type.
     fn attention(&mut self, l: usize) -> Result<()> {
         let (m, d) = (self.m, self.attn_dims());
         let (_, c) = self.layer(l);
@@ -106,12 +107,10 @@ impl DecoderOps for DeviceStep<'_, '_> {
                 for (x, b) in [(q, qb), (k, kb), (v, vb)] {
                     ops::cast_to_bf16(m.dev, x, b, x.bytes / 4)?;
                 }
-                ops::attention_forward_tc(m.dev, &d, m.gate, qb, kb, vb, z, &c.o, &c.y, &c.lse)?;
+                ops::attention_forward_tc_to(m.dev, &d, m.gate, qb, kb, vb, z, &c.o, c.y.op(), &c.lse)
             }
-            None => ops::attention_fwd(m.dev, &d, m.gate, q, k, v, z, &c.o, &c.y, &c.lse)?,
+            None => ops::attention_fwd_to(m.dev, &d, m.gate, q, k, v, z, &c.o, c.y.op(), &c.lse),
         }
-        m.act(&c.y, c.y_b.as_ref())?;
-        Ok(())
     }
 
     /// `a` is written into `x1`'s buffer ([`Self::residual_norm`] adds `x` in place).
@@ -119,7 +118,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (m, n) = (self.m, self.rows());
         let (li, c) = self.layer(l);
         let (qd, dm) = (m.cfg.q_dim(), m.cfg.hidden_size);
-        m.lin_fwd(m.shadowed(&c.y, c.y_b.as_ref()), li.o_proj, &c.x1, n, qd, dm)
+        m.lin_fwd(c.y.op(), li.o_proj, &c.x1, n, qd, dm)
     }
 
     /// One launch: `x1 = x + a` in place over `a`, and `h2` in the GEMMs' operand type.
@@ -166,10 +165,21 @@ impl DecoderOps for DeviceStep<'_, '_> {
         for ch in &mem.head_chunks {
             let (rows, hfa) = (ch.rows, ch.hf.op());
             m.lin_fwd(hfa, head, &mem.logits, rows, dm, vocab)?;
-            // the logits become d(mean loss)/d(logits) in place
-            ops::cross_entropy(m.dev, &mem.logits, &ch.targets, &ch.loss_rows, rows, vocab, self.scale)?;
+            // d(mean loss)/d(logits) in place over the logits, or in mixed precision into their
+            // bf16 buffer (the type the head's backward GEMMs read)
+            let (dl_b, loss_rows) = (mem.logits_b.as_ref(), &ch.loss_rows);
+            ops::cross_entropy_to(
+                m.dev,
+                &mem.logits,
+                dl_b,
+                &ch.targets,
+                loss_rows,
+                rows,
+                vocab,
+                self.scale,
+            )?;
             if backward {
-                let dla = m.act(&mem.logits, mem.logits_b.as_ref())?;
+                let dla = m.shadowed(&mem.logits, dl_b);
                 m.lin_bwd_dx(dla, head, &ch.dhf, rows, dm, vocab, false)?;
                 m.lin_bwd_dw(hfa, dla, head, rows, dm, vocab)?;
             }
@@ -226,7 +236,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (qd, dm) = (m.cfg.q_dim(), m.cfg.hidden_size);
         let dxa = m.shadowed(&b.dx, b.dx_b.as_ref());
         m.lin_bwd_dx(dxa, li.o_proj, &b.dy, n, qd, dm, false)?;
-        m.lin_bwd_dw(m.shadowed(&c.y, c.y_b.as_ref()), dxa, li.o_proj, n, qd, dm)
+        m.lin_bwd_dw(c.y.op(), dxa, li.o_proj, n, qd, dm)
     }
 
     /// On tensor cores from the bf16 q/k/v the forward ran on, else in f32; the G1 gate's
@@ -236,15 +246,16 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (_, c) = self.layer(l);
         let b = &self.mem.bwd;
         let fwd = (&c.o, &c.lse, &b.dy);
-        let grads = (&b.dqr, &b.dkr, &b.dv, b.dz.as_ref());
+        // dv and dz in the operand type of the projections' GEMMs that read them
+        let grads = (&b.dqr, &b.dkr, b.dv.op(), b.dz.as_ref().map(GemmIn::op));
         match &c.qkv_b {
             Some((qb, kb, vb)) => {
                 let ins = (qb, kb, vb, c.z.as_ref());
-                ops::attention_backward_tc(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
+                ops::attention_backward_tc_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
             }
             None => {
                 let ins = (&c.qr, &c.kr, &c.v, c.z.as_ref());
-                ops::attention_bwd(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
+                ops::attention_bwd_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
             }
         }
     }
@@ -268,19 +279,17 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (li, c) = self.layer(l);
         let b = &self.mem.bwd;
         let (dm, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
-        // dq and dk come in the operand type from the QK-norm + RoPE backward; dv and dz in
-        // f32 from the attention's, cast in turn into one bf16 buffer: each GEMM pair reads
-        // it before the next cast overwrites it (launches run in order)
-        let mut projections = vec![(li.q_proj, Ok(b.dq.op()), qd), (li.k_proj, Ok(b.dk.op()), kvd)];
-        projections.push((li.v_proj, Err(&b.dv), kvd));
+        // every output gradient comes in the GEMMs' operand type from its producer: dq and dk
+        // from the QK-norm + RoPE backward, dv and dz from the attention's
+        let mut projections = vec![
+            (li.q_proj, b.dq.op(), qd),
+            (li.k_proj, b.dk.op(), kvd),
+            (li.v_proj, b.dv.op(), kvd),
+        ];
         if let (Some(gi), Some(dz), Some(geo)) = (li.gate, b.dz.as_ref(), cfg.gate_geometry()) {
-            projections.push((gi, Err(dz), geo.scores()));
+            projections.push((gi, dz.op(), geo.scores()));
         }
-        for (i, (w, dout, width)) in projections.into_iter().enumerate() {
-            let da = match dout {
-                Ok(op) => op,
-                Err(f32_grad) => m.act(f32_grad, b.dproj_b.as_ref())?,
-            };
+        for (i, (w, da, width)) in projections.into_iter().enumerate() {
             m.lin_bwd_dx(da, w, &b.dh1, n, dm, width, i > 0)?;
             m.lin_bwd_dw(c.h1.op(), da, w, n, dm, width)?;
         }

@@ -1,14 +1,18 @@
 // Cross-entropy: one block per row, block-wide reductions through shared memory. Same math as
 // src/model/ops/cross_entropy.rs; block_sum/block_max in common.cuh.
-// Entry point (ops/cross_entropy.rs): cross_entropy_fwd_bwd.
+// Entry points (ops/cross_entropy.rs): cross_entropy_fwd_bwd, cross_entropy_fwd_bwd_bf16.
 
-// Cross-entropy over one row of logits: writes the row's loss and replaces the logits by
-// d(loss_sum)/d(logits)·scale (softmax − onehot), so full-vocabulary logits are touched twice,
-// not four times. target < 0: no loss, zero gradient.
-extern "C" __global__ void cross_entropy_fwd_bwd(float* logits, const int* targets, float* loss, int vocab,
-                                                 float scale) {
+// Cross-entropy over one row of logits: writes the row's loss and d(loss_sum)/d(logits)·scale
+// (softmax − onehot) into `grad`, so full-vocabulary logits are touched twice, not four times.
+// target < 0: no loss, zero gradient. `grad` is the logits themselves (f32, in place) or, for
+// the head's bf16 GEMMs, a bf16 buffer (the logits are then left as they are): an element is
+// read before its gradient is written, by the same thread.
+template <class T>
+__device__ void cross_entropy_impl(const float* logits, T* grad, const int* targets, float* loss, int vocab,
+                                   float scale) {
     __shared__ float shared[32];
-    float* row = logits + (long)blockIdx.x * vocab;
+    const float* row = logits + (long)blockIdx.x * vocab;
+    T* grow = grad + (long)blockIdx.x * vocab;
     int t = targets[blockIdx.x];
     float mx = -__int_as_float(0x7f800000);
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, row[j]);
@@ -21,6 +25,16 @@ extern "C" __global__ void cross_entropy_fwd_bwd(float* logits, const int* targe
     __syncthreads();
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
         float p = __expf(row[j] - lse);
-        row[j] = t >= 0 ? (p - (j == t ? 1.0f : 0.0f)) * scale : 0.0f;
+        store_as(grow + j, t >= 0 ? (p - (j == t ? 1.0f : 0.0f)) * scale : 0.0f);
     }
+}
+
+extern "C" __global__ void cross_entropy_fwd_bwd(float* logits, const int* targets, float* loss, int vocab,
+                                                 float scale) {
+    cross_entropy_impl(logits, logits, targets, loss, vocab, scale);
+}
+
+extern "C" __global__ void cross_entropy_fwd_bwd_bf16(const float* logits, bf16* grad, const int* targets,
+                                                      float* loss, int vocab, float scale) {
+    cross_entropy_impl(logits, grad, targets, loss, vocab, scale);
 }

@@ -1,4 +1,5 @@
-//! Cross-entropy over rows of logits, its gradient written in place (cross_entropy.cu).
+//! Cross-entropy over rows of logits, its gradient written in place or in bf16
+//! (cross_entropy.cu).
 
 use super::{f32s, need, KernelSource, THREADS};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
@@ -7,7 +8,7 @@ use anyhow::Result;
 pub const SOURCE: KernelSource = KernelSource {
     name: "cross_entropy",
     text: include_str!("cross_entropy.cu"),
-    entries: &["cross_entropy_fwd_bwd"],
+    entries: &["cross_entropy_fwd_bwd", "cross_entropy_fwd_bwd_bf16"],
 };
 
 /// Cross-entropy of `rows` rows of `vocab` logits against i32 `targets` (< 0: ignored): per-row
@@ -21,15 +22,36 @@ pub fn cross_entropy(
     vocab: usize,
     scale: f32,
 ) -> Result<()> {
+    cross_entropy_to(dev, logits, None, targets, loss, rows, vocab, scale)
+}
+
+/// [`cross_entropy`] with the gradient written as bf16 into `grad_bf16` (the LM head's
+/// backward GEMMs read it so; the logits are left as they are), or with `None` in place.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_to(
+    dev: &dyn Device,
+    logits: &DBuf,
+    grad_bf16: Option<&DBuf>,
+    targets: &DBuf,
+    loss: &DBuf,
+    rows: usize,
+    vocab: usize,
+    scale: f32,
+) -> Result<()> {
     f32s("cross_entropy", &[logits], rows * vocab)?;
     need("cross_entropy", targets, rows, 4)?;
     f32s("cross_entropy", &[loss], rows)?;
-    let args = [
-        logits.arg(),
-        targets.arg(),
-        loss.arg(),
-        Arg::I32(vocab as i32),
-        Arg::F32(scale),
-    ];
-    dev.launch("cross_entropy_fwd_bwd", Launch::linear(rows, THREADS), &args)
+    let tail = [targets.arg(), loss.arg(), Arg::I32(vocab as i32), Arg::F32(scale)];
+    let cfg = Launch::linear(rows, THREADS);
+    match grad_bf16 {
+        None => {
+            let args: Vec<Arg> = [logits.arg()].into_iter().chain(tail).collect();
+            dev.launch("cross_entropy_fwd_bwd", cfg, &args)
+        }
+        Some(g) => {
+            need("cross_entropy (bf16 gradient)", g, rows * vocab, 2)?;
+            let args: Vec<Arg> = [logits.arg(), g.arg()].into_iter().chain(tail).collect();
+            dev.launch("cross_entropy_fwd_bwd_bf16", cfg, &args)
+        }
+    }
 }

@@ -19,10 +19,11 @@ pub mod rope;
 pub mod swiglu;
 
 pub use attention::{
-    attention_backward_tc, attention_backward_tc_planted, attention_bwd, attention_forward_tc, attention_fwd,
-    attn_head_dims_text, AttnDims, AttnScratch, FusedGate, ATTN_HEAD_DIMS, ATTN_TC_HEAD_DIMS,
+    attention_backward_tc, attention_backward_tc_planted, attention_backward_tc_to, attention_bwd, attention_bwd_to,
+    attention_forward_tc, attention_forward_tc_to, attention_fwd, attention_fwd_to, attn_head_dims_text, AttnDims,
+    AttnScratch, FusedGate, ATTN_HEAD_DIMS, ATTN_TC_HEAD_DIMS,
 };
-pub use cross_entropy::cross_entropy;
+pub use cross_entropy::{cross_entropy, cross_entropy_to};
 pub use embedding::{embed_bwd, embed_bwd_index_len, embed_bwd_with, embed_fwd};
 pub use gemm::{cast_to_bf16, gemm, linear_bwd_dw, linear_bwd_dx, linear_fwd, DType, Operand, Strided};
 pub use optim::{AdamStep, TableEntry, TensorTable};

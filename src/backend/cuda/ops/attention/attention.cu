@@ -9,9 +9,14 @@
 //
 // Layouts as src/model/ops/attention.rs: q, o, y [B·T, H·HD]; k, v [B·T, KV·HD]; lse, delta
 // [B, H, T]. gate_mode 0: none (y = o); 1: elementwise, z [B·T, H·HD]; 2: headwise, z [B·T, H].
+// The outputs only GEMMs read — y (the output projection's input), dv and dz (the v and gate
+// projections' output gradients) — are f32 or, in the *_bf16 kernels, bf16 rounded from the
+// same f32 value.
 //
-// Entry points (ops/attention/mod.rs, whose head-dim list generates their names): attn_bwd_pre,
-// and attn_fwd_hd*, attn_bwd_dkdv_hd*, attn_bwd_dq_hd* for each ATTN_KERNELS(HD) below.
+// Entry points (ops/attention/mod.rs, whose head-dim list generates their names): the pre-pass
+// attn_bwd_pre{,_bf16} and attn_bwd_pre_tc{,_bf16} (the tensor-core backward's, here to share
+// one template), and attn_fwd_hd*{,_bf16}, attn_bwd_dkdv_hd*{,_bf16}, attn_bwd_dq_hd* for each
+// ATTN_KERNELS(HD) below.
 
 #define BR 64  // rows per block = threads per block
 #define BC 32  // rows per shared-memory tile
@@ -28,8 +33,8 @@ __device__ void stage_kv(const float* k, const float* v, float* ks, float* vs, i
     }
 }
 
-template <int HD>
-__device__ void attn_fwd_impl(const float* q, const float* k, const float* v, const float* z, float* o, float* y,
+template <int HD, class TY>
+__device__ void attn_fwd_impl(const float* q, const float* k, const float* v, const float* z, float* o, TY* y,
                               float* lse, int T, int H, int KV, float scale, int gate_mode) {
     __shared__ float ks[BC * HD];
     __shared__ float vs[BC * HD];
@@ -71,16 +76,20 @@ __device__ void attn_fwd_impl(const float* q, const float* k, const float* v, co
     for (int e = 0; e < HD; ++e) {
         float oe = acc[e] * inv;
         o[base + e] = oe;
-        y[base + e] = oe * (gate_mode == 1 ? sigmoidf(z[base + e]) : gh);
+        store_as(y + base + e, oe * (gate_mode == 1 ? sigmoidf(z[base + e]) : gh));
     }
     lse[((long)b * H + h) * T + i] = m + logf(l);
 }
 
 // From dy (gradient of the gated output): dout = dy·gate (the ungated output's gradient), the
-// gate logits' gradient dz, and delta = rowsum(dout ⊙ o) per (row, head). One warp per
-// (row, head); 4 warps per block.
-extern "C" __global__ void attn_bwd_pre(const float* o, const float* z, const float* dy, float* dout, float* dz,
-                                        float* delta, int rows, int T, int H, int HD, int gate_mode) {
+// gate logits' gradient dz, and delta = rowsum(dout ⊙ o) per (row, head), all from f32 values.
+// One warp per (row, head); 4 warps per block. dout is f32 for attention.cu's backward, bf16
+// for the tensor-core one (attention_tc.cu: its mma operand); dz, which only the gate
+// projection's GEMMs read, f32 or bf16 (the *_bf16 entries). Entries: attn_bwd_pre{,_bf16}
+// (f32 dout), attn_bwd_pre_tc{,_bf16} (bf16 dout).
+template <class TO, class TZ>
+__device__ void attn_bwd_pre_impl(const float* o, const float* z, const float* dy, TO* dout, TZ* dz, float* delta,
+                                  int rows, int T, int H, int HD, int gate_mode) {
     const int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (w >= rows * H) return;  // warp-uniform: no barrier follows that others would miss
     const int r = w / H, h = w % H;
@@ -92,26 +101,37 @@ extern "C" __global__ void attn_bwd_pre(const float* o, const float* z, const fl
         float s = sh;
         if (gate_mode == 1) {
             s = sigmoidf(z[base + e]);
-            dz[base + e] = g * oe * s * (1.0f - s);
+            store_as(dz + base + e, g * oe * s * (1.0f - s));
         }
         dzh += g * oe;
         float d = g * s;
-        dout[base + e] = d;
+        store_as(dout + base + e, d);
         dd += d * oe;
     }
     dd = warp_sum(dd);
     dzh = warp_sum(dzh);
     if (lane == 0) {
         delta[((long)(r / T) * H + h) * T + r % T] = dd;
-        if (gate_mode == 2) dz[(long)r * H + h] = dzh * sh * (1.0f - sh);
+        if (gate_mode == 2) store_as(dz + (long)r * H + h, dzh * sh * (1.0f - sh));
     }
 }
 
+#define ATTN_BWD_PRE(NAME, TO, TZ)                                                                                 \
+    extern "C" __global__ void NAME(const float* o, const float* z, const float* dy, TO* dout, TZ* dz,             \
+                                    float* delta, int rows, int T, int H, int HD, int gate_mode) {                 \
+        attn_bwd_pre_impl(o, z, dy, dout, dz, delta, rows, T, H, HD, gate_mode);                                   \
+    }
+ATTN_BWD_PRE(attn_bwd_pre, float, float)
+ATTN_BWD_PRE(attn_bwd_pre_bf16, float, bf16)
+ATTN_BWD_PRE(attn_bwd_pre_tc, bf16, float)
+ATTN_BWD_PRE(attn_bwd_pre_tc_bf16, bf16, bf16)
+#undef ATTN_BWD_PRE
+
 // dK, dV: one thread per key row j of kv head kh, summing over the query heads of its group and
-// the query rows i ≥ j.
-template <int HD>
+// the query rows i ≥ j. dV, which only the v projection's GEMMs read, f32 or bf16.
+template <int HD, class TV>
 __device__ void attn_bwd_dkdv_impl(const float* q, const float* k, const float* v, const float* dout,
-                                   const float* lse, const float* delta, float* dk, float* dv, int T, int H, int KV,
+                                   const float* lse, const float* delta, float* dk, TV* dv, int T, int H, int KV,
                                    float scale) {
     __shared__ float qs[BC * HD];
     __shared__ float ds[BC * HD];
@@ -165,7 +185,7 @@ __device__ void attn_bwd_dkdv_impl(const float* q, const float* k, const float* 
     if (!active) return;
     for (int e = 0; e < HD; ++e) {
         dk[krow + e] = dkr[e] * scale;
-        dv[krow + e] = dvr[e];
+        store_as(dv + krow + e, dvr[e]);
     }
 }
 
@@ -214,9 +234,20 @@ __device__ void attn_bwd_dq_impl(const float* q, const float* k, const float* v,
                                                int gate_mode) {                                                   \
         attn_fwd_impl<HD>(q, k, v, z, o, y, lse, T, H, KV, scale, gate_mode);                                     \
     }                                                                                                             \
+    extern "C" __global__ void attn_fwd_hd##HD##_bf16(const float* q, const float* k, const float* v,             \
+                                                      const float* z, float* o, bf16* y, float* lse, int T,       \
+                                                      int H, int KV, float scale, int gate_mode) {                \
+        attn_fwd_impl<HD>(q, k, v, z, o, y, lse, T, H, KV, scale, gate_mode);                                     \
+    }                                                                                                             \
     extern "C" __global__ void attn_bwd_dkdv_hd##HD(const float* q, const float* k, const float* v,               \
                                                     const float* dout, const float* lse, const float* delta,      \
                                                     float* dk, float* dv, int T, int H, int KV, float scale) {    \
+        attn_bwd_dkdv_impl<HD>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale);                               \
+    }                                                                                                             \
+    extern "C" __global__ void attn_bwd_dkdv_hd##HD##_bf16(const float* q, const float* k, const float* v,        \
+                                                           const float* dout, const float* lse,                   \
+                                                           const float* delta, float* dk, bf16* dv, int T, int H, \
+                                                           int KV, float scale) {                                 \
         attn_bwd_dkdv_impl<HD>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale);                               \
     }                                                                                                             \
     extern "C" __global__ void attn_bwd_dq_hd##HD(const float* q, const float* k, const float* v,                 \

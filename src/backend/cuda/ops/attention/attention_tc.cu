@@ -11,10 +11,12 @@
 // softmax, only around the staging.
 //
 // Layouts as attention.cu: q [B·T, H·HD], k/v [B·T, KV·HD] (bf16), z as gate_mode says, o/y
-// [B·T, H·HD] f32, lse [B, H, T] f32. HD 64 or 128 (a multiple of 16; rows of 16-byte chunks).
+// [B·T, H·HD] f32 (y bf16 in the *_bf16 kernels, for the output projection's GEMMs), lse
+// [B, H, T] f32. HD 64 or 128 (a multiple of 16; rows of 16-byte chunks).
 //
-// Entry points (ops/attention/tc.rs): attn_fwd_tc_hd{64,128}, attn_bwd_pre_tc,
-// attn_bwd_dkdv_tc_hd{64,128}, attn_bwd_dq_tc_hd{64,128}; and, as references for the tests only
+// Entry points (ops/attention/tc.rs): attn_fwd_tc_hd{64,128}{,_bf16},
+// attn_bwd_dkdv_tc_hd{64,128}{,_bf16} (dV in f32 or bf16, for the v projection's GEMMs),
+// attn_bwd_dq_tc_hd{64,128}; and, as references for the tests only
 // (never launched by the model), tc_mma_probe and attn_bwd_{dkdv,dq}_tc_planted.
 
 #define TC_ROWS 64  // query rows per block: 4 warps × 16
@@ -36,8 +38,8 @@ __device__ __forceinline__ unsigned load_pair(const bf16* m, long row, long ld, 
     return (unsigned)p[0] | ((unsigned)p[1] << 16);
 }
 
-template <int HD>
-__device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, const float* z, float* o, float* y,
+template <int HD, class TY>
+__device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, const float* z, float* o, TY* y,
                                  float* lse, int T, int H, int KV, float scale, int gate_mode) {
     constexpr int LD = HD + TC_PAD;  // staged row stride, elements
     constexpr int KSTEPS = HD / 16;  // k steps of S = Q·Kᵀ
@@ -181,7 +183,7 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
                 const long at = base + nt * 8 + 2 * tig + e;
                 const float oe = acc[nt][2 * r + e] * inv;
                 o[at] = oe;
-                y[at] = oe * (gate_mode == 1 ? sigmoidf(z[at]) : gh);
+                store_as(y + at, oe * (gate_mode == 1 ? sigmoidf(z[at]) : gh));
             }
         if (tig == 0) lse[((long)b * H + h) * T + i] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
     }
@@ -191,6 +193,11 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     extern "C" __global__ void attn_fwd_tc_hd##HD(const bf16* q, const bf16* k, const bf16* v, const float* z,     \
                                                   float* o, float* y, float* lse, int T, int H, int KV,            \
                                                   float scale, int gate_mode) {                                    \
+        attn_fwd_tc_impl<HD>(q, k, v, z, o, y, lse, T, H, KV, scale, gate_mode);                                   \
+    }                                                                                                              \
+    extern "C" __global__ void attn_fwd_tc_hd##HD##_bf16(const bf16* q, const bf16* k, const bf16* v,             \
+                                                         const float* z, float* o, bf16* y, float* lse, int T,     \
+                                                         int H, int KV, float scale, int gate_mode) {              \
         attn_fwd_tc_impl<HD>(q, k, v, z, o, y, lse, T, H, KV, scale, gate_mode);                                   \
     }
 
@@ -282,35 +289,8 @@ extern "C" __global__ void tc_mma_probe(const bf16* a, const bf16* bn, const bf1
 // diagonal (and the last one, past T) are masked, and a warp skips a SUB slice that lies entirely
 // above the diagonal for its 16 rows.
 
-// Pre-pass: attention.cu's attn_bwd_pre (dout = dy·gate, dz, delta = rowsum(dout ⊙ o), all
-// from f32 dout) with dout stored as bf16, the tensor-core kernels' operand.
-extern "C" __global__ void attn_bwd_pre_tc(const float* o, const float* z, const float* dy, bf16* dout, float* dz,
-                                           float* delta, int rows, int T, int H, int HD, int gate_mode) {
-    const int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (w >= rows * H) return;  // warp-uniform: no barrier follows that others would miss
-    const int r = w / H, h = w % H;
-    const long base = (long)r * H * HD + h * HD;
-    const float sh = gate_mode == 2 ? sigmoidf(z[(long)r * H + h]) : 1.0f;
-    float dd = 0.0f, dzh = 0.0f;
-    for (int e = lane; e < HD; e += 32) {
-        float oe = o[base + e], g = dy[base + e];
-        float s = sh;
-        if (gate_mode == 1) {
-            s = sigmoidf(z[base + e]);
-            dz[base + e] = g * oe * s * (1.0f - s);
-        }
-        dzh += g * oe;
-        float d = g * s;
-        dout[base + e] = f32_to_bf16(d);
-        dd += d * oe;
-    }
-    dd = warp_sum(dd);
-    dzh = warp_sum(dzh);
-    if (lane == 0) {
-        delta[((long)(r / T) * H + h) * T + r % T] = dd;
-        if (gate_mode == 2) dz[(long)r * H + h] = dzh * sh * (1.0f - sh);
-    }
-}
+// The pre-pass (attn_bwd_pre_tc{,_bf16}: dO to bf16, D and the gate gradient) is attention.cu's
+// attn_bwd_pre template with a bf16 dout.
 
 // ROWS rows from `first` of a [*, ld] bf16 matrix into shared memory (row stride HD + TC_PAD)
 // as 16-byte vectors, zeros past T (as the forward stages K and V).
@@ -398,9 +378,9 @@ __device__ __forceinline__ void mma_ab(float acc[HD / 8][4], const float x[SUB /
 // `plant` (0 in the production kernels) plants a bug for the tests' planted-bug variants:
 // 1 drops the causal mask of the diagonal tile, 2 drops −D from dS, 3 swaps two registers of the
 // A fragment of Pᵀ/dSᵀ (or dS).
-template <int HD>
+template <int HD, class TV>
 __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                                      const float* lse, const float* delta, float* dk, float* dv, int T, int H,
+                                      const float* lse, const float* delta, float* dk, TV* dv, int T, int H,
                                       int KV, float scale, int plant) {
     constexpr int LD = HD + TC_PAD;
     constexpr int NT = HD / 8;                // n tiles of dK, dV
@@ -493,7 +473,7 @@ __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* 
             for (int e = 0; e < 2; ++e) {
                 const long at = base + nt * 8 + 2 * tig + e;
                 dk[at] = adk[nt][2 * r + e] * scale;
-                dv[at] = adv[nt][2 * r + e];
+                store_as(dv + at, adv[nt][2 * r + e]);
             }
     }
 }
@@ -578,6 +558,12 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
     extern "C" __global__ void attn_bwd_dkdv_tc_hd##HD(const bf16* q, const bf16* k, const bf16* v,               \
                                                        const bf16* dout, const float* lse, const float* delta,    \
                                                        float* dk, float* dv, int T, int H, int KV, float scale) { \
+        attn_bwd_dkdv_tc_impl<HD>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale, 0);                         \
+    }                                                                                                              \
+    extern "C" __global__ void attn_bwd_dkdv_tc_hd##HD##_bf16(const bf16* q, const bf16* k, const bf16* v,        \
+                                                              const bf16* dout, const float* lse,                 \
+                                                              const float* delta, float* dk, bf16* dv, int T,     \
+                                                              int H, int KV, float scale) {                       \
         attn_bwd_dkdv_tc_impl<HD>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale, 0);                         \
     }                                                                                                              \
     extern "C" __global__ void attn_bwd_dq_tc_hd##HD(const bf16* q, const bf16* k, const bf16* v,                 \

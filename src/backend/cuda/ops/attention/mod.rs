@@ -3,10 +3,13 @@
 
 pub mod tc;
 
-use super::{f32s, KernelSource};
+use super::{f32s, sized, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
-pub use tc::{attention_backward_tc, attention_backward_tc_planted, attention_forward_tc, ATTN_TC_HEAD_DIMS};
+pub use tc::{
+    attention_backward_tc, attention_backward_tc_planted, attention_backward_tc_to, attention_forward_tc,
+    attention_forward_tc_to, ATTN_TC_HEAD_DIMS,
+};
 
 /// The head dims the f32 attention kernels exist for: attention.cu instantiates
 /// `ATTN_KERNELS(HD)` for each. Written once here; the entry points in [`SOURCE`] and
@@ -24,7 +27,13 @@ macro_rules! as_array {
 }
 macro_rules! attention_entries {
     ($($hd:literal),*) => {
-        &["attn_bwd_pre", $(concat!("attn_fwd_hd", $hd), concat!("attn_bwd_dkdv_hd", $hd), concat!("attn_bwd_dq_hd", $hd)),*]
+        &["attn_bwd_pre", "attn_bwd_pre_bf16", "attn_bwd_pre_tc", "attn_bwd_pre_tc_bf16", $(
+            concat!("attn_fwd_hd", $hd),
+            concat!("attn_fwd_hd", $hd, "_bf16"),
+            concat!("attn_bwd_dkdv_hd", $hd),
+            concat!("attn_bwd_dkdv_hd", $hd, "_bf16"),
+            concat!("attn_bwd_dq_hd", $hd)
+        ),*]
     };
 }
 
@@ -62,6 +71,14 @@ pub enum FusedGate {
     None = 0,
     Elementwise = 1,
     Headwise = 2,
+}
+
+/// The kernel-name suffix of an output written in bf16 for the GEMMs that read it.
+fn suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "",
+        DType::Bf16 => "_bf16",
+    }
 }
 
 /// Rows per attention block (attention.cu `BR`).
@@ -118,31 +135,35 @@ impl AttnDims {
     }
 }
 
-fn gate_arg(what: &str, z: Option<&DBuf>, d: &AttnDims, gate: FusedGate) -> Result<Arg> {
+/// The gate logits `z` (f32), or their gradient `dz` (f32 or bf16), as a kernel argument: null
+/// without a gate, else checked for size in its own type.
+fn gate_arg(what: &str, z: Option<Operand>, d: &AttnDims, gate: FusedGate) -> Result<Arg> {
     match (gate, z) {
         (FusedGate::None, _) => Ok(Arg::Ptr(0)),
         (_, Some(z)) => {
-            f32s(what, &[z], d.z_elems(gate))?;
-            Ok(z.arg())
+            sized(what, z, d.z_elems(gate))?;
+            Ok(z.buf.arg())
         }
         (_, None) => bail!("{what}: a gated attention needs the gate logits"),
     }
 }
 
-/// The backward's pre-pass `kernel` (`attn_bwd_pre`, or `attn_bwd_pre_tc` writing dO in bf16):
-/// from `dy` the ungated output's gradient into `scratch.dout`, the gate logits' gradient `dz`,
-/// and `scratch.delta` = rowsum(dO ⊙ O). `what` names the caller in errors.
+/// The backward's pre-pass `kernel` (`attn_bwd_pre`, or `attn_bwd_pre_tc` writing dO in bf16;
+/// its `_bf16` variant when `dz` is bf16): from `dy` the ungated output's gradient into
+/// `scratch.dout`, the gate logits' gradient `dz`, and `scratch.delta` = rowsum(dO ⊙ O). `what`
+/// names the caller in errors.
 pub(super) fn backward_pre(
     dev: &dyn Device,
     kernel: &str,
     what: &str,
     d: &AttnDims,
     gate: FusedGate,
-    (o, z, dy, dz): (&DBuf, Option<&DBuf>, &DBuf, Option<&DBuf>),
+    (o, z, dy, dz): (&DBuf, Option<&DBuf>, &DBuf, Option<Operand>),
     scratch: &AttnScratch,
 ) -> Result<()> {
-    let zarg = gate_arg(what, z, d, gate)?;
+    let zarg = gate_arg(what, z.map(Operand::from), d, gate)?;
     let dzarg = gate_arg(&format!("{what} (dz)"), dz, d, gate)?;
+    let kernel = format!("{kernel}{}", suffix(dz.map_or(DType::F32, |z| z.dtype)));
     let pre = [
         o.arg(),
         zarg,
@@ -158,7 +179,7 @@ pub(super) fn backward_pre(
     ];
     // one warp per (row, head), 4 warps per block
     let pairs = d.rows() * d.heads;
-    dev.launch(kernel, Launch::linear(pairs.div_ceil(4), 128), &pre)
+    dev.launch(&kernel, Launch::linear(pairs.div_ceil(4), 128), &pre)
 }
 
 /// Forward: `o` the attention output, `y = o ⊙ sigmoid(z)` (or `o` without gate), `lse` per
@@ -176,15 +197,35 @@ pub fn attention_fwd(
     y: &DBuf,
     lse: &DBuf,
 ) -> Result<()> {
+    attention_fwd_to(dev, d, gate, q, k, v, z, o, y.into(), lse)
+}
+
+/// [`attention_fwd`] with `y` in f32 or bf16 (rounded from the same f32 value): the output
+/// projection's input, in the type its GEMMs read.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_to(
+    dev: &dyn Device,
+    d: &AttnDims,
+    gate: FusedGate,
+    q: &DBuf,
+    k: &DBuf,
+    v: &DBuf,
+    z: Option<&DBuf>,
+    o: &DBuf,
+    y: Operand,
+    lse: &DBuf,
+) -> Result<()> {
     d.check()?;
-    f32s("attention_fwd", &[q, o, y], d.q_elems())?;
+    f32s("attention_fwd", &[q, o], d.q_elems())?;
+    sized("attention_fwd", y, d.q_elems())?;
     f32s("attention_fwd", &[k, v], d.kv_elems())?;
     f32s("attention_fwd", &[lse], d.rows() * d.heads)?;
-    let zarg = gate_arg("attention_fwd", z, d, gate)?;
-    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.arg(), lse.arg()];
+    let zarg = gate_arg("attention_fwd", z.map(Operand::from), d, gate)?;
+    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.buf.arg(), lse.arg()];
     args.extend(d.common());
     args.push(Arg::I32(gate as i32));
-    dev.launch(&format!("attn_fwd_hd{}", d.head_dim), d.grid(d.heads), &args)
+    let kernel = format!("attn_fwd_hd{}{}", d.head_dim, suffix(y.dtype));
+    dev.launch(&kernel, d.grid(d.heads), &args)
 }
 
 /// Scratch of the backward: the ungated output's gradient and the per-row `rowsum(dO ⊙ O)`.
@@ -214,9 +255,27 @@ pub fn attention_bwd(
     scratch: &AttnScratch,
     (dq, dk, dv, dz): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
 ) -> Result<()> {
+    let grads = (dq, dk, dv.into(), dz.map(Operand::from));
+    attention_bwd_to(dev, d, gate, (q, k, v, z), (o, lse, dy), scratch, grads)
+}
+
+/// [`attention_bwd`] with `dv` and `dz` each in f32 or bf16 (rounded from the same f32 values):
+/// the v and gate projections' output gradients, in the type their GEMMs read. `dq` and `dk`
+/// stay f32 (QK-norm + RoPE's backward reads them).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_to(
+    dev: &dyn Device,
+    d: &AttnDims,
+    gate: FusedGate,
+    (q, k, v, z): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+    (o, lse, dy): (&DBuf, &DBuf, &DBuf),
+    scratch: &AttnScratch,
+    (dq, dk, dv, dz): (&DBuf, &DBuf, Operand, Option<Operand>),
+) -> Result<()> {
     d.check()?;
     f32s("attention_bwd", &[q, o, dy, dq, &scratch.dout], d.q_elems())?;
-    f32s("attention_bwd", &[k, v, dk, dv], d.kv_elems())?;
+    f32s("attention_bwd", &[k, v, dk], d.kv_elems())?;
+    sized("attention_bwd", dv, d.kv_elems())?;
     f32s("attention_bwd", &[lse, &scratch.delta], d.rows() * d.heads)?;
     let bwd = (o, z, dy, dz);
     backward_pre(dev, "attn_bwd_pre", "attention_bwd", d, gate, bwd, scratch)?;
@@ -229,10 +288,11 @@ pub fn attention_bwd(
         scratch.delta.arg(),
     ];
     let mut args = ins.to_vec();
-    args.extend([dk.arg(), dv.arg()]);
+    args.extend([dk.arg(), dv.buf.arg()]);
     args.extend(d.common());
     let hd = d.head_dim;
-    dev.launch(&format!("attn_bwd_dkdv_hd{hd}"), d.grid(d.kv_heads), &args)?;
+    let dkdv = format!("attn_bwd_dkdv_hd{hd}{}", suffix(dv.dtype));
+    dev.launch(&dkdv, d.grid(d.kv_heads), &args)?;
     let mut args = ins.to_vec();
     args.push(dq.arg());
     args.extend(d.common());

@@ -2,8 +2,8 @@
 //! forward and backward on bf16 Q/K/V, everything else f32 in the layouts of the f32 kernels
 //! ([`super`]). Also the hd64 backward with planted bugs, a reference for the tests only.
 
-use super::{gate_arg, AttnDims, AttnScratch, FusedGate};
-use crate::backend::cuda::ops::{f32s, need, KernelSource};
+use super::{gate_arg, suffix, AttnDims, AttnScratch, FusedGate};
+use crate::backend::cuda::ops::{f32s, need, sized, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
@@ -13,10 +13,13 @@ pub const SOURCE: KernelSource = KernelSource {
     entries: &[
         "attn_fwd_tc_hd64",
         "attn_fwd_tc_hd128",
-        "attn_bwd_pre_tc",
+        "attn_fwd_tc_hd64_bf16",
+        "attn_fwd_tc_hd128_bf16",
         "attn_bwd_dkdv_tc_hd64",
         "attn_bwd_dq_tc_hd64",
         "attn_bwd_dkdv_tc_hd128",
+        "attn_bwd_dkdv_tc_hd64_bf16",
+        "attn_bwd_dkdv_tc_hd128_bf16",
         "attn_bwd_dq_tc_hd128",
         // references for the tests only (tests/cuda_tensor_core), never launched by the model
         "tc_mma_probe",
@@ -50,6 +53,24 @@ pub fn attention_forward_tc(
     y: &DBuf,
     lse: &DBuf,
 ) -> Result<()> {
+    attention_forward_tc_to(dev, d, gate, q, k, v, z, o, y.into(), lse)
+}
+
+/// [`attention_forward_tc`] with `y` in f32 or bf16 (rounded from the same f32 value): the
+/// output projection's input, in the type its GEMMs read.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_tc_to(
+    dev: &dyn Device,
+    d: &AttnDims,
+    gate: FusedGate,
+    q: &DBuf,
+    k: &DBuf,
+    v: &DBuf,
+    z: Option<&DBuf>,
+    o: &DBuf,
+    y: Operand,
+    lse: &DBuf,
+) -> Result<()> {
     let what = "attention_forward_tc";
     if !ATTN_TC_HEAD_DIMS.contains(&d.head_dim) {
         bail!(
@@ -65,10 +86,11 @@ pub fn attention_forward_tc(
     if !(k.ptr.is_multiple_of(16) && v.ptr.is_multiple_of(16) && q.ptr.is_multiple_of(4)) {
         bail!("{what}: k and v must be 16-byte aligned, q 4-byte aligned");
     }
-    f32s(what, &[o, y], d.q_elems())?;
+    f32s(what, &[o], d.q_elems())?;
+    sized(what, y, d.q_elems())?;
     f32s(what, &[lse], d.rows() * d.heads)?;
-    let zarg = gate_arg(what, z, d, gate)?;
-    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.arg(), lse.arg()];
+    let zarg = gate_arg(what, z.map(Operand::from), d, gate)?;
+    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.buf.arg(), lse.arg()];
     args.extend(d.common());
     args.push(Arg::I32(gate as i32));
     let cfg = Launch {
@@ -76,7 +98,7 @@ pub fn attention_forward_tc(
         block: [ATTN_TC_THREADS, 1, 1],
         smem: 0,
     };
-    dev.launch(&format!("attn_fwd_tc_hd{}", d.head_dim), cfg, &args)
+    dev.launch(&format!("attn_fwd_tc_hd{}{}", d.head_dim, suffix(y.dtype)), cfg, &args)
 }
 
 /// [`attention_bwd`](super::attention_bwd) on tensor cores (FlashAttention-2 backward, attention_tc.cu): `q`,
@@ -95,7 +117,23 @@ pub fn attention_backward_tc(
     inputs: (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
     fwd: (&DBuf, &DBuf, &DBuf),
     scratch: &AttnScratch,
-    grads: (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+    (dq, dk, dv, dz): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+) -> Result<()> {
+    let grads = (dq, dk, dv.into(), dz.map(Operand::from));
+    backward_tc(dev, d, gate, inputs, fwd, scratch, grads, None)
+}
+
+/// [`attention_backward_tc`] with `dv` and `dz` each in f32 or bf16 (rounded from the same f32
+/// values): the v and gate projections' output gradients, in the type their GEMMs read.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_tc_to(
+    dev: &dyn Device,
+    d: &AttnDims,
+    gate: FusedGate,
+    inputs: (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+    fwd: (&DBuf, &DBuf, &DBuf),
+    scratch: &AttnScratch,
+    grads: (&DBuf, &DBuf, Operand, Option<Operand>),
 ) -> Result<()> {
     backward_tc(dev, d, gate, inputs, fwd, scratch, grads, None)
 }
@@ -112,12 +150,13 @@ pub fn attention_backward_tc_planted(
     inputs: (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
     fwd: (&DBuf, &DBuf, &DBuf),
     scratch: &AttnScratch,
-    grads: (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+    (dq, dk, dv, dz): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
     plant: i32,
 ) -> Result<()> {
     if d.head_dim != 64 {
         bail!("attention_backward_tc_planted: the planted kernels are hd64");
     }
+    let grads = (dq, dk, dv.into(), dz.map(Operand::from));
     backward_tc(dev, d, gate, inputs, fwd, scratch, grads, Some(plant))
 }
 
@@ -129,10 +168,13 @@ fn backward_tc(
     (q, k, v, z): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
     (o, lse, dy): (&DBuf, &DBuf, &DBuf),
     scratch: &AttnScratch,
-    (dq, dk, dv, dz): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
+    (dq, dk, dv, dz): (&DBuf, &DBuf, Operand, Option<Operand>),
     plant: Option<i32>,
 ) -> Result<()> {
     let what = "attention_backward_tc";
+    if plant.is_some() && dv.dtype != DType::F32 {
+        bail!("{what}: the planted kernels write dv in f32");
+    }
     if !ATTN_TC_HEAD_DIMS.contains(&d.head_dim) {
         bail!(
             "{what}: head_dim {} (tensor-core kernels exist for {ATTN_TC_HEAD_DIMS:?})",
@@ -150,7 +192,8 @@ fn backward_tc(
         bail!("{what}: q, k, v and scratch.dout must be 16-byte aligned");
     }
     f32s(what, &[o, dy, dq], d.q_elems())?;
-    f32s(what, &[dk, dv], d.kv_elems())?;
+    f32s(what, &[dk], d.kv_elems())?;
+    sized(what, dv, d.kv_elems())?;
     f32s(what, &[lse, &scratch.delta], d.rows() * d.heads)?;
     super::backward_pre(dev, "attn_bwd_pre_tc", what, d, gate, (o, z, dy, dz), scratch)?;
     let ins = [
@@ -166,19 +209,19 @@ fn backward_tc(
         block: [ATTN_TC_THREADS, 1, 1],
         smem: 0,
     };
-    let name = |kernel: &str| match plant {
-        None => format!("attn_bwd_{kernel}_tc_hd{}", d.head_dim),
+    let name = |kernel: &str, out: DType| match plant {
+        None => format!("attn_bwd_{kernel}_tc_hd{}{}", d.head_dim, suffix(out)),
         Some(_) => format!("attn_bwd_{kernel}_tc_planted"),
     };
     // dK/dV: a block per 64 keys (attention_tc.cu `TC_KEYS`, = ATTN_TC_ROWS) of a kv head
     let mut args = ins.to_vec();
-    args.extend([dk.arg(), dv.arg()]);
+    args.extend([dk.arg(), dv.buf.arg()]);
     args.extend(d.common());
     args.extend(plant.map(Arg::I32));
-    dev.launch(&name("dkdv"), cfg(d.kv_heads), &args)?;
+    dev.launch(&name("dkdv", dv.dtype), cfg(d.kv_heads), &args)?;
     let mut args = ins.to_vec();
     args.push(dq.arg());
     args.extend(d.common());
     args.extend(plant.map(Arg::I32));
-    dev.launch(&name("dq"), cfg(d.heads), &args)
+    dev.launch(&name("dq", DType::F32), cfg(d.heads), &args)
 }
