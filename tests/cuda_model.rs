@@ -207,12 +207,11 @@ impl Device for Recording<'_> {
         mnk: (usize, usize, usize),
         a: Strided,
         b: Strided,
-        c: &DBuf,
-        ldc: usize,
+        c: Strided,
         alpha: f32,
         beta: f32,
     ) -> Option<anyhow::Result<()>> {
-        self.dev.vendor_gemm(mnk, a, b, c, ldc, alpha, beta)
+        self.dev.vendor_gemm(mnk, a, b, c, alpha, beta)
     }
 }
 

@@ -1,6 +1,7 @@
 //! cuBLASLt GEMMs on raw device pointers (cudarc's result-level API: its safe `matmul` fixes C
 //! to the operands' type and f32 to TF32): f32 operands with full f32 compute, or bf16
-//! operands with f32 accumulation; the output is f32 either way.
+//! operands with f32 accumulation; the output f32, or bf16 from bf16 operands (f32 compute and
+//! scale, D rounded: cuBLASLt's bf16 × bf16 → bf16 GEMM with CUBLAS_COMPUTE_32F).
 
 use super::runtime::DType;
 use anyhow::{anyhow, Result};
@@ -46,7 +47,10 @@ fn err(what: &str) -> impl Fn(lt::CublasError) -> anyhow::Error + '_ {
 
 /// One column-major GEMM: `C (m×n, ldc) = alpha·op(A)·op(B) + beta·C`.
 pub struct ColMajor {
+    /// A's and B's type
     pub dtype: DType,
+    /// C's (and D's, the same buffer) type
+    pub c_dtype: DType,
     pub transa: bool,
     pub transb: bool,
     pub m: usize,
@@ -78,17 +82,19 @@ impl Blas {
     /// # Safety
     /// The pointers must address device memory covering the matrices the shapes describe.
     pub unsafe fn matmul(&self, g: &ColMajor) -> Result<()> {
-        let ty = match g.dtype {
+        let cuda_type = |t: DType| match t {
             DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
             DType::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
         };
+        let ty = cuda_type(g.dtype);
         let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
         let (ar, ac) = if g.transa { (k, m) } else { (m, k) };
         let (br, bc) = if g.transb { (n, k) } else { (k, n) };
         let la = Layout(lt::create_matrix_layout(ty, ar, ac, g.lda as i64).map_err(err("layout A"))?);
         let lb = Layout(lt::create_matrix_layout(ty, br, bc, g.ldb as i64).map_err(err("layout B"))?);
         let f32_ty = sys::cudaDataType_t::CUDA_R_32F;
-        let lc = Layout(lt::create_matrix_layout(f32_ty, m, n, g.ldc as i64).map_err(err("layout C"))?);
+        let c_ty = cuda_type(g.c_dtype);
+        let lc = Layout(lt::create_matrix_layout(c_ty, m, n, g.ldc as i64).map_err(err("layout C"))?);
         let desc = Desc(
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32_ty).map_err(err("descriptor"))?,
         );

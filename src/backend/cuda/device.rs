@@ -153,12 +153,16 @@ impl Device for Gpu {
         (m, n, k): (usize, usize, usize),
         a: Strided,
         b: Strided,
-        c: &DBuf,
-        ldc: usize,
+        c: Strided,
         alpha: f32,
         beta: f32,
     ) -> Option<Result<()>> {
         let blas = self.blas.as_ref().filter(|_| self.use_blas)?;
+        // C row-major: its row stride is cuBLAS's ldc
+        let ldc = match c.cs {
+            1 => c.rs,
+            _ => return None,
+        };
         // Row-major C (m×n) is column-major Cᵀ (n×m, ld = ldc) = Bᵀ·Aᵀ: B is cuBLAS's first
         // operand and A its second; each must have one unit stride.
         let (transa, lda) = match (b.cs, b.rs) {
@@ -173,6 +177,7 @@ impl Device for Gpu {
         };
         let g = ColMajor {
             dtype: a.dtype,
+            c_dtype: c.dtype,
             transa,
             transb,
             m: n,
@@ -182,7 +187,7 @@ impl Device for Gpu {
             lda,
             b: a.buf.ptr,
             ldb,
-            c: c.ptr,
+            c: c.buf.ptr,
             ldc,
             alpha,
             beta,

@@ -72,7 +72,7 @@ impl Launch {
     }
 }
 
-/// Element type of a GEMM operand (outputs are always f32).
+/// Element type of a GEMM operand or output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
@@ -109,16 +109,15 @@ pub trait Device {
     /// Launch `kernel` on the device's stream (in order; errors of the asynchronous execution
     /// surface at the next download).
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()>;
-    /// `C = alpha·A·B + beta·C` (row-major C) through a vendor library, when the device has one
-    /// and the layout suits it; `None` leaves it to the portable GEMM kernel.
-    #[allow(clippy::too_many_arguments)]
+    /// `C = alpha·A·B + beta·C` (`C` f32, or bf16 from bf16 operands) through a vendor
+    /// library, when the device has one and the layout suits it; `None` leaves it to the
+    /// portable GEMM kernel.
     fn vendor_gemm(
         &self,
         _mnk: (usize, usize, usize),
         _a: Strided,
         _b: Strided,
-        _c: &DBuf,
-        _ldc: usize,
+        _c: Strided,
         _alpha: f32,
         _beta: f32,
     ) -> Option<Result<()>> {

@@ -54,6 +54,10 @@ impl Carver {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::Bf16,
         };
+        self.typed(dtype, n)
+    }
+    /// `n` elements of `dtype`.
+    fn typed(&mut self, dtype: DType, n: usize) -> Result<GemmIn> {
         let buf = self.bytes(dtype.size() * n)?;
         Ok(GemmIn { buf, dtype })
     }
@@ -72,8 +76,9 @@ impl Carver {
     }
 }
 
-/// An activation that only GEMMs read (forward and backward): its producer writes it in the
-/// GEMMs' operand type — bf16 in mixed precision, so it has no f32 copy and needs no cast.
+/// An activation that only GEMMs read (forward and backward), or the tensor-core attention:
+/// its producer writes it in their operand type — bf16 in mixed precision, so it has no f32
+/// copy and needs no cast.
 pub(super) struct GemmIn {
     pub buf: DBuf,
     pub dtype: DType,
@@ -88,8 +93,8 @@ impl GemmIn {
     }
 }
 
-/// What one layer's forward keeps for its backward (f32, and the bf16 shadows the GEMMs of
-/// both passes read in mixed precision).
+/// What one layer's forward keeps for its backward (f32, and in mixed precision what the GEMMs
+/// of both passes and the tensor-core attention read in bf16).
 pub(super) struct LayerMem {
     /// the layer's input (the previous layer's output)
     pub x: DBuf,
@@ -99,9 +104,11 @@ pub(super) struct LayerMem {
     pub k: DBuf,
     pub rstd_q: DBuf,
     pub rstd_k: DBuf,
-    pub qr: DBuf,
-    pub kr: DBuf,
-    pub v: DBuf,
+    /// the attention's inputs (rotated q and k, v): bf16 for the tensor-core attention (the
+    /// backward reads the same values again), else f32
+    pub qr: GemmIn,
+    pub kr: GemmIn,
+    pub v: GemmIn,
     pub z: Option<DBuf>,
     pub o: DBuf,
     pub lse: DBuf,
@@ -112,9 +119,6 @@ pub(super) struct LayerMem {
     /// the stacked gate/up GEMM's output `[rows, 2·ff]`: each row's gate values, then its up values
     pub gu: DBuf,
     pub m: GemmIn,
-    /// bf16 copies of the rotated q, k and v for the tensor-core attention: the forward
-    /// writes them, the backward reads them again
-    pub qkv_b: Option<(DBuf, DBuf, DBuf)>,
 }
 
 /// Gradient and scratch buffers of the backward, shared by the layers (one runs at a time).
@@ -239,6 +243,7 @@ impl StepMemory {
         );
         let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
         let scores = cfg.gate_geometry().map(|g| g.scores());
+        let attn_in = if tc_attention { DType::Bf16 } else { DType::F32 };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
             layers.push(LayerMem {
@@ -249,9 +254,9 @@ impl StepMemory {
                 k: c.f32(n * kvd)?,
                 rstd_q: c.f32(n * heads)?,
                 rstd_k: c.f32(n * kv_heads)?,
-                qr: c.f32(n * qd)?,
-                kr: c.f32(n * kvd)?,
-                v: c.f32(n * kvd)?,
+                qr: c.typed(attn_in, n * qd)?,
+                kr: c.typed(attn_in, n * kvd)?,
+                v: c.typed(attn_in, n * kvd)?,
                 z: scores.map(|s| c.f32(n * s)).transpose()?,
                 o: c.f32(n * qd)?,
                 lse: c.f32(n * heads)?,
@@ -261,11 +266,6 @@ impl StepMemory {
                 rstd2: c.f32(n)?,
                 gu: c.f32(n * 2 * ff)?,
                 m: c.gemm_in(precision, n * ff)?,
-                qkv_b: if tc_attention {
-                    Some((c.bf16(n * qd)?, c.bf16(n * kvd)?, c.bf16(n * kvd)?))
-                } else {
-                    None
-                },
             });
         }
         let bwd = BackwardMem {

@@ -1,11 +1,12 @@
 //! The dense decoder resident on a CUDA device (or the emulator): parameters, gradients and
 //! AdamW state live there; forward and backward run through the CUDA ops in f32, or in mixed
 //! precision (bf16 GEMM operands, and for head_dim 64/128 the tensor-core attention, forward
-//! and backward, on bf16 copies of Q/K/V). Its memory is planned once per step shape
-//! (`memory`). It covers what
-//! the fused kernels do: dense SwiGLU MLPs, no gate or the paper's G1 gate (multiplicative
-//! sigmoid, head-specific, elementwise or headwise), QK-norm or none, partial RoPE, both norm
-//! styles, tied or untied head. Other configurations are refused with the reason.
+//! and backward, on bf16 Q/K/V). Every activation a GEMM or the tensor-core attention reads is
+//! written in their operand type by the kernel that produces it: no step casts an activation.
+//! Its memory is planned once per step shape (`memory`). It covers what the fused kernels do:
+//! dense SwiGLU MLPs, no gate or the paper's G1 gate (multiplicative sigmoid, head-specific,
+//! elementwise or headwise), QK-norm or none, partial RoPE, both norm styles, tied or untied
+//! head. Other configurations are refused with the reason.
 
 use super::Engine;
 use crate::backend::cuda::ops::{
@@ -281,7 +282,12 @@ impl<'d> DeviceModel<'d> {
 
     /// `y = x·W_iᵀ`
     fn lin_fwd(&self, x: Operand, w: usize, y: &DBuf, rows: usize, din: usize, dout: usize) -> Result<()> {
-        ops::linear_fwd(self.dev, x, self.weight(w), y, rows, din, dout)
+        self.lin_fwd_to(x, w, y.into(), rows, din, dout)
+    }
+
+    /// [`Self::lin_fwd`] with `y` in f32 or (from bf16 operands) bf16.
+    fn lin_fwd_to(&self, x: Operand, w: usize, y: Operand, rows: usize, din: usize, dout: usize) -> Result<()> {
+        ops::linear_fwd_to(self.dev, x, self.weight(w), y, rows, din, dout)
     }
 
     /// `dx (+)= dy·W_i`

@@ -5,7 +5,7 @@
 
 use super::memory::{GemmIn, LayerMem, StepMemory};
 use super::DeviceModel;
-use crate::backend::cuda::ops::{self, AttnDims};
+use crate::backend::cuda::ops::{self, AttnDims, DType};
 use crate::model::graph::DecoderOps;
 use crate::model::params::{FfnIndex, LayerIndex, SwigluIndex};
 use anyhow::{bail, Result};
@@ -47,6 +47,15 @@ impl DeviceStep<'_, '_> {
     fn eps(&self) -> f32 {
         self.m.cfg.rms_norm_eps as f32
     }
+    /// Whether the attention runs on tensor cores: the memory plan made its inputs bf16 for
+    /// them (from [`DeviceModel::tc_attention`]), else f32 for the f32 kernels.
+    fn tensor_cores(c: &LayerMem) -> Result<bool> {
+        match (c.qr.dtype, c.kr.dtype, c.v.dtype) {
+            (DType::Bf16, DType::Bf16, DType::Bf16) => Ok(true),
+            (DType::F32, DType::F32, DType::F32) => Ok(false),
+            t => bail!("attention inputs of mixed types {t:?}"),
+        }
+    }
 }
 
 impl DecoderOps for DeviceStep<'_, '_> {
@@ -78,7 +87,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let h1 = c.h1.op();
         m.lin_fwd(h1, li.q_proj, &c.q, n, dm, qd)?;
         m.lin_fwd(h1, li.k_proj, &c.k, n, dm, kvd)?;
-        m.lin_fwd(h1, li.v_proj, &c.v, n, dm, kvd)?;
+        // v straight into the attention's input type (bf16 for the tensor-core kernels)
+        m.lin_fwd_to(h1, li.v_proj, c.v.op(), n, dm, kvd)?;
         if let (Some(gi), Some(geo), Some(z)) = (li.gate, cfg.gate_geometry(), &c.z) {
             m.lin_fwd(h1, gi, z, n, dm, geo.scores())?;
         }
@@ -88,28 +98,24 @@ impl DecoderOps for DeviceStep<'_, '_> {
     fn qk_norm_rope(&mut self, l: usize) -> Result<()> {
         let (m, n, seq, eps) = (self.m, self.rows(), self.mem.seq, self.eps());
         let (li, c) = self.layer(l);
+        // qr and kr in the attention's input type (bf16 for the tensor-core kernels)
         let hq = m.heads(n, seq, m.cfg.num_heads, li.q_norm);
-        ops::qknorm_rope_fwd(m.dev, &hq, &m.rope, &c.q, &c.qr, &c.rstd_q, eps)?;
+        ops::qknorm_rope_fwd_to(m.dev, &hq, &m.rope, &c.q, c.qr.op(), &c.rstd_q, eps)?;
         let hk = m.heads(n, seq, m.cfg.num_kv_heads, li.k_norm);
-        ops::qknorm_rope_fwd(m.dev, &hk, &m.rope, &c.k, &c.kr, &c.rstd_k, eps)
+        ops::qknorm_rope_fwd_to(m.dev, &hk, &m.rope, &c.k, c.kr.op(), &c.rstd_k, eps)
     }
 
-    /// On tensor cores from bf16 copies of q/k/v when [`DeviceModel::tc_attention`] (the
-    /// backward then reads the same copies, so both passes differentiate one function of the
-    /// rounded inputs), else the f32 kernel; the G1 gate in the kernel's epilogue, which writes
-    /// `y` in the o_proj GEMMs' operand type.
+    /// On tensor cores when [`DeviceModel::tc_attention`], from q/k/v their producers wrote in
+    /// bf16 (the backward reads the same values, so both passes differentiate one function of
+    /// the rounded inputs), else the f32 kernel; the G1 gate in the kernel's epilogue, which
+    /// writes `y` in the o_proj GEMMs' operand type.
     fn attention(&mut self, l: usize) -> Result<()> {
         let (m, d) = (self.m, self.attn_dims());
         let (_, c) = self.layer(l);
-        let (q, k, v, z) = (&c.qr, &c.kr, &c.v, c.z.as_ref());
-        match &c.qkv_b {
-            Some((qb, kb, vb)) => {
-                for (x, b) in [(q, qb), (k, kb), (v, vb)] {
-                    ops::cast_to_bf16(m.dev, x, b, x.bytes / 4)?;
-                }
-                ops::attention_forward_tc_to(m.dev, &d, m.gate, qb, kb, vb, z, &c.o, c.y.op(), &c.lse)
-            }
-            None => ops::attention_fwd_to(m.dev, &d, m.gate, q, k, v, z, &c.o, c.y.op(), &c.lse),
+        let (q, k, v, z) = (&c.qr.buf, &c.kr.buf, &c.v.buf, c.z.as_ref());
+        match Self::tensor_cores(c)? {
+            true => ops::attention_forward_tc_to(m.dev, &d, m.gate, q, k, v, z, &c.o, c.y.op(), &c.lse),
+            false => ops::attention_fwd_to(m.dev, &d, m.gate, q, k, v, z, &c.o, c.y.op(), &c.lse),
         }
     }
 
@@ -248,15 +254,10 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let fwd = (&c.o, &c.lse, &b.dy);
         // dv and dz in the operand type of the projections' GEMMs that read them
         let grads = (&b.dqr, &b.dkr, b.dv.op(), b.dz.as_ref().map(GemmIn::op));
-        match &c.qkv_b {
-            Some((qb, kb, vb)) => {
-                let ins = (qb, kb, vb, c.z.as_ref());
-                ops::attention_backward_tc_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
-            }
-            None => {
-                let ins = (&c.qr, &c.kr, &c.v, c.z.as_ref());
-                ops::attention_bwd_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
-            }
+        let ins = (&c.qr.buf, &c.kr.buf, &c.v.buf, c.z.as_ref());
+        match Self::tensor_cores(c)? {
+            true => ops::attention_backward_tc_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads),
+            false => ops::attention_bwd_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads),
         }
     }
 

@@ -4,9 +4,10 @@
 // It is the portable path (the emulator, or a GPU without cuBLASLt): 64×64 output tiles, 256
 // threads of 4×4 outputs, K in steps of 16 through shared memory; deterministic (each output
 // summed by one thread in k order). beta = 0 never reads C. gemm_bf16 reads bf16 A and B (the
-// mixed-precision matmul: bf16 operands, f32 accumulation and output); cast_f32_bf16 makes its
-// bf16 operands.
-// Entry points (ops/gemm.rs): gemm_f32, gemm_bf16, cast_f32_bf16.
+// mixed-precision matmul: bf16 operands, f32 accumulation and output); gemm_bf16_bf16 also
+// stores C in bf16 (the f32 result rounded, as cuBLASLt with a bf16 D: for an output that only
+// bf16 consumers read); cast_f32_bf16 makes bf16 operands of f32 tensors.
+// Entry points (ops/gemm.rs): gemm_f32, gemm_bf16, gemm_bf16_bf16, cast_f32_bf16.
 
 #define GM 64
 #define GN 64
@@ -15,8 +16,8 @@
 __device__ __forceinline__ float load_f(const float* p) { return *p; }
 __device__ __forceinline__ float load_f(const bf16* p) { return bf16_to_f32(*p); }
 
-template <class T>
-__device__ void gemm_impl(const T* A, const T* B, float* C, int M, int N, int K, long sam, long sak, long sbk,
+template <class T, class TC>
+__device__ void gemm_impl(const T* A, const T* B, TC* C, int M, int N, int K, long sam, long sak, long sbk,
                           long sbn, long ldc, float alpha, float beta) {
     __shared__ float as[GK][GM];
     __shared__ float bs[GK][GN];
@@ -48,8 +49,8 @@ __device__ void gemm_impl(const T* A, const T* B, float* C, int M, int N, int K,
         for (int j = 0; j < 4; ++j) {
             int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
             if (m < M && n < N) {
-                float* c = C + m * ldc + n;
-                *c = beta == 0.0f ? alpha * acc[i][j] : alpha * acc[i][j] + beta * *c;
+                TC* c = C + m * ldc + n;
+                store_as(c, beta == 0.0f ? alpha * acc[i][j] : alpha * acc[i][j] + beta * load_f(c));
             }
         }
 }
@@ -61,6 +62,11 @@ extern "C" __global__ void gemm_f32(const float* A, const float* B, float* C, in
 
 extern "C" __global__ void gemm_bf16(const bf16* A, const bf16* B, float* C, int M, int N, int K, long sam, long sak,
                                      long sbk, long sbn, long ldc, float alpha, float beta) {
+    gemm_impl(A, B, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
+}
+
+extern "C" __global__ void gemm_bf16_bf16(const bf16* A, const bf16* B, bf16* C, int M, int N, int K, long sam,
+                                          long sak, long sbk, long sbn, long ldc, float alpha, float beta) {
     gemm_impl(A, B, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
 }
 

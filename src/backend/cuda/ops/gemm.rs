@@ -1,6 +1,6 @@
-//! GEMMs for the linear layers (f32 or bf16 operands, f32 accumulation; cuBLASLt through
-//! [`Device::vendor_gemm`] where the device has it, else gemm.cu) and the f32 → bf16 cast that
-//! makes the bf16 operands.
+//! GEMMs for the linear layers (f32 or bf16 operands, f32 accumulation, f32 output or with
+//! bf16 operands a bf16 one; cuBLASLt through [`Device::vendor_gemm`] where the device has it,
+//! else gemm.cu) and the f32 → bf16 cast that makes bf16 operands of f32 tensors.
 
 use super::{elems, f32s, need, KernelSource};
 pub use crate::backend::cuda::runtime::DType;
@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 pub const SOURCE: KernelSource = KernelSource {
     name: "gemm",
     text: include_str!("gemm.cu"),
-    entries: &["gemm_f32", "gemm_bf16", "cast_f32_bf16"],
+    entries: &["gemm_f32", "gemm_bf16", "gemm_bf16_bf16", "cast_f32_bf16"],
 };
 
 fn span(what: &str, s: Strided, rows: usize, cols: usize) -> Result<()> {
@@ -64,23 +64,45 @@ pub fn gemm(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
+    gemm_to(dev, (m, n, k), a, b, c.into(), ldc, alpha, beta)
+}
+
+/// [`gemm`] with `C` in f32 or, from bf16 operands, in bf16: the f32 result (accumulated as
+/// for an f32 `C`) rounded to nearest even, as cuBLASLt writes a bf16 output; `beta` scales
+/// the bf16 `C` widened. For an output only bf16 consumers read (no cast after it).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_to(
+    dev: &dyn Device,
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    c: Operand,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
     span("gemm A", a, m, k)?;
     span("gemm B", b, k, n)?;
     if a.dtype != b.dtype {
         bail!("gemm: operands of mixed types {:?} and {:?}", a.dtype, b.dtype);
     }
-    span("gemm C", Operand::from(c).at(ldc, 1), m, n)?;
+    // cuBLASLt has no f32 × f32 → bf16 GEMM with f32 compute; nothing here needs one
+    if c.dtype == DType::Bf16 && a.dtype != DType::Bf16 {
+        bail!("gemm: a bf16 output needs bf16 operands, not {:?}", a.dtype);
+    }
+    let cs = c.at(ldc, 1);
+    span("gemm C", cs, m, n)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if let Some(r) = dev.vendor_gemm((m, n, k), a, b, c, ldc, alpha, beta) {
+    if let Some(r) = dev.vendor_gemm((m, n, k), a, b, cs, alpha, beta) {
         return r;
     }
     let l = |x: usize| Arg::I64(x as i64);
     let args = [
         a.buf.arg(),
         b.buf.arg(),
-        c.arg(),
+        c.buf.arg(),
         Arg::I32(m as i32),
         Arg::I32(n as i32),
         Arg::I32(k as i32),
@@ -97,9 +119,10 @@ pub fn gemm(
         block: [256, 1, 1],
         smem: 0,
     };
-    let kernel = match a.dtype {
-        DType::F32 => "gemm_f32",
-        DType::Bf16 => "gemm_bf16",
+    let kernel = match (a.dtype, c.dtype) {
+        (DType::F32, _) => "gemm_f32",
+        (DType::Bf16, DType::F32) => "gemm_bf16",
+        (DType::Bf16, DType::Bf16) => "gemm_bf16_bf16",
     };
     dev.launch(kernel, cfg, &args)
 }
@@ -114,7 +137,20 @@ pub fn linear_fwd(
     din: usize,
     dout: usize,
 ) -> Result<()> {
-    gemm(dev, (rows, dout, din), x.at(din, 1), w.at(1, din), y, dout, 1.0, 0.0)
+    linear_fwd_to(dev, x, w, y.into(), rows, din, dout)
+}
+
+/// [`linear_fwd`] with `y` in f32 or, from bf16 operands, in bf16 ([`gemm_to`]).
+pub fn linear_fwd_to(
+    dev: &dyn Device,
+    x: Operand,
+    w: Operand,
+    y: Operand,
+    rows: usize,
+    din: usize,
+    dout: usize,
+) -> Result<()> {
+    gemm_to(dev, (rows, dout, din), x.at(din, 1), w.at(1, din), y, dout, 1.0, 0.0)
 }
 
 /// `dx (+)= dy·W`

@@ -25,11 +25,16 @@ pub use attention::{
 };
 pub use cross_entropy::{cross_entropy, cross_entropy_to};
 pub use embedding::{embed_bwd, embed_bwd_index_len, embed_bwd_with, embed_fwd};
-pub use gemm::{cast_to_bf16, gemm, linear_bwd_dw, linear_bwd_dx, linear_fwd, DType, Operand, Strided};
+pub use gemm::{
+    cast_to_bf16, gemm, gemm_to, linear_bwd_dw, linear_bwd_dx, linear_fwd, linear_fwd_to, DType, Operand, Strided,
+};
 pub use optim::{AdamStep, TableEntry, TensorTable};
 pub use reduce::{add, colsum, colsum_scratch_len, colsum_with, fill};
 pub use rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_bwd_to, rmsnorm_bwd_with, rmsnorm_fwd, rmsnorm_fwd_to};
-pub use rope::{qknorm_rope_bwd, qknorm_rope_bwd_to, qknorm_rope_bwd_with, qknorm_rope_fwd, DeviceRope, HeadRows};
+pub use rope::{
+    qknorm_rope_bwd, qknorm_rope_bwd_to, qknorm_rope_bwd_with, qknorm_rope_fwd, qknorm_rope_fwd_to, DeviceRope,
+    HeadRows,
+};
 pub use swiglu::{swiglu_bwd, swiglu_fwd};
 
 use super::runtime::{DBuf, Launch};

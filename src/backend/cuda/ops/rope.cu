@@ -1,12 +1,15 @@
 // QK-norm fused with RoPE. Same math as src/model/ops/{rmsnorm,rope}.rs.
-// Entry points (ops/rope.rs): qknorm_rope_fwd, qknorm_rope_bwd, qknorm_rope_bwd_bf16.
+// Entry points (ops/rope.rs): qknorm_rope_fwd, qknorm_rope_fwd_bf16, qknorm_rope_bwd,
+// qknorm_rope_bwd_bf16.
 
 // Per (row, head): RMSNorm over head_dim with gain w (w or 1 + w; has_norm = 0: none), then
 // rotate-half RoPE of the first 2·half dims at position pos0 + row % seq; the rest pass.
-// One warp per (row, head). rstd is [rows, heads].
-extern "C" __global__ void qknorm_rope_fwd(const float* x, const float* w, const float* cosv, const float* sinv,
-                                           float* y, float* rstd, int rows, int heads, int hd, int half, int seq,
-                                           int pos0, float eps, int zc, int has_norm) {
+// One warp per (row, head). rstd is [rows, heads]. y is f32, or bf16 (rounded from the same
+// f32 value) for the tensor-core attention, which reads the rotated q and k so.
+template <class T>
+__device__ void qknorm_rope_fwd_impl(const float* x, const float* w, const float* cosv, const float* sinv, T* y,
+                                     float* rstd, int rows, int heads, int hd, int half, int seq, int pos0, float eps,
+                                     int zc, int has_norm) {
     const int wi = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (wi >= rows * heads) return;  // warp-uniform
     const int row = wi / heads;
@@ -23,10 +26,22 @@ extern "C" __global__ void qknorm_rope_fwd(const float* x, const float* w, const
     for (int i = lane; i < half; i += 32) {
         float a = x[base + i] * r * GAIN(i), b = x[base + i + half] * r * GAIN(i + half);
         float c = cosv[p + i], s = sinv[p + i];
-        y[base + i] = a * c - b * s;
-        y[base + i + half] = b * c + a * s;
+        store_as(y + base + i, a * c - b * s);
+        store_as(y + base + i + half, b * c + a * s);
     }
-    for (int e = 2 * half + lane; e < hd; e += 32) y[base + e] = x[base + e] * r * GAIN(e);
+    for (int e = 2 * half + lane; e < hd; e += 32) store_as(y + base + e, x[base + e] * r * GAIN(e));
+}
+
+extern "C" __global__ void qknorm_rope_fwd(const float* x, const float* w, const float* cosv, const float* sinv,
+                                           float* y, float* rstd, int rows, int heads, int hd, int half, int seq,
+                                           int pos0, float eps, int zc, int has_norm) {
+    qknorm_rope_fwd_impl(x, w, cosv, sinv, y, rstd, rows, heads, hd, half, seq, pos0, eps, zc, has_norm);
+}
+
+extern "C" __global__ void qknorm_rope_fwd_bf16(const float* x, const float* w, const float* cosv,
+                                                const float* sinv, bf16* y, float* rstd, int rows, int heads, int hd,
+                                                int half, int seq, int pos0, float eps, int zc, int has_norm) {
+    qknorm_rope_fwd_impl(x, w, cosv, sinv, y, rstd, rows, heads, hd, half, seq, pos0, eps, zc, has_norm);
 }
 
 // Backward: dn = Rᵀ·dy, then RMSNorm's backward over the head row. dx (f32, or bf16 for the

@@ -1,5 +1,6 @@
 //! QK-norm fused with RoPE, forward and backward (rope.cu; the gain's gradient summed by
-//! [`colsum_with`]); the backward's output, which the projections' GEMMs read, in f32 or bf16.
+//! [`colsum_with`]); the forward's output (which the tensor-core attention reads) and the
+//! backward's (which the projections' GEMMs read) in f32 or bf16.
 
 use super::{colsum_scratch_len, colsum_with, f32s, sized, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
@@ -8,7 +9,12 @@ use anyhow::{bail, Result};
 pub const SOURCE: KernelSource = KernelSource {
     name: "rope",
     text: include_str!("rope.cu"),
-    entries: &["qknorm_rope_fwd", "qknorm_rope_bwd", "qknorm_rope_bwd_bf16"],
+    entries: &[
+        "qknorm_rope_fwd",
+        "qknorm_rope_fwd_bf16",
+        "qknorm_rope_bwd",
+        "qknorm_rope_bwd_bf16",
+    ],
 };
 
 /// A RoPE table on the device: `cos`/`sin` `[max_len, half]`.
@@ -94,14 +100,29 @@ pub fn qknorm_rope_fwd(
     rstd: &DBuf,
     eps: f32,
 ) -> Result<()> {
-    h.check("qknorm_rope_fwd", rope, &[x, y])?;
+    qknorm_rope_fwd_to(dev, h, rope, x, y.into(), rstd, eps)
+}
+
+/// [`qknorm_rope_fwd`] with `y` in f32 or bf16 (rounded from the same f32 value): the rotated
+/// q or k in the type the attention reads (bf16 for the tensor-core kernels).
+pub fn qknorm_rope_fwd_to(
+    dev: &dyn Device,
+    h: &HeadRows,
+    rope: &DeviceRope,
+    x: &DBuf,
+    y: Operand,
+    rstd: &DBuf,
+    eps: f32,
+) -> Result<()> {
+    h.check("qknorm_rope_fwd", rope, &[x])?;
+    sized("qknorm_rope_fwd", y, h.rows * h.heads * h.head_dim)?;
     f32s("qknorm_rope_fwd", &[rstd], h.rows * h.heads)?;
     let mut args = vec![
         x.arg(),
         h.norm.map_or(Arg::Ptr(0), |w| w.arg()),
         rope.cos.arg(),
         rope.sin.arg(),
-        y.arg(),
+        y.buf.arg(),
         rstd.arg(),
     ];
     args.extend(h.dims(rope));
@@ -110,7 +131,11 @@ pub fn qknorm_rope_fwd(
         Arg::I32(h.zero_centered as i32),
         Arg::I32(h.norm.is_some() as i32),
     ]);
-    dev.launch("qknorm_rope_fwd", h.launch(), &args)
+    let kernel = match y.dtype {
+        DType::F32 => "qknorm_rope_fwd",
+        DType::Bf16 => "qknorm_rope_fwd_bf16",
+    };
+    dev.launch(kernel, h.launch(), &args)
 }
 
 /// Its backward: `dx` overwritten; with a norm, its gain's gradient is added to `dw` (through

@@ -102,7 +102,7 @@ pub fn attention_forward_tc_to(
 }
 
 /// [`attention_bwd`](super::attention_bwd) on tensor cores (FlashAttention-2 backward, attention_tc.cu): `q`,
-/// `k`, `v` bf16 (the copies the tensor-core forward took), everything else f32 in the same
+/// `k`, `v` bf16 (those the tensor-core forward read), everything else f32 in the same
 /// layouts as there: `o` and `lse` the forward's, `dy` the gated output's gradient; overwrites
 /// `dq`, `dk`, `dv` and, gated, `dz`. `scratch.dout` holds dO as bf16 here (its first half),
 /// `scratch.delta` as there. Three launches: the pre-pass (gate gradient, D = rowsum(dO ⊙ O) in
