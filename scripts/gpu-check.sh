@@ -3,9 +3,8 @@
 # baseline / elementwise / headwise beside torch_ref.py --compile on the same configs, as a
 # ratio table; the GPU time of one step by kernel (ncu); the 1p7b preset beside torch.compile;
 # then the GPU op and model tests against the CPU.
-#   GATED_LM_BIN=dir   prebuilt, stripped binaries (gated-lm, cuda_kernels-*, cuda_model-*) instead
-#                      of cargo: `cargo test --release --features cuda --test cuda_kernels --test
-#                      cuda_model --no-run` and `cargo build --release --features cuda`
+#   GATED_LM_BIN=dir   prebuilt, stripped binaries (scripts/gpu-bundle.sh: gated-lm and the CUDA
+#                      test binaries) instead of cargo
 #   PRESET=small       bench preset (torch_ref.py --config of the same name)
 #   STEPS=10           timed steps per bench
 # NVRTC: the toolkit's, or `pip install nvidia-cuda-nvrtc-cu12` (its lib dir on LD_LIBRARY_PATH).
@@ -91,12 +90,13 @@ printf "%-12s %14s %14s %8s\n" 1p7b "$ours" "$theirs" "$ratio"
 echo "== GPU tests (ops and model against the CPU; the emulator's share runs in CI already)"
 export GATED_LM_SKIP_EMU=1
 if [ -n "${GATED_LM_BIN:-}" ]; then
-  for exe in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_model-*; do
+  for exe in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_bf16-* "$GATED_LM_BIN"/cuda_model-*; do
     t=$(within 180) || break
     timeout "$t" "$exe" --nocapture 2>&1 | grep -vE "^\s*$" | tail -25
   done
 elif t=$(within 300); then
-  timeout "$t" cargo test --release --features cuda --test cuda_kernels --test cuda_model -- --nocapture 2>&1 | tail -40
+  timeout "$t" cargo test --release --features cuda --test cuda_kernels --test cuda_bf16 \
+    --test cuda_model -- --nocapture 2>&1 | tail -40
 fi
 
 echo "== done in ${SECONDS}s (budget ${budget}s)"
