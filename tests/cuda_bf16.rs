@@ -135,24 +135,28 @@ fn rmsnorm_backward_writes_a_bf16_copy_of_dx() {
     }
 }
 
-/// SwiGLU (on the stacked gate/up layout) forward writing `m` in bf16, backward writing the
-/// stacked `dgu` in bf16.
+/// SwiGLU (on the stacked gate/up layout) in mixed precision: gu and dm in bf16 (as the GEMMs
+/// write them), m and the stacked dgu written in bf16 — each the rounding of what the f32 kernels
+/// compute from the same (bf16-representable) inputs.
 #[test]
-fn swiglu_writes_bf16_outputs() {
+fn swiglu_runs_in_bf16() {
     let (rows, ff) = (29, 104);
     let n = rows * ff;
+    let bf16_values = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+    let (gu_v, dm_v) = (bf16_values(randn(2 * n, 8, 2.0)), bf16_values(randn(n, 10, 1.0)));
     for dev in devices() {
         let dev = dev.as_ref();
-        let up = |v: &[f32]| up_f32(dev, v).unwrap();
-        let (gu, dm) = (up(&randn(2 * n, 8, 2.0)), up(&randn(n, 10, 1.0)));
+        let (gu, dm) = (up_f32(dev, &gu_v).unwrap(), up_f32(dev, &dm_v).unwrap());
+        let (gub, dmb) = (up_bf16(dev, &gu_v), up_bf16(dev, &dm_v));
         let on = dev.describe();
         let (m, mb) = (nan_f32(dev, n), nan_bf16(dev, n));
-        ops::swiglu_fwd(dev, &gu, (&m).into(), rows, ff).unwrap();
-        ops::swiglu_fwd(dev, &gu, Operand::bf16(&mb), rows, ff).unwrap();
+        ops::swiglu_fwd(dev, (&gu).into(), (&m).into(), rows, ff).unwrap();
+        ops::swiglu_fwd(dev, Operand::bf16(&gub), Operand::bf16(&mb), rows, ff).unwrap();
         rounds(&format!("swiglu_fwd_bf16 m on {on}"), dev, &mb, &m);
         let (dgu, dgub) = (nan_f32(dev, 2 * n), nan_bf16(dev, 2 * n));
-        ops::swiglu_bwd(dev, &gu, &dm, (&dgu).into(), rows, ff).unwrap();
-        ops::swiglu_bwd(dev, &gu, &dm, Operand::bf16(&dgub), rows, ff).unwrap();
+        ops::swiglu_bwd(dev, (&gu).into(), (&dm).into(), (&dgu).into(), rows, ff).unwrap();
+        let bf = (Operand::bf16(&gub), Operand::bf16(&dmb), Operand::bf16(&dgub));
+        ops::swiglu_bwd(dev, bf.0, bf.1, bf.2, rows, ff).unwrap();
         rounds(&format!("swiglu_bwd_bf16 dgu on {on}"), dev, &dgub, &dgu);
     }
 }
@@ -547,21 +551,18 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     ops::rmsnorm_bwd_to(dev, io, Some(&exact), rows, d, false, false, (&sc.0, &sc.1)).unwrap();
     let e = ops::rmsnorm_bwd_to(dev, io, Some(&short), rows, d, false, false, (&sc.0, &sc.1));
     refused(e, "short dx copy");
-    // SwiGLU over rows × d: m has n elements, the stacked gu and dgu 2·n
-    let gu = f(2 * n);
+    // SwiGLU over rows × d in bf16: m and dm have n elements, the stacked gu and dgu 2·n
     let (exact2, short2) = (dev.zeros(4 * n).unwrap(), dev.zeros(4 * n - 2).unwrap());
-    ops::swiglu_fwd(dev, &gu, b, rows, d).unwrap();
-    refused(ops::swiglu_fwd(dev, &gu, s, rows, d), "short m");
-    ops::swiglu_bwd(dev, &gu, &x, Operand::bf16(&exact2), rows, d).unwrap();
-    refused(
-        ops::swiglu_bwd(dev, &gu, &x, Operand::bf16(&short2), rows, d),
-        "short dgu",
-    );
-    refused(
-        ops::swiglu_bwd(dev, &gu, &x, (&exact2).into(), rows, d),
-        "bf16-sized f32 dgu",
-    );
-    let e = ops::swiglu_bwd(dev, &gu, &x, Operand::bf16(&exact2), rows, 0).unwrap_err();
+    let (gu, gu_short) = (Operand::bf16(&exact2), Operand::bf16(&short2));
+    ops::swiglu_fwd(dev, gu, b, rows, d).unwrap();
+    refused(ops::swiglu_fwd(dev, gu, s, rows, d), "short m");
+    refused(ops::swiglu_fwd(dev, gu_short, b, rows, d), "short gu");
+    ops::swiglu_bwd(dev, gu, b, gu, rows, d).unwrap();
+    refused(ops::swiglu_bwd(dev, gu, b, gu_short, rows, d), "short dgu");
+    refused(ops::swiglu_bwd(dev, gu, s, gu, rows, d), "short dm");
+    let e = ops::swiglu_bwd(dev, gu, (&x).into(), gu, rows, d).unwrap_err();
+    assert!(format!("{e}").contains("mixed types"), "{e}");
+    let e = ops::swiglu_bwd(dev, gu, b, gu, rows, 0).unwrap_err();
     assert!(format!("{e}").contains("width 0"), "{e}");
     let rope = DeviceRope::upload(dev, &[1.0; 8], &[0.0; 8], 8, 2).unwrap();
     let h = HeadRows {

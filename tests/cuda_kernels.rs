@@ -77,12 +77,12 @@ fn elementwise_ops_match_the_cpu_ops() {
         let mut m = vec![0.0; n];
         swiglu::swiglu_fwd(&g, &u, &mut m);
         let mb = zeros_f32(dev, n).unwrap();
-        ops::swiglu_fwd(dev, &gub, (&mb).into(), rows, ff).unwrap();
+        ops::swiglu_fwd(dev, (&gub).into(), (&mb).into(), rows, ff).unwrap();
         close("swiglu_fwd", &down_f32(dev, &mb).unwrap(), &m, 1e-5);
         let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
         swiglu::swiglu_bwd(&g, &u, &dm, &mut dg, &mut du);
         let dgub = zeros_f32(dev, 2 * n).unwrap();
-        ops::swiglu_bwd(dev, &gub, &dmb, (&dgub).into(), rows, ff).unwrap();
+        ops::swiglu_bwd(dev, (&gub).into(), (&dmb).into(), (&dgub).into(), rows, ff).unwrap();
         close(
             "swiglu_bwd [dg, du]",
             &down_f32(dev, &dgub).unwrap(),
@@ -292,7 +292,7 @@ fn bad_launches_are_errors() {
     );
     let e = emu.launch("no_such", Launch::linear(1, 32), &[]).unwrap_err();
     assert!(format!("{e}").contains("no kernel no_such"), "{e}");
-    let e = ops::swiglu_fwd(&emu, &b, (&b).into(), 3, 3).unwrap_err();
+    let e = ops::swiglu_fwd(&emu, (&b).into(), (&b).into(), 3, 3).unwrap_err();
     assert!(format!("{e}").contains("buffer of 32 bytes"), "{e}");
 }
 

@@ -116,8 +116,9 @@ pub(super) struct LayerMem {
     pub x1: DBuf,
     pub h2: GemmIn,
     pub rstd2: DBuf,
-    /// the stacked gate/up GEMM's output `[rows, 2·ff]`: each row's gate values, then its up values
-    pub gu: DBuf,
+    /// the stacked gate/up GEMM's output `[rows, 2·ff]`: each row's gate values, then its up
+    /// values (only SwiGLU reads it: in the GEMMs' operand type)
+    pub gu: GemmIn,
     pub m: GemmIn,
 }
 
@@ -125,7 +126,7 @@ pub(super) struct LayerMem {
 pub(super) struct BackwardMem {
     /// d(loss)/d(residual stream), updated in place layer by layer
     pub dx: DBuf,
-    pub dm: DBuf,
+    pub dm: GemmIn,
     /// the gradient of `gu`, same layout
     pub dgu: GemmIn,
     pub dh2: DBuf,
@@ -264,13 +265,13 @@ impl StepMemory {
                 x1: c.f32(n * dm)?,
                 h2: c.gemm_in(precision, n * dm)?,
                 rstd2: c.f32(n)?,
-                gu: c.f32(n * 2 * ff)?,
+                gu: c.gemm_in(precision, n * 2 * ff)?,
                 m: c.gemm_in(precision, n * ff)?,
             });
         }
         let bwd = BackwardMem {
             dx: c.f32(n * dm)?,
-            dm: c.f32(n * ff)?,
+            dm: c.gemm_in(precision, n * ff)?,
             dgu: c.gemm_in(precision, n * 2 * ff)?,
             dh2: c.f32(n * dm)?,
             dy: c.f32(n * qd)?,

@@ -144,8 +144,9 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let mlp = Self::mlp_index(li)?;
         let (dm, ff) = (m.cfg.hidden_size, m.cfg.intermediate_size);
         let (w_gu, _) = m.gate_up(l);
-        ops::linear_fwd(m.dev, c.h2.op(), w_gu, &c.gu, n, dm, 2 * ff)?;
-        ops::swiglu_fwd(m.dev, &c.gu, c.m.op(), n, ff)?;
+        // gu in the GEMMs' operand type too: SwiGLU reads it twice (forward and backward)
+        ops::linear_fwd_to(m.dev, c.h2.op(), w_gu, c.gu.op(), n, dm, 2 * ff)?;
+        ops::swiglu_fwd(m.dev, c.gu.op(), c.m.op(), n, ff)?;
         m.lin_fwd(c.m.op(), mlp.down, self.mem.layer_io(l).1, n, ff, dm)
     }
 
@@ -217,9 +218,9 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (dm, ff) = (m.cfg.hidden_size, m.cfg.intermediate_size);
         // the norms' backward wrote dx's bf16 copy beside it
         let dxa = m.shadowed(&b.dx, b.dx_b.as_ref());
-        m.lin_bwd_dx(dxa, mlp.down, &b.dm, n, ff, dm, false)?;
+        ops::linear_bwd_dx_to(m.dev, dxa, m.weight(mlp.down), b.dm.op(), n, ff, dm, false)?;
         m.lin_bwd_dw(c.m.op(), dxa, mlp.down, n, ff, dm)?;
-        ops::swiglu_bwd(m.dev, &c.gu, &b.dm, b.dgu.op(), n, ff)?;
+        ops::swiglu_bwd(m.dev, c.gu.op(), b.dm.op(), b.dgu.op(), n, ff)?;
         // the stacked gate/up GEMM's backward: dh2 = dgu·[Wg; Wu], d[Wg; Wu] += dguᵀ·h2
         let (w_gu, grad_gu) = m.gate_up(l);
         ops::linear_bwd_dx(m.dev, b.dgu.op(), w_gu, &b.dh2, n, dm, 2 * ff, false)?;

@@ -21,6 +21,9 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
 // kernels that produce a GEMM operand write it in the type the GEMM reads (no cast launch).
 __device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_as(bf16* p, float v) { *p = f32_to_bf16(v); }
+// An input in either type, widened to f32 (exact).
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const bf16* p) { return bf16_to_f32(*p); }
 
 __device__ __forceinline__ float sigmoidf(float z) { return 1.0f / (1.0f + __expf(-z)); }
 

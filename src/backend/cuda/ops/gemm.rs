@@ -165,8 +165,23 @@ pub fn linear_bwd_dx(
     dout: usize,
     accumulate: bool,
 ) -> Result<()> {
+    linear_bwd_dx_to(dev, dy, w, dx.into(), rows, din, dout, accumulate)
+}
+
+/// [`linear_bwd_dx`] with `dx` in f32 or, from bf16 operands, in bf16 ([`gemm_to`]).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_dx_to(
+    dev: &dyn Device,
+    dy: Operand,
+    w: Operand,
+    dx: Operand,
+    rows: usize,
+    din: usize,
+    dout: usize,
+    accumulate: bool,
+) -> Result<()> {
     let beta = if accumulate { 1.0 } else { 0.0 };
-    gemm(dev, (rows, din, dout), dy.at(dout, 1), w.at(din, 1), dx, din, 1.0, beta)
+    gemm_to(dev, (rows, din, dout), dy.at(dout, 1), w.at(din, 1), dx, din, 1.0, beta)
 }
 
 /// `dW += dyᵀ·x`

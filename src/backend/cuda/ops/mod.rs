@@ -26,7 +26,8 @@ pub use attention::{
 pub use cross_entropy::{cross_entropy, cross_entropy_to};
 pub use embedding::{embed_bwd, embed_bwd_index_len, embed_bwd_with, embed_fwd};
 pub use gemm::{
-    cast_to_bf16, gemm, gemm_to, linear_bwd_dw, linear_bwd_dx, linear_fwd, linear_fwd_to, DType, Operand, Strided,
+    cast_to_bf16, gemm, gemm_to, linear_bwd_dw, linear_bwd_dx, linear_bwd_dx_to, linear_fwd, linear_fwd_to, DType,
+    Operand, Strided,
 };
 pub use optim::{AdamStep, TableEntry, TensorTable};
 pub use reduce::{add, colsum, colsum_scratch_len, colsum_with, fill};
