@@ -4,60 +4,15 @@
 //! weight once; AdamW rewrites the copies after that).
 #![cfg(feature = "cuda")]
 
-use gated_lm::backend::cuda::runtime::{Arg, DBuf, Device, Launch, Strided};
+mod common;
+
+use common::recording::Recording;
+
 use gated_lm::config::{GateConfig, ModelConfig};
 use gated_lm::engine::device::{DeviceModel, Precision};
 use gated_lm::model::{shifted_targets, Model};
 use gated_lm::optim::AdamWConfig;
 use gated_lm::rng::Rng;
-use std::cell::RefCell;
-
-/// A device that records the name of every kernel it launches.
-struct Counting<'a> {
-    dev: &'a dyn Device,
-    launches: RefCell<Vec<String>>,
-}
-
-impl Counting<'_> {
-    /// Launches of each of `kernels` since the last call, and forget them all.
-    fn take<const N: usize>(&self, kernels: [&str; N]) -> [usize; N] {
-        let l = self.launches.take();
-        kernels.map(|k| l.iter().filter(|x| *x == k).count())
-    }
-}
-
-impl Device for Counting<'_> {
-    fn describe(&self) -> String {
-        self.dev.describe()
-    }
-    fn upload(&self, bytes: &[u8]) -> anyhow::Result<DBuf> {
-        self.dev.upload(bytes)
-    }
-    fn zeros(&self, bytes: usize) -> anyhow::Result<DBuf> {
-        self.dev.zeros(bytes)
-    }
-    fn download(&self, buf: &DBuf) -> anyhow::Result<Vec<u8>> {
-        self.dev.download(buf)
-    }
-    fn write(&self, buf: &mut DBuf, bytes: &[u8]) -> anyhow::Result<()> {
-        self.dev.write(buf, bytes)
-    }
-    fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> anyhow::Result<()> {
-        self.launches.borrow_mut().push(kernel.to_string());
-        self.dev.launch(kernel, cfg, args)
-    }
-    fn vendor_gemm(
-        &self,
-        mnk: (usize, usize, usize),
-        a: Strided,
-        b: Strided,
-        c: Strided,
-        alpha: f32,
-        beta: f32,
-    ) -> Option<anyhow::Result<()>> {
-        self.dev.vendor_gemm(mnk, a, b, c, alpha, beta)
-    }
-}
 
 /// Training steps (forward and backward, the update) and a forward-only loss in mixed
 /// precision launch no `cast_f32_bf16`: head_dim 32 (the f32 attention; before, per layer y,
@@ -69,10 +24,7 @@ impl Device for Counting<'_> {
 #[test]
 fn mixed_precision_steps_launch_no_cast() {
     let dev = gated_lm::backend::cuda::emu::Emu::open().unwrap();
-    let rec = Counting {
-        dev: &dev,
-        launches: RefCell::new(Vec::new()),
-    };
+    let rec = Recording::new(&dev);
     let gate = |s: &str| GateConfig::parse_spec(s).unwrap();
     // (vocab, d, layers, heads, kv heads, head_dim, ffn)
     let mut hd64_llama = ModelConfig::dense(256, 128, 1, 2, 2, 64, 128, None);
@@ -104,7 +56,7 @@ fn mixed_precision_steps_launch_no_cast() {
         assert_eq!(tc, hd >= 64, "{name}");
         // two head chunks: the cross-entropy runs twice per pass
         dm.set_head_chunk_rows(Some(48));
-        rec.take([]);
+        rec.take_each([]);
         let opt = AdamWConfig::default();
         for step in 1..=2 {
             dm.zero_grads().unwrap();
@@ -116,14 +68,18 @@ fn mixed_precision_steps_launch_no_cast() {
                 format!("attn_fwd_hd{hd}_bf16")
             };
             let rope = ["qknorm_rope_fwd", "qknorm_rope_fwd_bf16"];
-            let [casts, attn, rope_f32, rope_bf16] = rec.take(["cast_f32_bf16", &fwd, rope[0], rope[1]]);
+            let [casts, attn, rope_f32, rope_bf16] = rec.take_each(["cast_f32_bf16", &fwd, rope[0], rope[1]]);
             assert_eq!(casts, 0, "{name}: step {step} cast an activation");
             assert_eq!(attn, layers, "{name}: {fwd}");
             // the rotated q and k: bf16 for the tensor cores, f32 for the f32 attention
             let rope_launches = if tc { (0, 2 * layers) } else { (2 * layers, 0) };
             assert_eq!((rope_f32, rope_bf16), rope_launches, "{name}: QK-norm/RoPE forward");
             dm.loss(&ids, &tg, batch, seq).unwrap();
-            assert_eq!(rec.take(["cast_f32_bf16"]), [0], "{name}: a forward-only pass cast");
+            assert_eq!(
+                rec.take_each(["cast_f32_bf16"]),
+                [0],
+                "{name}: a forward-only pass cast"
+            );
         }
     }
 }

@@ -4,17 +4,17 @@
 //! Runs on the CPU emulator always and on a GPU when there is one.
 #![cfg(feature = "cuda")]
 
-use gated_lm::backend::cuda::runtime::{Arg, DBuf, Device, Launch, Strided};
+use gated_lm::backend::cuda::runtime::Device;
 use gated_lm::config::{GateConfig, ModelConfig, NormStyle};
 use gated_lm::engine::device::{DeviceModel, Precision};
 use gated_lm::model::observer::NoObserver;
 use gated_lm::model::{shifted_targets, Batch, Model};
 use gated_lm::optim::{clip_coef, grad_norm, AdamW, AdamWConfig};
 use gated_lm::rng::Rng;
-use std::cell::RefCell;
 
 mod common;
 use common::cuda_devices as devices;
+use common::recording::Recording;
 
 /// max |a − b| ≤ rel · max |b| over one tensor
 fn close(what: &str, got: &[f32], want: &[f32], rel: f32) {
@@ -144,78 +144,6 @@ fn device_training_step_matches_the_cpu_model() {
                 "{what}: a step on the batch lowers its loss ({loss} → {loss2})"
             );
         }
-    }
-}
-
-/// A device that records the name of every kernel it launches (which attention kernel ran).
-struct Recording<'a> {
-    dev: &'a dyn Device,
-    launches: RefCell<Vec<String>>,
-    /// device allocations (`zeros` and `upload` calls)
-    allocs: std::cell::Cell<usize>,
-    /// addresses of the uploaded buffers (a device model's parameters among them)
-    uploads: RefCell<Vec<u64>>,
-    /// the source address of every `cast_f32_bf16` launch
-    cast_sources: RefCell<Vec<u64>>,
-}
-
-impl<'a> Recording<'a> {
-    fn new(dev: &'a dyn Device) -> Self {
-        Recording {
-            dev,
-            launches: RefCell::new(Vec::new()),
-            allocs: std::cell::Cell::new(0),
-            uploads: RefCell::new(Vec::new()),
-            cast_sources: RefCell::new(Vec::new()),
-        }
-    }
-    /// Launches of `kernel` since the last call, and forget them all.
-    fn take(&self, kernel: &str) -> usize {
-        self.take_where(|k| k == kernel)
-    }
-    /// Launches whose kernel name `is` accepts since the last call, and forget them all.
-    fn take_where(&self, is: impl Fn(&str) -> bool) -> usize {
-        self.launches.take().iter().filter(|k| is(k)).count()
-    }
-}
-
-impl Device for Recording<'_> {
-    fn describe(&self) -> String {
-        self.dev.describe()
-    }
-    fn upload(&self, bytes: &[u8]) -> anyhow::Result<DBuf> {
-        self.allocs.set(self.allocs.get() + 1);
-        let b = self.dev.upload(bytes)?;
-        self.uploads.borrow_mut().push(b.ptr);
-        Ok(b)
-    }
-    fn zeros(&self, bytes: usize) -> anyhow::Result<DBuf> {
-        self.allocs.set(self.allocs.get() + 1);
-        self.dev.zeros(bytes)
-    }
-    fn download(&self, buf: &DBuf) -> anyhow::Result<Vec<u8>> {
-        self.dev.download(buf)
-    }
-    fn write(&self, buf: &mut DBuf, bytes: &[u8]) -> anyhow::Result<()> {
-        self.dev.write(buf, bytes)
-    }
-    fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> anyhow::Result<()> {
-        self.launches.borrow_mut().push(kernel.to_string());
-        if let ("cast_f32_bf16", Some(Arg::Ptr(src))) = (kernel, args.first()) {
-            self.cast_sources.borrow_mut().push(*src);
-        }
-        self.dev.launch(kernel, cfg, args)
-    }
-    fn vendor_gemm(
-        &self,
-        mnk: (usize, usize, usize),
-        a: Strided,
-        b: Strided,
-        c: Strided,
-        alpha: f32,
-        beta: f32,
-    ) -> Option<anyhow::Result<()>> {
-        self.dev.vendor_gemm(mnk, a, b, c, alpha, beta)
     }
 }
 

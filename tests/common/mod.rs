@@ -7,6 +7,9 @@ use gated_lm::model::observer::RouterLog;
 use gated_lm::model::{shifted_targets, Batch, Model};
 use gated_lm::rng::Rng;
 
+#[cfg(feature = "cuda")]
+pub mod recording;
+
 pub const B: usize = 2;
 pub const T: usize = 6;
 
