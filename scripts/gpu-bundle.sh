@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 rm -rf gpu-bin && mkdir gpu-bin
 cargo build --release --features cuda -q
 cp target/release/gated-lm gpu-bin/
-tests="cuda_kernels cuda_bf16 cuda_model"  # cuda_casts counts launches on the emulator: CI covers it
+tests="cuda_kernels cuda_bf16 cuda_model cuda_graph"  # cuda_casts counts launches on the emulator: CI covers it
 cargo test --release --features cuda $(printf -- '--test %s ' $tests) --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:

@@ -50,6 +50,11 @@ for gate in none elementwise headwise; do
   ratio=$(python3 -c "a,b=float('$ours'),float('$theirs'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')")
   printf "%-12s %14s %14s %8s\n" "$gate" "$ours" "$theirs" "$ratio"
 done
+# the same elementwise step with its kernels launched one by one instead of one CUDA graph
+t=$(within 60) && nograph=$(GATED_LM_CUDA_GRAPH=0 timeout "$t" "$bin" bench --device cuda --precision bf16 --preset "$preset" \
+  --gate elementwise --steps "$steps" --warmup 2 2>&1 |
+  sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan) &&
+  printf "%-12s %14s   (elementwise, no CUDA graph)\n" no-graph "$nograph"
 
 # GPU time per kernel over one training step (the README's predictions are per kernel)
 if command -v ncu >/dev/null; then
@@ -90,13 +95,13 @@ printf "%-12s %14s %14s %8s\n" 1p7b "$ours" "$theirs" "$ratio"
 echo "== GPU tests (ops and model against the CPU; the emulator's share runs in CI already)"
 export GATED_LM_SKIP_EMU=1
 if [ -n "${GATED_LM_BIN:-}" ]; then
-  for exe in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_bf16-* "$GATED_LM_BIN"/cuda_model-*; do
+  for exe in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_bf16-* "$GATED_LM_BIN"/cuda_model-* "$GATED_LM_BIN"/cuda_graph-*; do
     t=$(within 180) || break
     timeout "$t" "$exe" --nocapture 2>&1 | grep -vE "^\s*$" | tail -25
   done
 elif t=$(within 300); then
   timeout "$t" cargo test --release --features cuda --test cuda_kernels --test cuda_bf16 \
-    --test cuda_model -- --nocapture 2>&1 | tail -40
+    --test cuda_model --test cuda_graph -- --nocapture 2>&1 | tail -40
 fi
 
 echo "== done in ${SECONDS}s (budget ${budget}s)"

@@ -288,7 +288,8 @@ fn cross_entropy_writes_the_bf16_gradient() {
         let (grad, loss) = (up_f32(dev, &logits).unwrap(), nan_f32(dev, rows));
         ops::cross_entropy(dev, &grad, &targets, &loss, rows, vocab, scale).unwrap();
         let (lb, gb, loss_b) = (up_f32(dev, &logits).unwrap(), nan_bf16(dev, n), nan_f32(dev, rows));
-        ops::cross_entropy_to(dev, &lb, Some(&gb), &targets, &loss_b, rows, vocab, scale).unwrap();
+        let scale_b = up_f32(dev, &[scale]).unwrap();
+        ops::cross_entropy_to(dev, &lb, Some(&gb), &targets, &loss_b, rows, vocab, &scale_b).unwrap();
         rounds(&what("cross_entropy_fwd_bwd_bf16 gradient"), dev, &gb, &grad);
         assert_eq!(
             bits(dev, &loss_b),
@@ -593,9 +594,10 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     refused(e, "short rstd");
     // the cross-entropy's bf16 gradient: `rows × d` logits
     let t = gated_lm::backend::cuda::runtime::up_i32(dev, &[0; 3]).unwrap();
-    ops::cross_entropy_to(dev, &x, Some(&exact), &t, &r, rows, d, 1.0).unwrap();
+    let one = up_f32(dev, &[1.0]).unwrap();
+    ops::cross_entropy_to(dev, &x, Some(&exact), &t, &r, rows, d, &one).unwrap();
     refused(
-        ops::cross_entropy_to(dev, &x, Some(&short), &t, &r, rows, d, 1.0),
+        ops::cross_entropy_to(dev, &x, Some(&short), &t, &r, rows, d, &one),
         "short logits gradient",
     );
     // a GEMM's bf16 output: y [rows, d] = x [rows, 20]·W [d, 20]ᵀ

@@ -1,5 +1,6 @@
 //! A device wrapper for the CUDA tests that records what a device model asks of its device:
-//! kernel launches, allocations, uploads and the sources of bf16 casts.
+//! kernel launches, vendor GEMMs, allocations, uploads and the sources of bf16 casts. It does not
+//! capture graphs, so a device model on it launches every kernel of every step.
 
 use gated_lm::backend::cuda::runtime::{Arg, DBuf, Device, Launch, Strided};
 use std::cell::RefCell;
@@ -8,6 +9,8 @@ use std::cell::RefCell;
 pub struct Recording<'a> {
     pub dev: &'a dyn Device,
     pub launches: RefCell<Vec<String>>,
+    /// GEMMs the wrapped device ran through its vendor library (cuBLASLt on a GPU)
+    pub vendor_gemms: std::cell::Cell<usize>,
     /// device allocations (`zeros` and `upload` calls)
     pub allocs: std::cell::Cell<usize>,
     /// addresses of the uploaded buffers (a device model's parameters among them)
@@ -21,6 +24,7 @@ impl<'a> Recording<'a> {
         Recording {
             dev,
             launches: RefCell::new(Vec::new()),
+            vendor_gemms: std::cell::Cell::new(0),
             allocs: std::cell::Cell::new(0),
             uploads: RefCell::new(Vec::new()),
             cast_sources: RefCell::new(Vec::new()),
@@ -77,6 +81,8 @@ impl Device for Recording<'_> {
         alpha: f32,
         beta: f32,
     ) -> Option<anyhow::Result<()>> {
-        self.dev.vendor_gemm(mnk, a, b, c, alpha, beta)
+        let done = self.dev.vendor_gemm(mnk, a, b, c, alpha, beta);
+        self.vendor_gemms.set(self.vendor_gemms.get() + done.is_some() as usize);
+        done
     }
 }

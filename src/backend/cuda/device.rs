@@ -4,14 +4,15 @@
 use super::blas::{Blas, ColMajor};
 use super::compile_all;
 use super::ops::SOURCES;
-use super::runtime::{Arg, DBuf, Device, Launch, Strided};
+use super::runtime::{Arg, DBuf, Device, Graph, Launch, Strided};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
 };
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub struct Gpu {
     pub name: String,
@@ -24,15 +25,25 @@ pub struct Gpu {
     /// kernel.
     blas: Option<Blas>,
     pub use_blas: bool,
+    /// While capturing a graph: the launches and GEMMs recorded so far.
+    capturing: Cell<Option<usize>>,
 }
 
 /// GPU buffers: a cudarc allocation, mutably borrowed only by writes and cuBLASLt outputs.
 type Slice = RefCell<CudaSlice<u8>>;
 
-/// The stream every `Gpu` on device `ordinal` works on: the default stream of the device's
-/// primary context. NCCL joins it through this too, without compiling the kernels a second time.
-/// Errors say what is missing: the driver library or the device.
-pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+/// The stream every `Gpu` on device `ordinal` works on, one per device and process: kernels,
+/// cuBLASLt, copies and NCCL (which joins it through this, without compiling the kernels a
+/// second time) all run in its order. Not the legacy default stream, which cannot be captured
+/// into a CUDA graph. With all work on one stream, cudarc's cross-stream events are not needed
+/// (and an event recorded inside a capture would break it): tracking is off. Errors say what is
+/// missing: the driver library or the device.
+pub fn device_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    static STREAMS: Mutex<Vec<(usize, Arc<CudaStream>)>> = Mutex::new(Vec::new());
+    let mut streams = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, s)) = streams.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(s.clone());
+    }
     // SAFETY: only tries to dlopen the candidate library names
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         bail!("the CUDA driver (libcuda.so) was not found: no NVIDIA driver on this machine");
@@ -42,14 +53,20 @@ pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
         bail!("no CUDA device {ordinal} ({count} found)");
     }
     let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open CUDA device {ordinal}: {e:?}"))?;
-    Ok(ctx.default_stream())
+    // SAFETY: every use of every buffer is ordered by the one stream below
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx
+        .new_stream()
+        .map_err(|e| anyhow!("creating a stream on CUDA device {ordinal}: {e:?}"))?;
+    streams.push((ordinal, stream.clone()));
+    Ok(stream)
 }
 
 impl Gpu {
     /// Device `ordinal`, kernels compiled for its architecture. Errors say what is missing: the
     /// driver library, a device, or NVRTC.
     pub fn open(ordinal: usize) -> Result<Gpu> {
-        let stream = default_stream(ordinal)?;
+        let stream = device_stream(ordinal)?;
         let ctx = stream.context().clone();
         let (major, minor) = ctx
             .compute_capability()
@@ -93,7 +110,27 @@ impl Gpu {
             functions,
             use_blas: blas.is_some(),
             blas,
+            capturing: Cell::new(None),
         })
+    }
+
+    /// Copies, allocations and downloads cannot be part of a graph: refused while capturing
+    /// (CUDA would invalidate the capture with a less telling error).
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capturing.get().is_some() {
+            bail!(
+                "{what} on {} while capturing a graph: a captured step may only launch kernels",
+                self.name
+            );
+        }
+        Ok(())
+    }
+
+    /// Count a launch or GEMM into the graph being captured.
+    fn recorded(&self) {
+        if let Some(n) = self.capturing.get() {
+            self.capturing.set(Some(n + 1));
+        }
     }
 
     fn func(&self, entry: &str) -> Result<&CudaFunction> {
@@ -112,6 +149,7 @@ impl Device for Gpu {
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<DBuf> {
+        self.not_capturing("upload")?;
         let s = self
             .stream
             .clone_htod(bytes)
@@ -120,6 +158,7 @@ impl Device for Gpu {
     }
 
     fn zeros(&self, bytes: usize) -> Result<DBuf> {
+        self.not_capturing("zeros")?;
         let s = self
             .stream
             .alloc_zeros::<u8>(bytes.max(1))
@@ -128,6 +167,7 @@ impl Device for Gpu {
     }
 
     fn download(&self, buf: &DBuf) -> Result<Vec<u8>> {
+        self.not_capturing("download")?;
         let s = slice(buf)?.borrow();
         let mut v = self
             .stream
@@ -138,6 +178,7 @@ impl Device for Gpu {
     }
 
     fn write(&self, buf: &mut DBuf, bytes: &[u8]) -> Result<()> {
+        self.not_capturing("write")?;
         if bytes.len() > buf.bytes {
             bail!("writing {} bytes into a buffer of {}", bytes.len(), buf.bytes);
         }
@@ -192,6 +233,7 @@ impl Device for Gpu {
             alpha,
             beta,
         };
+        self.recorded();
         // SAFETY: ops::gemm checked that the strided spans fit in their buffers
         Some(unsafe { blas.matmul(&g) }.with_context(|| format!("GEMM {m}×{n}×{k} on {}", self.name)))
     }
@@ -215,7 +257,43 @@ impl Device for Gpu {
         // SAFETY: the ops in `ops` pass arguments matching each kernel's signature; the emulator
         // checks the same calls' counts and widths in CI
         unsafe { b.launch(lc) }.map_err(|e| anyhow!("{kernel} on {}: {e:?}", self.name))?;
+        self.recorded();
         Ok(())
+    }
+
+    fn capture(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<Option<Graph>> {
+        if self.capturing.get().is_some() {
+            bail!("a graph capture inside another on {}", self.name);
+        }
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        let begun = self.stream.begin_capture(mode);
+        begun.map_err(|e| anyhow!("starting a graph capture on {}: {e:?}", self.name))?;
+        self.capturing.set(Some(0));
+        let done = body();
+        let launches = self.capturing.take().unwrap_or(0);
+        // the capture ends whatever the body did, or the stream stays in capture mode
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        done?;
+        let graph: CudaGraph = graph
+            .map_err(|e| anyhow!("ending a graph capture on {}: {e:?}", self.name))?
+            .with_context(|| format!("an empty graph captured on {}", self.name))?;
+        graph
+            .upload()
+            .map_err(|e| anyhow!("uploading a graph to {}: {e:?}", self.name))?;
+        Ok(Some(Graph {
+            launches,
+            _keep: Box::new(graph),
+        }))
+    }
+
+    fn replay(&self, graph: &Graph) -> Result<()> {
+        self.not_capturing("replay")?;
+        let g = graph
+            ._keep
+            .downcast_ref::<CudaGraph>()
+            .with_context(|| format!("replaying a graph not captured on {}", self.name))?;
+        g.launch()
+            .map_err(|e| anyhow!("replaying a graph on {}: {e:?}", self.name))
     }
 }
 

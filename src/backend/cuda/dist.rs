@@ -142,7 +142,7 @@ impl Nccl {
     /// the unique id and publishes it atomically at `id_file`; the others wait up to `wait` for it.
     pub fn init(env: &DistEnv, wait: std::time::Duration) -> Result<Nccl> {
         use cudarc::nccl::{result, sys};
-        let stream = super::device::default_stream(env.local_rank)?;
+        let stream = super::device::device_stream(env.local_rank)?;
         // SAFETY: only tries to dlopen the candidate library names
         if !unsafe { sys::is_culib_present() } {
             bail!(

@@ -5,7 +5,7 @@
 //! it does and does not model).
 
 use super::ops::{COMMON, SOURCES};
-use super::runtime::{Arg, DBuf, Device, Launch};
+use super::runtime::{Arg, DBuf, Device, Graph, Launch};
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::hash::{Hash, Hasher};
@@ -29,6 +29,15 @@ pub struct Emu {
     launch: LaunchFn,
     error: ErrorFn,
     lib: PathBuf,
+    /// While capturing a graph: the launches recorded so far (nothing runs).
+    recording: Mutex<Option<Vec<Recorded>>>,
+}
+
+/// One launch of a captured graph, as given.
+struct Recorded {
+    kernel: String,
+    cfg: Launch,
+    args: Vec<Arg>,
 }
 
 // The emulator's state is global in the library: one launch at a time, process-wide.
@@ -150,7 +159,12 @@ impl Emu {
             };
             let launch: LaunchFn = std::mem::transmute(sym(c"emu_launch")?);
             let error: ErrorFn = std::mem::transmute(sym(c"emu_error")?);
-            Ok(Emu { launch, error, lib })
+            Ok(Emu {
+                launch,
+                error,
+                lib,
+                recording: Mutex::new(None),
+            })
         }
     }
 }
@@ -161,6 +175,7 @@ impl Device for Emu {
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<DBuf> {
+        self.not_capturing("upload")?;
         let b = self.zeros(bytes.len())?;
         // SAFETY: the buffer has at least bytes.len() bytes
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), b.ptr as *mut u8, bytes.len()) };
@@ -168,6 +183,7 @@ impl Device for Emu {
     }
 
     fn zeros(&self, bytes: usize) -> Result<DBuf> {
+        self.not_capturing("zeros")?;
         // u128: 16-byte aligned like cudaMalloc's (at least) 256
         let v = vec![0u128; bytes.div_ceil(16).max(1)];
         Ok(DBuf {
@@ -178,11 +194,13 @@ impl Device for Emu {
     }
 
     fn download(&self, buf: &DBuf) -> Result<Vec<u8>> {
+        self.not_capturing("download")?;
         // SAFETY: buf owns `bytes` bytes at ptr
         Ok(unsafe { std::slice::from_raw_parts(buf.ptr as *const u8, buf.bytes) }.to_vec())
     }
 
     fn write(&self, buf: &mut DBuf, bytes: &[u8]) -> Result<()> {
+        self.not_capturing("write")?;
         if bytes.len() > buf.bytes {
             bail!("writing {} bytes into a buffer of {}", bytes.len(), buf.bytes);
         }
@@ -192,6 +210,52 @@ impl Device for Emu {
     }
 
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
+        if let Some(rec) = self.recording().as_mut() {
+            let (kernel, args) = (kernel.to_string(), args.to_vec());
+            rec.push(Recorded { kernel, cfg, args });
+            return Ok(());
+        }
+        self.run(kernel, cfg, args)
+    }
+
+    fn capture(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<Option<Graph>> {
+        if self.recording().replace(Vec::new()).is_some() {
+            bail!("a graph capture inside another");
+        }
+        let done = body();
+        let launches = self.recording().take().unwrap_or_default();
+        done?;
+        Ok(Some(Graph {
+            launches: launches.len(),
+            _keep: Box::new(launches),
+        }))
+    }
+
+    fn replay(&self, graph: &Graph) -> Result<()> {
+        self.not_capturing("replay")?;
+        let launches = graph
+            ._keep
+            .downcast_ref::<Vec<Recorded>>()
+            .context("replaying a graph the emulator did not capture")?;
+        launches.iter().try_for_each(|l| self.run(&l.kernel, l.cfg, &l.args))
+    }
+}
+
+impl Emu {
+    fn recording(&self) -> std::sync::MutexGuard<'_, Option<Vec<Recorded>>> {
+        self.recording.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Copies, allocations and downloads cannot be part of a graph: refused while capturing,
+    /// as a CUDA stream capture would.
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.recording().is_some() {
+            bail!("{what} on the emulator while capturing a graph: a captured step may only launch kernels");
+        }
+        Ok(())
+    }
+
+    fn run(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
         let vals: Vec<[u8; 8]> = args
             .iter()
             .map(|a| {

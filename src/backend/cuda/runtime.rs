@@ -53,6 +53,15 @@ impl DBuf {
     }
 }
 
+/// A captured sequence of launches (a CUDA graph on a GPU), replayed as one by
+/// [`Device::replay`]: the same kernels with the same arguments, reading whatever the buffers
+/// hold at replay time.
+pub struct Graph {
+    /// Launches recorded (kernels and vendor GEMMs): what one replay runs.
+    pub launches: usize,
+    pub(crate) _keep: Box<dyn Any>,
+}
+
 /// Grid and block dimensions and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug)]
 pub struct Launch {
@@ -122,6 +131,17 @@ pub trait Device {
         _beta: f32,
     ) -> Option<Result<()>> {
         None
+    }
+    /// Record the launches `body` makes into a [`Graph`] instead of running them. Inside, only
+    /// launches and vendor GEMMs are allowed (a copy, allocation or download fails, as it would
+    /// break a CUDA stream capture), so the body's inputs must already be on the device.
+    /// `Ok(None)`: this device does not capture, and `body` did not run.
+    fn capture(&self, _body: &mut dyn FnMut() -> Result<()>) -> Result<Option<Graph>> {
+        Ok(None)
+    }
+    /// Run the launches of a graph this device captured, in order, on its stream.
+    fn replay(&self, _graph: &Graph) -> Result<()> {
+        bail!("{} does not replay graphs", self.describe())
     }
 }
 

@@ -8,9 +8,10 @@
 
 use super::Precision;
 use crate::backend::cuda::ops::{self, AttnScratch, DType, Operand};
-use crate::backend::cuda::runtime::{DBuf, Device};
+use crate::backend::cuda::runtime::{DBuf, Device, Graph};
 use crate::config::ModelConfig;
-use anyhow::Result;
+use crate::model::ops::cross_entropy::IGNORE;
+use anyhow::{bail, Result};
 use std::rc::Rc;
 
 /// Buffers start on 256-byte boundaries (cuBLASLt and the vectorised kernels want 16).
@@ -143,8 +144,6 @@ pub(super) struct BackwardMem {
     /// column sum's partials
     pub norm_rows: DBuf,
     pub colsum_part: DBuf,
-    /// embedding backward's index (ids grouped on the host)
-    pub embed_index: DBuf,
     /// the residual gradient's bf16 copy for the GEMMs, written beside it by the norms' backward
     pub dx_b: Option<DBuf>,
 }
@@ -176,8 +175,18 @@ pub(super) struct StepMemory {
     pub precision: Precision,
     /// rows per LM-head chunk
     pub head_rows: usize,
+    /// The batch's inputs, written by one host copy before the step's launches
+    /// ([`Self::stage`]) at offsets fixed by the shape, so that a captured step reads each
+    /// batch's values: its ids, targets (< 0: none), the loss scale (f32: 1 / the target
+    /// count) and the embedding backward's index ([`ops::embed_bwd_index`]).
+    pub inputs: DBuf,
     pub ids: DBuf,
-    pub targets: DBuf,
+    pub scale: DBuf,
+    pub embed_index: DBuf,
+    /// The step's launches captured once per pass (forward only, forward and backward) after
+    /// a first eager run, and replayed by later steps of this shape.
+    pub graphs: [Option<Graph>; 2],
+    pub ran_eagerly: [bool; 2],
     pub layers: Vec<LayerMem>,
     /// the last layer's output
     pub x_last: DBuf,
@@ -288,10 +297,13 @@ impl StepMemory {
             },
             norm_rows: c.f32(n * dm.max(qd))?,
             colsum_part: c.f32(ops::colsum_scratch_len(n, dm).max(ops::colsum_scratch_len(n * heads, cfg.head_dim)))?,
-            embed_index: c.i32(ops::embed_bwd_index_len(n))?,
             dx_b: c.shadow(precision, n * dm)?,
         };
-        let (ids, targets, x_last) = (c.i32(n)?, c.i32(n)?, c.f32(n * dm)?);
+        let inputs = c.i32(2 * n + 1 + ops::embed_bwd_index_len(n))?;
+        let (ids, targets) = (c.part(&inputs, 0, 4 * n)?, c.part(&inputs, 4 * n, 4 * n)?);
+        let scale = c.part(&inputs, 8 * n, 4)?;
+        let embed_index = c.part(&inputs, 8 * n + 4, 4 * ops::embed_bwd_index_len(n))?;
+        let x_last = c.f32(n * dm)?;
         let (hf, rstd_f) = (c.gemm_in(precision, n * dm)?, c.f32(n)?);
         let (loss_rows, dhf) = (c.f32(n)?, c.f32(n * dm)?);
         let mut head_chunks = Vec::new();
@@ -310,8 +322,12 @@ impl StepMemory {
             seq,
             precision,
             head_rows,
+            inputs,
             ids,
-            targets,
+            scale,
+            embed_index,
+            graphs: [None, None],
+            ran_eagerly: [false; 2],
             layers,
             x_last,
             hf,
@@ -324,6 +340,38 @@ impl StepMemory {
             bwd,
             bytes: 0,
         })
+    }
+
+    /// Write a batch's ids and targets (`IGNORE`: none), the loss scale and, for a backward
+    /// step, the embedding backward's index into [`Self::inputs`] with one host copy. Returns
+    /// the number of targets.
+    pub fn stage(
+        &mut self,
+        dev: &dyn Device,
+        ids: &[u32],
+        targets: &[u32],
+        backward: bool,
+        vocab: usize,
+    ) -> Result<usize> {
+        let n = self.batch * self.seq;
+        if ids.len() != n || targets.len() != n {
+            bail!(
+                "{} ids and {} targets for a step of {n} tokens",
+                ids.len(),
+                targets.len()
+            );
+        }
+        let mut words: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        words.extend(targets.iter().map(|&t| if t == IGNORE { -1 } else { t as i32 }));
+        let count = words[n..].iter().filter(|&&t| t >= 0).count();
+        let scale = if count > 0 { 1.0 / count as f32 } else { 0.0 };
+        words.push(scale.to_bits() as i32);
+        if backward {
+            words.extend(ops::embed_bwd_index(ids, vocab)?);
+        }
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        dev.write(&mut self.inputs, &bytes)?;
+        Ok(count)
     }
 
     /// The input of layer `i` (the embedding output for layer 0), and where layer `i` writes

@@ -16,13 +16,13 @@ use crate::backend::cuda::runtime::{down_f32, up_f32, write_f32, DBuf, Device};
 use crate::config::{GateGranularity, ModelConfig, NormStyle};
 use crate::model::graph;
 use crate::model::observer::RouterLog;
-use crate::model::ops::cross_entropy::IGNORE;
 use crate::model::ops::rope::RopeTable;
 use crate::model::params::{ParamIndex, ParamKind, ParamSpec, ParamStore};
 use crate::model::{Batch, Model};
 use crate::optim::{bias_correction, clip_coef, AdamW, AdamWConfig};
 use anyhow::{bail, Result};
 use memory::{head_chunk_rows, StepMemory};
+use std::cell::Cell;
 
 mod memory;
 mod step;
@@ -54,6 +54,9 @@ pub struct DeviceModel<'d> {
     mem: Option<StepMemory>,
     /// Rows per LM-head chunk when set (tests); else from the chunk's memory budget.
     head_rows: Option<usize>,
+    /// Whether steps are captured into graphs and replayed ([`Self::set_graphs`]; off with
+    /// `GATED_LM_CUDA_GRAPH=0`, and after a capture failed).
+    graphs: Cell<bool>,
 }
 
 /// Arithmetic of the device model: f32 throughout, or mixed precision (f32 master weights,
@@ -140,6 +143,7 @@ impl<'d> DeviceModel<'d> {
             grad_all,
             mem: None,
             head_rows: None,
+            graphs: Cell::new(std::env::var("GATED_LM_CUDA_GRAPH").map_or(true, |v| v != "0")),
         })
     }
 
@@ -222,26 +226,62 @@ impl<'d> DeviceModel<'d> {
     }
 
     fn run_in(&self, mem: &mut StepMemory, ids: &[u32], targets: &[u32], backward: bool) -> Result<f64> {
-        let dev = self.dev;
-        let i32_bytes = |v: &mut dyn Iterator<Item = i32>| -> Vec<u8> { v.flat_map(|x| x.to_ne_bytes()).collect() };
-        dev.write(&mut mem.ids, &i32_bytes(&mut ids.iter().map(|&i| i as i32)))?;
-        let t32 = || targets.iter().map(|&t| if t == IGNORE { -1 } else { t as i32 });
-        let count = t32().filter(|&t| t >= 0).count();
-        dev.write(&mut mem.targets, &i32_bytes(&mut t32()))?;
-        let scale = if count > 0 { 1.0 / count as f32 } else { 0.0 };
-        let mut st = step::DeviceStep {
-            m: self,
-            mem: &mut *mem,
-            ids,
-            scale,
-        };
-        graph::step(&mut st, self.index.layers.len(), backward)?;
-        let losses = down_f32(dev, &mem.loss_rows)?;
+        let count = mem.stage(self.dev, ids, targets, backward, self.cfg.vocab_size)?;
+        self.launch_step(mem, backward)?;
+        let losses = down_f32(self.dev, &mem.loss_rows)?;
         Ok(if count > 0 {
             losses.iter().map(|&l| l as f64).sum::<f64>() / count as f64
         } else {
             0.0
         })
+    }
+
+    /// The step's launches: eager the first time a shape runs (so that lazy initialisation,
+    /// such as module loading or cuBLASLt's heuristics, happens outside a capture), captured
+    /// into a graph the second time and replayed from then on (one launch per step instead of
+    /// hundreds). Eager throughout on a device that does not capture, with graphs off, or
+    /// after a capture failed (said once on stderr).
+    fn launch_step(&self, mem: &mut StepMemory, backward: bool) -> Result<()> {
+        let (layers, pass) = (self.index.layers.len(), backward as usize);
+        if let Some(g) = &mem.graphs[pass] {
+            return self.dev.replay(g);
+        }
+        let eager = |mem: &mut StepMemory| graph::step(&mut step::DeviceStep { m: self, mem }, layers, backward);
+        if !self.graphs.get() || !mem.ran_eagerly[pass] {
+            mem.ran_eagerly[pass] = true;
+            return eager(mem);
+        }
+        match self.dev.capture(&mut || eager(mem)) {
+            Ok(Some(g)) => {
+                self.dev.replay(&g)?;
+                mem.graphs[pass] = Some(g);
+                Ok(())
+            }
+            Ok(None) => {
+                self.graphs.set(false);
+                eager(mem)
+            }
+            Err(e) => {
+                eprintln!(
+                    "warning: capturing the step into a graph failed on {}: {e:#}; steps launch their kernels one by one",
+                    self.dev.describe()
+                );
+                self.graphs.set(false);
+                eager(mem)
+            }
+        }
+    }
+
+    /// Capture each step shape's launches into a graph and replay it (default, unless
+    /// `GATED_LM_CUDA_GRAPH=0`), or launch them one by one.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs.set(on);
+    }
+
+    /// Launches in the captured graph of the current shape's training step (forward and
+    /// backward), if one was captured.
+    pub fn step_graph_launches(&self) -> Option<usize> {
+        self.mem.as_ref()?.graphs[1].as_ref().map(|g| g.launches)
     }
 
     /// Whether the attention runs on tensor cores ([`ops::attention_forward_tc`],

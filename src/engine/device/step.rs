@@ -10,14 +10,12 @@ use crate::model::graph::DecoderOps;
 use crate::model::params::{FfnIndex, LayerIndex, SwigluIndex};
 use anyhow::{bail, Result};
 
-/// One step on the device: the model, its step memory and the batch's ids (the embedding
-/// backward groups them on the host).
+/// One step on the device: the model and its step memory, the batch's inputs already staged
+/// there ([`StepMemory::stage`]). Its ops only launch kernels and GEMMs (no copy, allocation or
+/// host value that depends on the batch), so the step can be captured into a graph.
 pub(super) struct DeviceStep<'s, 'd> {
     pub m: &'s DeviceModel<'d>,
     pub mem: &'s mut StepMemory,
-    pub ids: &'s [u32],
-    /// 1 / (targets in the batch): the loss is their mean
-    pub scale: f32,
 }
 
 impl DeviceStep<'_, '_> {
@@ -183,7 +181,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
                 loss_rows,
                 rows,
                 vocab,
-                self.scale,
+                &mem.scale,
             )?;
             if backward {
                 let dla = m.shadowed(&mem.logits, dl_b);
@@ -308,8 +306,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
     }
 
     fn embed_bwd(&mut self) -> Result<()> {
-        let (m, b) = (self.m, &mut self.mem.bwd);
+        let (m, mem) = (self.m, &*self.mem);
         let (grad, dm) = (&m.grads[m.index.embed], m.cfg.hidden_size);
-        ops::embed_bwd_with(m.dev, self.ids, &b.dx, grad, dm, &mut b.embed_index)
+        ops::embed_bwd_with(m.dev, &mem.embed_index, self.rows(), &mem.bwd.dx, grad, dm)
     }
 }

@@ -6,10 +6,12 @@
 // (softmax − onehot) into `grad`, so full-vocabulary logits are touched twice, not four times.
 // target < 0: no loss, zero gradient. `grad` is the logits themselves (f32, in place) or, for
 // the head's bf16 GEMMs, a bf16 buffer (the logits are then left as they are): an element is
-// read before its gradient is written, by the same thread.
+// read before its gradient is written, by the same thread. `scale` (1 / the batch's target
+// count) is read from device memory, so a captured launch serves every batch.
 template <class T>
 __device__ void cross_entropy_impl(const float* logits, T* grad, const int* targets, float* loss, int vocab,
-                                   float scale) {
+                                   const float* scale_at) {
+    const float scale = *scale_at;
     __shared__ float shared[32];
     const float* row = logits + (long)blockIdx.x * vocab;
     T* grow = grad + (long)blockIdx.x * vocab;
@@ -30,11 +32,11 @@ __device__ void cross_entropy_impl(const float* logits, T* grad, const int* targ
 }
 
 extern "C" __global__ void cross_entropy_fwd_bwd(float* logits, const int* targets, float* loss, int vocab,
-                                                 float scale) {
+                                                 const float* scale) {
     cross_entropy_impl(logits, logits, targets, loss, vocab, scale);
 }
 
 extern "C" __global__ void cross_entropy_fwd_bwd_bf16(const float* logits, bf16* grad, const int* targets,
-                                                      float* loss, int vocab, float scale) {
+                                                      float* loss, int vocab, const float* scale) {
     cross_entropy_impl(logits, grad, targets, loss, vocab, scale);
 }

@@ -12,7 +12,8 @@ pub const SOURCE: KernelSource = KernelSource {
 };
 
 /// Cross-entropy of `rows` rows of `vocab` logits against i32 `targets` (< 0: ignored): per-row
-/// `loss`, and the logits replaced by their gradient times `scale`.
+/// `loss`, and the logits replaced by their gradient times `scale`. (Uploads `scale`: for tests
+/// and one-off use; a step passes it in device memory to [`cross_entropy_to`].)
 pub fn cross_entropy(
     dev: &dyn Device,
     logits: &DBuf,
@@ -22,11 +23,13 @@ pub fn cross_entropy(
     vocab: usize,
     scale: f32,
 ) -> Result<()> {
-    cross_entropy_to(dev, logits, None, targets, loss, rows, vocab, scale)
+    let scale = dev.upload(&scale.to_ne_bytes())?;
+    cross_entropy_to(dev, logits, None, targets, loss, rows, vocab, &scale)
 }
 
 /// [`cross_entropy`] with the gradient written as bf16 into `grad_bf16` (the LM head's
-/// backward GEMMs read it so; the logits are left as they are), or with `None` in place.
+/// backward GEMMs read it so; the logits are left as they are), or with `None` in place; the
+/// f32 `scale` is read from device memory.
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_to(
     dev: &dyn Device,
@@ -36,12 +39,13 @@ pub fn cross_entropy_to(
     loss: &DBuf,
     rows: usize,
     vocab: usize,
-    scale: f32,
+    scale: &DBuf,
 ) -> Result<()> {
     f32s("cross_entropy", &[logits], rows * vocab)?;
+    f32s("cross_entropy (scale)", &[scale], 1)?;
     need("cross_entropy", targets, rows, 4)?;
     f32s("cross_entropy", &[loss], rows)?;
-    let tail = [targets.arg(), loss.arg(), Arg::I32(vocab as i32), Arg::F32(scale)];
+    let tail = [targets.arg(), loss.arg(), Arg::I32(vocab as i32), scale.arg()];
     let cfg = Launch::linear(rows, THREADS);
     match grad_bf16 {
         None => {

@@ -8,11 +8,16 @@ extern "C" __global__ void embed_fwd(const int* ids, const float* table, float* 
 }
 
 // dtable[id] += Σ dout[r] over the rows r holding id, deterministically without atomics: the
-// host groups rows by id (CSR: uniq[u] and its rows order[start[u]..start[u+1]] in row order);
-// block u sums its id's rows column by column in that order.
-extern "C" __global__ void embed_bwd(const int* uniq, const int* start, const int* order, const float* dout,
-                                     float* dtable, int d) {
+// host groups rows by id (ops/embedding.rs, embed_bwd_index: the count of distinct ids, the rows
+// in id order, each id's first position in that order, the ids); block u sums its id's rows
+// column by column in that order. The grid does not depend on the batch (a captured launch
+// serves every step): blocks past the count return.
+extern "C" __global__ void embed_bwd(const int* index, const float* dout, float* dtable, int rows, int d) {
     const int u = blockIdx.x;
+    if (u >= index[0]) return;
+    const int* order = index + 1;
+    const int* start = order + rows;
+    const int* uniq = start + rows + 1;
     const int s0 = start[u], s1 = start[u + 1];
     float* row = dtable + (long)uniq[u] * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {

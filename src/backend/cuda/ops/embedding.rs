@@ -3,7 +3,7 @@
 
 use super::{elems, f32s, need, KernelSource};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 pub const SOURCE: KernelSource = KernelSource {
     name: "embedding",
@@ -26,60 +26,63 @@ pub fn embed_fwd(dev: &dyn Device, ids: &DBuf, table: &DBuf, out: &DBuf, rows: u
 }
 
 /// `dtable[ids[r]] += dout[r]`, summed per id in row order (deterministic): the rows are
-/// grouped by id here on the host, one block per distinct id on the device.
+/// grouped by id here on the host ([`embed_bwd_index`]), one block per distinct id on the device.
 pub fn embed_bwd(dev: &dyn Device, ids: &[u32], dout: &DBuf, dtable: &DBuf, d: usize) -> Result<()> {
-    let mut idx = dev.zeros(embed_bwd_index_len(ids.len()) * 4)?;
-    embed_bwd_with(dev, ids, dout, dtable, d, &mut idx)
+    let index = embed_bwd_index(ids, dtable.bytes / (4 * d.max(1)))?;
+    let bytes: Vec<u8> = index.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    embed_bwd_with(dev, &dev.upload(&bytes)?, ids.len(), dout, dtable, d)
 }
 
-/// i32 elements of [`embed_bwd_with`]'s index buffer for `rows` ids.
+/// i32 elements of [`embed_bwd_index`]'s index for `rows` ids.
 pub fn embed_bwd_index_len(rows: usize) -> usize {
-    3 * rows + 1
+    3 * rows + 2
 }
 
-/// [`embed_bwd`] with its index buffer (distinct ids, their first rows, the rows by id) given:
-/// written by one host-to-device copy, nothing allocated.
-pub fn embed_bwd_with(
-    dev: &dyn Device,
-    ids: &[u32],
-    dout: &DBuf,
-    dtable: &DBuf,
-    d: usize,
-    idx: &mut DBuf,
-) -> Result<()> {
+/// The embedding backward's index of `ids`, at offsets that depend only on `rows` (so a
+/// captured launch reads any batch's index): the number of distinct ids; the rows ordered by
+/// id (stable: rows of one id stay in order) (`rows` slots); each distinct id's first position
+/// in that order, then the end (`rows + 1` slots); the distinct ids (`rows` slots). Unused
+/// slots are zero. An id beyond the table's `table_rows` rows is an error.
+pub fn embed_bwd_index(ids: &[u32], table_rows: usize) -> Result<Vec<i32>> {
     let rows = ids.len();
-    f32s("embed_bwd", &[dout], rows * d)?;
-    need("embed_bwd (index)", idx, embed_bwd_index_len(rows), 4)?;
-    let mut order: Vec<i32> = (0..rows as i32).collect();
-    order.sort_by_key(|&r| ids[r as usize]); // stable: rows of one id stay in order
-    let (mut uniq, mut start) = (Vec::new(), Vec::new());
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= table_rows) {
+        bail!("embed_bwd: id {bad} beyond the table's {table_rows} rows");
+    }
+    let mut index = vec![0i32; embed_bwd_index_len(rows)];
+    let (count, rest) = index.split_at_mut(1);
+    let (order, rest) = rest.split_at_mut(rows);
+    let (start, uniq) = rest.split_at_mut(rows + 1);
+    for (r, o) in order.iter_mut().enumerate() {
+        *o = r as i32;
+    }
+    order.sort_by_key(|&r| ids[r as usize]);
+    let mut distinct = 0;
     for (i, &r) in order.iter().enumerate() {
         let id = ids[r as usize] as i32;
-        if uniq.last() != Some(&id) {
-            uniq.push(id);
-            start.push(i as i32);
+        if distinct == 0 || uniq[distinct - 1] != id {
+            uniq[distinct] = id;
+            start[distinct] = i as i32;
+            distinct += 1;
         }
     }
-    start.push(rows as i32);
-    if let Some(&max) = uniq.last() {
-        f32s("embed_bwd (table)", &[dtable], (max as usize + 1) * d)?;
-    }
-    // one copy: order (rows), then start (distinct ids + 1), then uniq (distinct ids)
-    let bytes: Vec<u8> = order
-        .iter()
-        .chain(&start)
-        .chain(&uniq)
-        .flat_map(|v| v.to_ne_bytes())
-        .collect();
-    dev.write(idx, &bytes)?;
-    let at = |i: usize| Arg::Ptr(idx.ptr + 4 * i as u64);
+    start[distinct] = rows as i32;
+    count[0] = distinct as i32;
+    Ok(index)
+}
+
+/// [`embed_bwd`] from an index already on the device ([`embed_bwd_index`] of `rows` ids),
+/// nothing allocated or copied: the grid is fixed by `rows` and the table (blocks past the
+/// index's count of distinct ids return at once), so the launch does not depend on the batch.
+pub fn embed_bwd_with(dev: &dyn Device, index: &DBuf, rows: usize, dout: &DBuf, dtable: &DBuf, d: usize) -> Result<()> {
+    f32s("embed_bwd", &[dout], rows * d)?;
+    need("embed_bwd (index)", index, embed_bwd_index_len(rows), 4)?;
+    let table_rows = dtable.bytes / (4 * d.max(1));
     let args = [
-        at(rows + start.len()),
-        at(rows),
-        at(0),
+        index.arg(),
         dout.arg(),
         dtable.arg(),
+        Arg::I32(rows as i32),
         Arg::I32(d as i32),
     ];
-    dev.launch("embed_bwd", Launch::linear(uniq.len(), 128), &args)
+    dev.launch("embed_bwd", Launch::linear(rows.min(table_rows), 128), &args)
 }

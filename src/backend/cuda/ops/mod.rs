@@ -24,7 +24,7 @@ pub use attention::{
     AttnScratch, FusedGate, ATTN_HEAD_DIMS, ATTN_TC_HEAD_DIMS,
 };
 pub use cross_entropy::{cross_entropy, cross_entropy_to};
-pub use embedding::{embed_bwd, embed_bwd_index_len, embed_bwd_with, embed_fwd};
+pub use embedding::{embed_bwd, embed_bwd_index, embed_bwd_index_len, embed_bwd_with, embed_fwd};
 pub use gemm::{
     cast_to_bf16, gemm, gemm_to, linear_bwd_dw, linear_bwd_dx, linear_bwd_dx_to, linear_fwd, linear_fwd_to, DType,
     Operand, Strided,
