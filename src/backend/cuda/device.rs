@@ -85,9 +85,10 @@ impl Gpu {
                 functions.insert(entry, f);
             }
         }
-        // every step allocates its activations anew (stream-ordered); keep freed memory in the
-        // pool instead of returning it to the driver at each synchronisation (as torch's
-        // caching allocator does). Without async allocation support this is moot.
+        // allocations are stream-ordered; a new step shape frees one arena and allocates
+        // another: keep freed memory in the pool instead of returning it to the driver at each
+        // synchronisation (as torch's caching allocator does). Without async allocation
+        // support this is moot.
         // SAFETY: the device is valid; the attribute takes a u64
         unsafe {
             use cudarc::driver::{result, sys};

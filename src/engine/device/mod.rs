@@ -305,19 +305,12 @@ impl<'d> DeviceModel<'d> {
     /// precision), and its gradient.
     fn gate_up(&self, l: usize) -> (Operand<'_>, &DBuf) {
         let gu = &self.gate_up[l];
-        let w = match &gu.w_b {
-            Some(b) if self.precision == Precision::Bf16 => Operand::bf16(b),
-            _ => (&gu.w).into(),
-        };
-        (w, &gu.grad)
+        (self.shadowed(&gu.w, gu.w_b.as_ref()), &gu.grad)
     }
 
     /// Weight `i` as a GEMM operand (its bf16 copy in mixed precision).
     fn weight(&self, i: usize) -> Operand<'_> {
-        match &self.bf16_weights[i] {
-            Some(b) => Operand::bf16(b),
-            None => (&self.params[i]).into(),
-        }
+        self.shadowed(&self.params[i], self.bf16_weights[i].as_ref())
     }
 
     /// `y = x·W_iᵀ`
