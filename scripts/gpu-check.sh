@@ -80,17 +80,18 @@ else
   echo "== (ncu not found: no per-kernel table)"
 fi
 
-echo "== 1p7b (vocabulary 151,936, seq 2048 × batch 8, head_dim 128), elementwise"
-ours=nan
-t=$(within 200) && ours=$(timeout "$t" "$bin" bench --device cuda --precision bf16 --preset 1p7b --gate elementwise --steps 3 --warmup 1 2>&1 |
-  sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
-theirs=nan
+echo "== 1p7b (vocabulary 151,936, seq 2048 × batch 8, head_dim 128), elementwise: tokens/s, peak device GiB"
+field() { sed -n 's/^RESULT //p' | python3 -c "import json,sys; r=json.load(sys.stdin); print(r.get('$1'))" 2>/dev/null || echo nan; }
+ours=""
+t=$(within 200) && ours=$(timeout "$t" "$bin" bench --device cuda --precision bf16 --preset 1p7b --gate elementwise --steps 3 --warmup 1 2>&1 | grep '^RESULT' | head -1)
+theirs=""
 if [ -n "$torch_ref" ]; then
-  t=$(within 200) && theirs=$(timeout "$t" python3 "$torch_ref" --config 1p7b --gate elementwise --compile --steps 3 2>&1 |
-    sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
+  t=$(within 200) && theirs=$(timeout "$t" python3 "$torch_ref" --config 1p7b --gate elementwise --compile --steps 3 2>&1 | grep '^RESULT' | head -1)
 fi
-ratio=$(python3 -c "a,b=float('$ours'),float('$theirs'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')")
-printf "%-12s %14s %14s %8s\n" 1p7b "$ours" "$theirs" "$ratio"
+ot=$(echo "$ours" | field tokens_per_s); tt=$(echo "$theirs" | field tokens_per_s)
+om=$(echo "$ours" | field device_peak_gib); tm=$(echo "$theirs" | field max_mem_gib)
+ratio=$(python3 -c "a,b=float('$ot'),float('$tt'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')" 2>/dev/null || echo n/a)
+printf "%-12s %14s %14s %8s   peak GiB %s (torch %s)\n" 1p7b "$ot" "$tt" "$ratio" "$om" "$tm"
 
 echo "== GPU tests (ops and model against the CPU; the emulator's share runs in CI already)"
 export GATED_LM_SKIP_EMU=1

@@ -732,3 +732,37 @@ fn data_parallel_environment_is_read_like_torchrun() {
         std::env::remove_var(k);
     }
 }
+
+/// The device counts the bytes its buffers hold (what `bench` reports as `device_peak_gib`,
+/// beside torch's `max_mem_gib`): a device model holds its f32 weights, gradients and AdamW
+/// moments and the bf16 copies; its first step adds exactly one planned arena, a new shape
+/// replaces it, and dropping the model frees everything.
+#[test]
+fn device_memory_is_counted_and_freed() {
+    let dev = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let gate = GateConfig::parse_spec("elementwise").unwrap();
+    let model: Model<f32> = Model::new(ModelConfig::dense(256, 128, 2, 2, 1, 64, 128, gate), 3).unwrap();
+    let params: usize = model.params.tensors.iter().map(|t| t.data.len()).sum();
+    let (before, _) = dev.memory().unwrap();
+    let mut dm = DeviceModel::new(&dev, &model, Precision::Bf16).unwrap();
+    let (held, _) = dev.memory().unwrap();
+    let model_bytes = held - before;
+    // 16 bytes per parameter in f32, at most 2 more for the bf16 copies, the RoPE table (cos
+    // and sin, f32, for every position) and the optimizer's small tables
+    let rope = 4 * model.cfg.max_position_embeddings.min(1 << 16) * model.cfg.head_dim;
+    assert!(
+        (16 * params + rope / 2..18 * params + rope + (64 << 10)).contains(&model_bytes),
+        "{model_bytes} bytes for {params} parameters"
+    );
+    let mut r = Rng::new(8);
+    for (batch, seq) in [(2, 40), (2, 40), (1, 24)] {
+        let ids: Vec<u32> = (0..batch * seq).map(|_| r.below(256) as u32).collect();
+        dm.forward_backward(&ids, &shifted_targets(&ids, seq), batch, seq)
+            .unwrap();
+        let (live, peak) = dev.memory().unwrap();
+        assert_eq!(live - held, dm.step_memory_bytes(), "{batch}×{seq}: one step arena");
+        assert!(peak >= live);
+    }
+    drop(dm);
+    assert_eq!(dev.memory().unwrap().0, before, "dropping the model frees its memory");
+}

@@ -143,12 +143,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
-    crate::model::memory::ensure_fits("this benchmark", &crate::model::memory::training(&cfg, b, t))?;
     let device = crate::engine::DeviceChoice {
         device: a.device.clone(),
         precision: a.precision.clone(),
         ordinal: 0,
     };
+    // on a device the host holds only the model and the optimizer's copies
+    let host = match device.device.as_str() {
+        "cpu" => crate::model::memory::training(&cfg, b, t),
+        _ => crate::model::memory::host_copies(&cfg),
+    };
+    crate::model::memory::ensure_fits("this benchmark", &host)?;
     device.check()?;
     #[cfg(feature = "cuda")]
     let dev = device.open()?;
@@ -177,7 +182,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             profile::reset();
         }
     }
-    let r = main.result(&a);
+    #[allow(unused_mut)]
+    let mut r = main.result(&a);
+    #[cfg(feature = "cuda")]
+    if let Some((_, peak)) = dev.and_then(|d| d.memory()) {
+        // torch_ref.py's max_mem_gib counts the same way (allocations, not the context)
+        r["device_peak_gib"] = serde_json::json!((peak as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0);
+    }
     if a.profile {
         let total: f64 = main.times.iter().sum();
         for (name, secs, calls) in profile::snapshot() {

@@ -95,15 +95,19 @@ fn cached_per_token_layer(cfg: &ModelConfig) -> u128 {
 /// sink probe's per-head attention rows.
 pub fn training(cfg: &ModelConfig, batch: usize, seq: usize) -> Need {
     let tokens = batch as u128 * seq as u128;
-    let p = param_count(cfg);
-    Need::default()
-        .add("weights, gradients and AdamW moments", 4 * p * F32)
+    host_copies(cfg)
         .add(
             "activations",
             tokens * cfg.num_layers as u128 * cached_per_token_layer(cfg) * F32,
         )
         .add("logits", tokens * cfg.vocab_size as u128 * F32)
         .add("attention probe", tokens * seq as u128 * cfg.num_heads as u128 * F32)
+}
+
+/// Training on a device, on the host: the model and the optimizer's copies (weights, AdamW
+/// moments, room for gradients), no activations.
+pub fn host_copies(cfg: &ModelConfig) -> Need {
+    Need::default().add("weights, gradients and AdamW moments", 4 * param_count(cfg) * F32)
 }
 
 /// A forward over `tokens` positions at once with a KV cache (generation's prefill, RULER,

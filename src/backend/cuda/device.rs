@@ -4,7 +4,7 @@
 use super::blas::{Blas, ColMajor};
 use super::compile_all;
 use super::ops::SOURCES;
-use super::runtime::{Arg, DBuf, Device, Graph, Launch, Strided};
+use super::runtime::{Arg, Counted, DBuf, Device, Graph, Launch, MemCounter, Strided};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
     sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
@@ -27,10 +27,12 @@ pub struct Gpu {
     pub use_blas: bool,
     /// While capturing a graph: the launches and GEMMs recorded so far.
     capturing: Cell<Option<usize>>,
+    mem: Arc<MemCounter>,
 }
 
-/// GPU buffers: a cudarc allocation, mutably borrowed only by writes and cuBLASLt outputs.
-type Slice = RefCell<CudaSlice<u8>>;
+/// GPU buffers: a cudarc allocation, mutably borrowed only by writes and cuBLASLt outputs,
+/// counted in its device's memory in use.
+type Slice = Counted<RefCell<CudaSlice<u8>>>;
 
 /// The stream every `Gpu` on device `ordinal` works on, one per device and process: kernels,
 /// cuBLASLt, copies and NCCL (which joins it through this, without compiling the kernels a
@@ -112,6 +114,7 @@ impl Gpu {
             use_blas: blas.is_some(),
             blas,
             capturing: Cell::new(None),
+            mem: Default::default(),
         })
     }
 
@@ -169,7 +172,7 @@ impl Device for Gpu {
 
     fn download(&self, buf: &DBuf) -> Result<Vec<u8>> {
         self.not_capturing("download")?;
-        let s = slice(buf)?.borrow();
+        let s = slice(buf)?.inner.borrow();
         let mut v = self
             .stream
             .clone_dtoh(&*s)
@@ -183,7 +186,7 @@ impl Device for Gpu {
         if bytes.len() > buf.bytes {
             bail!("writing {} bytes into a buffer of {}", bytes.len(), buf.bytes);
         }
-        let mut s = slice(buf)?.borrow_mut();
+        let mut s = slice(buf)?.inner.borrow_mut();
         let mut view = s.slice_mut(..bytes.len());
         self.stream
             .memcpy_htod(bytes, &mut view)
@@ -287,6 +290,10 @@ impl Device for Gpu {
         }))
     }
 
+    fn memory(&self) -> Option<(usize, usize)> {
+        Some(self.mem.get())
+    }
+
     fn replay(&self, graph: &Graph) -> Result<()> {
         self.not_capturing("replay")?;
         let g = graph
@@ -311,7 +318,7 @@ impl Gpu {
         DBuf {
             ptr,
             bytes,
-            _keep: Box::new(RefCell::new(s)),
+            _keep: Box::new(Counted::new(RefCell::new(s), bytes, &self.mem)),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! it does and does not model).
 
 use super::ops::{COMMON, SOURCES};
-use super::runtime::{Arg, DBuf, Device, Graph, Launch};
+use super::runtime::{Arg, Counted, DBuf, Device, Graph, Launch, MemCounter};
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::hash::{Hash, Hasher};
@@ -31,6 +31,7 @@ pub struct Emu {
     lib: PathBuf,
     /// While capturing a graph: the launches recorded so far (nothing runs).
     recording: Mutex<Option<Vec<Recorded>>>,
+    mem: std::sync::Arc<MemCounter>,
 }
 
 /// One launch of a captured graph, as given.
@@ -164,6 +165,7 @@ impl Emu {
                 error,
                 lib,
                 recording: Mutex::new(None),
+                mem: Default::default(),
             })
         }
     }
@@ -189,7 +191,7 @@ impl Device for Emu {
         Ok(DBuf {
             ptr: v.as_ptr() as u64,
             bytes,
-            _keep: Box::new(v),
+            _keep: Box::new(Counted::new(v, bytes, &self.mem)),
         })
     }
 
@@ -229,6 +231,10 @@ impl Device for Emu {
             launches: launches.len(),
             _keep: Box::new(launches),
         }))
+    }
+
+    fn memory(&self) -> Option<(usize, usize)> {
+        Some(self.mem.get())
     }
 
     fn replay(&self, graph: &Graph) -> Result<()> {

@@ -5,6 +5,8 @@
 
 use anyhow::{bail, Result};
 use std::any::Any;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// A kernel argument, passed by value as the kernel's parameter of the same width.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +52,45 @@ impl DBuf {
             bytes,
             _keep: Box::new(std::rc::Rc::clone(arena)),
         })
+    }
+}
+
+/// Bytes of device memory a device's buffers hold, now and at most so far.
+#[derive(Default)]
+pub struct MemCounter {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemCounter {
+    /// (in use, peak) bytes.
+    pub fn get(&self) -> (usize, usize) {
+        (self.live.load(Ordering::Relaxed), self.peak.load(Ordering::Relaxed))
+    }
+}
+
+/// A device allocation (`inner`) whose `bytes` count in `counter` until it is dropped.
+pub(crate) struct Counted<T> {
+    pub inner: T,
+    bytes: usize,
+    counter: Arc<MemCounter>,
+}
+
+impl<T> Counted<T> {
+    pub fn new(inner: T, bytes: usize, counter: &Arc<MemCounter>) -> Self {
+        let live = counter.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        counter.peak.fetch_max(live, Ordering::Relaxed);
+        Counted {
+            inner,
+            bytes,
+            counter: Arc::clone(counter),
+        }
+    }
+}
+
+impl<T> Drop for Counted<T> {
+    fn drop(&mut self) {
+        self.counter.live.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -138,6 +179,12 @@ pub trait Device {
     /// `Ok(None)`: this device does not capture, and `body` did not run.
     fn capture(&self, _body: &mut dyn FnMut() -> Result<()>) -> Result<Option<Graph>> {
         Ok(None)
+    }
+    /// Bytes held by the buffers this device allocated: (in use, peak), as torch's
+    /// `memory_allocated` / `max_memory_allocated` count them (not the context or library
+    /// workspaces). `None`: not counted.
+    fn memory(&self) -> Option<(usize, usize)> {
+        None
     }
     /// Run the launches of a graph this device captured, in order, on its stream.
     fn replay(&self, _graph: &Graph) -> Result<()> {

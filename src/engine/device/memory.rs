@@ -216,6 +216,23 @@ impl StepMemory {
         tc_attention: bool,
         head_rows: usize,
     ) -> Result<StepMemory> {
+        let bytes = Self::planned_bytes(cfg, (batch, seq), precision, tc_attention, head_rows)?;
+        let arena = Rc::new(dev.zeros(bytes)?);
+        ops::fill(dev, &arena, f32::NAN, bytes / 4)?;
+        let mut carver = Carver { arena, used: 0 };
+        let mut mem = Self::carve(&mut carver, cfg, (batch, seq), precision, (tc_attention, head_rows))?;
+        mem.bytes = bytes;
+        Ok(mem)
+    }
+
+    /// Bytes of the arena [`Self::new`] allocates, measured without allocating.
+    pub fn planned_bytes(
+        cfg: &ModelConfig,
+        (batch, seq): (usize, usize),
+        precision: Precision,
+        tc_attention: bool,
+        head_rows: usize,
+    ) -> Result<usize> {
         // the placeholder is never launched with: its views only measure the plan
         let placeholder = Rc::new(DBuf {
             ptr: 0,
@@ -227,13 +244,7 @@ impl StepMemory {
             used: 0,
         };
         Self::carve(&mut sizing, cfg, (batch, seq), precision, (tc_attention, head_rows))?;
-        let bytes = sizing.used.max(ALIGN);
-        let arena = Rc::new(dev.zeros(bytes)?);
-        ops::fill(dev, &arena, f32::NAN, bytes / 4)?;
-        let mut carver = Carver { arena, used: 0 };
-        let mut mem = Self::carve(&mut carver, cfg, (batch, seq), precision, (tc_attention, head_rows))?;
-        mem.bytes = bytes;
-        Ok(mem)
+        Ok(sizing.used.max(ALIGN))
     }
 
     fn carve(

@@ -93,6 +93,23 @@ pub fn unsupported(cfg: &ModelConfig) -> Option<String> {
     }
 }
 
+/// Whether a device model of `cfg` runs its attention on tensor cores ([`DeviceModel::tc_attention`]).
+fn tc_attention(cfg: &ModelConfig, precision: Precision) -> bool {
+    precision == Precision::Bf16 && ops::ATTN_TC_HEAD_DIMS.contains(&cfg.head_dim)
+}
+
+/// Bytes of the step memory a device model of `cfg` plans for `batch × seq` steps (LM-head
+/// chunks of `head_rows` rows, or by their memory budget), without a device.
+pub fn planned_step_bytes(
+    cfg: &ModelConfig,
+    (batch, seq): (usize, usize),
+    precision: Precision,
+    head_rows: Option<usize>,
+) -> Result<usize> {
+    let rows = head_chunk_rows(batch * seq, cfg.vocab_size, head_rows);
+    StepMemory::planned_bytes(cfg, (batch, seq), precision, tc_attention(cfg, precision), rows)
+}
+
 impl<'d> DeviceModel<'d> {
     /// Upload a CPU model's parameters.
     pub fn new(dev: &'d dyn Device, model: &Model<f32>, precision: Precision) -> Result<Self> {
@@ -203,6 +220,12 @@ impl<'d> DeviceModel<'d> {
         self.head_rows = rows;
     }
 
+    /// Bytes of the step memory a `batch × seq` step of this model will plan (activations,
+    /// their gradients, scratch), without allocating it.
+    pub fn planned_step_bytes(&self, batch: usize, seq: usize) -> Result<usize> {
+        planned_step_bytes(&self.cfg, (batch, seq), self.precision, self.head_rows)
+    }
+
     /// Bytes of the current step memory (0 before the first step).
     pub fn step_memory_bytes(&self) -> usize {
         self.mem.as_ref().map_or(0, |m| m.bytes)
@@ -289,7 +312,7 @@ impl<'d> DeviceModel<'d> {
     /// exist for ([`ops::ATTN_TC_HEAD_DIMS`]). Otherwise (f32 precision, other head dims) the
     /// f32 kernels ([`ops::attention_fwd`], [`ops::attention_bwd`]).
     pub fn tc_attention(&self) -> bool {
-        self.precision == Precision::Bf16 && ops::ATTN_TC_HEAD_DIMS.contains(&self.cfg.head_dim)
+        tc_attention(&self.cfg, self.precision)
     }
 
     /// A GEMM operand that is `x` in f32 precision and `shadow`, which its producer wrote in
