@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build here (no CUDA needed) what scripts/gpu-check.sh runs on a GPU machine, stripped so it
-# fits the device tool's carry limit: gpu-bin/{gated-lm,cuda_kernels-*,cuda_bf16-*,cuda_model-*}.
+# fits the device tool's carry limit: gpu-bin/{gated-lm,cuda_kernels-*,cuda_bf16-*,cuda_model-*,cuda_graph-*}.
 # Then, with the device tool: carry ["gpu-bin"], run `GATED_LM_BIN=gpu-bin bash scripts/gpu-check.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
