@@ -60,12 +60,33 @@ pub fn colsum_with(
     };
     let (r, c) = (Arg::I32(rows as i32), Arg::I32(cols as i32));
     dev.launch("colsum_partial", cfg, &[x.arg(), part.arg(), r, c])?;
+    sum_rows(dev, part, out, chunks, cols, accumulate)
+}
+
+/// `out[c] (+)= Σ_k part[k, c]` over the `chunks` rows of `part`, in a fixed order (reduce.cu
+/// `colsum_final`): the second stage of [`colsum_with`], and the sum of the norm backwards'
+/// per-block gain gradients.
+pub(crate) fn sum_rows(
+    dev: &dyn Device,
+    part: &DBuf,
+    out: &DBuf,
+    chunks: usize,
+    cols: usize,
+    accumulate: bool,
+) -> Result<()> {
+    f32s("colsum (partials)", &[part], chunks * cols)?;
+    f32s("colsum", &[out], cols)?;
+    let cfg = Launch {
+        grid: [cols.div_ceil(32).max(1) as u32, 1, 1],
+        block: [32, 32, 1],
+        smem: 0,
+    };
     let args = [
         part.arg(),
         out.arg(),
         Arg::I32(chunks as i32),
-        c,
+        Arg::I32(cols as i32),
         Arg::I32(accumulate as i32),
     ];
-    dev.launch("colsum_final", Launch::linear(cols.div_ceil(128), 128), &args)
+    dev.launch("colsum_final", cfg, &args)
 }
