@@ -121,8 +121,7 @@ fn rmsnorm_backward_writes_a_bf16_copy_of_dx() {
             let what = |s: &str| format!("{s} (zero-centred {zc}, accumulate {acc}) on {}", dev.describe());
             let r = nan_f32(dev, rows);
             ops::rmsnorm_fwd(dev, &xb, &wb, &nan_f32(dev, n), &r, rows, d, 1e-6, zc).unwrap();
-            let scratch = (nan_f32(dev, n), nan_f32(dev, ops::colsum_scratch_len(rows, d)));
-            let sc = (&scratch.0, &scratch.1);
+            let sc = &nan_f32(dev, ops::norm_bwd_scratch_len(rows, d));
             let (dx, dw) = (up(&dx0), up(&w));
             ops::rmsnorm_bwd_with(dev, (&xb, &wb, &r, &dyb, &dx, &dw), rows, d, zc, acc, sc).unwrap();
             let (dx2, dw2, dxb) = (up(&dx0), up(&w), nan_bf16(dev, n));
@@ -243,8 +242,7 @@ fn qknorm_rope_writes_bf16() {
                     what("qknorm_rope_fwd_bf16 rstd")
                 );
             }
-            let scratch = (nan_f32(dev, n), nan_f32(dev, ops::colsum_scratch_len(rows * heads, hd)));
-            let sc = (&scratch.0, &scratch.1);
+            let sc = &nan_f32(dev, ops::norm_bwd_scratch_len(rows * heads, hd));
             let (dx, dw) = (nan_f32(dev, n), up(&vec![0.0; hd]));
             let dwo = norm.map(|_| &dw);
             ops::qknorm_rope_bwd_with(dev, &h, &rope, (&xb, &rstd, &dyb), &dx, sc, dwo).unwrap();
@@ -547,10 +545,10 @@ fn bf16_outputs_are_checked_for_their_own_size() {
         ops::add_rmsnorm_fwd(dev, (&x, &x, &exact), &w, b, &r, rows, d, 1e-6, false),
         "bf16-sized x1",
     );
-    let sc = (f(n), f(ops::colsum_scratch_len(rows, d)));
+    let sc = f(ops::norm_bwd_scratch_len(rows, d));
     let io = (&x, &w, &r, &x, &x, &w);
-    ops::rmsnorm_bwd_to(dev, io, Some(&exact), rows, d, false, false, (&sc.0, &sc.1)).unwrap();
-    let e = ops::rmsnorm_bwd_to(dev, io, Some(&short), rows, d, false, false, (&sc.0, &sc.1));
+    ops::rmsnorm_bwd_to(dev, io, Some(&exact), rows, d, false, false, &sc).unwrap();
+    let e = ops::rmsnorm_bwd_to(dev, io, Some(&short), rows, d, false, false, &sc);
     refused(e, "short dx copy");
     // SwiGLU over rows × d in bf16: m and dm have n elements, the stacked gu and dgu 2·n
     let (exact2, short2) = (dev.zeros(4 * n).unwrap(), dev.zeros(4 * n - 2).unwrap());
@@ -574,7 +572,7 @@ fn bf16_outputs_are_checked_for_their_own_size() {
         norm: None,
         zero_centered: false,
     };
-    let sc = (f(n), f(ops::colsum_scratch_len(rows * 2, 20)));
+    let sc = f(ops::norm_bwd_scratch_len(rows * 2, 20));
     let rh = f(rows * 2); // rstd per (row, head)
     ops::qknorm_rope_fwd_to(dev, &h, &rope, &x, b, &rh, 1e-6).unwrap();
     refused(
@@ -582,15 +580,12 @@ fn bf16_outputs_are_checked_for_their_own_size() {
         "short rotated q",
     );
     let ins = (&x, &r, &x);
-    ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, (&sc.0, &sc.1), None).unwrap();
-    refused(
-        ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, s, (&sc.0, &sc.1), None),
-        "short dx",
-    );
+    ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, &sc, None).unwrap();
+    refused(ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, s, &sc, None), "short dx");
     // with a norm the kernel reads rstd, [rows, heads]: `r` holds one per row
     let (gain, dw) = (f(20), f(20));
     let h = HeadRows { norm: Some(&gain), ..h };
-    let e = ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, (&sc.0, &sc.1), Some(&dw));
+    let e = ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, &sc, Some(&dw));
     refused(e, "short rstd");
     // the cross-entropy's bf16 gradient: `rows × d` logits
     let t = gated_lm::backend::cuda::runtime::up_i32(dev, &[0; 3]).unwrap();

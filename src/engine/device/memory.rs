@@ -140,10 +140,9 @@ pub(super) struct BackwardMem {
     pub dz: Option<GemmIn>,
     pub dh1: DBuf,
     pub attn: AttnScratch,
-    /// per-row gain gradients of a norm (`[rows, max(hidden, heads·head_dim)]`) and their
-    /// column sum's partials
-    pub norm_rows: DBuf,
-    pub colsum_part: DBuf,
+    /// a norm backward's gain-gradient sums, one row per block (`[blocks, width]`, the largest
+    /// of the RMSNorms' and the QK-norms')
+    pub norm_part: DBuf,
     /// the residual gradient's bf16 copy for the GEMMs, written beside it by the norms' backward
     pub dx_b: Option<DBuf>,
 }
@@ -306,8 +305,13 @@ impl StepMemory {
                 dout: c.f32(n * qd)?,
                 delta: c.f32(n * heads)?,
             },
-            norm_rows: c.f32(n * dm.max(qd))?,
-            colsum_part: c.f32(ops::colsum_scratch_len(n, dm).max(ops::colsum_scratch_len(n * heads, cfg.head_dim)))?,
+            norm_part: c.f32(
+                [(n, dm), (n * heads, cfg.head_dim), (n * kv_heads, cfg.head_dim)]
+                    .map(|(rows, d)| ops::norm_bwd_scratch_len(rows, d))
+                    .into_iter()
+                    .max()
+                    .unwrap_or(0),
+            )?,
             dx_b: c.shadow(precision, n * dm)?,
         };
         let inputs = c.i32(2 * n + 1 + ops::embed_bwd_index_len(n))?;

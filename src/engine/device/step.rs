@@ -203,9 +203,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
             &b.dx,
             &m.grads[norm],
         );
-        let scratch = (&b.norm_rows, &b.colsum_part);
         let (rows, dm) = (self.rows(), m.cfg.hidden_size);
-        ops::rmsnorm_bwd_to(m.dev, io, b.dx_b.as_ref(), rows, dm, m.zc(), false, scratch)
+        ops::rmsnorm_bwd_to(m.dev, io, b.dx_b.as_ref(), rows, dm, m.zc(), false, &b.norm_part)
     }
 
     fn mlp_bwd(&mut self, l: usize) -> Result<()> {
@@ -230,8 +229,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (li, c) = self.layer(l);
         let (b, pn) = (&self.mem.bwd, li.post_norm);
         let io = (&c.x1, &m.params[pn], &c.rstd2, &b.dh2, &b.dx, &m.grads[pn]);
-        let scratch = (&b.norm_rows, &b.colsum_part);
-        ops::rmsnorm_bwd_to(m.dev, io, b.dx_b.as_ref(), n, m.cfg.hidden_size, m.zc(), true, scratch)
+        let (dm, part) = (m.cfg.hidden_size, &b.norm_part);
+        ops::rmsnorm_bwd_to(m.dev, io, b.dx_b.as_ref(), n, dm, m.zc(), true, part)
     }
 
     fn out_proj_bwd(&mut self, l: usize) -> Result<()> {
@@ -264,7 +263,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (m, n, seq) = (self.m, self.rows(), self.mem.seq);
         let (li, c) = self.layer(l);
         let b = &self.mem.bwd;
-        let scratch = (&b.norm_rows, &b.colsum_part);
+        let scratch = &b.norm_part;
         let hq = m.heads(n, seq, m.cfg.num_heads, li.q_norm);
         let gq = li.q_norm.map(|i| &m.grads[i]);
         ops::qknorm_rope_bwd_to(m.dev, &hq, &m.rope, (&c.q, &c.rstd_q, &b.dqr), b.dq.op(), scratch, gq)?;
@@ -301,8 +300,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (li, c) = self.layer(l);
         let (b, inorm) = (&self.mem.bwd, li.input_norm);
         let io = (&c.x, &m.params[inorm], &c.rstd1, &b.dh1, &b.dx, &m.grads[inorm]);
-        let scratch = (&b.norm_rows, &b.colsum_part);
-        ops::rmsnorm_bwd_to(m.dev, io, b.dx_b.as_ref(), n, m.cfg.hidden_size, m.zc(), true, scratch)
+        let (dm, part) = (m.cfg.hidden_size, &b.norm_part);
+        ops::rmsnorm_bwd_to(m.dev, io, b.dx_b.as_ref(), n, dm, m.zc(), true, part)
     }
 
     fn embed_bwd(&mut self) -> Result<()> {

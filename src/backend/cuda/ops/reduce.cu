@@ -13,7 +13,7 @@ extern "C" __global__ void fill_f32(float* x, float v, long n) {
 }
 
 // Column sums in two deterministic stages: colsum_partial sums chunks of CHUNK rows per column
-// (grid: column blocks × chunks) into part [chunks, cols]; colsum_final adds the chunks in order.
+// (grid: column blocks × chunks) into part [chunks, cols]; colsum_final adds the chunks.
 #define CHUNK 256
 extern "C" __global__ void colsum_partial(const float* x, float* part, int rows, int cols) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x, k = blockIdx.y;
@@ -23,12 +23,23 @@ extern "C" __global__ void colsum_partial(const float* x, float* part, int rows,
     for (int r = k * CHUNK; r < r1; ++r) s += x[(long)r * cols + c];
     part[(long)k * cols + c] = s;
 }
-
-extern "C" __global__ void colsum_final(const float* part, float* out, int chunks, int cols, int accumulate) {
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
-        float s = 0.0f;
-        for (int k = 0; k < chunks; ++k) s += part[(long)k * cols + c];
-        out[c] = accumulate ? out[c] + s : s;
-    }
-}
 #undef CHUNK
+
+// out[c] (+)= Σ_k part[k, c] over the rows of part [chunks, cols] (colsum_partial's chunks, or
+// the norm backwards' gain gradients per block), in a fixed order: a 32×32 block per 32
+// columns, thread (c, g) sums rows g, g + 32, ... in turn, then thread (c, 0) the 32 group sums
+// in turn. 32 independent chains per column keep a thousand rows from being one long serial one.
+extern "C" __global__ void colsum_final(const float* part, float* out, int chunks, int cols, int accumulate) {
+    __shared__ float sums[32][32];
+    const int c = blockIdx.x * 32 + threadIdx.x, g = threadIdx.y;
+    float s = 0.0f;
+    if (c < cols)
+#pragma unroll 8
+        for (int k = g; k < chunks; k += 32) s += part[(long)k * cols + c];
+    sums[g][threadIdx.x] = s;
+    __syncthreads();
+    if (g > 0 || c >= cols) return;
+    float t = 0.0f;
+    for (int i = 0; i < 32; ++i) t += sums[i][threadIdx.x];
+    out[c] = accumulate ? out[c] + t : t;
+}

@@ -1,6 +1,7 @@
-// RMSNorm: one block per row, a block-wide reduction through shared memory. Same math as
-// src/model/ops/rmsnorm.rs; block_sum and store_as in common.cuh. The outputs GEMMs read come
-// in f32 or bf16 (one template, so the bf16 result is the rounding of the f32 one, bit for bit).
+// RMSNorm: a block per row (the backward: per span of rows, one row at a time), a block-wide
+// reduction through shared memory. Same math as src/model/ops/rmsnorm.rs; block_sum and
+// store_as in common.cuh. The outputs GEMMs read come in f32 or bf16 (one template, so the
+// bf16 result is the rounding of the f32 one, bit for bit).
 // Entry points (ops/rmsnorm.rs): rmsnorm_fwd, rmsnorm_fwd_bf16, add_rmsnorm_fwd,
 // add_rmsnorm_fwd_bf16, rmsnorm_bwd, rmsnorm_bwd_bf16.
 
@@ -61,38 +62,54 @@ extern "C" __global__ void add_rmsnorm_fwd_bf16(const float* x, const float* a, 
 }
 
 // dx = r·(dy·g − x̂·mean(dy·g·x̂)), g the effective gain, added to dx with `accumulate`, and
-// its bf16 rounding into dxb unless that is null; the gain's gradient per row goes to dwp
-// [rows, d] (the host sums its columns in order: deterministic, no atomics).
+// its bf16 rounding into dxb unless that is null. Block b runs rows [b·span, min(rows, (b+1)·span))
+// one after another, each exactly as a block per row would (same threads, same sums: dx does
+// not depend on span), and sums the gain's gradient Σ dy·x̂ over them per column into part[b, d]
+// (ops/reduce.cu colsum_final then adds the blocks' rows in order: deterministic, no atomics).
+// Thread t owns columns t, t + blockDim.x, ...: its running sums live in dynamic shared memory
+// (d floats) or, with smem_acc = 0 (d too wide for it), in the block's own row of part.
 __device__ void rmsnorm_bwd_impl(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
-                                 bf16* dxb, float* dwp, int d, int zero_centered, int accumulate) {
+                                 bf16* dxb, float* part, int rows, int span, int d, int zero_centered,
+                                 int accumulate, int smem_acc) {
     __shared__ float shared[32];
-    long off = (long)blockIdx.x * d;
-    float r = rstd[blockIdx.x];
-    float dot = 0.0f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float gain = zero_centered ? 1.0f + w[j] : w[j];
-        dot += dy[off + j] * gain * x[off + j] * r;
+    DYN_SHARED(float, dyn);
+    const int blk = blockIdx.x;
+    float* dwp = part + (long)blk * d;
+    float* acc = smem_acc ? dyn : dwp;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) acc[j] = 0.0f;
+    const int r1 = min(rows, (blk + 1) * span);
+    for (int row = blk * span; row < r1; ++row) {
+        const long off = (long)row * d;
+        float r = rstd[row];
+        float dot = 0.0f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            float gain = zero_centered ? 1.0f + w[j] : w[j];
+            dot += dy[off + j] * gain * x[off + j] * r;
+        }
+        float mean = block_sum(dot, shared) / d;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            float gain = zero_centered ? 1.0f + w[j] : w[j];
+            float xh = x[off + j] * r;
+            float g = r * (dy[off + j] * gain - xh * mean);
+            const float v = accumulate ? dx[off + j] + g : g;
+            dx[off + j] = v;
+            if (dxb) dxb[off + j] = f32_to_bf16(v);
+            acc[j] += dy[off + j] * xh;
+        }
     }
-    float mean = block_sum(dot, shared) / d;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float gain = zero_centered ? 1.0f + w[j] : w[j];
-        float xh = x[off + j] * r;
-        float g = r * (dy[off + j] * gain - xh * mean);
-        const float v = accumulate ? dx[off + j] + g : g;
-        dx[off + j] = v;
-        if (dxb) dxb[off + j] = f32_to_bf16(v);
-        dwp[off + j] = dy[off + j] * xh;
-    }
+    if (smem_acc)
+        for (int j = threadIdx.x; j < d; j += blockDim.x) dwp[j] = acc[j];
 }
 
 extern "C" __global__ void rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
-                                       float* dwp, int d, int zero_centered, int accumulate) {
-    rmsnorm_bwd_impl(x, w, rstd, dy, dx, nullptr, dwp, d, zero_centered, accumulate);
+                                       float* part, int rows, int span, int d, int zero_centered, int accumulate,
+                                       int smem_acc) {
+    rmsnorm_bwd_impl(x, w, rstd, dy, dx, nullptr, part, rows, span, d, zero_centered, accumulate, smem_acc);
 }
 
 // rmsnorm_bwd that also writes the bf16 copy of dx the next GEMMs read
 extern "C" __global__ void rmsnorm_bwd_bf16(const float* x, const float* w, const float* rstd, const float* dy,
-                                            float* dx, bf16* dxb, float* dwp, int d, int zero_centered,
-                                            int accumulate) {
-    rmsnorm_bwd_impl(x, w, rstd, dy, dx, dxb, dwp, d, zero_centered, accumulate);
+                                            float* dx, bf16* dxb, float* part, int rows, int span, int d,
+                                            int zero_centered, int accumulate, int smem_acc) {
+    rmsnorm_bwd_impl(x, w, rstd, dy, dx, dxb, part, rows, span, d, zero_centered, accumulate, smem_acc);
 }

@@ -1,9 +1,11 @@
 //! RMSNorm over rows, forward (alone or fused with the residual add before it) and backward
-//! (rmsnorm.cu; the gain's gradient summed by [`colsum_with`]). The outputs that GEMMs read
+//! (rmsnorm.cu; the gain's gradient as one partial row per block, which
+//! [`sum_rows`](super::reduce::sum_rows) adds up). The outputs that GEMMs read
 //! (the normed rows, the residual gradient) can be written in bf16, rounded from the same f32
 //! values the f32 kernels write.
 
-use super::{colsum_scratch_len, colsum_with, f32s, need, sized, DType, KernelSource, Operand, THREADS};
+use super::reduce::{norm_bwd_blocks, norm_bwd_scratch_len, sum_rows};
+use super::{f32s, need, sized, DType, KernelSource, Operand, THREADS};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::Result;
 
@@ -108,7 +110,7 @@ pub fn add_rmsnorm_fwd(
 }
 
 /// Its backward: `dx` (overwritten, or added to with `accumulate`), `dw` accumulated (through
-/// per-row contributions and an in-order column sum: deterministic).
+/// per-block partial sums and an in-order sum of them: deterministic).
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd(
     dev: &dyn Device,
@@ -123,14 +125,13 @@ pub fn rmsnorm_bwd(
     zero_centered: bool,
     accumulate: bool,
 ) -> Result<()> {
-    let dwp = dev.zeros(rows * d * 4)?;
-    let part = dev.zeros(colsum_scratch_len(rows, d) * 4)?;
+    let part = dev.zeros(norm_bwd_scratch_len(rows, d) * 4)?;
     let io = (x, w, rstd, dy, dx, dw);
-    rmsnorm_bwd_with(dev, io, rows, d, zero_centered, accumulate, (&dwp, &part))
+    rmsnorm_bwd_with(dev, io, rows, d, zero_centered, accumulate, &part)
 }
 
-/// [`rmsnorm_bwd`] with its scratch given (nothing allocated): `dwp` `[rows, d]` for the
-/// per-row gain contributions, `part` ([`colsum_scratch_len`]) for their column sum.
+/// [`rmsnorm_bwd`] with its scratch given (nothing allocated): `part`
+/// ([`norm_bwd_scratch_len`]`(rows, d)` f32, overwritten) for the blocks' gain-gradient sums.
 pub fn rmsnorm_bwd_with(
     dev: &dyn Device,
     io: (&DBuf, &DBuf, &DBuf, &DBuf, &DBuf, &DBuf),
@@ -138,13 +139,20 @@ pub fn rmsnorm_bwd_with(
     d: usize,
     zero_centered: bool,
     accumulate: bool,
-    scratch: (&DBuf, &DBuf),
+    part: &DBuf,
 ) -> Result<()> {
-    rmsnorm_bwd_to(dev, io, None, rows, d, zero_centered, accumulate, scratch)
+    rmsnorm_bwd_to(dev, io, None, rows, d, zero_centered, accumulate, part)
 }
+
+/// Widest rows whose gain-gradient sums a backward block keeps in shared memory (wider ones
+/// keep them in its row of the scratch instead: same sums, more L2 traffic): 32 KiB, within
+/// the 48 KiB a launch may ask for without opting in, leaving room for several blocks per SM.
+const SMEM_ACC_BYTES: usize = 32 << 10;
 
 /// [`rmsnorm_bwd_with`] that also writes the bf16 rounding of the `dx` it leaves into `dx_b`
 /// when given (the residual gradient, for the GEMMs that read it next), in the same launch.
+/// Two launches: the backward over [`norm_bwd_blocks`] spans of rows, each block summing its
+/// rows' gain gradients into its row of `part`, then `dw +=` the sum of those rows.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd_to(
     dev: &dyn Device,
@@ -154,27 +162,38 @@ pub fn rmsnorm_bwd_to(
     d: usize,
     zero_centered: bool,
     accumulate: bool,
-    (dwp, part): (&DBuf, &DBuf),
+    part: &DBuf,
 ) -> Result<()> {
-    f32s("rmsnorm_bwd", &[x, dy, dx, dwp], rows * d)?;
+    f32s("rmsnorm_bwd", &[x, dy, dx], rows * d)?;
     f32s("rmsnorm_bwd", &[w, dw], d)?;
     f32s("rmsnorm_bwd", &[rstd], rows)?;
+    f32s("rmsnorm_bwd (scratch)", &[part], norm_bwd_scratch_len(rows, d))?;
     let mut args = vec![x.arg(), w.arg(), rstd.arg(), dy.arg(), dx.arg()];
     if let Some(b) = dx_b {
         need("rmsnorm_bwd (bf16 dx)", b, rows * d, 2)?;
         args.push(b.arg());
     }
+    let (span, blocks) = norm_bwd_blocks(rows);
+    let smem_acc = 4 * d <= SMEM_ACC_BYTES;
     args.extend([
-        dwp.arg(),
+        part.arg(),
+        Arg::I32(rows as i32),
+        Arg::I32(span as i32),
         Arg::I32(d as i32),
         Arg::I32(zero_centered as i32),
         Arg::I32(accumulate as i32),
+        Arg::I32(smem_acc as i32),
     ]);
     let kernel = if dx_b.is_some() {
         "rmsnorm_bwd_bf16"
     } else {
         "rmsnorm_bwd"
     };
-    dev.launch(kernel, Launch::linear(rows, THREADS), &args)?;
-    colsum_with(dev, dwp, dw, rows, d, true, part)
+    let cfg = Launch {
+        grid: [blocks as u32, 1, 1],
+        block: [THREADS, 1, 1],
+        smem: if smem_acc { 4 * d as u32 } else { 0 },
+    };
+    dev.launch(kernel, cfg, &args)?;
+    sum_rows(dev, part, dw, blocks, d, true)
 }

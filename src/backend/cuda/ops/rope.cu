@@ -45,9 +45,13 @@ extern "C" __global__ void qknorm_rope_fwd_bf16(const float* x, const float* w, 
 }
 
 // Backward: dn = Rᵀ·dy, then RMSNorm's backward over the head row. dx (f32, or bf16 for the
-// projection GEMMs that read it) is overwritten; the gain's gradient per (row, head) goes to
-// dwp [rows·heads, hd] (summed by colsum, deterministically). A lane recomputes the dn of the
-// elements it owns instead of keeping dn in dx, which a bf16 dx could not hold in f32.
+// projection GEMMs that read it) is overwritten. A lane recomputes the dn of the elements it
+// owns instead of keeping dn in dx, which a bf16 dx could not hold in f32. Block b runs the
+// head rows (row, head) [b·span, min(rows·heads, (b+1)·span)), warp w of it rows w, w + warps,
+// ... of that span, each as one warp per head row would (dx does not depend on span); with a
+// norm each warp sums its rows' gain gradient dn·x̂ per element in its own hd floats of dynamic
+// shared memory, and the block adds its warps' sums in order into part[b, hd] (ops/reduce.cu
+// colsum_final then adds the blocks' rows in order: deterministic, no atomics).
 __device__ __forceinline__ float rope_dn(const float* dy, const float* cosv, const float* sinv, long base, long p,
                                          int half, int e) {
     if (e < half) return dy[base + e] * cosv[p + e] + dy[base + e + half] * sinv[p + e];
@@ -60,38 +64,53 @@ __device__ __forceinline__ float rope_dn(const float* dy, const float* cosv, con
 
 template <class T>
 __device__ void qknorm_rope_bwd_impl(const float* x, const float* w, const float* rstd, const float* cosv,
-                                     const float* sinv, const float* dy, T* dx, float* dwp, int rows, int heads,
-                                     int hd, int half, int seq, int pos0, int zc, int has_norm) {
-    const int wi = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (wi >= rows * heads) return;  // warp-uniform
-    const int row = wi / heads;
-    const long base = (long)wi * hd;
-    const long p = (long)(pos0 + row % seq) * half;
-    if (!has_norm) {
-        for (int e = lane; e < hd; e += 32) store_as(dx + base + e, rope_dn(dy, cosv, sinv, base, p, half, e));
-        return;
+                                     const float* sinv, const float* dy, T* dx, float* part, int rows, int heads,
+                                     int hd, int half, int seq, int pos0, int zc, int has_norm, int span) {
+    DYN_SHARED(float, dyn);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5, blk = blockIdx.x;
+    const int w1 = min(rows * heads, (blk + 1) * span);
+    float* acc = has_norm ? dyn + warp * hd : nullptr;
+    if (has_norm)
+        for (int e = lane; e < hd; e += 32) acc[e] = 0.0f;
+    for (int wi = blk * span + warp; wi < w1; wi += warps) {  // warp-uniform
+        const int row = wi / heads;
+        const long base = (long)wi * hd;
+        const long p = (long)(pos0 + row % seq) * half;
+        if (!has_norm) {
+            for (int e = lane; e < hd; e += 32) store_as(dx + base + e, rope_dn(dy, cosv, sinv, base, p, half, e));
+            continue;
+        }
+        const float r = rstd[wi];
+        float dot = 0.0f;
+        for (int e = lane; e < hd; e += 32)
+            dot += rope_dn(dy, cosv, sinv, base, p, half, e) * GAIN(e) * x[base + e] * r;
+        const float mean = warp_sum(dot) / hd;
+        for (int e = lane; e < hd; e += 32) {
+            float xh = x[base + e] * r, dn = rope_dn(dy, cosv, sinv, base, p, half, e);
+            acc[e] += dn * xh;
+            store_as(dx + base + e, r * (dn * GAIN(e) - xh * mean));
+        }
     }
-    const float r = rstd[wi];
-    float dot = 0.0f;
-    for (int e = lane; e < hd; e += 32) dot += rope_dn(dy, cosv, sinv, base, p, half, e) * GAIN(e) * x[base + e] * r;
-    const float mean = warp_sum(dot) / hd;
-    for (int e = lane; e < hd; e += 32) {
-        float xh = x[base + e] * r, dn = rope_dn(dy, cosv, sinv, base, p, half, e);
-        dwp[base + e] = dn * xh;
-        store_as(dx + base + e, r * (dn * GAIN(e) - xh * mean));
+    if (!has_norm) return;  // block-uniform
+    __syncthreads();
+    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+        float s = 0.0f;
+        for (int k = 0; k < warps; ++k) s += dyn[k * hd + e];
+        part[(long)blk * hd + e] = s;
     }
 }
 
 extern "C" __global__ void qknorm_rope_bwd(const float* x, const float* w, const float* rstd, const float* cosv,
-                                           const float* sinv, const float* dy, float* dx, float* dwp, int rows,
-                                           int heads, int hd, int half, int seq, int pos0, int zc, int has_norm) {
-    qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, dwp, rows, heads, hd, half, seq, pos0, zc, has_norm);
+                                           const float* sinv, const float* dy, float* dx, float* part, int rows,
+                                           int heads, int hd, int half, int seq, int pos0, int zc, int has_norm,
+                                           int span) {
+    qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, part, rows, heads, hd, half, seq, pos0, zc, has_norm, span);
 }
 
 extern "C" __global__ void qknorm_rope_bwd_bf16(const float* x, const float* w, const float* rstd, const float* cosv,
-                                                const float* sinv, const float* dy, bf16* dx, float* dwp, int rows,
+                                                const float* sinv, const float* dy, bf16* dx, float* part, int rows,
                                                 int heads, int hd, int half, int seq, int pos0, int zc,
-                                                int has_norm) {
-    qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, dwp, rows, heads, hd, half, seq, pos0, zc, has_norm);
+                                                int has_norm, int span) {
+    qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, part, rows, heads, hd, half, seq, pos0, zc, has_norm, span);
 }
 #undef GAIN

@@ -1,8 +1,9 @@
-//! QK-norm fused with RoPE, forward and backward (rope.cu; the gain's gradient summed by
-//! [`colsum_with`]); the forward's output (which the tensor-core attention reads) and the
+//! QK-norm fused with RoPE, forward and backward (rope.cu; the gain's gradient as one partial
+//! row per block, which [`sum_rows`] adds up); the forward's output (which the tensor-core attention reads) and the
 //! backward's (which the projections' GEMMs read) in f32 or bf16.
 
-use super::{colsum_scratch_len, colsum_with, f32s, sized, DType, KernelSource, Operand};
+use super::reduce::{norm_bwd_blocks, norm_bwd_scratch_len, sum_rows};
+use super::{f32s, sized, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
@@ -139,50 +140,75 @@ pub fn qknorm_rope_fwd_to(
 }
 
 /// Its backward: `dx` overwritten; with a norm, its gain's gradient is added to `dw` (through
-/// the `[rows·heads, head_dim]` scratch `dwp`).
-#[allow(clippy::too_many_arguments)]
+/// the scratch `part`, [`norm_bwd_scratch_len`]`(rows·heads, head_dim)` f32).
 pub fn qknorm_rope_bwd(
     dev: &dyn Device,
     h: &HeadRows,
     rope: &DeviceRope,
-    (x, rstd, dy): (&DBuf, &DBuf, &DBuf),
+    ins: (&DBuf, &DBuf, &DBuf),
     dx: &DBuf,
-    dwp: &DBuf,
     dw: Option<&DBuf>,
 ) -> Result<()> {
-    let part = dev.zeros(colsum_scratch_len(h.rows * h.heads, h.head_dim) * 4)?;
-    qknorm_rope_bwd_with(dev, h, rope, (x, rstd, dy), dx, (dwp, &part), dw)
+    let part = dev.zeros(norm_bwd_scratch_len(h.rows * h.heads, h.head_dim) * 4)?;
+    qknorm_rope_bwd_with(dev, h, rope, ins, dx, &part, dw)
 }
 
-/// [`qknorm_rope_bwd`] with the column sum's scratch given too (nothing allocated).
+/// [`qknorm_rope_bwd`] with its scratch given (nothing allocated).
 pub fn qknorm_rope_bwd_with(
     dev: &dyn Device,
     h: &HeadRows,
     rope: &DeviceRope,
     ins: (&DBuf, &DBuf, &DBuf),
     dx: &DBuf,
-    scratch: (&DBuf, &DBuf),
+    part: &DBuf,
     dw: Option<&DBuf>,
 ) -> Result<()> {
-    qknorm_rope_bwd_to(dev, h, rope, ins, dx.into(), scratch, dw)
+    qknorm_rope_bwd_to(dev, h, rope, ins, dx.into(), part, dw)
 }
 
+/// Warps per block of the backward, each running its own head rows.
+const BWD_WARPS: usize = 8;
+
 /// [`qknorm_rope_bwd_with`] with `dx` in f32 or bf16 (the q/k projections' output gradient,
-/// in the type their GEMMs read).
+/// in the type their GEMMs read). With a norm, two launches: the backward over
+/// [`norm_bwd_blocks`] spans of head rows, each block summing its rows' gain gradients into
+/// its row of `part`, then `dw +=` the sum of those rows; without one, the backward alone.
 pub fn qknorm_rope_bwd_to(
     dev: &dyn Device,
     h: &HeadRows,
     rope: &DeviceRope,
     (x, rstd, dy): (&DBuf, &DBuf, &DBuf),
     dx: Operand,
-    (dwp, part): (&DBuf, &DBuf),
+    part: &DBuf,
     dw: Option<&DBuf>,
 ) -> Result<()> {
-    h.check("qknorm_rope_bwd", rope, &[x, dy, dwp])?;
-    sized("qknorm_rope_bwd", dx, h.rows * h.heads * h.head_dim)?;
-    if h.norm.is_some() {
-        f32s("qknorm_rope_bwd", &[rstd], h.rows * h.heads)?;
-    }
+    let what = "qknorm_rope_bwd";
+    h.check(what, rope, &[x, dy])?;
+    sized(what, dx, h.rows * h.heads * h.head_dim)?;
+    let head_rows = h.rows * h.heads;
+    let (span, blocks) = norm_bwd_blocks(head_rows);
+    // each warp's gain-gradient sums in shared memory
+    let smem = 4 * BWD_WARPS * h.head_dim;
+    let dw = match (h.norm, dw) {
+        (Some(_), Some(dw)) => {
+            f32s(what, &[rstd], head_rows)?;
+            f32s(
+                "qknorm_rope_bwd (scratch)",
+                &[part],
+                norm_bwd_scratch_len(head_rows, h.head_dim),
+            )?;
+            if smem > 48 << 10 {
+                bail!(
+                    "{what}: head_dim {} (at most {})",
+                    h.head_dim,
+                    (48 << 10) / (4 * BWD_WARPS)
+                );
+            }
+            Some(dw)
+        }
+        (Some(_), None) => bail!("{what}: a normed call needs the gain's gradient buffer"),
+        (None, _) => None,
+    };
     let mut args = vec![
         x.arg(),
         h.norm.map_or(Arg::Ptr(0), |w| w.arg()),
@@ -191,18 +217,26 @@ pub fn qknorm_rope_bwd_to(
         rope.sin.arg(),
         dy.arg(),
         dx.buf.arg(),
-        dwp.arg(),
+        part.arg(),
     ];
     args.extend(h.dims(rope));
-    args.extend([Arg::I32(h.zero_centered as i32), Arg::I32(h.norm.is_some() as i32)]);
+    args.extend([
+        Arg::I32(h.zero_centered as i32),
+        Arg::I32(h.norm.is_some() as i32),
+        Arg::I32(span as i32),
+    ]);
     let kernel = match dx.dtype {
         DType::F32 => "qknorm_rope_bwd",
         DType::Bf16 => "qknorm_rope_bwd_bf16",
     };
-    dev.launch(kernel, h.launch(), &args)?;
-    match (h.norm, dw) {
-        (Some(_), Some(dw)) => colsum_with(dev, dwp, dw, h.rows * h.heads, h.head_dim, true, part),
-        (Some(_), None) => bail!("qknorm_rope_bwd: a normed call needs the gain's gradient buffer"),
-        _ => Ok(()),
+    let cfg = Launch {
+        grid: [blocks as u32, 1, 1],
+        block: [32 * BWD_WARPS as u32, 1, 1],
+        smem: if dw.is_some() { smem as u32 } else { 0 },
+    };
+    dev.launch(kernel, cfg, &args)?;
+    match dw {
+        Some(dw) => sum_rows(dev, part, dw, blocks, h.head_dim, true),
+        None => Ok(()),
     }
 }
