@@ -1,6 +1,6 @@
 // A CPU emulator of the CUDA execution model, enough to run our kernels without a GPU:
 // the kernel sources compile unchanged with g++ against this header. Each block's threads are
-// cooperative fibers (ucontext) on one OS thread, switched at __syncthreads and warp shuffles,
+// cooperative fibers on one OS thread, switched at __syncthreads and warp shuffles,
 // blocks run one after another. That makes every launch deterministic and lets CI check the
 // kernels' indexing, reductions and barriers against the CPU ops; speed, memory coalescing and
 // races between warps that real hardware may expose are out of its reach.
@@ -18,6 +18,7 @@
 #include <vector>
 #include <setjmp.h>
 #include <ucontext.h>
+#include <sys/mman.h>
 
 #define GATED_CUDA_EMU 1
 
@@ -26,11 +27,45 @@ struct dim3 {
 };
 
 namespace emu {
-// A fiber enters its stack once (a stack switch on x86-64, setcontext elsewhere); afterwards
-// switches are _setjmp/_longjmp, which unlike swapcontext make no signal-mask system call.
+// On x86-64 a switch is `emu_switch` below: it pushes the callee-saved registers, swaps stack
+// pointers and pops them (a fiber starts on a stack laid out as if it had switched out at the
+// entry of fiber_main). Elsewhere a fiber enters its stack with setcontext and then switches
+// with _setjmp/_longjmp, which unlike swapcontext make no signal-mask system call.
+#if defined(__x86_64__)
+#define EMU_SWITCH 1
+extern "C" __attribute__((visibility("hidden"))) void emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .globl emu_switch
+    .hidden emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+#endif
 struct Fiber {
+#if defined(EMU_SWITCH)
+    void* sp = nullptr;  // the saved stack pointer of a fiber switched out
+#else
     ucontext_t ctx;
     jmp_buf jb;
+#endif
     dim3 tid;
     bool started = false, done = false;
     char* stack = nullptr;
@@ -60,17 +95,64 @@ inline std::vector<Warp> warps;
 inline Barrier block_bar;
 inline int cur = -1, finished = 0;
 inline unsigned long progress = 0;  // barrier arrivals, releases and exits: deadlock detection
+#if defined(EMU_SWITCH)
+inline void* sched_sp;
+#else
 inline jmp_buf sched;
+#endif
 inline dim3 bid, bdim, gdim;
 inline std::vector<unsigned char> dyn;  // dynamic shared memory of the current block
 inline void (*body)() = nullptr;
 inline std::string error;
 inline bool failed = false;  // set by `fail`: the launch stops and reports `error`
 
+// The fibers' stacks, one region of 1024 × STACK reserved once and backed lazily, in huge pages
+// where the kernel offers them: each switch touches another fiber's stack top, and with 4 KiB
+// pages every one of them would need its own TLB entry.
+inline char* stack_of(int i) {
+    static char* pool = [] {
+        size_t bytes = 1024 * STACK + (2u << 20);
+        char* p = (char*)mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            std::perror("emu: mmap of the fiber stacks");
+            std::abort();
+        }
+        p = (char*)(((uintptr_t)p + (2u << 20) - 1) & ~(uintptr_t)((2u << 20) - 1));
+#ifdef MADV_HUGEPAGE
+        madvise(p, 1024 * STACK, MADV_HUGEPAGE);
+#endif
+        return p;
+    }();
+    return pool + (size_t)i * STACK;
+}
 inline int linear_tid() {
     const dim3& t = fibers[cur].tid;
     return (int)(t.x + t.y * bdim.x + t.z * bdim.x * bdim.y);
 }
+#if defined(EMU_SWITCH)
+inline void yield() { emu_switch(&fibers[cur].sp, sched_sp); }
+[[noreturn]] inline void fiber_main() {
+    body();
+    fibers[cur].done = true;
+    ++finished;
+    ++progress;
+    yield();  // never resumed: the launch loop skips finished fibers
+    __builtin_unreachable();
+}
+// Fiber i's stack set up to start at fiber_main on its first switch in: six zero registers for
+// emu_switch to pop, then fiber_main as its return address and an empty slot, as if called
+// (rsp ≡ 8 mod 16 at the entry). The top is staggered by 576 bytes per fiber (mod 4 KiB) so
+// that the fibers' hot frames do not all fall into the same cache sets.
+inline void prepare(int i) {
+    uintptr_t top = (uintptr_t)(fibers[i].stack + STACK) - (uintptr_t)(i * 9 % 64) * 64;
+    void** p = (void**)(top & ~(uintptr_t)15);
+    *--p = nullptr;
+    *--p = (void*)&fiber_main;
+    for (int r = 0; r < 6; ++r) *--p = nullptr;
+    fibers[i].sp = p;
+}
+inline void resume(int i) { emu_switch(&sched_sp, fibers[i].sp); }
+#else
 inline void yield() {
     if (!_setjmp(fibers[cur].jb)) _longjmp(sched, 1);
 }
@@ -85,18 +167,12 @@ inline void resume(int i) {
     if (!_setjmp(sched)) {
         if (!fibers[i].started) {
             fibers[i].started = true;
-#if defined(__x86_64__)
-            // enter the fiber's stack directly (setcontext would cost a system call per thread)
-            char* top = (char*)((uintptr_t)(fibers[i].stack + STACK) & ~(uintptr_t)15);
-            asm volatile("movq %0, %%rsp\n\tcallq *%1" ::"r"(top), "r"(&fiber_main) : "memory");
-            __builtin_unreachable();
-#else
             setcontext(&fibers[i].ctx);
-#endif
         }
         _longjmp(fibers[i].jb, 1);
     }
 }
+#endif
 // A kernel error detected inside a thread (misuse of a warp collective): record it, then park
 // the fiber; the launch loop sees `failed` and abandons the block (on a GPU: undefined behaviour).
 [[noreturn]] inline void fail(const std::string& msg) {
@@ -152,12 +228,14 @@ inline bool launch(void (*k)(), dim3 g, dim3 b, unsigned smem) {
                 for (int i = 0; i < n; ++i) {
                     Fiber& f = fibers[i];
                     if (!f.stack) {
-                        f.stack = (char*)std::malloc(STACK);
-#if !defined(__x86_64__)
+                        f.stack = stack_of(i);
+#if !defined(EMU_SWITCH)
                         getcontext(&f.ctx);  // once: makecontext below re-arms it per block
 #endif
                     }
-#if !defined(__x86_64__)
+#if defined(EMU_SWITCH)
+                    prepare(i);
+#else
                     f.ctx.uc_stack.ss_sp = f.stack;
                     f.ctx.uc_stack.ss_size = STACK;
                     f.ctx.uc_link = nullptr;
@@ -169,8 +247,15 @@ inline bool launch(void (*k)(), dim3 g, dim3 b, unsigned smem) {
                 failed = false;
                 while (finished < n) {
                     unsigned long before = progress;
-                    for (cur = 0; cur < n; ++cur)
+                    for (cur = 0; cur < n; ++cur) {
+#if defined(EMU_SWITCH)
+                        // the next fibers' saved registers and frames: a switch otherwise
+                        // waits for its stack top to come in from memory
+                        if (cur + 2 < n)
+                            for (int l = 0; l < 4; ++l) __builtin_prefetch((char*)fibers[cur + 2].sp + 64 * l);
+#endif
                         if (!fibers[cur].done) resume(cur);
+                    }
                     if (failed) {
                         cur = -1;
                         return false;
