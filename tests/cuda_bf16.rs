@@ -232,7 +232,7 @@ fn qknorm_rope_writes_bf16() {
             let (y, rstd) = (nan_f32(dev, n), nan_f32(dev, rows * heads));
             ops::qknorm_rope_fwd(dev, &h, &rope, &xb, &y, &rstd, 1e-6).unwrap();
             let (yb, rstd_b) = (nan_bf16(dev, n), nan_f32(dev, rows * heads));
-            ops::qknorm_rope_fwd_to(dev, &h, &rope, &xb, Operand::bf16(&yb), &rstd_b, 1e-6).unwrap();
+            ops::qknorm_rope_fwd_to(dev, &h, &rope, (&xb).into(), Operand::bf16(&yb), &rstd_b, 1e-6).unwrap();
             rounds(&what("qknorm_rope_fwd_bf16 y"), dev, &yb, &y);
             if norm.is_some() {
                 assert_eq!(
@@ -260,10 +260,106 @@ fn qknorm_rope_writes_bf16() {
             }
             let (dxb, dw2) = (nan_bf16(dev, n), up(&vec![0.0; hd]));
             let dwo2 = norm.map(|_| &dw2);
-            let ins = (&xb, &rstd, &dyb);
+            let ins = ((&xb).into(), &rstd, &dyb);
             ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, Operand::bf16(&dxb), sc, dwo2).unwrap();
             rounds(&what("qknorm_rope_bwd_bf16 dx"), dev, &dxb, &dx);
             assert_eq!(bits(dev, &dw2), bits(dev, &dw), "{}", what("qknorm_rope_bwd_bf16 dw"));
+        }
+    }
+}
+
+/// An output of either type as bits (f32 as its two bf16 halves' bits), checked to be a real
+/// result: finite and not all zero.
+fn out_bits(what: &str, dev: &dyn Device, b: &DBuf, bf16: bool) -> Vec<u16> {
+    let v = down_u16(dev, b).unwrap();
+    let vals: Vec<f32> = match bf16 {
+        true => v.iter().map(|&h| half::bf16::from_bits(h).to_f32()).collect(),
+        false => down_f32(dev, b).unwrap(),
+    };
+    assert!(
+        vals.iter().all(|x| x.is_finite()) && vals.iter().any(|&x| x != 0.0),
+        "{what}"
+    );
+    v
+}
+
+fn typed(b: &DBuf, bf16: bool) -> Operand<'_> {
+    if bf16 {
+        Operand::bf16(b)
+    } else {
+        b.into()
+    }
+}
+
+/// QK-norm + RoPE reading its pre-norm input in bf16 (the q/k projections' GEMM output in mixed
+/// precision): on bf16-representable values, forward (`y` and `rstd`) and backward (`dx` and
+/// the gain's gradient) equal the f32-input kernels' bit for bit, for each output type; head_dim
+/// 64 and 128, q-like and GQA kv-like head counts, no norm and both norm styles.
+#[test]
+fn qknorm_rope_reads_bf16() {
+    let (rows, seq) = (6, 3);
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let mut case = 0u64;
+        for (hd, heads, norm) in [64, 128]
+            .into_iter()
+            .flat_map(|hd| [3, 1].map(|heads| (hd, heads)))
+            .flat_map(|(hd, heads)| [None, Some(false), Some(true)].map(|n| (hd, heads, n)))
+        {
+            case += 1;
+            let what = |s: &str| format!("{s} (hd {hd}, {heads} heads, norm {norm:?}) on {}", dev.describe());
+            let (n, half, s) = (rows * heads * hd, hd / 2, case * 10);
+            let angles = randn(seq * half, 40 + s, 2.0);
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            let rope = DeviceRope::upload(dev, &cos, &sin, 2 * half, seq).unwrap();
+            // x bf16-representable, so both kernels read the same values
+            let x: Vec<f32> = randn(n, 41 + s, 2.0)
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            let (xf, xh) = (up_f32(dev, &x).unwrap(), up_bf16(dev, &x));
+            let (dy, wb) = (
+                up_f32(dev, &randn(n, 42 + s, 1.0)).unwrap(),
+                up_f32(dev, &randn(hd, 43 + s, 0.5)).unwrap(),
+            );
+            let h = HeadRows {
+                rows,
+                heads,
+                head_dim: hd,
+                seq,
+                norm: norm.map(|_| &wb),
+                zero_centered: norm == Some(true),
+            };
+            let ins = [Operand::from(&xf), Operand::bf16(&xh)];
+            for bf16_out in [false, true] {
+                let out = |k: usize| if bf16_out { nan_bf16(dev, k) } else { nan_f32(dev, k) };
+                let (mut ys, mut dxs) = (Vec::new(), Vec::new());
+                for x in ins {
+                    let (y, rstd) = (out(n), nan_f32(dev, rows * heads));
+                    ops::qknorm_rope_fwd_to(dev, &h, &rope, x, typed(&y, bf16_out), &rstd, 1e-6).unwrap();
+                    let y = out_bits(&what("qknorm_rope_fwd y"), dev, &y, bf16_out);
+                    let sc = nan_f32(dev, ops::norm_bwd_scratch_len(rows * heads, hd));
+                    let (dx, dw) = (out(n), up_f32(dev, &vec![0.0; hd]).unwrap());
+                    let dwo = norm.map(|_| &dw);
+                    ops::qknorm_rope_bwd_to(dev, &h, &rope, (x, &rstd, &dy), typed(&dx, bf16_out), &sc, dwo).unwrap();
+                    let dx = out_bits(&what("qknorm_rope_bwd dx"), dev, &dx, bf16_out);
+                    let dw = norm.map(|_| bits(dev, &dw));
+                    ys.push((y, norm.map(|_| bits(dev, &rstd))));
+                    dxs.push((dx, dw));
+                }
+                let types = format!("bf16 x, {} out", if bf16_out { "bf16" } else { "f32" });
+                assert!(
+                    ys[0] == ys[1],
+                    "{}",
+                    what(&format!("qknorm_rope_fwd y, rstd ({types})"))
+                );
+                assert!(
+                    dxs[0] == dxs[1],
+                    "{}",
+                    what(&format!("qknorm_rope_bwd dx, dw ({types})"))
+                );
+            }
         }
     }
 }
@@ -574,12 +670,21 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     };
     let sc = f(ops::norm_bwd_scratch_len(rows * 2, 20));
     let rh = f(rows * 2); // rstd per (row, head)
-    ops::qknorm_rope_fwd_to(dev, &h, &rope, &x, b, &rh, 1e-6).unwrap();
+    ops::qknorm_rope_fwd_to(dev, &h, &rope, (&x).into(), b, &rh, 1e-6).unwrap();
     refused(
-        ops::qknorm_rope_fwd_to(dev, &h, &rope, &x, s, &rh, 1e-6),
+        ops::qknorm_rope_fwd_to(dev, &h, &rope, (&x).into(), s, &rh, 1e-6),
         "short rotated q",
     );
-    let ins = (&x, &r, &x);
+    // a bf16 pre-norm input is sized as bf16
+    ops::qknorm_rope_fwd_to(dev, &h, &rope, b, b, &rh, 1e-6).unwrap();
+    refused(ops::qknorm_rope_fwd_to(dev, &h, &rope, s, b, &rh, 1e-6), "short bf16 q");
+    let half_x = (&exact).into();
+    refused(ops::qknorm_rope_fwd_to(dev, &h, &rope, half_x, b, &rh, 1e-6), "f32 q");
+    refused(
+        ops::qknorm_rope_bwd_to(dev, &h, &rope, (s, &r, &x), b, &sc, None),
+        "short bf16 q",
+    );
+    let ins = ((&x).into(), &r, &x);
     ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, b, &sc, None).unwrap();
     refused(ops::qknorm_rope_bwd_to(dev, &h, &rope, ins, s, &sc, None), "short dx");
     // with a norm the kernel reads rstd, [rows, heads]: `r` holds one per row

@@ -67,7 +67,8 @@ fn mixed_precision_steps_launch_no_cast() {
             } else {
                 format!("attn_fwd_hd{hd}_bf16")
             };
-            let rope = ["qknorm_rope_fwd", "qknorm_rope_fwd_bf16"];
+            // reading the q and k projections' bf16 outputs
+            let rope = ["qknorm_rope_fwd_from_bf16", "qknorm_rope_fwd_bf16_from_bf16"];
             let [casts, attn, rope_f32, rope_bf16] = rec.take_each(["cast_f32_bf16", &fwd, rope[0], rope[1]]);
             assert_eq!(casts, 0, "{name}: step {step} cast an activation");
             assert_eq!(attn, layers, "{name}: {fwd}");

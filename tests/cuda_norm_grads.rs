@@ -193,7 +193,8 @@ fn qknorm_gain_gradient_sums_every_head_row_once() {
                 let (dx, dw) = (up(&vec![f32::NAN; n]), up(&dw0));
                 let part = up(&vec![f32::NAN; ops::norm_bwd_scratch_len(hr, hd)]);
                 let dwo = normed.then_some(&dw);
-                ops::qknorm_rope_bwd_to(&rec, &h, &rope, (&xb, &rstd, &dyb), Operand::from(&dx), &part, dwo).unwrap();
+                let ins = ((&xb).into(), &rstd, &dyb);
+                ops::qknorm_rope_bwd_to(&rec, &h, &rope, ins, Operand::from(&dx), &part, dwo).unwrap();
                 let want: &[&str] = if normed {
                     &["qknorm_rope_bwd", "colsum_final"]
                 } else {

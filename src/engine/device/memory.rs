@@ -77,8 +77,9 @@ impl Carver {
     }
 }
 
-/// An activation that only GEMMs read (forward and backward), or the tensor-core attention:
-/// its producer writes it in their operand type — bf16 in mixed precision, so it has no f32
+/// An activation that only GEMMs read (forward and backward), or the tensor-core attention, or
+/// kernels that read it in either type (SwiGLU's `gu`, QK-norm + RoPE's `q` and `k`): its
+/// producer writes it in the GEMMs' operand type — bf16 in mixed precision, so it has no f32
 /// copy and needs no cast.
 pub(super) struct GemmIn {
     pub buf: DBuf,
@@ -101,8 +102,9 @@ pub(super) struct LayerMem {
     pub x: DBuf,
     pub h1: GemmIn,
     pub rstd1: DBuf,
-    pub q: DBuf,
-    pub k: DBuf,
+    /// the q and k projections' outputs (read by QK-norm + RoPE, forward and backward)
+    pub q: GemmIn,
+    pub k: GemmIn,
     pub rstd_q: DBuf,
     pub rstd_k: DBuf,
     /// the attention's inputs (rotated q and k, v): bf16 for the tensor-core attention (the
@@ -270,8 +272,8 @@ impl StepMemory {
                 x: c.f32(n * dm)?,
                 h1: c.gemm_in(precision, n * dm)?,
                 rstd1: c.f32(n)?,
-                q: c.f32(n * qd)?,
-                k: c.f32(n * kvd)?,
+                q: c.gemm_in(precision, n * qd)?,
+                k: c.gemm_in(precision, n * kvd)?,
                 rstd_q: c.f32(n * heads)?,
                 rstd_k: c.f32(n * kv_heads)?,
                 qr: c.typed(attn_in, n * qd)?,

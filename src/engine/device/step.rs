@@ -83,8 +83,9 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (li, c) = self.layer(l);
         let (dm, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
         let h1 = c.h1.op();
-        m.lin_fwd(h1, li.q_proj, &c.q, n, dm, qd)?;
-        m.lin_fwd(h1, li.k_proj, &c.k, n, dm, kvd)?;
+        // q and k in the GEMMs' operand type: only QK-norm + RoPE reads them (both passes)
+        m.lin_fwd_to(h1, li.q_proj, c.q.op(), n, dm, qd)?;
+        m.lin_fwd_to(h1, li.k_proj, c.k.op(), n, dm, kvd)?;
         // v straight into the attention's input type (bf16 for the tensor-core kernels)
         m.lin_fwd_to(h1, li.v_proj, c.v.op(), n, dm, kvd)?;
         if let (Some(gi), Some(geo), Some(z)) = (li.gate, cfg.gate_geometry(), &c.z) {
@@ -98,9 +99,9 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (li, c) = self.layer(l);
         // qr and kr in the attention's input type (bf16 for the tensor-core kernels)
         let hq = m.heads(n, seq, m.cfg.num_heads, li.q_norm);
-        ops::qknorm_rope_fwd_to(m.dev, &hq, &m.rope, &c.q, c.qr.op(), &c.rstd_q, eps)?;
+        ops::qknorm_rope_fwd_to(m.dev, &hq, &m.rope, c.q.op(), c.qr.op(), &c.rstd_q, eps)?;
         let hk = m.heads(n, seq, m.cfg.num_kv_heads, li.k_norm);
-        ops::qknorm_rope_fwd_to(m.dev, &hk, &m.rope, &c.k, c.kr.op(), &c.rstd_k, eps)
+        ops::qknorm_rope_fwd_to(m.dev, &hk, &m.rope, c.k.op(), c.kr.op(), &c.rstd_k, eps)
     }
 
     /// On tensor cores when [`DeviceModel::tc_attention`], from q/k/v their producers wrote in
@@ -266,10 +267,12 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let scratch = &b.norm_part;
         let hq = m.heads(n, seq, m.cfg.num_heads, li.q_norm);
         let gq = li.q_norm.map(|i| &m.grads[i]);
-        ops::qknorm_rope_bwd_to(m.dev, &hq, &m.rope, (&c.q, &c.rstd_q, &b.dqr), b.dq.op(), scratch, gq)?;
+        let ins = (c.q.op(), &c.rstd_q, &b.dqr);
+        ops::qknorm_rope_bwd_to(m.dev, &hq, &m.rope, ins, b.dq.op(), scratch, gq)?;
         let hk = m.heads(n, seq, m.cfg.num_kv_heads, li.k_norm);
         let gk = li.k_norm.map(|i| &m.grads[i]);
-        ops::qknorm_rope_bwd_to(m.dev, &hk, &m.rope, (&c.k, &c.rstd_k, &b.dkr), b.dk.op(), scratch, gk)
+        let ins = (c.k.op(), &c.rstd_k, &b.dkr);
+        ops::qknorm_rope_bwd_to(m.dev, &hk, &m.rope, ins, b.dk.op(), scratch, gk)
     }
 
     fn qkv_bwd(&mut self, l: usize) -> Result<()> {

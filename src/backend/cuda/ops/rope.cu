@@ -1,13 +1,14 @@
 // QK-norm fused with RoPE. Same math as src/model/ops/{rmsnorm,rope}.rs.
-// Entry points (ops/rope.rs): qknorm_rope_fwd, qknorm_rope_fwd_bf16, qknorm_rope_bwd,
-// qknorm_rope_bwd_bf16.
+// Entry points (ops/rope.rs): qknorm_rope_{fwd,bwd}[_bf16][_from_bf16]: `_bf16` writes the
+// output (y, dx) in bf16, `_from_bf16` reads the pre-norm input x (the q/k projections' GEMM
+// output) in bf16; the math is f32 either way (x widened exactly on load).
 
 // Per (row, head): RMSNorm over head_dim with gain w (w or 1 + w; has_norm = 0: none), then
 // rotate-half RoPE of the first 2·half dims at position pos0 + row % seq; the rest pass.
 // One warp per (row, head). rstd is [rows, heads]. y is f32, or bf16 (rounded from the same
 // f32 value) for the tensor-core attention, which reads the rotated q and k so.
-template <class T>
-__device__ void qknorm_rope_fwd_impl(const float* x, const float* w, const float* cosv, const float* sinv, T* y,
+template <class X, class T>
+__device__ void qknorm_rope_fwd_impl(const X* x, const float* w, const float* cosv, const float* sinv, T* y,
                                      float* rstd, int rows, int heads, int hd, int half, int seq, int pos0, float eps,
                                      int zc, int has_norm) {
     const int wi = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
@@ -17,32 +18,36 @@ __device__ void qknorm_rope_fwd_impl(const float* x, const float* w, const float
     float r = 1.0f;
     if (has_norm) {
         float ss = 0.0f;
-        for (int e = lane; e < hd; e += 32) ss += x[base + e] * x[base + e];
+        for (int e = lane; e < hd; e += 32) {
+            const float v = load_f32(x + base + e);
+            ss += v * v;
+        }
         r = rsqrtf(warp_sum(ss) / hd + eps);
         if (lane == 0) rstd[wi] = r;
     }
 #define GAIN(e) (has_norm ? (zc ? 1.0f + w[e] : w[e]) : 1.0f)
     const long p = (long)(pos0 + row % seq) * half;
     for (int i = lane; i < half; i += 32) {
-        float a = x[base + i] * r * GAIN(i), b = x[base + i + half] * r * GAIN(i + half);
+        float a = load_f32(x + base + i) * r * GAIN(i), b = load_f32(x + base + i + half) * r * GAIN(i + half);
         float c = cosv[p + i], s = sinv[p + i];
         store_as(y + base + i, a * c - b * s);
         store_as(y + base + i + half, b * c + a * s);
     }
-    for (int e = 2 * half + lane; e < hd; e += 32) store_as(y + base + e, x[base + e] * r * GAIN(e));
+    for (int e = 2 * half + lane; e < hd; e += 32) store_as(y + base + e, load_f32(x + base + e) * r * GAIN(e));
 }
 
-extern "C" __global__ void qknorm_rope_fwd(const float* x, const float* w, const float* cosv, const float* sinv,
-                                           float* y, float* rstd, int rows, int heads, int hd, int half, int seq,
-                                           int pos0, float eps, int zc, int has_norm) {
-    qknorm_rope_fwd_impl(x, w, cosv, sinv, y, rstd, rows, heads, hd, half, seq, pos0, eps, zc, has_norm);
-}
-
-extern "C" __global__ void qknorm_rope_fwd_bf16(const float* x, const float* w, const float* cosv,
-                                                const float* sinv, bf16* y, float* rstd, int rows, int heads, int hd,
-                                                int half, int seq, int pos0, float eps, int zc, int has_norm) {
-    qknorm_rope_fwd_impl(x, w, cosv, sinv, y, rstd, rows, heads, hd, half, seq, pos0, eps, zc, has_norm);
-}
+// one entry point per (x, y) type pair
+#define ROPE_FWD(name, X, T)                                                                                 \
+    extern "C" __global__ void name(const X* x, const float* w, const float* cosv, const float* sinv, T* y, \
+                                    float* rstd, int rows, int heads, int hd, int half, int seq, int pos0,  \
+                                    float eps, int zc, int has_norm) {                                      \
+        qknorm_rope_fwd_impl(x, w, cosv, sinv, y, rstd, rows, heads, hd, half, seq, pos0, eps, zc, has_norm); \
+    }
+ROPE_FWD(qknorm_rope_fwd, float, float)
+ROPE_FWD(qknorm_rope_fwd_bf16, float, bf16)
+ROPE_FWD(qknorm_rope_fwd_from_bf16, bf16, float)
+ROPE_FWD(qknorm_rope_fwd_bf16_from_bf16, bf16, bf16)
+#undef ROPE_FWD
 
 // Backward: dn = Rᵀ·dy, then RMSNorm's backward over the head row. dx (f32, or bf16 for the
 // projection GEMMs that read it) is overwritten. A lane recomputes the dn of the elements it
@@ -62,8 +67,8 @@ __device__ __forceinline__ float rope_dn(const float* dy, const float* cosv, con
     return dy[base + e];
 }
 
-template <class T>
-__device__ void qknorm_rope_bwd_impl(const float* x, const float* w, const float* rstd, const float* cosv,
+template <class X, class T>
+__device__ void qknorm_rope_bwd_impl(const X* x, const float* w, const float* rstd, const float* cosv,
                                      const float* sinv, const float* dy, T* dx, float* part, int rows, int heads,
                                      int hd, int half, int seq, int pos0, int zc, int has_norm, int span) {
     DYN_SHARED(float, dyn);
@@ -83,10 +88,10 @@ __device__ void qknorm_rope_bwd_impl(const float* x, const float* w, const float
         const float r = rstd[wi];
         float dot = 0.0f;
         for (int e = lane; e < hd; e += 32)
-            dot += rope_dn(dy, cosv, sinv, base, p, half, e) * GAIN(e) * x[base + e] * r;
+            dot += rope_dn(dy, cosv, sinv, base, p, half, e) * GAIN(e) * load_f32(x + base + e) * r;
         const float mean = warp_sum(dot) / hd;
         for (int e = lane; e < hd; e += 32) {
-            float xh = x[base + e] * r, dn = rope_dn(dy, cosv, sinv, base, p, half, e);
+            float xh = load_f32(x + base + e) * r, dn = rope_dn(dy, cosv, sinv, base, p, half, e);
             acc[e] += dn * xh;
             store_as(dx + base + e, r * (dn * GAIN(e) - xh * mean));
         }
@@ -100,17 +105,18 @@ __device__ void qknorm_rope_bwd_impl(const float* x, const float* w, const float
     }
 }
 
-extern "C" __global__ void qknorm_rope_bwd(const float* x, const float* w, const float* rstd, const float* cosv,
-                                           const float* sinv, const float* dy, float* dx, float* part, int rows,
-                                           int heads, int hd, int half, int seq, int pos0, int zc, int has_norm,
-                                           int span) {
-    qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, part, rows, heads, hd, half, seq, pos0, zc, has_norm, span);
-}
-
-extern "C" __global__ void qknorm_rope_bwd_bf16(const float* x, const float* w, const float* rstd, const float* cosv,
-                                                const float* sinv, const float* dy, bf16* dx, float* part, int rows,
-                                                int heads, int hd, int half, int seq, int pos0, int zc,
-                                                int has_norm, int span) {
-    qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, part, rows, heads, hd, half, seq, pos0, zc, has_norm, span);
-}
+// one entry point per (x, dx) type pair
+#define ROPE_BWD(name, X, T)                                                                                \
+    extern "C" __global__ void name(const X* x, const float* w, const float* rstd, const float* cosv,      \
+                                    const float* sinv, const float* dy, T* dx, float* part, int rows,      \
+                                    int heads, int hd, int half, int seq, int pos0, int zc, int has_norm,  \
+                                    int span) {                                                            \
+        qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, part, rows, heads, hd, half, seq, pos0, zc,   \
+                             has_norm, span);                                                              \
+    }
+ROPE_BWD(qknorm_rope_bwd, float, float)
+ROPE_BWD(qknorm_rope_bwd_bf16, float, bf16)
+ROPE_BWD(qknorm_rope_bwd_from_bf16, bf16, float)
+ROPE_BWD(qknorm_rope_bwd_bf16_from_bf16, bf16, bf16)
+#undef ROPE_BWD
 #undef GAIN

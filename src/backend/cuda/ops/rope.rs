@@ -1,6 +1,7 @@
 //! QK-norm fused with RoPE, forward and backward (rope.cu; the gain's gradient as one partial
 //! row per block, which [`sum_rows`] adds up); the forward's output (which the tensor-core attention reads) and the
-//! backward's (which the projections' GEMMs read) in f32 or bf16.
+//! backward's (which the projections' GEMMs read) in f32 or bf16, and the pre-norm input (the
+//! q/k projections' GEMM output, which both passes read) in f32 or bf16.
 
 use super::reduce::{norm_bwd_blocks, norm_bwd_scratch_len, sum_rows};
 use super::{f32s, sized, DType, KernelSource, Operand};
@@ -13,8 +14,12 @@ pub const SOURCE: KernelSource = KernelSource {
     entries: &[
         "qknorm_rope_fwd",
         "qknorm_rope_fwd_bf16",
+        "qknorm_rope_fwd_from_bf16",
+        "qknorm_rope_fwd_bf16_from_bf16",
         "qknorm_rope_bwd",
         "qknorm_rope_bwd_bf16",
+        "qknorm_rope_bwd_from_bf16",
+        "qknorm_rope_bwd_bf16_from_bf16",
     ],
 };
 
@@ -59,7 +64,8 @@ pub struct HeadRows<'a> {
 }
 
 impl HeadRows<'_> {
-    fn check(&self, what: &str, rope: &DeviceRope, bufs: &[&DBuf]) -> Result<()> {
+    /// The table covers the shape; `x` (either type) and the f32 `bufs` hold a value per element.
+    fn check(&self, what: &str, rope: &DeviceRope, x: Operand, bufs: &[&DBuf]) -> Result<()> {
         if self.seq > rope.max_len || 2 * rope.half > self.head_dim {
             bail!(
                 "{what}: sequence {} / head_dim {} beyond the RoPE table ({} positions, {} dims)",
@@ -69,7 +75,9 @@ impl HeadRows<'_> {
                 2 * rope.half
             );
         }
-        f32s(what, bufs, self.rows * self.heads * self.head_dim)?;
+        let n = self.rows * self.heads * self.head_dim;
+        sized(what, x, n)?;
+        f32s(what, bufs, n)?;
         if let Some(w) = self.norm {
             f32s(what, &[w], self.head_dim)?;
         }
@@ -101,25 +109,26 @@ pub fn qknorm_rope_fwd(
     rstd: &DBuf,
     eps: f32,
 ) -> Result<()> {
-    qknorm_rope_fwd_to(dev, h, rope, x, y.into(), rstd, eps)
+    qknorm_rope_fwd_to(dev, h, rope, x.into(), y.into(), rstd, eps)
 }
 
-/// [`qknorm_rope_fwd`] with `y` in f32 or bf16 (rounded from the same f32 value): the rotated
-/// q or k in the type the attention reads (bf16 for the tensor-core kernels).
+/// [`qknorm_rope_fwd`] with `x` in f32 or bf16 (the projection GEMM's output type) and `y` in
+/// f32 or bf16 (rounded from the same f32 value): the rotated q or k in the type the attention
+/// reads (bf16 for the tensor-core kernels).
 pub fn qknorm_rope_fwd_to(
     dev: &dyn Device,
     h: &HeadRows,
     rope: &DeviceRope,
-    x: &DBuf,
+    x: Operand,
     y: Operand,
     rstd: &DBuf,
     eps: f32,
 ) -> Result<()> {
-    h.check("qknorm_rope_fwd", rope, &[x])?;
+    h.check("qknorm_rope_fwd", rope, x, &[])?;
     sized("qknorm_rope_fwd", y, h.rows * h.heads * h.head_dim)?;
     f32s("qknorm_rope_fwd", &[rstd], h.rows * h.heads)?;
     let mut args = vec![
-        x.arg(),
+        x.buf.arg(),
         h.norm.map_or(Arg::Ptr(0), |w| w.arg()),
         rope.cos.arg(),
         rope.sin.arg(),
@@ -132,9 +141,11 @@ pub fn qknorm_rope_fwd_to(
         Arg::I32(h.zero_centered as i32),
         Arg::I32(h.norm.is_some() as i32),
     ]);
-    let kernel = match y.dtype {
-        DType::F32 => "qknorm_rope_fwd",
-        DType::Bf16 => "qknorm_rope_fwd_bf16",
+    let kernel = match (x.dtype, y.dtype) {
+        (DType::F32, DType::F32) => "qknorm_rope_fwd",
+        (DType::F32, DType::Bf16) => "qknorm_rope_fwd_bf16",
+        (DType::Bf16, DType::F32) => "qknorm_rope_fwd_from_bf16",
+        (DType::Bf16, DType::Bf16) => "qknorm_rope_fwd_bf16_from_bf16",
     };
     dev.launch(kernel, h.launch(), &args)
 }
@@ -163,27 +174,27 @@ pub fn qknorm_rope_bwd_with(
     part: &DBuf,
     dw: Option<&DBuf>,
 ) -> Result<()> {
-    qknorm_rope_bwd_to(dev, h, rope, ins, dx.into(), part, dw)
+    qknorm_rope_bwd_to(dev, h, rope, (ins.0.into(), ins.1, ins.2), dx.into(), part, dw)
 }
 
 /// Warps per block of the backward, each running its own head rows.
 const BWD_WARPS: usize = 8;
 
-/// [`qknorm_rope_bwd_with`] with `dx` in f32 or bf16 (the q/k projections' output gradient,
-/// in the type their GEMMs read). With a norm, two launches: the backward over
+/// [`qknorm_rope_bwd_with`] with `x` (the forward's pre-norm input) in f32 or bf16 and `dx` in
+/// f32 or bf16 (the q/k projections' output gradient, in the type their GEMMs read). With a norm, two launches: the backward over
 /// [`norm_bwd_blocks`] spans of head rows, each block summing its rows' gain gradients into
 /// its row of `part`, then `dw +=` the sum of those rows; without one, the backward alone.
 pub fn qknorm_rope_bwd_to(
     dev: &dyn Device,
     h: &HeadRows,
     rope: &DeviceRope,
-    (x, rstd, dy): (&DBuf, &DBuf, &DBuf),
+    (x, rstd, dy): (Operand, &DBuf, &DBuf),
     dx: Operand,
     part: &DBuf,
     dw: Option<&DBuf>,
 ) -> Result<()> {
     let what = "qknorm_rope_bwd";
-    h.check(what, rope, &[x, dy])?;
+    h.check(what, rope, x, &[dy])?;
     sized(what, dx, h.rows * h.heads * h.head_dim)?;
     let head_rows = h.rows * h.heads;
     let (span, blocks) = norm_bwd_blocks(head_rows);
@@ -210,7 +221,7 @@ pub fn qknorm_rope_bwd_to(
         (None, _) => None,
     };
     let mut args = vec![
-        x.arg(),
+        x.buf.arg(),
         h.norm.map_or(Arg::Ptr(0), |w| w.arg()),
         rstd.arg(),
         rope.cos.arg(),
@@ -225,9 +236,11 @@ pub fn qknorm_rope_bwd_to(
         Arg::I32(h.norm.is_some() as i32),
         Arg::I32(span as i32),
     ]);
-    let kernel = match dx.dtype {
-        DType::F32 => "qknorm_rope_bwd",
-        DType::Bf16 => "qknorm_rope_bwd_bf16",
+    let kernel = match (x.dtype, dx.dtype) {
+        (DType::F32, DType::F32) => "qknorm_rope_bwd",
+        (DType::F32, DType::Bf16) => "qknorm_rope_bwd_bf16",
+        (DType::Bf16, DType::F32) => "qknorm_rope_bwd_from_bf16",
+        (DType::Bf16, DType::Bf16) => "qknorm_rope_bwd_bf16_from_bf16",
     };
     let cfg = Launch {
         grid: [blocks as u32, 1, 1],
