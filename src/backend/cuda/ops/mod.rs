@@ -30,7 +30,7 @@ pub use gemm::{
     Operand, Strided,
 };
 pub use optim::{AdamStep, TableEntry, TensorTable};
-pub use reduce::{add, colsum, colsum_scratch_len, colsum_with, fill, norm_bwd_scratch_len};
+pub use reduce::{add, fill, norm_bwd_scratch_len, sum_rows};
 pub use rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_bwd_to, rmsnorm_bwd_with, rmsnorm_fwd, rmsnorm_fwd_to};
 pub use rope::{
     qknorm_rope_bwd, qknorm_rope_bwd_to, qknorm_rope_bwd_with, qknorm_rope_fwd, qknorm_rope_fwd_to, DeviceRope,

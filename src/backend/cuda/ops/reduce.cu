@@ -1,6 +1,6 @@
 // Residual adds, fills, and deterministic column sums (the weight gradients of per-row ops:
 // RMSNorm gains, QK-norm gains).
-// Entry points (ops/reduce.rs): add_f32, fill_f32, colsum_partial, colsum_final.
+// Entry points (ops/reduce.rs): add_f32, fill_f32, colsum_final.
 
 // out = a + b (out may be a)
 extern "C" __global__ void add_f32(const float* a, const float* b, float* out, long n) {
@@ -12,21 +12,8 @@ extern "C" __global__ void fill_f32(float* x, float v, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = v;
 }
 
-// Column sums in two deterministic stages: colsum_partial sums chunks of CHUNK rows per column
-// (grid: column blocks × chunks) into part [chunks, cols]; colsum_final adds the chunks.
-#define CHUNK 256
-extern "C" __global__ void colsum_partial(const float* x, float* part, int rows, int cols) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x, k = blockIdx.y;
-    if (c >= cols) return;
-    const int r1 = min(rows, (k + 1) * CHUNK);
-    float s = 0.0f;
-    for (int r = k * CHUNK; r < r1; ++r) s += x[(long)r * cols + c];
-    part[(long)k * cols + c] = s;
-}
-#undef CHUNK
-
-// out[c] (+)= Σ_k part[k, c] over the rows of part [chunks, cols] (colsum_partial's chunks, or
-// the norm backwards' gain gradients per block), in a fixed order: a 32×32 block per 32
+// out[c] (+)= Σ_k part[k, c] over the rows of part [chunks, cols] (the norm backwards' gain
+// gradients per block), in a fixed order: a 32×32 block per 32
 // columns, thread (c, g) sums rows g, g + 32, ... in turn, then thread (c, 0) the 32 group sums
 // in turn. 32 independent chains per column keep a thousand rows from being one long serial one.
 extern "C" __global__ void colsum_final(const float* part, float* out, int chunks, int cols, int accumulate) {

@@ -2,12 +2,12 @@
 
 use super::{elems, f32s, KernelSource};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 pub const SOURCE: KernelSource = KernelSource {
     name: "reduce",
     text: include_str!("reduce.cu"),
-    entries: &["add_f32", "fill_f32", "colsum_partial", "colsum_final"],
+    entries: &["add_f32", "fill_f32", "colsum_final"],
 };
 
 /// Every element of `x` (`n` f32) set to `v`.
@@ -22,58 +22,9 @@ pub fn add(dev: &dyn Device, a: &DBuf, b: &DBuf, out: &DBuf, n: usize) -> Result
     dev.launch("add_f32", elems(n), &[a.arg(), b.arg(), out.arg(), Arg::I64(n as i64)])
 }
 
-/// Rows of one `colsum_partial` block (reduce.cu `CHUNK`).
-const COLSUM_CHUNK: usize = 256;
-
-/// f32 elements of [`colsum_with`]'s scratch for a `[rows, cols]` input.
-pub fn colsum_scratch_len(rows: usize, cols: usize) -> usize {
-    rows.div_ceil(COLSUM_CHUNK).max(1) * cols
-}
-
-/// `out[c] (+)= Σ_r x[r, c]`, in two deterministic stages (chunks of rows, then the chunks).
-pub fn colsum(dev: &dyn Device, x: &DBuf, out: &DBuf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
-    let part = dev.zeros(colsum_scratch_len(rows, cols) * 4)?;
-    colsum_with(dev, x, out, rows, cols, accumulate, &part)
-}
-
-/// [`colsum`] with its per-chunk partial sums in `part` (overwritten; nothing allocated).
-pub fn colsum_with(
-    dev: &dyn Device,
-    x: &DBuf,
-    out: &DBuf,
-    rows: usize,
-    cols: usize,
-    accumulate: bool,
-    part: &DBuf,
-) -> Result<()> {
-    f32s("colsum", &[x], rows * cols)?;
-    f32s("colsum", &[out], cols)?;
-    f32s("colsum (scratch)", &[part], colsum_scratch_len(rows, cols))?;
-    let chunks = rows.div_ceil(COLSUM_CHUNK).max(1);
-    if chunks > 65535 {
-        bail!("colsum: {rows} rows (at most {} per call)", 65535 * COLSUM_CHUNK);
-    }
-    let cfg = Launch {
-        grid: [cols.div_ceil(128) as u32, chunks as u32, 1],
-        block: [128, 1, 1],
-        smem: 0,
-    };
-    let (r, c) = (Arg::I32(rows as i32), Arg::I32(cols as i32));
-    dev.launch("colsum_partial", cfg, &[x.arg(), part.arg(), r, c])?;
-    sum_rows(dev, part, out, chunks, cols, accumulate)
-}
-
 /// `out[c] (+)= Σ_k part[k, c]` over the `chunks` rows of `part`, in a fixed order (reduce.cu
-/// `colsum_final`): the second stage of [`colsum_with`], and the sum of the norm backwards'
-/// per-block gain gradients.
-pub(crate) fn sum_rows(
-    dev: &dyn Device,
-    part: &DBuf,
-    out: &DBuf,
-    chunks: usize,
-    cols: usize,
-    accumulate: bool,
-) -> Result<()> {
+/// `colsum_final`): the sum of the norm backwards' per-block gain gradients.
+pub fn sum_rows(dev: &dyn Device, part: &DBuf, out: &DBuf, chunks: usize, cols: usize, accumulate: bool) -> Result<()> {
     f32s("colsum (partials)", &[part], chunks * cols)?;
     f32s("colsum", &[out], cols)?;
     let cfg = Launch {
