@@ -153,10 +153,18 @@ fn swiglu_runs_in_bf16() {
         ops::swiglu_fwd(dev, Operand::bf16(&gub), Operand::bf16(&mb), rows, ff).unwrap();
         rounds(&format!("swiglu_fwd_bf16 m on {on}"), dev, &mb, &m);
         let (dgu, dgub) = (nan_f32(dev, 2 * n), nan_bf16(dev, 2 * n));
-        ops::swiglu_bwd(dev, (&gu).into(), (&dm).into(), (&dgu).into(), rows, ff).unwrap();
+        let (m2, mb2) = (nan_f32(dev, n), nan_bf16(dev, n));
+        let outs = ((&dgu).into(), (&m2).into());
+        ops::swiglu_bwd(dev, (&gu).into(), (&dm).into(), outs, rows, ff).unwrap();
         let bf = (Operand::bf16(&gub), Operand::bf16(&dmb), Operand::bf16(&dgub));
-        ops::swiglu_bwd(dev, bf.0, bf.1, bf.2, rows, ff).unwrap();
+        ops::swiglu_bwd(dev, bf.0, bf.1, (bf.2, Operand::bf16(&mb2)), rows, ff).unwrap();
         rounds(&format!("swiglu_bwd_bf16 dgu on {on}"), dev, &dgub, &dgu);
+        // the backward's m is the forward's, bit for bit (the down weight's gradient reads it)
+        assert_eq!(
+            down_u16(dev, &mb2).unwrap(),
+            down_u16(dev, &mb).unwrap(),
+            "bf16 m again on {on}"
+        );
     }
 }
 
@@ -652,12 +660,15 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     ops::swiglu_fwd(dev, gu, b, rows, d).unwrap();
     refused(ops::swiglu_fwd(dev, gu, s, rows, d), "short m");
     refused(ops::swiglu_fwd(dev, gu_short, b, rows, d), "short gu");
-    ops::swiglu_bwd(dev, gu, b, gu, rows, d).unwrap();
-    refused(ops::swiglu_bwd(dev, gu, b, gu_short, rows, d), "short dgu");
-    refused(ops::swiglu_bwd(dev, gu, s, gu, rows, d), "short dm");
-    let e = ops::swiglu_bwd(dev, gu, (&x).into(), gu, rows, d).unwrap_err();
+    ops::swiglu_bwd(dev, gu, b, (gu, b), rows, d).unwrap();
+    refused(ops::swiglu_bwd(dev, gu, b, (gu_short, b), rows, d), "short dgu");
+    refused(ops::swiglu_bwd(dev, gu, s, (gu, b), rows, d), "short dm");
+    refused(ops::swiglu_bwd(dev, gu, b, (gu, s), rows, d), "short recomputed m");
+    let e = ops::swiglu_bwd(dev, gu, (&x).into(), (gu, b), rows, d).unwrap_err();
     assert!(format!("{e}").contains("mixed types"), "{e}");
-    let e = ops::swiglu_bwd(dev, gu, b, gu, rows, 0).unwrap_err();
+    let e = ops::swiglu_bwd(dev, gu, b, (gu, (&x).into()), rows, d).unwrap_err();
+    assert!(format!("{e}").contains("mixed types"), "{e}");
+    let e = ops::swiglu_bwd(dev, gu, b, (gu, b), rows, 0).unwrap_err();
     assert!(format!("{e}").contains("width 0"), "{e}");
     let rope = DeviceRope::upload(dev, &[1.0; 8], &[0.0; 8], 8, 2).unwrap();
     let h = HeadRows {

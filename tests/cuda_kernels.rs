@@ -81,14 +81,24 @@ fn elementwise_ops_match_the_cpu_ops() {
         close("swiglu_fwd", &down_f32(dev, &mb).unwrap(), &m, 1e-5);
         let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
         swiglu::swiglu_bwd(&g, &u, &dm, &mut dg, &mut du);
-        let dgub = zeros_f32(dev, 2 * n).unwrap();
-        ops::swiglu_bwd(dev, (&gub).into(), (&dmb).into(), (&dgub).into(), rows, ff).unwrap();
+        let (dgub, m2) = (zeros_f32(dev, 2 * n).unwrap(), zeros_f32(dev, n).unwrap());
+        let outs = ((&dgub).into(), (&m2).into());
+        ops::swiglu_bwd(dev, (&gub).into(), (&dmb).into(), outs, rows, ff).unwrap();
         close(
             "swiglu_bwd [dg, du]",
             &down_f32(dev, &dgub).unwrap(),
             &stack(&dg, &du),
             1e-5,
         );
+        // the backward writes m again for the down weight's gradient: the forward's bit for bit
+        let bits = |b| {
+            down_f32(dev, b)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&m2), bits(&mb), "swiglu_bwd's m on {}", dev.describe());
     }
 }
 

@@ -122,7 +122,6 @@ pub(super) struct LayerMem {
     /// the stacked gate/up GEMM's output `[rows, 2·ff]`: each row's gate values, then its up
     /// values (only SwiGLU reads it: in the GEMMs' operand type)
     pub gu: GemmIn,
-    pub m: GemmIn,
 }
 
 /// Gradient and scratch buffers of the backward, shared by the layers (one runs at a time).
@@ -189,6 +188,10 @@ pub(super) struct StepMemory {
     pub graphs: [Option<Graph>; 2],
     pub ran_eagerly: [bool; 2],
     pub layers: Vec<LayerMem>,
+    /// SwiGLU's output `[rows, ff]`, the down projection's input, for one layer at a time: the
+    /// forward writes it for the down GEMM, the backward writes it again (bit for bit, from the
+    /// layer's `gu`) for the down weight's gradient, so no layer keeps its own
+    pub m: GemmIn,
     /// the last layer's output
     pub x_last: DBuf,
     pub hf: GemmIn,
@@ -287,7 +290,6 @@ impl StepMemory {
                 h2: c.gemm_in(precision, n * dm)?,
                 rstd2: c.f32(n)?,
                 gu: c.gemm_in(precision, n * 2 * ff)?,
-                m: c.gemm_in(precision, n * ff)?,
             });
         }
         let bwd = BackwardMem {
@@ -316,6 +318,7 @@ impl StepMemory {
             )?,
             dx_b: c.shadow(precision, n * dm)?,
         };
+        let m = c.gemm_in(precision, n * ff)?;
         let inputs = c.i32(2 * n + 1 + ops::embed_bwd_index_len(n))?;
         let (ids, targets) = (c.part(&inputs, 0, 4 * n)?, c.part(&inputs, 4 * n, 4 * n)?);
         let scale = c.part(&inputs, 8 * n, 4)?;
@@ -346,6 +349,7 @@ impl StepMemory {
             graphs: [None, None],
             ran_eagerly: [false; 2],
             layers,
+            m,
             x_last,
             hf,
             rstd_f,

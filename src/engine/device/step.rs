@@ -134,7 +134,6 @@ impl DecoderOps for DeviceStep<'_, '_> {
         ops::add_rmsnorm_fwd(m.dev, (&c.x, &c.x1, &c.x1), w, c.h2.op(), &c.rstd2, n, dm, eps, m.zc())
     }
 
-    /// `f` is written into the layer output's buffer ([`Self::residual`] adds `x1` in place).
     /// One GEMM of the stacked `[gate; up]` weight; `f` is written into the layer output's
     /// buffer ([`Self::residual`] adds `x1` in place).
     fn mlp(&mut self, l: usize) -> Result<()> {
@@ -145,8 +144,9 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (w_gu, _) = m.gate_up(l);
         // gu in the GEMMs' operand type too: SwiGLU reads it twice (forward and backward)
         ops::linear_fwd_to(m.dev, c.h2.op(), w_gu, c.gu.op(), n, dm, 2 * ff)?;
-        ops::swiglu_fwd(m.dev, c.gu.op(), c.m.op(), n, ff)?;
-        m.lin_fwd(c.m.op(), mlp.down, self.mem.layer_io(l).1, n, ff, dm)
+        let act = &self.mem.m;
+        ops::swiglu_fwd(m.dev, c.gu.op(), act.op(), n, ff)?;
+        m.lin_fwd(act.op(), mlp.down, self.mem.layer_io(l).1, n, ff, dm)
     }
 
     fn residual(&mut self, l: usize) -> Result<()> {
@@ -217,8 +217,10 @@ impl DecoderOps for DeviceStep<'_, '_> {
         // the norms' backward wrote dx's bf16 copy beside it
         let dxa = m.shadowed(&b.dx, b.dx_b.as_ref());
         ops::linear_bwd_dx_to(m.dev, dxa, m.weight(mlp.down), b.dm.op(), n, ff, dm, false)?;
-        m.lin_bwd_dw(c.m.op(), dxa, mlp.down, n, ff, dm)?;
-        ops::swiglu_bwd(m.dev, c.gu.op(), b.dm.op(), b.dgu.op(), n, ff)?;
+        // SwiGLU's backward writes this layer's m again, for the down weight's gradient
+        let act = &self.mem.m;
+        ops::swiglu_bwd(m.dev, c.gu.op(), b.dm.op(), (b.dgu.op(), act.op()), n, ff)?;
+        m.lin_bwd_dw(act.op(), dxa, mlp.down, n, ff, dm)?;
         // the stacked gate/up GEMM's backward: dh2 = dgu·[Wg; Wu], d[Wg; Wu] += dguᵀ·h2
         let (w_gu, grad_gu) = m.gate_up(l);
         ops::linear_bwd_dx(m.dev, b.dgu.op(), w_gu, &b.dh2, n, dm, 2 * ff, false)?;

@@ -1,7 +1,8 @@
 //! SwiGLU's gating product and its backward (swiglu.cu) on the output of one stacked
 //! `[gate; up]` GEMM: `gu` `[rows, 2·ff]` holds each row's gate values, then its up values. Its
 //! tensors are all f32, or all bf16 in mixed precision (GEMMs write `gu` and `dm` and read `m`
-//! and `dgu` in bf16); the arithmetic is f32.
+//! and `dgu` in bf16); the arithmetic is f32. The backward recomputes `m` for the down
+//! projection's weight gradient, so the step keeps one `m` for all layers.
 
 use super::{elems, sized, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{Arg, Device};
@@ -36,13 +37,30 @@ pub fn swiglu_fwd(dev: &dyn Device, gu: Operand, m: Operand, rows: usize, ff: us
     dev.launch(name, elems(n), &[gu.buf.arg(), m.buf.arg(), Arg::I64(n as i64), ff])
 }
 
-/// Its backward: `dgu` (the stacked GEMM's output gradient, `gu`'s layout) from `dm`.
-pub fn swiglu_bwd(dev: &dyn Device, gu: Operand, dm: Operand, dgu: Operand, rows: usize, ff: usize) -> Result<()> {
+/// Its backward: `dgu` (the stacked GEMM's output gradient, `gu`'s layout) from `dm`, and `m`
+/// again, bit for bit [`swiglu_fwd`]'s (the down projection's weight gradient reads it, so the
+/// forward's `m` need not be kept: `[rows, ff]` per layer less memory for one more write).
+pub fn swiglu_bwd(
+    dev: &dyn Device,
+    gu: Operand,
+    dm: Operand,
+    (dgu, m): (Operand, Operand),
+    rows: usize,
+    ff: usize,
+) -> Result<()> {
     let n = rows * ff;
-    let (name, ff) = kernel(["swiglu_bwd", "swiglu_bwd_bf16"], &[gu, dm, dgu], ff)?;
+    let (name, ff) = kernel(["swiglu_bwd", "swiglu_bwd_bf16"], &[gu, dm, dgu, m], ff)?;
     sized("swiglu_bwd", gu, 2 * n)?;
     sized("swiglu_bwd", dm, n)?;
     sized("swiglu_bwd", dgu, 2 * n)?;
-    let args = [gu.buf.arg(), dm.buf.arg(), dgu.buf.arg(), Arg::I64(n as i64), ff];
+    sized("swiglu_bwd", m, n)?;
+    let args = [
+        gu.buf.arg(),
+        dm.buf.arg(),
+        dgu.buf.arg(),
+        m.buf.arg(),
+        Arg::I64(n as i64),
+        ff,
+    ];
     dev.launch(name, elems(n), &args)
 }
