@@ -528,12 +528,14 @@ fn attention_forward_writes_y_in_bf16() {
             };
             let run = |y: Operand| {
                 let (o, lse) = (nan_f32(dev, nq), nan_f32(dev, nl));
-                let f = if tc {
-                    ops::attention_forward_tc_to
-                } else {
-                    ops::attention_fwd_to
-                };
-                f(dev, &d, gate, &qb, &kb, &vb, z.as_ref(), &o, y, &lse).unwrap();
+                match tc {
+                    true => {
+                        let (z, oo) = (z.as_ref().map(Operand::from), Operand::from(&o));
+                        ops::attention_forward_tc_to(dev, &d, gate, &qb, &kb, &vb, z, oo, y, &lse)
+                    }
+                    false => ops::attention_fwd_to(dev, &d, gate, &qb, &kb, &vb, z.as_ref(), &o, y, &lse),
+                }
+                .unwrap();
                 (bits(dev, &o), bits(dev, &lse))
             };
             let (y, yb) = (nan_f32(dev, nq), nan_bf16(dev, nq));
@@ -594,13 +596,19 @@ fn attention_backward_writes_dv_and_dz_in_bf16() {
             let run = |dv: Operand, dz: Option<Operand>| {
                 let scratch = ops::AttnScratch::new(dev, &d).unwrap();
                 let (dq, dk) = (nan_f32(dev, nq), nan_f32(dev, nkv));
-                let ins = (&qb, &kb, &vb, z.as_ref());
-                let bwd = if tc {
-                    ops::attention_backward_tc_to
-                } else {
-                    ops::attention_bwd_to
-                };
-                bwd(dev, &d, gate, ins, (&o, &lse, &dy), &scratch, (&dq, &dk, dv, dz)).unwrap();
+                let grads = (&dq, &dk, dv, dz);
+                match tc {
+                    true => {
+                        let ins = (&qb, &kb, &vb, z.as_ref().map(Operand::from));
+                        let fwd = ((&o).into(), &lse, &dy);
+                        ops::attention_backward_tc_to(dev, &d, gate, ins, fwd, &scratch, grads)
+                    }
+                    false => {
+                        let ins = (&qb, &kb, &vb, z.as_ref());
+                        ops::attention_bwd_to(dev, &d, gate, ins, (&o, &lse, &dy), &scratch, grads)
+                    }
+                }
+                .unwrap();
                 let rest = [&dq, &dk, &scratch.dout, &scratch.delta];
                 rest.map(|b| bits(dev, b))
             };
@@ -739,9 +747,10 @@ fn bf16_outputs_are_checked_for_their_own_size() {
         ops::attention_fwd_to(dev, &d, none, &q, &kv, &kv, None, &q, f32_y, &lse),
         "f32 y",
     );
-    ops::attention_forward_tc_to(dev, &d, none, &q, &kv, &kv, None, &q, b, &lse).unwrap();
+    let qo = Operand::from(&q);
+    ops::attention_forward_tc_to(dev, &d, none, &q, &kv, &kv, None, qo, b, &lse).unwrap();
     refused(
-        ops::attention_forward_tc_to(dev, &d, none, &q, &kv, &kv, None, &q, s, &lse),
+        ops::attention_forward_tc_to(dev, &d, none, &q, &kv, &kv, None, qo, s, &lse),
         "short tc y",
     );
     // the backward's dv [rows, kv_heads·head_dim] and elementwise dz [rows, heads·head_dim],
@@ -749,13 +758,15 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     let elem = FusedGate::Elementwise;
     let scratch = ops::AttnScratch::new(dev, &d).unwrap();
     let (dvb, dvs) = (dev.zeros(2 * nkv).unwrap(), dev.zeros(2 * nkv - 2).unwrap());
-    let ins = (&q, &kv, &kv, Some(&q));
-    let fwd = (&q, &lse, &q);
+    let (ins, fwd) = ((&q, &kv, &kv, Some(&q)), (&q, &lse, &q));
     let bwd = |tc: bool, dv: Operand, dz: Operand| {
         let grads = (&q, &kv, dv, Some(dz));
         match tc {
             false => ops::attention_bwd_to(dev, &d, elem, ins, fwd, &scratch, grads),
-            true => ops::attention_backward_tc_to(dev, &d, elem, ins, fwd, &scratch, grads),
+            true => {
+                let (ins, fwd) = ((&q, &kv, &kv, Some(qo)), (qo, &lse, &q));
+                ops::attention_backward_tc_to(dev, &d, elem, ins, fwd, &scratch, grads)
+            }
         }
     };
     for tc in [false, true] {

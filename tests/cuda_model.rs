@@ -348,7 +348,12 @@ fn check_mixed_precision(
         other
     };
     // in mixed precision the forward writes y in bf16 for the o_proj GEMMs: the `_bf16` kernels
-    let (attn, other) = (&format!("{attn}_bf16"), format!("{other}_bf16"));
+    // (on tensor cores `_bf16oz`: z read and o written in bf16 too)
+    let oz = |k: &str| if k.contains("_tc_") { "oz" } else { "" };
+    let (attn, other) = (
+        &format!("{attn}_bf16{}", oz(attn)),
+        format!("{other}_bf16{}", oz(&other)),
+    );
     rec.take(attn);
     let dloss = dm.forward_backward(&ids, &targets, batch, seq).unwrap();
     let launches = rec.launches.borrow().clone();
@@ -376,6 +381,9 @@ fn check_mixed_precision(
         if tc { (layers, layers, 0) } else { (0, 0, layers) },
         "{what}: attention backward launches"
     );
+    // on tensor cores the pre-pass reads o and z in bf16
+    let pre = count("attn_bwd_pre_tc_bf16oz");
+    assert_eq!(pre, if tc { layers } else { 0 }, "{what}: attention backward pre-pass");
     // each norm's gain gradient (input, post-attention, QK and final norms): one sum of the
     // backward's per-block partial rows
     let norms = model.params.names.iter().filter(|n| n.contains("norm")).count();

@@ -112,8 +112,12 @@ pub(super) struct LayerMem {
     pub qr: GemmIn,
     pub kr: GemmIn,
     pub v: GemmIn,
-    pub z: Option<DBuf>,
-    pub o: DBuf,
+    /// the gate logits (the gate projection's output, read by the attention's forward and its
+    /// backward's pre-pass) and the attention output before the gate (the backward's pre-pass
+    /// reads it for D = rowsum(dO ⊙ o) and the gate's gradient): one type, bf16 for the
+    /// tensor-core attention as under torch autocast, else f32
+    pub z: Option<GemmIn>,
+    pub o: GemmIn,
     pub lse: DBuf,
     pub y: GemmIn,
     pub x1: DBuf,
@@ -268,6 +272,8 @@ impl StepMemory {
         );
         let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
         let scores = cfg.gate_geometry().map(|g| g.scores());
+        // the attention's inputs, and the output and gate logits it saves for the backward:
+        // bf16 for the tensor-core kernels (mixed precision only), f32 for the f32 ones
         let attn_in = if tc_attention { DType::Bf16 } else { DType::F32 };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
@@ -282,8 +288,8 @@ impl StepMemory {
                 qr: c.typed(attn_in, n * qd)?,
                 kr: c.typed(attn_in, n * kvd)?,
                 v: c.typed(attn_in, n * kvd)?,
-                z: scores.map(|s| c.f32(n * s)).transpose()?,
-                o: c.f32(n * qd)?,
+                z: scores.map(|s| c.typed(attn_in, n * s)).transpose()?,
+                o: c.typed(attn_in, n * qd)?,
                 lse: c.f32(n * heads)?,
                 y: c.gemm_in(precision, n * qd)?,
                 x1: c.f32(n * dm)?,

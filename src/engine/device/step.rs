@@ -6,6 +6,7 @@
 use super::memory::{GemmIn, LayerMem, StepMemory};
 use super::DeviceModel;
 use crate::backend::cuda::ops::{self, AttnDims, DType};
+use crate::backend::cuda::runtime::DBuf;
 use crate::model::graph::DecoderOps;
 use crate::model::params::{FfnIndex, LayerIndex, SwigluIndex};
 use anyhow::{bail, Result};
@@ -56,6 +57,15 @@ impl DeviceStep<'_, '_> {
     }
 }
 
+/// The f32 buffer of an activation the f32 attention kernels read or write (`o`, `z`): the
+/// memory plan keeps them f32 off the tensor-core path.
+fn f32_buf(x: Option<&GemmIn>) -> Result<Option<&DBuf>> {
+    match x {
+        Some(g) if g.dtype != DType::F32 => bail!("the f32 attention kernels got a {:?} o or z", g.dtype),
+        g => Ok(g.map(|g| &g.buf)),
+    }
+}
+
 impl DecoderOps for DeviceStep<'_, '_> {
     fn embed(&mut self) -> Result<()> {
         let (m, mem) = (self.m, &*self.mem);
@@ -88,8 +98,9 @@ impl DecoderOps for DeviceStep<'_, '_> {
         m.lin_fwd_to(h1, li.k_proj, c.k.op(), n, dm, kvd)?;
         // v straight into the attention's input type (bf16 for the tensor-core kernels)
         m.lin_fwd_to(h1, li.v_proj, c.v.op(), n, dm, kvd)?;
+        // z in the attention's type (bf16 for the tensor-core kernels)
         if let (Some(gi), Some(geo), Some(z)) = (li.gate, cfg.gate_geometry(), &c.z) {
-            m.lin_fwd(h1, gi, z, n, dm, geo.scores())?;
+            m.lin_fwd_to(h1, gi, z.op(), n, dm, geo.scores())?;
         }
         Ok(())
     }
@@ -106,15 +117,21 @@ impl DecoderOps for DeviceStep<'_, '_> {
 
     /// On tensor cores when [`DeviceModel::tc_attention`], from q/k/v their producers wrote in
     /// bf16 (the backward reads the same values, so both passes differentiate one function of
-    /// the rounded inputs), else the f32 kernel; the G1 gate in the kernel's epilogue, which
-    /// writes `y` in the o_proj GEMMs' operand type.
+    /// the rounded inputs), and z in bf16, writing o in bf16; else the f32 kernel; the G1 gate
+    /// in the kernel's epilogue, which writes `y` in the o_proj GEMMs' operand type.
     fn attention(&mut self, l: usize) -> Result<()> {
         let (m, d) = (self.m, self.attn_dims());
         let (_, c) = self.layer(l);
-        let (q, k, v, z) = (&c.qr.buf, &c.kr.buf, &c.v.buf, c.z.as_ref());
+        let (q, k, v) = (&c.qr.buf, &c.kr.buf, &c.v.buf);
         match Self::tensor_cores(c)? {
-            true => ops::attention_forward_tc_to(m.dev, &d, m.gate, q, k, v, z, &c.o, c.y.op(), &c.lse),
-            false => ops::attention_fwd_to(m.dev, &d, m.gate, q, k, v, z, &c.o, c.y.op(), &c.lse),
+            true => {
+                let z = c.z.as_ref().map(GemmIn::op);
+                ops::attention_forward_tc_to(m.dev, &d, m.gate, q, k, v, z, c.o.op(), c.y.op(), &c.lse)
+            }
+            false => {
+                let (z, o) = (f32_buf(c.z.as_ref())?, f32_buf(Some(&c.o))?.unwrap());
+                ops::attention_fwd_to(m.dev, &d, m.gate, q, k, v, z, o, c.y.op(), &c.lse)
+            }
         }
     }
 
@@ -246,19 +263,25 @@ impl DecoderOps for DeviceStep<'_, '_> {
         m.lin_bwd_dw(c.y.op(), dxa, li.o_proj, n, qd, dm)
     }
 
-    /// On tensor cores from the bf16 q/k/v the forward ran on, else in f32; the G1 gate's
-    /// gradient in the kernels' pre-pass.
+    /// On tensor cores from the bf16 q/k/v, z and o the forward ran on and wrote, else in
+    /// f32; the G1 gate's gradient in the kernels' pre-pass.
     fn attention_bwd(&mut self, l: usize) -> Result<()> {
         let (m, d) = (self.m, self.attn_dims());
         let (_, c) = self.layer(l);
         let b = &self.mem.bwd;
-        let fwd = (&c.o, &c.lse, &b.dy);
         // dv and dz in the operand type of the projections' GEMMs that read them
         let grads = (&b.dqr, &b.dkr, b.dv.op(), b.dz.as_ref().map(GemmIn::op));
-        let ins = (&c.qr.buf, &c.kr.buf, &c.v.buf, c.z.as_ref());
+        let (q, k, v) = (&c.qr.buf, &c.kr.buf, &c.v.buf);
         match Self::tensor_cores(c)? {
-            true => ops::attention_backward_tc_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads),
-            false => ops::attention_bwd_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads),
+            true => {
+                let (ins, fwd) = ((q, k, v, c.z.as_ref().map(GemmIn::op)), (c.o.op(), &c.lse, &b.dy));
+                ops::attention_backward_tc_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
+            }
+            false => {
+                let (z, o) = (f32_buf(c.z.as_ref())?, f32_buf(Some(&c.o))?.unwrap());
+                let (ins, fwd) = ((q, k, v, z), (o, &c.lse, &b.dy));
+                ops::attention_bwd_to(m.dev, &d, m.gate, ins, fwd, &b.attn, grads)
+            }
         }
     }
 

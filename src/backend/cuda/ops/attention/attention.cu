@@ -14,8 +14,8 @@
 // same f32 value.
 //
 // Entry points (ops/attention/mod.rs, whose head-dim list generates their names): the pre-pass
-// attn_bwd_pre{,_bf16} and attn_bwd_pre_tc{,_bf16} (the tensor-core backward's, here to share
-// one template), and attn_fwd_hd*{,_bf16}, attn_bwd_dkdv_hd*{,_bf16}, attn_bwd_dq_hd* for each
+// attn_bwd_pre{,_bf16} and attn_bwd_pre_tc{,_bf16,_bf16oz} (the tensor-core backward's, here to
+// share one template), and attn_fwd_hd*{,_bf16}, attn_bwd_dkdv_hd*{,_bf16}, attn_bwd_dq_hd* for each
 // ATTN_KERNELS(HD) below.
 
 #define BR 64  // rows per block = threads per block
@@ -85,22 +85,25 @@ __device__ void attn_fwd_impl(const float* q, const float* k, const float* v, co
 // gate logits' gradient dz, and delta = rowsum(dout ⊙ o) per (row, head), all from f32 values.
 // One warp per (row, head); 4 warps per block. dout is f32 for attention.cu's backward, bf16
 // for the tensor-core one (attention_tc.cu: its mma operand); dz, which only the gate
-// projection's GEMMs read, f32 or bf16 (the *_bf16 entries). Entries: attn_bwd_pre{,_bf16}
-// (f32 dout), attn_bwd_pre_tc{,_bf16} (bf16 dout).
-template <class TO, class TZ>
-__device__ void attn_bwd_pre_impl(const float* o, const float* z, const float* dy, TO* dout, TZ* dz, float* delta,
+// projection's GEMMs read, f32 or bf16 (the *_bf16 entries). o and z (TI) are f32, or bf16 in
+// the tensor-core forward's mixed-precision output (attn_bwd_pre_tc_bf16oz): D and dz are then
+// both computed, in f32, from the one bf16 o the forward stored (not from the f32 o it
+// rounded; see attention_tc.cu's epilogue). Entries: attn_bwd_pre{,_bf16} (f32 dout),
+// attn_bwd_pre_tc{,_bf16} (bf16 dout), attn_bwd_pre_tc_bf16oz (bf16 o, z, dout and dz).
+template <class TI, class TO, class TZ>
+__device__ void attn_bwd_pre_impl(const TI* o, const TI* z, const float* dy, TO* dout, TZ* dz, float* delta,
                                   int rows, int T, int H, int HD, int gate_mode) {
     const int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (w >= rows * H) return;  // warp-uniform: no barrier follows that others would miss
     const int r = w / H, h = w % H;
     const long base = (long)r * H * HD + h * HD;
-    const float sh = gate_mode == 2 ? sigmoidf(z[(long)r * H + h]) : 1.0f;
+    const float sh = gate_mode == 2 ? sigmoidf(load_f32(z + (long)r * H + h)) : 1.0f;
     float dd = 0.0f, dzh = 0.0f;
     for (int e = lane; e < HD; e += 32) {
-        float oe = o[base + e], g = dy[base + e];
+        float oe = load_f32(o + base + e), g = dy[base + e];
         float s = sh;
         if (gate_mode == 1) {
-            s = sigmoidf(z[base + e]);
+            s = sigmoidf(load_f32(z + base + e));
             store_as(dz + base + e, g * oe * s * (1.0f - s));
         }
         dzh += g * oe;
@@ -116,15 +119,16 @@ __device__ void attn_bwd_pre_impl(const float* o, const float* z, const float* d
     }
 }
 
-#define ATTN_BWD_PRE(NAME, TO, TZ)                                                                                 \
-    extern "C" __global__ void NAME(const float* o, const float* z, const float* dy, TO* dout, TZ* dz,             \
+#define ATTN_BWD_PRE(NAME, TI, TO, TZ)                                                                             \
+    extern "C" __global__ void NAME(const TI* o, const TI* z, const float* dy, TO* dout, TZ* dz,                   \
                                     float* delta, int rows, int T, int H, int HD, int gate_mode) {                 \
         attn_bwd_pre_impl(o, z, dy, dout, dz, delta, rows, T, H, HD, gate_mode);                                   \
     }
-ATTN_BWD_PRE(attn_bwd_pre, float, float)
-ATTN_BWD_PRE(attn_bwd_pre_bf16, float, bf16)
-ATTN_BWD_PRE(attn_bwd_pre_tc, bf16, float)
-ATTN_BWD_PRE(attn_bwd_pre_tc_bf16, bf16, bf16)
+ATTN_BWD_PRE(attn_bwd_pre, float, float, float)
+ATTN_BWD_PRE(attn_bwd_pre_bf16, float, float, bf16)
+ATTN_BWD_PRE(attn_bwd_pre_tc, float, bf16, float)
+ATTN_BWD_PRE(attn_bwd_pre_tc_bf16, float, bf16, bf16)
+ATTN_BWD_PRE(attn_bwd_pre_tc_bf16oz, bf16, bf16, bf16)
 #undef ATTN_BWD_PRE
 
 // dK, dV: one thread per key row j of kv head kh, summing over the query heads of its group and

@@ -11,10 +11,11 @@
 // softmax, only around the staging.
 //
 // Layouts as attention.cu: q [B·T, H·HD], k/v [B·T, KV·HD] (bf16), z as gate_mode says, o/y
-// [B·T, H·HD] f32 (y bf16 in the *_bf16 kernels, for the output projection's GEMMs), lse
-// [B, H, T] f32. HD 64 or 128 (a multiple of 16; rows of 16-byte chunks).
+// [B·T, H·HD] f32 (y bf16 in the *_bf16 kernels, for the output projection's GEMMs; z read and
+// o written in bf16 too in the *_bf16oz kernels, mixed precision's), lse [B, H, T] f32. HD 64
+// or 128 (a multiple of 16; rows of 16-byte chunks).
 //
-// Entry points (ops/attention/tc.rs): attn_fwd_tc_hd{64,128}{,_bf16},
+// Entry points (ops/attention/tc.rs): attn_fwd_tc_hd{64,128}{,_bf16,_bf16oz},
 // attn_bwd_dkdv_tc_hd{64,128}{,_bf16} (dV in f32 or bf16, for the v projection's GEMMs),
 // attn_bwd_dq_tc_hd{64,128}; and, as references for the tests only
 // (never launched by the model), tc_mma_probe and attn_bwd_{dkdv,dq}_tc_planted.
@@ -38,8 +39,9 @@ __device__ __forceinline__ unsigned load_pair(const bf16* m, long row, long ld, 
     return (unsigned)p[0] | ((unsigned)p[1] << 16);
 }
 
-template <int HD, class TY>
-__device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, const float* z, float* o, TY* y,
+// TO: the type of z (read) and o (written), f32 or bf16; TY: y's.
+template <int HD, class TO, class TY>
+__device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, const TO* z, TO* o, TY* y,
                                  float* lse, int T, int H, int KV, float scale, int gate_mode) {
     constexpr int LD = HD + TC_PAD;  // staged row stride, elements
     constexpr int KSTEPS = HD / 16;  // k steps of S = Q·Kᵀ
@@ -164,7 +166,10 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     }
 
     // Epilogue: the quad's partial sums, normalisation, the gate in registers, and the stores
-    // (rows past T are never written).
+    // (rows past T are never written). y = o·σ(z) from the f32 o, rounded once (to TY); o is
+    // stored for the backward rounded to TO: with TO bf16 the pre-pass computes both D =
+    // rowsum(dO ∘ o) and the gate gradient dz = dy ∘ o ∘ σ'(z) from that one rounded o (as
+    // FlashAttention computes D from its bf16 output), never from the f32 value y came from.
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
@@ -176,14 +181,14 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
         if (i >= T) continue;
         const long row = (long)b * T + i, base = row * ldq + h * HD;
         const float inv = 1.0f / l[r];
-        const float gh = gate_mode == 2 ? sigmoidf(z[row * H + h]) : 1.0f;
+        const float gh = gate_mode == 2 ? sigmoidf(load_f32(z + row * H + h)) : 1.0f;
         #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
             for (int e = 0; e < 2; ++e) {
                 const long at = base + nt * 8 + 2 * tig + e;
                 const float oe = acc[nt][2 * r + e] * inv;
-                o[at] = oe;
-                store_as(y + at, oe * (gate_mode == 1 ? sigmoidf(z[at]) : gh));
+                store_as(o + at, oe);
+                store_as(y + at, oe * (gate_mode == 1 ? sigmoidf(load_f32(z + at)) : gh));
             }
         if (tig == 0) lse[((long)b * H + h) * T + i] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
     }
@@ -198,6 +203,11 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     extern "C" __global__ void attn_fwd_tc_hd##HD##_bf16(const bf16* q, const bf16* k, const bf16* v,             \
                                                          const float* z, float* o, bf16* y, float* lse, int T,     \
                                                          int H, int KV, float scale, int gate_mode) {              \
+        attn_fwd_tc_impl<HD>(q, k, v, z, o, y, lse, T, H, KV, scale, gate_mode);                                   \
+    }                                                                                                              \
+    extern "C" __global__ void attn_fwd_tc_hd##HD##_bf16oz(const bf16* q, const bf16* k, const bf16* v,           \
+                                                           const bf16* z, bf16* o, bf16* y, float* lse, int T,     \
+                                                           int H, int KV, float scale, int gate_mode) {            \
         attn_fwd_tc_impl<HD>(q, k, v, z, o, y, lse, T, H, KV, scale, gate_mode);                                   \
     }
 

@@ -27,7 +27,7 @@ macro_rules! as_array {
 }
 macro_rules! attention_entries {
     ($($hd:literal),*) => {
-        &["attn_bwd_pre", "attn_bwd_pre_bf16", "attn_bwd_pre_tc", "attn_bwd_pre_tc_bf16", $(
+        &["attn_bwd_pre", "attn_bwd_pre_bf16", "attn_bwd_pre_tc", "attn_bwd_pre_tc_bf16", "attn_bwd_pre_tc_bf16oz", $(
             concat!("attn_fwd_hd", $hd),
             concat!("attn_fwd_hd", $hd, "_bf16"),
             concat!("attn_bwd_dkdv_hd", $hd),
@@ -135,7 +135,7 @@ impl AttnDims {
     }
 }
 
-/// The gate logits `z` (f32), or their gradient `dz` (f32 or bf16), as a kernel argument: null
+/// The gate logits `z` or their gradient `dz` (each f32 or bf16) as a kernel argument: null
 /// without a gate, else checked for size in its own type.
 fn gate_arg(what: &str, z: Option<Operand>, d: &AttnDims, gate: FusedGate) -> Result<Arg> {
     match (gate, z) {
@@ -148,8 +148,34 @@ fn gate_arg(what: &str, z: Option<Operand>, d: &AttnDims, gate: FusedGate) -> Re
     }
 }
 
+/// The type the attention's saved output `o` and the gate logits `z` share (f32, or bf16 for
+/// the tensor-core kernels in mixed precision: their `_bf16oz` entries), checking `o`'s size.
+/// `out` is the output that goes with them, `y` in the forward and `dz` in the backward (a GEMM
+/// operand): with bf16 `o` and `z` it must be bf16 too, the one combination those kernels
+/// exist for (`None`: no such output, as `dz` without a gate).
+fn saved_type(what: &str, d: &AttnDims, o: Operand, z: Option<Operand>, out: Option<Operand>) -> Result<DType> {
+    sized(what, o, d.q_elems())?;
+    if let Some(z) = z.filter(|z| z.dtype != o.dtype) {
+        bail!(
+            "{what}: o is {:?} and z {:?}: the attention reads its output and the gate logits in one type",
+            o.dtype,
+            z.dtype
+        );
+    }
+    if let (DType::Bf16, Some(out)) = (o.dtype, out) {
+        if out.dtype != DType::Bf16 {
+            bail!(
+                "{what}: o and z in bf16 go with bf16 GEMM operands (y, dz) only, got {:?} (no kernel for the mix)",
+                out.dtype
+            );
+        }
+    }
+    Ok(o.dtype)
+}
+
 /// The backward's pre-pass `kernel` (`attn_bwd_pre`, or `attn_bwd_pre_tc` writing dO in bf16;
-/// its `_bf16` variant when `dz` is bf16): from `dy` the ungated output's gradient into
+/// its `_bf16` variant when `dz` is bf16, `_bf16oz` when `o` and `z` are bf16 as well, which
+/// only the tensor-core backward has): from `dy` the ungated output's gradient into
 /// `scratch.dout`, the gate logits' gradient `dz`, and `scratch.delta` = rowsum(dO ⊙ O). `what`
 /// names the caller in errors.
 pub(super) fn backward_pre(
@@ -158,14 +184,19 @@ pub(super) fn backward_pre(
     what: &str,
     d: &AttnDims,
     gate: FusedGate,
-    (o, z, dy, dz): (&DBuf, Option<&DBuf>, &DBuf, Option<Operand>),
+    (o, z, dy, dz): (Operand, Option<Operand>, &DBuf, Option<Operand>),
     scratch: &AttnScratch,
 ) -> Result<()> {
-    let zarg = gate_arg(what, z.map(Operand::from), d, gate)?;
+    let zarg = gate_arg(what, z, d, gate)?;
     let dzarg = gate_arg(&format!("{what} (dz)"), dz, d, gate)?;
-    let kernel = format!("{kernel}{}", suffix(dz.map_or(DType::F32, |z| z.dtype)));
+    let dz_used = dz.filter(|_| gate != FusedGate::None);
+    let kernel = match saved_type(what, d, o, z.filter(|_| gate != FusedGate::None), dz_used)? {
+        DType::Bf16 if kernel == "attn_bwd_pre_tc" => format!("{kernel}_bf16oz"),
+        DType::Bf16 => bail!("{what}: o and z in bf16 are read by the tensor-core backward only"),
+        DType::F32 => format!("{kernel}{}", suffix(dz.map_or(DType::F32, |z| z.dtype))),
+    };
     let pre = [
-        o.arg(),
+        o.buf.arg(),
         zarg,
         dy.arg(),
         scratch.dout.arg(),
@@ -277,7 +308,7 @@ pub fn attention_bwd_to(
     f32s("attention_bwd", &[k, v, dk], d.kv_elems())?;
     sized("attention_bwd", dv, d.kv_elems())?;
     f32s("attention_bwd", &[lse, &scratch.delta], d.rows() * d.heads)?;
-    let bwd = (o, z, dy, dz);
+    let bwd = (o.into(), z.map(Operand::from), dy, dz);
     backward_pre(dev, "attn_bwd_pre", "attention_bwd", d, gate, bwd, scratch)?;
     let ins = [
         q.arg(),

@@ -1,8 +1,10 @@
 //! Causal attention with the G1 gate on tensor cores (attention_tc.cu): FlashAttention-2
 //! forward and backward on bf16 Q/K/V, everything else f32 in the layouts of the f32 kernels
-//! ([`super`]). Also the hd64 backward with planted bugs, a reference for the tests only.
+//! ([`super`]), or in mixed precision the saved output `o`, the gate logits `z` and the GEMM
+//! operands (`y`, `dv`, `dz`) bf16 too. Also the hd64 backward with planted bugs, a reference
+//! for the tests only.
 
-use super::{gate_arg, suffix, AttnDims, AttnScratch, FusedGate};
+use super::{gate_arg, saved_type, suffix, AttnDims, AttnScratch, FusedGate};
 use crate::backend::cuda::ops::{f32s, need, sized, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
@@ -15,6 +17,8 @@ pub const SOURCE: KernelSource = KernelSource {
         "attn_fwd_tc_hd128",
         "attn_fwd_tc_hd64_bf16",
         "attn_fwd_tc_hd128_bf16",
+        "attn_fwd_tc_hd64_bf16oz",
+        "attn_fwd_tc_hd128_bf16oz",
         "attn_bwd_dkdv_tc_hd64",
         "attn_bwd_dq_tc_hd64",
         "attn_bwd_dkdv_tc_hd128",
@@ -53,11 +57,13 @@ pub fn attention_forward_tc(
     y: &DBuf,
     lse: &DBuf,
 ) -> Result<()> {
-    attention_forward_tc_to(dev, d, gate, q, k, v, z, o, y.into(), lse)
+    attention_forward_tc_to(dev, d, gate, q, k, v, z.map(Operand::from), o.into(), y.into(), lse)
 }
 
 /// [`attention_forward_tc`] with `y` in f32 or bf16 (rounded from the same f32 value): the
-/// output projection's input, in the type its GEMMs read.
+/// output projection's input, in the type its GEMMs read; and `z` and `o` both f32 or, with a
+/// bf16 `y` (mixed precision), both bf16 (the `_bf16oz` kernels: `z` read in bf16, `o` stored
+/// rounded from the f32 value `y` is computed from). Other mixes are refused.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_tc_to(
     dev: &dyn Device,
@@ -66,8 +72,8 @@ pub fn attention_forward_tc_to(
     q: &DBuf,
     k: &DBuf,
     v: &DBuf,
-    z: Option<&DBuf>,
-    o: &DBuf,
+    z: Option<Operand>,
+    o: Operand,
     y: Operand,
     lse: &DBuf,
 ) -> Result<()> {
@@ -86,11 +92,14 @@ pub fn attention_forward_tc_to(
     if !(k.ptr.is_multiple_of(16) && v.ptr.is_multiple_of(16) && q.ptr.is_multiple_of(4)) {
         bail!("{what}: k and v must be 16-byte aligned, q 4-byte aligned");
     }
-    f32s(what, &[o], d.q_elems())?;
     sized(what, y, d.q_elems())?;
     f32s(what, &[lse], d.rows() * d.heads)?;
-    let zarg = gate_arg(what, z.map(Operand::from), d, gate)?;
-    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.arg(), y.buf.arg(), lse.arg()];
+    let zarg = gate_arg(what, z, d, gate)?;
+    let oz = match saved_type(what, d, o, z.filter(|_| gate != FusedGate::None), Some(y))? {
+        DType::F32 => "",
+        DType::Bf16 => "oz",
+    };
+    let mut args = vec![q.arg(), k.arg(), v.arg(), zarg, o.buf.arg(), y.buf.arg(), lse.arg()];
     args.extend(d.common());
     args.push(Arg::I32(gate as i32));
     let cfg = Launch {
@@ -98,7 +107,11 @@ pub fn attention_forward_tc_to(
         block: [ATTN_TC_THREADS, 1, 1],
         smem: 0,
     };
-    dev.launch(&format!("attn_fwd_tc_hd{}{}", d.head_dim, suffix(y.dtype)), cfg, &args)
+    dev.launch(
+        &format!("attn_fwd_tc_hd{}{}{oz}", d.head_dim, suffix(y.dtype)),
+        cfg,
+        &args,
+    )
 }
 
 /// [`attention_bwd`](super::attention_bwd) on tensor cores (FlashAttention-2 backward, attention_tc.cu): `q`,
@@ -120,18 +133,24 @@ pub fn attention_backward_tc(
     (dq, dk, dv, dz): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
 ) -> Result<()> {
     let grads = (dq, dk, dv.into(), dz.map(Operand::from));
+    let (q, k, v, z) = inputs;
+    let (o, lse, dy) = fwd;
+    let (inputs, fwd) = ((q, k, v, z.map(Operand::from)), (o.into(), lse, dy));
     backward_tc(dev, d, gate, inputs, fwd, scratch, grads, None)
 }
 
 /// [`attention_backward_tc`] with `dv` and `dz` each in f32 or bf16 (rounded from the same f32
-/// values): the v and gate projections' output gradients, in the type their GEMMs read.
+/// values): the v and gate projections' output gradients, in the type their GEMMs read; and
+/// the forward's `o` and the gate logits `z` both f32 or, with a bf16 `dz` (mixed precision),
+/// both bf16 (the pre-pass's `_bf16oz` kernel: D and dz from the one bf16 `o`). Other mixes
+/// are refused.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_tc_to(
     dev: &dyn Device,
     d: &AttnDims,
     gate: FusedGate,
-    inputs: (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
-    fwd: (&DBuf, &DBuf, &DBuf),
+    inputs: (&DBuf, &DBuf, &DBuf, Option<Operand>),
+    fwd: (Operand, &DBuf, &DBuf),
     scratch: &AttnScratch,
     grads: (&DBuf, &DBuf, Operand, Option<Operand>),
 ) -> Result<()> {
@@ -157,6 +176,9 @@ pub fn attention_backward_tc_planted(
         bail!("attention_backward_tc_planted: the planted kernels are hd64");
     }
     let grads = (dq, dk, dv.into(), dz.map(Operand::from));
+    let (q, k, v, z) = inputs;
+    let (o, lse, dy) = fwd;
+    let (inputs, fwd) = ((q, k, v, z.map(Operand::from)), (o.into(), lse, dy));
     backward_tc(dev, d, gate, inputs, fwd, scratch, grads, Some(plant))
 }
 
@@ -165,8 +187,8 @@ fn backward_tc(
     dev: &dyn Device,
     d: &AttnDims,
     gate: FusedGate,
-    (q, k, v, z): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
-    (o, lse, dy): (&DBuf, &DBuf, &DBuf),
+    (q, k, v, z): (&DBuf, &DBuf, &DBuf, Option<Operand>),
+    (o, lse, dy): (Operand, &DBuf, &DBuf),
     scratch: &AttnScratch,
     (dq, dk, dv, dz): (&DBuf, &DBuf, Operand, Option<Operand>),
     plant: Option<i32>,
@@ -191,7 +213,7 @@ fn backward_tc(
     if ![q, k, v, &scratch.dout].iter().all(|b| b.ptr.is_multiple_of(16)) {
         bail!("{what}: q, k, v and scratch.dout must be 16-byte aligned");
     }
-    f32s(what, &[o, dy, dq], d.q_elems())?;
+    f32s(what, &[dy, dq], d.q_elems())?;
     f32s(what, &[dk], d.kv_elems())?;
     sized(what, dv, d.kv_elems())?;
     f32s(what, &[lse, &scratch.delta], d.rows() * d.heads)?;
