@@ -179,7 +179,7 @@ fn tensor_core_backward_reads_o_and_z_in_bf16() {
                         true => (c.z16.as_ref().map(Operand::bf16), Operand::bf16(&o16)),
                     };
                     let ins = (&c.q, &c.k, &c.v, z);
-                    let grads = (&dq, &dk, Operand::bf16(&dv), z.map(|_| Operand::bf16(&dz)));
+                    let grads = (&dq, &dk, Operand::bf16(&dv).into(), z.map(|_| Operand::bf16(&dz).into()));
                     ops::attention_backward_tc_to(dev, &c.d, gate, ins, (o, &lse, &dy), &scratch, grads).unwrap();
                     let (delta, dout) = (down_f32(dev, &scratch.delta).unwrap(), bits16(dev, &scratch.dout));
                     real(&what("D"), &delta);
@@ -249,7 +249,7 @@ fn mixed_o_and_z_types_are_refused() {
     let (dq, dk) = (dev.zeros(4 * nq).unwrap(), dev.zeros(4 * nkv).unwrap());
     let dv = z16(nkv);
     let bwd = |z: Operand, o: Operand, dz: Operand| {
-        let grads = (&dq, &dk, Operand::bf16(&dv), Some(dz));
+        let grads = (&dq, &dk, Operand::bf16(&dv).into(), Some(dz.into()));
         ops::attention_backward_tc_to(dev, &d, elem, (&q, &kv, &kv, Some(z)), (o, &lse, &dy), &scratch, grads)
     };
     bwd(bo, bo, bo).unwrap();

@@ -5,7 +5,7 @@
 //! checked for the output's own type. On the CPU emulator always, and on a GPU when there is one.
 #![cfg(feature = "cuda")]
 
-use gated_lm::backend::cuda::ops::{self, AttnDims, DeviceRope, FusedGate, HeadRows, Operand};
+use gated_lm::backend::cuda::ops::{self, AttnDims, Cols, DeviceRope, FusedGate, HeadRows, Operand};
 use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_u16, DBuf, Device};
 
 mod common;
@@ -596,7 +596,7 @@ fn attention_backward_writes_dv_and_dz_in_bf16() {
             let run = |dv: Operand, dz: Option<Operand>| {
                 let scratch = ops::AttnScratch::new(dev, &d).unwrap();
                 let (dq, dk) = (nan_f32(dev, nq), nan_f32(dev, nkv));
-                let grads = (&dq, &dk, dv, dz);
+                let grads = (&dq, &dk, dv.into(), dz.map(Cols::from));
                 match tc {
                     true => {
                         let ins = (&qb, &kb, &vb, z.as_ref().map(Operand::from));
@@ -760,7 +760,7 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     let (dvb, dvs) = (dev.zeros(2 * nkv).unwrap(), dev.zeros(2 * nkv - 2).unwrap());
     let (ins, fwd) = ((&q, &kv, &kv, Some(&q)), (&q, &lse, &q));
     let bwd = |tc: bool, dv: Operand, dz: Operand| {
-        let grads = (&q, &kv, dv, Some(dz));
+        let grads = (&q, &kv, dv.into(), Some(dz.into()));
         match tc {
             false => ops::attention_bwd_to(dev, &d, elem, ins, fwd, &scratch, grads),
             true => {

@@ -213,8 +213,9 @@ fn the_optimizer_writes_the_bf16_weight_copies() {
     // two layers, untied head: q, k, v, o, gate, MLP gate, up, down per layer and the head
     let cfg = ModelConfig::dense(256, 64, 2, 2, 1, 32, 128, gate);
     let mut model: Model<f32> = Model::new(cfg, 3).unwrap();
-    // one bf16 buffer per GEMM weight, but each layer's gate and up projections share one
-    let gemm_weights = 2 * 7 + 1;
+    // one bf16 buffer per GEMM weight, but each layer's q, k, v and gate projections share
+    // one, and so do its MLP's gate and up projections: 4 per layer, and the head
+    let gemm_weights = 2 * 4 + 1;
     let mut r = Rng::new(9);
     let ids: Vec<u32> = (0..2 * 24).map(|_| r.below(256) as u32).collect();
     let tg = shifted_targets(&ids, 24);
@@ -234,12 +235,11 @@ fn the_optimizer_writes_the_bf16_weight_copies() {
         // the gradients are views of one arena: one launch zeroes them all
         assert_eq!(rec.take("fill_f32"), 1, "step {step}: zeroing the gradients");
         dm.forward_backward(&ids, &tg, 2, 24).unwrap();
-        // one GEMM per weight buffer and pass, the MLP's gate and up stacked into one:
-        // forward q, k, v, gate logits, o, [gate; up], down (7 per layer), backward dx and dW
-        // of each; the head's 3 (one chunk)
-        // (bf16 operands, f32 or bf16 output: gemm_bf16, gemm_bf16_bf16)
+        // forward q, k, v, gate logits, o, [gate; up], down (7 per layer); backward dx and dW
+        // of each weight buffer: [q; k; v; gate], o, [gate; up], down (8 per layer); the
+        // head's 3 (one chunk) (bf16 operands, f32 or bf16 output: gemm_bf16, gemm_bf16_bf16)
         let gemms = rec.take_where(|k| k.starts_with("gemm_bf16"));
-        assert_eq!(gemms, 2 * 3 * 7 + 3, "step {step}: GEMMs");
+        assert_eq!(gemms, 2 * (7 + 8) + 3, "step {step}: GEMMs");
         dm.step(&opt, 3e-3, 1.0).unwrap();
         let train = rec.cast_sources.borrow().len();
         let loss = dm.loss(&ids, &tg, 2, 24).unwrap();

@@ -7,7 +7,7 @@
 //! step's loss or gradients into NaN, which the device-vs-CPU tests catch.
 
 use super::Precision;
-use crate::backend::cuda::ops::{self, AttnScratch, DType, Operand};
+use crate::backend::cuda::ops::{self, AttnScratch, Cols, DType, Operand};
 use crate::backend::cuda::runtime::{DBuf, Device, Graph};
 use crate::config::ModelConfig;
 use crate::model::ops::cross_entropy::IGNORE;
@@ -57,6 +57,12 @@ impl Carver {
         };
         self.typed(dtype, n)
     }
+    /// Columns from `start` on of `of`, a row-major matrix `ld` elements wide.
+    fn band(&self, of: &GemmIn, start: usize, ld: usize) -> Result<Band> {
+        let skip = of.dtype.size() * start;
+        let buf = self.part(&of.buf, skip, of.buf.bytes - skip)?;
+        Ok(Band { buf, dtype: of.dtype, ld })
+    }
     /// `n` elements of `dtype`.
     fn typed(&mut self, dtype: DType, n: usize) -> Result<GemmIn> {
         let buf = self.bytes(dtype.size() * n)?;
@@ -92,6 +98,24 @@ impl GemmIn {
             buf: &self.buf,
             dtype: self.dtype,
         }
+    }
+}
+
+/// A band of columns of a stacked row-major matrix: a view from its first column, written at
+/// row stride `ld` (one projection's slice of the stacked `[dq | dk | dv | dz]` gradient).
+pub(super) struct Band {
+    pub buf: DBuf,
+    pub dtype: DType,
+    pub ld: usize,
+}
+
+impl Band {
+    pub fn cols(&self) -> Cols<'_> {
+        let out = Operand {
+            buf: &self.buf,
+            dtype: self.dtype,
+        };
+        Cols { out, ld: Some(self.ld) }
     }
 }
 
@@ -139,10 +163,15 @@ pub(super) struct BackwardMem {
     pub dy: DBuf,
     pub dqr: DBuf,
     pub dkr: DBuf,
-    pub dv: GemmIn,
-    pub dq: GemmIn,
-    pub dk: GemmIn,
-    pub dz: Option<GemmIn>,
+    /// the q, k, v and gate projections' output gradients side by side, `[rows, q | k | v | z]`
+    /// (the stacked `[q; k; v; gate]` weight's output gradient: one GEMM reads all four), in the
+    /// GEMMs' operand type; `dq`, `dk`, `dv`, `dz` are its column bands, written by QK-norm +
+    /// RoPE's backward and the attention's
+    pub dqkvz: GemmIn,
+    pub dq: Band,
+    pub dk: Band,
+    pub dv: Band,
+    pub dz: Option<Band>,
     pub dh1: DBuf,
     pub attn: AttnScratch,
     /// a norm backward's gain-gradient sums, one row per block (`[blocks, width]`, the largest
@@ -298,6 +327,8 @@ impl StepMemory {
                 gu: c.gemm_in(precision, n * 2 * ff)?,
             });
         }
+        let width = qd + 2 * kvd + scores.unwrap_or(0);
+        let dqkvz = c.gemm_in(precision, n * width)?;
         let bwd = BackwardMem {
             dx: c.f32(n * dm)?,
             dm: c.gemm_in(precision, n * ff)?,
@@ -306,10 +337,11 @@ impl StepMemory {
             dy: c.f32(n * qd)?,
             dqr: c.f32(n * qd)?,
             dkr: c.f32(n * kvd)?,
-            dv: c.gemm_in(precision, n * kvd)?,
-            dq: c.gemm_in(precision, n * qd)?,
-            dk: c.gemm_in(precision, n * kvd)?,
-            dz: scores.map(|s| c.gemm_in(precision, n * s)).transpose()?,
+            dq: c.band(&dqkvz, 0, width)?,
+            dk: c.band(&dqkvz, qd, width)?,
+            dv: c.band(&dqkvz, qd + kvd, width)?,
+            dz: scores.map(|_| c.band(&dqkvz, qd + 2 * kvd, width)).transpose()?,
+            dqkvz,
             dh1: c.f32(n * dm)?,
             attn: AttnScratch {
                 dout: c.f32(n * qd)?,

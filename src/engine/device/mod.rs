@@ -47,9 +47,10 @@ pub struct DeviceModel<'d> {
     /// bf16 copies of the GEMM weights (mixed precision): cast once in `new`, then rewritten by
     /// AdamW in the same kernel as the f32 masters (`table`).
     bf16_weights: Vec<Option<DBuf>>,
-    /// Each layer's gate and up projections stacked (views of the same memory as their
-    /// entries in `params`, `grads`, `bf16_weights`).
-    gate_up: Vec<weights::GateUp>,
+    /// Each layer's gate and up projections stacked, and its q, k, v and gate projections
+    /// (views of the same memory as their entries in `params`, `grads`, `bf16_weights`).
+    gate_up: Vec<weights::Stacked>,
+    qkvz: Vec<weights::Stacked>,
     /// Activations, activation gradients and scratch of the last step's shape.
     mem: Option<StepMemory>,
     /// Rows per LM-head chunk when set (tests); else from the chunk's memory budget.
@@ -128,6 +129,7 @@ impl<'d> DeviceModel<'d> {
             grad_all,
             bf16: bf16_weights,
             gate_up,
+            qkvz,
         } = weights::upload(dev, model, precision)?;
         let moments = params
             .iter()
@@ -157,6 +159,7 @@ impl<'d> DeviceModel<'d> {
             precision,
             bf16_weights,
             gate_up,
+            qkvz,
             grad_all,
             mem: None,
             head_rows: None,
@@ -327,8 +330,16 @@ impl<'d> DeviceModel<'d> {
     /// Layer `l`'s stacked `[gate; up]` weight as a GEMM operand (its bf16 copy in mixed
     /// precision), and its gradient.
     fn gate_up(&self, l: usize) -> (Operand<'_>, &DBuf) {
-        let gu = &self.gate_up[l];
-        (self.shadowed(&gu.w, gu.w_b.as_ref()), &gu.grad)
+        self.stacked(&self.gate_up[l])
+    }
+
+    /// Layer `l`'s stacked `[q; k; v; gate]` weight as a GEMM operand, and its gradient.
+    fn qkvz(&self, l: usize) -> (Operand<'_>, &DBuf) {
+        self.stacked(&self.qkvz[l])
+    }
+
+    fn stacked<'a>(&'a self, s: &'a weights::Stacked) -> (Operand<'a>, &'a DBuf) {
+        (self.shadowed(&s.w, s.w_b.as_ref()), &s.grad)
     }
 
     /// Weight `i` as a GEMM operand (its bf16 copy in mixed precision).

@@ -3,7 +3,7 @@
 //! precision with bf16 GEMM operands (the op that produces an activation writes its bf16
 //! shadow for the GEMMs that read it) and the tensor-core attention.
 
-use super::memory::{GemmIn, LayerMem, StepMemory};
+use super::memory::{Band, GemmIn, LayerMem, StepMemory};
 use super::DeviceModel;
 use crate::backend::cuda::ops::{self, AttnDims, DType};
 use crate::backend::cuda::runtime::DBuf;
@@ -269,8 +269,8 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (m, d) = (self.m, self.attn_dims());
         let (_, c) = self.layer(l);
         let b = &self.mem.bwd;
-        // dv and dz in the operand type of the projections' GEMMs that read them
-        let grads = (&b.dqr, &b.dkr, b.dv.op(), b.dz.as_ref().map(GemmIn::op));
+        // dv and dz into their bands of the stacked projections' gradient, in its GEMMs' type
+        let grads = (&b.dqr, &b.dkr, b.dv.cols(), b.dz.as_ref().map(Band::cols));
         let (q, k, v) = (&c.qr.buf, &c.kr.buf, &c.v.buf);
         match Self::tensor_cores(c)? {
             true => {
@@ -293,11 +293,11 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let hq = m.heads(n, seq, m.cfg.num_heads, li.q_norm);
         let gq = li.q_norm.map(|i| &m.grads[i]);
         let ins = (c.q.op(), &c.rstd_q, &b.dqr);
-        ops::qknorm_rope_bwd_to(m.dev, &hq, &m.rope, ins, b.dq.op(), scratch, gq)?;
+        ops::qknorm_rope_bwd_to(m.dev, &hq, &m.rope, ins, b.dq.cols(), scratch, gq)?;
         let hk = m.heads(n, seq, m.cfg.num_kv_heads, li.k_norm);
         let gk = li.k_norm.map(|i| &m.grads[i]);
         let ins = (c.k.op(), &c.rstd_k, &b.dkr);
-        ops::qknorm_rope_bwd_to(m.dev, &hk, &m.rope, ins, b.dk.op(), scratch, gk)
+        ops::qknorm_rope_bwd_to(m.dev, &hk, &m.rope, ins, b.dk.cols(), scratch, gk)
     }
 
     fn qkv_bwd(&mut self, l: usize) -> Result<()> {
@@ -305,22 +305,14 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let cfg = &m.cfg;
         let (li, c) = self.layer(l);
         let b = &self.mem.bwd;
-        let (dm, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
-        // every output gradient comes in the GEMMs' operand type from its producer: dq and dk
-        // from the QK-norm + RoPE backward, dv and dz from the attention's
-        let mut projections = vec![
-            (li.q_proj, b.dq.op(), qd),
-            (li.k_proj, b.dk.op(), kvd),
-            (li.v_proj, b.dv.op(), kvd),
-        ];
-        if let (Some(gi), Some(dz), Some(geo)) = (li.gate, b.dz.as_ref(), cfg.gate_geometry()) {
-            projections.push((gi, dz.op(), geo.scores()));
-        }
-        for (i, (w, da, width)) in projections.into_iter().enumerate() {
-            m.lin_bwd_dx(da, w, &b.dh1, n, dm, width, i > 0)?;
-            m.lin_bwd_dw(c.h1.op(), da, w, n, dm, width)?;
-        }
-        Ok(())
+        let scores = cfg.gate_geometry().filter(|_| li.gate.is_some()).map_or(0, |g| g.scores());
+        let (dm, width) = (cfg.hidden_size, cfg.q_dim() + 2 * cfg.kv_dim() + scores);
+        // [dq | dk | dv | dz] came side by side in the GEMMs' operand type from their producers
+        // (dq and dk from the QK-norm + RoPE backward, dv and dz from the attention's): one GEMM
+        // of the stacked [q; k; v; gate] weight writes dh1, one adds its weight gradient
+        let (w, grad) = m.qkvz(l);
+        ops::linear_bwd_dx(m.dev, b.dqkvz.op(), w, &b.dh1, n, dm, width, false)?;
+        ops::linear_bwd_dw(m.dev, c.h1.op(), b.dqkvz.op(), grad, n, dm, width)
     }
 
     fn input_norm_bwd(&mut self, l: usize) -> Result<()> {

@@ -1,7 +1,10 @@
 //! The device model's weights and gradients. Each dense MLP's gate and up projections — their
 //! f32 weights, gradients and bf16 copies — live in one `[gate; up]` = `[2·ff, d]` buffer, so one
 //! GEMM computes both projections (forward, input gradient and weight gradient), as the CPU's
-//! stacked GEMM does; views keep every tensor addressable on its own (optimizer, checkpoints).
+//! stacked GEMM does. Likewise each layer's q, k, v and G1 gate projections are one
+//! `[q; k; v; gate]` buffer: the backward's input gradient of all four is one GEMM (into `dh1`,
+//! once, instead of four accumulating passes over it) and their weight gradients another. Views
+//! keep every tensor addressable on its own (optimizer, checkpoints, the forward's GEMMs).
 
 use super::Precision;
 use crate::backend::cuda::ops;
@@ -11,8 +14,8 @@ use crate::model::Model;
 use anyhow::Result;
 use std::rc::Rc;
 
-/// One layer's stacked gate and up projections.
-pub(super) struct GateUp {
+/// Projections of one input stacked by rows (`[gate; up]`, `[q; k; v; gate]`): one GEMM operand.
+pub(super) struct Stacked {
     pub w: DBuf,
     pub grad: DBuf,
     /// the bf16 copy (mixed precision)
@@ -27,8 +30,10 @@ pub(super) struct Weights {
     /// bf16 copies of the weights GEMMs read (mixed precision; the embedding only as a tied
     /// head), cast once here and then rewritten by AdamW with the f32 masters
     pub bf16: Vec<Option<DBuf>>,
-    /// per layer
-    pub gate_up: Vec<GateUp>,
+    /// per layer: `[gate; up]` (dense MLPs)
+    pub gate_up: Vec<Stacked>,
+    /// per layer: `[q; k; v]` and the G1 gate's projection, if any
+    pub qkvz: Vec<Stacked>,
 }
 
 /// Upload a model's weights, with zeroed gradients.
@@ -36,15 +41,25 @@ pub(super) fn upload(dev: &dyn Device, model: &Model<f32>, precision: Precision)
     let t = &model.params.tensors;
     let head = model.index.lm_head.unwrap_or(model.index.embed);
     let gemm_read = |i: usize| matches!(model.specs[i].kind, ParamKind::Matrix | ParamKind::Gate) || i == head;
-    // every dense layer's [gate, up] together, every other tensor alone
-    let mut groups = Vec::new();
+    // every layer's [q, k, v, gate] and dense [gate, up] together, every other tensor alone
+    let (mut groups, mut kinds) = (Vec::new(), Vec::new());
     let mut stacked = vec![false; t.len()];
     for li in &model.index.layers {
+        let mut qkvz = vec![li.q_proj, li.k_proj, li.v_proj];
+        qkvz.extend(li.gate);
+        groups.push(qkvz);
+        kinds.push(Group::Qkvz);
         if let FfnIndex::Dense(mlp) = li.ffn {
             groups.push(vec![mlp.gate, mlp.up]);
-            (stacked[mlp.gate], stacked[mlp.up]) = (true, true);
+            kinds.push(Group::GateUp);
         }
     }
+    for g in &groups {
+        for &i in g {
+            stacked[i] = true;
+        }
+    }
+    kinds.extend((0..t.len()).filter(|&i| !stacked[i]).map(|_| Group::Single));
     groups.extend((0..t.len()).filter(|&i| !stacked[i]).map(|i| vec![i]));
     let none = || (0..t.len()).map(|_| None).collect::<Vec<Option<DBuf>>>();
     let (mut params, mut grads, mut bf16) = (none(), none(), none());
@@ -53,8 +68,8 @@ pub(super) fn upload(dev: &dyn Device, model: &Model<f32>, precision: Precision)
     let grad_elems: usize = groups.iter().map(|g| group_len(g).div_ceil(64) * 64).sum();
     let grad_arena = Rc::new(dev.zeros(4 * grad_elems.max(1))?);
     let mut grad_at = 0;
-    let mut gate_up = Vec::new();
-    for group in &groups {
+    let (mut gate_up, mut qkvz) = (Vec::new(), Vec::new());
+    for (group, kind) in groups.iter().zip(kinds) {
         let data: Vec<f32> = group.iter().flat_map(|&i| t[i].data.iter().copied()).collect();
         let p = Rc::new(up_f32(dev, &data)?);
         let g_off = 4 * grad_at;
@@ -75,12 +90,17 @@ pub(super) fn upload(dev: &dyn Device, model: &Model<f32>, precision: Precision)
             bf16[i] = b.as_ref().map(|b| DBuf::view(b, 2 * at, 2 * len)).transpose()?;
             at += len;
         }
-        if group.len() == 2 {
-            gate_up.push(GateUp {
+        let whole = || -> Result<Stacked> {
+            Ok(Stacked {
                 w: DBuf::view(&p, 0, p.bytes)?,
                 grad: DBuf::view(&grad_arena, g_off, 4 * data.len())?,
                 w_b: b.as_ref().map(|b| DBuf::view(b, 0, b.bytes)).transpose()?,
-            });
+            })
+        };
+        match kind {
+            Group::GateUp => gate_up.push(whole()?),
+            Group::Qkvz => qkvz.push(whole()?),
+            Group::Single => {}
         }
     }
     let all = |v: Vec<Option<DBuf>>| -> Result<Vec<DBuf>> {
@@ -94,5 +114,14 @@ pub(super) fn upload(dev: &dyn Device, model: &Model<f32>, precision: Precision)
         grad_all: DBuf::view(&grad_arena, 0, grad_arena.bytes)?,
         bf16,
         gate_up,
+        qkvz,
     })
+}
+
+/// What a weight group is.
+#[derive(Clone, Copy)]
+enum Group {
+    GateUp,
+    Qkvz,
+    Single,
 }

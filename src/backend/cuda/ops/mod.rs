@@ -90,6 +90,40 @@ pub(crate) fn f32s(what: &str, bufs: &[&DBuf], n: usize) -> Result<()> {
     bufs.iter().try_for_each(|b| need(what, b, n, 4))
 }
 
+/// An output `[rows, width]` written either densely or as a band of columns of a wider
+/// row-major matrix (`ld`: elements from one row's start to the next; `out` a view from the
+/// band's first column) — e.g. one projection's slice of the stacked `[dq | dk | dv | dz]`
+/// gradient that one GEMM reads.
+#[derive(Clone, Copy)]
+pub struct Cols<'a> {
+    pub out: Operand<'a>,
+    pub ld: Option<usize>,
+}
+
+impl<'a> From<Operand<'a>> for Cols<'a> {
+    fn from(out: Operand<'a>) -> Self {
+        Cols { out, ld: None }
+    }
+}
+
+impl<'a> From<&'a DBuf> for Cols<'a> {
+    fn from(buf: &'a DBuf) -> Self {
+        Operand::from(buf).into()
+    }
+}
+
+impl Cols<'_> {
+    /// The row stride for rows of `width` elements, checked against the buffer's size.
+    pub(crate) fn ld(&self, what: &str, rows: usize, width: usize) -> Result<usize> {
+        let ld = self.ld.unwrap_or(width);
+        if ld < width {
+            bail!("{what}: a row stride of {ld} for rows of {width}");
+        }
+        sized(what, self.out, rows.saturating_sub(1) * ld + width * usize::from(rows > 0))?;
+        Ok(ld)
+    }
+}
+
 /// An output of `n` elements of its own type (f32 or bf16).
 pub(crate) fn sized(what: &str, out: Operand, n: usize) -> Result<()> {
     need(what, out.buf, n, out.dtype.size())

@@ -69,8 +69,8 @@ __device__ __forceinline__ float rope_dn(const float* dy, const float* cosv, con
 
 template <class X, class T>
 __device__ void qknorm_rope_bwd_impl(const X* x, const float* w, const float* rstd, const float* cosv,
-                                     const float* sinv, const float* dy, T* dx, float* part, int rows, int heads,
-                                     int hd, int half, int seq, int pos0, int zc, int has_norm, int span) {
+                                     const float* sinv, const float* dy, T* dx, long ldx, float* part, int rows,
+                                     int heads, int hd, int half, int seq, int pos0, int zc, int has_norm, int span) {
     DYN_SHARED(float, dyn);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5, blk = blockIdx.x;
     const int w1 = min(rows * heads, (blk + 1) * span);
@@ -80,9 +80,11 @@ __device__ void qknorm_rope_bwd_impl(const X* x, const float* w, const float* rs
     for (int wi = blk * span + warp; wi < w1; wi += warps) {  // warp-uniform
         const int row = wi / heads;
         const long base = (long)wi * hd;
+        // dx's rows are ldx apart (a band of columns of the stacked projections' gradient)
+        T* dxh = dx + (long)row * ldx + (long)(wi - row * heads) * hd;
         const long p = (long)(pos0 + row % seq) * half;
         if (!has_norm) {
-            for (int e = lane; e < hd; e += 32) store_as(dx + base + e, rope_dn(dy, cosv, sinv, base, p, half, e));
+            for (int e = lane; e < hd; e += 32) store_as(dxh + e, rope_dn(dy, cosv, sinv, base, p, half, e));
             continue;
         }
         const float r = rstd[wi];
@@ -93,7 +95,7 @@ __device__ void qknorm_rope_bwd_impl(const X* x, const float* w, const float* rs
         for (int e = lane; e < hd; e += 32) {
             float xh = load_f32(x + base + e) * r, dn = rope_dn(dy, cosv, sinv, base, p, half, e);
             acc[e] += dn * xh;
-            store_as(dx + base + e, r * (dn * GAIN(e) - xh * mean));
+            store_as(dxh + e, r * (dn * GAIN(e) - xh * mean));
         }
     }
     if (!has_norm) return;  // block-uniform
@@ -108,11 +110,11 @@ __device__ void qknorm_rope_bwd_impl(const X* x, const float* w, const float* rs
 // one entry point per (x, dx) type pair
 #define ROPE_BWD(name, X, T)                                                                                \
     extern "C" __global__ void name(const X* x, const float* w, const float* rstd, const float* cosv,      \
-                                    const float* sinv, const float* dy, T* dx, float* part, int rows,      \
-                                    int heads, int hd, int half, int seq, int pos0, int zc, int has_norm,  \
-                                    int span) {                                                            \
-        qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, part, rows, heads, hd, half, seq, pos0, zc,   \
-                             has_norm, span);                                                              \
+                                    const float* sinv, const float* dy, T* dx, long ldx, float* part,      \
+                                    int rows, int heads, int hd, int half, int seq, int pos0, int zc,      \
+                                    int has_norm, int span) {                                              \
+        qknorm_rope_bwd_impl(x, w, rstd, cosv, sinv, dy, dx, ldx, part, rows, heads, hd, half, seq, pos0,  \
+                             zc, has_norm, span);                                                          \
     }
 ROPE_BWD(qknorm_rope_bwd, float, float)
 ROPE_BWD(qknorm_rope_bwd_bf16, float, bf16)

@@ -4,7 +4,7 @@
 //! q/k projections' GEMM output, which both passes read) in f32 or bf16.
 
 use super::reduce::{norm_bwd_blocks, norm_bwd_scratch_len, sum_rows};
-use super::{f32s, sized, DType, KernelSource, Operand};
+use super::{f32s, sized, Cols, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{up_f32, Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
@@ -174,28 +174,31 @@ pub fn qknorm_rope_bwd_with(
     part: &DBuf,
     dw: Option<&DBuf>,
 ) -> Result<()> {
-    qknorm_rope_bwd_to(dev, h, rope, (ins.0.into(), ins.1, ins.2), dx.into(), part, dw)
+    qknorm_rope_bwd_to(dev, h, rope, (ins.0.into(), ins.1, ins.2), dx, part, dw)
 }
 
 /// Warps per block of the backward, each running its own head rows.
 const BWD_WARPS: usize = 8;
 
 /// [`qknorm_rope_bwd_with`] with `x` (the forward's pre-norm input) in f32 or bf16 and `dx` in
-/// f32 or bf16 (the q/k projections' output gradient, in the type their GEMMs read). With a norm, two launches: the backward over
+/// f32 or bf16 (the q/k projections' output gradient, in the type their GEMMs read), densely or
+/// as a band of columns ([`Cols`]: the stacked projections' gradient). With a norm, two launches: the backward over
 /// [`norm_bwd_blocks`] spans of head rows, each block summing its rows' gain gradients into
 /// its row of `part`, then `dw +=` the sum of those rows; without one, the backward alone.
-pub fn qknorm_rope_bwd_to(
+pub fn qknorm_rope_bwd_to<'a>(
     dev: &dyn Device,
     h: &HeadRows,
     rope: &DeviceRope,
     (x, rstd, dy): (Operand, &DBuf, &DBuf),
-    dx: Operand,
+    dx: impl Into<Cols<'a>>,
     part: &DBuf,
     dw: Option<&DBuf>,
 ) -> Result<()> {
     let what = "qknorm_rope_bwd";
     h.check(what, rope, x, &[dy])?;
-    sized(what, dx, h.rows * h.heads * h.head_dim)?;
+    let dx: Cols = dx.into();
+    let ldx = dx.ld(what, h.rows, h.heads * h.head_dim)?;
+    let dx = dx.out;
     let head_rows = h.rows * h.heads;
     let (span, blocks) = norm_bwd_blocks(head_rows);
     // each warp's gain-gradient sums in shared memory
@@ -228,6 +231,7 @@ pub fn qknorm_rope_bwd_to(
         rope.sin.arg(),
         dy.arg(),
         dx.buf.arg(),
+        Arg::I64(ldx as i64),
         part.arg(),
     ];
     args.extend(h.dims(rope));

@@ -91,8 +91,8 @@ __device__ void attn_fwd_impl(const float* q, const float* k, const float* v, co
 // rounded; see attention_tc.cu's epilogue). Entries: attn_bwd_pre{,_bf16} (f32 dout),
 // attn_bwd_pre_tc{,_bf16} (bf16 dout), attn_bwd_pre_tc_bf16oz (bf16 o, z, dout and dz).
 template <class TI, class TO, class TZ>
-__device__ void attn_bwd_pre_impl(const TI* o, const TI* z, const float* dy, TO* dout, TZ* dz, float* delta,
-                                  int rows, int T, int H, int HD, int gate_mode) {
+__device__ void attn_bwd_pre_impl(const TI* o, const TI* z, const float* dy, TO* dout, TZ* dz, long ldz,
+                                  float* delta, int rows, int T, int H, int HD, int gate_mode) {
     const int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (w >= rows * H) return;  // warp-uniform: no barrier follows that others would miss
     const int r = w / H, h = w % H;
@@ -104,7 +104,7 @@ __device__ void attn_bwd_pre_impl(const TI* o, const TI* z, const float* dy, TO*
         float s = sh;
         if (gate_mode == 1) {
             s = sigmoidf(load_f32(z + base + e));
-            store_as(dz + base + e, g * oe * s * (1.0f - s));
+            store_as(dz + r * ldz + h * HD + e, g * oe * s * (1.0f - s));
         }
         dzh += g * oe;
         float d = g * s;
@@ -115,14 +115,14 @@ __device__ void attn_bwd_pre_impl(const TI* o, const TI* z, const float* dy, TO*
     dzh = warp_sum(dzh);
     if (lane == 0) {
         delta[((long)(r / T) * H + h) * T + r % T] = dd;
-        if (gate_mode == 2) store_as(dz + (long)r * H + h, dzh * sh * (1.0f - sh));
+        if (gate_mode == 2) store_as(dz + r * ldz + h, dzh * sh * (1.0f - sh));
     }
 }
 
 #define ATTN_BWD_PRE(NAME, TI, TO, TZ)                                                                             \
-    extern "C" __global__ void NAME(const TI* o, const TI* z, const float* dy, TO* dout, TZ* dz,                   \
+    extern "C" __global__ void NAME(const TI* o, const TI* z, const float* dy, TO* dout, TZ* dz, long ldz,         \
                                     float* delta, int rows, int T, int H, int HD, int gate_mode) {                 \
-        attn_bwd_pre_impl(o, z, dy, dout, dz, delta, rows, T, H, HD, gate_mode);                                   \
+        attn_bwd_pre_impl(o, z, dy, dout, dz, ldz, delta, rows, T, H, HD, gate_mode);                              \
     }
 ATTN_BWD_PRE(attn_bwd_pre, float, float, float)
 ATTN_BWD_PRE(attn_bwd_pre_bf16, float, float, bf16)
@@ -135,8 +135,8 @@ ATTN_BWD_PRE(attn_bwd_pre_tc_bf16oz, bf16, bf16, bf16)
 // the query rows i ≥ j. dV, which only the v projection's GEMMs read, f32 or bf16.
 template <int HD, class TV>
 __device__ void attn_bwd_dkdv_impl(const float* q, const float* k, const float* v, const float* dout,
-                                   const float* lse, const float* delta, float* dk, TV* dv, int T, int H, int KV,
-                                   float scale) {
+                                   const float* lse, const float* delta, float* dk, TV* dv, long ldv, int T, int H,
+                                   int KV, float scale) {
     __shared__ float qs[BC * HD];
     __shared__ float ds[BC * HD];
     __shared__ float ls[BC], dl[BC];
@@ -187,9 +187,10 @@ __device__ void attn_bwd_dkdv_impl(const float* q, const float* k, const float* 
         }
     }
     if (!active) return;
+    const long vrow = ((long)b * T + j) * ldv + kh * HD;  // dv's rows are ldv apart
     for (int e = 0; e < HD; ++e) {
         dk[krow + e] = dkr[e] * scale;
-        store_as(dv + krow + e, dvr[e]);
+        store_as(dv + vrow + e, dvr[e]);
     }
 }
 
@@ -245,14 +246,15 @@ __device__ void attn_bwd_dq_impl(const float* q, const float* k, const float* v,
     }                                                                                                             \
     extern "C" __global__ void attn_bwd_dkdv_hd##HD(const float* q, const float* k, const float* v,               \
                                                     const float* dout, const float* lse, const float* delta,      \
-                                                    float* dk, float* dv, int T, int H, int KV, float scale) {    \
-        attn_bwd_dkdv_impl<HD>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale);                               \
+                                                    float* dk, float* dv, long ldv, int T, int H, int KV,         \
+                                                    float scale) {                                                \
+        attn_bwd_dkdv_impl<HD>(q, k, v, dout, lse, delta, dk, dv, ldv, T, H, KV, scale);                          \
     }                                                                                                             \
     extern "C" __global__ void attn_bwd_dkdv_hd##HD##_bf16(const float* q, const float* k, const float* v,        \
                                                            const float* dout, const float* lse,                   \
-                                                           const float* delta, float* dk, bf16* dv, int T, int H, \
-                                                           int KV, float scale) {                                 \
-        attn_bwd_dkdv_impl<HD>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale);                               \
+                                                           const float* delta, float* dk, bf16* dv, long ldv,     \
+                                                           int T, int H, int KV, float scale) {                   \
+        attn_bwd_dkdv_impl<HD>(q, k, v, dout, lse, delta, dk, dv, ldv, T, H, KV, scale);                          \
     }                                                                                                             \
     extern "C" __global__ void attn_bwd_dq_hd##HD(const float* q, const float* k, const float* v,                 \
                                                   const float* dout, const float* lse, const float* delta,        \

@@ -390,8 +390,8 @@ __device__ __forceinline__ void mma_ab(float acc[HD / 8][4], const float x[SUB /
 // A fragment of Pᵀ/dSᵀ (or dS).
 template <int HD, class TV>
 __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                                      const float* lse, const float* delta, float* dk, TV* dv, int T, int H,
-                                      int KV, float scale, int plant) {
+                                      const float* lse, const float* delta, float* dk, TV* dv, long ldv, int T,
+                                      int H, int KV, float scale, int plant) {
     constexpr int LD = HD + TC_PAD;
     constexpr int NT = HD / 8;                // n tiles of dK, dV
     constexpr bool AREG = HD <= 64;           // K, V fragments in registers (else in shared memory)
@@ -477,13 +477,15 @@ __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* 
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
         if (keys[r] >= T) continue;
+        // dv's rows are ldv apart (a band of the stacked projections' gradient)
         const long base = ((long)b * T + keys[r]) * ldk + kh * HD;
+        const long vbase = ((long)b * T + keys[r]) * ldv + kh * HD;
         #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
             for (int e = 0; e < 2; ++e) {
-                const long at = base + nt * 8 + 2 * tig + e;
-                dk[at] = adk[nt][2 * r + e] * scale;
-                store_as(dv + at, adv[nt][2 * r + e]);
+                const int c = nt * 8 + 2 * tig + e;
+                dk[base + c] = adk[nt][2 * r + e] * scale;
+                store_as(dv + vbase + c, adv[nt][2 * r + e]);
             }
     }
 }
@@ -567,14 +569,15 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
 #define ATTN_TC_BWD_KERNELS(HD)                                                                                    \
     extern "C" __global__ void attn_bwd_dkdv_tc_hd##HD(const bf16* q, const bf16* k, const bf16* v,               \
                                                        const bf16* dout, const float* lse, const float* delta,    \
-                                                       float* dk, float* dv, int T, int H, int KV, float scale) { \
-        attn_bwd_dkdv_tc_impl<HD>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale, 0);                         \
+                                                       float* dk, float* dv, long ldv, int T, int H, int KV,      \
+                                                       float scale) {                                             \
+        attn_bwd_dkdv_tc_impl<HD>(q, k, v, dout, lse, delta, dk, dv, ldv, T, H, KV, scale, 0);                    \
     }                                                                                                              \
     extern "C" __global__ void attn_bwd_dkdv_tc_hd##HD##_bf16(const bf16* q, const bf16* k, const bf16* v,        \
                                                               const bf16* dout, const float* lse,                 \
-                                                              const float* delta, float* dk, bf16* dv, int T,     \
-                                                              int H, int KV, float scale) {                       \
-        attn_bwd_dkdv_tc_impl<HD>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale, 0);                         \
+                                                              const float* delta, float* dk, bf16* dv, long ldv,  \
+                                                              int T, int H, int KV, float scale) {                \
+        attn_bwd_dkdv_tc_impl<HD>(q, k, v, dout, lse, delta, dk, dv, ldv, T, H, KV, scale, 0);                    \
     }                                                                                                              \
     extern "C" __global__ void attn_bwd_dq_tc_hd##HD(const bf16* q, const bf16* k, const bf16* v,                 \
                                                      const bf16* dout, const float* lse, const float* delta,      \
@@ -590,8 +593,8 @@ ATTN_TC_BWD_KERNELS(128)
 // the production kernels pass.
 extern "C" __global__ void attn_bwd_dkdv_tc_planted(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                     const float* lse, const float* delta, float* dk, float* dv,
-                                                    int T, int H, int KV, float scale, int plant) {
-    attn_bwd_dkdv_tc_impl<64>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale, plant);
+                                                    long ldv, int T, int H, int KV, float scale, int plant) {
+    attn_bwd_dkdv_tc_impl<64>(q, k, v, dout, lse, delta, dk, dv, ldv, T, H, KV, scale, plant);
 }
 extern "C" __global__ void attn_bwd_dq_tc_planted(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                   const float* lse, const float* delta, float* dq, int T, int H,

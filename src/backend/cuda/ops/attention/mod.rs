@@ -3,7 +3,7 @@
 
 pub mod tc;
 
-use super::{f32s, sized, DType, KernelSource, Operand};
+use super::{f32s, sized, Cols, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 pub use tc::{
@@ -184,11 +184,20 @@ pub(super) fn backward_pre(
     what: &str,
     d: &AttnDims,
     gate: FusedGate,
-    (o, z, dy, dz): (Operand, Option<Operand>, &DBuf, Option<Operand>),
+    (o, z, dy, dz): (Operand, Option<Operand>, &DBuf, Option<Cols>),
     scratch: &AttnScratch,
 ) -> Result<()> {
     let zarg = gate_arg(what, z, d, gate)?;
-    let dzarg = gate_arg(&format!("{what} (dz)"), dz, d, gate)?;
+    // dz densely or as a band of the stacked projections' gradient (rows ldz apart)
+    let (dzarg, ldz) = match (gate, dz) {
+        (FusedGate::None, _) => (Arg::Ptr(0), 0),
+        (_, Some(dz)) => {
+            let ld = dz.ld(&format!("{what} (dz)"), d.rows(), d.z_elems(gate) / d.rows().max(1))?;
+            (dz.out.buf.arg(), ld)
+        }
+        (_, None) => bail!("{what} (dz): a gated attention needs the gate logits' gradient"),
+    };
+    let dz = dz.map(|c| c.out);
     let dz_used = dz.filter(|_| gate != FusedGate::None);
     let kernel = match saved_type(what, d, o, z.filter(|_| gate != FusedGate::None), dz_used)? {
         DType::Bf16 if kernel == "attn_bwd_pre_tc" => format!("{kernel}_bf16oz"),
@@ -201,6 +210,7 @@ pub(super) fn backward_pre(
         dy.arg(),
         scratch.dout.arg(),
         dzarg,
+        Arg::I64(ldz as i64),
         scratch.delta.arg(),
         Arg::I32(d.rows() as i32),
         Arg::I32(d.seq as i32),
@@ -286,13 +296,14 @@ pub fn attention_bwd(
     scratch: &AttnScratch,
     (dq, dk, dv, dz): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
 ) -> Result<()> {
-    let grads = (dq, dk, dv.into(), dz.map(Operand::from));
+    let grads = (dq, dk, dv.into(), dz.map(Cols::from));
     attention_bwd_to(dev, d, gate, (q, k, v, z), (o, lse, dy), scratch, grads)
 }
 
 /// [`attention_bwd`] with `dv` and `dz` each in f32 or bf16 (rounded from the same f32 values):
-/// the v and gate projections' output gradients, in the type their GEMMs read. `dq` and `dk`
-/// stay f32 (QK-norm + RoPE's backward reads them).
+/// the v and gate projections' output gradients, in the type their GEMMs read, each dense or a
+/// band of the stacked projections' gradient ([`Cols`]). `dq` and `dk` stay f32 (QK-norm +
+/// RoPE's backward reads them).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd_to(
     dev: &dyn Device,
@@ -301,12 +312,13 @@ pub fn attention_bwd_to(
     (q, k, v, z): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
     (o, lse, dy): (&DBuf, &DBuf, &DBuf),
     scratch: &AttnScratch,
-    (dq, dk, dv, dz): (&DBuf, &DBuf, Operand, Option<Operand>),
+    (dq, dk, dv, dz): (&DBuf, &DBuf, Cols, Option<Cols>),
 ) -> Result<()> {
     d.check()?;
     f32s("attention_bwd", &[q, o, dy, dq, &scratch.dout], d.q_elems())?;
     f32s("attention_bwd", &[k, v, dk], d.kv_elems())?;
-    sized("attention_bwd", dv, d.kv_elems())?;
+    let ldv = dv.ld("attention_bwd (dv)", d.rows(), d.kv_heads * d.head_dim)?;
+    let dv = dv.out;
     f32s("attention_bwd", &[lse, &scratch.delta], d.rows() * d.heads)?;
     let bwd = (o.into(), z.map(Operand::from), dy, dz);
     backward_pre(dev, "attn_bwd_pre", "attention_bwd", d, gate, bwd, scratch)?;
@@ -319,7 +331,7 @@ pub fn attention_bwd_to(
         scratch.delta.arg(),
     ];
     let mut args = ins.to_vec();
-    args.extend([dk.arg(), dv.buf.arg()]);
+    args.extend([dk.arg(), dv.buf.arg(), Arg::I64(ldv as i64)]);
     args.extend(d.common());
     let hd = d.head_dim;
     let dkdv = format!("attn_bwd_dkdv_hd{hd}{}", suffix(dv.dtype));

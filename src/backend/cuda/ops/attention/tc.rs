@@ -5,7 +5,7 @@
 //! for the tests only.
 
 use super::{gate_arg, saved_type, suffix, AttnDims, AttnScratch, FusedGate};
-use crate::backend::cuda::ops::{f32s, need, sized, DType, KernelSource, Operand};
+use crate::backend::cuda::ops::{f32s, need, sized, Cols, DType, KernelSource, Operand};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
@@ -132,7 +132,7 @@ pub fn attention_backward_tc(
     scratch: &AttnScratch,
     (dq, dk, dv, dz): (&DBuf, &DBuf, &DBuf, Option<&DBuf>),
 ) -> Result<()> {
-    let grads = (dq, dk, dv.into(), dz.map(Operand::from));
+    let grads = (dq, dk, dv.into(), dz.map(Cols::from));
     let (q, k, v, z) = inputs;
     let (o, lse, dy) = fwd;
     let (inputs, fwd) = ((q, k, v, z.map(Operand::from)), (o.into(), lse, dy));
@@ -152,7 +152,7 @@ pub fn attention_backward_tc_to(
     inputs: (&DBuf, &DBuf, &DBuf, Option<Operand>),
     fwd: (Operand, &DBuf, &DBuf),
     scratch: &AttnScratch,
-    grads: (&DBuf, &DBuf, Operand, Option<Operand>),
+    grads: (&DBuf, &DBuf, Cols, Option<Cols>),
 ) -> Result<()> {
     backward_tc(dev, d, gate, inputs, fwd, scratch, grads, None)
 }
@@ -175,7 +175,7 @@ pub fn attention_backward_tc_planted(
     if d.head_dim != 64 {
         bail!("attention_backward_tc_planted: the planted kernels are hd64");
     }
-    let grads = (dq, dk, dv.into(), dz.map(Operand::from));
+    let grads = (dq, dk, dv.into(), dz.map(Cols::from));
     let (q, k, v, z) = inputs;
     let (o, lse, dy) = fwd;
     let (inputs, fwd) = ((q, k, v, z.map(Operand::from)), (o.into(), lse, dy));
@@ -190,11 +190,11 @@ fn backward_tc(
     (q, k, v, z): (&DBuf, &DBuf, &DBuf, Option<Operand>),
     (o, lse, dy): (Operand, &DBuf, &DBuf),
     scratch: &AttnScratch,
-    (dq, dk, dv, dz): (&DBuf, &DBuf, Operand, Option<Operand>),
+    (dq, dk, dv, dz): (&DBuf, &DBuf, Cols, Option<Cols>),
     plant: Option<i32>,
 ) -> Result<()> {
     let what = "attention_backward_tc";
-    if plant.is_some() && dv.dtype != DType::F32 {
+    if plant.is_some() && dv.out.dtype != DType::F32 {
         bail!("{what}: the planted kernels write dv in f32");
     }
     if !ATTN_TC_HEAD_DIMS.contains(&d.head_dim) {
@@ -215,7 +215,8 @@ fn backward_tc(
     }
     f32s(what, &[dy, dq], d.q_elems())?;
     f32s(what, &[dk], d.kv_elems())?;
-    sized(what, dv, d.kv_elems())?;
+    let ldv = dv.ld(&format!("{what} (dv)"), d.rows(), d.kv_heads * d.head_dim)?;
+    let dv = dv.out;
     f32s(what, &[lse, &scratch.delta], d.rows() * d.heads)?;
     super::backward_pre(dev, "attn_bwd_pre_tc", what, d, gate, (o, z, dy, dz), scratch)?;
     let ins = [
@@ -237,7 +238,7 @@ fn backward_tc(
     };
     // dK/dV: a block per 64 keys (attention_tc.cu `TC_KEYS`, = ATTN_TC_ROWS) of a kv head
     let mut args = ins.to_vec();
-    args.extend([dk.arg(), dv.buf.arg()]);
+    args.extend([dk.arg(), dv.buf.arg(), Arg::I64(ldv as i64)]);
     args.extend(d.common());
     args.extend(plant.map(Arg::I32));
     dev.launch(&name("dkdv", dv.dtype), cfg(d.kv_heads), &args)?;

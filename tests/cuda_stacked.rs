@@ -1,0 +1,121 @@
+//! The backward of the stacked `[q; k; v; gate]` projection: QK-norm + RoPE's backward and the
+//! attention's write `dq`, `dk`, `dv`, `dz` as column bands of one `[rows, q | k | v | z]`
+//! gradient (row stride wider than each band), so one GEMM reads all four. Each band equals,
+//! bit for bit, what the kernel writes densely, and the columns around it are left untouched.
+//! On the CPU emulator always, and on a GPU when there is one.
+#![cfg(feature = "cuda")]
+
+use gated_lm::backend::cuda::ops::{self, Cols, DeviceRope, HeadRows, Operand};
+use gated_lm::backend::cuda::runtime::{down_u16, up_f32, up_u16, DBuf, Device};
+use std::rc::Rc;
+
+mod common;
+use common::cuda_devices as devices;
+
+fn randn(n: usize, seed: u64, std: f64) -> Vec<f32> {
+    let mut r = gated_lm::rng::Rng::new(seed);
+    (0..n).map(|_| (r.normal() * std) as f32).collect()
+}
+
+/// A sentinel no kernel writes (a NaN payload), in every 16-bit half of the buffer.
+const SENTINEL: u16 = 0x7fc3;
+
+fn sentinel(dev: &dyn Device, halves: usize) -> DBuf {
+    up_u16(dev, &vec![SENTINEL; halves]).unwrap()
+}
+
+/// An output of `rows × width` elements of `bf16` or f32, dense, or as the band of columns
+/// `[at, at + width)` of a `[rows, ld]` matrix: its 16-bit words, with the band cut out (row by
+/// row) and the words outside it checked to be untouched.
+struct Out {
+    rows: usize,
+    width: usize,
+    halves_per_elem: usize,
+}
+
+impl Out {
+    fn dense(&self, dev: &dyn Device) -> DBuf {
+        sentinel(dev, self.rows * self.width * self.halves_per_elem)
+    }
+    fn wide(&self, dev: &dyn Device, ld: usize) -> DBuf {
+        sentinel(dev, self.rows * ld * self.halves_per_elem)
+    }
+    fn band_of(&self, dev: &dyn Device, wide: &DBuf, at: usize, ld: usize, what: &str) -> Vec<u16> {
+        let (h, all) = (self.halves_per_elem, down_u16(dev, wide).unwrap());
+        let mut band = Vec::new();
+        for (r, row) in all.chunks(ld * h).enumerate() {
+            let (lo, hi) = (at * h, (at + self.width) * h);
+            band.extend_from_slice(&row[lo..hi]);
+            let outside = row[..lo].iter().chain(&row[hi..]);
+            assert!(outside.into_iter().all(|&w| w == SENTINEL), "{what}: row {r}: a write outside the band");
+        }
+        band
+    }
+}
+
+/// The view of `wide` from column `at` (its band's first element), `elem` bytes an element.
+fn from_col(wide: &Rc<DBuf>, at: usize, elem: usize) -> DBuf {
+    let start = elem * at;
+    DBuf::view(wide, start, wide.bytes - start).unwrap()
+}
+
+fn typed(b: &DBuf, bf16: bool) -> Operand<'_> {
+    if bf16 {
+        Operand::bf16(b)
+    } else {
+        b.into()
+    }
+}
+
+/// QK-norm + RoPE's backward into a band (q's at column 0, k's after q's columns) equals its
+/// dense output bit for bit, f32 and bf16 out, with and without the norm; its gain gradient too.
+#[test]
+fn qknorm_rope_backward_writes_a_band_of_the_stacked_gradient() {
+    let (rows, seq, hd) = (12, 6, 64);
+    let (cos, sin): (Vec<f32>, Vec<f32>) = (0..seq * hd / 2).map(|i| ((i as f32).cos(), (i as f32).sin())).unzip();
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let rope = DeviceRope::upload(dev, &cos, &sin, hd, seq).unwrap();
+        for (heads, at, ld, norm, bf16) in [(3, 0, 3 * 64 + 2 * 64 + 17, true, true), (2, 128, 400, false, false), (1, 40, 104, true, false)] {
+            let n = rows * heads * hd;
+            let what = format!("heads {heads}, band at {at} of {ld}, norm {norm}, bf16 {bf16} on {}", dev.describe());
+            let (x, dy, w) = (
+                up_f32(dev, &randn(n, 1 + heads as u64, 1.0)).unwrap(),
+                up_f32(dev, &randn(n, 2, 1.0)).unwrap(),
+                up_f32(dev, &randn(hd, 3, 0.5)).unwrap(),
+            );
+            let h = HeadRows { rows, heads, head_dim: hd, seq, norm: norm.then_some(&w), zero_centered: false };
+            let (y, rstd) = (up_f32(dev, &vec![0.0; n]).unwrap(), up_f32(dev, &vec![0.0; rows * heads]).unwrap());
+            ops::qknorm_rope_fwd(dev, &h, &rope, &x, &y, &rstd, 1e-6).unwrap();
+            let out = Out { rows, width: heads * hd, halves_per_elem: if bf16 { 1 } else { 2 } };
+            let sc = up_f32(dev, &vec![0.0; ops::norm_bwd_scratch_len(rows * heads, hd)]).unwrap();
+            let run = |dx: Cols| {
+                let dw = up_f32(dev, &vec![0.0; hd]).unwrap();
+                ops::qknorm_rope_bwd_to(dev, &h, &rope, ((&x).into(), &rstd, &dy), dx, &sc, norm.then_some(&dw)).unwrap();
+                down_u16(dev, &dw).unwrap()
+            };
+            let dense = out.dense(dev);
+            let dw_dense = run(typed(&dense, bf16).into());
+            let wide = Rc::new(out.wide(dev, ld));
+            let band = from_col(&wide, at, 2 * out.halves_per_elem);
+            let dw_band = run(Cols { out: typed(&band, bf16), ld: Some(ld) });
+            let got = out.band_of(dev, &wide, at, ld, &what);
+            let want = down_u16(dev, &dense).unwrap();
+            assert!(want.iter().all(|&w| w != SENTINEL), "{what}: dense output incomplete");
+            assert!(got == want, "{what}: band differs from the dense output");
+            assert_eq!(dw_band, dw_dense, "{what}: gain gradient");
+        }
+        // a stride below the width, or a band that overruns its buffer, is refused
+        let h = HeadRows { rows: 4, heads: 1, head_dim: hd, seq: 4, norm: None, zero_centered: false };
+        let (x, sc) = (up_f32(dev, &vec![0.0; 4 * hd]).unwrap(), up_f32(dev, &[0.0; 64]).unwrap());
+        let rstd = up_f32(dev, &[1.0; 4]).unwrap();
+        let ins = || ((&x).into(), &rstd, &x);
+        let short = sentinel(dev, 2 * (3 * 100 + hd) - 2);
+        let e = ops::qknorm_rope_bwd_to(dev, &h, &rope, ins(), Cols { out: (&short).into(), ld: Some(hd - 1) }, &sc, None);
+        assert!(format!("{}", e.unwrap_err()).contains("row stride"), "narrow stride");
+        let e = ops::qknorm_rope_bwd_to(dev, &h, &rope, ins(), Cols { out: (&short).into(), ld: Some(100) }, &sc, None);
+        assert!(format!("{}", e.unwrap_err()).contains("buffer of"), "short band");
+        let fits = sentinel(dev, 2 * (3 * 100 + hd));
+        ops::qknorm_rope_bwd_to(dev, &h, &rope, ins(), Cols { out: (&fits).into(), ld: Some(100) }, &sc, None).unwrap();
+    }
+}
