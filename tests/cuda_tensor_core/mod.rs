@@ -128,10 +128,10 @@ fn cp_async_lands_by_its_wait_with_zero_fill() {
         let dev = dev.as_ref();
         let (got, fin) = cp_async_probe(dev, 0).unwrap();
         for snap in 0..6 {
-            for slot in 0..5 {
+            for (slot, &lands) in CP_LANDS_AT.iter().enumerate() {
                 for e in 8 * slot..8 * slot + 8 {
                     let g = got[40 * snap + e];
-                    let ok = g == fin[e] || (snap < CP_LANDS_AT[slot] && g == CP_MARK);
+                    let ok = g == fin[e] || (snap < lands && g == CP_MARK);
                     assert!(
                         ok,
                         "{}: snapshot {snap}, slot {slot}, element {e}: {g:#06x} (final {:#06x})",
@@ -155,8 +155,8 @@ fn the_emulator_lands_cp_async_only_at_its_wait() {
     let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
     let (got, fin) = cp_async_probe(&emu, 0).unwrap();
     for snap in 0..6 {
-        for slot in 0..5 {
-            let want = if snap < CP_LANDS_AT[slot] {
+        for (slot, &lands) in CP_LANDS_AT.iter().enumerate() {
+            let want = if snap < lands {
                 &[CP_MARK; 8][..]
             } else {
                 &fin[8 * slot..8 * slot + 8]
