@@ -96,6 +96,86 @@ fn warp_collectives_need_a_full_warp() {
     assert_eq!(probe_mismatches(&emu, 0), [0, 0]);
 }
 
+/// `cp_async_probe` (attention_tc.cu): the 6 snapshots of its shared buffer (slots A..E of 8 bf16
+/// each, 0x7777 until written) and what each slot holds once its copy has landed.
+const CP_MARK: u16 = 0x7777;
+fn cp_async_probe(dev: &dyn Device, variant: i32) -> anyhow::Result<(Vec<u16>, Vec<u16>)> {
+    let src: Vec<u16> = (0..40).map(|i| 0x1000 + i as u16).collect();
+    let sb = up_u16(dev, &src)?;
+    let out = up_u16(dev, &vec![0u16; 6 * 40])?;
+    dev.launch(
+        "cp_async_probe",
+        Launch::linear(1, 32),
+        &[sb.arg(), out.arg(), Arg::I32(variant)],
+    )?;
+    // A whole; B: 6 bytes of the source (3 bf16), then zeros; C: src_bytes 0, zeros; D, E whole
+    let mut fin = src.clone();
+    fin[11..24].fill(0);
+    Ok((gated_lm::backend::cuda::runtime::down_u16(dev, &out)?, fin))
+}
+
+/// The snapshot from which slot A..E of the probe must have landed: after thread 0's
+/// wait_group 2 (retires A of the groups A, B, C: all but the newest 2), wait_group 1 (B),
+/// wait_group 0 (C), wait_all (D, issued but never committed), thread 1's wait (E).
+const CP_LANDS_AT: [usize; 5] = [1, 2, 3, 4, 5];
+
+/// cp.async on every device: a copy has landed once its thread's wait retires it (and a barrier
+/// has passed); src_bytes < 16 zero-fills the rest (6: 3 bf16 then zeros; 0: all zeros); before
+/// that a slot holds either its old contents or the new ones (a GPU may land a copy early).
+#[test]
+fn cp_async_lands_by_its_wait_with_zero_fill() {
+    for dev in devices() {
+        let dev = dev.as_ref();
+        let (got, fin) = cp_async_probe(dev, 0).unwrap();
+        for snap in 0..6 {
+            for (slot, &lands) in CP_LANDS_AT.iter().enumerate() {
+                for e in 8 * slot..8 * slot + 8 {
+                    let g = got[40 * snap + e];
+                    let ok = g == fin[e] || (snap < lands && g == CP_MARK);
+                    assert!(
+                        ok,
+                        "{}: snapshot {snap}, slot {slot}, element {e}: {g:#06x} (final {:#06x})",
+                        dev.describe(),
+                        fin[e]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The emulator lands each copy exactly at the wait that retires it, never earlier, so that a
+/// kernel missing a wait (or waiting for too few groups) reads stale shared memory there: before
+/// its wait a slot still holds 0x7777; wait_group N retires all but the newest N groups of the
+/// thread, copies not yet committed stay pending through wait_group 0, one thread's wait does not
+/// land another's copies. A copy of more than 16 source bytes or to a misaligned address is an
+/// error.
+#[test]
+fn the_emulator_lands_cp_async_only_at_its_wait() {
+    let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let (got, fin) = cp_async_probe(&emu, 0).unwrap();
+    for snap in 0..6 {
+        for (slot, &lands) in CP_LANDS_AT.iter().enumerate() {
+            let want = if snap < lands {
+                &[CP_MARK; 8][..]
+            } else {
+                &fin[8 * slot..8 * slot + 8]
+            };
+            assert_eq!(
+                &got[40 * snap + 8 * slot..40 * snap + 8 * slot + 8],
+                want,
+                "snapshot {snap}, slot {slot}"
+            );
+        }
+    }
+    for (variant, msg) in [(1, "src_bytes 17"), (2, "not aligned")] {
+        let e = cp_async_probe(&emu, variant).unwrap_err();
+        assert!(format!("{e:#}").contains(msg), "variant {variant}: {e:#}");
+    }
+    // and the emulator is usable afterwards
+    assert_eq!(cp_async_probe(&emu, 0).unwrap().0, got);
+}
+
 /// The tensor-core forward against the CPU attention (f32) on the same bf16-rounded inputs:
 /// partial tiles (T not a multiple of 16 or 64, several query blocks), GQA, batch 2, both head
 /// dims, all gate modes. Tolerances: o (and y = o·gate, gate ≤ 1) may differ by the rounding of

@@ -3,7 +3,9 @@
 // cooperative fibers on one OS thread, switched at __syncthreads and warp shuffles,
 // blocks run one after another. That makes every launch deterministic and lets CI check the
 // kernels' indexing, reductions and barriers against the CPU ops; speed, memory coalescing and
-// races between warps that real hardware may expose are out of its reach.
+// races between warps that real hardware may expose are out of its reach. cp.async copies land
+// only at the wait that retires them (the latest moment the PTX ISA allows), so a missing or
+// short wait reads stale shared memory here.
 #pragma once
 #include <math.h>
 #include <algorithm>
@@ -12,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -59,6 +62,13 @@ emu_switch:
     .size emu_switch, .-emu_switch
 )");
 #endif
+// One cp.async of a thread: the bytes it will write (the source read at issue, zero-filled past
+// src_bytes) and where.
+struct AsyncCopy {
+    void* dst;
+    int size;
+    unsigned char data[16];
+};
 struct Fiber {
 #if defined(EMU_SWITCH)
     void* sp = nullptr;  // the saved stack pointer of a fiber switched out
@@ -69,6 +79,10 @@ struct Fiber {
     dim3 tid;
     bool started = false, done = false;
     char* stack = nullptr;
+    // cp.async: copies issued since the last commit, and the committed groups, oldest first;
+    // none of them has touched shared memory yet (see cp_async below)
+    std::vector<AsyncCopy> cp_open;
+    std::deque<std::vector<AsyncCopy>> cp_groups;
 };
 struct Barrier {
     unsigned long gen = 0;
@@ -243,6 +257,8 @@ inline bool launch(void (*k)(), dim3 g, dim3 b, unsigned smem) {
 #endif
                     f.tid = dim3{(unsigned)i % b.x, (unsigned)i / b.x % b.y, (unsigned)i / (b.x * b.y)};
                     f.started = f.done = false;
+                    f.cp_open.clear();  // copies a thread of the last block never waited for
+                    f.cp_groups.clear();
                 }
                 failed = false;
                 while (finished < n) {
@@ -367,6 +383,36 @@ inline void ldmatrix_m8n8_x4(uint32_t r[4], const uint16_t* row, bool trans) {
     for (int m = 0; m < 4; ++m) r[m] = out[m];
 }
 
+// ---- cp.async (per thread, not a collective). The PTX ISA lets a copy land at any time between
+// its issue and the issuing thread's cp.async.wait_group / wait_all that retires its group; the
+// emulator takes the latest: a copy writes shared memory only when that wait executes, so a
+// kernel that reads a destination without the wait (or, from another thread, without a barrier
+// after it) reads the old contents, as a GPU may. The source is read at issue time (a kernel
+// that wrote it between issue and wait would be racing on a GPU; ours never do). src_bytes <
+// size zero-fills the rest of the destination; src_bytes 0 reads nothing.
+inline void cp_async(void* dst, const void* src, int size, int src_bytes, const char* what) {
+    if ((uintptr_t)dst % size != 0 || (uintptr_t)src % size != 0)
+        fail(std::string(what) + ": an address is not aligned to the copy size " + std::to_string(size));
+    if (src_bytes < 0 || src_bytes > size)
+        fail(std::string(what) + ": src_bytes " + std::to_string(src_bytes) + " is outside 0.." + std::to_string(size));
+    AsyncCopy c{dst, size, {}};
+    if (src_bytes > 0) std::memcpy(c.data, src, src_bytes);
+    fibers[cur].cp_open.push_back(c);
+}
+inline void cp_async_commit() {
+    Fiber& f = fibers[cur];
+    f.cp_groups.push_back(std::move(f.cp_open));  // an empty group when nothing was issued
+    f.cp_open.clear();
+}
+// Retires all but the newest n committed groups, oldest first; copies not yet committed stay.
+inline void cp_async_wait(int n) {
+    Fiber& f = fibers[cur];
+    while ((int)f.cp_groups.size() > n) {
+        for (const AsyncCopy& c : f.cp_groups.front()) std::memcpy(c.dst, c.data, c.size);
+        f.cp_groups.pop_front();
+    }
+}
+
 // The kernel's arguments arrive as cuLaunchKernel passes them: an array of pointers to values.
 inline void** args;
 template <class... A, size_t... I>
@@ -458,3 +504,20 @@ inline void mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2])
 }
 inline void ldmatrix_x4(unsigned r[4], const unsigned short* row) { emu::ldmatrix_m8n8_x4(r, row, false); }
 inline void ldmatrix_x4_trans(unsigned r[4], const unsigned short* row) { emu::ldmatrix_m8n8_x4(r, row, true); }
+inline void cp_async16(void* dst, const void* src, int src_bytes) {
+    emu::cp_async(dst, src, 16, src_bytes, "cp.async.cg (16 bytes)");
+}
+inline void cp_async4(void* dst, const void* src, int src_bytes) {
+    emu::cp_async(dst, src, 4, src_bytes, "cp.async.ca (4 bytes)");
+}
+inline void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+void cp_async_wait() {
+    static_assert(N >= 0, "cp.async.wait_group of a negative count");
+    emu::cp_async_wait(N);
+}
+inline void cp_async_wait_all() {  // cp.async.wait_all: commit_group, then wait_group 0
+    emu::cp_async_commit();
+    emu::cp_async_wait(0);
+}
+inline float __fmul_rn(float a, float b) { return a * b; }

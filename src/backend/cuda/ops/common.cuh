@@ -71,14 +71,24 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
 
 // Tensor-core warp collectives (sm_80+); every lane of the warp must execute them, converged.
 // The CPU emulator (emu/cuda_emu.h) implements the same three with the PTX ISA's per-lane
-// fragment semantics; the layouts are spelled out there.
+// fragment semantics (the layouts are spelled out there), and cp.async below with deferred
+// completion.
 //   mma_bf16_16816: d = A·B + d, A 16×16 (row) as 4 bf16x2 registers per lane, B 16×8 (col) as
 //     2, d 16×8 f32 as 4 (mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32).
 //   ldmatrix_x4[_trans]: four 8×8 b16 matrices from shared memory, lanes 8m..8m+7 giving the
 //     16-byte-aligned row addresses of matrix m; register m of lane l holds row l>>2, columns
 //     2·(l&3), +1 of matrix m (of its transpose with _trans).
-// Before sm_80 (no bf16 mma) they trap instead: the module still loads, so a GPU of that age
-// keeps the other kernels, and only a launch of a tensor-core kernel fails.
+// And the asynchronous copies (cp.async, sm_80+), per thread, not collectives:
+//   cp_async16 / cp_async4: 16 (cp.async.cg) or 4 (cp.async.ca) bytes from global to shared
+//     memory, both addresses aligned to the size; only the first `src_bytes` (0 ≤ src_bytes ≤
+//     size) are read, the rest of the destination is zero-filled (src_bytes 0: all zeros, `src`
+//     must still be a valid address). The copy lands at some point before the issuing thread's
+//     wait that retires it; other threads see it only after a barrier that follows that wait.
+//   cp_async_commit: closes the thread's copies issued since the last commit into a group.
+//   cp_async_wait<N>: waits until at most the N newest groups of this thread are pending (the
+//     older ones have landed); cp_async_wait_all: commits and waits for everything.
+// Before sm_80 (no bf16 mma, no cp.async) they trap instead: the module still loads, so a GPU of
+// that age keeps the other kernels, and only a launch of a tensor-core kernel fails.
 #ifndef GATED_CUDA_EMU
 #if __CUDA_ARCH__ >= 800
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
@@ -105,9 +115,31 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const bf16* row
                  : "r"(smem_u32(row))
                  : "memory");
 }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 #else
 __device__ __forceinline__ void mma_bf16_16816(float*, const unsigned*, const unsigned*) { asm volatile("trap;"); }
 __device__ __forceinline__ void ldmatrix_x4(unsigned*, const bf16*) { asm volatile("trap;"); }
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned*, const bf16*) { asm volatile("trap;"); }
+__device__ __forceinline__ void cp_async16(void*, const void*, int) { asm volatile("trap;"); }
+__device__ __forceinline__ void cp_async4(void*, const void*, int) { asm volatile("trap;"); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("trap;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("trap;");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("trap;"); }
 #endif
 #endif

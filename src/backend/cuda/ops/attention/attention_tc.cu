@@ -7,8 +7,12 @@
 // S = Q·Kᵀ (Q as A fragments held in registers for the whole loop, K as B fragments by ldmatrix:
 // a K row's head dims are contiguous, which is the col-major B of Kᵀ), rescales its running
 // softmax in the accumulator registers, and adds P·V (V by ldmatrix.trans: V rows are keys, the
-// B operand wants key pairs). Nothing per row crosses warps, so no block barrier sits inside the
-// softmax, only around the staging.
+// B operand wants key pairs). Nothing per row crosses warps, so the block barriers only guard
+// the staging: cp.async copies global → shared while the warps compute, with one barrier per
+// tile at hd64 (two tile buffers: tile t+1 is copied during all of tile t) and two at hd128 (one
+// K and one V buffer, 34 KB; V(t) is copied during S(t), K(t+1) during softmax and P·V(t)).
+// When a copy lands changes nothing in the arithmetic: the outputs are bit for bit those of
+// plain loads.
 //
 // Layouts as attention.cu: q [B·T, H·HD], k/v [B·T, KV·HD] (bf16), z as gate_mode says, o/y
 // [B·T, H·HD] f32 (y bf16 in the *_bf16 kernels, for the output projection's GEMMs; z read and
@@ -18,7 +22,7 @@
 // Entry points (ops/attention/tc.rs): attn_fwd_tc_hd{64,128}{,_bf16,_bf16oz},
 // attn_bwd_dkdv_tc_hd{64,128}{,_bf16} (dV in f32 or bf16, for the v projection's GEMMs),
 // attn_bwd_dq_tc_hd{64,128}; and, as references for the tests only
-// (never launched by the model), tc_mma_probe and attn_bwd_{dkdv,dq}_tc_planted.
+// (never launched by the model), tc_mma_probe, cp_async_probe and attn_bwd_{dkdv,dq}_tc_planted.
 
 #define TC_ROWS 64  // query rows per block: 4 warps × 16
 #define TC_KEYS 64  // keys per shared-memory tile
@@ -39,6 +43,18 @@ __device__ __forceinline__ unsigned load_pair(const bf16* m, long row, long ld, 
     return (unsigned)p[0] | ((unsigned)p[1] << 16);
 }
 
+// Issues the cp.async copies (no commit) of ROWS rows from `first` of a [*, ld] bf16 matrix into
+// shared memory at `dst` (row stride HD + TC_PAD), 16 bytes each; rows past T read as zeros
+// (src_bytes 0, from the matrix's row 0: a valid address).
+template <int HD, int ROWS>
+__device__ __forceinline__ void stage_rows_async(bf16* dst, const bf16* src, long ld, int first, int T) {
+    constexpr int LD = HD + TC_PAD, CHUNKS = HD / 8;
+    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += blockDim.x) {
+        const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8, i = first + r;
+        cp_async16(dst + r * LD + c, src + (i < T ? (long)i * ld : 0) + c, i < T ? 16 : 0);
+    }
+}
+
 // TO: the type of z (read) and o (written), f32 or bf16; TY: y's.
 template <int HD, class TO, class TY>
 __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, const TO* z, TO* o, TY* y,
@@ -46,9 +62,12 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     constexpr int LD = HD + TC_PAD;  // staged row stride, elements
     constexpr int KSTEPS = HD / 16;  // k steps of S = Q·Kᵀ
     constexpr int NT = HD / 8;       // n tiles of O
-    constexpr int CHUNKS = HD / 8;   // 16-byte chunks per row
-    __shared__ __align__(16) bf16 ks[TC_KEYS * LD];
-    __shared__ __align__(16) bf16 vs[TC_KEYS * LD];
+    // hd64: two K/V tile buffers (36 KB), tile t+1 copied by cp.async while tile t is computed
+    // on; hd128: two would be 68 KB, past the 48 KB of static shared memory, so one K and one V
+    // buffer (34 KB) and K, V copied in turn: V(t) during S(t), K(t+1) during softmax and P·V(t).
+    constexpr bool DB = HD <= 64;
+    __shared__ __align__(16) bf16 ks[DB ? 2 : 1][TC_KEYS * LD];
+    __shared__ __align__(16) bf16 vs[DB ? 2 : 1][TC_KEYS * LD];
     const float NEG_INF = -__int_as_float(0x7f800000);
     const int b = blockIdx.z, h = blockIdx.y, kh = h / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
@@ -56,6 +75,8 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     const int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};  // the lane's two rows
     const long ldq = (long)H * HD, ldk = (long)KV * HD;
     const bf16* qh = q + (long)b * T * ldq + h * HD;
+    const bf16* kb = k + (long)b * T * ldk + kh * HD;
+    const bf16* vb = v + (long)b * T * ldk + kh * HD;
 
     // Q as A fragments (row-major 16×16 per k step): a0a1 row g, a2a3 row g+8, a4..a7 the same
     // rows 8 columns on. Read once from global memory, kept for the whole key loop.
@@ -75,20 +96,28 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
         for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 
     const int last = min(T - 1, q0 + TC_ROWS - 1);  // the block's last query row
-    for (int j0 = 0; j0 <= last; j0 += TC_KEYS) {
-        __syncthreads();  // every warp is done with the previous tile
-        for (int idx = threadIdx.x; idx < TC_KEYS * CHUNKS; idx += blockDim.x) {
-            const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8, j = j0 + r;
-            b16x8 kc = {}, vc = {};  // zeros past T: P is 0 there, and 0·NaN would poison O
-            if (j < T) {
-                const long off = ((long)b * T + j) * ldk + kh * HD + c;
-                kc = *reinterpret_cast<const b16x8*>(k + off);
-                vc = *reinterpret_cast<const b16x8*>(v + off);
-            }
-            *reinterpret_cast<b16x8*>(ks + r * LD + c) = kc;
-            *reinterpret_cast<b16x8*>(vs + r * LD + c) = vc;
-        }
+    // K/V rows past T are staged as zeros: P is 0 there, and 0·NaN would poison O
+    stage_rows_async<HD, TC_KEYS>(ks[0], kb, ldk, 0, T);
+    if constexpr (DB) stage_rows_async<HD, TC_KEYS>(vs[0], vb, ldk, 0, T);
+    cp_async_commit();
+    for (int j0 = 0, t = 0; j0 <= last; j0 += TC_KEYS, ++t) {
+        const bf16* kt = ks[DB ? t & 1 : 0];
+        const bf16* vt = vs[DB ? t & 1 : 0];
+        const bool more = j0 + TC_KEYS <= last;  // block-uniform: a next tile
+        // the one pending group: tile t (hd128: its K) lands; the barrier makes every thread's
+        // copies visible, and says that every warp is done with tile t-1 (hd128: with V(t-1))
+        cp_async_wait<0>();
         __syncthreads();
+        if constexpr (DB) {
+            if (more) {
+                stage_rows_async<HD, TC_KEYS>(ks[(t + 1) & 1], kb, ldk, j0 + TC_KEYS, T);
+                stage_rows_async<HD, TC_KEYS>(vs[(t + 1) & 1], vb, ldk, j0 + TC_KEYS, T);
+                cp_async_commit();
+            }
+        } else {
+            stage_rows_async<HD, TC_KEYS>(vs[0], vb, ldk, j0, T);
+            cp_async_commit();
+        }
 
         // S = Q·Kᵀ for 8 n tiles of 8 keys. One ldmatrix.x4 gives 8 keys × 32 dims: matrix m is
         // keys 8·nt.., dims 32·k2 + 8·m, so registers {0,1} are the B fragment of k step 2·k2
@@ -100,9 +129,18 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
             for (int i = 0; i < 4; ++i) s[nt][i] = 0.0f;
             for (int k2 = 0; k2 < KSTEPS / 2; ++k2) {
                 unsigned bf[4];
-                ldmatrix_x4(bf, ks + (nt * 8 + (lane & 7)) * LD + k2 * 32 + 8 * (lane >> 3));
+                ldmatrix_x4(bf, kt + (nt * 8 + (lane & 7)) * LD + k2 * 32 + 8 * (lane >> 3));
                 mma_bf16_16816(s[nt], qf[2 * k2], bf);
                 mma_bf16_16816(s[nt], qf[2 * k2 + 1], bf + 2);
+            }
+        }
+        if constexpr (!DB) {
+            // V(t) lands; every warp is done with K(t), so K(t+1) may overwrite it
+            cp_async_wait<0>();
+            __syncthreads();
+            if (more) {
+                stage_rows_async<HD, TC_KEYS>(ks[0], kb, ldk, j0 + TC_KEYS, T);
+                cp_async_commit();
             }
         }
 
@@ -157,7 +195,7 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
             #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 unsigned bf[4];
-                ldmatrix_x4_trans(bf, vs + (kk * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + np * 16 +
+                ldmatrix_x4_trans(bf, vt + (kk * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + np * 16 +
                                           8 * (lane >> 4));
                 mma_bf16_16816(acc[2 * np], pa, bf);
                 mma_bf16_16816(acc[2 * np + 1], pa, bf + 2);
@@ -267,6 +305,54 @@ extern "C" __global__ void tc_mma_probe(const bf16* a, const bf16* bn, const bf1
         }
 }
 
+// Test reference (tests/cuda_tensor_core; the model never launches it): cp.async's semantics.
+// Threads 0 and 1 copy 16-byte chunks of `src` (40 bf16: chunks 0..4) into slots 0..4 of a
+// shared buffer first filled with 0x7777, and the block writes 6 snapshots of the buffer to
+// `out` (40 bf16 each), each between two barriers:
+//   thread 0 copies chunk 0 → slot 0 (A), commits; chunk 1 → slot 1 with src_bytes 6 (B: 3 bf16,
+//   then zeros), commits; chunk 2 → slot 2 with src_bytes 0 (C: zeros), commits; snapshot 0;
+//   wait_group 2 (A lands), snapshot 1; wait_group 1 (B), snapshot 2; chunk 3 → slot 3 (D), not
+//   committed, wait_group 0 (C, not D), snapshot 3; then thread 1 copies chunk 4 → slot 4 (E)
+//   and commits, thread 0 waits for all of its own (D, not E), snapshot 4; thread 1 waits for
+//   its group, snapshot 5. `variant` 1 gives A src_bytes 17, 2 a destination 2 bytes off.
+extern "C" __global__ void cp_async_probe(const bf16* src, bf16* out, int variant) {
+    __shared__ __align__(16) bf16 buf[40];
+    const int tid = threadIdx.x;
+    for (int i = tid; i < 40; i += blockDim.x) buf[i] = 0x7777;
+    auto snap = [&](int n) {
+        __syncthreads();
+        for (int i = tid; i < 40; i += blockDim.x) out[40 * n + i] = buf[i];
+        __syncthreads();
+    };
+    if (tid == 0) {
+        cp_async16(buf + (variant == 2 ? 1 : 0), src, variant == 1 ? 17 : 16);
+        cp_async_commit();
+        cp_async16(buf + 8, src + 8, 6);
+        cp_async_commit();
+        cp_async16(buf + 16, src + 16, 0);
+        cp_async_commit();
+    }
+    snap(0);
+    if (tid == 0) cp_async_wait<2>();
+    snap(1);
+    if (tid == 0) cp_async_wait<1>();
+    snap(2);
+    if (tid == 0) {
+        cp_async16(buf + 24, src + 24, 16);
+        cp_async_wait<0>();
+    }
+    snap(3);
+    if (tid == 1) {
+        cp_async16(buf + 32, src + 32, 16);
+        cp_async_commit();
+    }
+    __syncthreads();
+    if (tid == 0) cp_async_wait_all();
+    snap(4);
+    if (tid == 1) cp_async_wait<0>();
+    snap(5);
+}
+
 // ---- Backward on tensor cores (FlashAttention-2, Algorithm 2), deterministic: dK/dV and dQ are
 // separate kernels, each output row owned by one warp, no atomics. Inputs as attention.cu's
 // backward (q [B·T, H·HD], k/v [B·T, KV·HD], dout [B·T, H·HD] — here all bf16 — lse and delta
@@ -283,7 +369,8 @@ extern "C" __global__ void tc_mma_probe(const bf16* a, const bf16* bn, const bf1
 //     heads of its group and their query tiles, staged in shared memory. Per warp: the dK and dV
 //     accumulators (16 × HD f32: HD/2 registers each), Sᵀ and dPᵀ for a slice of SUB queries at
 //     a time (SUB/2 each), K and V as A fragments (HD/4 each).
-//     hd64: K/V fragments kept in registers, query tiles of 64 (Q and dO: 18.4 KB), SUB = 32:
+//     hd64: K/V fragments kept in registers, query tiles of 64 (Q and dO: 18.4 KB; two buffers,
+//     the next tile copied by cp.async during this one: 37.9 KB with lse and D), SUB = 32:
 //     32 + 32 + 16 + 16 + 16 + 16 = 128 live, 174 registers after ptxas (12.9), no spills.
 //     hd128: dK/dV alone take 128 registers, and K/V held too spilled, so K and V are staged in
 //     shared memory once per block (34.8 KB) and read by ldmatrix per slice; that leaves room for
@@ -291,7 +378,8 @@ extern "C" __global__ void tc_mma_probe(const bf16* a, const bf16* bn, const bf1
 //     251 registers, no spills.
 //   dQ: mirrors the forward: 4 warps × 16 query rows, Q and dO as A fragments in registers
 //     (HD/4 each), the dQ accumulator (HD/2); the block walks key tiles of 64 (K and V staged:
-//     18.4 / 34.8 KB), S and dP for SUB keys at a time: hd64 SUB = 32, 16 + 16 + 32 + 16 + 16
+//     hd64 double-buffered by cp.async as in the forward, 36.9 KB; hd128 one buffer, 34.8 KB,
+//     plain loads), S and dP for SUB keys at a time: hd64 SUB = 32, 16 + 16 + 32 + 16 + 16
 //     = 96 live, 131 registers; hd128 SUB = 16, 32 + 32 + 64 + 8 + 8 = 144 live, 202 registers
 //     (SUB = 32 took 250). Below 168 registers 3 blocks fit an SM, up to 255 2 blocks.
 // Causal: the dK/dV kernel starts at the query tile of its first key (earlier queries see none
@@ -399,10 +487,14 @@ __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* 
     constexpr int SUB = AREG ? 32 : 16;       // queries per Sᵀ/dPᵀ slice
     constexpr int SNT = SUB / 8;              // n tiles of a slice
     constexpr float LOG2E = 1.4426950408889634f;
-    __shared__ __align__(16) bf16 qs[QT * LD];
-    __shared__ __align__(16) bf16 dos[QT * LD];
+    // hd64: query tiles double-buffered (37 KB), the next one copied by cp.async while this one
+    // is computed on; hd128: a second buffer would take 52 KB in all, past the 48 KB of static
+    // shared memory, so one (43.6 KB), staged with plain loads
+    constexpr int NB = AREG ? 2 : 1;
+    __shared__ __align__(16) bf16 qs[NB][QT * LD];
+    __shared__ __align__(16) bf16 dos[NB][QT * LD];
     __shared__ __align__(16) bf16 kvs[AREG ? 8 : 2 * TC_KEYS * LD];  // hd128: K rows, then V rows
-    __shared__ float ls[QT], dl[QT];  // lse·log2(e) and D of the staged queries
+    __shared__ float ls[NB][QT], dl[NB][QT];  // lse and D of the staged queries
     const int b = blockIdx.z, kh = blockIdx.y, group = H / KV;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
     const int j0 = blockIdx.x * TC_KEYS, wk = j0 + warp * 16;  // the block's and the warp's first key
@@ -433,23 +525,53 @@ __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* 
     for (int nt = 0; nt < NT; ++nt)
         for (int i = 0; i < 4; ++i) adk[nt][i] = adv[nt][i] = 0.0f;
 
-    const float sl2 = scale * LOG2E;
-    for (int hh = 0; hh < group; ++hh) {
+    // cp.async of query tile i0 of query head hh of the group into buffer `buf`: Q and dO rows,
+    // lse and D (4 bytes each), zeros past T
+    auto stage_async = [&](int buf, int hh, int i0) {
         const int h = kh * group + hh;
-        const bf16* qh = q + (long)b * T * ldq + h * HD;
-        const bf16* dh = dout + (long)b * T * ldq + h * HD;
         const long lrow = ((long)b * H + h) * T;
+        stage_rows_async<HD, QT>(qs[buf], q + (long)b * T * ldq + h * HD, ldq, i0, T);
+        stage_rows_async<HD, QT>(dos[buf], dout + (long)b * T * ldq + h * HD, ldq, i0, T);
+        for (int r = threadIdx.x; r < QT; r += blockDim.x) {
+            const int i = i0 + r < T ? i0 + r : 0, bytes = i0 + r < T ? 4 : 0;
+            cp_async4(ls[buf] + r, lse + lrow + i, bytes);
+            cp_async4(dl[buf] + r, delta + lrow + i, bytes);
+        }
+    };
+    const float sl2 = scale * LOG2E;
+    if constexpr (AREG) {
+        stage_async(0, 0, j0);  // j0 < T: the first tile exists
+        cp_async_commit();
+    }
+    int t = 0;  // query tiles so far
+    for (int hh = 0; hh < group; ++hh) {
         // queries before the block's first key see none of its keys
-        for (int i0 = j0; i0 < T; i0 += QT) {
-            __syncthreads();  // every warp is done with the previous tile
-            stage_rows_bf16<HD, QT>(qs, qh, ldq, i0, T);
-            stage_rows_bf16<HD, QT>(dos, dh, ldq, i0, T);
-            for (int r = threadIdx.x; r < QT; r += blockDim.x) {
-                const int i = i0 + r;
-                ls[r] = i < T ? lse[lrow + i] * LOG2E : 0.0f;
-                dl[r] = i < T ? delta[lrow + i] : 0.0f;
+        for (int i0 = j0; i0 < T; i0 += QT, ++t) {
+            const int buf = AREG ? t & 1 : 0;
+            if constexpr (AREG) {
+                cp_async_wait<0>();  // tile t lands (the one pending group)
+                __syncthreads();     // ... for every thread; every warp is done with tile t-1
+                // the next tile: this head's next query tile, else the next head's first
+                const bool here = i0 + QT < T;
+                if (here || hh + 1 < group) {
+                    stage_async(buf ^ 1, here ? hh : hh + 1, here ? i0 + QT : j0);
+                    cp_async_commit();
+                }
+            } else {
+                const int h = kh * group + hh;
+                const long lrow = ((long)b * H + h) * T;
+                __syncthreads();  // every warp is done with the previous tile
+                stage_rows_bf16<HD, QT>(qs[0], q + (long)b * T * ldq + h * HD, ldq, i0, T);
+                stage_rows_bf16<HD, QT>(dos[0], dout + (long)b * T * ldq + h * HD, ldq, i0, T);
+                for (int r = threadIdx.x; r < QT; r += blockDim.x) {
+                    const int i = i0 + r;
+                    ls[0][r] = i < T ? lse[lrow + i] : 0.0f;
+                    dl[0][r] = i < T ? delta[lrow + i] : 0.0f;
+                }
+                __syncthreads();
             }
-            __syncthreads();
+            const bf16 *qt = qs[buf], *dt = dos[buf];
+            const float *lt = ls[buf], *dlt = dl[buf];
             // tiles that hold queries before some of the block's keys, or past T
             const bool edge = (i0 < j0 + TC_KEYS && plant != 1) || i0 + QT > T;
             #pragma unroll 1
@@ -458,19 +580,20 @@ __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* 
                 // or a warp whose keys are all past T
                 if (i0 + s + SUB - 1 < wk || i0 + s >= T || wk >= T) continue;
                 float st[SNT][4], dpt[SNT][4];
-                mma_abt<HD, SUB>(st, kf, ka, qs + s * LD);
-                mma_abt<HD, SUB>(dpt, vf, va, dos + s * LD);
+                mma_abt<HD, SUB>(st, kf, ka, qt + s * LD);
+                mma_abt<HD, SUB>(dpt, vf, va, dt + s * LD);
                 #pragma unroll
                 for (int nt = 0; nt < SNT; ++nt)
                     for (int i = 0; i < 4; ++i) {
                         const int c = s + nt * 8 + 2 * tig + (i & 1), query = i0 + c;
-                        float p = exp2f(st[nt][i] * sl2 - ls[c]);
+                        // lse·log2(e) rounded on its own (no fma with the product before it)
+                        float p = exp2f(st[nt][i] * sl2 - __fmul_rn(lt[c], LOG2E));
                         if (edge && (query < keys[i >> 1] || query >= T)) p = 0.0f;
                         st[nt][i] = p;
-                        dpt[nt][i] = p * (dpt[nt][i] - (plant == 2 ? 0.0f : dl[c]));  // dSᵀ
+                        dpt[nt][i] = p * (dpt[nt][i] - (plant == 2 ? 0.0f : dlt[c]));  // dSᵀ
                     }
-                mma_ab<HD, SUB>(adv, st, dos + s * LD, plant);  // dV += Pᵀ·dO
-                mma_ab<HD, SUB>(adk, dpt, qs + s * LD, plant);  // dK += dSᵀ·Q
+                mma_ab<HD, SUB>(adv, st, dt + s * LD, plant);  // dV += Pᵀ·dO
+                mma_ab<HD, SUB>(adk, dpt, qt + s * LD, plant);  // dK += dSᵀ·Q
             }
         }
     }
@@ -498,8 +621,12 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
     constexpr int SUB = HD <= 64 ? 32 : 16;  // keys per S/dP slice
     constexpr int SNT = SUB / 8;
     constexpr float LOG2E = 1.4426950408889634f;
-    __shared__ __align__(16) bf16 ks[TC_KEYS * LD];
-    __shared__ __align__(16) bf16 vs[TC_KEYS * LD];
+    // hd64: K/V tiles double-buffered as in the forward (36 KB); hd128: two would not fit the 48
+    // KB, and S, dP and dQ += dS·K interleave K and V per slice, so the forward's K-then-V
+    // alternation does not apply: one buffer each (34 KB), staged with plain loads
+    constexpr bool DB = HD <= 64;
+    __shared__ __align__(16) bf16 ks[DB ? 2 : 1][TC_KEYS * LD];
+    __shared__ __align__(16) bf16 vs[DB ? 2 : 1][TC_KEYS * LD];
     const int b = blockIdx.z, h = blockIdx.y, kh = h / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
     const int q0 = blockIdx.x * TC_ROWS, wq = q0 + warp * 16;  // the block's and the warp's first row
@@ -530,11 +657,28 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
 
     const float sl2 = scale * LOG2E;
     const int last = min(T - 1, q0 + TC_ROWS - 1);  // the block's last row: keys after it are masked
-    for (int j0 = 0; j0 <= last; j0 += TC_KEYS) {
-        __syncthreads();
-        stage_rows_bf16<HD, TC_KEYS>(ks, kb, ldk, j0, T);
-        stage_rows_bf16<HD, TC_KEYS>(vs, vb, ldk, j0, T);
-        __syncthreads();
+    if constexpr (DB) {
+        stage_rows_async<HD, TC_KEYS>(ks[0], kb, ldk, 0, T);
+        stage_rows_async<HD, TC_KEYS>(vs[0], vb, ldk, 0, T);
+        cp_async_commit();
+    }
+    for (int j0 = 0, t = 0; j0 <= last; j0 += TC_KEYS, ++t) {
+        const bf16* kt = ks[DB ? t & 1 : 0];
+        const bf16* vt = vs[DB ? t & 1 : 0];
+        if constexpr (DB) {
+            cp_async_wait<0>();  // tile t lands (the one pending group)
+            __syncthreads();     // ... for every thread; every warp is done with tile t-1
+            if (j0 + TC_KEYS <= last) {
+                stage_rows_async<HD, TC_KEYS>(ks[(t + 1) & 1], kb, ldk, j0 + TC_KEYS, T);
+                stage_rows_async<HD, TC_KEYS>(vs[(t + 1) & 1], vb, ldk, j0 + TC_KEYS, T);
+                cp_async_commit();
+            }
+        } else {
+            __syncthreads();
+            stage_rows_bf16<HD, TC_KEYS>(ks[0], kb, ldk, j0, T);
+            stage_rows_bf16<HD, TC_KEYS>(vs[0], vb, ldk, j0, T);
+            __syncthreads();
+        }
         // only the diagonal tile (j0 == q0) holds keys after a row or past T
         const bool edge = j0 + TC_KEYS > q0 && plant != 1;
         #pragma unroll 1
@@ -543,8 +687,8 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
             // rows are all past T
             if (j0 + s > wq + 15 || j0 + s >= T || wq >= T) continue;
             float st[SNT][4], dp[SNT][4];
-            mma_abt<HD, SUB>(st, qf, nullptr, ks + s * LD);
-            mma_abt<HD, SUB>(dp, of, nullptr, vs + s * LD);
+            mma_abt<HD, SUB>(st, qf, nullptr, kt + s * LD);
+            mma_abt<HD, SUB>(dp, of, nullptr, vt + s * LD);
             #pragma unroll
             for (int nt = 0; nt < SNT; ++nt)
                 for (int i = 0; i < 4; ++i) {
@@ -553,7 +697,7 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
                     if (edge && (key > rows[r] || key >= T)) p = 0.0f;
                     dp[nt][i] = p * (dp[nt][i] - dd[r]);  // dS
                 }
-            mma_ab<HD, SUB>(acc, dp, ks + s * LD, plant);  // dQ += dS·K
+            mma_ab<HD, SUB>(acc, dp, kt + s * LD, plant);  // dQ += dS·K
         }
     }
     #pragma unroll

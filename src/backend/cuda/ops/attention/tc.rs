@@ -27,6 +27,7 @@ pub const SOURCE: KernelSource = KernelSource {
         "attn_bwd_dq_tc_hd128",
         // references for the tests only (tests/cuda_tensor_core), never launched by the model
         "tc_mma_probe",
+        "cp_async_probe",
         "attn_bwd_dkdv_tc_planted",
         "attn_bwd_dq_tc_planted",
     ],
