@@ -179,7 +179,12 @@ fn tensor_core_backward_reads_o_and_z_in_bf16() {
                         true => (c.z16.as_ref().map(Operand::bf16), Operand::bf16(&o16)),
                     };
                     let ins = (&c.q, &c.k, &c.v, z);
-                    let grads = (&dq, &dk, Operand::bf16(&dv).into(), z.map(|_| Operand::bf16(&dz).into()));
+                    let grads = (
+                        &dq,
+                        &dk,
+                        Operand::bf16(&dv).into(),
+                        z.map(|_| Operand::bf16(&dz).into()),
+                    );
                     ops::attention_backward_tc_to(dev, &c.d, gate, ins, (o, &lse, &dy), &scratch, grads).unwrap();
                     let (delta, dout) = (down_f32(dev, &scratch.delta).unwrap(), bits16(dev, &scratch.dout));
                     real(&what("D"), &delta);

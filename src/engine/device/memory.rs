@@ -61,7 +61,11 @@ impl Carver {
     fn band(&self, of: &GemmIn, start: usize, ld: usize) -> Result<Band> {
         let skip = of.dtype.size() * start;
         let buf = self.part(&of.buf, skip, of.buf.bytes - skip)?;
-        Ok(Band { buf, dtype: of.dtype, ld })
+        Ok(Band {
+            buf,
+            dtype: of.dtype,
+            ld,
+        })
     }
     /// `n` elements of `dtype`.
     fn typed(&mut self, dtype: DType, n: usize) -> Result<GemmIn> {

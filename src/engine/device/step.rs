@@ -305,7 +305,10 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let cfg = &m.cfg;
         let (li, c) = self.layer(l);
         let b = &self.mem.bwd;
-        let scores = cfg.gate_geometry().filter(|_| li.gate.is_some()).map_or(0, |g| g.scores());
+        let scores = cfg
+            .gate_geometry()
+            .filter(|_| li.gate.is_some())
+            .map_or(0, |g| g.scores());
         let (dm, width) = (cfg.hidden_size, cfg.q_dim() + 2 * cfg.kv_dim() + scores);
         // [dq | dk | dv | dz] came side by side in the GEMMs' operand type from their producers
         // (dq and dk from the QK-norm + RoPE backward, dv and dz from the attention's): one GEMM

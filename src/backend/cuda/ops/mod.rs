@@ -119,7 +119,11 @@ impl Cols<'_> {
         if ld < width {
             bail!("{what}: a row stride of {ld} for rows of {width}");
         }
-        sized(what, self.out, rows.saturating_sub(1) * ld + width * usize::from(rows > 0))?;
+        sized(
+            what,
+            self.out,
+            rows.saturating_sub(1) * ld + width * usize::from(rows > 0),
+        )?;
         Ok(ld)
     }
 }
