@@ -8,9 +8,10 @@
 #![cfg(feature = "cuda")]
 
 use gated_lm::backend::cuda::ops::{self, AttnDims, FusedGate, Operand};
-use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_u16, DBuf, Device};
+use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, DBuf, Device};
 
 mod common;
+use common::bufs::*;
 use common::cuda_devices as devices;
 
 const GATES: [FusedGate; 3] = [FusedGate::None, FusedGate::Elementwise, FusedGate::Headwise];
@@ -21,22 +22,6 @@ fn randn_bf16(n: usize, seed: u64, std: f64) -> Vec<f32> {
     (0..n)
         .map(|_| half::bf16::from_f32((r.normal() * std) as f32).to_f32())
         .collect()
-}
-
-fn up_bf16(dev: &dyn Device, v: &[f32]) -> DBuf {
-    up_u16(
-        dev,
-        &v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<_>>(),
-    )
-    .unwrap()
-}
-
-/// NaN-filled buffers, so an element a kernel skips cannot pass for a result.
-fn nan_f32(dev: &dyn Device, n: usize) -> DBuf {
-    up_f32(dev, &vec![f32::NAN; n]).unwrap()
-}
-fn nan_bf16(dev: &dyn Device, n: usize) -> DBuf {
-    up_u16(dev, &vec![0x7fc1; n]).unwrap()
 }
 
 /// A buffer's bits: f32 words, or bf16 halves widened.

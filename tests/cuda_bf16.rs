@@ -6,23 +6,11 @@
 #![cfg(feature = "cuda")]
 
 use gated_lm::backend::cuda::ops::{self, AttnDims, Cols, DeviceRope, FusedGate, HeadRows, Operand};
-use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_u16, DBuf, Device};
+use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, DBuf, Device};
 
 mod common;
+use common::bufs::*;
 use common::cuda_devices as devices;
-
-fn randn(n: usize, seed: u64, std: f64) -> Vec<f32> {
-    let mut r = gated_lm::rng::Rng::new(seed);
-    (0..n).map(|_| (r.normal() * std) as f32).collect()
-}
-
-/// `n` f32 or bf16 elements of NaN, so an element a kernel skips cannot pass for a result.
-fn nan_f32(dev: &dyn Device, n: usize) -> DBuf {
-    up_f32(dev, &vec![f32::NAN; n]).unwrap()
-}
-fn nan_bf16(dev: &dyn Device, n: usize) -> DBuf {
-    up_u16(dev, &vec![0x7fc1; n]).unwrap()
-}
 
 fn bits(dev: &dyn Device, b: &DBuf) -> Vec<u32> {
     down_f32(dev, b).unwrap().iter().map(|x| x.to_bits()).collect()
@@ -291,14 +279,6 @@ fn out_bits(what: &str, dev: &dyn Device, b: &DBuf, bf16: bool) -> Vec<u16> {
     v
 }
 
-fn typed(b: &DBuf, bf16: bool) -> Operand<'_> {
-    if bf16 {
-        Operand::bf16(b)
-    } else {
-        b.into()
-    }
-}
-
 /// QK-norm + RoPE reading its pre-norm input in bf16 (the q/k projections' GEMM output in mixed
 /// precision): on bf16-representable values, forward (`y` and `rstd`) and backward (`dx` and
 /// the gain's gradient) equal the f32-input kernels' bit for bit, for each output type; head_dim
@@ -478,15 +458,6 @@ fn gate_logits(dev: &dyn Device, d: &AttnDims, gate: FusedGate, seed: u64) -> Op
         FusedGate::Headwise => d.batch * d.seq * d.heads,
     };
     Some(up_f32(dev, &randn(n, seed, 1.5)).unwrap())
-}
-
-/// bf16 bits of `v` rounded, uploaded (the tensor-core attention's inputs).
-fn up_bf16(dev: &dyn Device, v: &[f32]) -> DBuf {
-    up_u16(
-        dev,
-        &v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<_>>(),
-    )
-    .unwrap()
 }
 
 /// The attention forward writing the gated output `y` in bf16 (the o_proj GEMMs' input): the

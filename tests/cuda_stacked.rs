@@ -5,17 +5,13 @@
 //! On the CPU emulator always, and on a GPU when there is one.
 #![cfg(feature = "cuda")]
 
-use gated_lm::backend::cuda::ops::{self, Cols, DeviceRope, HeadRows, Operand};
+use gated_lm::backend::cuda::ops::{self, Cols, DeviceRope, HeadRows};
 use gated_lm::backend::cuda::runtime::{down_u16, up_f32, up_u16, DBuf, Device};
 use std::rc::Rc;
 
 mod common;
+use common::bufs::*;
 use common::cuda_devices as devices;
-
-fn randn(n: usize, seed: u64, std: f64) -> Vec<f32> {
-    let mut r = gated_lm::rng::Rng::new(seed);
-    (0..n).map(|_| (r.normal() * std) as f32).collect()
-}
 
 /// A sentinel no kernel writes (a NaN payload), in every 16-bit half of the buffer.
 const SENTINEL: u16 = 0x7fc3;
@@ -72,11 +68,11 @@ fn from_col(wide: &Rc<DBuf>, at: usize, elem: usize) -> DBuf {
     DBuf::view(wide, start, wide.bytes - start).unwrap()
 }
 
-fn typed(b: &DBuf, bf16: bool) -> Operand<'_> {
-    if bf16 {
-        Operand::bf16(b)
-    } else {
-        b.into()
+/// `b` as rows `ld` elements apart.
+fn strided(b: &DBuf, bf16: bool, ld: usize) -> Cols<'_> {
+    Cols {
+        out: typed(b, bf16),
+        ld: Some(ld),
     }
 }
 
@@ -133,10 +129,7 @@ fn qknorm_rope_backward_writes_a_band_of_the_stacked_gradient() {
             let dw_dense = run(typed(&dense, bf16).into());
             let wide = Rc::new(out.wide(dev, ld));
             let band = from_col(&wide, at, 2 * out.halves_per_elem);
-            let dw_band = run(Cols {
-                out: typed(&band, bf16),
-                ld: Some(ld),
-            });
+            let dw_band = run(strided(&band, bf16, ld));
             let got = out.band_of(dev, &wide, at, ld, &what);
             let want = down_u16(dev, &dense).unwrap();
             assert!(complete(&want, out.halves_per_elem), "{what}: dense output incomplete");
@@ -159,52 +152,13 @@ fn qknorm_rope_backward_writes_a_band_of_the_stacked_gradient() {
         let rstd = up_f32(dev, &[1.0; 4]).unwrap();
         let ins = || ((&x).into(), &rstd, &x);
         let short = sentinel(dev, 2 * (3 * 100 + hd) - 2);
-        let e = ops::qknorm_rope_bwd_to(
-            dev,
-            &h,
-            &rope,
-            ins(),
-            Cols {
-                out: (&short).into(),
-                ld: Some(hd - 1),
-            },
-            &sc,
-            None,
-        );
-        assert!(format!("{}", e.unwrap_err()).contains("row stride"), "narrow stride");
-        let e = ops::qknorm_rope_bwd_to(
-            dev,
-            &h,
-            &rope,
-            ins(),
-            Cols {
-                out: (&short).into(),
-                ld: Some(100),
-            },
-            &sc,
-            None,
-        );
-        assert!(format!("{}", e.unwrap_err()).contains("buffer of"), "short band");
-        let fits = sentinel(dev, 2 * (3 * 100 + hd));
-        ops::qknorm_rope_bwd_to(
-            dev,
-            &h,
-            &rope,
-            ins(),
-            Cols {
-                out: (&fits).into(),
-                ld: Some(100),
-            },
-            &sc,
-            None,
-        )
-        .unwrap();
+        let bwd = |out: &DBuf, ld| ops::qknorm_rope_bwd_to(dev, &h, &rope, ins(), strided(out, false, ld), &sc, None);
+        let e = bwd(&short, hd - 1).unwrap_err();
+        assert!(format!("{e}").contains("row stride"), "narrow stride: {e}");
+        let e = bwd(&short, 100).unwrap_err();
+        assert!(format!("{e}").contains("buffer of"), "short band: {e}");
+        bwd(&sentinel(dev, 2 * (3 * 100 + hd)), 100).unwrap();
     }
-}
-
-fn up_bf16(dev: &dyn Device, v: &[f32]) -> DBuf {
-    let bits: Vec<u16> = v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
-    up_u16(dev, &bits).unwrap()
 }
 
 /// The attention's backward writing `dv` and `dz` into their bands of a `[rows, q | k | v | z]`
@@ -277,6 +231,14 @@ fn attention_backward_writes_dv_and_dz_into_bands() {
             let wide = Rc::new(dv_out.wide(dev, ld));
             let (band_dv, band_dz) = (from_col(&wide, qd + kvd, elem), from_col(&wide, qd + 2 * kvd, elem));
             let gated = gate != FusedGate::None;
+            // each backward runs twice: dv and dz dense, then into their bands of the wide buffer
+            let outs: [(Cols, Option<Cols>); 2] = [
+                (
+                    typed(&dense_dv, bf16).into(),
+                    gated.then(|| typed(&dense_dz, bf16).into()),
+                ),
+                (strided(&band_dv, bf16, ld), gated.then(|| strided(&band_dz, bf16, ld))),
+            ];
             if tc {
                 let (qb, kb, vb) = (up_bf16(dev, &q), up_bf16(dev, &k), up_bf16(dev, &v));
                 // o and z in the forward's types: bf16 with bf16 outputs (mixed precision)
@@ -295,19 +257,7 @@ fn attention_backward_writes_dv_and_dz_into_bands() {
                 let op = |b| typed(b, bf16);
                 let zo = gated.then(|| op(&z));
                 ops::attention_forward_tc_to(dev, &d, gate, &qb, &kb, &vb, zo, op(&o), op(&y), &lse).unwrap();
-                for (dv, dz) in [
-                    (Cols::from(op(&dense_dv)), gated.then(|| Cols::from(op(&dense_dz)))),
-                    (
-                        Cols {
-                            out: op(&band_dv),
-                            ld: Some(ld),
-                        },
-                        gated.then(|| Cols {
-                            out: op(&band_dz),
-                            ld: Some(ld),
-                        }),
-                    ),
-                ] {
+                for (dv, dz) in outs {
                     let (ins, fwd) = ((&qb, &kb, &vb, zo), (op(&o), &lse, &dy));
                     ops::attention_backward_tc_to(dev, &d, gate, ins, fwd, &scratch, (&dq, &dk, dv, dz)).unwrap();
                 }
@@ -324,20 +274,7 @@ fn attention_backward_writes_dv_and_dz_into_bands() {
                 );
                 let zo = gated.then_some(&z);
                 ops::attention_fwd(dev, &d, gate, &qb, &kb, &vb, zo, &o, &y, &lse).unwrap();
-                let op = |b| typed(b, bf16);
-                for (dv, dz) in [
-                    (Cols::from(op(&dense_dv)), gated.then(|| Cols::from(op(&dense_dz)))),
-                    (
-                        Cols {
-                            out: op(&band_dv),
-                            ld: Some(ld),
-                        },
-                        gated.then(|| Cols {
-                            out: op(&band_dz),
-                            ld: Some(ld),
-                        }),
-                    ),
-                ] {
+                for (dv, dz) in outs {
                     let (ins, fwd) = ((&qb, &kb, &vb, zo), (&o, &lse, &dy));
                     ops::attention_bwd_to(dev, &d, gate, ins, fwd, &scratch, (&dq, &dk, dv, dz)).unwrap();
                 }

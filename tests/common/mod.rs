@@ -8,6 +8,8 @@ use gated_lm::model::{shifted_targets, Batch, Model};
 use gated_lm::rng::Rng;
 
 #[cfg(feature = "cuda")]
+pub mod bufs;
+#[cfg(feature = "cuda")]
 pub mod recording;
 
 pub const B: usize = 2;
