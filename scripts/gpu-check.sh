@@ -96,14 +96,15 @@ printf "%-12s %14s %14s %8s   peak GiB %s (torch %s)\n" 1p7b "$ot" "$tt" "$ratio
 echo "== GPU tests (ops and model against the CPU; the emulator's share runs in CI already)"
 export GATED_LM_SKIP_EMU=1
 if [ -n "${GATED_LM_BIN:-}" ]; then
-  for exe in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_bf16-* "$GATED_LM_BIN"/cuda_norm_grads-* \
-    "$GATED_LM_BIN"/cuda_graph-* "$GATED_LM_BIN"/cuda_model-*; do
+  for exe in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_bf16-* "$GATED_LM_BIN"/cuda_attn_bf16-* \
+    "$GATED_LM_BIN"/cuda_stacked-* "$GATED_LM_BIN"/cuda_norm_grads-* "$GATED_LM_BIN"/cuda_graph-* \
+    "$GATED_LM_BIN"/cuda_model-*; do
     t=$(within 180) || break
     timeout "$t" "$exe" --nocapture 2>&1 | grep -vE "^\s*$" | tail -25
   done
 elif t=$(within 300); then
-  timeout "$t" cargo test --release --features cuda --test cuda_kernels --test cuda_bf16 \
-    --test cuda_model --test cuda_graph --test cuda_norm_grads -- --nocapture 2>&1 | tail -40
+  timeout "$t" cargo test --release --features cuda --test cuda_kernels --test cuda_bf16 --test cuda_attn_bf16 \
+    --test cuda_stacked --test cuda_model --test cuda_graph --test cuda_norm_grads -- --nocapture 2>&1 | tail -40
 fi
 
 echo "== done in ${SECONDS}s (budget ${budget}s)"
