@@ -348,7 +348,8 @@ impl StepMemory {
             dqkvz,
             dh1: c.f32(n * dm)?,
             attn: AttnScratch {
-                dout: c.f32(n * qd)?,
+                // dO in the attention's input type: bf16 is all the tensor-core backward reads
+                dout: c.bytes(attn_in.size() * n * qd)?,
                 delta: c.f32(n * heads)?,
             },
             norm_part: c.f32(
