@@ -92,19 +92,25 @@ ot=$(echo "$ours" | field tokens_per_s); tt=$(echo "$theirs" | field tokens_per_
 om=$(echo "$ours" | field device_peak_gib); tm=$(echo "$theirs" | field max_mem_gib)
 ratio=$(python3 -c "a,b=float('$ot'),float('$tt'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')" 2>/dev/null || echo n/a)
 printf "%-12s %14s %14s %8s   peak GiB %s (torch %s)\n" 1p7b "$ot" "$tt" "$ratio" "$om" "$tm"
+# the same with the norms' outputs and the rotated q, k recomputed in the backward (6 GiB less)
+ours=""
+t=$(within 120) && ours=$(timeout "$t" "$bin" bench --device cuda --precision bf16 --preset 1p7b --gate elementwise --recompute --steps 3 --warmup 1 2>&1 | grep '^RESULT' | head -1)
+ot=$(echo "$ours" | field tokens_per_s); om=$(echo "$ours" | field device_peak_gib)
+ratio=$(python3 -c "a,b=float('$ot'),float('$tt'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')" 2>/dev/null || echo n/a)
+printf "%-12s %14s %14s %8s   peak GiB %s (torch %s)\n" "1p7b recomp" "$ot" "$tt" "$ratio" "$om" "$tm"
 
 echo "== GPU tests (ops and model against the CPU; the emulator's share runs in CI already)"
 export GATED_LM_SKIP_EMU=1
 if [ -n "${GATED_LM_BIN:-}" ]; then
   for exe in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_bf16-* "$GATED_LM_BIN"/cuda_attn_bf16-* \
     "$GATED_LM_BIN"/cuda_stacked-* "$GATED_LM_BIN"/cuda_norm_grads-* "$GATED_LM_BIN"/cuda_graph-* \
-    "$GATED_LM_BIN"/cuda_model-*; do
+    "$GATED_LM_BIN"/cuda_recompute-* "$GATED_LM_BIN"/cuda_model-*; do
     t=$(within 180) || break
     timeout "$t" "$exe" --nocapture 2>&1 | grep -vE "^\s*$" | tail -25
   done
 elif t=$(within 300); then
   timeout "$t" cargo test --release --features cuda --test cuda_kernels --test cuda_bf16 --test cuda_attn_bf16 \
-    --test cuda_stacked --test cuda_model --test cuda_graph --test cuda_norm_grads -- --nocapture 2>&1 | tail -40
+    --test cuda_stacked --test cuda_model --test cuda_graph --test cuda_norm_grads --test cuda_recompute -- --nocapture 2>&1 | tail -40
 fi
 
 echo "== done in ${SECONDS}s (budget ${budget}s)"

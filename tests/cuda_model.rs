@@ -556,7 +556,7 @@ fn emu_choice() -> gated_lm::engine::DeviceChoice {
     gated_lm::engine::DeviceChoice {
         device: "emu".into(),
         precision: "f32".into(),
-        ordinal: 0,
+        ..Default::default()
     }
 }
 

@@ -316,6 +316,8 @@ fn bad_device_or_precision_flags_are_refused_clearly() {
             &["train", "--device", "tpu", "--max-steps", "1"][..],
             "expected cpu, cuda or emu",
         ),
+        (&["bench", "--recompute"][..], "only device runs"),
+        (&["train", "--recompute", "--max-steps", "1"][..], "only device runs"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_gated-lm"))

@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// norms and loss; cuda and emu only)
     #[arg(long, default_value = "f32")]
     pub precision: String,
+    /// On a device: recompute the norms' outputs and the rotated q and k in the backward
+    /// instead of keeping them per layer (as `train --recompute`)
+    #[arg(long)]
+    pub recompute: bool,
 }
 
 /// Median ms/token of `n`-token greedy decodes, gated vs ungated twin, interleaved over rounds.
@@ -147,6 +151,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         device: a.device.clone(),
         precision: a.precision.clone(),
         ordinal: 0,
+        recompute: a.recompute,
     };
     // on a device the host holds only the model and the optimizer's copies
     let host = match device.device.as_str() {

@@ -189,6 +189,9 @@ pub struct DeviceChoice {
     pub precision: String,
     /// which GPU (cuda)
     pub ordinal: usize,
+    /// `--recompute`: the backward recomputes the norms' outputs and the rotated q and k
+    /// (devices only; `DeviceModel::set_recompute`)
+    pub recompute: bool,
 }
 
 impl Default for DeviceChoice {
@@ -197,12 +200,16 @@ impl Default for DeviceChoice {
             device: "cpu".into(),
             precision: "f32".into(),
             ordinal: 0,
+            recompute: false,
         }
     }
 }
 
 impl DeviceChoice {
     pub fn check(&self) -> Result<()> {
+        if self.recompute && self.device == "cpu" {
+            anyhow::bail!("--recompute: only device runs (--device cuda or emu) recompute activations");
+        }
         match (self.device.as_str(), self.precision.as_str()) {
             ("cpu", "f32") => Ok(()),
             ("cpu", p) => anyhow::bail!("--precision {p}: the CPU engine computes in f32"),
@@ -252,6 +259,7 @@ impl DeviceChoice {
         Ok(match dev {
             Some(d) => {
                 let mut dm = device::DeviceModel::new(d, model, self.precision_kind())?;
+                dm.set_recompute(self.recompute);
                 dm.set_optimizer(opt)?;
                 Box::new(dm)
             }

@@ -51,11 +51,7 @@ impl Carver {
     }
     /// An activation only GEMMs read, in their operand type.
     fn gemm_in(&mut self, precision: Precision, n: usize) -> Result<GemmIn> {
-        let dtype = match precision {
-            Precision::F32 => DType::F32,
-            Precision::Bf16 => DType::Bf16,
-        };
-        self.typed(dtype, n)
+        self.typed(gemm_type(precision), n)
     }
     /// Columns from `start` on of `of`, a row-major matrix `ld` elements wide.
     fn band(&self, of: &GemmIn, start: usize, ld: usize) -> Result<Band> {
@@ -78,12 +74,33 @@ impl Carver {
         let buf = self.part(&of.buf, size * start * width, size * rows * width)?;
         Ok(GemmIn { buf, dtype: of.dtype })
     }
+    /// A second name for all of `of` (an activation several layers write in turn).
+    fn alias(&self, of: &GemmIn) -> Result<GemmIn> {
+        let buf = self.part(&of.buf, 0, of.buf.bytes)?;
+        Ok(GemmIn { buf, dtype: of.dtype })
+    }
+    /// `n` elements of `dtype`: the layer's own buffer, or with `shared` a view of it (an
+    /// activation the backward recomputes, so one buffer serves every layer).
+    fn per_layer(&mut self, shared: Option<&GemmIn>, dtype: DType, n: usize) -> Result<GemmIn> {
+        match shared {
+            Some(s) => self.alias(s),
+            None => self.typed(dtype, n),
+        }
+    }
     /// A bf16 shadow of an f32 activation that GEMMs read, in mixed precision only.
     fn shadow(&mut self, precision: Precision, n: usize) -> Result<Option<DBuf>> {
         match precision {
             Precision::F32 => Ok(None),
             Precision::Bf16 => Ok(Some(self.bf16(n)?)),
         }
+    }
+}
+
+/// The GEMMs' operand type.
+fn gemm_type(precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::Bf16,
     }
 }
 
@@ -124,7 +141,8 @@ impl Band {
 }
 
 /// What one layer's forward keeps for its backward (f32, and in mixed precision what the GEMMs
-/// of both passes and the tensor-core attention read in bf16).
+/// of both passes and the tensor-core attention read in bf16). Under [`Plan::recompute`] `h1`,
+/// `h2`, `qr` and `kr` are views of buffers all layers share: the backward writes them again.
 pub(super) struct LayerMem {
     /// the layer's input (the previous layer's output)
     pub x: DBuf,
@@ -204,14 +222,26 @@ pub(super) fn head_chunk_rows(n: usize, vocab: usize, forced: Option<usize>) -> 
     rows.clamp(1, n.max(1))
 }
 
+/// What a step's memory plan depends on besides its shape and precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Plan {
+    /// the attention runs on tensor cores: its inputs, o and z in bf16
+    pub tc_attention: bool,
+    /// rows per LM-head chunk
+    pub head_rows: usize,
+    /// The backward writes the norms' outputs (`h1`, `h2`) and the rotated q and k again
+    /// instead of every layer keeping its own: bit for bit the forward's values (same kernels,
+    /// same inputs), for one norm and one QK-norm + RoPE launch more per layer and pass.
+    pub recompute: bool,
+}
+
 /// Everything a step of one shape uses on the device besides the parameters, gradients and
 /// optimizer state (which live as long as the model).
 pub(super) struct StepMemory {
     pub batch: usize,
     pub seq: usize,
     pub precision: Precision,
-    /// rows per LM-head chunk
-    pub head_rows: usize,
+    pub plan: Plan,
     /// The batch's inputs, written by one host copy before the step's launches
     /// ([`Self::stage`]) at offsets fixed by the shape, so that a captured step reads each
     /// batch's values: its ids, targets (< 0: none), the loss scale (f32: 1 / the target
@@ -254,14 +284,13 @@ impl StepMemory {
         cfg: &ModelConfig,
         (batch, seq): (usize, usize),
         precision: Precision,
-        tc_attention: bool,
-        head_rows: usize,
+        plan: Plan,
     ) -> Result<StepMemory> {
-        let bytes = Self::planned_bytes(cfg, (batch, seq), precision, tc_attention, head_rows)?;
+        let bytes = Self::planned_bytes(cfg, (batch, seq), precision, plan)?;
         let arena = Rc::new(dev.zeros(bytes)?);
         ops::fill(dev, &arena, f32::NAN, bytes / 4)?;
         let mut carver = Carver { arena, used: 0 };
-        let mut mem = Self::carve(&mut carver, cfg, (batch, seq), precision, (tc_attention, head_rows))?;
+        let mut mem = Self::carve(&mut carver, cfg, (batch, seq), precision, plan)?;
         mem.bytes = bytes;
         Ok(mem)
     }
@@ -271,8 +300,7 @@ impl StepMemory {
         cfg: &ModelConfig,
         (batch, seq): (usize, usize),
         precision: Precision,
-        tc_attention: bool,
-        head_rows: usize,
+        plan: Plan,
     ) -> Result<usize> {
         // the placeholder is never launched with: its views only measure the plan
         let placeholder = Rc::new(DBuf {
@@ -284,7 +312,7 @@ impl StepMemory {
             arena: placeholder,
             used: 0,
         };
-        Self::carve(&mut sizing, cfg, (batch, seq), precision, (tc_attention, head_rows))?;
+        Self::carve(&mut sizing, cfg, (batch, seq), precision, plan)?;
         Ok(sizing.used.max(ALIGN))
     }
 
@@ -293,8 +321,9 @@ impl StepMemory {
         cfg: &ModelConfig,
         (batch, seq): (usize, usize),
         precision: Precision,
-        (tc_attention, head_rows): (bool, usize),
+        plan: Plan,
     ) -> Result<StepMemory> {
+        let head_rows = plan.head_rows;
         let n = batch * seq;
         let (dm, qd, kvd, ff, vocab) = (
             cfg.hidden_size,
@@ -307,26 +336,41 @@ impl StepMemory {
         let scores = cfg.gate_geometry().map(|g| g.scores());
         // the attention's inputs, and the output and gate logits it saves for the backward:
         // bf16 for the tensor-core kernels (mixed precision only), f32 for the f32 ones
-        let attn_in = if tc_attention { DType::Bf16 } else { DType::F32 };
+        let attn_in = if plan.tc_attention { DType::Bf16 } else { DType::F32 };
+        let gemm_type = gemm_type(precision);
+        // what the backward recomputes, in one buffer for all layers: h1 and h2 share one
+        // (each is read only between its norm and the GEMMs right after it, in both passes)
+        let shared = match plan.recompute {
+            true => Some((
+                c.typed(gemm_type, n * dm)?,
+                c.typed(attn_in, n * qd)?,
+                c.typed(attn_in, n * kvd)?,
+            )),
+            false => None,
+        };
+        let (h, qr, kr) = match &shared {
+            Some((h, qr, kr)) => (Some(h), Some(qr), Some(kr)),
+            None => (None, None, None),
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
             layers.push(LayerMem {
                 x: c.f32(n * dm)?,
-                h1: c.gemm_in(precision, n * dm)?,
+                h1: c.per_layer(h, gemm_type, n * dm)?,
                 rstd1: c.f32(n)?,
                 q: c.gemm_in(precision, n * qd)?,
                 k: c.gemm_in(precision, n * kvd)?,
                 rstd_q: c.f32(n * heads)?,
                 rstd_k: c.f32(n * kv_heads)?,
-                qr: c.typed(attn_in, n * qd)?,
-                kr: c.typed(attn_in, n * kvd)?,
+                qr: c.per_layer(qr, attn_in, n * qd)?,
+                kr: c.per_layer(kr, attn_in, n * kvd)?,
                 v: c.typed(attn_in, n * kvd)?,
                 z: scores.map(|s| c.typed(attn_in, n * s)).transpose()?,
                 o: c.typed(attn_in, n * qd)?,
                 lse: c.f32(n * heads)?,
                 y: c.gemm_in(precision, n * qd)?,
                 x1: c.f32(n * dm)?,
-                h2: c.gemm_in(precision, n * dm)?,
+                h2: c.per_layer(h, gemm_type, n * dm)?,
                 rstd2: c.f32(n)?,
                 gu: c.gemm_in(precision, n * 2 * ff)?,
             });
@@ -384,7 +428,7 @@ impl StepMemory {
             batch,
             seq,
             precision,
-            head_rows,
+            plan,
             inputs,
             ids,
             scale,

@@ -21,7 +21,7 @@ use crate::model::params::{ParamIndex, ParamKind, ParamSpec, ParamStore};
 use crate::model::{Batch, Model};
 use crate::optim::{bias_correction, clip_coef, AdamW, AdamWConfig};
 use anyhow::{bail, Result};
-use memory::{head_chunk_rows, StepMemory};
+use memory::{head_chunk_rows, Plan, StepMemory};
 use std::cell::Cell;
 
 mod memory;
@@ -55,6 +55,8 @@ pub struct DeviceModel<'d> {
     mem: Option<StepMemory>,
     /// Rows per LM-head chunk when set (tests); else from the chunk's memory budget.
     head_rows: Option<usize>,
+    /// [`Self::set_recompute`]
+    recompute: bool,
     /// Whether steps are captured into graphs and replayed ([`Self::set_graphs`]; off with
     /// `GATED_LM_CUDA_GRAPH=0`, and after a capture failed).
     graphs: Cell<bool>,
@@ -100,15 +102,25 @@ fn tc_attention(cfg: &ModelConfig, precision: Precision) -> bool {
 }
 
 /// Bytes of the step memory a device model of `cfg` plans for `batch × seq` steps (LM-head
-/// chunks of `head_rows` rows, or by their memory budget), without a device.
+/// chunks of `head_rows` rows, or by their memory budget; with `recompute` as
+/// [`DeviceModel::set_recompute`]), without a device.
 pub fn planned_step_bytes(
     cfg: &ModelConfig,
     (batch, seq): (usize, usize),
     precision: Precision,
     head_rows: Option<usize>,
+    recompute: bool,
 ) -> Result<usize> {
-    let rows = head_chunk_rows(batch * seq, cfg.vocab_size, head_rows);
-    StepMemory::planned_bytes(cfg, (batch, seq), precision, tc_attention(cfg, precision), rows)
+    let plan = step_plan(cfg, batch * seq, precision, head_rows, recompute);
+    StepMemory::planned_bytes(cfg, (batch, seq), precision, plan)
+}
+
+fn step_plan(cfg: &ModelConfig, rows: usize, precision: Precision, head_rows: Option<usize>, recompute: bool) -> Plan {
+    Plan {
+        tc_attention: tc_attention(cfg, precision),
+        head_rows: head_chunk_rows(rows, cfg.vocab_size, head_rows),
+        recompute,
+    }
 }
 
 impl<'d> DeviceModel<'d> {
@@ -163,6 +175,7 @@ impl<'d> DeviceModel<'d> {
             grad_all,
             mem: None,
             head_rows: None,
+            recompute: false,
             graphs: Cell::new(std::env::var("GATED_LM_CUDA_GRAPH").map_or(true, |v| v != "0")),
         })
     }
@@ -204,14 +217,13 @@ impl<'d> DeviceModel<'d> {
     /// The step memory for `batch × seq`, planned when the shape changes (the old plan is
     /// freed first) and taken out of `self` for the step.
     fn step_memory(&mut self, batch: usize, seq: usize) -> Result<StepMemory> {
-        let head_rows = head_chunk_rows(batch * seq, self.cfg.vocab_size, self.head_rows);
-        let key = (batch, seq, self.precision, head_rows);
+        let plan = step_plan(&self.cfg, batch * seq, self.precision, self.head_rows, self.recompute);
+        let key = (batch, seq, self.precision, plan);
         match self.mem.take() {
-            Some(m) if (m.batch, m.seq, m.precision, m.head_rows) == key => Ok(m),
+            Some(m) if (m.batch, m.seq, m.precision, m.plan) == key => Ok(m),
             old => {
                 drop(old);
-                let tc = self.tc_attention();
-                StepMemory::new(self.dev, &self.cfg, (batch, seq), self.precision, tc, head_rows)
+                StepMemory::new(self.dev, &self.cfg, (batch, seq), self.precision, plan)
             }
         }
     }
@@ -226,7 +238,16 @@ impl<'d> DeviceModel<'d> {
     /// Bytes of the step memory a `batch × seq` step of this model will plan (activations,
     /// their gradients, scratch), without allocating it.
     pub fn planned_step_bytes(&self, batch: usize, seq: usize) -> Result<usize> {
-        planned_step_bytes(&self.cfg, (batch, seq), self.precision, self.head_rows)
+        planned_step_bytes(&self.cfg, (batch, seq), self.precision, self.head_rows, self.recompute)
+    }
+
+    /// Recompute cheap activations in the backward instead of keeping them per layer: the
+    /// norms' outputs h1 and h2 (one norm launch each) and the rotated q and k (one QK-norm +
+    /// RoPE launch each). Bit-identical results; less memory (per token and layer 2·d + q + kv
+    /// elements of the GEMMs' and the attention's operand types: 14 KB at 1p7b in bf16) for a
+    /// few launches more, so for when memory, not speed, is short.
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     /// Bytes of the current step memory (0 before the first step).

@@ -46,6 +46,17 @@ impl DeviceStep<'_, '_> {
     fn eps(&self) -> f32 {
         self.m.cfg.rms_norm_eps as f32
     }
+    /// Under [`super::memory::Plan::recompute`]: the post-attention norm's output `h2` (and
+    /// `rstd2`) written again from `x1`, bit for bit what the fused add + norm wrote.
+    fn recompute_h2(&self, l: usize) -> Result<()> {
+        if !self.mem.plan.recompute {
+            return Ok(());
+        }
+        let (m, n, eps) = (self.m, self.rows(), self.eps());
+        let (li, c) = self.layer(l);
+        let (w, dm) = (&m.params[li.post_norm], m.cfg.hidden_size);
+        ops::rmsnorm_fwd_to(m.dev, &c.x1, w, c.h2.op(), &c.rstd2, n, dm, eps, m.zc())
+    }
     /// Whether the attention runs on tensor cores: the memory plan made its inputs bf16 for
     /// them (from [`DeviceModel::tc_attention`]), else f32 for the f32 kernels.
     fn tensor_cores(c: &LayerMem) -> Result<bool> {
@@ -231,6 +242,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let b = &self.mem.bwd;
         let mlp = Self::mlp_index(li)?;
         let (dm, ff) = (m.cfg.hidden_size, m.cfg.intermediate_size);
+        self.recompute_h2(l)?;
         // the norms' backward wrote dx's bf16 copy beside it
         let dxa = m.shadowed(&b.dx, b.dx_b.as_ref());
         ops::linear_bwd_dx_to(m.dev, dxa, m.weight(mlp.down), b.dm.op(), n, ff, dm, false)?;
@@ -266,6 +278,9 @@ impl DecoderOps for DeviceStep<'_, '_> {
     /// On tensor cores from the bf16 q/k/v, z and o the forward ran on and wrote, else in
     /// f32; the G1 gate's gradient in the kernels' pre-pass.
     fn attention_bwd(&mut self, l: usize) -> Result<()> {
+        if self.mem.plan.recompute {
+            self.qk_norm_rope(l)?;
+        }
         let (m, d) = (self.m, self.attn_dims());
         let (_, c) = self.layer(l);
         let b = &self.mem.bwd;
@@ -301,6 +316,9 @@ impl DecoderOps for DeviceStep<'_, '_> {
     }
 
     fn qkv_bwd(&mut self, l: usize) -> Result<()> {
+        if self.mem.plan.recompute {
+            self.input_norm(l)?;
+        }
         let (m, n) = (self.m, self.rows());
         let cfg = &m.cfg;
         let (li, c) = self.layer(l);
