@@ -119,7 +119,7 @@ fn recomputed_activations_train_bit_for_bit_as_kept_ones() {
 
 /// What the plan saves at the presets' own shapes, elementwise gate, bf16 (no device needed):
 /// 2·d + q + kv bf16 elements per token and layer, less the shared d + q + kv (14 KB per token
-/// and layer at 1p7b: 5.97 GiB of its 34.85 GiB arena; 5 KB at small: 1.77 GiB of 11.63 GiB).
+/// and layer at 1p7b: 5.97 GiB of its 35.39 GiB arena; 5 KB at small: 1.77 GiB of 11.63 GiB).
 #[test]
 fn recomputation_saves_the_planned_bytes_at_the_presets() {
     for (preset, want_gib) in [("small", 1.766), ("1p7b", 5.969)] {

@@ -212,13 +212,21 @@ pub(super) struct HeadChunk {
     pub loss_rows: DBuf,
 }
 
-/// f32 logits of one LM-head chunk, at most (unless a single row is larger).
+/// f32 logits of one LM-head chunk, at most (unless [`HEAD_CHUNK_MIN_ROWS`] are larger).
 const HEAD_CHUNK_BYTES: usize = 256 << 20;
 
+/// Rows per LM-head chunk, at least: each chunk's weight-gradient GEMM reads and writes the
+/// head's whole f32 gradient (8·d·V bytes) for 2·rows·d·V FLOPs, so below ≈ 740 rows it is bound
+/// by that traffic on an H200 (790 TFLOP/s over 4.3 TB/s, × 8 bytes / 2 FLOPs). At 1p7b
+/// (vocabulary 151,936) the 256 MiB budget alone gives 384 rows: 43 chunks moving 107 GB.
+const HEAD_CHUNK_MIN_ROWS: usize = 1024;
+
 /// Rows per LM-head chunk: `forced` (tests), else as many as keep a chunk's f32 logits within
-/// [`HEAD_CHUNK_BYTES`], a multiple of 64 rows (whole GEMM tiles), and never more than `n`.
+/// [`HEAD_CHUNK_BYTES`] but at least [`HEAD_CHUNK_MIN_ROWS`], a multiple of 64 rows (whole GEMM
+/// tiles), and never more than `n`.
 pub(super) fn head_chunk_rows(n: usize, vocab: usize, forced: Option<usize>) -> usize {
-    let rows = forced.unwrap_or_else(|| (HEAD_CHUNK_BYTES / (4 * vocab.max(1)) / 64 * 64).max(64));
+    let budget = HEAD_CHUNK_BYTES / (4 * vocab.max(1)) / 64 * 64;
+    let rows = forced.unwrap_or(budget.max(HEAD_CHUNK_MIN_ROWS));
     rows.clamp(1, n.max(1))
 }
 
@@ -492,5 +500,24 @@ impl StepMemory {
     /// The embedding output: layer 0's input (or the final norm's, without layers).
     pub fn embed_out(&self) -> &DBuf {
         self.layers.first().map_or(&self.x_last, |l| &l.x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_chunk_rows;
+
+    /// The LM head's chunks: within the logits budget where that leaves enough rows for the
+    /// weight gradient's GEMM to be bound by its FLOPs, else 1,024 rows; never more than the
+    /// step's rows; a forced size (tests) as given.
+    #[test]
+    fn head_chunks_keep_the_weight_gradient_gemm_compute_bound() {
+        // small: 256 MiB of f32 logits is 2,048 rows of 32,768
+        assert_eq!(head_chunk_rows(32 * 1024, 32_768, None), 2048);
+        // 1p7b: the budget alone would give 384 rows of 151,936
+        assert_eq!(head_chunk_rows(8 * 2048, 151_936, None), 1024);
+        assert_eq!(head_chunk_rows(80, 151_936, None), 80);
+        assert_eq!(head_chunk_rows(80, 256, Some(16)), 16);
+        assert_eq!(head_chunk_rows(80, 256, Some(0)), 1);
     }
 }
