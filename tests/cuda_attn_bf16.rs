@@ -203,14 +203,7 @@ fn tensor_core_backward_reads_o_and_z_in_bf16() {
 fn mixed_o_and_z_types_are_refused() {
     let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
     let dev: &dyn Device = &emu;
-    let d = AttnDims {
-        batch: 1,
-        seq: 3,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: 64,
-    };
-    let (nq, nkv) = (3 * 2 * 64, 3 * 64);
+    let (d, nq, nkv) = tiny_tc_attention();
     let z16 = |k: usize| dev.zeros(2 * k).unwrap();
     let (q, kv, lse) = (z16(nq), z16(nkv), dev.zeros(4 * 3 * 2).unwrap());
     let (b, f) = (z16(nq), dev.zeros(4 * nq).unwrap());

@@ -696,14 +696,7 @@ fn bf16_outputs_are_checked_for_their_own_size() {
     ops::linear_fwd_to(dev, xo, wo, b, rows, 20, d).unwrap();
     refused(ops::linear_fwd_to(dev, xo, wo, s, rows, 20, d), "short GEMM output");
     // the attention's y: [rows, heads·head_dim], f32 kernels and tensor-core ones
-    let d = AttnDims {
-        batch: 1,
-        seq: 3,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: 64,
-    };
-    let (nq, nkv) = (3 * 2 * 64, 3 * 64);
+    let (d, nq, nkv) = tiny_tc_attention();
     let (q, kv, lse) = (f(nq), f(nkv), f(3 * 2));
     let (yb, ys) = (dev.zeros(2 * nq).unwrap(), dev.zeros(2 * nq - 2).unwrap());
     let (b, s) = (Operand::bf16(&yb), Operand::bf16(&ys));

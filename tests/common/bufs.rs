@@ -1,13 +1,26 @@
 //! Device buffers for the CUDA kernel tests: random values, NaN poison, bf16 uploads and typed
 //! operands (tests/cuda_bf16.rs, cuda_attn_bf16.rs, cuda_stacked.rs).
 
-use gated_lm::backend::cuda::ops::Operand;
+use gated_lm::backend::cuda::ops::{AttnDims, Operand};
 use gated_lm::backend::cuda::runtime::{up_f32, up_u16, DBuf, Device};
 
 /// `n` normal values of standard deviation `std` from `seed`.
 pub fn randn(n: usize, seed: u64, std: f64) -> Vec<f32> {
     let mut r = gated_lm::rng::Rng::new(seed);
     (0..n).map(|_| (r.normal() * std) as f32).collect()
+}
+
+/// The smallest tensor-core attention shape (one sequence of 3 tokens, 2 heads sharing one KV
+/// head of 64), for the tests of what the kernels refuse: with its q and k (or v) lengths.
+pub fn tiny_tc_attention() -> (AttnDims, usize, usize) {
+    let d = AttnDims {
+        batch: 1,
+        seq: 3,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    (d, 3 * 2 * 64, 3 * 64)
 }
 
 /// `n` f32 or bf16 elements of NaN, so an element a kernel skips cannot pass for a result.
