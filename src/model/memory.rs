@@ -104,7 +104,21 @@ pub fn training(cfg: &ModelConfig, batch: usize, seq: usize) -> Need {
         .add("attention probe", tokens * seq as u128 * cfg.num_heads as u128 * F32)
 }
 
-/// Training on a device, on the host: the model and the optimizer's copies (weights, AdamW
+/// Training on a device, on the host: the model and the optimizer's copies, and the
+/// evaluation's probe batch through the host model (`train::evaluate`: a forward keeps one layer's
+/// activations at a time and sums the loss over logit chunks) with the sink probe's attention
+/// rows. The activations of the step live on the device.
+pub fn device_training(cfg: &ModelConfig, batch: usize, seq: usize) -> Need {
+    let tokens = batch as u128 * seq as u128;
+    host_copies(cfg)
+        .add(
+            "evaluation: one layer's activations",
+            tokens * cached_per_token_layer(cfg) * F32,
+        )
+        .add("attention probe", tokens * seq as u128 * cfg.num_heads as u128 * F32)
+}
+
+/// Benchmarking on a device, on the host: the model and the optimizer's copies (weights, AdamW
 /// moments, room for gradients), no activations.
 pub fn host_copies(cfg: &ModelConfig) -> Need {
     Need::default().add("weights, gradients and AdamW moments", 4 * param_count(cfg) * F32)
@@ -226,6 +240,20 @@ mod tests {
                 .sum();
             assert!(param_count(&cfg) >= exact as u128);
         }
+    }
+
+    /// The 1p7b preset trained on a GPU needs ≈ 37 GiB of host memory (its f32 copies and the
+    /// evaluation's probe forward), not the ≈ 127 GiB of training it on the CPU (every layer's
+    /// activations and the logits), which would refuse it on a 128 GiB GPU machine.
+    #[test]
+    fn a_device_run_needs_no_host_activations() {
+        let cfg = crate::config::preset_with_gate("1p7b", "elementwise").unwrap();
+        let (b, t) = crate::config::preset_shape("1p7b");
+        let gib = |n: &Need| n.total() as f64 / (1u64 << 30) as f64;
+        let (cpu, dev) = (gib(&training(&cfg, b, t)), gib(&device_training(&cfg, b, t)));
+        assert!((120.0..135.0).contains(&cpu), "CPU training {cpu:.1} GiB");
+        assert!((34.0..40.0).contains(&dev), "device training {dev:.1} GiB");
+        assert!(dev > gib(&host_copies(&cfg)) + 4.0, "the probe batch is counted");
     }
 
     #[test]

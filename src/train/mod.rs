@@ -137,9 +137,10 @@ pub fn evaluate(
             batch: chunk.len(),
             seq: t,
         };
-        // probes on the first batch only: enough for the sink metrics, and cheap
+        // probes on the first batch only: enough for the sink metrics, and cheap (its loss
+        // summed over logit chunks: no `[tokens, vocab]` logits on the host)
         let loss = if k == 0 && chunk.len() == b {
-            model.forward(&batch, &mut probe)?.loss
+            model.forward_loss(&batch, &mut probe)?
         } else {
             engine.eval_loss(model, &batch)?
         };
@@ -338,10 +339,13 @@ pub fn run(cfg: TrainConfig, out: &Path, opts: &RunOptions) -> Result<RunSummary
     if !opts.resume && cfg.data.tokenizer == "bpe" {
         sizing.vocab_size = sizing.vocab_size.max(cfg.data.bpe_vocab_size);
     }
-    crate::model::memory::ensure_fits(
-        "this training run",
-        &crate::model::memory::training(&sizing, cfg.train.batch_size, cfg.train.seq_len),
-    )?;
+    // a device run keeps its step's activations on the device
+    let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
+    let host_need = match opts.device.device.as_str() {
+        "cpu" => crate::model::memory::training(&sizing, b, t),
+        _ => crate::model::memory::device_training(&sizing, b, t),
+    };
+    crate::model::memory::ensure_fits("this training run", &host_need)?;
     let ckpt_dir = out.join("checkpoint");
     // on resume the config already carries the tokenizer's vocabulary: check the checkpoint
     // against it before touching the directory
