@@ -435,6 +435,22 @@ fn gemm_and_casts_match_references() {
             let y = zeros_f32(dev, rows * dout).unwrap();
             o::linear_fwd(dev, op(&xb), op(&wb), &y, rows, din, dout).unwrap();
             close(&format!("{dtype:?} x·Wᵀ"), &down_f32(dev, &y).unwrap(), &want, 1e-5);
+            // y = r + x·Wᵀ: the residual read from its own buffer, which stays as it was, and
+            // added in the epilogue (the portable kernel: bit for bit x·Wᵀ then the f32 add)
+            let r = randn(rows * dout, 45, 1.0);
+            let (rb, yr) = (up_f32(dev, &r).unwrap(), zeros_f32(dev, rows * dout).unwrap());
+            o::linear_fwd_residual(dev, op(&xb), op(&wb), &rb, &yr, rows, din, dout).unwrap();
+            let got = down_f32(dev, &yr).unwrap();
+            let plus: Vec<f32> = want.iter().zip(&r).map(|(a, b)| a + b).collect();
+            close(&format!("{dtype:?} r + x·Wᵀ"), &got, &plus, 1e-5);
+            assert_eq!(down_f32(dev, &rb).unwrap(), r, "{dtype:?}: the residual was written");
+            if dev.describe().contains("emulator") {
+                let plain = down_f32(dev, &y).unwrap();
+                let then_add = plain.iter().zip(&r).map(|(a, b)| (a + b).to_bits());
+                assert!(got.iter().map(|g| g.to_bits()).eq(then_add), "{dtype:?}: r + x·Wᵀ bits");
+            }
+            let e = o::linear_fwd_residual(dev, op(&xb), op(&wb), &yr, &yr, rows, din, dout).unwrap_err();
+            assert!(format!("{e}").contains("overlap"), "{e}");
             // dx = acc + dy·W
             let acc = Some(&acc0[..rows * din]);
             let want = reference((rows, din, dout), |r, k| dyr[r * dout + k], |k, c| wr[k * din + c], acc);

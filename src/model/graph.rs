@@ -41,13 +41,16 @@ pub trait DecoderOps {
     fn qk_norm_rope(&mut self, l: usize) -> Result<()>;
     /// `o = causal SDPA(qr, kr, v)`, `y = G1(o, z)` (y = o when the gate is elsewhere)
     fn attention(&mut self, l: usize) -> Result<()>;
-    /// `a = post_norm(G5(y·Wo))` (Gemma's post-attention norm; the G5 gate)
+    /// `a = post_norm(G5(y·Wo))` (Gemma's post-attention norm; the G5 gate). A backend whose
+    /// `a` is the GEMM's output alone may add `x` right there (the device: `x1 = x + a` in the
+    /// GEMM's epilogue), leaving [`Self::residual_norm`] only the norm.
     fn out_proj(&mut self, l: usize) -> Result<()>;
     /// `x1 = x + a`, `h2 = norm(x1)` (post-attention norm)
     fn residual_norm(&mut self, l: usize) -> Result<()>;
     /// `f = post_norm(ffn(h2))` (dense SwiGLU/GeGLU or MoE; Gemma's post-feedforward norm)
     fn mlp(&mut self, l: usize) -> Result<()>;
-    /// `out = x1 + f`
+    /// `out = x1 + f` (on the device already written by [`Self::mlp`]'s down projection, which
+    /// adds `x1` in its GEMM's epilogue)
     fn residual(&mut self, l: usize) -> Result<()>;
 
     /// `hf = norm(x)` after the last layer

@@ -72,16 +72,18 @@ impl Device for Recording<'_> {
         }
         self.dev.launch(kernel, cfg, args)
     }
+    #[allow(clippy::too_many_arguments)]
     fn vendor_gemm(
         &self,
         mnk: (usize, usize, usize),
         a: Strided,
         b: Strided,
         c: Strided,
+        c_in: Option<&DBuf>,
         alpha: f32,
         beta: f32,
     ) -> Option<anyhow::Result<()>> {
-        let done = self.dev.vendor_gemm(mnk, a, b, c, alpha, beta);
+        let done = self.dev.vendor_gemm(mnk, a, b, c, c_in, alpha, beta);
         self.vendor_gemms.set(self.vendor_gemms.get() + done.is_some() as usize);
         done
     }

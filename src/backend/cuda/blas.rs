@@ -45,11 +45,12 @@ fn err(what: &str) -> impl Fn(lt::CublasError) -> anyhow::Error + '_ {
     move |e| anyhow!("cuBLASLt {what}: {e:?}")
 }
 
-/// One column-major GEMM: `C (m×n, ldc) = alpha·op(A)·op(B) + beta·C`.
+/// One column-major GEMM: `D (m×n, ldc) = alpha·op(A)·op(B) + beta·C`, `C` and `D` of one
+/// layout (`c_in == c`: in place).
 pub struct ColMajor {
     /// A's and B's type
     pub dtype: DType,
-    /// C's (and D's, the same buffer) type
+    /// C's and D's type
     pub c_dtype: DType,
     pub transa: bool,
     pub transb: bool,
@@ -60,7 +61,10 @@ pub struct ColMajor {
     pub lda: usize,
     pub b: u64,
     pub ldb: usize,
+    /// D, the output
     pub c: u64,
+    /// C, the input beta scales
+    pub c_in: u64,
     pub ldc: usize,
     pub alpha: f32,
     pub beta: f32,
@@ -133,7 +137,7 @@ impl Blas {
             la.0,
             g.b as *const c_void,
             lb.0,
-            g.c as *const c_void,
+            g.c_in as *const c_void,
             lc.0,
             g.c as *mut c_void,
             lc.0,

@@ -193,12 +193,14 @@ impl Device for Gpu {
             .map_err(|e| anyhow!("host→device copy: {e:?}"))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn vendor_gemm(
         &self,
         (m, n, k): (usize, usize, usize),
         a: Strided,
         b: Strided,
         c: Strided,
+        c_in: Option<&DBuf>,
         alpha: f32,
         beta: f32,
     ) -> Option<Result<()>> {
@@ -233,6 +235,7 @@ impl Device for Gpu {
             b: a.buf.ptr,
             ldb,
             c: c.buf.ptr,
+            c_in: c_in.map_or(c.buf.ptr, |b| b.ptr),
             ldc,
             alpha,
             beta,

@@ -161,13 +161,16 @@ pub trait Device {
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()>;
     /// `C = alpha·A·B + beta·C` (`C` f32, or bf16 from bf16 operands) through a vendor
     /// library, when the device has one and the layout suits it; `None` leaves it to the
-    /// portable GEMM kernel.
+    /// portable GEMM kernel. With `c_in` the `C` that beta scales is read from there (same
+    /// layout and type) instead of from the output.
+    #[allow(clippy::too_many_arguments)]
     fn vendor_gemm(
         &self,
         _mnk: (usize, usize, usize),
         _a: Strided,
         _b: Strided,
         _c: Strided,
+        _c_in: Option<&DBuf>,
         _alpha: f32,
         _beta: f32,
     ) -> Option<Result<()>> {

@@ -373,6 +373,21 @@ impl<'d> DeviceModel<'d> {
         self.lin_fwd_to(x, w, y.into(), rows, din, dout)
     }
 
+    /// `y = r + x·W_iᵀ`, the residual added in the GEMM's epilogue ([`ops::linear_fwd_residual`]).
+    #[allow(clippy::too_many_arguments)]
+    fn lin_fwd_residual(
+        &self,
+        x: Operand,
+        w: usize,
+        r: &DBuf,
+        y: &DBuf,
+        rows: usize,
+        din: usize,
+        dout: usize,
+    ) -> Result<()> {
+        ops::linear_fwd_residual(self.dev, x, self.weight(w), r, y, rows, din, dout)
+    }
+
     /// [`Self::lin_fwd`] with `y` in f32 or (from bf16 operands) bf16.
     fn lin_fwd_to(&self, x: Operand, w: usize, y: Operand, rows: usize, din: usize, dout: usize) -> Result<()> {
         ops::linear_fwd_to(self.dev, x, self.weight(w), y, rows, din, dout)

@@ -46,12 +46,8 @@ impl DeviceStep<'_, '_> {
     fn eps(&self) -> f32 {
         self.m.cfg.rms_norm_eps as f32
     }
-    /// Under [`super::memory::Plan::recompute`]: the post-attention norm's output `h2` (and
-    /// `rstd2`) written again from `x1`, bit for bit what the fused add + norm wrote.
-    fn recompute_h2(&self, l: usize) -> Result<()> {
-        if !self.mem.plan.recompute {
-            return Ok(());
-        }
+    /// The post-attention norm: `h2` (in the GEMMs' operand type) and `rstd2` from `x1`.
+    fn post_norm(&self, l: usize) -> Result<()> {
         let (m, n, eps) = (self.m, self.rows(), self.eps());
         let (li, c) = self.layer(l);
         let (w, dm) = (&m.params[li.post_norm], m.cfg.hidden_size);
@@ -146,24 +142,23 @@ impl DecoderOps for DeviceStep<'_, '_> {
         }
     }
 
-    /// `a` is written into `x1`'s buffer ([`Self::residual_norm`] adds `x` in place).
+    /// Writes `x1 = x + a`: the GEMM adds the residual `x` in its epilogue (`a` is never
+    /// written on its own), so [`Self::residual_norm`] only normalises.
     fn out_proj(&mut self, l: usize) -> Result<()> {
         let (m, n) = (self.m, self.rows());
         let (li, c) = self.layer(l);
         let (qd, dm) = (m.cfg.q_dim(), m.cfg.hidden_size);
-        m.lin_fwd(c.y.op(), li.o_proj, &c.x1, n, qd, dm)
+        m.lin_fwd_residual(c.y.op(), li.o_proj, &c.x, &c.x1, n, qd, dm)
     }
 
-    /// One launch: `x1 = x + a` in place over `a`, and `h2` in the GEMMs' operand type.
+    /// `h2 = norm(x1)` in the GEMMs' operand type (`x1 = x + a` is already there: [`Self::out_proj`]).
     fn residual_norm(&mut self, l: usize) -> Result<()> {
-        let (m, n, eps) = (self.m, self.rows(), self.eps());
-        let (li, c) = self.layer(l);
-        let (dm, w) = (m.cfg.hidden_size, &m.params[li.post_norm]);
-        ops::add_rmsnorm_fwd(m.dev, (&c.x, &c.x1, &c.x1), w, c.h2.op(), &c.rstd2, n, dm, eps, m.zc())
+        self.post_norm(l)
     }
 
-    /// One GEMM of the stacked `[gate; up]` weight; `f` is written into the layer output's
-    /// buffer ([`Self::residual`] adds `x1` in place).
+    /// One GEMM of the stacked `[gate; up]` weight; the down projection's GEMM writes the
+    /// layer's output `x1 + f`, adding the residual `x1` in its epilogue (so [`Self::residual`]
+    /// has nothing left to do).
     fn mlp(&mut self, l: usize) -> Result<()> {
         let (m, n) = (self.m, self.rows());
         let (li, c) = self.layer(l);
@@ -174,13 +169,12 @@ impl DecoderOps for DeviceStep<'_, '_> {
         ops::linear_fwd_to(m.dev, c.h2.op(), w_gu, c.gu.op(), n, dm, 2 * ff)?;
         let act = &self.mem.m;
         ops::swiglu_fwd(m.dev, c.gu.op(), act.op(), n, ff)?;
-        m.lin_fwd(act.op(), mlp.down, self.mem.layer_io(l).1, n, ff, dm)
+        m.lin_fwd_residual(act.op(), mlp.down, &c.x1, self.mem.layer_io(l).1, n, ff, dm)
     }
 
-    fn residual(&mut self, l: usize) -> Result<()> {
-        let out = self.mem.layer_io(l).1;
-        let x1 = &self.mem.layers[l].x1;
-        ops::add(self.m.dev, x1, out, out, self.rows() * self.m.cfg.hidden_size)
+    /// Done by [`Self::mlp`]'s down projection, in its GEMM's epilogue.
+    fn residual(&mut self, _l: usize) -> Result<()> {
+        Ok(())
     }
 
     fn final_norm(&mut self) -> Result<()> {
@@ -242,7 +236,10 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let b = &self.mem.bwd;
         let mlp = Self::mlp_index(li)?;
         let (dm, ff) = (m.cfg.hidden_size, m.cfg.intermediate_size);
-        self.recompute_h2(l)?;
+        // under recomputation h2 is not kept per layer: written again from x1
+        if self.mem.plan.recompute {
+            self.post_norm(l)?;
+        }
         // the norms' backward wrote dx's bf16 copy beside it
         let dxa = m.shadowed(&b.dx, b.dx_b.as_ref());
         ops::linear_bwd_dx_to(m.dev, dxa, m.weight(mlp.down), b.dm.op(), n, ff, dm, false)?;

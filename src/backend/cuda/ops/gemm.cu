@@ -1,9 +1,10 @@
-// f32 GEMM with arbitrary strides: C[m, n] = alpha·Σ_k A(m, k)·B(k, n) + beta·C[m, n], where
+// f32 GEMM with arbitrary strides: C[m, n] = alpha·Σ_k A(m, k)·B(k, n) + beta·Cin[m, n], where
 // A(m, k) = A[m·sam + k·sak], B(k, n) = B[k·sbk + n·sbn] and C is row-major with ldc. The
 // strides express every transpose the linear layers need (x·Wᵀ, dy·W, dyᵀ·x) with one kernel.
 // It is the portable path (the emulator, or a GPU without cuBLASLt): 64×64 output tiles, 256
 // threads of 4×4 outputs, K in steps of 16 through shared memory; deterministic (each output
-// summed by one thread in k order). beta = 0 never reads C. gemm_bf16 reads bf16 A and B (the
+// summed by one thread in k order). beta = 0 never reads Cin, which is C itself for an update in
+// place, or another matrix of C's layout (the residual a projection's output adds). gemm_bf16 reads bf16 A and B (the
 // mixed-precision matmul: bf16 operands, f32 accumulation and output); gemm_bf16_bf16 also
 // stores C in bf16 (the f32 result rounded, as cuBLASLt with a bf16 D: for an output that only
 // bf16 consumers read); cast_f32_bf16 makes bf16 operands of f32 tensors.
@@ -17,8 +18,8 @@ __device__ __forceinline__ float load_f(const float* p) { return *p; }
 __device__ __forceinline__ float load_f(const bf16* p) { return bf16_to_f32(*p); }
 
 template <class T, class TC>
-__device__ void gemm_impl(const T* A, const T* B, TC* C, int M, int N, int K, long sam, long sak, long sbk,
-                          long sbn, long ldc, float alpha, float beta) {
+__device__ void gemm_impl(const T* A, const T* B, const TC* Cin, TC* C, int M, int N, int K, long sam, long sak,
+                          long sbk, long sbn, long ldc, float alpha, float beta) {
     __shared__ float as[GK][GM];
     __shared__ float bs[GK][GN];
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -49,25 +50,26 @@ __device__ void gemm_impl(const T* A, const T* B, TC* C, int M, int N, int K, lo
         for (int j = 0; j < 4; ++j) {
             int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
             if (m < M && n < N) {
-                TC* c = C + m * ldc + n;
-                store_as(c, beta == 0.0f ? alpha * acc[i][j] : alpha * acc[i][j] + beta * load_f(c));
+                long at = m * ldc + n;
+                store_as(C + at, beta == 0.0f ? alpha * acc[i][j] : alpha * acc[i][j] + beta * load_f(Cin + at));
             }
         }
 }
 
-extern "C" __global__ void gemm_f32(const float* A, const float* B, float* C, int M, int N, int K, long sam, long sak,
-                                    long sbk, long sbn, long ldc, float alpha, float beta) {
-    gemm_impl(A, B, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
+extern "C" __global__ void gemm_f32(const float* A, const float* B, const float* Cin, float* C, int M, int N, int K,
+                                    long sam, long sak, long sbk, long sbn, long ldc, float alpha, float beta) {
+    gemm_impl(A, B, Cin, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
 }
 
-extern "C" __global__ void gemm_bf16(const bf16* A, const bf16* B, float* C, int M, int N, int K, long sam, long sak,
-                                     long sbk, long sbn, long ldc, float alpha, float beta) {
-    gemm_impl(A, B, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
+extern "C" __global__ void gemm_bf16(const bf16* A, const bf16* B, const float* Cin, float* C, int M, int N, int K,
+                                     long sam, long sak, long sbk, long sbn, long ldc, float alpha, float beta) {
+    gemm_impl(A, B, Cin, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
 }
 
-extern "C" __global__ void gemm_bf16_bf16(const bf16* A, const bf16* B, bf16* C, int M, int N, int K, long sam,
-                                          long sak, long sbk, long sbn, long ldc, float alpha, float beta) {
-    gemm_impl(A, B, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
+extern "C" __global__ void gemm_bf16_bf16(const bf16* A, const bf16* B, const bf16* Cin, bf16* C, int M, int N,
+                                          int K, long sam, long sak, long sbk, long sbn, long ldc, float alpha,
+                                          float beta) {
+    gemm_impl(A, B, Cin, C, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
 }
 
 // Mixed precision: bf16 copies of f32 tensors (round to nearest even).

@@ -81,6 +81,22 @@ pub fn gemm_to(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
+    gemm_from(dev, (m, n, k), a, b, (None, c), ldc, alpha, beta)
+}
+
+/// [`gemm_to`] with the `C` that beta scales read from `c_in` (same type and layout as the
+/// output) when given, else from the output itself.
+#[allow(clippy::too_many_arguments)]
+fn gemm_from(
+    dev: &dyn Device,
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    (c_in, c): (Option<&DBuf>, Operand),
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
     span("gemm A", a, m, k)?;
     span("gemm B", b, k, n)?;
     if a.dtype != b.dtype {
@@ -92,16 +108,20 @@ pub fn gemm_to(
     }
     let cs = c.at(ldc, 1);
     span("gemm C", cs, m, n)?;
+    if let Some(cin) = c_in {
+        span("gemm C input", Strided { buf: cin, ..cs }, m, n)?;
+    }
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if let Some(r) = dev.vendor_gemm((m, n, k), a, b, cs, alpha, beta) {
+    if let Some(r) = dev.vendor_gemm((m, n, k), a, b, cs, c_in, alpha, beta) {
         return r;
     }
     let l = |x: usize| Arg::I64(x as i64);
     let args = [
         a.buf.arg(),
         b.buf.arg(),
+        c_in.unwrap_or(c.buf).arg(),
         c.buf.arg(),
         Arg::I32(m as i32),
         Arg::I32(n as i32),
@@ -151,6 +171,28 @@ pub fn linear_fwd_to(
     dout: usize,
 ) -> Result<()> {
     gemm_to(dev, (rows, dout, din), x.at(din, 1), w.at(1, din), y, dout, 1.0, 0.0)
+}
+
+/// `y = r + x·Wᵀ` (f32 `y` and `r`, which may not overlap): a residual branch's projection with
+/// the residual added in the GEMM's epilogue, in the f32 of its accumulator (bit for bit
+/// [`linear_fwd`] then the f32 add), so the branch's output is never written and read back.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd_residual(
+    dev: &dyn Device,
+    x: Operand,
+    w: Operand,
+    r: &DBuf,
+    y: &DBuf,
+    rows: usize,
+    din: usize,
+    dout: usize,
+) -> Result<()> {
+    let (ry, yy) = (r.ptr..r.ptr + r.bytes as u64, y.ptr..y.ptr + y.bytes as u64);
+    if ry.start < yy.end && yy.start < ry.end {
+        bail!("linear_fwd_residual: the residual and the output overlap");
+    }
+    let (xs, ws) = (x.at(din, 1), w.at(1, din));
+    gemm_from(dev, (rows, dout, din), xs, ws, (Some(r), y.into()), dout, 1.0, 1.0)
 }
 
 /// `dx (+)= dy·W`

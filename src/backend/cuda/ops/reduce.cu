@@ -1,12 +1,6 @@
-// Residual adds, fills, and deterministic column sums (the weight gradients of per-row ops:
-// RMSNorm gains, QK-norm gains).
-// Entry points (ops/reduce.rs): add_f32, fill_f32, colsum_final.
-
-// out = a + b (out may be a)
-extern "C" __global__ void add_f32(const float* a, const float* b, float* out, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        out[i] = a[i] + b[i];
-}
+// Fills, and deterministic column sums (the weight gradients of per-row ops: RMSNorm gains,
+// QK-norm gains). (Residual adds happen in the GEMM epilogues: ops/gemm.rs linear_fwd_residual.)
+// Entry points (ops/reduce.rs): fill_f32, colsum_final.
 
 extern "C" __global__ void fill_f32(float* x, float v, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = v;

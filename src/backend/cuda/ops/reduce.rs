@@ -1,4 +1,4 @@
-//! Fills, residual adds and deterministic column sums (reduce.cu).
+//! Fills and deterministic column sums (reduce.cu).
 
 use super::{elems, f32s, KernelSource};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
@@ -7,19 +7,13 @@ use anyhow::Result;
 pub const SOURCE: KernelSource = KernelSource {
     name: "reduce",
     text: include_str!("reduce.cu"),
-    entries: &["add_f32", "fill_f32", "colsum_final"],
+    entries: &["fill_f32", "colsum_final"],
 };
 
 /// Every element of `x` (`n` f32) set to `v`.
 pub fn fill(dev: &dyn Device, x: &DBuf, v: f32, n: usize) -> Result<()> {
     f32s("fill", &[x], n)?;
     dev.launch("fill_f32", elems(n), &[x.arg(), Arg::F32(v), Arg::I64(n as i64)])
-}
-
-/// `out = a + b` (`out` may be `a`)
-pub fn add(dev: &dyn Device, a: &DBuf, b: &DBuf, out: &DBuf, n: usize) -> Result<()> {
-    f32s("add", &[a, b, out], n)?;
-    dev.launch("add_f32", elems(n), &[a.arg(), b.arg(), out.arg(), Arg::I64(n as i64)])
 }
 
 /// `out[c] (+)= Σ_k part[k, c]` over the `chunks` rows of `part`, in a fixed order (reduce.cu

@@ -2,8 +2,7 @@
 // reduction through shared memory. Same math as src/model/ops/rmsnorm.rs; block_sum and
 // store_as in common.cuh. The outputs GEMMs read come in f32 or bf16 (one template, so the
 // bf16 result is the rounding of the f32 one, bit for bit).
-// Entry points (ops/rmsnorm.rs): rmsnorm_fwd, rmsnorm_fwd_bf16, add_rmsnorm_fwd,
-// add_rmsnorm_fwd_bf16, rmsnorm_bwd, rmsnorm_bwd_bf16.
+// Entry points (ops/rmsnorm.rs): rmsnorm_fwd, rmsnorm_fwd_bf16, rmsnorm_bwd, rmsnorm_bwd_bf16.
 
 // The normalisation of one row from its threads' partial sums of squares `ss`: y = x·r·gain
 // (gain w or 1 + w), r = 1/rms(x) saved in rstd. Each thread reads only the x it summed.
@@ -33,32 +32,6 @@ extern "C" __global__ void rmsnorm_fwd(const float* x, const float* w, float* y,
 extern "C" __global__ void rmsnorm_fwd_bf16(const float* x, const float* w, bf16* y, float* rstd, int d, float eps,
                                             int zero_centered) {
     rmsnorm_fwd_impl(x, w, y, rstd, d, eps, zero_centered);
-}
-
-// The residual add and the norm after it in one pass: x1 = x + a (f32, and x1 may be x or a:
-// every element is read before it is written, by the same thread), h = rmsnorm(x1), rstd.
-template <class T>
-__device__ void add_rmsnorm_fwd_impl(const float* x, const float* a, float* x1, const float* w, T* h, float* rstd,
-                                     int d, float eps, int zc) {
-    __shared__ float shared[32];
-    const long off = (long)blockIdx.x * d;
-    float ss = 0.0f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        const float v = x[off + j] + a[off + j];
-        x1[off + j] = v;
-        ss += v * v;
-    }
-    rmsnorm_row(x1 + off, ss, w, h + off, rstd, d, eps, zc, shared);
-}
-
-extern "C" __global__ void add_rmsnorm_fwd(const float* x, const float* a, float* x1, const float* w, float* h,
-                                           float* rstd, int d, float eps, int zero_centered) {
-    add_rmsnorm_fwd_impl(x, a, x1, w, h, rstd, d, eps, zero_centered);
-}
-
-extern "C" __global__ void add_rmsnorm_fwd_bf16(const float* x, const float* a, float* x1, const float* w, bf16* h,
-                                                float* rstd, int d, float eps, int zero_centered) {
-    add_rmsnorm_fwd_impl(x, a, x1, w, h, rstd, d, eps, zero_centered);
 }
 
 // dx = r·(dy·g − x̂·mean(dy·g·x̂)), g the effective gain, added to dx with `accumulate`, and

@@ -12,14 +12,7 @@ use anyhow::Result;
 pub const SOURCE: KernelSource = KernelSource {
     name: "rmsnorm",
     text: include_str!("rmsnorm.cu"),
-    entries: &[
-        "rmsnorm_fwd",
-        "rmsnorm_fwd_bf16",
-        "add_rmsnorm_fwd",
-        "add_rmsnorm_fwd_bf16",
-        "rmsnorm_bwd",
-        "rmsnorm_bwd_bf16",
-    ],
+    entries: &["rmsnorm_fwd", "rmsnorm_fwd_bf16", "rmsnorm_bwd", "rmsnorm_bwd_bf16"],
 };
 
 /// RMSNorm of `rows` rows of width `d`: writes `y` and the per-row `rstd`.
@@ -68,43 +61,6 @@ pub fn rmsnorm_fwd_to(
     let kernel = match y.dtype {
         DType::F32 => "rmsnorm_fwd",
         DType::Bf16 => "rmsnorm_fwd_bf16",
-    };
-    dev.launch(kernel, Launch::linear(rows, THREADS), &args)
-}
-
-/// The residual add fused with the RMSNorm after it, in one launch: `x1 = x + a` (f32; `x1`
-/// may be `x` or `a`), `h` = RMSNorm of `x1` (f32 or bf16, as [`rmsnorm_fwd_to`]) and `rstd`.
-/// Bit for bit [`add`](super::add) then [`rmsnorm_fwd_to`].
-#[allow(clippy::too_many_arguments)]
-pub fn add_rmsnorm_fwd(
-    dev: &dyn Device,
-    (x, a, x1): (&DBuf, &DBuf, &DBuf),
-    w: &DBuf,
-    h: Operand,
-    rstd: &DBuf,
-    rows: usize,
-    d: usize,
-    eps: f32,
-    zero_centered: bool,
-) -> Result<()> {
-    f32s("add_rmsnorm_fwd", &[x, a, x1], rows * d)?;
-    sized("add_rmsnorm_fwd", h, rows * d)?;
-    f32s("add_rmsnorm_fwd", &[w], d)?;
-    f32s("add_rmsnorm_fwd", &[rstd], rows)?;
-    let args = [
-        x.arg(),
-        a.arg(),
-        x1.arg(),
-        w.arg(),
-        h.buf.arg(),
-        rstd.arg(),
-        Arg::I32(d as i32),
-        Arg::F32(eps),
-        Arg::I32(zero_centered as i32),
-    ];
-    let kernel = match h.dtype {
-        DType::F32 => "add_rmsnorm_fwd",
-        DType::Bf16 => "add_rmsnorm_fwd_bf16",
     };
     dev.launch(kernel, Launch::linear(rows, THREADS), &args)
 }
