@@ -374,17 +374,8 @@ impl<'d> DeviceModel<'d> {
     }
 
     /// `y = r + x·W_iᵀ`, the residual added in the GEMM's epilogue ([`ops::linear_fwd_residual`]).
-    #[allow(clippy::too_many_arguments)]
-    fn lin_fwd_residual(
-        &self,
-        x: Operand,
-        w: usize,
-        r: &DBuf,
-        y: &DBuf,
-        rows: usize,
-        din: usize,
-        dout: usize,
-    ) -> Result<()> {
+    fn lin_fwd_residual(&self, x: Operand, w: usize, (r, y): (&DBuf, &DBuf), shape: [usize; 3]) -> Result<()> {
+        let [rows, din, dout] = shape;
         ops::linear_fwd_residual(self.dev, x, self.weight(w), r, y, rows, din, dout)
     }
 

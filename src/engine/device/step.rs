@@ -148,7 +148,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         let (m, n) = (self.m, self.rows());
         let (li, c) = self.layer(l);
         let (qd, dm) = (m.cfg.q_dim(), m.cfg.hidden_size);
-        m.lin_fwd_residual(c.y.op(), li.o_proj, &c.x, &c.x1, n, qd, dm)
+        m.lin_fwd_residual(c.y.op(), li.o_proj, (&c.x, &c.x1), [n, qd, dm])
     }
 
     /// `h2 = norm(x1)` in the GEMMs' operand type (`x1 = x + a` is already there: [`Self::out_proj`]).
@@ -169,7 +169,7 @@ impl DecoderOps for DeviceStep<'_, '_> {
         ops::linear_fwd_to(m.dev, c.h2.op(), w_gu, c.gu.op(), n, dm, 2 * ff)?;
         let act = &self.mem.m;
         ops::swiglu_fwd(m.dev, c.gu.op(), act.op(), n, ff)?;
-        m.lin_fwd_residual(act.op(), mlp.down, &c.x1, self.mem.layer_io(l).1, n, ff, dm)
+        m.lin_fwd_residual(act.op(), mlp.down, (&c.x1, self.mem.layer_io(l).1), [n, ff, dm])
     }
 
     /// Done by [`Self::mlp`]'s down projection, in its GEMM's epilogue.
