@@ -101,7 +101,12 @@ pub fn training(cfg: &ModelConfig, batch: usize, seq: usize) -> Need {
             tokens * cfg.num_layers as u128 * cached_per_token_layer(cfg) * F32,
         )
         .add("logits", tokens * cfg.vocab_size as u128 * F32)
-        .add("attention probe", tokens * seq as u128 * cfg.num_heads as u128 * F32)
+        .add("attention probe", attention_probe(cfg, batch, seq))
+}
+
+/// The sink probe's per-head attention rows over one evaluation batch.
+fn attention_probe(cfg: &ModelConfig, batch: usize, seq: usize) -> u128 {
+    batch as u128 * seq as u128 * seq as u128 * cfg.num_heads as u128 * F32
 }
 
 /// Training on a device, on the host: the model and the optimizer's copies, and the
@@ -115,7 +120,7 @@ pub fn device_training(cfg: &ModelConfig, batch: usize, seq: usize) -> Need {
             "evaluation: one layer's activations",
             tokens * cached_per_token_layer(cfg) * F32,
         )
-        .add("attention probe", tokens * seq as u128 * cfg.num_heads as u128 * F32)
+        .add("attention probe", attention_probe(cfg, batch, seq))
 }
 
 /// Benchmarking on a device, on the host: the model and the optimizer's copies (weights, AdamW

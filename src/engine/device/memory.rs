@@ -348,18 +348,13 @@ impl StepMemory {
         let gemm_type = gemm_type(precision);
         // what the backward recomputes, in one buffer for all layers: h1 and h2 share one
         // (each is read only between its norm and the GEMMs right after it, in both passes)
-        let shared = match plan.recompute {
-            true => Some((
-                c.typed(gemm_type, n * dm)?,
-                c.typed(attn_in, n * qd)?,
-                c.typed(attn_in, n * kvd)?,
-            )),
-            false => None,
-        };
-        let (h, qr, kr) = match &shared {
-            Some((h, qr, kr)) => (Some(h), Some(qr), Some(kr)),
-            None => (None, None, None),
-        };
+        let mut shared = |dtype, len| plan.recompute.then(|| c.typed(dtype, len)).transpose();
+        let (h, qr, kr) = (
+            shared(gemm_type, n * dm)?,
+            shared(attn_in, n * qd)?,
+            shared(attn_in, n * kvd)?,
+        );
+        let (h, qr, kr) = (h.as_ref(), qr.as_ref(), kr.as_ref());
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
             layers.push(LayerMem {

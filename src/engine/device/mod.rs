@@ -229,8 +229,9 @@ impl<'d> DeviceModel<'d> {
     }
 
     /// Run the LM head and loss over chunks of `rows` rows (`None`: as many as keep a chunk's
-    /// f32 logits within 256 MiB, but at least 1,024: `memory::head_chunk_rows`). For tests: the result does not depend on it beyond the
-    /// summation order of the head's weight gradient.
+    /// f32 logits within 256 MiB, but at least 1,024: `memory::head_chunk_rows`). For tests:
+    /// the result does not depend on it beyond the summation order of the head's weight
+    /// gradient.
     pub fn set_head_chunk_rows(&mut self, rows: Option<usize>) {
         self.head_rows = rows;
     }
