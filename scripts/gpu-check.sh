@@ -98,13 +98,13 @@ export GATED_LM_SKIP_EMU=1
 if [ -n "${GATED_LM_BIN:-}" ]; then
   for exe in "$GATED_LM_BIN"/cuda_kernels-* "$GATED_LM_BIN"/cuda_bf16-* "$GATED_LM_BIN"/cuda_attn_bf16-* \
     "$GATED_LM_BIN"/cuda_stacked-* "$GATED_LM_BIN"/cuda_norm_grads-* "$GATED_LM_BIN"/cuda_graph-* \
-    "$GATED_LM_BIN"/cuda_recompute-* "$GATED_LM_BIN"/cuda_model-*; do
+    "$GATED_LM_BIN"/cuda_recompute-* "$GATED_LM_BIN"/cuda_probes-* "$GATED_LM_BIN"/cuda_model-*; do
     t=$(within 180) || break
     timeout "$t" "$exe" --nocapture 2>&1 | grep -vE "^\s*$" | tail -25
   done
 elif t=$(within 300); then
   timeout "$t" cargo test --release --features cuda --test cuda_kernels --test cuda_bf16 --test cuda_attn_bf16 \
-    --test cuda_stacked --test cuda_model --test cuda_graph --test cuda_norm_grads --test cuda_recompute -- --nocapture 2>&1 | tail -40
+    --test cuda_stacked --test cuda_model --test cuda_graph --test cuda_norm_grads --test cuda_recompute --test cuda_probes -- --nocapture 2>&1 | tail -40
 fi
 
 # last, in what is left of the budget: 1p7b with the norms' outputs and the rotated q, k recomputed

@@ -571,7 +571,18 @@ fn train_losses(dir: &std::path::Path) -> Vec<f64> {
         .collect()
 }
 
-/// `train --device emu`: the run's losses follow the CPU run's (same data, same init), the run
+/// The evaluation rows of a run directory (validation loss and probes), by step.
+fn eval_rows(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("val_loss").is_some())
+        .collect()
+}
+
+/// `train --device emu`: the run's losses, and its evaluations' losses and probes (computed on
+/// the device, from its own weights), follow the CPU run's (same data, same init), the run
 /// directory is complete, and a stopped-and-resumed device run is bit-identical to an
 /// uninterrupted one (the checkpoint carries the device's weights and moments exactly).
 #[test]
@@ -587,7 +598,7 @@ fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
             c.train.seq_len,
             c.train.grad_accum,
         ) = (6, 2, 32, 2);
-        // two eval batches: the first (probes) on the host, the second on the device
+        // two eval batches: the first with the probes, both on the device
         (c.train.eval_every, c.train.checkpoint_every, c.train.eval_batches) = (3, 4, 2);
         c.schedule.warmup_steps = 2;
         c
@@ -611,6 +622,20 @@ fn device_training_run_follows_the_cpu_run_and_resumes_exactly() {
         assert!((a - b).abs() < 1e-4 * a, "step {}: cpu {a}, device {b}", i + 1);
     }
     assert!((sc.final_val_loss - sd.final_val_loss).abs() < 1e-3 * sc.final_val_loss);
+    let (ec, ed) = (eval_rows(&c), eval_rows(&d));
+    assert_eq!(ec.len(), 2, "evaluations at steps 3 and 6");
+    assert_eq!(ec.len(), ed.len());
+    for (rc, rd) in ec.iter().zip(&ed) {
+        assert_eq!(rc["step"], rd["step"]);
+        for key in ["val_loss", "first_token_attn", "m_act", "gate_mean"] {
+            let (a, b) = (rc[key].as_f64().unwrap(), rd[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs().max(1e-2),
+                "step {}: {key}: cpu {a}, device {b}",
+                rc["step"]
+            );
+        }
+    }
     assert!(d.join("model/model.safetensors").exists() && d.join("report.md").exists());
 
     let stop = RunOptions {

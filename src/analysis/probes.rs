@@ -9,13 +9,10 @@
 //! * gate statistics over all gate scores act(z).
 
 use crate::config::GateGeometry;
-use crate::model::observer::Observer;
+use crate::model::observer::{max_keeping_nan, GateTotals, LayerTotals, Observer, GATE_BINS, SMALL_OUTPUT};
 use crate::model::ops::router::RouterStats;
 use crate::real::Real;
 use serde::{Deserialize, Serialize};
-
-/// Gate-score histogram bins over [0, 1] (scores outside are clamped into the end bins).
-pub const GATE_BINS: usize = 20;
 
 #[derive(Clone, Debug)]
 pub struct SinkProbe {
@@ -132,10 +129,38 @@ impl SinkProbe {
 
     /// Record one layer's key-0 column `col0[b][h][i] = A[i, 0]` (`[batch, heads, seq]`).
     pub fn add_first_column(&mut self, layer: usize, col0: impl Fn(usize, usize, usize) -> f64) {
-        for b in 0..self.batch {
-            for h in 0..self.heads {
-                self.first_sum[layer][h] += (1..self.seq).map(|i| col0(b, h, i)).sum::<f64>();
-            }
+        let key0 = (0..self.heads)
+            .map(|h| {
+                (0..self.batch)
+                    .map(|b| (1..self.seq).map(|i| col0(b, h, i)).sum::<f64>())
+                    .sum()
+            })
+            .collect();
+        self.add_totals(
+            layer,
+            &LayerTotals {
+                key0,
+                ..Default::default()
+            },
+        );
+    }
+
+    /// Add one layer's sums (any part of them: the others neutral). Every route into the probe
+    /// ends here: the host's tensors through [`Observer`], a device's totals as they are.
+    pub fn add_totals(&mut self, layer: usize, t: &LayerTotals) {
+        for (acc, s) in self.first_sum[layer].iter_mut().zip(&t.key0) {
+            *acc += s;
+        }
+        self.max_abs[layer] = max_keeping_nan(self.max_abs[layer], t.max_abs);
+        self.sparse_1e2 += t.small[0];
+        self.sparse_1e3 += t.small[1];
+        self.attn_out_count += t.outputs;
+        if let Some(g) = &t.gate {
+            self.gate_sum[layer] += g.sum;
+            self.gate_hist.iter_mut().zip(&g.hist).for_each(|(a, b)| *a += b);
+            self.gate_low += g.low;
+            self.gate_high += g.high;
+            self.gate_count[layer] += g.count;
         }
     }
 
@@ -214,31 +239,38 @@ impl<T: Real> Observer<T> for SinkProbe {
     fn wants_attn_output(&self) -> bool {
         true
     }
-    fn attn_output(&mut self, _layer: usize, o: &[T]) {
-        for &v in o {
-            let a = v.to_f64().abs();
-            self.sparse_1e2 += (a < 1e-2) as u64;
-            self.sparse_1e3 += (a < 1e-3) as u64;
-        }
-        self.attn_out_count += o.len() as u64;
+    fn attn_output(&mut self, layer: usize, o: &[T]) {
+        let count = |bound: f64| o.iter().filter(|v| v.to_f64().abs() < bound).count() as u64;
+        let t = LayerTotals {
+            small: SMALL_OUTPUT.map(count),
+            outputs: o.len() as u64,
+            ..Default::default()
+        };
+        self.add_totals(layer, &t);
     }
     fn wants_gate_scores(&self) -> bool {
         true
     }
     fn gate_scores(&mut self, layer: usize, scores: &[T], _geo: &GateGeometry) {
-        for &s in scores {
-            let v = s.to_f64();
-            self.gate_sum[layer] += v;
-            let bin = ((v * GATE_BINS as f64) as isize).clamp(0, GATE_BINS as isize - 1) as usize;
-            self.gate_hist[bin] += 1;
-            self.gate_low += (v < 0.1) as u64;
-            self.gate_high += (v > 0.9) as u64;
-        }
-        self.gate_count[layer] += scores.len() as u64;
+        let t = LayerTotals {
+            gate: Some(GateTotals::of(scores.iter().map(|s| s.to_f64()))),
+            ..Default::default()
+        };
+        self.add_totals(layer, &t);
     }
     fn layer_output(&mut self, layer: usize, x: &[T]) {
-        let m = x.iter().fold(0.0f64, |m, v| m.max(v.to_f64().abs()));
-        self.max_abs[layer] = self.max_abs[layer].max(m);
+        let max_abs = x.iter().fold(0.0, |m, v| max_keeping_nan(m, v.to_f64().abs()));
+        let t = LayerTotals {
+            max_abs,
+            ..Default::default()
+        };
+        self.add_totals(layer, &t);
+    }
+    fn takes_totals(&self) -> bool {
+        true
+    }
+    fn layer_totals(&mut self, layer: usize, t: &LayerTotals) {
+        self.add_totals(layer, t);
     }
     fn router(&mut self, layer: usize, st: &RouterStats) {
         match &mut self.routers[layer] {

@@ -7,8 +7,9 @@
 //!   of one, through the CUDA ops of `backend::cuda`.
 //!
 //! The host `Model` and `AdamW` stay the run's state of record: a device engine copies them back
-//! ([`Engine::sync`]) before every evaluation and checkpoint, so both engines share evaluation,
-//! checkpoints, resume and the saved model.
+//! ([`Engine::sync`]) before every checkpoint, so both engines share checkpoints, resume and the
+//! saved model. A device evaluates on its own weights, probes included
+//! ([`Engine::eval_observed`]): an evaluation copies nothing back.
 //!
 //! Layering: `backend` (kernels, launchers, the device runtime) imports nothing of the model;
 //! the engines sit above both and are the only place the two meet.
@@ -17,7 +18,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod device;
 
-use crate::model::observer::RouterLog;
+use crate::model::observer::{Observer, RouterLog};
 use crate::model::{Batch, Model};
 use crate::optim::{clip_coef, AdamW};
 use anyhow::Result;
@@ -50,6 +51,17 @@ pub trait Engine {
     fn micro_batch(&mut self, model: &Model<f32>, b: &Batch, routers: &mut RouterLog) -> Result<f64>;
     /// Forward-only mean loss of a batch (evaluation), on the engine's own copy of the weights.
     fn eval_loss(&mut self, model: &Model<f32>, b: &Batch) -> Result<f64>;
+    /// Forward-only mean loss of a batch, reporting what it observes to `obs`: the host model's
+    /// forward by default. An engine that [`Self::evaluates_itself`] runs it on its own weights
+    /// and reports each layer's totals ([`Observer::layer_totals`]; `obs` must take them).
+    fn eval_observed(&mut self, model: &Model<f32>, b: &Batch, obs: &mut dyn Observer<f32>) -> Result<f64> {
+        model.forward_loss(b, obs)
+    }
+    /// Whether an evaluation runs on the engine's own weights alone ([`Self::eval_loss`] and
+    /// [`Self::eval_observed`]), so the host model need not be brought up to date before it.
+    fn evaluates_itself(&self) -> bool {
+        false
+    }
     /// Multiply the accumulated gradients by `s` (the mean over micro-batches), or fold it into
     /// the norm and the update: returns the factor still to apply there.
     fn scale_grads(&mut self, s: f32) -> f32;

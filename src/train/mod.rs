@@ -114,8 +114,8 @@ fn prepare_data(cfg: &mut TrainConfig, out: &Path) -> Result<(Tok, Data)> {
     ))
 }
 
-/// Validation loss and probes on fixed windows: the probes (and that batch's loss) from the
-/// host model, the other batches' losses from the engine (the device's forward on a GPU run).
+/// Validation loss and probes on fixed windows, all from the engine's forward (a device run's
+/// on the device, its probes reduced there: `Engine::eval_observed`).
 pub fn evaluate(
     model: &Model<f32>,
     engine: &mut dyn Engine,
@@ -138,9 +138,9 @@ pub fn evaluate(
             seq: t,
         };
         // probes on the first batch only: enough for the sink metrics, and cheap (its loss
-        // summed over logit chunks: no `[tokens, vocab]` logits on the host)
+        // summed over logit chunks: no `[tokens, vocab]` logits)
         let loss = if k == 0 && chunk.len() == b {
-            model.forward_loss(&batch, &mut probe)?
+            engine.eval_observed(model, &batch, &mut probe)?
         } else {
             engine.eval_loss(model, &batch)?
         };
@@ -620,7 +620,8 @@ fn eval_and_checkpoint(
         state.step.is_multiple_of(cfg.train.eval_every),
         state.step.is_multiple_of(cfg.train.checkpoint_every),
     );
-    if eval_due || ckpt_due {
+    // an engine that evaluates on its own weights copies them back for checkpoints only
+    if ckpt_due || (eval_due && !engine.evaluates_itself()) {
         engine.sync(model, opt)?;
     }
     let mut eval = None;

@@ -15,7 +15,7 @@ use crate::backend::cuda::ops::{
 use crate::backend::cuda::runtime::{down_f32, up_f32, write_f32, DBuf, Device};
 use crate::config::{GateGranularity, ModelConfig, NormStyle};
 use crate::model::graph;
-use crate::model::observer::RouterLog;
+use crate::model::observer::{Observer, RouterLog};
 use crate::model::ops::rope::RopeTable;
 use crate::model::params::{ParamIndex, ParamKind, ParamSpec, ParamStore};
 use crate::model::{Batch, Model};
@@ -256,7 +256,32 @@ impl<'d> DeviceModel<'d> {
         self.mem.as_ref().map_or(0, |m| m.bytes)
     }
 
+    /// [`Self::loss`], reporting each layer's probe totals to `obs`
+    /// ([`Observer::layer_totals`]: attention on key 0, small attention outputs, gate scores,
+    /// the largest activation), reduced on the device as the forward passes each layer: an
+    /// evaluation downloads a few numbers per layer, and runs eagerly (not from a graph).
+    pub fn probe_loss(&mut self, b: &Batch, obs: &mut dyn Observer<f32>) -> Result<f64> {
+        if !obs.takes_totals() {
+            bail!(
+                "{} reports per-layer totals of its forward, and this observer takes tensors",
+                self.dev.describe()
+            );
+        }
+        self.run_observed(b.ids, b.targets, (b.batch, b.seq), false, Some(obs))
+    }
+
     fn run(&mut self, ids: &[u32], targets: &[u32], batch: usize, seq: usize, backward: bool) -> Result<f64> {
+        self.run_observed(ids, targets, (batch, seq), backward, None)
+    }
+
+    fn run_observed(
+        &mut self,
+        ids: &[u32],
+        targets: &[u32],
+        (batch, seq): (usize, usize),
+        backward: bool,
+        probes: Option<&mut dyn Observer<f32>>,
+    ) -> Result<f64> {
         Batch {
             ids,
             targets,
@@ -268,14 +293,32 @@ impl<'d> DeviceModel<'d> {
             bail!("sequence of {seq} beyond the model's {} positions", self.rope.max_len);
         }
         let mut mem = self.step_memory(batch, seq)?;
-        let loss = self.run_in(&mut mem, ids, targets, backward)?;
+        let loss = self.run_in(&mut mem, (ids, targets), backward, probes);
         self.mem = Some(mem);
-        Ok(loss)
+        loss
     }
 
-    fn run_in(&self, mem: &mut StepMemory, ids: &[u32], targets: &[u32], backward: bool) -> Result<f64> {
+    fn run_in(
+        &self,
+        mem: &mut StepMemory,
+        (ids, targets): (&[u32], &[u32]),
+        backward: bool,
+        probes: Option<&mut dyn Observer<f32>>,
+    ) -> Result<f64> {
         let count = mem.stage(self.dev, ids, targets, backward, self.cfg.vocab_size)?;
-        self.launch_step(mem, backward)?;
+        match probes {
+            // the probes download between layers: never captured
+            Some(obs) => {
+                let layers = self.index.layers.len();
+                let mut st = step::DeviceStep {
+                    m: self,
+                    mem,
+                    probes: Some(obs),
+                };
+                graph::step(&mut st, layers, backward)?;
+            }
+            None => self.launch_step(mem, backward)?,
+        }
         let losses = down_f32(self.dev, &mem.loss_rows)?;
         Ok(if count > 0 {
             losses.iter().map(|&l| l as f64).sum::<f64>() / count as f64
@@ -294,7 +337,14 @@ impl<'d> DeviceModel<'d> {
         if let Some(g) = &mem.graphs[pass] {
             return self.dev.replay(g);
         }
-        let eager = |mem: &mut StepMemory| graph::step(&mut step::DeviceStep { m: self, mem }, layers, backward);
+        let eager = |mem: &mut StepMemory| {
+            let mut st = step::DeviceStep {
+                m: self,
+                mem,
+                probes: None,
+            };
+            graph::step(&mut st, layers, backward)
+        };
         if !self.graphs.get() || !mem.ran_eagerly[pass] {
             mem.ran_eagerly[pass] = true;
             return eager(mem);
@@ -532,6 +582,14 @@ impl Engine for DeviceModel<'_> {
 
     fn eval_loss(&mut self, _model: &Model<f32>, b: &Batch) -> Result<f64> {
         self.loss(b.ids, b.targets, b.batch, b.seq)
+    }
+
+    fn eval_observed(&mut self, _model: &Model<f32>, b: &Batch, obs: &mut dyn Observer<f32>) -> Result<f64> {
+        self.probe_loss(b, obs)
+    }
+
+    fn evaluates_itself(&self) -> bool {
+        true
     }
 
     /// Folded into the norm and the update (no pass over the gradients).

@@ -8,16 +8,22 @@ use super::DeviceModel;
 use crate::backend::cuda::ops::{self, AttnDims, DType};
 use crate::backend::cuda::runtime::DBuf;
 use crate::model::graph::DecoderOps;
+use crate::model::observer::{GateTotals, LayerTotals, Observer, GATE_BINS};
 use crate::model::params::{FfnIndex, LayerIndex, SwigluIndex};
 use anyhow::{bail, Result};
 
 /// One step on the device: the model and its step memory, the batch's inputs already staged
 /// there ([`StepMemory::stage`]). Its ops only launch kernels and GEMMs (no copy, allocation or
-/// host value that depends on the batch), so the step can be captured into a graph.
+/// host value that depends on the batch), so the step can be captured into a graph — except
+/// with `probes`, which read each layer's totals back as the forward leaves it (evaluation).
 pub(super) struct DeviceStep<'s, 'd> {
     pub m: &'s DeviceModel<'d>,
     pub mem: &'s mut StepMemory,
+    pub probes: Option<&'s mut dyn Observer<f32>>,
 }
+
+// the device's gate histogram is the observers'
+const _: () = assert!(ops::PROBE_GATE_BINS == GATE_BINS);
 
 impl DeviceStep<'_, '_> {
     fn rows(&self) -> usize {
@@ -55,6 +61,37 @@ impl DeviceStep<'_, '_> {
     }
     /// Whether the attention runs on tensor cores: the memory plan made its inputs bf16 for
     /// them (from [`DeviceModel::tc_attention`]), else f32 for the f32 kernels.
+    /// Layer `l`'s probe totals, reduced on the device from what its forward just wrote: the
+    /// rotated q and k with the attention's lse (key 0), `y` (o_proj's input), the gate logits,
+    /// the layer's output.
+    fn layer_totals(&self, l: usize) -> Result<LayerTotals> {
+        let (m, n, d) = (self.m, self.rows(), self.attn_dims());
+        let (li, c) = self.layer(l);
+        let dev = m.dev;
+        let outputs = n * m.cfg.q_dim();
+        let gate = match (&c.z, m.cfg.gate_geometry().filter(|_| li.gate.is_some())) {
+            (Some(z), Some(geo)) => {
+                let g = ops::probe_gate(dev, z.op().into(), n, geo.scores())?;
+                let (sum, hist, low, high, count) = (g.sum, g.hist, g.low, g.high, g.count);
+                Some(GateTotals {
+                    sum,
+                    hist,
+                    low,
+                    high,
+                    count,
+                })
+            }
+            _ => None,
+        };
+        Ok(LayerTotals {
+            key0: ops::probe_key0(dev, &d, c.qr.op(), c.kr.op(), &c.lse)?,
+            max_abs: ops::probe_max_abs(dev, self.mem.layer_io(l).1, n * m.cfg.hidden_size)?,
+            small: ops::probe_small(dev, c.y.op(), outputs)?,
+            outputs: outputs as u64,
+            gate,
+        })
+    }
+
     fn tensor_cores(c: &LayerMem) -> Result<bool> {
         match (c.qr.dtype, c.kr.dtype, c.v.dtype) {
             (DType::Bf16, DType::Bf16, DType::Bf16) => Ok(true),
@@ -85,6 +122,18 @@ impl DecoderOps for DeviceStep<'_, '_> {
             self.rows(),
             dm,
         )
+    }
+
+    /// With probes: the layer's totals to the observer.
+    fn leave_layer(&mut self, l: usize) -> Result<()> {
+        if self.probes.is_none() {
+            return Ok(());
+        }
+        let totals = self.layer_totals(l)?;
+        if let Some(obs) = self.probes.as_deref_mut() {
+            obs.layer_totals(l, &totals);
+        }
+        Ok(())
     }
 
     fn input_norm(&mut self, l: usize) -> Result<()> {

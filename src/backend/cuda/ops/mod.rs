@@ -13,6 +13,7 @@ pub mod cross_entropy;
 pub mod embedding;
 pub mod gemm;
 pub mod optim;
+pub mod probe;
 pub mod reduce;
 pub mod rmsnorm;
 pub mod rope;
@@ -30,6 +31,7 @@ pub use gemm::{
     linear_fwd_to, DType, Operand, Strided,
 };
 pub use optim::{AdamStep, TableEntry, TensorTable};
+pub use probe::{probe_gate, probe_key0, probe_max_abs, probe_small, GateSums, PROBE_GATE_BINS};
 pub use reduce::{fill, norm_bwd_scratch_len, sum_rows};
 pub use rmsnorm::{rmsnorm_bwd, rmsnorm_bwd_to, rmsnorm_bwd_with, rmsnorm_fwd, rmsnorm_fwd_to};
 pub use rope::{
@@ -64,6 +66,7 @@ pub const SOURCES: &[KernelSource] = &[
     gemm::SOURCE,
     optim::SOURCE,
     reduce::SOURCE,
+    probe::SOURCE,
     attention::SOURCE,
     attention::tc::SOURCE,
 ];
