@@ -67,10 +67,7 @@ fn device_training_step_matches_the_cpu_model() {
                         .for_each(|x| *x += (0.3 * r.normal()) as f32);
                 }
             }
-            let ids: Vec<u32> = (0..batch * seq)
-                .map(|_| r.below(cfg.vocab_size as u64) as u32)
-                .collect();
-            let mut targets = shifted_targets(&ids, seq);
+            let (ids, mut targets) = common::random_tokens(&mut r, cfg.vocab_size, (batch, seq));
             targets[3] = gated_lm::model::ops::cross_entropy::IGNORE;
             let b = Batch {
                 ids: &ids,
@@ -327,10 +324,7 @@ fn check_mixed_precision(
     let rec = Recording::new(dev);
     let what = format!("{name} bf16 on {}", dev.describe());
     let model: Model<f32> = Model::new(cfg.clone(), 3).unwrap();
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|_| r.below(cfg.vocab_size as u64) as u32)
-        .collect();
-    let targets = shifted_targets(&ids, seq);
+    let (ids, targets) = common::random_tokens(r, cfg.vocab_size, (batch, seq));
     let b = Batch {
         ids: &ids,
         targets: &targets,

@@ -9,7 +9,7 @@ use gated_lm::backend::cuda::runtime::Device;
 use gated_lm::config::{GateConfig, ModelConfig};
 use gated_lm::engine::device::{DeviceModel, Precision};
 use gated_lm::model::observer::GATE_BINS;
-use gated_lm::model::{shifted_targets, Batch, Model};
+use gated_lm::model::{Batch, Model};
 use gated_lm::rng::Rng;
 
 mod common;
@@ -118,10 +118,7 @@ fn probe_both(
 ) -> [SinkStats; 2] {
     let model = spread_model(cfg, 5);
     let mut r = Rng::new(21);
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|_| r.below(cfg.vocab_size as u64) as u32)
-        .collect();
-    let targets = shifted_targets(&ids, seq);
+    let (ids, targets) = common::random_tokens(&mut r, cfg.vocab_size, (batch, seq));
     let b = Batch {
         ids: &ids,
         targets: &targets,
@@ -152,6 +149,26 @@ fn probe_both(
     [s, host.stats()]
 }
 
+/// [`probe_both`] on every device for each case, compared within `tol`; each case's host
+/// statistics (of the last device) for further checks.
+fn probe_all<'c>(
+    cases: &'c [(&'c str, ModelConfig)],
+    precision: Precision,
+    shape: (usize, usize),
+    tol: &Tol,
+) -> Vec<(&'c str, &'c ModelConfig, SinkStats)> {
+    let mut wants = Vec::new();
+    for dev in devices() {
+        wants.clear();
+        for (name, cfg) in cases {
+            let [got, want] = probe_both(dev.as_ref(), cfg, precision, shape);
+            compare(&format!("{} {name}", dev.describe()), &got, &want, tol);
+            wants.push((*name, cfg, want));
+        }
+    }
+    wants
+}
+
 fn gate(s: &str) -> Option<GateConfig> {
     GateConfig::parse_spec(s).unwrap()
 }
@@ -166,25 +183,22 @@ fn f32_device_probes_equal_the_host_observers() {
         gate_mean: 1e-6,
         counts: 1e-3,
     };
-    for dev in devices() {
-        for (name, cfg) in [
-            ("ungated", micro(None)),
-            ("G1 elementwise, GQA", micro(gate("elementwise"))),
-            ("G1 headwise, GQA", micro(gate("headwise"))),
-        ] {
-            let [got, want] = probe_both(dev.as_ref(), &cfg, Precision::F32, (2, 24));
-            compare(&format!("{} {name}", dev.describe()), &got, &want, &tol);
-            if cfg.gate.is_some() {
-                // the spread gate fills the histogram's ends, so its bins are really compared
-                let h = &want.gate_histogram;
-                assert_eq!(h.len(), GATE_BINS);
-                assert!(h[0] > 0 && h[GATE_BINS - 1] > 0, "{name}: gate histogram {h:?}");
-            }
-            assert!(
-                want.first_token_attn > 0.0 && want.attn_output_frac_below_1e_2 > 0.0,
-                "{name}: {want:?}"
-            );
+    let cases = [
+        ("ungated", micro(None)),
+        ("G1 elementwise, GQA", micro(gate("elementwise"))),
+        ("G1 headwise, GQA", micro(gate("headwise"))),
+    ];
+    for (name, cfg, want) in probe_all(&cases, Precision::F32, (2, 24), &tol) {
+        if cfg.gate.is_some() {
+            // the spread gate fills the histogram's ends, so its bins are really compared
+            let h = &want.gate_histogram;
+            assert_eq!(h.len(), GATE_BINS);
+            assert!(h[0] > 0 && h[GATE_BINS - 1] > 0, "{name}: gate histogram {h:?}");
         }
+        assert!(
+            want.first_token_attn > 0.0 && want.attn_output_frac_below_1e_2 > 0.0,
+            "{name}: {want:?}"
+        );
     }
 }
 
@@ -201,13 +215,6 @@ fn tensor_core_device_probes_track_the_f32_host_observers() {
         gate_mean: 5e-3,
         counts: 3e-2,
     };
-    for dev in devices() {
-        for (name, cfg) in [
-            ("hd64 G1 elementwise GQA", hd64.clone()),
-            ("hd128 G1 headwise", hd128.clone()),
-        ] {
-            let [got, want] = probe_both(dev.as_ref(), &cfg, Precision::Bf16, (2, 40));
-            compare(&format!("{} {name}", dev.describe()), &got, &want, &tol);
-        }
-    }
+    let cases = [("hd64 G1 elementwise GQA", hd64), ("hd128 G1 headwise", hd128)];
+    probe_all(&cases, Precision::Bf16, (2, 40), &tol);
 }

@@ -40,6 +40,13 @@ pub fn tiny_cfg(gate: Option<GateConfig>) -> ModelConfig {
     }
 }
 
+/// `batch × seq` uniform token ids below `vocab`, and their next-token targets.
+pub fn random_tokens(r: &mut Rng, vocab: usize, (batch, seq): (usize, usize)) -> (Vec<u32>, Vec<u32>) {
+    let ids: Vec<u32> = (0..batch * seq).map(|_| r.below(vocab as u64) as u32).collect();
+    let targets = shifted_targets(&ids, seq);
+    (ids, targets)
+}
+
 pub fn ids() -> Vec<u32> {
     let mut r = Rng::new(99);
     (0..B * T).map(|_| r.below(11) as u32).collect()
