@@ -188,7 +188,14 @@ fn tensor_core_attention_forward_matches_the_cpu_op() {
     use gated_lm::model::ops::{attention as att, gate};
     for dev in devices() {
         let dev = dev.as_ref();
-        for (batch, seq, heads, kv_heads, head_dim) in [(2, 70, 4, 2, 64), (2, 37, 4, 2, 128), (1, 130, 2, 1, 64)] {
+        // T = 130 at hd128: three key tiles, so the double-buffered staging alternates buffers
+        let shapes = [
+            (2, 70, 4, 2, 64),
+            (2, 37, 4, 2, 128),
+            (1, 130, 2, 1, 64),
+            (1, 130, 2, 1, 128),
+        ];
+        for (batch, seq, heads, kv_heads, head_dim) in shapes {
             for fused in [FusedGate::None, FusedGate::Elementwise, FusedGate::Headwise] {
                 let what = format!("tc attention b{batch} t{seq} h{heads}/{kv_heads} d{head_dim} {fused:?}");
                 let d = AttnDims {
@@ -280,6 +287,51 @@ fn tensor_core_attention_checks_its_inputs() {
     let short = emu.zeros(2 * 8 * 2 * 64 - 2).unwrap();
     let e = call(&d, &short).unwrap_err();
     assert!(format!("{e}").contains("elements of 2 bytes"), "{e}");
+}
+
+/// The tensor-core kernels' tiles live in dynamic shared memory (68 KB at hd128, past the 48 KB
+/// default: the GPU device opts in at launch). The emulator refuses a launch that gives a kernel
+/// less than it uses — a launcher's size gone stale must fail here, not read past the allocation
+/// on a GPU — and one past the 227 KB a block of sm_90 may have.
+#[test]
+fn tensor_core_kernels_get_the_shared_memory_they_use() {
+    let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
+    let (t, heads, hd) = (8usize, 2usize, 128usize);
+    let qkv = emu.zeros(t * heads * hd * 2).unwrap();
+    let out = zeros_f32(&emu, t * heads * hd).unwrap();
+    let lse = zeros_f32(&emu, t * heads).unwrap();
+    let args = [
+        qkv.arg(),
+        qkv.arg(),
+        qkv.arg(),
+        Arg::Ptr(0),
+        out.arg(),
+        out.arg(),
+        lse.arg(),
+        Arg::I32(t as i32),
+        Arg::I32(heads as i32),
+        Arg::I32(heads as i32),
+        Arg::F32(0.125),
+        Arg::I32(0),
+    ];
+    let launch = |smem: u32| {
+        let cfg = Launch {
+            grid: [1, heads as u32, 1],
+            block: [128, 1, 1],
+            smem,
+        };
+        emu.launch("attn_fwd_tc_hd128", cfg, &args)
+    };
+    // two K and two V tiles of 64 rows of 128 + 8 bf16
+    let need = 4 * 64 * (hd as u32 + 8) * 2;
+    launch(need).unwrap();
+    let e = launch(need - 16).unwrap_err();
+    assert!(
+        format!("{e:#}").contains(&format!("uses {need} bytes of dynamic shared memory")),
+        "{e:#}"
+    );
+    let e = launch(232_448 + 16).unwrap_err();
+    assert!(format!("{e:#}").contains("past the 232448"), "{e:#}");
 }
 
 /// One backward problem: bf16-rounded q/k/v, the CPU forward's o and lse, dy, the gate, and the

@@ -28,6 +28,9 @@ pub struct Gpu {
     /// While capturing a graph: the launches and GEMMs recorded so far.
     capturing: Cell<Option<usize>>,
     mem: Arc<MemCounter>,
+    /// The dynamic shared memory each kernel was opted in to past the 48 KB default (set once
+    /// per size, at the eager first step, so never inside a capture).
+    smem_opt_in: RefCell<HashMap<String, u32>>,
 }
 
 /// GPU buffers: a cudarc allocation, mutably borrowed only by writes and cuBLASLt outputs,
@@ -111,6 +114,7 @@ impl Gpu {
             arch,
             stream,
             functions,
+            smem_opt_in: RefCell::new(HashMap::new()),
             use_blas: blas.is_some(),
             blas,
             capturing: Cell::new(None),
@@ -247,6 +251,20 @@ impl Device for Gpu {
 
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
         let f = self.func(kernel)?;
+        let opted = self.smem_opt_in.borrow().get(kernel).copied().unwrap_or(48 << 10);
+        if cfg.smem > opted {
+            // past 48 KB a kernel's dynamic shared memory needs its opt-in (up to 99 KB on
+            // sm_86/89, 163 KB on sm_80, 227 KB on sm_90)
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attr, cfg.smem as i32).map_err(|e| {
+                anyhow!(
+                    "{kernel} on {}: {} bytes of dynamic shared memory refused ({e:?}): past this GPU's limit per block",
+                    self.name,
+                    cfg.smem
+                )
+            })?;
+            self.smem_opt_in.borrow_mut().insert(kernel.to_string(), cfg.smem);
+        }
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {

@@ -116,6 +116,9 @@ inline jmp_buf sched;
 #endif
 inline dim3 bid, bdim, gdim;
 inline std::vector<unsigned char> dyn;  // dynamic shared memory of the current block
+// sm_90's cudaDevAttrMaxSharedMemoryPerBlockOptin (227 KB); past 48 KB a kernel needs the opt-in
+// the GPU device sets at launch (backend/cuda/device.rs)
+constexpr unsigned MAX_DYN_SHARED = 232448;
 inline void (*body)() = nullptr;
 inline std::string error;
 inline bool failed = false;  // set by `fail`: the launch stops and reports `error`
@@ -218,12 +221,26 @@ T shfl(T v, int src_lane) {
     return r;
 }
 
+// The block's dynamic shared memory, of which the kernel uses `need` bytes: more than the launch
+// gave is an error here (on a GPU it reads and writes past the allocation, or faults).
+inline unsigned char* dyn_shared(size_t need) {
+    if (need > dyn.size())
+        fail("the kernel uses " + std::to_string(need) + " bytes of dynamic shared memory, the launch gave " +
+             std::to_string(dyn.size()));
+    return dyn.data();
+}
+
 // Runs `k` over the grid. Returns false with `error` set on a bad configuration or a deadlock
 // (a barrier some threads never reach: undefined behaviour on a GPU, an error here).
 inline bool launch(void (*k)(), dim3 g, dim3 b, unsigned smem) {
     int n = (int)(b.x * b.y * b.z);
     if (n <= 0 || n > 1024 || g.x == 0 || g.y == 0 || g.z == 0) {
         error = "bad launch configuration";
+        return false;
+    }
+    if (smem > MAX_DYN_SHARED) {
+        error = std::to_string(smem) + " bytes of dynamic shared memory: past the " + std::to_string(MAX_DYN_SHARED) +
+                " a block of sm_90 may opt in to";
         return false;
     }
     gdim = g;
@@ -439,7 +456,7 @@ void trampoline() {
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
-#define DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(emu::dyn.data())
+#define DYN_SHARED(T, name, count) T* name = reinterpret_cast<T*>(emu::dyn_shared(sizeof(T) * (size_t)(count)))
 
 using std::max;
 using std::min;

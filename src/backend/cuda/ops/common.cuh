@@ -1,7 +1,8 @@
 // Prepended to every kernel source, by the NVRTC build and by the CPU emulator build
 // (emu/cuda_emu.h, which defines GATED_CUDA_EMU and its own DYN_SHARED).
 #ifndef GATED_CUDA_EMU
-#define DYN_SHARED(T, name)                                     \
+// `count` Ts of the block's dynamic shared memory (the emulator checks that the launch gave them)
+#define DYN_SHARED(T, name, count)                              \
     extern __shared__ __align__(16) unsigned char name##_raw[]; \
     T* name = reinterpret_cast<T*>(name##_raw)
 #endif

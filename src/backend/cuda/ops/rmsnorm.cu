@@ -45,7 +45,7 @@ __device__ void rmsnorm_bwd_impl(const float* x, const float* w, const float* rs
                                  bf16* dxb, float* part, int rows, int span, int d, int zero_centered,
                                  int accumulate, int smem_acc) {
     __shared__ float shared[32];
-    DYN_SHARED(float, dyn);
+    DYN_SHARED(float, dyn, smem_acc ? d : 0);
     const int blk = blockIdx.x;
     float* dwp = part + (long)blk * d;
     float* acc = smem_acc ? dyn : dwp;

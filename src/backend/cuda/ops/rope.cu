@@ -71,8 +71,8 @@ template <class X, class T>
 __device__ void qknorm_rope_bwd_impl(const X* x, const float* w, const float* rstd, const float* cosv,
                                      const float* sinv, const float* dy, T* dx, long ldx, float* part, int rows,
                                      int heads, int hd, int half, int seq, int pos0, int zc, int has_norm, int span) {
-    DYN_SHARED(float, dyn);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5, blk = blockIdx.x;
+    DYN_SHARED(float, dyn, has_norm ? warps * hd : 0);
     const int w1 = min(rows * heads, (blk + 1) * span);
     float* acc = has_norm ? dyn + warp * hd : nullptr;
     if (has_norm)

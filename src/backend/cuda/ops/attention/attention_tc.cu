@@ -8,11 +8,14 @@
 // a K row's head dims are contiguous, which is the col-major B of Kᵀ), rescales its running
 // softmax in the accumulator registers, and adds P·V (V by ldmatrix.trans: V rows are keys, the
 // B operand wants key pairs). Nothing per row crosses warps, so the block barriers only guard
-// the staging: cp.async copies global → shared while the warps compute, with one barrier per
-// tile at hd64 (two tile buffers: tile t+1 is copied during all of tile t) and two at hd128 (one
-// K and one V buffer, 34 KB; V(t) is copied during S(t), K(t+1) during softmax and P·V(t)).
-// When a copy lands changes nothing in the arithmetic: the outputs are bit for bit those of
-// plain loads.
+// the staging: cp.async copies global → shared while the warps compute, into two K/V tile
+// buffers (tile t+1 is copied during all of tile t; one barrier per tile). When a copy lands
+// changes nothing in the arithmetic: the outputs are bit for bit those of plain loads.
+//
+// Shared memory is dynamic (sizes in attn_tc_smem_* below, mirrored by ops/attention/tc.rs):
+// hd128's buffers (68 KB forward and dQ, 51 KB dK/dV) are past the 48 KB of static shared
+// memory, so its launches opt in to more (backend/cuda/device.rs); sm_80 and later allow 99 KB
+// (sm_86/89) to 227 KB (sm_90) per block.
 //
 // Layouts as attention.cu: q [B·T, H·HD], k/v [B·T, KV·HD] (bf16), z as gate_mode says, o/y
 // [B·T, H·HD] f32 (y bf16 in the *_bf16 kernels, for the output projection's GEMMs; z read and
@@ -30,6 +33,16 @@
 // an ldmatrix would all start in the same bank (8-way conflict); 16 more bytes spread them over
 // all 32 banks and keep each row 16-byte aligned as ldmatrix requires.
 #define TC_PAD 8
+
+// Dynamic shared memory of each kernel, bytes (tc.rs `smem_bytes` computes the same): the
+// forward and dQ two K and two V tiles of 64 keys; dK/dV two Q and two dO tiles of its query
+// tile size with their lse and D, and at hd128 the block's 64 K and V rows too.
+__host__ __device__ constexpr int attn_tc_smem_fwd(int hd) { return 4 * 64 * (hd + TC_PAD) * 2; }
+__host__ __device__ constexpr int attn_tc_dkdv_queries(int hd) { return hd <= 64 ? 64 : 16; }
+__host__ __device__ constexpr int attn_tc_smem_dkdv(int hd) {
+    return 4 * attn_tc_dkdv_queries(hd) * (hd + TC_PAD) * 2 + (hd <= 64 ? 0 : 2 * 64 * (hd + TC_PAD) * 2) +
+           4 * attn_tc_dkdv_queries(hd) * 4;
+}
 
 struct alignas(16) b16x8 {  // 8 bf16: one 16-byte load or store
     unsigned w[4];
@@ -62,12 +75,12 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     constexpr int LD = HD + TC_PAD;  // staged row stride, elements
     constexpr int KSTEPS = HD / 16;  // k steps of S = Q·Kᵀ
     constexpr int NT = HD / 8;       // n tiles of O
-    // hd64: two K/V tile buffers (36 KB), tile t+1 copied by cp.async while tile t is computed
-    // on; hd128: two would be 68 KB, past the 48 KB of static shared memory, so one K and one V
-    // buffer (34 KB) and K, V copied in turn: V(t) during S(t), K(t+1) during softmax and P·V(t).
-    constexpr bool DB = HD <= 64;
-    __shared__ __align__(16) bf16 ks[DB ? 2 : 1][TC_KEYS * LD];
-    __shared__ __align__(16) bf16 vs[DB ? 2 : 1][TC_KEYS * LD];
+    // two K/V tile buffers (36 KB at hd64, 68 KB at hd128): tile t+1 copied by cp.async while
+    // tile t is computed on
+    // K tile buffer i at smem + i·TILE, V's at smem + (2 + i)·TILE (offsets, not an array of
+    // pointers: one indexed at run time would live in local memory)
+    DYN_SHARED(bf16, smem, attn_tc_smem_fwd(HD) / 2);
+    constexpr int TILE = TC_KEYS * LD;
     const float NEG_INF = -__int_as_float(0x7f800000);
     const int b = blockIdx.z, h = blockIdx.y, kh = h / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
@@ -97,25 +110,19 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
 
     const int last = min(T - 1, q0 + TC_ROWS - 1);  // the block's last query row
     // K/V rows past T are staged as zeros: P is 0 there, and 0·NaN would poison O
-    stage_rows_async<HD, TC_KEYS>(ks[0], kb, ldk, 0, T);
-    if constexpr (DB) stage_rows_async<HD, TC_KEYS>(vs[0], vb, ldk, 0, T);
+    stage_rows_async<HD, TC_KEYS>(smem, kb, ldk, 0, T);
+    stage_rows_async<HD, TC_KEYS>(smem + 2 * TILE, vb, ldk, 0, T);
     cp_async_commit();
     for (int j0 = 0, t = 0; j0 <= last; j0 += TC_KEYS, ++t) {
-        const bf16* kt = ks[DB ? t & 1 : 0];
-        const bf16* vt = vs[DB ? t & 1 : 0];
-        const bool more = j0 + TC_KEYS <= last;  // block-uniform: a next tile
-        // the one pending group: tile t (hd128: its K) lands; the barrier makes every thread's
-        // copies visible, and says that every warp is done with tile t-1 (hd128: with V(t-1))
+        const bf16* kt = smem + (t & 1) * TILE;
+        const bf16* vt = smem + (2 + (t & 1)) * TILE;
+        // the one pending group: tile t lands; the barrier makes every thread's copies visible,
+        // and says that every warp is done with tile t-1, whose buffers the next copy reuses
         cp_async_wait<0>();
         __syncthreads();
-        if constexpr (DB) {
-            if (more) {
-                stage_rows_async<HD, TC_KEYS>(ks[(t + 1) & 1], kb, ldk, j0 + TC_KEYS, T);
-                stage_rows_async<HD, TC_KEYS>(vs[(t + 1) & 1], vb, ldk, j0 + TC_KEYS, T);
-                cp_async_commit();
-            }
-        } else {
-            stage_rows_async<HD, TC_KEYS>(vs[0], vb, ldk, j0, T);
+        if (j0 + TC_KEYS <= last) {  // block-uniform: a next tile
+            stage_rows_async<HD, TC_KEYS>(smem + ((t + 1) & 1) * TILE, kb, ldk, j0 + TC_KEYS, T);
+            stage_rows_async<HD, TC_KEYS>(smem + (2 + ((t + 1) & 1)) * TILE, vb, ldk, j0 + TC_KEYS, T);
             cp_async_commit();
         }
 
@@ -132,15 +139,6 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
                 ldmatrix_x4(bf, kt + (nt * 8 + (lane & 7)) * LD + k2 * 32 + 8 * (lane >> 3));
                 mma_bf16_16816(s[nt], qf[2 * k2], bf);
                 mma_bf16_16816(s[nt], qf[2 * k2 + 1], bf + 2);
-            }
-        }
-        if constexpr (!DB) {
-            // V(t) lands; every warp is done with K(t), so K(t+1) may overwrite it
-            cp_async_wait<0>();
-            __syncthreads();
-            if (more) {
-                stage_rows_async<HD, TC_KEYS>(ks[0], kb, ldk, j0 + TC_KEYS, T);
-                cp_async_commit();
             }
         }
 
@@ -363,25 +361,27 @@ extern "C" __global__ void cp_async_probe(const bf16* src, bf16* out, int varian
 // dQ = dS·K·scale. f32 accumulation throughout; P (for dV) and dS (for dK, dQ) are rounded to
 // bf16 as mma operands, the only roundings beyond the inputs'.
 //
-// Tiles and registers (per lane; a warp's 16 rows × n columns of f32 take n/2 registers). The
-// static shared memory is capped at 48 KB (no opt-in to more here), and a lane at 255 registers.
+// Tiles and registers (per lane; a warp's 16 rows × n columns of f32 take n/2 registers; a lane
+// has at most 255). Shared memory is dynamic (attn_tc_smem_*, above).
 //   dK/dV: a block of 4 warps owns 64 keys (16 per warp) of one kv head and walks the query
-//     heads of its group and their query tiles, staged in shared memory. Per warp: the dK and dV
-//     accumulators (16 × HD f32: HD/2 registers each), Sᵀ and dPᵀ for a slice of SUB queries at
-//     a time (SUB/2 each), K and V as A fragments (HD/4 each).
-//     hd64: K/V fragments kept in registers, query tiles of 64 (Q and dO: 18.4 KB; two buffers,
-//     the next tile copied by cp.async during this one: 37.9 KB with lse and D), SUB = 32:
+//     heads of its group and their query tiles (64 queries; 16 at hd128), staged in shared
+//     memory: two buffers of
+//     Q, dO, lse and D, the next tile copied by cp.async during this one. Per warp: the dK and
+//     dV accumulators (16 × HD f32: HD/2 registers each), Sᵀ and dPᵀ for a slice of SUB queries
+//     at a time (SUB/2 each), K and V as A fragments (HD/4 each).
+//     hd64: K/V fragments kept in registers (37 KB of shared memory), SUB = 32:
 //     32 + 32 + 16 + 16 + 16 + 16 = 128 live, 174 registers after ptxas (12.9), no spills.
 //     hd128: dK/dV alone take 128 registers, and K/V held too spilled, so K and V are staged in
-//     shared memory once per block (34.8 KB) and read by ldmatrix per slice; that leaves room for
-//     query tiles of 16 only (8.7 KB; 43.6 KB in all), SUB = 16: 64 + 64 + 8 + 8 = 144 live,
-//     251 registers, no spills.
+//     shared memory once per block (34 KB; 51 KB in all) and read by ldmatrix per slice;
+//     SUB = 16: 64 + 64 + 8 + 8 = 144 live, 255 registers, no spills (query tiles of 32, two
+//     slices per tile, spilled 28 bytes).
 //   dQ: mirrors the forward: 4 warps × 16 query rows, Q and dO as A fragments in registers
-//     (HD/4 each), the dQ accumulator (HD/2); the block walks key tiles of 64 (K and V staged:
-//     hd64 double-buffered by cp.async as in the forward, 36.9 KB; hd128 one buffer, 34.8 KB,
-//     plain loads), S and dP for SUB keys at a time: hd64 SUB = 32, 16 + 16 + 32 + 16 + 16
-//     = 96 live, 131 registers; hd128 SUB = 16, 32 + 32 + 64 + 8 + 8 = 144 live, 202 registers
-//     (SUB = 32 took 250). Below 168 registers 3 blocks fit an SM, up to 255 2 blocks.
+//     (HD/4 each), the dQ accumulator (HD/2); the block walks key tiles of 64, K and V
+//     double-buffered by cp.async as in the forward (36 KB at hd64, 68 KB at hd128), S and dP
+//     for SUB keys at a time: hd64 SUB = 32, 16 + 16 + 32 + 16 + 16 = 96 live, 131 registers;
+//     hd128 SUB = 16, 32 + 32 + 64 + 8 + 8 = 144 live, 202 registers (SUB = 32 took 250).
+//     Below 168 registers 3 blocks fit an SM, up to 255 2 blocks (both fit sm_90's 228 KB of
+//     shared memory per SM).
 // Causal: the dK/dV kernel starts at the query tile of its first key (earlier queries see none
 // of its keys), the dQ kernel stops at the key tile of its own rows; only tiles crossing the
 // diagonal (and the last one, past T) are masked, and a warp skips a SUB slice that lies entirely
@@ -483,18 +483,20 @@ __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* 
     constexpr int LD = HD + TC_PAD;
     constexpr int NT = HD / 8;                // n tiles of dK, dV
     constexpr bool AREG = HD <= 64;           // K, V fragments in registers (else in shared memory)
-    constexpr int QT = AREG ? TC_ROWS : 16;   // queries per staged tile
+    constexpr int QT = attn_tc_dkdv_queries(HD);  // queries per staged tile
     constexpr int SUB = AREG ? 32 : 16;       // queries per Sᵀ/dPᵀ slice
     constexpr int SNT = SUB / 8;              // n tiles of a slice
     constexpr float LOG2E = 1.4426950408889634f;
-    // hd64: query tiles double-buffered (37 KB), the next one copied by cp.async while this one
-    // is computed on; hd128: a second buffer would take 52 KB in all, past the 48 KB of static
-    // shared memory, so one (43.6 KB), staged with plain loads
-    constexpr int NB = AREG ? 2 : 1;
-    __shared__ __align__(16) bf16 qs[NB][QT * LD];
-    __shared__ __align__(16) bf16 dos[NB][QT * LD];
-    __shared__ __align__(16) bf16 kvs[AREG ? 8 : 2 * TC_KEYS * LD];  // hd128: K rows, then V rows
-    __shared__ float ls[NB][QT], dl[NB][QT];  // lse and D of the staged queries
+    // two buffers of a query tile (Q, dO; lse, D), the next one copied by cp.async while this
+    // one is computed on; at hd128 K rows, then V rows
+    // Q of buffer i at tiles + i·TILE, dO at tiles + (2 + i)·TILE; the lse and D of the staged
+    // queries at stats + i·QT, stats + (2 + i)·QT (offsets, not arrays of pointers: indexed at
+    // run time, those would live in local memory)
+    DYN_SHARED(unsigned char, smem, attn_tc_smem_dkdv(HD));
+    constexpr int TILE = QT * LD;
+    bf16* const tiles = reinterpret_cast<bf16*>(smem);
+    bf16* const kvs = tiles + 4 * TILE;
+    float* const stats = reinterpret_cast<float*>(kvs + (AREG ? 0 : 2 * TC_KEYS * LD));
     const int b = blockIdx.z, kh = blockIdx.y, group = H / KV;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
     const int j0 = blockIdx.x * TC_KEYS, wk = j0 + warp * 16;  // the block's and the warp's first key
@@ -530,48 +532,32 @@ __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* 
     auto stage_async = [&](int buf, int hh, int i0) {
         const int h = kh * group + hh;
         const long lrow = ((long)b * H + h) * T;
-        stage_rows_async<HD, QT>(qs[buf], q + (long)b * T * ldq + h * HD, ldq, i0, T);
-        stage_rows_async<HD, QT>(dos[buf], dout + (long)b * T * ldq + h * HD, ldq, i0, T);
+        stage_rows_async<HD, QT>(tiles + buf * TILE, q + (long)b * T * ldq + h * HD, ldq, i0, T);
+        stage_rows_async<HD, QT>(tiles + (2 + buf) * TILE, dout + (long)b * T * ldq + h * HD, ldq, i0, T);
         for (int r = threadIdx.x; r < QT; r += blockDim.x) {
             const int i = i0 + r < T ? i0 + r : 0, bytes = i0 + r < T ? 4 : 0;
-            cp_async4(ls[buf] + r, lse + lrow + i, bytes);
-            cp_async4(dl[buf] + r, delta + lrow + i, bytes);
+            cp_async4(stats + buf * QT + r, lse + lrow + i, bytes);
+            cp_async4(stats + (2 + buf) * QT + r, delta + lrow + i, bytes);
         }
     };
     const float sl2 = scale * LOG2E;
-    if constexpr (AREG) {
-        stage_async(0, 0, j0);  // j0 < T: the first tile exists
-        cp_async_commit();
-    }
+    stage_async(0, 0, j0);  // j0 < T: the first tile exists
+    cp_async_commit();
     int t = 0;  // query tiles so far
     for (int hh = 0; hh < group; ++hh) {
         // queries before the block's first key see none of its keys
         for (int i0 = j0; i0 < T; i0 += QT, ++t) {
-            const int buf = AREG ? t & 1 : 0;
-            if constexpr (AREG) {
-                cp_async_wait<0>();  // tile t lands (the one pending group)
-                __syncthreads();     // ... for every thread; every warp is done with tile t-1
-                // the next tile: this head's next query tile, else the next head's first
-                const bool here = i0 + QT < T;
-                if (here || hh + 1 < group) {
-                    stage_async(buf ^ 1, here ? hh : hh + 1, here ? i0 + QT : j0);
-                    cp_async_commit();
-                }
-            } else {
-                const int h = kh * group + hh;
-                const long lrow = ((long)b * H + h) * T;
-                __syncthreads();  // every warp is done with the previous tile
-                stage_rows_bf16<HD, QT>(qs[0], q + (long)b * T * ldq + h * HD, ldq, i0, T);
-                stage_rows_bf16<HD, QT>(dos[0], dout + (long)b * T * ldq + h * HD, ldq, i0, T);
-                for (int r = threadIdx.x; r < QT; r += blockDim.x) {
-                    const int i = i0 + r;
-                    ls[0][r] = i < T ? lse[lrow + i] : 0.0f;
-                    dl[0][r] = i < T ? delta[lrow + i] : 0.0f;
-                }
-                __syncthreads();
+            const int buf = t & 1;
+            cp_async_wait<0>();  // tile t lands (the one pending group)
+            __syncthreads();     // ... for every thread; every warp is done with tile t-1
+            // the next tile: this head's next query tile, else the next head's first
+            const bool here = i0 + QT < T;
+            if (here || hh + 1 < group) {
+                stage_async(buf ^ 1, here ? hh : hh + 1, here ? i0 + QT : j0);
+                cp_async_commit();
             }
-            const bf16 *qt = qs[buf], *dt = dos[buf];
-            const float *lt = ls[buf], *dlt = dl[buf];
+            const bf16 *qt = tiles + buf * TILE, *dt = tiles + (2 + buf) * TILE;
+            const float *lt = stats + buf * QT, *dlt = stats + (2 + buf) * QT;
             // tiles that hold queries before some of the block's keys, or past T
             const bool edge = (i0 < j0 + TC_KEYS && plant != 1) || i0 + QT > T;
             #pragma unroll 1
@@ -621,12 +607,11 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
     constexpr int SUB = HD <= 64 ? 32 : 16;  // keys per S/dP slice
     constexpr int SNT = SUB / 8;
     constexpr float LOG2E = 1.4426950408889634f;
-    // hd64: K/V tiles double-buffered as in the forward (36 KB); hd128: two would not fit the 48
-    // KB, and S, dP and dQ += dS·K interleave K and V per slice, so the forward's K-then-V
-    // alternation does not apply: one buffer each (34 KB), staged with plain loads
-    constexpr bool DB = HD <= 64;
-    __shared__ __align__(16) bf16 ks[DB ? 2 : 1][TC_KEYS * LD];
-    __shared__ __align__(16) bf16 vs[DB ? 2 : 1][TC_KEYS * LD];
+    // K/V tiles double-buffered as in the forward (36 KB at hd64, 68 KB at hd128)
+    // K tile buffer i at smem + i·TILE, V's at smem + (2 + i)·TILE (offsets, not an array of
+    // pointers: one indexed at run time would live in local memory)
+    DYN_SHARED(bf16, smem, attn_tc_smem_fwd(HD) / 2);
+    constexpr int TILE = TC_KEYS * LD;
     const int b = blockIdx.z, h = blockIdx.y, kh = h / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
     const int q0 = blockIdx.x * TC_ROWS, wq = q0 + warp * 16;  // the block's and the warp's first row
@@ -657,27 +642,18 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
 
     const float sl2 = scale * LOG2E;
     const int last = min(T - 1, q0 + TC_ROWS - 1);  // the block's last row: keys after it are masked
-    if constexpr (DB) {
-        stage_rows_async<HD, TC_KEYS>(ks[0], kb, ldk, 0, T);
-        stage_rows_async<HD, TC_KEYS>(vs[0], vb, ldk, 0, T);
-        cp_async_commit();
-    }
+    stage_rows_async<HD, TC_KEYS>(smem, kb, ldk, 0, T);
+    stage_rows_async<HD, TC_KEYS>(smem + 2 * TILE, vb, ldk, 0, T);
+    cp_async_commit();
     for (int j0 = 0, t = 0; j0 <= last; j0 += TC_KEYS, ++t) {
-        const bf16* kt = ks[DB ? t & 1 : 0];
-        const bf16* vt = vs[DB ? t & 1 : 0];
-        if constexpr (DB) {
-            cp_async_wait<0>();  // tile t lands (the one pending group)
-            __syncthreads();     // ... for every thread; every warp is done with tile t-1
-            if (j0 + TC_KEYS <= last) {
-                stage_rows_async<HD, TC_KEYS>(ks[(t + 1) & 1], kb, ldk, j0 + TC_KEYS, T);
-                stage_rows_async<HD, TC_KEYS>(vs[(t + 1) & 1], vb, ldk, j0 + TC_KEYS, T);
-                cp_async_commit();
-            }
-        } else {
-            __syncthreads();
-            stage_rows_bf16<HD, TC_KEYS>(ks[0], kb, ldk, j0, T);
-            stage_rows_bf16<HD, TC_KEYS>(vs[0], vb, ldk, j0, T);
-            __syncthreads();
+        const bf16* kt = smem + (t & 1) * TILE;
+        const bf16* vt = smem + (2 + (t & 1)) * TILE;
+        cp_async_wait<0>();  // tile t lands (the one pending group)
+        __syncthreads();     // ... for every thread; every warp is done with tile t-1
+        if (j0 + TC_KEYS <= last) {
+            stage_rows_async<HD, TC_KEYS>(smem + ((t + 1) & 1) * TILE, kb, ldk, j0 + TC_KEYS, T);
+            stage_rows_async<HD, TC_KEYS>(smem + (2 + ((t + 1) & 1)) * TILE, vb, ldk, j0 + TC_KEYS, T);
+            cp_async_commit();
         }
         // only the diagonal tile (j0 == q0) holds keys after a row or past T
         const bool edge = j0 + TC_KEYS > q0 && plant != 1;

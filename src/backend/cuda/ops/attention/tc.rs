@@ -41,6 +41,27 @@ pub const ATTN_TC_HEAD_DIMS: &[usize] = &[64, 128];
 const ATTN_TC_ROWS: usize = 64;
 const ATTN_TC_THREADS: u32 = 128;
 
+/// Dynamic shared memory of the forward and dQ kernels, bytes (attention_tc.cu
+/// `attn_tc_smem_fwd`): two K and two V tiles of 64 keys, rows padded by 8 bf16. 36 KB at hd64,
+/// 68 KB at hd128 (past 48 KB: the device opts the kernel in at launch).
+fn smem_fwd(head_dim: usize) -> u32 {
+    (4 * ATTN_TC_ROWS * (head_dim + 8) * 2) as u32
+}
+
+/// Dynamic shared memory of the dK/dV kernel, bytes (attention_tc.cu `attn_tc_smem_dkdv`): two
+/// Q and two dO tiles (64 queries; 16 at hd128) with their lse and D, and at hd128 the block's
+/// 64 K and V rows. 37 KB at hd64, 51 KB at hd128. The emulator refuses a launch that gives a
+/// kernel less than it uses.
+fn smem_dkdv(head_dim: usize) -> u32 {
+    let queries = if head_dim <= 64 { 64 } else { 16 };
+    let kv = if head_dim <= 64 {
+        0
+    } else {
+        2 * ATTN_TC_ROWS * (head_dim + 8) * 2
+    };
+    (4 * queries * (head_dim + 8) * 2 + kv + 4 * queries * 4) as u32
+}
+
 /// [`attention_fwd`](super::attention_fwd) on tensor cores (FlashAttention-2 forward): `q`, `k`, `v` bf16 in the same
 /// layouts, `z` and the outputs `o`, `y`, `lse` f32 exactly as there, so the f32 backward
 /// consumes them. Products and sums are f32 from bf16 inputs; the probabilities are rounded to
@@ -106,7 +127,7 @@ pub fn attention_forward_tc_to(
     let cfg = Launch {
         grid: [d.seq.div_ceil(ATTN_TC_ROWS) as u32, d.heads as u32, d.batch as u32],
         block: [ATTN_TC_THREADS, 1, 1],
-        smem: 0,
+        smem: smem_fwd(d.head_dim),
     };
     dev.launch(
         &format!("attn_fwd_tc_hd{}{}{oz}", d.head_dim, suffix(y.dtype)),
@@ -228,10 +249,10 @@ fn backward_tc(
         lse.arg(),
         scratch.delta.arg(),
     ];
-    let cfg = |heads: usize| Launch {
+    let cfg = |heads: usize, smem: u32| Launch {
         grid: [d.seq.div_ceil(ATTN_TC_ROWS) as u32, heads as u32, d.batch as u32],
         block: [ATTN_TC_THREADS, 1, 1],
-        smem: 0,
+        smem,
     };
     let name = |kernel: &str, out: DType| match plant {
         None => format!("attn_bwd_{kernel}_tc_hd{}{}", d.head_dim, suffix(out)),
@@ -242,10 +263,11 @@ fn backward_tc(
     args.extend([dk.arg(), dv.buf.arg(), Arg::I64(ldv as i64)]);
     args.extend(d.common());
     args.extend(plant.map(Arg::I32));
-    dev.launch(&name("dkdv", dv.dtype), cfg(d.kv_heads), &args)?;
+    let dkdv = cfg(d.kv_heads, smem_dkdv(d.head_dim));
+    dev.launch(&name("dkdv", dv.dtype), dkdv, &args)?;
     let mut args = ins.to_vec();
     args.push(dq.arg());
     args.extend(d.common());
     args.extend(plant.map(Arg::I32));
-    dev.launch(&name("dq", DType::F32), cfg(d.heads), &args)
+    dev.launch(&name("dq", DType::F32), cfg(d.heads, smem_fwd(d.head_dim)), &args)
 }
