@@ -100,11 +100,16 @@ if [ -n "${GATED_LM_BIN:-}" ]; then
     "$GATED_LM_BIN"/cuda_stacked-* "$GATED_LM_BIN"/cuda_norm_grads-* "$GATED_LM_BIN"/cuda_graph-* \
     "$GATED_LM_BIN"/cuda_recompute-* "$GATED_LM_BIN"/cuda_probes-* "$GATED_LM_BIN"/cuda_model-*; do
     t=$(within 180) || break
-    timeout "$t" "$exe" --nocapture 2>&1 | grep -vE "^\s*$" | tail -25
+    out=$(timeout "$t" "$exe" --nocapture 2>&1 | grep -vE "^\s*$")
+    # the tensor-core kernels' registers, local memory and blocks per SM as the driver compiled them
+    echo "$out" | grep "^resources " || true
+    echo "$out" | tail -25
   done
 elif t=$(within 300); then
-  timeout "$t" cargo test --release --features cuda --test cuda_kernels --test cuda_bf16 --test cuda_attn_bf16 \
-    --test cuda_stacked --test cuda_model --test cuda_graph --test cuda_norm_grads --test cuda_recompute --test cuda_probes -- --nocapture 2>&1 | tail -40
+  out=$(timeout "$t" cargo test --release --features cuda --test cuda_kernels --test cuda_bf16 --test cuda_attn_bf16 \
+    --test cuda_stacked --test cuda_model --test cuda_graph --test cuda_norm_grads --test cuda_recompute --test cuda_probes -- --nocapture 2>&1)
+  echo "$out" | grep "^resources " || true
+  echo "$out" | tail -40
 fi
 
 # last, in what is left of the budget: 1p7b with the norms' outputs and the rotated q, k recomputed

@@ -334,6 +334,43 @@ fn tensor_core_kernels_get_the_shared_memory_they_use() {
     assert!(format!("{e:#}").contains("past the 232448"), "{e:#}");
 }
 
+/// What a GPU's compiler (the driver's JIT of our PTX, which may differ from an offline ptxas)
+/// made of the tensor-core kernels the model launches, printed as `resources …` lines
+/// (scripts/gpu-check.sh shows them): none may use local memory (spills), and each must keep at
+/// least 2 blocks (8 warps) resident per SM at its dynamic shared memory, as the README's
+/// predictions assume. The emulator has no compiler's view (it answers None); there the test
+/// checks only that the listed kernels exist.
+#[test]
+fn tensor_core_kernels_neither_spill_nor_starve_an_sm() {
+    for dev in devices() {
+        let dev = dev.as_ref();
+        for &hd in ops::ATTN_TC_HEAD_DIMS {
+            for (kernel, cfg) in ops::attention_tc_kernels(hd) {
+                let known = ops::SOURCES.iter().any(|s| s.entries.contains(&kernel.as_str()));
+                assert!(known, "{kernel}: not a kernel of any source");
+                let Some(r) = dev.kernel_resources(&kernel, cfg).unwrap() else {
+                    continue;
+                };
+                println!(
+                    "resources {kernel}: {} registers, {} B local, {} B static + {} B dynamic shared, {} blocks/SM ({})",
+                    r.registers,
+                    r.local_bytes,
+                    r.static_smem,
+                    cfg.smem,
+                    r.blocks_per_sm,
+                    dev.describe()
+                );
+                assert_eq!(
+                    r.local_bytes, 0,
+                    "{kernel}: {} bytes of local memory (spills)",
+                    r.local_bytes
+                );
+                assert!(r.blocks_per_sm >= 2, "{kernel}: {} block(s) per SM", r.blocks_per_sm);
+            }
+        }
+    }
+}
+
 /// One backward problem: bf16-rounded q/k/v, the CPU forward's o and lse, dy, the gate, and the
 /// CPU ops' gradients (the reference) on exactly those inputs.
 struct BwdCase {

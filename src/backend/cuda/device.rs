@@ -4,7 +4,7 @@
 use super::blas::{Blas, ColMajor};
 use super::compile_all;
 use super::ops::SOURCES;
-use super::runtime::{Arg, Counted, DBuf, Device, Graph, Launch, MemCounter, Strided};
+use super::runtime::{Arg, Counted, DBuf, Device, Graph, KernelResources, Launch, MemCounter, Strided};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
     sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
@@ -144,6 +144,24 @@ impl Gpu {
     fn func(&self, entry: &str) -> Result<&CudaFunction> {
         self.functions.get(entry).with_context(|| format!("no kernel {entry}"))
     }
+
+    /// Opts `kernel` in to `smem` bytes of dynamic shared memory where that is past the 48 KB
+    /// default (up to 99 KB on sm_86/89, 163 KB on sm_80, 227 KB on sm_90): once per size, so at
+    /// a step's eager first run and never inside a graph capture.
+    fn opt_in_smem(&self, kernel: &str, f: &CudaFunction, smem: u32) -> Result<()> {
+        let opted = self.smem_opt_in.borrow().get(kernel).copied().unwrap_or(48 << 10);
+        if smem > opted {
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attr, smem as i32).map_err(|e| {
+                anyhow!(
+                    "{kernel} on {}: {smem} bytes of dynamic shared memory refused ({e:?}): past this GPU's limit per block",
+                    self.name
+                )
+            })?;
+            self.smem_opt_in.borrow_mut().insert(kernel.to_string(), smem);
+        }
+        Ok(())
+    }
 }
 
 impl Device for Gpu {
@@ -251,20 +269,7 @@ impl Device for Gpu {
 
     fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
         let f = self.func(kernel)?;
-        let opted = self.smem_opt_in.borrow().get(kernel).copied().unwrap_or(48 << 10);
-        if cfg.smem > opted {
-            // past 48 KB a kernel's dynamic shared memory needs its opt-in (up to 99 KB on
-            // sm_86/89, 163 KB on sm_80, 227 KB on sm_90)
-            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            f.set_attribute(attr, cfg.smem as i32).map_err(|e| {
-                anyhow!(
-                    "{kernel} on {}: {} bytes of dynamic shared memory refused ({e:?}): past this GPU's limit per block",
-                    self.name,
-                    cfg.smem
-                )
-            })?;
-            self.smem_opt_in.borrow_mut().insert(kernel.to_string(), cfg.smem);
-        }
+        self.opt_in_smem(kernel, f, cfg.smem)?;
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -313,6 +318,22 @@ impl Device for Gpu {
 
     fn memory(&self) -> Option<(usize, usize)> {
         Some(self.mem.get())
+    }
+
+    fn kernel_resources(&self, kernel: &str, cfg: Launch) -> Result<Option<KernelResources>> {
+        use sys::CUfunction_attribute as A;
+        let f = self.func(kernel)?;
+        self.opt_in_smem(kernel, f, cfg.smem)?;
+        let err = |e| anyhow!("attributes of {kernel} on {}: {e:?}", self.name);
+        let get = |a| f.get_attribute(a).map(|v| v as u32).map_err(err);
+        let threads = cfg.block.iter().product();
+        let blocks = f.occupancy_max_active_blocks_per_multiprocessor(threads, cfg.smem as usize, None);
+        Ok(Some(KernelResources {
+            registers: get(A::CU_FUNC_ATTRIBUTE_NUM_REGS)?,
+            local_bytes: get(A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)?,
+            static_smem: get(A::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?,
+            blocks_per_sm: blocks.map_err(err)?,
+        }))
     }
 
     fn replay(&self, graph: &Graph) -> Result<()> {

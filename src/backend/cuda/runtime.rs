@@ -147,6 +147,19 @@ pub struct Strided<'a> {
     pub cs: usize,
 }
 
+/// What the GPU's compiler made of one kernel: the driver JIT-compiles our PTX when it loads a
+/// module, so its registers and spills may differ from an offline ptxas's.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelResources {
+    pub registers: u32,
+    /// Local memory per thread, bytes: register spills and stack (0 for a kernel that fits its
+    /// registers).
+    pub local_bytes: u32,
+    pub static_smem: u32,
+    /// Blocks resident per SM for a launch's block size and dynamic shared memory (occupancy).
+    pub blocks_per_sm: u32,
+}
+
 pub trait Device {
     /// What this device is, for messages.
     fn describe(&self) -> String;
@@ -188,6 +201,11 @@ pub trait Device {
     /// workspaces). `None`: not counted.
     fn memory(&self) -> Option<(usize, usize)> {
         None
+    }
+    /// [`KernelResources`] of `kernel` launched with `cfg`'s block and dynamic shared memory.
+    /// `None`: a device without a compiler's view (the emulator).
+    fn kernel_resources(&self, _kernel: &str, _cfg: Launch) -> Result<Option<KernelResources>> {
+        Ok(None)
     }
     /// Run the launches of a graph this device captured, in order, on its stream.
     fn replay(&self, _graph: &Graph) -> Result<()> {

@@ -21,8 +21,8 @@ pub mod swiglu;
 
 pub use attention::{
     attention_backward_tc, attention_backward_tc_planted, attention_backward_tc_to, attention_bwd, attention_bwd_to,
-    attention_forward_tc, attention_forward_tc_to, attention_fwd, attention_fwd_to, attn_head_dims_text, AttnDims,
-    AttnScratch, FusedGate, ATTN_HEAD_DIMS, ATTN_TC_HEAD_DIMS,
+    attention_forward_tc, attention_forward_tc_to, attention_fwd, attention_fwd_to, attention_tc_kernels,
+    attn_head_dims_text, AttnDims, AttnScratch, FusedGate, ATTN_HEAD_DIMS, ATTN_TC_HEAD_DIMS,
 };
 pub use cross_entropy::{cross_entropy, cross_entropy_to};
 pub use embedding::{embed_bwd, embed_bwd_index, embed_bwd_index_len, embed_bwd_with, embed_fwd};

@@ -8,7 +8,7 @@ use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 pub use tc::{
     attention_backward_tc, attention_backward_tc_planted, attention_backward_tc_to, attention_forward_tc,
-    attention_forward_tc_to, ATTN_TC_HEAD_DIMS,
+    attention_forward_tc_to, attention_tc_kernels, ATTN_TC_HEAD_DIMS,
 };
 
 /// The head dims the f32 attention kernels exist for: attention.cu instantiates

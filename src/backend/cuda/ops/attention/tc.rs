@@ -62,6 +62,22 @@ fn smem_dkdv(head_dim: usize) -> u32 {
     (4 * queries * (head_dim + 8) * 2 + kv + 4 * queries * 4) as u32
 }
 
+/// The tensor-core kernels mixed precision launches at `head_dim` (forward, dK/dV, dQ), each
+/// with its block size and dynamic shared memory (a one-block grid: the grid is the problem's),
+/// for [`Device::kernel_resources`]: what the GPU's compiler made of them.
+pub fn attention_tc_kernels(head_dim: usize) -> Vec<(String, Launch)> {
+    let cfg = |smem| Launch {
+        grid: [1, 1, 1],
+        block: [ATTN_TC_THREADS, 1, 1],
+        smem,
+    };
+    vec![
+        (format!("attn_fwd_tc_hd{head_dim}_bf16oz"), cfg(smem_fwd(head_dim))),
+        (format!("attn_bwd_dkdv_tc_hd{head_dim}_bf16"), cfg(smem_dkdv(head_dim))),
+        (format!("attn_bwd_dq_tc_hd{head_dim}"), cfg(smem_fwd(head_dim))),
+    ]
+}
+
 /// [`attention_fwd`](super::attention_fwd) on tensor cores (FlashAttention-2 forward): `q`, `k`, `v` bf16 in the same
 /// layouts, `z` and the outputs `o`, `y`, `lse` f32 exactly as there, so the f32 backward
 /// consumes them. Products and sums are f32 from bf16 inputs; the probabilities are rounded to
