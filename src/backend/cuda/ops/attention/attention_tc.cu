@@ -2,8 +2,8 @@
 // (mma.m16n8k16), the same outputs as attention.cu's attn_fwd_hd* (o, the gated y, lse) so its
 // backward kernels consume them unchanged.
 //
-// Split-Q: each warp owns 16 query rows for the whole key loop, a block of 4 warps 64 rows; the
-// block walks K/V in tiles of 64 keys staged in shared memory. Per tile a warp computes
+// Split-Q: each warp owns 32 query rows (hd64; 16 at hd128) for the whole key loop, a block of 4
+// warps 128 (64); the block walks K/V in tiles of 64 keys staged in shared memory. Per tile a warp computes
 // S = Q·Kᵀ (Q as A fragments held in registers for the whole loop, K as B fragments by ldmatrix:
 // a K row's head dims are contiguous, which is the col-major B of Kᵀ), rescales its running
 // softmax in the accumulator registers, and adds P·V (V by ldmatrix.trans: V rows are keys, the
@@ -27,7 +27,7 @@
 // attn_bwd_dq_tc_hd{64,128}; and, as references for the tests only
 // (never launched by the model), tc_mma_probe, cp_async_probe and attn_bwd_{dkdv,dq}_tc_planted.
 
-#define TC_ROWS 64  // query rows per block: 4 warps × 16
+#define TC_ROWS 64  // query rows (dQ) or keys (dK/dV) per backward block: 4 warps × 16
 #define TC_KEYS 64  // keys per shared-memory tile
 // bf16 of padding after each staged row: with rows of 128 or 256 bytes the 8 row addresses of
 // an ldmatrix would all start in the same bank (8-way conflict); 16 more bytes spread them over
@@ -39,6 +39,9 @@
 // tile size with their lse and D, and at hd128 the block's 64 K and V rows too.
 __host__ __device__ constexpr int attn_tc_smem_fwd(int hd) { return 4 * 64 * (hd + TC_PAD) * 2; }
 __host__ __device__ constexpr int attn_tc_dkdv_queries(int hd) { return hd <= 64 ? 64 : 16; }
+// m tiles of 16 query rows per warp in the forward (4 warps a block): 2 at hd64 (128-row blocks,
+// as FlashAttention-2's hd64 forward), 1 at hd128, whose accumulators would not fit twice
+__host__ __device__ constexpr int attn_tc_fwd_mtiles(int hd) { return hd <= 64 ? 2 : 1; }
 __host__ __device__ constexpr int attn_tc_smem_dkdv(int hd) {
     return 4 * attn_tc_dkdv_queries(hd) * (hd + TC_PAD) * 2 + (hd <= 64 ? 0 : 2 * 64 * (hd + TC_PAD) * 2) +
            4 * attn_tc_dkdv_queries(hd) * 4;
@@ -68,13 +71,18 @@ __device__ __forceinline__ void stage_rows_async(bf16* dst, const bf16* src, lon
     }
 }
 
-// TO: the type of z (read) and o (written), f32 or bf16; TY: y's.
+// TO: the type of z (read) and o (written), f32 or bf16; TY: y's. Each warp owns MT m tiles of
+// 16 query rows (attn_tc_fwd_mtiles): every K and V fragment it loads by ldmatrix feeds MT mmas,
+// so MT = 2 halves the shared-memory traffic per mma (FlashAttention-2's hd64 forward: 128-row
+// blocks of 4 warps).
 template <int HD, class TO, class TY>
 __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, const TO* z, TO* o, TY* y,
                                  float* lse, int T, int H, int KV, float scale, int gate_mode) {
-    constexpr int LD = HD + TC_PAD;  // staged row stride, elements
-    constexpr int KSTEPS = HD / 16;  // k steps of S = Q·Kᵀ
-    constexpr int NT = HD / 8;       // n tiles of O
+    constexpr int LD = HD + TC_PAD;                 // staged row stride, elements
+    constexpr int KSTEPS = HD / 16;                 // k steps of S = Q·Kᵀ
+    constexpr int NT = HD / 8;                      // n tiles of O
+    constexpr int MT = attn_tc_fwd_mtiles(HD);      // m tiles per warp
+    constexpr int WROWS = 16 * MT, BROWS = 4 * WROWS;  // query rows per warp, per block
     // two K/V tile buffers (36 KB at hd64, 68 KB at hd128): tile t+1 copied by cp.async while
     // tile t is computed on
     // K tile buffer i at smem + i·TILE, V's at smem + (2 + i)·TILE (offsets, not an array of
@@ -84,8 +92,13 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     const float NEG_INF = -__int_as_float(0x7f800000);
     const int b = blockIdx.z, h = blockIdx.y, kh = h / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-    const int q0 = blockIdx.x * TC_ROWS;
-    const int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};  // the lane's two rows
+    const int q0 = blockIdx.x * BROWS, w0 = q0 + warp * WROWS;  // the block's and the warp's first row
+    int rows[MT][2];  // the lane's two rows of each m tile
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        rows[mt][0] = w0 + 16 * mt + g;
+        rows[mt][1] = w0 + 16 * mt + g + 8;
+    }
     const long ldq = (long)H * HD, ldk = (long)KV * HD;
     const bf16* qh = q + (long)b * T * ldq + h * HD;
     const bf16* kb = k + (long)b * T * ldk + kh * HD;
@@ -93,22 +106,33 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
 
     // Q as A fragments (row-major 16×16 per k step): a0a1 row g, a2a3 row g+8, a4..a7 the same
     // rows 8 columns on. Read once from global memory, kept for the whole key loop.
-    unsigned qf[KSTEPS][4];
+    unsigned qf[MT][KSTEPS][4];
     #pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk)
-        for (int r = 0; r < 4; ++r)
-            qf[kk][r] = load_pair(qh, rows[r & 1], ldq, kk * 16 + 8 * (r >> 1) + 2 * tig, rows[r & 1] < T);
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk)
+            for (int r = 0; r < 4; ++r) {
+                const int row = rows[mt][r & 1];
+                qf[mt][kk][r] = load_pair(qh, row, ldq, kk * 16 + 8 * (r >> 1) + 2 * tig, row < T);
+            }
 
     // Softmax in base 2 (exp2 is the hardware's native exponential): s2 = q·k·scale·log2(e).
     const float sl2 = scale * 1.4426950408889634f;
-    float m[2] = {NEG_INF, NEG_INF};  // running max of s2 per row: the same in all 4 lanes of a quad
-    float l[2] = {0.0f, 0.0f};        // this lane's part of the running sum of exp2(s2 - m)
-    float acc[NT][4];                 // O in the C layout: rows g, g+8; columns 8·nt + 2·tig, +1
+    float m[MT][2], l[MT][2];  // per row: running max of s2 (the same in all 4 lanes of a quad),
+                               // and this lane's part of the running sum of exp2(s2 - m)
+    float acc[MT][NT][4];      // O in the C layout: rows g, g+8; columns 8·nt + 2·tig, +1
     #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    for (int mt = 0; mt < MT; ++mt) {
+        for (int r = 0; r < 2; ++r) {
+            m[mt][r] = NEG_INF;
+            l[mt][r] = 0.0f;
+        }
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+    }
 
-    const int last = min(T - 1, q0 + TC_ROWS - 1);  // the block's last query row
+    const int last = min(T - 1, q0 + BROWS - 1);  // the block's last query row
     // K/V rows past T are staged as zeros: P is 0 there, and 0·NaN would poison O
     stage_rows_async<HD, TC_KEYS>(smem, kb, ldk, 0, T);
     stage_rows_async<HD, TC_KEYS>(smem + 2 * TILE, vb, ldk, 0, T);
@@ -125,78 +149,98 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
             stage_rows_async<HD, TC_KEYS>(smem + (2 + ((t + 1) & 1)) * TILE, vb, ldk, j0 + TC_KEYS, T);
             cp_async_commit();
         }
+        // warp-uniform: a tile entirely after the warp's rows (with MT = 2 the block's last tile
+        // for its first two warps), or a warp whose rows are all past T. Every tile a warp
+        // computes holds key j0 ≤ its first row, so each of its rows sees a key in it.
+        if (j0 > w0 + WROWS - 1 || w0 >= T) continue;
 
         // S = Q·Kᵀ for 8 n tiles of 8 keys. One ldmatrix.x4 gives 8 keys × 32 dims: matrix m is
         // keys 8·nt.., dims 32·k2 + 8·m, so registers {0,1} are the B fragment of k step 2·k2
-        // and {2,3} of k step 2·k2+1.
-        float s[8][4];
+        // and {2,3} of k step 2·k2+1; each m tile's mmas use it.
+        float s[MT][8][4];
         #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
             #pragma unroll
-            for (int i = 0; i < 4; ++i) s[nt][i] = 0.0f;
+            for (int mt = 0; mt < MT; ++mt)
+                for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.0f;
             for (int k2 = 0; k2 < KSTEPS / 2; ++k2) {
                 unsigned bf[4];
                 ldmatrix_x4(bf, kt + (nt * 8 + (lane & 7)) * LD + k2 * 32 + 8 * (lane >> 3));
-                mma_bf16_16816(s[nt], qf[2 * k2], bf);
-                mma_bf16_16816(s[nt], qf[2 * k2 + 1], bf + 2);
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16_16816(s[mt][nt], qf[mt][2 * k2], bf);
+                    mma_bf16_16816(s[mt][nt], qf[mt][2 * k2 + 1], bf + 2);
+                }
             }
         }
 
-        // Only the last tile (j0 == q0: tiles and query blocks are both 64 rows) holds keys
-        // past a row (the diagonal) or past T; earlier tiles are entirely visible.
-        const bool edge = j0 + TC_KEYS > q0;
-        float mx[2] = {NEG_INF, NEG_INF};
+        // Only a tile reaching past the warp's first row holds keys past a row (the diagonal)
+        // or past T; earlier tiles are entirely visible.
+        const bool edge = j0 + TC_KEYS > w0;
         #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-            for (int i = 0; i < 4; ++i) {
-                const int key = j0 + nt * 8 + 2 * tig + (i & 1), row = rows[i >> 1];
-                float x = s[nt][i] * sl2;
-                if (edge && (key > row || key >= T)) x = NEG_INF;
-                s[nt][i] = x;
-                mx[i >> 1] = fmaxf(mx[i >> 1], x);
-            }
-        float base[2];
-        #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            // a row's 64 scores are spread over the 4 lanes of its quad
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            const float mnew = fmaxf(m[r], mx[r]);
-            base[r] = mnew == NEG_INF ? 0.0f : mnew;  // a row with no visible key yet: p = 0, not NaN
-            const float alpha = exp2f(m[r] - base[r]);
-            m[r] = mnew;
-            l[r] *= alpha;
+        for (int mt = 0; mt < MT; ++mt) {
+            float mx[2] = {NEG_INF, NEG_INF};
             #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                acc[nt][2 * r] *= alpha;
-                acc[nt][2 * r + 1] *= alpha;
+            for (int nt = 0; nt < 8; ++nt)
+                for (int i = 0; i < 4; ++i) {
+                    const int key = j0 + nt * 8 + 2 * tig + (i & 1), row = rows[mt][i >> 1];
+                    float x = s[mt][nt][i] * sl2;
+                    if (edge && (key > row || key >= T)) x = NEG_INF;
+                    s[mt][nt][i] = x;
+                    mx[i >> 1] = fmaxf(mx[i >> 1], x);
+                }
+            float base[2];
+            #pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                // a row's 64 scores are spread over the 4 lanes of its quad
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float mnew = fmaxf(m[mt][r], mx[r]);
+                base[r] = mnew == NEG_INF ? 0.0f : mnew;  // a row with no visible key yet: p = 0, not NaN
+                const float alpha = exp2f(m[mt][r] - base[r]);
+                m[mt][r] = mnew;
+                l[mt][r] *= alpha;
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    acc[mt][nt][2 * r] *= alpha;
+                    acc[mt][nt][2 * r + 1] *= alpha;
+                }
             }
+            #pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+                for (int i = 0; i < 4; ++i) {
+                    const float p = exp2f(s[mt][nt][i] - base[i >> 1]);
+                    s[mt][nt][i] = p;
+                    l[mt][i >> 1] += p;  // f32 p: the sum does not see P's rounding to bf16 below
+                }
         }
-        #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-            for (int i = 0; i < 4; ++i) {
-                const float p = exp2f(s[nt][i] - base[i >> 1]);
-                s[nt][i] = p;
-                l[i >> 1] += p;  // f32 p: the sum does not see P's rounding to bf16 below
-            }
 
         // O += P·V over 4 k steps of 16 keys. The C fragments of n tiles 2·kk and 2·kk+1 (rows
         // g, g+8; keys 2·tig, +1 of each) are exactly the A fragment of k step kk (a0a1, a2a3
         // from the first tile, a4..a7 from the second): P goes to bf16 in registers. ldmatrix
         // .trans of V: matrix m is keys 16·kk + 8·(m&1).., dims 16·np + 8·(m>>1), so registers
-        // {0,1} are the B fragment of n tile 2·np and {2,3} of 2·np+1.
+        // {0,1} are the B fragment of n tile 2·np and {2,3} of 2·np+1; each m tile's mmas use it.
         #pragma unroll
         for (int kk = 0; kk < TC_KEYS / 16; ++kk) {
-            const unsigned pa[4] = {pack_bf16x2(s[2 * kk][0], s[2 * kk][1]), pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
-                                    pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned pa[MT][4];
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const float(*x)[4] = s[mt];
+                pa[mt][0] = pack_bf16x2(x[2 * kk][0], x[2 * kk][1]);
+                pa[mt][1] = pack_bf16x2(x[2 * kk][2], x[2 * kk][3]);
+                pa[mt][2] = pack_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+                pa[mt][3] = pack_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+            }
             #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 unsigned bf[4];
                 ldmatrix_x4_trans(bf, vt + (kk * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + np * 16 +
                                           8 * (lane >> 4));
-                mma_bf16_16816(acc[2 * np], pa, bf);
-                mma_bf16_16816(acc[2 * np + 1], pa, bf + 2);
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16_16816(acc[mt][2 * np], pa[mt], bf);
+                    mma_bf16_16816(acc[mt][2 * np + 1], pa[mt], bf + 2);
+                }
             }
         }
     }
@@ -207,27 +251,27 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     // rowsum(dO ∘ o) and the gate gradient dz = dy ∘ o ∘ σ'(z) from that one rounded o (as
     // FlashAttention computes D from its bf16 output), never from the f32 value y came from.
     #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    }
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int i = rows[r];
-        if (i >= T) continue;
-        const long row = (long)b * T + i, base = row * ldq + h * HD;
-        const float inv = 1.0f / l[r];
-        const float gh = gate_mode == 2 ? sigmoidf(load_f32(z + row * H + h)) : 1.0f;
+    for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-            for (int e = 0; e < 2; ++e) {
-                const long at = base + nt * 8 + 2 * tig + e;
-                const float oe = acc[nt][2 * r + e] * inv;
-                store_as(o + at, oe);
-                store_as(y + at, oe * (gate_mode == 1 ? sigmoidf(load_f32(z + at)) : gh));
-            }
-        if (tig == 0) lse[((long)b * H + h) * T + i] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
-    }
+        for (int r = 0; r < 2; ++r) {
+            float lr = l[mt][r];
+            lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+            lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+            const int i = rows[mt][r];
+            if (i >= T) continue;
+            const long row = (long)b * T + i, base = row * ldq + h * HD;
+            const float inv = 1.0f / lr;
+            const float gh = gate_mode == 2 ? sigmoidf(load_f32(z + row * H + h)) : 1.0f;
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                for (int e = 0; e < 2; ++e) {
+                    const long at = base + nt * 8 + 2 * tig + e;
+                    const float oe = acc[mt][nt][2 * r + e] * inv;
+                    store_as(o + at, oe);
+                    store_as(y + at, oe * (gate_mode == 1 ? sigmoidf(load_f32(z + at)) : gh));
+                }
+            if (tig == 0) lse[((long)b * H + h) * T + i] = (m[mt][r] + log2f(lr)) * 0.6931471805599453f;
+        }
 }
 
 #define ATTN_TC_KERNEL(HD)                                                                                         \

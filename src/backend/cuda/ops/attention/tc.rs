@@ -36,10 +36,20 @@ pub const SOURCE: KernelSource = KernelSource {
 /// Head dims of the tensor-core forward (attention_tc.cu `ATTN_TC_KERNEL`).
 pub const ATTN_TC_HEAD_DIMS: &[usize] = &[64, 128];
 
-/// Query rows per tensor-core attention block (attention_tc.cu `TC_ROWS`), and its
-/// threads: 4 warps of 16 rows.
+/// Query rows (dQ) or keys (dK/dV) per tensor-core attention block (attention_tc.cu
+/// `TC_ROWS`), and its threads: 4 warps of 16 rows.
 const ATTN_TC_ROWS: usize = 64;
 const ATTN_TC_THREADS: u32 = 128;
+
+/// Query rows per forward block (attention_tc.cu `attn_tc_fwd_mtiles`): 4 warps of 2 m tiles
+/// of 16 rows at hd64 (FlashAttention-2's 128-row blocks), of 1 at hd128.
+fn fwd_rows(head_dim: usize) -> usize {
+    if head_dim <= 64 {
+        128
+    } else {
+        64
+    }
+}
 
 /// Dynamic shared memory of the forward and dQ kernels, bytes (attention_tc.cu
 /// `attn_tc_smem_fwd`): two K and two V tiles of 64 keys, rows padded by 8 bf16. 36 KB at hd64,
@@ -141,7 +151,11 @@ pub fn attention_forward_tc_to(
     args.extend(d.common());
     args.push(Arg::I32(gate as i32));
     let cfg = Launch {
-        grid: [d.seq.div_ceil(ATTN_TC_ROWS) as u32, d.heads as u32, d.batch as u32],
+        grid: [
+            d.seq.div_ceil(fwd_rows(d.head_dim)) as u32,
+            d.heads as u32,
+            d.batch as u32,
+        ],
         block: [ATTN_TC_THREADS, 1, 1],
         smem: smem_fwd(d.head_dim),
     };
