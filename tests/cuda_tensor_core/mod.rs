@@ -96,7 +96,7 @@ fn warp_collectives_need_a_full_warp() {
     assert_eq!(probe_mismatches(&emu, 0), [0, 0]);
 }
 
-/// `cp_async_probe` (attention_tc.cu): the 6 snapshots of its shared buffer (slots A..E of 8 bf16
+/// `cp_async_probe` (tc_probe.cu): the 6 snapshots of its shared buffer (slots A..E of 8 bf16
 /// each, 0x7777 until written) and what each slot holds once its copy has landed.
 const CP_MARK: u16 = 0x7777;
 fn cp_async_probe(dev: &dyn Device, variant: i32) -> anyhow::Result<(Vec<u16>, Vec<u16>)> {

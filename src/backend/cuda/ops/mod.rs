@@ -69,6 +69,7 @@ pub const SOURCES: &[KernelSource] = &[
     probe::SOURCE,
     attention::SOURCE,
     attention::tc::SOURCE,
+    attention::tc::PROBE_SOURCE,
 ];
 
 pub(crate) const THREADS: u32 = 256;

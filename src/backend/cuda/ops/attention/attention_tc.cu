@@ -24,8 +24,9 @@
 //
 // Entry points (ops/attention/tc.rs): attn_fwd_tc_hd{64,128}{,_bf16,_bf16oz},
 // attn_bwd_dkdv_tc_hd{64,128}{,_bf16} (dV in f32 or bf16, for the v projection's GEMMs),
-// attn_bwd_dq_tc_hd{64,128}; and, as references for the tests only
-// (never launched by the model), tc_mma_probe, cp_async_probe and attn_bwd_{dkdv,dq}_tc_planted.
+// attn_bwd_dq_tc_hd{64,128}; and, as references for the tests only (never launched by the
+// model), attn_bwd_{dkdv,dq}_tc_planted. The probes of the primitives themselves are
+// tc_probe.cu's.
 
 #define TC_ROWS 64  // query rows (dQ) or keys (dK/dV) per backward block: 4 warps × 16
 #define TC_KEYS 64  // keys per shared-memory tile
@@ -42,6 +43,8 @@ __host__ __device__ constexpr int attn_tc_dkdv_queries(int hd) { return hd <= 64
 // m tiles of 16 query rows per warp in the forward (4 warps a block): 2 at hd64 (128-row blocks,
 // as FlashAttention-2's hd64 forward), 1 at hd128, whose accumulators would not fit twice
 __host__ __device__ constexpr int attn_tc_fwd_mtiles(int hd) { return hd <= 64 ? 2 : 1; }
+// and in dQ, which mirrors the forward
+__host__ __device__ constexpr int attn_tc_dq_mtiles(int hd) { return hd <= 64 ? 2 : 1; }
 __host__ __device__ constexpr int attn_tc_smem_dkdv(int hd) {
     return 4 * attn_tc_dkdv_queries(hd) * (hd + TC_PAD) * 2 + (hd <= 64 ? 0 : 2 * 64 * (hd + TC_PAD) * 2) +
            4 * attn_tc_dkdv_queries(hd) * 4;
@@ -294,107 +297,6 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
 ATTN_TC_KERNEL(64)
 ATTN_TC_KERNEL(128)
 
-// Test reference (tests/cuda_tensor_core; the model never launches it): a test of the
-// tensor-core primitives themselves. One warp computes D = A·B + C for a 16×16 A, a 16×16 B
-// (two n tiles) and a 16×16 f32 C, with A loaded by ldmatrix, B twice: from an n-major copy `bn`
-// (B[k][n] at bn[16n + k], as K is stored) by ldmatrix, and from a k-major copy `bk` (at
-// bk[16k + n], as V is stored) by ldmatrix.trans;
-// d[0..256) and d[256..512) are the two results, row-major. `variant` plants a layout bug (the
-// test checks that each one changes the result): 1 swaps A registers 1 and 2 (rows g+8 with
-// columns +8), 2 loads bn with .trans, 3 stores D's rows g and g+8 swapped, 4 swaps the k halves
-// of the first n tile's B fragment.
-extern "C" __global__ void tc_mma_probe(const bf16* a, const bf16* bn, const bf16* bk, const float* c, float* d,
-                                        int variant) {
-    constexpr int LD = 16 + TC_PAD;
-    __shared__ __align__(16) bf16 as[16 * LD], bns[16 * LD], bks[16 * LD];
-    const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-    for (int idx = lane; idx < 256; idx += 32) {
-        const int r = idx / 16, col = idx % 16;
-        as[r * LD + col] = a[idx];
-        bns[r * LD + col] = bn[idx];
-        bks[r * LD + col] = bk[idx];
-    }
-    __syncwarp();
-    unsigned af[4], bf[2][4];
-    // matrix m of A: rows 8·(m&1).., columns 8·(m>>1): registers in the order a0a1, a2a3, a4a5, a6a7
-    ldmatrix_x4(af, as + (lane & 15) * LD + 8 * (lane >> 4));
-    if (variant == 1) {
-        const unsigned t = af[1];
-        af[1] = af[2];
-        af[2] = t;
-    }
-    // bn: matrix m is n 8·(m>>1).., k 8·(m&1)..; bk (transposed): k 8·(m&1).., n 8·(m>>1)..
-    const bf16* nrow = bns + ((lane & 7) + 8 * (lane >> 4)) * LD + 8 * ((lane >> 3) & 1);
-    if (variant == 2)
-        ldmatrix_x4_trans(bf[0], nrow);
-    else
-        ldmatrix_x4(bf[0], nrow);
-    ldmatrix_x4_trans(bf[1], bks + ((lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 8 * (lane >> 4));
-    if (variant == 4) {
-        const unsigned t = bf[0][0];
-        bf[0][0] = bf[0][1];
-        bf[0][1] = t;
-    }
-    for (int path = 0; path < 2; ++path)
-        for (int nt = 0; nt < 2; ++nt) {
-            float acc[4];
-            for (int i = 0; i < 4; ++i) acc[i] = c[(g + 8 * (i >> 1)) * 16 + nt * 8 + 2 * tig + (i & 1)];
-            mma_bf16_16816(acc, af, bf[path] + 2 * nt);
-            for (int i = 0; i < 4; ++i) {
-                const int half = variant == 3 ? 1 - (i >> 1) : i >> 1;
-                d[path * 256 + (g + 8 * half) * 16 + nt * 8 + 2 * tig + (i & 1)] = acc[i];
-            }
-        }
-}
-
-// Test reference (tests/cuda_tensor_core; the model never launches it): cp.async's semantics.
-// Threads 0 and 1 copy 16-byte chunks of `src` (40 bf16: chunks 0..4) into slots 0..4 of a
-// shared buffer first filled with 0x7777, and the block writes 6 snapshots of the buffer to
-// `out` (40 bf16 each), each between two barriers:
-//   thread 0 copies chunk 0 → slot 0 (A), commits; chunk 1 → slot 1 with src_bytes 6 (B: 3 bf16,
-//   then zeros), commits; chunk 2 → slot 2 with src_bytes 0 (C: zeros), commits; snapshot 0;
-//   wait_group 2 (A lands), snapshot 1; wait_group 1 (B), snapshot 2; chunk 3 → slot 3 (D), not
-//   committed, wait_group 0 (C, not D), snapshot 3; then thread 1 copies chunk 4 → slot 4 (E)
-//   and commits, thread 0 waits for all of its own (D, not E), snapshot 4; thread 1 waits for
-//   its group, snapshot 5. `variant` 1 gives A src_bytes 17, 2 a destination 2 bytes off.
-extern "C" __global__ void cp_async_probe(const bf16* src, bf16* out, int variant) {
-    __shared__ __align__(16) bf16 buf[40];
-    const int tid = threadIdx.x;
-    for (int i = tid; i < 40; i += blockDim.x) buf[i] = 0x7777;
-    auto snap = [&](int n) {
-        __syncthreads();
-        for (int i = tid; i < 40; i += blockDim.x) out[40 * n + i] = buf[i];
-        __syncthreads();
-    };
-    if (tid == 0) {
-        cp_async16(buf + (variant == 2 ? 1 : 0), src, variant == 1 ? 17 : 16);
-        cp_async_commit();
-        cp_async16(buf + 8, src + 8, 6);
-        cp_async_commit();
-        cp_async16(buf + 16, src + 16, 0);
-        cp_async_commit();
-    }
-    snap(0);
-    if (tid == 0) cp_async_wait<2>();
-    snap(1);
-    if (tid == 0) cp_async_wait<1>();
-    snap(2);
-    if (tid == 0) {
-        cp_async16(buf + 24, src + 24, 16);
-        cp_async_wait<0>();
-    }
-    snap(3);
-    if (tid == 1) {
-        cp_async16(buf + 32, src + 32, 16);
-        cp_async_commit();
-    }
-    __syncthreads();
-    if (tid == 0) cp_async_wait_all();
-    snap(4);
-    if (tid == 1) cp_async_wait<0>();
-    snap(5);
-}
-
 // ---- Backward on tensor cores (FlashAttention-2, Algorithm 2), deterministic: dK/dV and dQ are
 // separate kernels, each output row owned by one warp, no atomics. Inputs as attention.cu's
 // backward (q [B·T, H·HD], k/v [B·T, KV·HD], dout [B·T, H·HD] — here all bf16 — lse and delta
@@ -419,11 +321,12 @@ extern "C" __global__ void cp_async_probe(const bf16* src, bf16* out, int varian
 //     shared memory once per block (34 KB; 51 KB in all) and read by ldmatrix per slice;
 //     SUB = 16: 64 + 64 + 8 + 8 = 144 live, 255 registers, no spills (query tiles of 32, two
 //     slices per tile, spilled 28 bytes).
-//   dQ: mirrors the forward: 4 warps × 16 query rows, Q and dO as A fragments in registers
-//     (HD/4 each), the dQ accumulator (HD/2); the block walks key tiles of 64, K and V
-//     double-buffered by cp.async as in the forward (36 KB at hd64, 68 KB at hd128), S and dP
-//     for SUB keys at a time: hd64 SUB = 32, 16 + 16 + 32 + 16 + 16 = 96 live, 131 registers;
-//     hd128 SUB = 16, 32 + 32 + 64 + 8 + 8 = 144 live, 202 registers (SUB = 32 took 250).
+//   dQ: mirrors the forward: 4 warps × MT m tiles of 16 query rows, per m tile Q and dO as A
+//     fragments in registers (HD/4 each) and the dQ accumulator (HD/2); the block walks key
+//     tiles of 64, K and V double-buffered by cp.async as in the forward (36 KB at hd64, 68 KB
+//     at hd128), S and dP for SUB keys at a time: hd64 MT = 2, SUB = 32,
+//     2 · (16 + 16 + 32 + 16 + 16) = 192 live, 252 registers (one m tile: 131); hd128 MT = 1,
+//     SUB = 16, 32 + 32 + 64 + 8 + 8 = 144 live, 202 registers (SUB = 32 took 250).
 //     Below 168 registers 3 blocks fit an SM, up to 255 2 blocks (both fit sm_90's 228 KB of
 //     shared memory per SM).
 // Causal: the dK/dV kernel starts at the query tile of its first key (earlier queries see none
@@ -455,64 +358,88 @@ __device__ __forceinline__ void load_afrag(unsigned f[4], const bf16* m, const i
         f[r] = load_pair(m, rows[r & 1], ld, kk * 16 + 8 * (r >> 1) + 2 * tig, rows[r & 1] < T);
 }
 
-// C = A·Bᵀ over the head dims for a warp's 16 rows × SUB staged rows. A as k-step fragments:
-// from registers `af`, or (`as` non-null, a compile-time choice of the callers) by ldmatrix from
-// its 16 rows staged at `as` (row-major A: matrix m is rows 8·(m&1).., columns 8·(m>>1).., as in
+// C = A·Bᵀ over the head dims for MT m tiles of 16 rows × SUB staged rows. A as k-step fragments:
+// from registers `af` (m tile mt's k step kk at af[mt·HD/16 + kk]), or (`as` non-null, a
+// compile-time choice of the callers) by ldmatrix from its rows staged at `as` (m tile mt's 16
+// rows from as + 16·mt rows; row-major A: matrix m is rows 8·(m&1).., columns 8·(m>>1).., as in
 // tc_mma_probe). B rows at `bs`, whose head dims are contiguous: the col-major B, by ldmatrix as
-// the forward's S = Q·Kᵀ. Both strides HD + TC_PAD.
-template <int HD, int SUB>
-__device__ __forceinline__ void mma_abt(float c[SUB / 8][4], const unsigned (*af)[4], const bf16* as, const bf16* bs) {
-    constexpr int LD = HD + TC_PAD;
+// the forward's S = Q·Kᵀ, each fragment loaded once for all m tiles. Both strides HD + TC_PAD.
+// C of m tile mt at c[mt·SUB/8 ..]; bit mt of `on` (warp-uniform) clear skips that m tile.
+template <int HD, int SUB, int MT = 1>
+__device__ __forceinline__ void mma_abt(float c[][4], const unsigned (*af)[4], const bf16* as, const bf16* bs,
+                                        unsigned on = 1u) {
+    constexpr int LD = HD + TC_PAD, SNT = SUB / 8, KS = HD / 16;
     const int lane = threadIdx.x & 31;
     #pragma unroll
-    for (int nt = 0; nt < SUB / 8; ++nt)
+    for (int nt = 0; nt < MT * SNT; ++nt)
         for (int i = 0; i < 4; ++i) c[nt][i] = 0.0f;
     #pragma unroll
     for (int k2 = 0; k2 < HD / 32; ++k2) {
-        unsigned a0[4], a1[4];
-        if (as) {
-            ldmatrix_x4(a0, as + (lane & 15) * LD + k2 * 32 + 8 * (lane >> 4));
-            ldmatrix_x4(a1, as + (lane & 15) * LD + k2 * 32 + 16 + 8 * (lane >> 4));
-        } else {
-            for (int r = 0; r < 4; ++r) {
-                a0[r] = af[2 * k2][r];
-                a1[r] = af[2 * k2 + 1][r];
+        unsigned a0[MT][4], a1[MT][4];
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            if (as) {
+                const bf16* arow = as + (16 * mt + (lane & 15)) * LD + k2 * 32 + 8 * (lane >> 4);
+                ldmatrix_x4(a0[mt], arow);
+                ldmatrix_x4(a1[mt], arow + 16);
+            } else {
+                for (int r = 0; r < 4; ++r) {
+                    a0[mt][r] = af[mt * KS + 2 * k2][r];
+                    a1[mt][r] = af[mt * KS + 2 * k2 + 1][r];
+                }
             }
         }
         #pragma unroll
-        for (int nt = 0; nt < SUB / 8; ++nt) {
+        for (int nt = 0; nt < SNT; ++nt) {
             unsigned bf[4];
             ldmatrix_x4(bf, bs + (nt * 8 + (lane & 7)) * LD + k2 * 32 + 8 * (lane >> 3));
-            mma_bf16_16816(c[nt], a0, bf);
-            mma_bf16_16816(c[nt], a1, bf + 2);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if (!(on >> mt & 1u)) continue;
+                mma_bf16_16816(c[mt * SNT + nt], a0[mt], bf);
+                mma_bf16_16816(c[mt * SNT + nt], a1[mt], bf + 2);
+            }
         }
     }
 }
 
-// acc += X·B for a warp's 16 rows: X (16 × SUB, f32 in the C layout of mma_abt) rounded to bf16
-// as A fragments (the C fragments of n tiles 2·kk, 2·kk+1 are the A fragment of k step kk, as in
-// the forward's P·V), B = SUB staged rows at `bs` (k = staged row, n = head dim: k-major, by
-// ldmatrix.trans). `plant` 3 swaps A registers 1 and 2 (a planted layout bug for the tests).
-template <int HD, int SUB>
-__device__ __forceinline__ void mma_ab(float acc[HD / 8][4], const float x[SUB / 8][4], const bf16* bs, int plant) {
-    constexpr int LD = HD + TC_PAD;
+// acc += X·B for MT m tiles of 16 rows: X (16 × SUB per m tile, f32 in the C layout of mma_abt,
+// m tile mt at x[mt·SUB/8 ..]) rounded to bf16 as A fragments (the C fragments of n tiles 2·kk,
+// 2·kk+1 are the A fragment of k step kk, as in the forward's P·V), B = SUB staged rows at `bs`
+// (k = staged row, n = head dim: k-major, by ldmatrix.trans; each fragment loaded once for all
+// m tiles), m tile mt's accumulator at acc[mt·HD/8 ..]; bit mt of `on` clear skips m tile mt.
+// `plant` 3 swaps A registers 1 and 2 (a planted layout bug for the tests).
+template <int HD, int SUB, int MT = 1>
+__device__ __forceinline__ void mma_ab(float acc[][4], const float x[][4], const bf16* bs, int plant,
+                                       unsigned on = 1u) {
+    constexpr int LD = HD + TC_PAD, SNT = SUB / 8, NT = HD / 8;
     const int lane = threadIdx.x & 31;
     #pragma unroll
     for (int kk = 0; kk < SUB / 16; ++kk) {
-        unsigned pa[4] = {pack_bf16x2(x[2 * kk][0], x[2 * kk][1]), pack_bf16x2(x[2 * kk][2], x[2 * kk][3]),
-                          pack_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                          pack_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3])};
-        if (plant == 3) {
-            const unsigned t = pa[1];
-            pa[1] = pa[2];
-            pa[2] = t;
+        unsigned pa[MT][4];
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const float(*xm)[4] = x + mt * SNT;
+            pa[mt][0] = pack_bf16x2(xm[2 * kk][0], xm[2 * kk][1]);
+            pa[mt][1] = pack_bf16x2(xm[2 * kk][2], xm[2 * kk][3]);
+            pa[mt][2] = pack_bf16x2(xm[2 * kk + 1][0], xm[2 * kk + 1][1]);
+            pa[mt][3] = pack_bf16x2(xm[2 * kk + 1][2], xm[2 * kk + 1][3]);
+            if (plant == 3) {
+                const unsigned t = pa[mt][1];
+                pa[mt][1] = pa[mt][2];
+                pa[mt][2] = t;
+            }
         }
         #pragma unroll
         for (int np = 0; np < HD / 16; ++np) {
             unsigned bf[4];
             ldmatrix_x4_trans(bf, bs + (kk * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + np * 16 + 8 * (lane >> 4));
-            mma_bf16_16816(acc[2 * np], pa, bf);
-            mma_bf16_16816(acc[2 * np + 1], pa, bf + 2);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if (!(on >> mt & 1u)) continue;
+                mma_bf16_16816(acc[mt * NT + 2 * np], pa[mt], bf);
+                mma_bf16_16816(acc[mt * NT + 2 * np + 1], pa[mt], bf + 2);
+            }
         }
     }
 }
@@ -643,13 +570,19 @@ __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* 
     }
 }
 
+// Each warp owns MT m tiles of 16 query rows (attn_tc_dq_mtiles; 2 at hd64, as the forward):
+// every K and V fragment it loads feeds MT mmas. An m tile skips a key slice entirely after its
+// own 16 rows, so each row sees exactly the slices it would with one m tile per warp.
 template <int HD>
 __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                                     const float* delta, float* dq, int T, int H, int KV, float scale, int plant) {
     constexpr int LD = HD + TC_PAD;
     constexpr int NT = HD / 8;               // n tiles of dQ
+    constexpr int KS = HD / 16;              // k steps over the head dims
     constexpr int SUB = HD <= 64 ? 32 : 16;  // keys per S/dP slice
     constexpr int SNT = SUB / 8;
+    constexpr int MT = attn_tc_dq_mtiles(HD);
+    constexpr int WROWS = 16 * MT, BROWS = 4 * WROWS;  // query rows per warp, per block
     constexpr float LOG2E = 1.4426950408889634f;
     // K/V tiles double-buffered as in the forward (36 KB at hd64, 68 KB at hd128)
     // K tile buffer i at smem + i·TILE, V's at smem + (2 + i)·TILE (offsets, not an array of
@@ -658,34 +591,43 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
     constexpr int TILE = TC_KEYS * LD;
     const int b = blockIdx.z, h = blockIdx.y, kh = h / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-    const int q0 = blockIdx.x * TC_ROWS, wq = q0 + warp * 16;  // the block's and the warp's first row
-    const int rows[2] = {wq + g, wq + g + 8};
+    const int q0 = blockIdx.x * BROWS, wq = q0 + warp * WROWS;  // the block's and the warp's first row
+    int rows[MT][2];  // the lane's two rows of each m tile
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        rows[mt][0] = wq + 16 * mt + g;
+        rows[mt][1] = wq + 16 * mt + g + 8;
+    }
     const long ldq = (long)H * HD, ldk = (long)KV * HD;
     const bf16* qh = q + (long)b * T * ldq + h * HD;
     const bf16* dh = dout + (long)b * T * ldq + h * HD;
     const bf16* kb = k + (long)b * T * ldk + kh * HD;
     const bf16* vb = v + (long)b * T * ldk + kh * HD;
 
-    unsigned qf[HD / 16][4], of[HD / 16][4];  // S = Q·Kᵀ, dP = dO·Vᵀ: Q and dO rows as A fragments
+    // S = Q·Kᵀ, dP = dO·Vᵀ: Q and dO rows as A fragments, m tile mt's k step kk at [mt·KS + kk]
+    unsigned qf[MT * KS][4], of[MT * KS][4];
+    float l2[MT][2], dd[MT][2];  // lse·log2(e) and D of the lane's rows
+    float acc[MT * NT][4];       // dQ/scale of m tile mt at [mt·NT ..]: rows g, g+8; columns 8·nt + 2·tig, +1
     #pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-        load_afrag(qf[kk], qh, rows, ldq, kk, T);
-        load_afrag(of[kk], dh, rows, ldq, kk, T);
+    for (int mt = 0; mt < MT; ++mt) {
+        #pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            load_afrag(qf[mt * KS + kk], qh, rows[mt], ldq, kk, T);
+            load_afrag(of[mt * KS + kk], dh, rows[mt], ldq, kk, T);
+        }
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const long li = ((long)b * H + h) * T + rows[mt][r];
+            l2[mt][r] = rows[mt][r] < T ? lse[li] * LOG2E : 0.0f;
+            dd[mt][r] = rows[mt][r] < T && plant != 2 ? delta[li] : 0.0f;
+        }
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            for (int i = 0; i < 4; ++i) acc[mt * NT + nt][i] = 0.0f;
     }
-    float l2[2], dd[2];  // lse·log2(e) and D of the lane's rows
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const long li = ((long)b * H + h) * T + rows[r];
-        l2[r] = rows[r] < T ? lse[li] * LOG2E : 0.0f;
-        dd[r] = rows[r] < T && plant != 2 ? delta[li] : 0.0f;
-    }
-    float acc[NT][4];  // dQ/scale: rows g, g+8; columns 8·nt + 2·tig, +1
-    #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 
     const float sl2 = scale * LOG2E;
-    const int last = min(T - 1, q0 + TC_ROWS - 1);  // the block's last row: keys after it are masked
+    const int last = min(T - 1, q0 + BROWS - 1);  // the block's last row: keys after it are masked
     stage_rows_async<HD, TC_KEYS>(smem, kb, ldk, 0, T);
     stage_rows_async<HD, TC_KEYS>(smem + 2 * TILE, vb, ldk, 0, T);
     cp_async_commit();
@@ -699,35 +641,43 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
             stage_rows_async<HD, TC_KEYS>(smem + (2 + ((t + 1) & 1)) * TILE, vb, ldk, j0 + TC_KEYS, T);
             cp_async_commit();
         }
-        // only the diagonal tile (j0 == q0) holds keys after a row or past T
-        const bool edge = j0 + TC_KEYS > q0 && plant != 1;
+        // only a tile reaching past the warp's first row holds keys after a row or past T
+        const bool edge = j0 + TC_KEYS > wq && plant != 1;
         #pragma unroll 1
         for (int s = 0; s < TC_KEYS; s += SUB) {
-            // warp-uniform: a slice of keys all after the warp's rows, or past T, or a warp whose
-            // rows are all past T
-            if (j0 + s > wq + 15 || j0 + s >= T || wq >= T) continue;
-            float st[SNT][4], dp[SNT][4];
-            mma_abt<HD, SUB>(st, qf, nullptr, kt + s * LD);
-            mma_abt<HD, SUB>(dp, of, nullptr, vt + s * LD);
+            // warp-uniform: the m tiles with a row at or after the slice's first key and before T
+            unsigned on = 0;
             #pragma unroll
-            for (int nt = 0; nt < SNT; ++nt)
-                for (int i = 0; i < 4; ++i) {
-                    const int key = j0 + s + nt * 8 + 2 * tig + (i & 1), r = i >> 1;
-                    float p = exp2f(st[nt][i] * sl2 - l2[r]);
-                    if (edge && (key > rows[r] || key >= T)) p = 0.0f;
-                    dp[nt][i] = p * (dp[nt][i] - dd[r]);  // dS
-                }
-            mma_ab<HD, SUB>(acc, dp, kt + s * LD, plant);  // dQ += dS·K
+            for (int mt = 0; mt < MT; ++mt)
+                if (j0 + s <= wq + 16 * mt + 15 && wq + 16 * mt < T) on |= 1u << mt;
+            if (!on || j0 + s >= T) continue;
+            float st[MT * SNT][4], dp[MT * SNT][4];
+            mma_abt<HD, SUB, MT>(st, qf, nullptr, kt + s * LD, on);
+            mma_abt<HD, SUB, MT>(dp, of, nullptr, vt + s * LD, on);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                #pragma unroll
+                for (int nt = 0; nt < SNT; ++nt)
+                    for (int i = 0; i < 4; ++i) {
+                        const int key = j0 + s + nt * 8 + 2 * tig + (i & 1), r = i >> 1;
+                        float p = exp2f(st[mt * SNT + nt][i] * sl2 - l2[mt][r]);
+                        if (edge && (key > rows[mt][r] || key >= T)) p = 0.0f;
+                        dp[mt * SNT + nt][i] = p * (dp[mt * SNT + nt][i] - dd[mt][r]);  // dS
+                    }
+            mma_ab<HD, SUB, MT>(acc, dp, kt + s * LD, plant, on);  // dQ += dS·K
         }
     }
     #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (rows[r] >= T) continue;
-        const long base = ((long)b * T + rows[r]) * ldq + h * HD;
+    for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-            for (int e = 0; e < 2; ++e) dq[base + nt * 8 + 2 * tig + e] = acc[nt][2 * r + e] * scale;
-    }
+        for (int r = 0; r < 2; ++r) {
+            if (rows[mt][r] >= T) continue;
+            const long base = ((long)b * T + rows[mt][r]) * ldq + h * HD;
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                for (int e = 0; e < 2; ++e)
+                    dq[base + nt * 8 + 2 * tig + e] = acc[mt * NT + nt][2 * r + e] * scale;
+        }
 }
 
 #define ATTN_TC_BWD_KERNELS(HD)                                                                                    \

@@ -26,24 +26,31 @@ pub const SOURCE: KernelSource = KernelSource {
         "attn_bwd_dkdv_tc_hd128_bf16",
         "attn_bwd_dq_tc_hd128",
         // references for the tests only (tests/cuda_tensor_core), never launched by the model
-        "tc_mma_probe",
-        "cp_async_probe",
         "attn_bwd_dkdv_tc_planted",
         "attn_bwd_dq_tc_planted",
     ],
 };
 
+/// Probes of the tensor-core primitives (mma, ldmatrix, cp.async) for the tests
+/// (tests/cuda_tensor_core), never launched by the model.
+pub const PROBE_SOURCE: KernelSource = KernelSource {
+    name: "tc_probe",
+    text: include_str!("tc_probe.cu"),
+    entries: &["tc_mma_probe", "cp_async_probe"],
+};
+
 /// Head dims of the tensor-core forward (attention_tc.cu `ATTN_TC_KERNEL`).
 pub const ATTN_TC_HEAD_DIMS: &[usize] = &[64, 128];
 
-/// Query rows (dQ) or keys (dK/dV) per tensor-core attention block (attention_tc.cu
-/// `TC_ROWS`), and its threads: 4 warps of 16 rows.
+/// Keys per dK/dV block (attention_tc.cu `TC_KEYS`: 4 warps of 16), and the threads of every
+/// tensor-core attention block.
 const ATTN_TC_ROWS: usize = 64;
 const ATTN_TC_THREADS: u32 = 128;
 
-/// Query rows per forward block (attention_tc.cu `attn_tc_fwd_mtiles`): 4 warps of 2 m tiles
-/// of 16 rows at hd64 (FlashAttention-2's 128-row blocks), of 1 at hd128.
-fn fwd_rows(head_dim: usize) -> usize {
+/// Query rows per forward and dQ block (attention_tc.cu `attn_tc_fwd_mtiles`,
+/// `attn_tc_dq_mtiles`): 4 warps of 2 m tiles of 16 rows at hd64 (FlashAttention-2's 128-row
+/// blocks), of 1 at hd128.
+fn query_rows(head_dim: usize) -> usize {
     if head_dim <= 64 {
         128
     } else {
@@ -152,7 +159,7 @@ pub fn attention_forward_tc_to(
     args.push(Arg::I32(gate as i32));
     let cfg = Launch {
         grid: [
-            d.seq.div_ceil(fwd_rows(d.head_dim)) as u32,
+            d.seq.div_ceil(query_rows(d.head_dim)) as u32,
             d.heads as u32,
             d.batch as u32,
         ],
@@ -279,8 +286,8 @@ fn backward_tc(
         lse.arg(),
         scratch.delta.arg(),
     ];
-    let cfg = |heads: usize, smem: u32| Launch {
-        grid: [d.seq.div_ceil(ATTN_TC_ROWS) as u32, heads as u32, d.batch as u32],
+    let cfg = |rows: usize, heads: usize, smem: u32| Launch {
+        grid: [d.seq.div_ceil(rows) as u32, heads as u32, d.batch as u32],
         block: [ATTN_TC_THREADS, 1, 1],
         smem,
     };
@@ -288,16 +295,18 @@ fn backward_tc(
         None => format!("attn_bwd_{kernel}_tc_hd{}{}", d.head_dim, suffix(out)),
         Some(_) => format!("attn_bwd_{kernel}_tc_planted"),
     };
-    // dK/dV: a block per 64 keys (attention_tc.cu `TC_KEYS`, = ATTN_TC_ROWS) of a kv head
+    // dK/dV: a block per 64 keys (attention_tc.cu `TC_KEYS`, = ATTN_TC_ROWS) of a kv head; dQ a
+    // block per 128 query rows at hd64, 64 at hd128
     let mut args = ins.to_vec();
     args.extend([dk.arg(), dv.buf.arg(), Arg::I64(ldv as i64)]);
     args.extend(d.common());
     args.extend(plant.map(Arg::I32));
-    let dkdv = cfg(d.kv_heads, smem_dkdv(d.head_dim));
+    let dkdv = cfg(ATTN_TC_ROWS, d.kv_heads, smem_dkdv(d.head_dim));
     dev.launch(&name("dkdv", dv.dtype), dkdv, &args)?;
     let mut args = ins.to_vec();
     args.push(dq.arg());
     args.extend(d.common());
     args.extend(plant.map(Arg::I32));
-    dev.launch(&name("dq", DType::F32), cfg(d.heads, smem_fwd(d.head_dim)), &args)
+    let dq_cfg = cfg(query_rows(d.head_dim), d.heads, smem_fwd(d.head_dim));
+    dev.launch(&name("dq", DType::F32), dq_cfg, &args)
 }
