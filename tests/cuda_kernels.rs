@@ -38,7 +38,8 @@ fn every_kernel_compiles_to_ptx_for_hopper() {
 /// memory, which on a GPU turns register reads in the inner loops into memory traffic; the
 /// tensor-core attention kernels also keep no stack frame (an array of buffer pointers indexed at
 /// run time lands there). attention.cu's f32 CUDA-core kernels (f32 precision, head_dim 16/32:
-/// not the fast path) are exempt: they spill today. Skips, saying why, without ptxas or NVRTC.
+/// not the fast path) are exempt: they spill today. Prints each kernel's registers, stack and
+/// spills (`--nocapture`). Skips, saying why, without ptxas or NVRTC.
 #[test]
 fn no_kernel_spills_registers_on_hopper() {
     let Some(ptxas) = std::env::var_os("GATED_LM_PTXAS") else {
@@ -60,17 +61,22 @@ fn no_kernel_spills_registers_on_hopper() {
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "ptxas on {name}.ptx: {log}");
         // per function: "Function properties for X", then "N bytes stack frame, S bytes spill
-        // stores, L bytes spill loads"
-        let mut entry = "";
+        // stores, L bytes spill loads", then "Used R registers, ..."
+        let (mut entry, mut bytes) = ("", Vec::<u64>::new());
         for line in log.lines() {
             if let Some(rest) = line.split("Function properties for ").nth(1) {
                 entry = rest.trim();
                 continue;
             }
+            if let Some(used) = line.split("Used ").nth(1) {
+                let regs = used.split(' ').next().unwrap_or("?");
+                eprintln!("ptxas sm_90 {name}.cu {entry}: {regs} registers, stack/spill stores/loads {bytes:?} B");
+                continue;
+            }
             let Some((stack, spills)) = line.trim().split_once(" bytes stack frame, ") else {
                 continue;
             };
-            let bytes: Vec<u64> = std::iter::once(stack)
+            bytes = std::iter::once(stack)
                 .chain(spills.split(", "))
                 .filter_map(|f| f.split(' ').next()?.parse().ok())
                 .collect();
