@@ -74,6 +74,16 @@ __device__ __forceinline__ void stage_rows_async(bf16* dst, const bf16* src, lon
     }
 }
 
+// The lane's two rows (g and g + 8 of each 16) of a warp's MT m tiles of 16 rows from w0.
+template <int MT>
+__device__ __forceinline__ void mtile_rows(int rows[MT][2], int w0, int g) {
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        rows[mt][0] = w0 + 16 * mt + g;
+        rows[mt][1] = w0 + 16 * mt + g + 8;
+    }
+}
+
 // TO: the type of z (read) and o (written), f32 or bf16; TY: y's. Each warp owns MT m tiles of
 // 16 query rows (attn_tc_fwd_mtiles): every K and V fragment it loads by ldmatrix feeds MT mmas,
 // so MT = 2 halves the shared-memory traffic per mma (FlashAttention-2's hd64 forward: 128-row
@@ -97,11 +107,7 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
     const int q0 = blockIdx.x * BROWS, w0 = q0 + warp * WROWS;  // the block's and the warp's first row
     int rows[MT][2];  // the lane's two rows of each m tile
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        rows[mt][0] = w0 + 16 * mt + g;
-        rows[mt][1] = w0 + 16 * mt + g + 8;
-    }
+    mtile_rows<MT>(rows, w0, g);
     const long ldq = (long)H * HD, ldk = (long)KV * HD;
     const bf16* qh = q + (long)b * T * ldq + h * HD;
     const bf16* kb = k + (long)b * T * ldk + kh * HD;
@@ -593,11 +599,7 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
     const int q0 = blockIdx.x * BROWS, wq = q0 + warp * WROWS;  // the block's and the warp's first row
     int rows[MT][2];  // the lane's two rows of each m tile
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        rows[mt][0] = wq + 16 * mt + g;
-        rows[mt][1] = wq + 16 * mt + g + 8;
-    }
+    mtile_rows<MT>(rows, wq, g);
     const long ldq = (long)H * HD, ldk = (long)KV * HD;
     const bf16* qh = q + (long)b * T * ldq + h * HD;
     const bf16* dh = dout + (long)b * T * ldq + h * HD;
