@@ -96,7 +96,7 @@ fn no_kernel_spills_registers_on_hopper() {
 }
 
 use gated_lm::backend::cuda::ops;
-use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_i32, up_u16, zeros_f32, Device};
+use gated_lm::backend::cuda::runtime::{down_f32, down_u16, up_f32, up_i32, up_u16, zeros_f32, Arg, Device, Launch};
 
 mod common;
 use common::cuda_devices as devices;
@@ -167,6 +167,37 @@ fn elementwise_ops_match_the_cpu_ops() {
                 .collect::<Vec<_>>()
         };
         assert_eq!(bits(&m2), bits(&mb), "swiglu_bwd's m on {}", dev.describe());
+        // a grid of 128 threads, so each thread walks 24 elements, its row and column stepped by
+        // the stride's (128 = 1 row + 47 columns of 81, a carry into the row every other step):
+        // each element's math does not depend on the grid, so bit for bit the same outputs
+        let small = Launch::linear(2, 64);
+        let (m3, dgu3, m4) = (
+            zeros_f32(dev, n).unwrap(),
+            zeros_f32(dev, 2 * n).unwrap(),
+            zeros_f32(dev, n).unwrap(),
+        );
+        let nf = [Arg::I64(n as i64), Arg::I32(ff as i32)];
+        dev.launch("swiglu_fwd", small, &[gub.arg(), m3.arg(), nf[0], nf[1]])
+            .unwrap();
+        dev.launch(
+            "swiglu_bwd",
+            small,
+            &[gub.arg(), dmb.arg(), dgu3.arg(), m4.arg(), nf[0], nf[1]],
+        )
+        .unwrap();
+        assert_eq!(bits(&m3), bits(&mb), "swiglu_fwd on a small grid on {}", dev.describe());
+        assert_eq!(
+            bits(&dgu3),
+            bits(&dgub),
+            "swiglu_bwd's dgu on a small grid on {}",
+            dev.describe()
+        );
+        assert_eq!(
+            bits(&m4),
+            bits(&mb),
+            "swiglu_bwd's m on a small grid on {}",
+            dev.describe()
+        );
     }
 }
 
@@ -349,7 +380,6 @@ fn adamw_matches_the_cpu_optimizer() {
 /// would read garbage), and short buffers before any launch.
 #[test]
 fn bad_launches_are_errors() {
-    use gated_lm::backend::cuda::runtime::{Arg, Launch};
     let emu = gated_lm::backend::cuda::emu::Emu::open().unwrap();
     let b = zeros_f32(&emu, 8).unwrap();
     let e = emu

@@ -6,10 +6,27 @@
 // the down projection's weight gradient: so the forward's m need not be kept for the backward.
 // Entry points (ops/swiglu.rs): swiglu_fwd, swiglu_fwd_bf16, swiglu_bwd, swiglu_bwd_bf16.
 
-// element i of the [rows, ff] output: the offset of its gate value in gu (its up value is ff on)
-__device__ __forceinline__ long stacked_at(long i, int ff) {
-    long r = i / ff;
-    return r * 2 * ff + (i - r * ff);
+// Calls f(i, at) for this thread's grid-stride elements i of the [rows, ff] output, `at` the
+// offset of i's gate value in gu (its up value is ff on). Row and column advance by the stride's
+// own row and column steps: one 64-bit division per thread, not one per element (a 64-bit
+// division is a software routine of ~70 instructions on the GPU, more than the rest of the
+// element's work: it made these bandwidth-bound kernels compute-bound).
+template <class F>
+__device__ __forceinline__ void for_each_stacked(long n, int ff, F f) {
+    const long stride = (long)gridDim.x * blockDim.x;
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long r = i / ff, c = i - r * ff;
+    const long sr = stride / ff, sc = stride - sr * ff;
+    for (; i < n; i += stride) {
+        f(i, r * 2 * ff + c);
+        r += sr;
+        c += sc;
+        if (c >= ff) {
+            c -= ff;
+            ++r;
+        }
+    }
 }
 
 // m = silu(g)·u, as both passes compute it
@@ -17,10 +34,7 @@ __device__ __forceinline__ float swiglu_m(float g, float u) { return g * sigmoid
 
 template <class T>
 __device__ void swiglu_fwd_impl(const T* gu, T* m, long n, int ff) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        long at = stacked_at(i, ff);
-        store_as(m + i, swiglu_m(load_f32(gu + at), load_f32(gu + at + ff)));
-    }
+    for_each_stacked(n, ff, [&](long i, long at) { store_as(m + i, swiglu_m(load_f32(gu + at), load_f32(gu + at + ff))); });
 }
 
 extern "C" __global__ void swiglu_fwd(const float* gu, float* m, long n, int ff) { swiglu_fwd_impl(gu, m, n, ff); }
@@ -29,14 +43,13 @@ extern "C" __global__ void swiglu_fwd_bf16(const bf16* gu, bf16* m, long n, int 
 // dg = dm·u·silu'(g), du = dm·silu(g); silu'(g) = s·(1 + g·(1 − s)); and m recomputed
 template <class T>
 __device__ void swiglu_bwd_impl(const T* gu, const T* dm, T* dgu, T* m, long n, int ff) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        long at = stacked_at(i, ff);
+    for_each_stacked(n, ff, [&](long i, long at) {
         float g = load_f32(gu + at), u = load_f32(gu + at + ff), d = load_f32(dm + i);
         float s = sigmoidf(g);
         store_as(dgu + at + ff, d * g * s);
         store_as(dgu + at, d * u * s * (1.0f + g * (1.0f - s)));
         store_as(m + i, swiglu_m(g, u));
-    }
+    });
 }
 
 extern "C" __global__ void swiglu_bwd(const float* gu, const float* dm, float* dgu, float* m, long n, int ff) {
