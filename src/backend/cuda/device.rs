@@ -149,6 +149,9 @@ impl Gpu {
     /// default (up to 99 KB on sm_86/89, 163 KB on sm_80, 227 KB on sm_90): once per size, so at
     /// a step's eager first run and never inside a graph capture.
     fn opt_in_smem(&self, kernel: &str, f: &CudaFunction, smem: u32) -> Result<()> {
+        if smem <= 48 << 10 {
+            return Ok(()); // every launch but the hd128 attention's: no map lookup
+        }
         let opted = self.smem_opt_in.borrow().get(kernel).copied().unwrap_or(48 << 10);
         if smem > opted {
             let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;

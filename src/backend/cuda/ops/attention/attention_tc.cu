@@ -28,23 +28,21 @@
 // model), attn_bwd_{dkdv,dq}_tc_planted. The probes of the primitives themselves are
 // tc_probe.cu's.
 
-#define TC_ROWS 64  // query rows (dQ) or keys (dK/dV) per backward block: 4 warps × 16
-#define TC_KEYS 64  // keys per shared-memory tile
+#define TC_KEYS 64  // keys per shared-memory tile, and per dK/dV block (4 warps × 16)
 // bf16 of padding after each staged row: with rows of 128 or 256 bytes the 8 row addresses of
 // an ldmatrix would all start in the same bank (8-way conflict); 16 more bytes spread them over
 // all 32 banks and keep each row 16-byte aligned as ldmatrix requires.
 #define TC_PAD 8
 
-// Dynamic shared memory of each kernel, bytes (tc.rs `smem_bytes` computes the same): the
-// forward and dQ two K and two V tiles of 64 keys; dK/dV two Q and two dO tiles of its query
-// tile size with their lse and D, and at hd128 the block's 64 K and V rows too.
+// Dynamic shared memory of each kernel, bytes (tc.rs `smem_fwd`, `smem_dkdv` compute the
+// same): the forward and dQ two K and two V tiles of 64 keys; dK/dV two Q and two dO tiles of
+// its query tile size with their lse and D, and at hd128 the block's 64 K and V rows too.
 __host__ __device__ constexpr int attn_tc_smem_fwd(int hd) { return 4 * 64 * (hd + TC_PAD) * 2; }
 __host__ __device__ constexpr int attn_tc_dkdv_queries(int hd) { return hd <= 64 ? 64 : 16; }
-// m tiles of 16 query rows per warp in the forward (4 warps a block): 2 at hd64 (128-row blocks,
-// as FlashAttention-2's hd64 forward), 1 at hd128, whose accumulators would not fit twice
-__host__ __device__ constexpr int attn_tc_fwd_mtiles(int hd) { return hd <= 64 ? 2 : 1; }
-// and in dQ, which mirrors the forward
-__host__ __device__ constexpr int attn_tc_dq_mtiles(int hd) { return hd <= 64 ? 2 : 1; }
+// m tiles of 16 query rows per warp in the forward and in dQ, which mirrors it (4 warps a block):
+// 2 at hd64 (128-row blocks, as FlashAttention-2's hd64 forward), 1 at hd128, whose accumulators
+// would not fit twice. Both launch on tc.rs `query_rows`, which must agree.
+__host__ __device__ constexpr int attn_tc_query_mtiles(int hd) { return hd <= 64 ? 2 : 1; }
 __host__ __device__ constexpr int attn_tc_smem_dkdv(int hd) {
     return 4 * attn_tc_dkdv_queries(hd) * (hd + TC_PAD) * 2 + (hd <= 64 ? 0 : 2 * 64 * (hd + TC_PAD) * 2) +
            4 * attn_tc_dkdv_queries(hd) * 4;
@@ -85,16 +83,16 @@ __device__ __forceinline__ void mtile_rows(int rows[MT][2], int w0, int g) {
 }
 
 // TO: the type of z (read) and o (written), f32 or bf16; TY: y's. Each warp owns MT m tiles of
-// 16 query rows (attn_tc_fwd_mtiles): every K and V fragment it loads by ldmatrix feeds MT mmas,
-// so MT = 2 halves the shared-memory traffic per mma (FlashAttention-2's hd64 forward: 128-row
-// blocks of 4 warps).
+// 16 query rows (attn_tc_query_mtiles): every K and V fragment it loads by ldmatrix feeds MT
+// mmas, so MT = 2 halves the shared-memory traffic per mma (FlashAttention-2's hd64 forward:
+// 128-row blocks of 4 warps).
 template <int HD, class TO, class TY>
 __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, const TO* z, TO* o, TY* y,
                                  float* lse, int T, int H, int KV, float scale, int gate_mode) {
-    constexpr int LD = HD + TC_PAD;                 // staged row stride, elements
-    constexpr int KSTEPS = HD / 16;                 // k steps of S = Q·Kᵀ
-    constexpr int NT = HD / 8;                      // n tiles of O
-    constexpr int MT = attn_tc_fwd_mtiles(HD);      // m tiles per warp
+    constexpr int LD = HD + TC_PAD;                    // staged row stride, elements
+    constexpr int KSTEPS = HD / 16;                    // k steps of S = Q·Kᵀ
+    constexpr int NT = HD / 8;                         // n tiles of O
+    constexpr int MT = attn_tc_query_mtiles(HD);       // m tiles per warp
     constexpr int WROWS = 16 * MT, BROWS = 4 * WROWS;  // query rows per warp, per block
     // two K/V tile buffers (36 KB at hd64, 68 KB at hd128): tile t+1 copied by cp.async while
     // tile t is computed on
@@ -576,7 +574,7 @@ __device__ void attn_bwd_dkdv_tc_impl(const bf16* q, const bf16* k, const bf16* 
     }
 }
 
-// Each warp owns MT m tiles of 16 query rows (attn_tc_dq_mtiles; 2 at hd64, as the forward):
+// Each warp owns MT m tiles of 16 query rows (attn_tc_query_mtiles; 2 at hd64, as the forward):
 // every K and V fragment it loads feeds MT mmas. An m tile skips a key slice entirely after its
 // own 16 rows, so each row sees exactly the slices it would with one m tile per warp.
 template <int HD>
@@ -587,7 +585,7 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
     constexpr int KS = HD / 16;              // k steps over the head dims
     constexpr int SUB = HD <= 64 ? 32 : 16;  // keys per S/dP slice
     constexpr int SNT = SUB / 8;
-    constexpr int MT = attn_tc_dq_mtiles(HD);
+    constexpr int MT = attn_tc_query_mtiles(HD);
     constexpr int WROWS = 16 * MT, BROWS = 4 * WROWS;  // query rows per warp, per block
     constexpr float LOG2E = 1.4426950408889634f;
     // K/V tiles double-buffered as in the forward (36 KB at hd64, 68 KB at hd128)
@@ -718,7 +716,6 @@ extern "C" __global__ void attn_bwd_dq_tc_planted(const bf16* q, const bf16* k, 
     attn_bwd_dq_tc_impl<64>(q, k, v, dout, lse, delta, dq, T, H, KV, scale, plant);
 }
 
-#undef TC_ROWS
 #undef TC_KEYS
 #undef TC_PAD
 #undef ATTN_TC_KERNEL

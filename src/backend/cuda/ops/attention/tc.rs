@@ -42,14 +42,13 @@ pub const PROBE_SOURCE: KernelSource = KernelSource {
 /// Head dims of the tensor-core forward (attention_tc.cu `ATTN_TC_KERNEL`).
 pub const ATTN_TC_HEAD_DIMS: &[usize] = &[64, 128];
 
-/// Keys per dK/dV block (attention_tc.cu `TC_KEYS`: 4 warps of 16), and the threads of every
-/// tensor-core attention block.
-const ATTN_TC_ROWS: usize = 64;
+/// Keys per staged tile and per dK/dV block (attention_tc.cu `TC_KEYS`: 4 warps of 16), and the
+/// threads of every tensor-core attention block.
+const ATTN_TC_KEYS: usize = 64;
 const ATTN_TC_THREADS: u32 = 128;
 
-/// Query rows per forward and dQ block (attention_tc.cu `attn_tc_fwd_mtiles`,
-/// `attn_tc_dq_mtiles`): 4 warps of 2 m tiles of 16 rows at hd64 (FlashAttention-2's 128-row
-/// blocks), of 1 at hd128.
+/// Query rows per forward and dQ block (attention_tc.cu `attn_tc_query_mtiles`): 4 warps of 2 m
+/// tiles of 16 rows at hd64 (FlashAttention-2's 128-row blocks), of 1 at hd128.
 fn query_rows(head_dim: usize) -> usize {
     if head_dim <= 64 {
         128
@@ -62,7 +61,7 @@ fn query_rows(head_dim: usize) -> usize {
 /// `attn_tc_smem_fwd`): two K and two V tiles of 64 keys, rows padded by 8 bf16. 36 KB at hd64,
 /// 68 KB at hd128 (past 48 KB: the device opts the kernel in at launch).
 fn smem_fwd(head_dim: usize) -> u32 {
-    (4 * ATTN_TC_ROWS * (head_dim + 8) * 2) as u32
+    (4 * ATTN_TC_KEYS * (head_dim + 8) * 2) as u32
 }
 
 /// Dynamic shared memory of the dK/dV kernel, bytes (attention_tc.cu `attn_tc_smem_dkdv`): two
@@ -74,7 +73,7 @@ fn smem_dkdv(head_dim: usize) -> u32 {
     let kv = if head_dim <= 64 {
         0
     } else {
-        2 * ATTN_TC_ROWS * (head_dim + 8) * 2
+        2 * ATTN_TC_KEYS * (head_dim + 8) * 2
     };
     (4 * queries * (head_dim + 8) * 2 + kv + 4 * queries * 4) as u32
 }
@@ -295,13 +294,13 @@ fn backward_tc(
         None => format!("attn_bwd_{kernel}_tc_hd{}{}", d.head_dim, suffix(out)),
         Some(_) => format!("attn_bwd_{kernel}_tc_planted"),
     };
-    // dK/dV: a block per 64 keys (attention_tc.cu `TC_KEYS`, = ATTN_TC_ROWS) of a kv head; dQ a
+    // dK/dV: a block per 64 keys (attention_tc.cu `TC_KEYS`, = ATTN_TC_KEYS) of a kv head; dQ a
     // block per 128 query rows at hd64, 64 at hd128
     let mut args = ins.to_vec();
     args.extend([dk.arg(), dv.buf.arg(), Arg::I64(ldv as i64)]);
     args.extend(d.common());
     args.extend(plant.map(Arg::I32));
-    let dkdv = cfg(ATTN_TC_ROWS, d.kv_heads, smem_dkdv(d.head_dim));
+    let dkdv = cfg(ATTN_TC_KEYS, d.kv_heads, smem_dkdv(d.head_dim));
     dev.launch(&name("dkdv", dv.dtype), dkdv, &args)?;
     let mut args = ins.to_vec();
     args.push(dq.arg());
