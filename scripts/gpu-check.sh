@@ -21,6 +21,21 @@ within() {  # within SECONDS: the timeout for the next step, or fail when under 
   [ "$left" -lt 20 ] && { echo "(skipped: ${left}s of the ${budget}s budget left)" >&2; return 1; }
   echo $(( $1 < left ? $1 : left ))
 }
+# Each measurement's full output goes to $LOGS; one that yields no RESULT line prints its exit
+# status and last lines, so a failure on the GPU machine still says why (one call, no second look).
+LOGS=${LOGS:-$(mktemp -d)}
+echo "== logs in $LOGS"
+measure() {  # measure NAME SECONDS CMD...: the command's RESULT line (empty on failure, reported)
+  local name=$1 t=$2 rc; shift 2
+  timeout "$t" "$@" >"$LOGS/$name.log" 2>&1
+  rc=$?
+  if ! grep -m1 '^RESULT ' "$LOGS/$name.log"; then
+    { echo "($name: no RESULT, exit $rc$([ $rc = 124 ] && echo ", timed out after ${t}s"); its last lines:)"
+      grep -v '^\s*$' "$LOGS/$name.log" | tail -6 | sed 's/^/    /'; } >&2
+  fi
+  echo "$name ${SECONDS}s" >>"$LOGS/elapsed"
+}
+field() { sed -n 's/^RESULT //p' | python3 -c "import json,sys; r=json.load(sys.stdin); print(r.get('$1'))" 2>/dev/null || echo nan; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 for d in /usr/local/cuda/lib64 "$(python3 -c 'import nvidia.cuda_nvrtc, os; print(os.path.dirname(nvidia.cuda_nvrtc.__file__) + "/lib")' 2>/dev/null)" \
   "$(python3 -c 'import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__) + "/lib")' 2>/dev/null)"; do
@@ -40,31 +55,32 @@ echo "== bench: $preset, $steps steps (both bf16 mixed precision; torch compiled
 printf "%-12s %14s %14s %8s\n" gate gated-lm torch ratio
 for gate in none elementwise headwise; do
   t=$(within 120) || break
-  ours=$(timeout "$t" "$bin" bench --device cuda --precision bf16 --preset "$preset" --gate "$gate" --steps "$steps" --warmup 2 2>&1 |
-    sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
+  ours=$(measure "bench-$gate" "$t" "$bin" bench --device cuda --precision bf16 --preset "$preset" --gate "$gate" \
+    --steps "$steps" --warmup 2 | field tokens_per_s)
   theirs=nan
   if [ -n "$torch_ref" ]; then
-    t=$(within 150) && theirs=$(timeout "$t" python3 "$torch_ref" --config "$preset" --gate "$gate" --compile --steps "$steps" 2>&1 |
-      sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan)
+    t=$(within 150) && theirs=$(measure "torch-$gate" "$t" python3 "$torch_ref" --config "$preset" --gate "$gate" \
+      --compile --steps "$steps" | field tokens_per_s)
   fi
   ratio=$(python3 -c "a,b=float('$ours'),float('$theirs'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')")
   printf "%-12s %14s %14s %8s\n" "$gate" "$ours" "$theirs" "$ratio"
 done
 # the same elementwise step with its kernels launched one by one instead of one CUDA graph
-t=$(within 60) && nograph=$(GATED_LM_CUDA_GRAPH=0 timeout "$t" "$bin" bench --device cuda --precision bf16 --preset "$preset" \
-  --gate elementwise --steps "$steps" --warmup 2 2>&1 |
-  sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])' 2>/dev/null || echo nan) &&
+t=$(within 60) && nograph=$(GATED_LM_CUDA_GRAPH=0 measure bench-nograph "$t" "$bin" bench --device cuda --precision bf16 \
+  --preset "$preset" --gate elementwise --steps "$steps" --warmup 2 | field tokens_per_s) &&
   printf "%-12s %14s   (elementwise, no CUDA graph)\n" no-graph "$nograph"
 
 # GPU time per kernel over one training step (the README's predictions are per kernel)
 if command -v ncu >/dev/null; then
   echo "== GPU time by kernel, one elementwise step of $preset (ncu gpu__time_duration.sum)"
-  t=$(within 240) && timeout "$t" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-    "$bin" bench --device cuda --precision bf16 --preset "$preset" --gate elementwise --steps 1 --warmup 0 2>/dev/null |
-    python3 -c '
+  t=$(within 240) && { timeout "$t" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    "$bin" bench --device cuda --precision bf16 --preset "$preset" --gate elementwise --steps 1 --warmup 0 \
+    >"$LOGS/ncu.csv" 2>"$LOGS/ncu.err"; echo "ncu ${SECONDS}s" >>"$LOGS/elapsed"; } &&
+    python3 - "$LOGS/ncu.csv" <<'PY' || { echo "(ncu: no kernel rows; its last lines:)"; tail -6 "$LOGS/ncu.err" "$LOGS/ncu.csv"; }
+
 import csv, sys, collections
 scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
-rows = [r for r in csv.DictReader(l for l in sys.stdin if l.startswith("\""))]
+rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith("\""))]
 ms, n = collections.Counter(), collections.Counter()
 for r in rows:
     if r.get("Metric Name") == "gpu__time_duration.sum":
@@ -75,18 +91,19 @@ total = sum(ms.values())
 print(f"{total:.1f} ms over {sum(n.values())} launches")
 for k, v in ms.most_common(25):
     print(f"{v:9.2f} ms {100 * v / max(total, 1e-9):5.1f}%  {n[k]:5d}×  {k}")
-' || echo "ncu failed"
+sys.exit(0 if n else 1)
+PY
 else
   echo "== (ncu not found: no per-kernel table)"
 fi
 
 echo "== 1p7b (vocabulary 151,936, seq 2048 × batch 8, head_dim 128), elementwise: tokens/s, peak device GiB"
-field() { sed -n 's/^RESULT //p' | python3 -c "import json,sys; r=json.load(sys.stdin); print(r.get('$1'))" 2>/dev/null || echo nan; }
 ours=""
-t=$(within 200) && ours=$(timeout "$t" "$bin" bench --device cuda --precision bf16 --preset 1p7b --gate elementwise --steps 3 --warmup 1 2>&1 | grep '^RESULT' | head -1)
+t=$(within 200) && ours=$(measure bench-1p7b "$t" "$bin" bench --device cuda --precision bf16 --preset 1p7b \
+  --gate elementwise --steps 3 --warmup 1)
 theirs=""
 if [ -n "$torch_ref" ]; then
-  t=$(within 200) && theirs=$(timeout "$t" python3 "$torch_ref" --config 1p7b --gate elementwise --compile --steps 3 2>&1 | grep '^RESULT' | head -1)
+  t=$(within 200) && theirs=$(measure torch-1p7b "$t" python3 "$torch_ref" --config 1p7b --gate elementwise --compile --steps 3)
 fi
 ot=$(echo "$ours" | field tokens_per_s); tt=$(echo "$theirs" | field tokens_per_s)
 om=$(echo "$ours" | field device_peak_gib); tm=$(echo "$theirs" | field max_mem_gib)
@@ -116,8 +133,10 @@ fi
 # in the backward (its memory is exactly 5.97 GiB less by the plan; this measures its time)
 echo "== 1p7b with --recompute"
 ours=""
-t=$(within 120) && ours=$(timeout "$t" "$bin" bench --device cuda --precision bf16 --preset 1p7b --gate elementwise --recompute --steps 3 --warmup 1 2>&1 | grep '^RESULT' | head -1)
+t=$(within 120) && ours=$(measure bench-1p7b-recompute "$t" "$bin" bench --device cuda --precision bf16 --preset 1p7b \
+  --gate elementwise --recompute --steps 3 --warmup 1)
 ot=$(echo "$ours" | field tokens_per_s); om=$(echo "$ours" | field device_peak_gib)
 ratio=$(python3 -c "a,b=float('$ot'),float('$tt'); print(f'{a/b:.3f}' if b==b and b>0 else 'n/a')" 2>/dev/null || echo n/a)
 printf "%-12s %14s %14s %8s   peak GiB %s (torch %s)\n" "1p7b recomp" "$ot" "$tt" "$ratio" "$om" "$tm"
-echo "== done in ${SECONDS}s (budget ${budget}s)"
+echo "== done in ${SECONDS}s (budget ${budget}s); seconds elapsed at the end of each measurement:"
+tr '\n' ' ' <"$LOGS/elapsed"; echo
