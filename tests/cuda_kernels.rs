@@ -33,6 +33,32 @@ fn every_kernel_compiles_to_ptx_for_hopper() {
     }
 }
 
+/// The PTX kept on disk for the next process is what this one compiled, under a name that
+/// changes with the text, the architecture and NVRTC's version (a stale file is never read).
+#[test]
+fn compiled_ptx_is_cached_under_its_inputs() {
+    use gated_lm::backend::cuda::ptx::cache_path;
+    let Some(ptx) = hopper_ptx() else { return };
+    let dir = std::env::temp_dir().join("gated-lm-ptx");
+    let src = &ops::SOURCES[0];
+    let version = gated_lm::backend::cuda::ptx::nvrtc_version().unwrap();
+    let hit = cache_path(&dir, src.name, src.text, "sm_90", version);
+    assert_eq!(std::fs::read_to_string(&hit).unwrap(), ptx[0].1);
+    for (name, text, arch) in [
+        (src.name, &format!("{} ", src.text)[..], "sm_90"),
+        (src.name, src.text, "sm_80"),
+    ] {
+        let v = (12, 9);
+        assert_ne!(
+            cache_path(&dir, name, text, arch, v),
+            cache_path(&dir, src.name, src.text, "sm_90", v)
+        );
+    }
+    let p = |v| cache_path(&dir, src.name, src.text, "sm_90", v);
+    assert_ne!(p((12, 9)), p((12, 8)));
+    assert_eq!(p((12, 9)), p((12, 9)));
+}
+
 /// ptxas (the CUDA assembler, from the `nvidia-cuda-nvcc-cu12` wheel: `.ci/run` installs it and
 /// sets GATED_LM_PTXAS) assembles every kernel for sm_90, and none spills registers to local
 /// memory, which on a GPU turns register reads in the inner loops into memory traffic; the
