@@ -122,6 +122,24 @@ fn swiglu_runs_in_bf16() {
             down_u16(dev, &mb).unwrap(),
             "bf16 m again on {on}"
         );
+        // ff = 104 takes 16 bytes (8 bf16) per access; the same tensors one element past a
+        // 16-byte boundary go one element at a time: bit for bit the same outputs
+        // `len` elements from element 1 of a buffer of len + 1
+        let past1 = |b: DBuf, len: usize| DBuf::view(&std::rc::Rc::new(b), 2, 2 * len).unwrap();
+        let at1 = |v: &[f32]| up_bf16(dev, &[&[0.0][..], v].concat());
+        let (gu1, dm1) = (past1(at1(&gu_v), 2 * n), past1(at1(&dm_v), n));
+        let (m1, dgu1, m1b) = (
+            past1(nan_bf16(dev, n + 1), n),
+            past1(nan_bf16(dev, 2 * n + 1), 2 * n),
+            past1(nan_bf16(dev, n + 1), n),
+        );
+        ops::swiglu_fwd(dev, Operand::bf16(&gu1), Operand::bf16(&m1), rows, ff).unwrap();
+        let outs = (Operand::bf16(&dgu1), Operand::bf16(&m1b));
+        ops::swiglu_bwd(dev, Operand::bf16(&gu1), Operand::bf16(&dm1), outs, rows, ff).unwrap();
+        for (what, got, of) in [("m", &m1, &mb), ("dgu", &dgu1, &dgub), ("m again", &m1b, &mb2)] {
+            let (got, of) = (down_u16(dev, got).unwrap(), down_u16(dev, of).unwrap());
+            assert_eq!(got, of, "bf16 {what} one element at a time vs 8 at a time on {on}");
+        }
     }
 }
 

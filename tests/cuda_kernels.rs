@@ -152,79 +152,76 @@ fn close(what: &str, got: &[f32], cpu: &[f32], rel: f32) {
 
 #[test]
 fn elementwise_ops_match_the_cpu_ops() {
-    use gated_lm::model::ops::swiglu;
     for dev in devices() {
         let dev = dev.as_ref();
         eprintln!("device: {}", dev.describe());
         // SwiGLU on the stacked [gate; up] GEMM's output: each row's ff gate values, then its
-        // ff up values
-        let (rows, ff) = (37, 81);
-        let n = rows * ff;
-        let (g, u, dm) = (randn(n, 1, 2.0), randn(n, 2, 1.0), randn(n, 3, 1.0));
-        let stack = |a: &[f32], b: &[f32]| -> Vec<f32> {
-            a.chunks(ff)
-                .zip(b.chunks(ff))
-                .flat_map(|(x, y)| x.iter().chain(y).copied())
-                .collect()
-        };
-        let (gub, dmb) = (up_f32(dev, &stack(&g, &u)).unwrap(), up_f32(dev, &dm).unwrap());
-        let mut m = vec![0.0; n];
-        swiglu::swiglu_fwd(&g, &u, &mut m);
-        let mb = zeros_f32(dev, n).unwrap();
-        ops::swiglu_fwd(dev, (&gub).into(), (&mb).into(), rows, ff).unwrap();
-        close("swiglu_fwd", &down_f32(dev, &mb).unwrap(), &m, 1e-5);
-        let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
-        swiglu::swiglu_bwd(&g, &u, &dm, &mut dg, &mut du);
-        let (dgub, m2) = (zeros_f32(dev, 2 * n).unwrap(), zeros_f32(dev, n).unwrap());
-        let outs = ((&dgub).into(), (&m2).into());
-        ops::swiglu_bwd(dev, (&gub).into(), (&dmb).into(), outs, rows, ff).unwrap();
-        close(
-            "swiglu_bwd [dg, du]",
-            &down_f32(dev, &dgub).unwrap(),
-            &stack(&dg, &du),
-            1e-5,
-        );
-        // the backward writes m again for the down weight's gradient: the forward's bit for bit
-        let bits = |b| {
-            down_f32(dev, b)
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(bits(&m2), bits(&mb), "swiglu_bwd's m on {}", dev.describe());
-        // a grid of 128 threads, so each thread walks 24 elements, its row and column stepped by
-        // the stride's (128 = 1 row + 47 columns of 81, a carry into the row every other step):
-        // each element's math does not depend on the grid, so bit for bit the same outputs
-        let small = Launch::linear(2, 64);
-        let (m3, dgu3, m4) = (
-            zeros_f32(dev, n).unwrap(),
-            zeros_f32(dev, 2 * n).unwrap(),
-            zeros_f32(dev, n).unwrap(),
-        );
-        let nf = [Arg::I64(n as i64), Arg::I32(ff as i32)];
-        dev.launch("swiglu_fwd", small, &[gub.arg(), m3.arg(), nf[0], nf[1]])
-            .unwrap();
-        dev.launch(
-            "swiglu_bwd",
-            small,
-            &[gub.arg(), dmb.arg(), dgu3.arg(), m4.arg(), nf[0], nf[1]],
-        )
-        .unwrap();
-        assert_eq!(bits(&m3), bits(&mb), "swiglu_fwd on a small grid on {}", dev.describe());
-        assert_eq!(
-            bits(&dgu3),
-            bits(&dgub),
-            "swiglu_bwd's dgu on a small grid on {}",
-            dev.describe()
-        );
-        assert_eq!(
-            bits(&m4),
-            bits(&mb),
-            "swiglu_bwd's m on a small grid on {}",
-            dev.describe()
-        );
+        // ff up values; ff 81 one element at a time, 88 four f32 (16 bytes) at a time
+        for ff in [81, 88] {
+            swiglu_matches_the_cpu_op(dev, 37, ff);
+        }
     }
+}
+
+fn swiglu_matches_the_cpu_op(dev: &dyn Device, rows: usize, ff: usize) {
+    use gated_lm::model::ops::swiglu;
+    let on = format!("ff {ff} on {}", dev.describe());
+    let n = rows * ff;
+    let (g, u, dm) = (randn(n, 1, 2.0), randn(n, 2, 1.0), randn(n, 3, 1.0));
+    let stack = |a: &[f32], b: &[f32]| -> Vec<f32> {
+        a.chunks(ff)
+            .zip(b.chunks(ff))
+            .flat_map(|(x, y)| x.iter().chain(y).copied())
+            .collect()
+    };
+    let (gub, dmb) = (up_f32(dev, &stack(&g, &u)).unwrap(), up_f32(dev, &dm).unwrap());
+    let mut m = vec![0.0; n];
+    swiglu::swiglu_fwd(&g, &u, &mut m);
+    let mb = zeros_f32(dev, n).unwrap();
+    ops::swiglu_fwd(dev, (&gub).into(), (&mb).into(), rows, ff).unwrap();
+    close(&format!("swiglu_fwd, {on}"), &down_f32(dev, &mb).unwrap(), &m, 1e-5);
+    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+    swiglu::swiglu_bwd(&g, &u, &dm, &mut dg, &mut du);
+    let (dgub, m2) = (zeros_f32(dev, 2 * n).unwrap(), zeros_f32(dev, n).unwrap());
+    let outs = ((&dgub).into(), (&m2).into());
+    ops::swiglu_bwd(dev, (&gub).into(), (&dmb).into(), outs, rows, ff).unwrap();
+    close(
+        &format!("swiglu_bwd [dg, du], {on}"),
+        &down_f32(dev, &dgub).unwrap(),
+        &stack(&dg, &du),
+        1e-5,
+    );
+    // the backward writes m again for the down weight's gradient: the forward's bit for bit
+    let bits = |b| {
+        down_f32(dev, b)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&m2), bits(&mb), "swiglu_bwd's m, {on}");
+    // a grid of 128 threads, so each thread walks many elements (or packs), its row and column
+    // stepped by the stride's (128 elements = 1 row + 47 columns of 81; 128 packs of 4 = 5 rows
+    // + 18 packs of 22: carries into the row): each element's math does not depend on the
+    // grid, so bit for bit the same outputs
+    let small = Launch::linear(2, 64);
+    let (m3, dgu3, m4) = (
+        zeros_f32(dev, n).unwrap(),
+        zeros_f32(dev, 2 * n).unwrap(),
+        zeros_f32(dev, n).unwrap(),
+    );
+    let nf = [Arg::I64(n as i64), Arg::I32(ff as i32)];
+    dev.launch("swiglu_fwd", small, &[gub.arg(), m3.arg(), nf[0], nf[1]])
+        .unwrap();
+    dev.launch(
+        "swiglu_bwd",
+        small,
+        &[gub.arg(), dmb.arg(), dgu3.arg(), m4.arg(), nf[0], nf[1]],
+    )
+    .unwrap();
+    assert_eq!(bits(&m3), bits(&mb), "swiglu_fwd on a small grid, {on}");
+    assert_eq!(bits(&dgu3), bits(&dgub), "swiglu_bwd's dgu on a small grid, {on}");
+    assert_eq!(bits(&m4), bits(&mb), "swiglu_bwd's m on a small grid, {on}");
 }
 
 #[test]

@@ -456,6 +456,7 @@ void trampoline() {
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
 #define DYN_SHARED(T, name, count) T* name = reinterpret_cast<T*>(emu::dyn_shared(sizeof(T) * (size_t)(count)))
 
 using std::max;

@@ -26,6 +26,17 @@ __device__ __forceinline__ void store_as(bf16* p, float v) { *p = f32_to_bf16(v)
 __device__ __forceinline__ float load_f32(const float* p) { return *p; }
 __device__ __forceinline__ float load_f32(const bf16* p) { return bf16_to_f32(*p); }
 
+// 16 bytes of T in one access (8 bf16 or 4 f32: LDG.128 / STG.128), for the bandwidth-bound
+// elementwise kernels: with a 2-byte bf16 access per thread a warp moves 64 B per instruction and
+// each thread has 2 B per input in flight, too little to cover DRAM latency; 16 B is a whole
+// sector per thread. Only at a 16-byte aligned address (aligned16).
+template <class T>
+struct __align__(16) Pack16 {
+    static constexpr int N = 16 / sizeof(T);
+    T v[N];
+};
+__device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15u) == 0; }
+
 __device__ __forceinline__ float sigmoidf(float z) { return 1.0f / (1.0f + __expf(-z)); }
 
 __device__ __forceinline__ float warp_sum(float x) {
