@@ -48,10 +48,6 @@ __host__ __device__ constexpr int attn_tc_smem_dkdv(int hd) {
            4 * attn_tc_dkdv_queries(hd) * 4;
 }
 
-struct alignas(16) b16x8 {  // 8 bf16: one 16-byte load or store
-    unsigned w[4];
-};
-
 // The two bf16 at (row, col), (row, col+1) of a [rows, ld] matrix as one bf16x2 register, zero
 // past the last row (such query rows are computed but never written).
 __device__ __forceinline__ unsigned load_pair(const bf16* m, long row, long ld, int col, bool valid) {
@@ -348,9 +344,9 @@ __device__ __forceinline__ void stage_rows_bf16(bf16* dst, const bf16* src, long
     constexpr int LD = HD + TC_PAD, CHUNKS = HD / 8;
     for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += blockDim.x) {
         const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8, i = first + r;
-        b16x8 x = {};
-        if (i < T) x = *reinterpret_cast<const b16x8*>(src + (long)i * ld + c);
-        *reinterpret_cast<b16x8*>(dst + r * LD + c) = x;
+        Pack16<bf16> x = {};  // 8 bf16: one 16-byte load or store
+        if (i < T) x = *reinterpret_cast<const Pack16<bf16>*>(src + (long)i * ld + c);
+        *reinterpret_cast<Pack16<bf16>*>(dst + r * LD + c) = x;
     }
 }
 
