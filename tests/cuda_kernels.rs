@@ -253,11 +253,22 @@ fn row_ops_match_the_cpu_ops() {
             close("rmsnorm_bwd dw", &down_f32(dev, &dwb).unwrap(), &dw, 1e-5);
         }
 
-        // cross-entropy with an ignored row
+        // cross-entropy with an ignored row, and −inf logits in row 2 (among them the first
+        // element of threads 0 and 1: the online max/sum must not turn them into NaN)
         let (r, vocab) = (9, 5000);
-        let logits = randn(r * vocab, 9, 3.0);
+        let mut logits = randn(r * vocab, 9, 3.0);
+        for j in [0, 1, 7, 4999] {
+            logits[2 * vocab + j] = f32::NEG_INFINITY;
+        }
         let mut targets: Vec<u32> = (0..r as u32).map(|i| i * 541 % vocab as u32).collect();
         targets[4] = ce::IGNORE;
+        // each row's loss on the host (the CPU op's mean over a one-row batch)
+        let row_loss: Vec<f64> = (0..r)
+            .map(|i| {
+                let mut g = logits[i * vocab..(i + 1) * vocab].to_vec();
+                ce::cross_entropy(&mut g, vocab, &targets[i..i + 1], true)
+            })
+            .collect();
         let mut grad = logits.clone();
         let mean = ce::cross_entropy(&mut grad, vocab, &targets, true);
         let t32: Vec<i32> = targets
@@ -276,7 +287,21 @@ fn row_ops_match_the_cpu_ops() {
             "{loss:?} vs {mean}"
         );
         assert_eq!(loss[4], 0.0);
+        for (i, (&got, &want)) in loss.iter().zip(&row_loss).enumerate() {
+            let want = if i == 4 { 0.0 } else { want }; // per row, unscaled
+            assert!(
+                (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "row {i}: {got} vs {want}"
+            );
+        }
         close("cross-entropy gradient", &down_f32(dev, &lb).unwrap(), &grad, 1e-5);
+        // a NaN logit makes its row's loss NaN, and only its row's
+        let mut bad = randn(2 * vocab, 11, 3.0);
+        bad[vocab + 3000] = f32::NAN;
+        let (bb, lb2) = (up_f32(dev, &bad).unwrap(), zeros_f32(dev, 2).unwrap());
+        ops::cross_entropy(dev, &bb, &tb, &lb2, 2, vocab, 1.0).unwrap();
+        let l2 = down_f32(dev, &lb2).unwrap();
+        assert!(l2[0].is_finite() && l2[1].is_nan(), "losses {l2:?}");
     }
 }
 

@@ -16,13 +16,26 @@ __device__ void cross_entropy_impl(const float* logits, T* grad, const int* targ
     const float* row = logits + (long)blockIdx.x * vocab;
     T* grow = grad + (long)blockIdx.x * vocab;
     int t = targets[blockIdx.x];
-    float mx = -__int_as_float(0x7f800000);
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, row[j]);
-    mx = block_max(mx, shared);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += __expf(row[j] - mx);
-    s = block_sum(s, shared);
-    float lse = mx + logf(s);
+    // The max and the sum of exponentials in one pass (online: a thread's sum is rescaled when
+    // its max grows), then the gradient: the row is read twice, not three times. A block's row
+    // does not stay in L2 between passes (8 resident rows per SM of 128 KB at a vocabulary of
+    // 32,768, 600 KB at 151,936: ≈ 135 MB in flight on an H200 beside its 50 MB of L2).
+    const float neg_inf = -__int_as_float(0x7f800000);
+    float mx = neg_inf, s = 0.0f;
+    #pragma unroll 4
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const float x = row[j];
+        if (x > mx) {
+            s = s * __expf(mx - x) + 1.0f;
+            mx = x;
+        } else if (x != neg_inf) {  // −inf adds 0 (exp(−inf − −inf) would be NaN); NaN lands here
+            s += __expf(x - mx);
+        }
+    }
+    const float m = block_max(mx, shared);
+    // a thread that saw no element has mx = −inf and s = 0: it adds 0
+    s = block_sum(s * __expf(mx - m), shared);
+    float lse = m + logf(s);
     if (threadIdx.x == 0) loss[blockIdx.x] = t >= 0 ? lse - row[t] : 0.0f;
     __syncthreads();
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
