@@ -59,6 +59,33 @@ fn compiled_ptx_is_cached_under_its_inputs() {
     assert_eq!(p((12, 9)), p((12, 9)));
 }
 
+/// AdamW is bound by DRAM: each element's four loads (grad, m, v, param) must issue together,
+/// before its stores. Its pointers come from a table, so a load written after a store (m[i]
+/// read back after m[i] was written, p[i] after v[i]) must wait for that store: three round trips
+/// per element instead of one. In the PTX every run of f32 loads is the four operands (or more).
+#[test]
+fn adamw_issues_its_loads_before_its_stores() {
+    let Some(ptx) = hopper_ptx() else { return };
+    let (_, text) = ptx.iter().find(|(n, _)| *n == "optim").unwrap();
+    let body = text.split(".entry adamw_multi(").nth(1).unwrap();
+    let body = &body[..body.find("\n}").unwrap()];
+    let ops: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|op| op.starts_with("ld.global.f32") || op.starts_with("st.global"))
+        .collect();
+    let runs: Vec<usize> = ops
+        .split(|op| op.starts_with("st."))
+        .map(|run| run.len())
+        .filter(|&n| n > 0)
+        .collect();
+    assert!(!runs.is_empty());
+    assert!(
+        runs.iter().all(|&n| n >= 4),
+        "runs of f32 loads between stores: {runs:?}"
+    );
+}
+
 /// ptxas (the CUDA assembler, from the `nvidia-cuda-nvcc-cu12` wheel: `.ci/run` installs it and
 /// sets GATED_LM_PTXAS) assembles every kernel for sm_90, and none spills registers to local
 /// memory, which on a GPU turns register reads in the inner loops into memory traffic; the

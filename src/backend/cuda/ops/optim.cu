@@ -35,10 +35,15 @@ extern "C" __global__ void adamw_multi(const long* table, float lr, float b1, fl
     const float wd = t[5] ? wd_exempt : wd_all;
     bf16* pb = (bf16*)t[6];
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float g = grad[i] * scale;
-        m[i] = b1 * m[i] + (1.0f - b1) * g;
-        v[i] = b2 * v[i] + (1.0f - b2) * g * g;
-        const float np = p[i] * (1.0f - lr * wd) - lr * (m[i] / bc1) / (sqrtf(v[i] / bc2) + eps);
+        // all four loads before any store: the pointers come from a table, so the compiler must
+        // assume a store to m[i] may change v[i] or p[i]; loads after it would wait for it, three
+        // DRAM round trips per element instead of one
+        const float g = grad[i] * scale, m0 = m[i], v0 = v[i], p0 = p[i];
+        const float m1 = b1 * m0 + (1.0f - b1) * g;
+        const float v1 = b2 * v0 + (1.0f - b2) * g * g;
+        const float np = p0 * (1.0f - lr * wd) - lr * (m1 / bc1) / (sqrtf(v1 / bc2) + eps);
+        m[i] = m1;
+        v[i] = v1;
         p[i] = np;
         if (pb) pb[i] = f32_to_bf16(np);
     }
