@@ -59,31 +59,44 @@ fn compiled_ptx_is_cached_under_its_inputs() {
     assert_eq!(p((12, 9)), p((12, 9)));
 }
 
-/// AdamW is bound by DRAM: each element's four loads (grad, m, v, param) must issue together,
-/// before its stores. Its pointers come from a table, so a load written after a store (m[i]
-/// read back after m[i] was written, p[i] after v[i]) must wait for that store: three round trips
-/// per element instead of one. In the PTX every run of f32 loads is the four operands (or more).
-#[test]
-fn adamw_issues_its_loads_before_its_stores() {
-    let Some(ptx) = hopper_ptx() else { return };
-    let (_, text) = ptx.iter().find(|(n, _)| *n == "optim").unwrap();
-    let body = text.split(".entry adamw_multi(").nth(1).unwrap();
+/// The lengths of the runs of f32 global loads between global stores in `entry`'s PTX.
+fn load_runs(ptx: &[(&'static str, String)], source: &str, entry: &str) -> Vec<usize> {
+    let (_, text) = ptx.iter().find(|(n, _)| *n == source).unwrap();
+    let body = text.split(&format!(".entry {entry}(")).nth(1).unwrap();
     let body = &body[..body.find("\n}").unwrap()];
     let ops: Vec<&str> = body
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .filter(|op| op.starts_with("ld.global.f32") || op.starts_with("st.global"))
         .collect();
-    let runs: Vec<usize> = ops
-        .split(|op| op.starts_with("st."))
+    ops.split(|op| op.starts_with("st."))
         .map(|run| run.len())
         .filter(|&n| n > 0)
-        .collect();
-    assert!(!runs.is_empty());
-    assert!(
-        runs.iter().all(|&n| n >= 4),
-        "runs of f32 loads between stores: {runs:?}"
-    );
+        .collect()
+}
+
+/// Kernels bound by DRAM must issue their loads together, before their stores. The compiler
+/// must assume pointers from a table or to other buffers may alias, so a load written after a
+/// store waits for it: AdamW read m[i] back after storing it and p[i] after storing v[i] (three
+/// round trips per element instead of one), and the RMSNorm backward's second pass read each
+/// column's dx (accumulated, so from DRAM) only after the previous column's stores. In the PTX:
+/// AdamW's runs of f32 loads are its four operands (or more); the norm backward's are at least
+/// x, dy and dx of 4 columns.
+#[test]
+fn bandwidth_bound_kernels_issue_their_loads_before_their_stores() {
+    let Some(ptx) = hopper_ptx() else { return };
+    for (source, entry, least) in [
+        ("optim", "adamw_multi", 4),
+        ("rmsnorm", "rmsnorm_bwd", 12),
+        ("rmsnorm", "rmsnorm_bwd_bf16", 12),
+    ] {
+        let runs = load_runs(&ptx, source, entry);
+        assert!(!runs.is_empty(), "{entry}: no loads");
+        assert!(
+            runs.iter().all(|&n| n >= least),
+            "{entry}: runs of f32 loads between stores {runs:?}"
+        );
+    }
 }
 
 /// ptxas (the CUDA assembler, from the `nvidia-cuda-nvcc-cu12` wheel: `.ci/run` installs it and
