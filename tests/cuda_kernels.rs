@@ -79,9 +79,10 @@ fn load_runs(ptx: &[(&'static str, String)], source: &str, entry: &str) -> Vec<u
 /// must assume pointers from a table or to other buffers may alias, so a load written after a
 /// store waits for it: AdamW read m[i] back after storing it and p[i] after storing v[i] (three
 /// round trips per element instead of one), and the RMSNorm backward's second pass read each
-/// column's dx (accumulated, so from DRAM) only after the previous column's stores. In the PTX:
-/// AdamW's runs of f32 loads are its four operands (or more); the norm backward's are at least
-/// x, dy and dx of 4 columns.
+/// column's dx (accumulated, so from DRAM) only after the previous column's stores, as the
+/// attention's pre-pass its o, z and dy. In the PTX: AdamW's runs of f32 loads are its four
+/// operands (or more); the norm backward's at least x, dy and dx of 4 columns; the pre-pass's
+/// at least o and dy of 4 columns.
 #[test]
 fn bandwidth_bound_kernels_issue_their_loads_before_their_stores() {
     let Some(ptx) = hopper_ptx() else { return };
@@ -89,6 +90,8 @@ fn bandwidth_bound_kernels_issue_their_loads_before_their_stores() {
         ("optim", "adamw_multi", 4),
         ("rmsnorm", "rmsnorm_bwd", 12),
         ("rmsnorm", "rmsnorm_bwd_bf16", 12),
+        ("attention", "attn_bwd_pre", 8),
+        ("attention", "attn_bwd_pre_tc_bf16oz", 8),
     ] {
         let runs = load_runs(&ptx, source, entry);
         assert!(!runs.is_empty(), "{entry}: no loads");
