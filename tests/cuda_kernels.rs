@@ -82,7 +82,8 @@ fn load_runs(ptx: &[(&'static str, String)], source: &str, entry: &str) -> Vec<u
 /// column's dx (accumulated, so from DRAM) only after the previous column's stores, as the
 /// attention's pre-pass its o, z and dy. In the PTX: AdamW's runs of f32 loads are its four
 /// operands (or more); the norm backward's at least x, dy and dx of 4 columns; the pre-pass's
-/// at least o and dy of 4 columns.
+/// at least o and dy of 4 columns; the cross-entropy's (whose gradient pass may write over the
+/// logits it reads) 8 columns of logits.
 #[test]
 fn bandwidth_bound_kernels_issue_their_loads_before_their_stores() {
     let Some(ptx) = hopper_ptx() else { return };
@@ -92,6 +93,8 @@ fn bandwidth_bound_kernels_issue_their_loads_before_their_stores() {
         ("rmsnorm", "rmsnorm_bwd_bf16", 12),
         ("attention", "attn_bwd_pre", 8),
         ("attention", "attn_bwd_pre_tc_bf16oz", 8),
+        ("cross_entropy", "cross_entropy_fwd_bwd", 8),
+        ("cross_entropy", "cross_entropy_fwd_bwd_bf16", 8),
     ] {
         let runs = load_runs(&ptx, source, entry);
         assert!(!runs.is_empty(), "{entry}: no loads");

@@ -17,19 +17,32 @@ __device__ void cross_entropy_impl(const float* logits, T* grad, const int* targ
     T* grow = grad + (long)blockIdx.x * vocab;
     int t = targets[blockIdx.x];
     // The max and the sum of exponentials in one pass (online: a thread's sum is rescaled when
-    // its max grows), then the gradient: the row is read twice, not three times. A block's row
-    // does not stay in L2 between passes (8 resident rows per SM of 128 KB at a vocabulary of
-    // 32,768, 600 KB at 151,936: ≈ 135 MB in flight on an H200 beside its 50 MB of L2).
+    // its max grows), then the gradient: the row is read twice, not three times (with three
+    // passes and 8 resident 128 KB rows per SM, ≈ 135 MB in flight on an H200, each pass read the
+    // row from DRAM again; 2 rows per SM now, blocks of 1,024 threads, so 34 MB at a vocabulary
+    // of 32,768 and the second pass can hit the 50 MB L2; at 151,936 it cannot).
+    // Both passes take U of a thread's columns at a time, loads first: in the gradient pass a
+    // load after a store must wait for it (the gradient may be the logits themselves), and
+    // each column would be a round trip of its own.
+    constexpr int U = 8;
     const float neg_inf = -__int_as_float(0x7f800000);
     float mx = neg_inf, s = 0.0f;
-    #pragma unroll 4
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        const float x = row[j];
-        if (x > mx) {
-            s = s * __expf(mx - x) + 1.0f;
-            mx = x;
-        } else if (x != neg_inf) {  // −inf adds 0 (exp(−inf − −inf) would be NaN); NaN lands here
-            s += __expf(x - mx);
+    for (int j0 = threadIdx.x; j0 < vocab; j0 += U * blockDim.x) {
+        float xv[U];
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j = j0 + u * blockDim.x;
+            xv[u] = j < vocab ? row[j] : neg_inf;  // −inf past the row adds nothing
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const float x = xv[u];
+            if (x > mx) {
+                s = s * __expf(mx - x) + 1.0f;
+                mx = x;
+            } else if (x != neg_inf) {  // −inf adds 0 (exp(−inf − −inf) would be NaN); NaN lands here
+                s += __expf(x - mx);
+            }
         }
     }
     const float m = block_max(mx, shared);
@@ -38,9 +51,20 @@ __device__ void cross_entropy_impl(const float* logits, T* grad, const int* targ
     float lse = m + logf(s);
     if (threadIdx.x == 0) loss[blockIdx.x] = t >= 0 ? lse - row[t] : 0.0f;
     __syncthreads();
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float p = __expf(row[j] - lse);
-        store_as(grow + j, t >= 0 ? (p - (j == t ? 1.0f : 0.0f)) * scale : 0.0f);
+    for (int j0 = threadIdx.x; j0 < vocab; j0 += U * blockDim.x) {
+        float xv[U];
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j = j0 + u * blockDim.x;
+            if (j < vocab) xv[u] = row[j];
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j = j0 + u * blockDim.x;
+            if (j >= vocab) break;
+            const float p = __expf(xv[u] - lse);
+            store_as(grow + j, t >= 0 ? (p - (j == t ? 1.0f : 0.0f)) * scale : 0.0f);
+        }
     }
 }
 
