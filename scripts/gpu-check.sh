@@ -70,10 +70,12 @@ t=$(within 60) && nograph=$(GATED_LM_CUDA_GRAPH=0 measure bench-nograph "$t" "$b
   --preset "$preset" --gate elementwise --steps "$steps" --warmup 2 | field tokens_per_s) &&
   printf "%-12s %14s   (elementwise, no CUDA graph)\n" no-graph "$nograph"
 
-# GPU time per kernel over one training step (the README's predictions are per kernel)
+# GPU time per kernel over one training step (the README's predictions are per kernel).
+# --cache-control none: ncu would otherwise flush the caches before every kernel, and a kernel
+# that reads what the one before it wrote (an L2 hit in a real step) would be timed cold.
 if command -v ncu >/dev/null; then
   echo "== GPU time by kernel, one elementwise step of $preset (ncu gpu__time_duration.sum)"
-  t=$(within 240) && { timeout "$t" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+  t=$(within 240) && { timeout "$t" ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
     "$bin" bench --device cuda --precision bf16 --preset "$preset" --gate elementwise --steps 1 --warmup 0 \
     >"$LOGS/ncu.csv" 2>"$LOGS/ncu.err"; echo "ncu ${SECONDS}s" >>"$LOGS/elapsed"; } &&
     python3 - "$LOGS/ncu.csv" <<'PY' || { echo "(ncu: no kernel rows; its last lines:)"; tail -6 "$LOGS/ncu.err" "$LOGS/ncu.csv"; }
