@@ -48,6 +48,12 @@ __host__ __device__ constexpr int attn_tc_smem_dkdv(int hd) {
            4 * attn_tc_dkdv_queries(hd) * 4;
 }
 
+// The query block this block computes (forward, dQ): the last one first. A query block's causal
+// work grows with its index and blocks start in blockIdx.x order, so the heaviest start first
+// and the grid's tail is light blocks, not the heaviest ones (FlashAttention-2 orders its causal
+// grid the same way). dK/dV needs no flip: its key block 0 is its heaviest.
+__device__ __forceinline__ int heavy_first_query_block() { return gridDim.x - 1 - blockIdx.x; }
+
 // The two bf16 at (row, col), (row, col+1) of a [rows, ld] matrix as one bf16x2 register, zero
 // past the last row (such query rows are computed but never written).
 __device__ __forceinline__ unsigned load_pair(const bf16* m, long row, long ld, int col, bool valid) {
@@ -99,7 +105,7 @@ __device__ void attn_fwd_tc_impl(const bf16* q, const bf16* k, const bf16* v, co
     const float NEG_INF = -__int_as_float(0x7f800000);
     const int b = blockIdx.z, h = blockIdx.y, kh = h / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-    const int q0 = blockIdx.x * BROWS, w0 = q0 + warp * WROWS;  // the block's and the warp's first row
+    const int q0 = heavy_first_query_block() * BROWS, w0 = q0 + warp * WROWS;  // the block's and the warp's first row
     int rows[MT][2];  // the lane's two rows of each m tile
     mtile_rows<MT>(rows, w0, g);
     const long ldq = (long)H * HD, ldk = (long)KV * HD;
@@ -591,7 +597,7 @@ __device__ void attn_bwd_dq_tc_impl(const bf16* q, const bf16* k, const bf16* v,
     constexpr int TILE = TC_KEYS * LD;
     const int b = blockIdx.z, h = blockIdx.y, kh = h / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-    const int q0 = blockIdx.x * BROWS, wq = q0 + warp * WROWS;  // the block's and the warp's first row
+    const int q0 = heavy_first_query_block() * BROWS, wq = q0 + warp * WROWS;  // the block's and the warp's first row
     int rows[MT][2];  // the lane's two rows of each m tile
     mtile_rows<MT>(rows, wq, g);
     const long ldq = (long)H * HD, ldk = (long)KV * HD;
