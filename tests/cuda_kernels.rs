@@ -699,7 +699,7 @@ fn gemm_and_casts_match_references() {
 /// embedding backward with repeated ids, against the CPU (both deterministic on the device: no
 /// atomics).
 #[test]
-fn column_sums_and_embedding_backward_match_the_cpu() {
+fn column_sums_and_embedding_match_the_cpu() {
     for dev in devices() {
         let dev = dev.as_ref();
         let (rows, cols) = (700, 37);
@@ -721,5 +721,23 @@ fn column_sums_and_embedding_backward_match_the_cpu() {
         let (db, tb) = (up_f32(dev, &dout).unwrap(), up_f32(dev, &table0).unwrap());
         ops::embed_bwd(dev, &ids, &db, &tb, d).unwrap();
         close("embed_bwd", &down_f32(dev, &tb).unwrap(), &want, 1e-5);
+
+        // the forward gathers rows exactly: d 24 (one column per thread), 300 (two, for some)
+        for d in [24, 300] {
+            let table = randn(vocab * d, 54, 1.0);
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec())
+                .collect();
+            let i32s: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+            let (ib, tb) = (up_i32(dev, &i32s).unwrap(), up_f32(dev, &table).unwrap());
+            let out = up_f32(dev, &vec![f32::NAN; ids.len() * d]).unwrap();
+            ops::embed_fwd(dev, &ib, &tb, &out, ids.len(), d).unwrap();
+            let got = down_f32(dev, &out).unwrap();
+            assert!(
+                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "embed_fwd d {d}"
+            );
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Token embedding: the table's rows gathered, and the backward summed per id in row order
 //! (embedding.cu).
 
-use super::{elems, f32s, need, KernelSource};
+use super::{f32s, need, KernelSource};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
@@ -22,7 +22,8 @@ pub fn embed_fwd(dev: &dyn Device, ids: &DBuf, table: &DBuf, out: &DBuf, rows: u
         Arg::I32(rows as i32),
         Arg::I32(d as i32),
     ];
-    dev.launch("embed_fwd", elems(rows * d), &args)
+    // a block per row (as many as 4,096 at once; they walk the rest)
+    dev.launch("embed_fwd", Launch::linear(rows.clamp(1, 4096), 256), &args)
 }
 
 /// `dtable[ids[r]] += dout[r]`, summed per id in row order (deterministic): the rows are
