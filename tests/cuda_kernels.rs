@@ -83,7 +83,7 @@ fn load_runs(ptx: &[(&'static str, String)], source: &str, entry: &str) -> Vec<u
 /// attention's pre-pass its o, z and dy. In the PTX: AdamW's runs of f32 loads are its four
 /// operands (or more); the norm backward's at least x, dy and dx of 4 columns; the pre-pass's
 /// at least o and dy of 4 columns; the cross-entropy's (whose gradient pass may write over the
-/// logits it reads) 8 columns of logits.
+/// logits it reads) 8 columns of logits; the embedding's gather 4 columns of its row.
 #[test]
 fn bandwidth_bound_kernels_issue_their_loads_before_their_stores() {
     let Some(ptx) = hopper_ptx() else { return };
@@ -95,6 +95,7 @@ fn bandwidth_bound_kernels_issue_their_loads_before_their_stores() {
         ("attention", "attn_bwd_pre_tc_bf16oz", 8),
         ("cross_entropy", "cross_entropy_fwd_bwd", 8),
         ("cross_entropy", "cross_entropy_fwd_bwd_bf16", 8),
+        ("embedding", "embed_fwd", 4),
     ] {
         let runs = load_runs(&ptx, source, entry);
         assert!(!runs.is_empty(), "{entry}: no loads");

@@ -37,6 +37,28 @@ struct __align__(16) Pack16 {
 };
 __device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15u) == 0; }
 
+// A thread's columns c = first, first + step, ... below n, U at a time: load(u, c) for each
+// column of a batch, then use(u, c) for each. All of a batch's loads issue before any of its
+// stores: the compiler must assume the buffers may alias, so a load written after a store waits
+// for it, and column by column each load was a memory round trip of its own. The caller keeps
+// a batch's values in arrays of U.
+template <int U, class Load, class Use>
+__device__ __forceinline__ void in_batches(int first, int step, int n, Load load, Use use) {
+    for (int c0 = first; c0 < n; c0 += U * step) {
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * step;
+            if (c < n) load(u, c);
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * step;
+            if (c >= n) break;
+            use(u, c);
+        }
+    }
+}
+
 __device__ __forceinline__ float sigmoidf(float z) { return 1.0f / (1.0f + __expf(-z)); }
 
 __device__ __forceinline__ float warp_sum(float x) {

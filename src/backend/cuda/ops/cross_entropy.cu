@@ -21,51 +21,33 @@ __device__ void cross_entropy_impl(const float* logits, T* grad, const int* targ
     // passes and 8 resident 128 KB rows per SM, ≈ 135 MB in flight on an H200, each pass read the
     // row from DRAM again; 2 rows per SM now, blocks of 1,024 threads, so 34 MB at a vocabulary
     // of 32,768 and the second pass can hit the 50 MB L2; at 151,936 it cannot).
-    // Both passes take U of a thread's columns at a time, loads first: in the gradient pass a
-    // load after a store must wait for it (the gradient may be the logits themselves), and
-    // each column would be a round trip of its own.
+    // Both passes take 8 of a thread's columns at a time (in_batches: loads before stores): in
+    // the gradient pass a load after a store must wait for it (the gradient may be the logits
+    // themselves), and each column would be a round trip of its own.
     constexpr int U = 8;
     const float neg_inf = -__int_as_float(0x7f800000);
-    float mx = neg_inf, s = 0.0f;
-    for (int j0 = threadIdx.x; j0 < vocab; j0 += U * blockDim.x) {
-        float xv[U];
-        #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int j = j0 + u * blockDim.x;
-            xv[u] = j < vocab ? row[j] : neg_inf;  // −inf past the row adds nothing
-        }
-        #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const float x = xv[u];
-            if (x > mx) {
-                s = s * __expf(mx - x) + 1.0f;
-                mx = x;
-            } else if (x != neg_inf) {  // −inf adds 0 (exp(−inf − −inf) would be NaN); NaN lands here
-                s += __expf(x - mx);
-            }
-        }
-    }
+    float mx = neg_inf, s = 0.0f, xv[U];
+    in_batches<U>(threadIdx.x, blockDim.x, vocab, [&](int u, int j) { xv[u] = row[j]; },
+                  [&](int u, int) {
+                      const float x = xv[u];
+                      if (x > mx) {
+                          s = s * __expf(mx - x) + 1.0f;
+                          mx = x;
+                      } else if (x != neg_inf) {  // −inf adds 0 (exp(−inf − −inf) would be NaN); NaN lands here
+                          s += __expf(x - mx);
+                      }
+                  });
     const float m = block_max(mx, shared);
     // a thread that saw no element has mx = −inf and s = 0: it adds 0
     s = block_sum(s * __expf(mx - m), shared);
     float lse = m + logf(s);
     if (threadIdx.x == 0) loss[blockIdx.x] = t >= 0 ? lse - row[t] : 0.0f;
     __syncthreads();
-    for (int j0 = threadIdx.x; j0 < vocab; j0 += U * blockDim.x) {
-        float xv[U];
-        #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int j = j0 + u * blockDim.x;
-            if (j < vocab) xv[u] = row[j];
-        }
-        #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int j = j0 + u * blockDim.x;
-            if (j >= vocab) break;
-            const float p = __expf(xv[u] - lse);
-            store_as(grow + j, t >= 0 ? (p - (j == t ? 1.0f : 0.0f)) * scale : 0.0f);
-        }
-    }
+    in_batches<U>(threadIdx.x, blockDim.x, vocab, [&](int u, int j) { xv[u] = row[j]; },
+                  [&](int u, int j) {
+                      const float p = __expf(xv[u] - lse);
+                      store_as(grow + j, t >= 0 ? (p - (j == t ? 1.0f : 0.0f)) * scale : 0.0f);
+                  });
 }
 
 extern "C" __global__ void cross_entropy_fwd_bwd(float* logits, const int* targets, float* loss, int vocab,

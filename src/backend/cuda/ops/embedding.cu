@@ -3,28 +3,15 @@
 // Entry points (ops/embedding.rs): embed_fwd, embed_bwd.
 
 // Row r of out is row ids[r] of the table. Blocks walk the rows (grid-stride), their threads the
-// columns, 4 of a thread's columns loaded before they are stored: a load after a store waits for
-// it, and one element per thread and step (with a 64-bit division for its row) made every element
-// a round trip of its own.
+// columns, 4 at a time (in_batches: loads before stores). One element per thread and grid step,
+// each with a 64-bit division for its row, made every element a round trip of its own.
 extern "C" __global__ void embed_fwd(const int* ids, const float* table, float* out, int rows, int d) {
-    constexpr int U = 4;
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* src = table + (long)ids[r] * d;
         float* dst = out + (long)r * d;
-        for (int c0 = threadIdx.x; c0 < d; c0 += U * blockDim.x) {
-            float v[U];
-            #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int c = c0 + u * blockDim.x;
-                if (c < d) v[u] = src[c];
-            }
-            #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int c = c0 + u * blockDim.x;
-                if (c >= d) break;
-                dst[c] = v[u];
-            }
-        }
+        float v[4];
+        in_batches<4>(threadIdx.x, blockDim.x, d, [&](int u, int c) { v[u] = src[c]; },
+                      [&](int u, int c) { dst[c] = v[u]; });
     }
 }
 

@@ -41,8 +41,6 @@ extern "C" __global__ void rmsnorm_fwd_bf16(const float* x, const float* w, bf16
 // (ops/reduce.cu colsum_final then adds the blocks' rows in order: deterministic, no atomics).
 // Thread t owns columns t, t + blockDim.x, ...: its running sums live in dynamic shared memory
 // (d floats) or, with smem_acc = 0 (d too wide for it), in the block's own row of part.
-#define BWD_COLS 4  // a thread's columns per batch of loads in the backward's second pass (3 at d = 768)
-
 __device__ void rmsnorm_bwd_impl(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
                                  bf16* dxb, float* part, int rows, int span, int d, int zero_centered,
                                  int accumulate, int smem_acc) {
@@ -62,33 +60,26 @@ __device__ void rmsnorm_bwd_impl(const float* x, const float* w, const float* rs
             dot += dy[off + j] * gain * x[off + j] * r;
         }
         float mean = block_sum(dot, shared) / d;
-        // BWD_COLS of the thread's columns at a time, all their loads before any store: the
-        // compiler must assume dx, dxb and acc may alias x, dy and w, so a load after a store
-        // waits for it, and dx (accumulated: read from DRAM) took one round trip per column
-        constexpr int U = BWD_COLS;
-        for (int j0 = threadIdx.x; j0 < d; j0 += U * blockDim.x) {
-            float xv[U], dyv[U], gain[U], dxv[U];
-            #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int j = j0 + u * blockDim.x;
-                if (j >= d) break;
+        // 4 of the thread's columns at a time (in_batches: their loads before their stores; the
+        // compiler must assume dx, dxb and acc may alias x, dy and w, so column by column dx,
+        // accumulated and so read from DRAM, was one round trip per column)
+        float xv[4], dyv[4], gain[4], dxv[4];
+        in_batches<4>(
+            threadIdx.x, blockDim.x, d,
+            [&](int u, int j) {
                 gain[u] = zero_centered ? 1.0f + w[j] : w[j];
                 xv[u] = x[off + j];
                 dyv[u] = dy[off + j];
                 dxv[u] = accumulate ? dx[off + j] : 0.0f;
-            }
-            #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int j = j0 + u * blockDim.x;
-                if (j >= d) break;
+            },
+            [&](int u, int j) {
                 const float xh = xv[u] * r;
                 const float g = r * (dyv[u] * gain[u] - xh * mean);
                 const float v = accumulate ? dxv[u] + g : g;
                 dx[off + j] = v;
                 if (dxb) dxb[off + j] = f32_to_bf16(v);
                 acc[j] += dyv[u] * xh;
-            }
-        }
+            });
     }
     if (smem_acc)
         for (int j = threadIdx.x; j < d; j += blockDim.x) dwp[j] = acc[j];

@@ -99,24 +99,17 @@ __device__ void attn_bwd_pre_impl(const TI* o, const TI* z, const float* dy, TO*
     const long base = (long)r * H * HD + h * HD;
     const float sh = gate_mode == 2 ? sigmoidf(load_f32(z + (long)r * H + h)) : 1.0f;
     float dd = 0.0f, dzh = 0.0f;
-    // 4 of the lane's columns at a time (all of them up to head_dim 128), loads before stores:
-    // a load after a store must wait for it (the buffers may alias as far as the compiler
-    // knows), which made each column a DRAM round trip of its own
-    constexpr int U = 4;
-    for (int e0 = lane; e0 < HD; e0 += 32 * U) {
-        float ov[U], gv[U], zv[U];
-        #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int e = e0 + 32 * u;
-            if (e >= HD) break;
+    // 4 of the lane's columns at a time (all of them up to head_dim 128; in_batches: loads before
+    // stores, which made each column a DRAM round trip of its own)
+    float ov[4], gv[4], zv[4];
+    in_batches<4>(
+        lane, 32, HD,
+        [&](int u, int e) {
             ov[u] = load_f32(o + base + e);
             gv[u] = dy[base + e];
             zv[u] = gate_mode == 1 ? load_f32(z + base + e) : 0.0f;
-        }
-        #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int e = e0 + 32 * u;
-            if (e >= HD) break;
+        },
+        [&](int u, int e) {
             const float oe = ov[u], g = gv[u];
             float s = sh;
             if (gate_mode == 1) {
@@ -127,8 +120,7 @@ __device__ void attn_bwd_pre_impl(const TI* o, const TI* z, const float* dy, TO*
             const float d = g * s;
             store_as(dout + base + e, d);
             dd += d * oe;
-        }
-    }
+        });
     dd = warp_sum(dd);
     dzh = warp_sum(dzh);
     if (lane == 0) {
