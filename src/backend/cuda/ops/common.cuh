@@ -48,7 +48,8 @@ __device__ __forceinline__ void in_batches(int first, int step, int n, Load load
         #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * step;
-            if (c < n) load(u, c);
+            if (c >= n) break;
+            load(u, c);
         }
         #pragma unroll
         for (int u = 0; u < U; ++u) {

@@ -85,14 +85,16 @@ __device__ void rmsnorm_bwd_impl(const float* x, const float* w, const float* rs
         for (int j = threadIdx.x; j < d; j += blockDim.x) dwp[j] = acc[j];
 }
 
-extern "C" __global__ void rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
+// at most 40 registers, so 6 blocks of 256 share an SM (a block walks its rows in turn: the more
+// blocks, the more rows in flight); unbounded, the batched second pass took 64
+extern "C" __global__ void __launch_bounds__(256, 6) rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
                                        float* part, int rows, int span, int d, int zero_centered, int accumulate,
                                        int smem_acc) {
     rmsnorm_bwd_impl(x, w, rstd, dy, dx, nullptr, part, rows, span, d, zero_centered, accumulate, smem_acc);
 }
 
 // rmsnorm_bwd that also writes the bf16 copy of dx the next GEMMs read
-extern "C" __global__ void rmsnorm_bwd_bf16(const float* x, const float* w, const float* rstd, const float* dy,
+extern "C" __global__ void __launch_bounds__(256, 6) rmsnorm_bwd_bf16(const float* x, const float* w, const float* rstd, const float* dy,
                                             float* dx, bf16* dxb, float* part, int rows, int span, int d,
                                             int zero_centered, int accumulate, int smem_acc) {
     rmsnorm_bwd_impl(x, w, rstd, dy, dx, dxb, part, rows, span, d, zero_centered, accumulate, smem_acc);
