@@ -55,7 +55,9 @@ extern "C" __global__ void cross_entropy_fwd_bwd(float* logits, const int* targe
     cross_entropy_impl(logits, logits, targets, loss, vocab, scale);
 }
 
-extern "C" __global__ void cross_entropy_fwd_bwd_bf16(const float* logits, bf16* grad, const int* targets,
+// the mixed-precision step's: at most 32 registers, so 2 blocks of 1,024 (2 rows) share an SM;
+// unbounded it took 40 (1 row per SM). The f32 entry above would spill at 32, so it keeps 1 row.
+extern "C" __global__ void __launch_bounds__(1024, 2) cross_entropy_fwd_bwd_bf16(const float* logits, bf16* grad, const int* targets,
                                                       float* loss, int vocab, const float* scale) {
     cross_entropy_impl(logits, grad, targets, loss, vocab, scale);
 }

@@ -49,9 +49,10 @@ pub fn cross_entropy_to(
     need("cross_entropy", targets, rows, 4)?;
     f32s("cross_entropy", &[loss], rows)?;
     let tail = [targets.arg(), loss.arg(), Arg::I32(vocab as i32), scale.arg()];
-    // 1,024 threads per row: an SM then holds 2 rows, not 8, so the rows in flight between a
-    // row's two passes (264 × 128 KB at a vocabulary of 32,768) fit an H200's 50 MB L2, and the
-    // gradient pass can find its logits there
+    // 1,024 threads per row: an SM then holds 2 rows (the bf16 kernel, held to 32 registers; 1
+    // for the f32 one), not 8, so the rows in flight between a row's two passes (264 × 128 KB at
+    // a vocabulary of 32,768) fit an H200's 50 MB L2, and the gradient pass can find its logits
+    // there
     let cfg = Launch::linear(rows, ROW_THREADS);
     match grad_bf16 {
         None => {
