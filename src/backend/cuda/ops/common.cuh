@@ -30,11 +30,14 @@ __device__ __forceinline__ float load_f32(const bf16* p) { return bf16_to_f32(*p
 // elementwise kernels: with a 2-byte bf16 access per thread a warp moves 64 B per instruction and
 // each thread has 2 B per input in flight, too little to cover DRAM latency; 16 B is a whole
 // sector per thread. Only at a 16-byte aligned address (aligned16).
-template <class T>
-struct __align__(16) Pack16 {
-    static constexpr int N = 16 / sizeof(T);
-    T v[N];
+// Pack<T, N>: N consecutive Ts in one access of N·sizeof(T) bytes (N = 1: a plain element).
+template <class T, int PN>
+struct alignas(PN * sizeof(T)) Pack {
+    static constexpr int N = PN;
+    T v[PN];
 };
+template <class T>
+using Pack16 = Pack<T, 16 / sizeof(T)>;
 __device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15u) == 0; }
 
 // A thread's columns c = first, first + step, ... below n, U at a time: load(u, c) for each

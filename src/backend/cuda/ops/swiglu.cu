@@ -35,72 +35,68 @@ __device__ __forceinline__ float swiglu_m(float g, float u) { return g * sigmoid
 
 // Whether a kernel may take 16 bytes at a time: a row's gate and up halves then start on a
 // Pack16 boundary (ff a multiple of its N) and so does every pointer. Else (odd widths, views
-// at odd offsets) one element at a time, with the same per-element expression: bit for bit the
-// same outputs either way.
+// at odd offsets) one element at a time (packs of 1), with the same per-element expression: bit
+// for bit the same outputs either way.
 template <class T>
 __device__ __forceinline__ bool packed(int ff, const T* a, const T* b, const T* c = nullptr, const T* d = nullptr) {
     return ff % Pack16<T>::N == 0 && aligned16(a) && aligned16(b) && aligned16(c) && aligned16(d);
 }
 
+// The stacked walk over packs of N: pack i of m, its gate pack at `at`, its up pack ff / N on.
+template <int N, class T>
+__device__ void swiglu_fwd_packs(const T* gu, T* m, long n, int ff) {
+    using P = Pack<T, N>;
+    const P* gup = reinterpret_cast<const P*>(gu);
+    for_each_stacked(n / N, ff / N, [&](long i, long at) {
+        const P g = gup[at], u = gup[at + ff / N];
+        P o;
+        #pragma unroll
+        for (int e = 0; e < N; ++e) store_as(&o.v[e], swiglu_m(load_f32(&g.v[e]), load_f32(&u.v[e])));
+        reinterpret_cast<P*>(m)[i] = o;
+    });
+}
+
 template <class T>
 __device__ void swiglu_fwd_impl(const T* gu, T* m, long n, int ff) {
-    constexpr int N = Pack16<T>::N;
-    if (packed(ff, gu, m)) {
-        // the stacked walk over packs: pack i of m, its gate pack at `at` (ff / N packs on)
-        for_each_stacked(n / N, ff / N, [&](long i, long at) {
-            const Pack16<T> g = reinterpret_cast<const Pack16<T>*>(gu)[at];
-            const Pack16<T> u = reinterpret_cast<const Pack16<T>*>(gu)[at + ff / N];
-            Pack16<T> o;
-            #pragma unroll
-            for (int e = 0; e < N; ++e) store_as(&o.v[e], swiglu_m(load_f32(&g.v[e]), load_f32(&u.v[e])));
-            reinterpret_cast<Pack16<T>*>(m)[i] = o;
-        });
-        return;
-    }
-    for_each_stacked(n, ff, [&](long i, long at) { store_as(m + i, swiglu_m(load_f32(gu + at), load_f32(gu + at + ff))); });
+    if (packed(ff, gu, m))
+        swiglu_fwd_packs<Pack16<T>::N>(gu, m, n, ff);
+    else
+        swiglu_fwd_packs<1>(gu, m, n, ff);
 }
 
 extern "C" __global__ void swiglu_fwd(const float* gu, float* m, long n, int ff) { swiglu_fwd_impl(gu, m, n, ff); }
 extern "C" __global__ void swiglu_fwd_bf16(const bf16* gu, bf16* m, long n, int ff) { swiglu_fwd_impl(gu, m, n, ff); }
 
 // dg = dm·u·silu'(g), du = dm·silu(g); silu'(g) = s·(1 + g·(1 − s)); and m recomputed
-__device__ __forceinline__ void swiglu_grads(float g, float u, float d, float& dg, float& du, float& m) {
-    const float s = sigmoidf(g);
-    du = d * g * s;
-    dg = d * u * s * (1.0f + g * (1.0f - s));
-    m = swiglu_m(g, u);
+template <int N, class T>
+__device__ void swiglu_bwd_packs(const T* gu, const T* dm, T* dgu, T* m, long n, int ff) {
+    using P = Pack<T, N>;
+    const P* gup = reinterpret_cast<const P*>(gu);
+    P* dgup = reinterpret_cast<P*>(dgu);
+    for_each_stacked(n / N, ff / N, [&](long i, long at) {
+        const long up = at + ff / N;
+        const P g = gup[at], u = gup[up], d = reinterpret_cast<const P*>(dm)[i];
+        P dg, du, mo;
+        #pragma unroll
+        for (int e = 0; e < N; ++e) {
+            const float ge = load_f32(&g.v[e]), ue = load_f32(&u.v[e]), de = load_f32(&d.v[e]);
+            const float s = sigmoidf(ge);
+            store_as(&du.v[e], de * ge * s);
+            store_as(&dg.v[e], de * ue * s * (1.0f + ge * (1.0f - s)));
+            store_as(&mo.v[e], swiglu_m(ge, ue));
+        }
+        dgup[at] = dg;
+        dgup[up] = du;
+        reinterpret_cast<P*>(m)[i] = mo;
+    });
 }
 
 template <class T>
 __device__ void swiglu_bwd_impl(const T* gu, const T* dm, T* dgu, T* m, long n, int ff) {
-    constexpr int N = Pack16<T>::N;
-    if (packed(ff, gu, dm, dgu, m)) {
-        for_each_stacked(n / N, ff / N, [&](long i, long at) {
-            const long up = at + ff / N;
-            const Pack16<T> g = reinterpret_cast<const Pack16<T>*>(gu)[at], u = reinterpret_cast<const Pack16<T>*>(gu)[up];
-            const Pack16<T> d = reinterpret_cast<const Pack16<T>*>(dm)[i];
-            Pack16<T> dg, du, mo;
-            #pragma unroll
-            for (int e = 0; e < N; ++e) {
-                float a, b, c;
-                swiglu_grads(load_f32(&g.v[e]), load_f32(&u.v[e]), load_f32(&d.v[e]), a, b, c);
-                store_as(&dg.v[e], a);
-                store_as(&du.v[e], b);
-                store_as(&mo.v[e], c);
-            }
-            reinterpret_cast<Pack16<T>*>(dgu)[at] = dg;
-            reinterpret_cast<Pack16<T>*>(dgu)[up] = du;
-            reinterpret_cast<Pack16<T>*>(m)[i] = mo;
-        });
-        return;
-    }
-    for_each_stacked(n, ff, [&](long i, long at) {
-        float dg, du, mo;
-        swiglu_grads(load_f32(gu + at), load_f32(gu + at + ff), load_f32(dm + i), dg, du, mo);
-        store_as(dgu + at + ff, du);
-        store_as(dgu + at, dg);
-        store_as(m + i, mo);
-    });
+    if (packed(ff, gu, dm, dgu, m))
+        swiglu_bwd_packs<Pack16<T>::N>(gu, dm, dgu, m, n, ff);
+    else
+        swiglu_bwd_packs<1>(gu, dm, dgu, m, n, ff);
 }
 
 // at most 80 registers, so 3 blocks of 256 share an SM (768 threads, 36 KB of loads in flight):
