@@ -1,8 +1,8 @@
 //! Kernel sources to PTX by NVRTC, once: the sources compile in parallel (two of them take ≈ 5 s
 //! each and the rest ≈ 2 s together, so in turn they took ≈ 13 s on every `Gpu::open`), each
 //! process compiles an architecture at most once, and the PTX is kept in the temp dir under a
-//! hash of everything that determines it (NVRTC's version, the architecture, the options, the
-//! text), so the next process, a bench run or a test binary on the GPU machine, reads it instead.
+//! hash of everything that determines it (NVRTC's version, the compile options, the text), so
+//! the next process, a bench run or a test binary on the GPU machine, reads it instead.
 //! On a GPU the driver caches its own PTX → SASS step the same way (its compute cache).
 
 use super::ops::{KernelSource, COMMON, SOURCES};
@@ -63,16 +63,23 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// Where the PTX of `text` compiled by NVRTC `version` for `arch` is kept: a name that changes
-/// with any of them (and with [`COMMON`], prepended to every source).
-pub fn cache_path(dir: &Path, name: &str, text: &str, arch: &str, version: (i32, i32)) -> PathBuf {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (COMMON, text, arch, version, OPTIONS_TAG).hash(&mut h);
-    dir.join(format!("{name}-{arch}-{:016x}.ptx", h.finish()))
+/// The options NVRTC compiles source `name` with for `arch`.
+fn options(name: &str, arch: &'static str) -> cudarc::nvrtc::CompileOptions {
+    cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        name: Some(format!("{name}.cu")),
+        ..Default::default()
+    }
 }
 
-/// Changes whenever the options given to NVRTC below change.
-const OPTIONS_TAG: &str = "arch+name";
+/// Where the PTX of `text` compiled by NVRTC `version` for `arch` is kept: a name that changes
+/// with any of them, with the compile options (they are hashed themselves) and with [`COMMON`],
+/// prepended to every source.
+pub fn cache_path(dir: &Path, name: &str, text: &str, arch: &'static str, version: (i32, i32)) -> PathBuf {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (COMMON, text, version, options(name, arch)).hash(&mut h);
+    dir.join(format!("{name}-{arch}-{:016x}.ptx", h.finish()))
+}
 
 fn compile_cached(
     src: &KernelSource,
@@ -85,13 +92,8 @@ fn compile_cached(
     if let Ok(ptx) = std::fs::read_to_string(&path) {
         return Ok((name, ptx));
     }
-    let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some(arch),
-        name: Some(format!("{name}.cu")),
-        ..Default::default()
-    };
     let full = format!("{COMMON}\n#line 1 \"{name}.cu\"\n{text}");
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(full, opts)
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(full, options(name, arch))
         .map_err(|e| anyhow!("NVRTC could not compile {name}.cu for {arch}: {e:?}"))?
         .to_src();
     // best effort: a cache that cannot be written only costs the next process a compile
