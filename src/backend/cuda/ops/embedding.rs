@@ -1,7 +1,7 @@
 //! Token embedding: the table's rows gathered, and the backward summed per id in row order
 //! (embedding.cu).
 
-use super::{f32s, need, KernelSource};
+use super::{f32s, need, KernelSource, THREADS};
 use crate::backend::cuda::runtime::{Arg, DBuf, Device, Launch};
 use anyhow::{bail, Result};
 
@@ -23,7 +23,7 @@ pub fn embed_fwd(dev: &dyn Device, ids: &DBuf, table: &DBuf, out: &DBuf, rows: u
         Arg::I32(d as i32),
     ];
     // a block per row (as many as 4,096 at once; they walk the rest)
-    dev.launch("embed_fwd", Launch::linear(rows.clamp(1, 4096), 256), &args)
+    dev.launch("embed_fwd", Launch::linear(rows.clamp(1, 4096), THREADS), &args)
 }
 
 /// `dtable[ids[r]] += dout[r]`, summed per id in row order (deterministic): the rows are
